@@ -1,0 +1,62 @@
+/* The conf file: Lua syntax evaluated in an empty sandbox (no libraries, an
+ * instruction budget and a memory cap), made only of assignments of known
+ * keys. Every problem is reported as "FILE:LINE: message". Loading does
+ * file I/O and nothing else; no loop, no logging. */
+#ifndef LUAHUB_CONFIG_H
+#define LUAHUB_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct hub_config {
+    char *path;                     /* the conf file read, or NULL (built-in defaults) */
+    char *dir;                      /* its directory: relative paths resolve against it */
+
+    char *listen;                   /* "0.0.0.0:8080" */
+    char *listen_host;              /* host part: "0.0.0.0", "127.0.0.1", "::", "localhost" ... */
+    int listen_port;                /* 0..65535; 0 = any free port */
+    char *websocket_path;           /* "/ws" */
+    char *api_key;                  /* NULL: API answers loopback peers only */
+
+    uint64_t max_message_size;      /* 65536 */
+    uint64_t max_queue_bytes;       /* 1 MiB */
+    uint32_t max_channels_per_conn; /* 128 */
+    uint32_t max_connections;       /* 0 = unlimited */
+    uint32_t max_protocol_errors;   /* 10: errors within 10 s that close with 4008 */
+    uint32_t ping_interval;         /* 25 s */
+    uint32_t ping_timeout;          /* 10 s */
+    uint32_t shutdown_timeout;      /* 5 s */
+    char *static_dir;               /* absolute or resolved against dir; NULL = none */
+    int log_level;                  /* HUB_LOG_* ; "info" */
+
+    char *policy;                   /* Lua policy file, resolved against dir; NULL = built-in */
+    uint64_t lua_max_instructions;  /* per hook call; 1,000,000 */
+    uint64_t lua_max_memory;        /* whole state; 64 MiB */
+};
+
+/* Every problem found, as "FILE:LINE: message" strings. */
+struct hub_config_errors {
+    char **v;
+    unsigned n;
+};
+
+/* Fills `c` with the defaults. `c` owns its strings afterwards. */
+void hub_config_defaults(struct hub_config *c);
+
+/* Reads and validates the conf file at `path` on top of the defaults in `c`.
+ * Returns 0, or -1 with every problem appended to `errs` (unknown key, wrong
+ * type, out-of-range value, bad listen address, syntax error, runaway loop,
+ * memory bomb, unreadable file). On -1, `c` holds defaults plus whatever
+ * valid keys were read; the caller must not run with it. */
+int hub_config_load(struct hub_config *c, const char *path,
+                    struct hub_config_errors *errs);
+
+/* Parses "HOST:PORT" ("[::1]:8080" for IPv6) into c->listen*. Returns 0, or
+ * -1 with a message in `err`. Used for the conf key and for --listen. */
+int hub_config_set_listen(struct hub_config *c, const char *s,
+                          char *err, size_t errlen);
+
+void hub_config_free(struct hub_config *c);
+void hub_config_errors_free(struct hub_config_errors *e);
+
+#endif

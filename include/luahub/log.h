@@ -1,0 +1,29 @@
+/* Levelled logging to stderr: one line per event, "TIME LEVEL message".
+ * Objects are named by stable tags such as "[conn 42]", never by pointer. */
+#ifndef LUAHUB_LOG_H
+#define LUAHUB_LOG_H
+
+#include <stddef.h>
+
+enum hub_log_level {
+    HUB_LOG_ERROR = 0,
+    HUB_LOG_WARN,
+    HUB_LOG_INFO,
+    HUB_LOG_DEBUG,
+};
+
+/* Lines above this level are dropped. Default HUB_LOG_INFO. */
+void hub_log_set_level(int level);
+int hub_log_get_level(void);
+
+/* Parses "error", "warn", "info" or "debug". Returns the level or -1. */
+int hub_log_level_parse(const char *name);
+const char *hub_log_level_name(int level);
+
+/* Writes one line (a trailing newline is added). Safe from any callback. */
+void hub_log(int level, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+#define hub_log_enabled(level) ((level) <= hub_log_get_level())
+
+#endif

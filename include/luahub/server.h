@@ -1,0 +1,88 @@
+/* The server: the lws context on the process's libuv loop, the vhost with
+ * its WebSocket protocol and HTTP routes, the channel registry, the list of
+ * connections, and graceful shutdown. One per process; loop thread only. */
+#ifndef LUAHUB_SERVER_H
+#define LUAHUB_SERVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+#include <libwebsockets.h>
+
+#include "luahub/chan.h"
+#include "luahub/config.h"
+#include "luahub/conn.h"
+#include "luahub/util.h"
+
+struct hub_server;
+typedef void (*hub_server_done_cb)(struct hub_server *srv);
+
+struct hub_server {
+    uv_loop_t *loop;
+    const struct hub_config *cfg;   /* borrowed; outlives the server */
+    struct lws_context *ctx;
+    struct lws_vhost *vhost;
+    lws_retry_bo_t retry;           /* the vhost keeps a pointer to it */
+    struct lws_protocols protocols[2];
+    int port;                       /* bound port */
+
+    struct hub_chan_registry chans;
+    struct hub_conn *conns;         /* open WebSocket connections */
+    struct hub_conn *culls;         /* connections to cull after a fan-out */
+    uint64_t next_conn_id;
+    char instance[17];              /* random hex id of this process */
+
+    struct hub_buf scratch;         /* reply encoding, reused */
+    int shutting_down;
+    uv_timer_t shutdown_timer;
+    hub_server_done_cb on_done;
+};
+
+/* Creates the lws context on `loop` and the listening vhost. Returns 0, or
+ * -1 after logging one line that says what failed and what to do. On -1 the
+ * caller still calls hub_server_free() after draining the loop. */
+int hub_server_start(struct hub_server *srv, uv_loop_t *loop,
+                     const struct hub_config *cfg);
+
+/* Starts a graceful shutdown: refuses new work, queues close 1001 to every
+ * client and calls `done` (once) when all are gone or shutdown_timeout has
+ * passed. A second call finishes at once. */
+void hub_server_shutdown(struct hub_server *srv, hub_server_done_cb done);
+
+/* Starts lws's asynchronous teardown and closes the server's handles. The
+ * loop then drains; call hub_server_free() after uv_run() returns. */
+void hub_server_stop(struct hub_server *srv);
+
+/* Final teardown after the loop has drained (the second
+ * lws_context_destroy() that lws 4.1.6 needs for foreign loops). */
+void hub_server_free(struct hub_server *srv);
+
+/* Publishes `data` (valid JSON, borrowed) to the local subscribers of
+ * `channel` (valid name): one frame, one reference per subscriber. Returns
+ * the number of deliveries. */
+size_t hub_server_publish(struct hub_server *srv, const char *channel,
+                          size_t channel_len, const char *data, size_t data_len);
+
+/* Culls the connections marked during a fan-out: unlinks them from their
+ * channels and queues close 4001. Called after every fan-out loop. */
+void hub_server_flush_culls(struct hub_server *srv);
+
+/* Called by a connection's CLOSED path once it has unlinked itself:
+ * completes a graceful shutdown when the last client is gone. */
+void hub_server_conn_gone(struct hub_server *srv);
+
+/* HTTP side (http.c): the per-connection state of an HTTP request and the
+ * callback cases it handles. */
+struct hub_http {
+    struct hub_buf body;
+    uint64_t content_length;
+    int route;
+};
+
+/* Handles the HTTP callback reasons; returns what the lws callback must
+ * return. `handled` is set to 0 for reasons it does not handle. */
+int hub_http_callback(struct hub_server *srv, struct lws *wsi,
+                      enum lws_callback_reasons reason, struct hub_http *h,
+                      void *in, size_t len, int *handled);
+
+#endif

@@ -1,0 +1,413 @@
+/* WebSocket connections: receive, dispatch, bounded queue, coalesced writes.
+ *
+ * Write path: every outbound frame (deliveries, replies, the close frame) is
+ * a reference in the connection's queue. Frames are written only from
+ * LWS_CALLBACK_SERVER_WRITEABLE, and all frames queued by then go out in one
+ * sendmsg() with one iovec per frame: no copy, one syscall for a burst.
+ * Because publishes that arrive in the same loop iteration queue up before
+ * the next WRITEABLE, this coalesces naturally under load.
+ *
+ * We write to the socket ourselves instead of through lws_write() so that
+ * several frames need neither a copy into one buffer nor one syscall each.
+ * That is safe only at frame boundaries and while lws has nothing buffered:
+ * a short write hands the rest of the frame to lws_write(LWS_WRITE_RAW),
+ * which buffers it and sends it before anything else on this socket (its
+ * own PINGs included), then calls WRITEABLE again. */
+#include "luahub/conn.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "luahub/log.h"
+#include "luahub/metrics.h"
+#include "luahub/proto.h"
+#include "luahub/server.h"
+
+#define WRITE_IOV_MAX 128           /* frames per sendmsg() */
+#define WRITE_BYTES_MAX (256 * 1024) /* bytes per sendmsg() */
+#define WRITE_ROUNDS_MAX 4          /* sendmsg() calls per WRITEABLE */
+#define PROTO_ERROR_WINDOW_MS 10000
+#define CLOSE_BACKSTOP_S 5          /* a peer that never reads is hung up */
+
+static uint64_t now_ms(void)
+{
+    return hub_now_ns() / 1000000u;
+}
+
+static void arm(struct hub_conn *c)
+{
+    if (!(c->flags & HUB_CONN_ARMED)) {
+        c->flags |= HUB_CONN_ARMED;
+        lws_callback_on_writable(c->wsi);
+    }
+}
+
+/* Queues the reply encoded in srv->scratch and resets it. */
+static void send_scratch(struct hub_conn *c)
+{
+    struct hub_server *srv = c->srv;
+    struct hub_msg *m = hub_msg_text(srv->scratch.p, srv->scratch.len);
+    hub_conn_send(c, m);
+    hub_msg_unref(m);
+    hub_buf_reset(&srv->scratch);
+}
+
+void hub_conn_open(struct hub_conn *c, struct hub_server *srv, struct lws *wsi)
+{
+    char client[64], peer[64] = "";
+
+    c->wsi = wsi;
+    c->srv = srv;
+    c->id = ++srv->next_conn_id;
+    c->prev = NULL;
+    c->next = srv->conns;
+    if (srv->conns)
+        srv->conns->prev = c;
+    srv->conns = c;
+    hub_metrics.connections++;
+    hub_metrics.connections_total++;
+
+    if (hub_log_enabled(HUB_LOG_DEBUG)) {
+        lws_get_peer_simple(wsi, peer, sizeof(peer));
+        hub_log(HUB_LOG_DEBUG, "[conn %llu] connected from %s",
+                (unsigned long long)c->id, peer);
+    }
+    snprintf(client, sizeof(client), "%s-%llu", srv->instance,
+             (unsigned long long)c->id);
+    hub_proto_encode_welcome(&srv->scratch, client, HUB_VERSION,
+                             srv->cfg->ping_interval);
+    send_scratch(c);
+}
+
+static void leave_all(struct hub_conn *c)
+{
+    struct hub_server *srv = c->srv;
+    hub_metrics.subscriptions -= c->nsubs;
+    hub_chan_unsubscribe_all(&srv->chans, &c->subs);
+    c->nsubs = 0;
+    hub_metrics.channels = srv->chans.nchans;
+}
+
+void hub_conn_closed(struct hub_conn *c)
+{
+    struct hub_server *srv = c->srv;
+
+    if (!srv) /* never reached ESTABLISHED */
+        return;
+    if (c->flags & HUB_CONN_CULL) {
+        struct hub_conn **pp = &srv->culls;
+        while (*pp && *pp != c)
+            pp = &(*pp)->cull_next;
+        if (*pp)
+            *pp = c->cull_next;
+    }
+    leave_all(c);
+    hub_queue_clear(&c->q);
+    free(c->rx);
+    c->rx = NULL;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        srv->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    hub_metrics.connections--;
+    hub_log(HUB_LOG_DEBUG, "[conn %llu] closed", (unsigned long long)c->id);
+    c->srv = NULL;
+    hub_server_conn_gone(srv);
+}
+
+static void queue_close(struct hub_conn *c, uint16_t code, const char *reason)
+{
+    struct hub_msg *m = hub_msg_close(code, reason);
+    hub_queue_push(&c->q, m);
+    hub_msg_unref(m);
+    c->flags |= HUB_CONN_CLOSING;
+    arm(c);
+    lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, CLOSE_BACKSTOP_S);
+}
+
+void hub_conn_send(struct hub_conn *c, struct hub_msg *m)
+{
+    if (c->flags & HUB_CONN_CLOSING)
+        return;
+    if (c->q.count && c->q.bytes + m->frame_len > c->srv->cfg->max_queue_bytes) {
+        /* Slow consumer: stop queueing now, unlink after the fan-out loop
+         * (unlinking here would reorder the channel array being walked). */
+        c->flags |= HUB_CONN_CLOSING | HUB_CONN_CULL;
+        hub_queue_clear(&c->q);
+        c->cull_next = c->srv->culls;
+        c->srv->culls = c;
+        return;
+    }
+    hub_queue_push(&c->q, m);
+    arm(c);
+}
+
+void hub_conn_cull(struct hub_conn *c)
+{
+    c->flags &= ~HUB_CONN_CULL;
+    leave_all(c);
+    hub_metrics.slow_consumer_closes++;
+    hub_log(HUB_LOG_WARN,
+            "[conn %llu] slow consumer: queue over max_queue_bytes (%llu), closing with 4001",
+            (unsigned long long)c->id,
+            (unsigned long long)c->srv->cfg->max_queue_bytes);
+    queue_close(c, 4001, "slow consumer");
+}
+
+void hub_conn_close(struct hub_conn *c, uint16_t code, const char *reason,
+                    int drop_queue)
+{
+    if (c->flags & HUB_CONN_CLOSING)
+        return;
+    if (drop_queue)
+        hub_queue_clear(&c->q);
+    queue_close(c, code, reason);
+}
+
+/* Answers a command with an error. Garbage (malformed or unknown commands)
+ * counts against max_protocol_errors per window; past it the connection is
+ * closed with 4008. */
+static void proto_error(struct hub_conn *c, struct hub_span id, int code,
+                        const char *message)
+{
+    struct hub_server *srv = c->srv;
+
+    hub_metrics.protocol_errors[code]++;
+    hub_proto_encode_error(&srv->scratch, id, code, message);
+    send_scratch(c);
+
+    if (code != HUB_PERR_BAD_REQUEST && code != HUB_PERR_UNKNOWN_OP &&
+        code != HUB_PERR_INVALID_CHANNEL)
+        return;
+    uint64_t now = now_ms();
+    if (now - c->proto_window_ms > PROTO_ERROR_WINDOW_MS) {
+        c->proto_window_ms = now;
+        c->proto_errors = 0;
+    }
+    if (++c->proto_errors > srv->cfg->max_protocol_errors) {
+        hub_log(HUB_LOG_WARN,
+                "[conn %llu] more than %u protocol errors in %d s, closing with 4008",
+                (unsigned long long)c->id, srv->cfg->max_protocol_errors,
+                PROTO_ERROR_WINDOW_MS / 1000);
+        hub_conn_close(c, 4008, "too many protocol errors", 0);
+    }
+}
+
+static int is_subscribed(const struct hub_conn *c, const char *name, size_t len)
+{
+    const struct hub_chan *ch = hub_chan_find(&c->srv->chans, name, len);
+    if (!ch)
+        return 0;
+    for (const struct hub_sub *s = c->subs; s; s = s->next)
+        if (s->chan == ch)
+            return 1;
+    return 0;
+}
+
+static void do_subscribe(struct hub_conn *c, const struct hub_cmd *cmd)
+{
+    struct hub_server *srv = c->srv;
+    uint32_t max = srv->cfg->max_channels_per_conn;
+
+    if (c->nsubs >= max && !is_subscribed(c, cmd->channel, cmd->channel_len)) {
+        char msg[128];
+        snprintf(msg, sizeof(msg),
+                 "at most %u channels per connection (max_channels_per_conn)", max);
+        proto_error(c, cmd->id, HUB_PERR_LIMIT_EXCEEDED, msg);
+        return;
+    }
+    if (hub_chan_subscribe(&srv->chans, &c->subs, c, cmd->channel,
+                           cmd->channel_len)) {
+        c->nsubs++;
+        hub_metrics.subscriptions++;
+        hub_metrics.channels = srv->chans.nchans;
+    }
+    hub_proto_encode_ok(&srv->scratch, cmd->id, cmd->channel, cmd->channel_len);
+    send_scratch(c);
+}
+
+static void do_unsubscribe(struct hub_conn *c, const struct hub_cmd *cmd)
+{
+    struct hub_server *srv = c->srv;
+
+    if (hub_chan_unsubscribe(&srv->chans, &c->subs, cmd->channel,
+                             cmd->channel_len) < 0) {
+        char msg[HUB_CHANNEL_MAX + 32];
+        snprintf(msg, sizeof(msg), "not subscribed to '%s'", cmd->channel);
+        proto_error(c, cmd->id, HUB_PERR_NOT_SUBSCRIBED, msg);
+        return;
+    }
+    c->nsubs--;
+    hub_metrics.subscriptions--;
+    hub_metrics.channels = srv->chans.nchans;
+    hub_proto_encode_ok(&srv->scratch, cmd->id, NULL, 0);
+    send_scratch(c);
+}
+
+static void handle(struct hub_conn *c, const char *p, size_t n, int binary)
+{
+    struct hub_server *srv = c->srv;
+    struct hub_cmd cmd;
+    struct hub_proto_error err;
+    static const struct hub_span no_id;
+
+    if (binary) {
+        proto_error(c, no_id, HUB_PERR_BAD_REQUEST,
+                    "binary frames are not supported: send each command as a JSON text frame");
+        return;
+    }
+    if (hub_proto_decode(p, n, &cmd, &err) < 0) {
+        proto_error(c, cmd.id, err.code, err.message);
+        return;
+    }
+    switch (cmd.op) {
+    case HUB_OP_SUBSCRIBE:
+        do_subscribe(c, &cmd);
+        break;
+    case HUB_OP_UNSUBSCRIBE:
+        do_unsubscribe(c, &cmd);
+        break;
+    case HUB_OP_PUBLISH:
+        hub_server_publish(srv, cmd.channel, cmd.channel_len, cmd.data.p,
+                           cmd.data.len);
+        hub_proto_encode_ok(&srv->scratch, cmd.id, NULL, 0);
+        send_scratch(c);
+        break;
+    case HUB_OP_PING:
+        hub_proto_encode_ok(&srv->scratch, cmd.id, NULL, 0);
+        send_scratch(c);
+        break;
+    case HUB_OP_RPC:
+        proto_error(c, cmd.id, HUB_PERR_UNKNOWN_OP,
+                    "op 'rpc' needs an on_rpc hook in the policy");
+        break;
+    default:
+        proto_error(c, cmd.id, HUB_PERR_INTERNAL, "unhandled op");
+        break;
+    }
+}
+
+int hub_conn_receive(struct hub_conn *c, const void *in, size_t len)
+{
+    struct lws *wsi = c->wsi;
+    uint64_t max = c->srv->cfg->max_message_size;
+    int final = lws_is_final_fragment(wsi) && !lws_remaining_packet_payload(wsi);
+
+    if (c->flags & HUB_CONN_CLOSING)
+        return 0;
+
+    if (!(c->flags & HUB_CONN_RX_ACTIVE)) {
+        if (lws_frame_is_binary(wsi))
+            c->flags |= HUB_CONN_RX_BINARY;
+        else
+            c->flags &= ~HUB_CONN_RX_BINARY;
+        if (final && len <= max) {
+            /* Fast path: the whole message in one callback, no copy. */
+            handle(c, in, len, c->flags & HUB_CONN_RX_BINARY);
+            hub_server_flush_culls(c->srv);
+            return 0;
+        }
+        c->flags |= HUB_CONN_RX_ACTIVE;
+        c->rx_len = 0;
+    }
+
+    if ((uint64_t)c->rx_len + len > max) {
+        hub_log(HUB_LOG_INFO, "[conn %llu] message over max_message_size (%llu), closing with 1009",
+                (unsigned long long)c->id, (unsigned long long)max);
+        free(c->rx);
+        c->rx = NULL;
+        c->rx_len = c->rx_cap = 0;
+        c->flags &= ~HUB_CONN_RX_ACTIVE;
+        lws_close_reason(wsi, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
+                         (unsigned char *)"message too large", 17);
+        return -1;
+    }
+    if (c->rx_len + len > c->rx_cap) {
+        size_t cap = c->rx_cap ? c->rx_cap : 1024;
+        while (cap < c->rx_len + len)
+            cap *= 2;
+        if (cap > max)
+            cap = max;
+        c->rx = hub_xrealloc(c->rx, cap);
+        c->rx_cap = (uint32_t)cap;
+    }
+    memcpy(c->rx + c->rx_len, in, len);
+    c->rx_len += (uint32_t)len;
+    if (!final)
+        return 0;
+
+    c->flags &= ~HUB_CONN_RX_ACTIVE;
+    handle(c, (const char *)c->rx, c->rx_len, c->flags & HUB_CONN_RX_BINARY);
+    /* Reassembly is the rare path: give the buffer back between messages. */
+    free(c->rx);
+    c->rx = NULL;
+    c->rx_len = c->rx_cap = 0;
+    hub_server_flush_culls(c->srv);
+    return 0;
+}
+
+int hub_conn_writeable(struct hub_conn *c)
+{
+    struct lws *wsi = c->wsi;
+    struct iovec iov[WRITE_IOV_MAX];
+    int fd = lws_get_socket_fd(wsi);
+
+    c->flags &= ~HUB_CONN_ARMED;
+    for (int round = 0; round < WRITE_ROUNDS_MAX && c->q.count; round++) {
+        if (lws_partial_buffered(wsi))
+            break;
+
+        size_t total = 0;
+        int n = 0;
+        for (uint32_t i = 0; i < c->q.count && n < WRITE_IOV_MAX; i++) {
+            struct hub_msg *m = c->q.ring[(c->q.head + i) & (c->q.cap - 1)];
+            if (n && total + m->frame_len > WRITE_BYTES_MAX)
+                break;
+            iov[n].iov_base = (void *)hub_msg_frame(m);
+            iov[n].iov_len = m->frame_len;
+            total += m->frame_len;
+            n++;
+        }
+
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+        ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                break;
+            hub_log(HUB_LOG_DEBUG, "[conn %llu] write failed: %s",
+                    (unsigned long long)c->id, strerror(errno));
+            return -1;
+        }
+        hub_metrics.writes++;
+        hub_metrics.bytes_out += (uint64_t)w;
+
+        size_t left = (size_t)w;
+        while (left) {
+            struct hub_msg *m = hub_queue_peek(&c->q);
+            if (left >= m->frame_len) {
+                left -= m->frame_len;
+                hub_queue_pop(&c->q);
+                continue;
+            }
+            /* Short write inside a frame: lws takes the rest (copied into
+             * its buflist) and sends it before anything else. */
+            if (lws_write(wsi, (unsigned char *)hub_msg_frame(m) + left,
+                          m->frame_len - left, LWS_WRITE_RAW) < 0)
+                return -1;
+            hub_queue_pop(&c->q);
+            left = 0;
+        }
+        if ((size_t)w < total)
+            break; /* the socket is full */
+    }
+
+    if (c->q.count || lws_partial_buffered(wsi))
+        arm(c);
+    else if (c->flags & HUB_CONN_CLOSING)
+        return -1; /* the close frame is out: lws hangs up */
+    return 0;
+}

@@ -1,0 +1,160 @@
+/* luahub: command line, conf loading, signals, the loop. */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "luahub/config.h"
+#include "luahub/log.h"
+#include "luahub/server.h"
+
+#define DEFAULT_CONF_LOCAL "conf/luahub.conf"
+#define DEFAULT_CONF_SYSTEM "/etc/luahub/luahub.conf"
+
+static struct hub_server server;
+static uv_signal_t sig_term, sig_int, sig_hup;
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: luahub [-c FILE] [--listen HOST:PORT] [--check] [--version] [-h]\n"
+            "\n"
+            "  -c, --conf FILE      conf file (default: " DEFAULT_CONF_LOCAL
+            ", then " DEFAULT_CONF_SYSTEM ")\n"
+            "  -l, --listen H:P     listen address, overrides the conf (port 0 = any free port)\n"
+            "  -t, --check          validate the conf and exit: 0 if valid, else 2 with\n"
+            "                       every problem as FILE:LINE: message\n"
+            "  -v, --version        print the version and exit\n"
+            "  -h, --help           this help\n"
+            "\n"
+            "Signals: SIGTERM/SIGINT shut down gracefully (a second one: at once).\n");
+}
+
+static void close_signals(void)
+{
+    uv_close((uv_handle_t *)&sig_term, NULL);
+    uv_close((uv_handle_t *)&sig_int, NULL);
+    uv_close((uv_handle_t *)&sig_hup, NULL);
+}
+
+static void on_shutdown_done(struct hub_server *srv)
+{
+    hub_server_stop(srv);
+    close_signals();
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    if (signum == SIGHUP) {
+        hub_log(HUB_LOG_INFO, "SIGHUP: nothing to reload (no policy layer loaded)");
+        return;
+    }
+    hub_log(HUB_LOG_INFO, "%s received", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    hub_server_shutdown(&server, on_shutdown_done);
+}
+
+static const char *find_conf(void)
+{
+    if (access(DEFAULT_CONF_LOCAL, F_OK) == 0)
+        return DEFAULT_CONF_LOCAL;
+    if (access(DEFAULT_CONF_SYSTEM, F_OK) == 0)
+        return DEFAULT_CONF_SYSTEM;
+    return NULL;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"conf", required_argument, NULL, 'c'},
+        {"listen", required_argument, NULL, 'l'},
+        {"check", no_argument, NULL, 't'},
+        {"version", no_argument, NULL, 'v'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *conf_path = NULL, *listen = NULL;
+    int check = 0, c, rc = 0;
+    struct hub_config cfg;
+    struct hub_config_errors errs = {0};
+    uv_loop_t loop;
+
+    while ((c = getopt_long(argc, argv, "c:l:tvh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'c': conf_path = optarg; break;
+        case 'l': listen = optarg; break;
+        case 't': check = 1; break;
+        case 'v': printf("luahub %s\n", HUB_VERSION); return 0;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "luahub: unexpected argument '%s'\n", argv[optind]);
+        usage(stderr);
+        return 2;
+    }
+
+    hub_config_defaults(&cfg);
+    if (!conf_path)
+        conf_path = find_conf();
+    if (!conf_path) {
+        fprintf(stderr, "luahub: no conf file: pass -c FILE (looked for %s and %s)\n",
+                DEFAULT_CONF_LOCAL, DEFAULT_CONF_SYSTEM);
+        hub_config_free(&cfg);
+        return 2;
+    }
+    if (hub_config_load(&cfg, conf_path, &errs) < 0) {
+        for (unsigned i = 0; i < errs.n; i++)
+            fprintf(stderr, "%s\n", errs.v[i]);
+        fprintf(stderr, "luahub: %s: %u problem%s, not starting\n", conf_path, errs.n,
+                errs.n == 1 ? "" : "s");
+        hub_config_errors_free(&errs);
+        hub_config_free(&cfg);
+        return 2;
+    }
+    if (listen) {
+        char err[256];
+        if (hub_config_set_listen(&cfg, listen, err, sizeof(err)) < 0) {
+            fprintf(stderr, "luahub: --listen %s: %s\n", listen, err);
+            hub_config_free(&cfg);
+            return 2;
+        }
+    }
+    if (check) {
+        printf("%s: ok\n", conf_path);
+        hub_config_free(&cfg);
+        return 0;
+    }
+
+    hub_log_set_level(cfg.log_level);
+    signal(SIGPIPE, SIG_IGN);
+    uv_loop_init(&loop);
+    uv_signal_init(&loop, &sig_term);
+    uv_signal_init(&loop, &sig_int);
+    uv_signal_init(&loop, &sig_hup);
+
+    if (hub_server_start(&server, &loop, &cfg) < 0) {
+        rc = 1;
+        hub_server_stop(&server);
+        close_signals();
+    } else {
+        uv_signal_start(&sig_term, on_signal, SIGTERM);
+        uv_signal_start(&sig_int, on_signal, SIGINT);
+        uv_signal_start(&sig_hup, on_signal, SIGHUP);
+    }
+
+    uv_run(&loop, UV_RUN_DEFAULT);
+    hub_server_free(&server);
+    int lc = uv_loop_close(&loop);
+    if (lc != 0) {
+        hub_log(HUB_LOG_ERROR, "internal: loop still has open handles at exit (%s)",
+                uv_strerror(lc));
+        rc = 1;
+    }
+    if (rc == 0)
+        hub_log(HUB_LOG_INFO, "bye");
+    hub_config_free(&cfg);
+    return rc;
+}

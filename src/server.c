@@ -1,0 +1,337 @@
+/* The lws context on our libuv loop, the vhost, the protocol callback,
+ * fan-out and graceful shutdown.
+ *
+ * lws 4.1.6 facts this file depends on (see NOTES-stack.md §2-3):
+ * - the vhost is created explicitly, so a failed bind returns NULL instead
+ *   of a context that runs without a listener;
+ * - with a foreign loop lws installs no signal handlers (main.c owns them);
+ * - lws_context_destroy() must be called twice: once to start closing its
+ *   handles, again after uv_run() has returned, to free the context;
+ * - close frames queued from WRITEABLE through lws_close_reason() are lost
+ *   with Debian's _DEBUG build, so we write close frames ourselves. */
+#include "luahub/server.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "luahub/log.h"
+#include "luahub/metrics.h"
+#include "luahub/msg.h"
+
+_Static_assert(HUB_MSG_HEADROOM >= LWS_PRE + 10, "message headroom below LWS_PRE");
+
+/* Per-session data: lws allocates one per connection, HTTP or WebSocket. */
+union pss {
+    struct hub_conn ws;
+    struct hub_http http;
+};
+
+/* Bytes lws reads per RECEIVE callback. It is malloc'ed per connection, so
+ * small keeps idle connections cheap; larger messages are reassembled. */
+#define RX_BUFFER_SIZE 512
+/* lws splits one write into sends of at most this (after a short write). */
+#define TX_PACKET_SIZE 65536
+#define HEADER_POOL 64
+
+static void log_emit(int level, const char *line)
+{
+    size_t n = strlen(line);
+    while (n && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+        n--;
+    hub_log(level == LLL_ERR ? HUB_LOG_ERROR : HUB_LOG_WARN, "lws: %.*s",
+            (int)n, line);
+}
+
+static int refuse(struct lws *wsi, unsigned status, const char *why)
+{
+    hub_metrics.connections_refused++;
+    lws_return_http_status(wsi, status, why);
+    return 1; /* ">0: I sent the response" */
+}
+
+static int confirm_upgrade(struct hub_server *srv, struct lws *wsi, const char *kind)
+{
+    char path[512];
+    const struct hub_config *cfg = srv->cfg;
+
+    if (!kind || strcmp(kind, "websocket") != 0)
+        return refuse(wsi, HTTP_STATUS_FORBIDDEN, "only websocket upgrades are served");
+    if (lws_hdr_copy(wsi, path, sizeof(path), WSI_TOKEN_GET_URI) <= 0 ||
+        strcmp(path, cfg->websocket_path) != 0)
+        return refuse(wsi, HTTP_STATUS_NOT_FOUND, "no websocket endpoint here");
+    if (srv->shutting_down)
+        return refuse(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "server shutting down");
+    if (cfg->max_connections && hub_metrics.connections >= cfg->max_connections)
+        return refuse(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE,
+                      "too many connections (max_connections)");
+    return 0;
+}
+
+static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *user,
+                    void *in, size_t len)
+{
+    struct hub_server *srv = lws_context_user(lws_get_context(wsi));
+    union pss *pss = user;
+    int handled, r;
+
+    switch (reason) {
+    case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
+        return confirm_upgrade(srv, wsi, in);
+    case LWS_CALLBACK_ESTABLISHED:
+        hub_conn_open(&pss->ws, srv, wsi);
+        return 0;
+    case LWS_CALLBACK_RECEIVE:
+        return hub_conn_receive(&pss->ws, in, len);
+    case LWS_CALLBACK_SERVER_WRITEABLE:
+        return hub_conn_writeable(&pss->ws);
+    case LWS_CALLBACK_CLOSED:
+        hub_conn_closed(&pss->ws);
+        return 0;
+    default:
+        break;
+    }
+    r = hub_http_callback(srv, wsi, reason, pss ? &pss->http : NULL, in, len,
+                          &handled);
+    if (handled)
+        return r;
+    return lws_callback_http_dummy(wsi, reason, user, in, len);
+}
+
+/* Says why a bind failed: lws does not tell us, so try it ourselves. */
+static void explain_bind_failure(const struct hub_config *cfg)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    memset(&ss, 0, sizeof(ss));
+    const char *host = cfg->listen_host;
+    struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+
+    if (!strcmp(host, "localhost"))
+        host = "127.0.0.1";
+    if (inet_pton(AF_INET, host, &s4->sin_addr) == 1) {
+        s4->sin_family = AF_INET;
+        s4->sin_port = htons((uint16_t)cfg->listen_port);
+        sl = sizeof(*s4);
+    } else if (inet_pton(AF_INET6, host, &s6->sin6_addr) == 1) {
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = htons((uint16_t)cfg->listen_port);
+        sl = sizeof(*s6);
+    } else {
+        hub_log(HUB_LOG_ERROR,
+                "cannot listen on %s: '%s' is not an IP address of this machine",
+                cfg->listen, cfg->listen_host);
+        return;
+    }
+    int fd = socket(ss.ss_family, SOCK_STREAM, 0), one = 1;
+    if (fd >= 0) {
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (bind(fd, (struct sockaddr *)&ss, sl) < 0) {
+            int e = errno;
+            close(fd);
+            hub_log(HUB_LOG_ERROR, "cannot listen on %s: %s%s", cfg->listen,
+                    strerror(e),
+                    e == EADDRINUSE ? " (another process has the port: stop it, or "
+                                      "choose another with listen or --listen)"
+                                    : "");
+            return;
+        }
+        close(fd);
+    }
+    hub_log(HUB_LOG_ERROR, "cannot listen on %s", cfg->listen);
+}
+
+static void make_instance_id(char *out, size_t outlen)
+{
+    unsigned char r[6];
+    if (getrandom(r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
+        uint64_t t = hub_now_ns() ^ ((uint64_t)getpid() << 32);
+        memcpy(r, &t, sizeof(r));
+    }
+    for (size_t i = 0; i < sizeof(r) && 2 * i + 2 < outlen; i++)
+        snprintf(out + 2 * i, 3, "%02x", r[i]);
+}
+
+int hub_server_start(struct hub_server *srv, uv_loop_t *loop,
+                     const struct hub_config *cfg)
+{
+    struct lws_context_creation_info info;
+    void *foreign[1] = {loop};
+    const char *iface = cfg->listen_host;
+    uint64_t vopts = LWS_SERVER_OPTION_LIBUV | LWS_SERVER_OPTION_FAIL_UPON_UNABLE_TO_BIND;
+
+    srv->loop = loop;
+    srv->cfg = cfg;
+    hub_chan_registry_init(&srv->chans);
+    make_instance_id(srv->instance, sizeof(srv->instance));
+    uv_timer_init(loop, &srv->shutdown_timer);
+    srv->shutdown_timer.data = srv;
+
+    /* lws prints through us; only errors and warnings. */
+    lws_set_log_level(LLL_ERR | LLL_WARN, log_emit);
+
+    memset(&info, 0, sizeof(info));
+    info.options = LWS_SERVER_OPTION_LIBUV | LWS_SERVER_OPTION_EXPLICIT_VHOSTS;
+    info.foreign_loops = foreign;
+    info.user = srv;
+    info.pcontext = &srv->ctx;
+    info.port = CONTEXT_PORT_NO_LISTEN;
+    info.max_http_header_pool = HEADER_POOL;
+    info.gid = -1;
+    info.uid = -1;
+    srv->ctx = lws_create_context(&info);
+    if (!srv->ctx) {
+        hub_log(HUB_LOG_ERROR,
+                "cannot start libwebsockets on libuv: is the package "
+                "libwebsockets-evlib-uv installed? (lws loads its libuv backend "
+                "from %s/libwebsockets-evlib_uv.so)", LWS_INSTALL_LIBDIR);
+        return -1;
+    }
+
+    srv->protocols[0] = (struct lws_protocols){
+        .name = "luahub",
+        .callback = callback,
+        .per_session_data_size = sizeof(union pss),
+        .rx_buffer_size = RX_BUFFER_SIZE,
+        .tx_packet_size = TX_PACKET_SIZE,
+    };
+    srv->retry = (lws_retry_bo_t){
+        .secs_since_valid_ping = (uint16_t)cfg->ping_interval,
+        .secs_since_valid_hangup = (uint16_t)(cfg->ping_interval + cfg->ping_timeout),
+    };
+
+    if (!strcmp(iface, "0.0.0.0")) {
+        iface = NULL;
+        vopts |= LWS_SERVER_OPTION_DISABLE_IPV6;
+    } else if (!strcmp(iface, "::")) {
+        iface = NULL;
+    } else if (!strcmp(iface, "localhost")) {
+        iface = "127.0.0.1";
+        vopts |= LWS_SERVER_OPTION_DISABLE_IPV6;
+    } else if (!strchr(iface, ':')) {
+        vopts |= LWS_SERVER_OPTION_DISABLE_IPV6;
+    }
+
+    memset(&info, 0, sizeof(info));
+    info.vhost_name = "default";
+    info.port = cfg->listen_port;
+    info.iface = iface;
+    info.protocols = srv->protocols;
+    info.options = vopts;
+    info.retry_and_idle_policy = &srv->retry;
+    srv->vhost = lws_create_vhost(srv->ctx, &info);
+    if (!srv->vhost) {
+        explain_bind_failure(cfg);
+        return -1;
+    }
+    srv->port = lws_get_vhost_listen_port(srv->vhost);
+    /* Tests and scripts parse this line: keep "listening on HOST:PORT" last. */
+    hub_log(HUB_LOG_INFO, "luahub %s (instance %s, websocket path %s) listening on %s%s%s:%d",
+            HUB_VERSION, srv->instance, cfg->websocket_path,
+            strchr(cfg->listen_host, ':') ? "[" : "", cfg->listen_host,
+            strchr(cfg->listen_host, ':') ? "]" : "", srv->port);
+    return 0;
+}
+
+size_t hub_server_publish(struct hub_server *srv, const char *channel,
+                          size_t channel_len, const char *data, size_t data_len)
+{
+    struct hub_chan *ch = hub_chan_find(&srv->chans, channel, channel_len);
+
+    hub_metrics.published++;
+    if (!ch)
+        return 0;
+    struct hub_msg *m = hub_msg_delivery(channel, channel_len, data, data_len);
+    uint32_t n = ch->nsubs;
+    /* Culls are deferred, so the array does not change under this loop. */
+    for (uint32_t i = 0; i < n; i++)
+        hub_conn_send(ch->subs[i]->owner, m);
+    hub_msg_unref(m);
+    hub_metrics.deliveries += n;
+    hub_server_flush_culls(srv);
+    return n;
+}
+
+void hub_server_flush_culls(struct hub_server *srv)
+{
+    while (srv->culls) {
+        struct hub_conn *c = srv->culls;
+        srv->culls = c->cull_next;
+        hub_conn_cull(c);
+    }
+}
+
+static void finish_shutdown(struct hub_server *srv)
+{
+    hub_server_done_cb done = srv->on_done;
+    if (!done)
+        return;
+    srv->on_done = NULL;
+    uv_timer_stop(&srv->shutdown_timer);
+    done(srv);
+}
+
+static void on_shutdown_timeout(uv_timer_t *t)
+{
+    struct hub_server *srv = t->data;
+    unsigned n = 0;
+    for (struct hub_conn *c = srv->conns; c; c = c->next)
+        n++;
+    hub_log(HUB_LOG_WARN, "shutdown_timeout (%u s) reached with %u clients still open; "
+            "closing them", srv->cfg->shutdown_timeout, n);
+    finish_shutdown(srv);
+}
+
+void hub_server_conn_gone(struct hub_server *srv)
+{
+    if (srv->shutting_down && !srv->conns)
+        finish_shutdown(srv);
+}
+
+void hub_server_shutdown(struct hub_server *srv, hub_server_done_cb done)
+{
+    if (srv->shutting_down) {
+        hub_log(HUB_LOG_INFO, "second signal: not waiting for clients");
+        finish_shutdown(srv);
+        return;
+    }
+    srv->shutting_down = 1;
+    srv->on_done = done;
+
+    unsigned n = 0;
+    for (struct hub_conn *c = srv->conns; c; c = c->next) {
+        hub_conn_close(c, 1001, "server shutting down", 0);
+        n++;
+    }
+    hub_log(HUB_LOG_INFO, "shutting down: closing %u connections (waiting up to %u s)",
+            n, srv->cfg->shutdown_timeout);
+    if (!srv->conns) {
+        finish_shutdown(srv);
+        return;
+    }
+    uv_timer_start(&srv->shutdown_timer, on_shutdown_timeout,
+                   (uint64_t)srv->cfg->shutdown_timeout * 1000u, 0);
+}
+
+void hub_server_stop(struct hub_server *srv)
+{
+    srv->shutting_down = 1;
+    if (srv->ctx)
+        lws_context_destroy(srv->ctx);
+    if (!uv_is_closing((uv_handle_t *)&srv->shutdown_timer))
+        uv_close((uv_handle_t *)&srv->shutdown_timer, NULL);
+}
+
+void hub_server_free(struct hub_server *srv)
+{
+    if (srv->ctx)
+        lws_context_destroy(srv->ctx);
+    hub_chan_registry_free(&srv->chans);
+    hub_buf_free(&srv->scratch);
+}
