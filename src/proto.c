@@ -1,0 +1,966 @@
+/* Protocol v1 codec (see include/luahub/proto.h and docs/protocol.md).
+ *
+ * Decoding runs yajl's event parser once over the whole message. Callbacks
+ * collect the top-level members (the order of members is free, so "op" may
+ * come last) and the exact byte span of the "data" and "id" values; the rules
+ * of the op are checked after the parse. Inside a callback,
+ * yajl_get_bytes_consumed() is the offset just past the token that triggered
+ * it, because the whole message is given to one yajl_parse() call: that is
+ * what makes the spans exact. */
+#include "luahub/proto.h"
+
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <yajl/yajl_parse.h>
+
+/* Nesting allowed inside one value (arrays and objects). Common decoders of
+ * our subscribers stop somewhere (serde_json at 128, lua-cjson at 1000):
+ * refusing deeper data here keeps a publisher from sending frames that other
+ * clients cannot parse. The message object itself adds one level. */
+#define MAX_DEPTH 128
+/* A string "id" is echoed verbatim in every reply: bound it. */
+#define ID_STRING_MAX 128   /* bytes as written, quotes included */
+#define ID_INT_MAX 20       /* characters: -9223372036854775808 */
+/* What yajl 2.1 allocates in one parse: 0.5 KiB of handle and stacks, the
+ * lexer's 2 KiB buffer (allocated at the end of every input) and, once a
+ * string with an escape is met, a 2 KiB decode buffer. Deeper nesting or
+ * longer escaped strings spill to the heap. */
+#define ARENA_SIZE 5120
+
+/* ---- error codes ---- */
+
+static const char *const code_names[] = {
+#define HUB_X(name, str) str,
+    HUB_PROTO_ERRORS(HUB_X)
+#undef HUB_X
+};
+
+const char *hub_proto_code_name(int code)
+{
+    if (code < 0 || code >= HUB_PERR__COUNT)
+        return "internal";
+    return code_names[code];
+}
+
+__attribute__((format(printf, 3, 4)))
+static int fail(struct hub_proto_error *err, int code, const char *fmt, ...)
+{
+    va_list ap;
+    err->code = code;
+    va_start(ap, fmt);
+    vsnprintf(err->message, sizeof(err->message), fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* Writes a printable, bounded rendering of a client-supplied name (op, key)
+ * for an error message: the message must stay short, valid UTF-8 and free of
+ * control bytes. Non-ASCII characters and control bytes become '?'. */
+#define SHOW_MAX 32
+static const char *show(char *dst, const char *s, size_t n)
+{
+    size_t o = 0, i;
+    for (i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x80 && c < 0xc0)
+            continue;   /* UTF-8 continuation: one '?' per character */
+        if (o == SHOW_MAX)
+            break;
+        dst[o++] = (c >= 0x20 && c < 0x7f) ? (char)c : '?';
+    }
+    if (i < n) {
+        memcpy(dst + o, "...", 3);
+        o += 3;
+    }
+    dst[o] = '\0';
+    return dst;
+}
+
+/* ---- channel names ---- */
+
+static const unsigned char chan_ok[256] = {
+    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1,
+    ['H'] = 1, ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1,
+    ['O'] = 1, ['P'] = 1, ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1,
+    ['V'] = 1, ['W'] = 1, ['X'] = 1, ['Y'] = 1, ['Z'] = 1,
+    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1,
+    ['h'] = 1, ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1,
+    ['o'] = 1, ['p'] = 1, ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1,
+    ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1,
+    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1,
+    ['7'] = 1, ['8'] = 1, ['9'] = 1,
+    ['_'] = 1, [':'] = 1, ['.'] = 1, ['@'] = 1, ['/'] = 1, ['='] = 1, ['#'] = 1,
+    ['-'] = 1,
+};
+
+int hub_proto_channel_valid(const char *p, size_t len)
+{
+    if (len == 0 || len > HUB_CHANNEL_MAX)
+        return 0;
+    for (size_t i = 0; i < len; i++)
+        if (!chan_ok[(unsigned char)p[i]])
+            return 0;
+    return 1;
+}
+
+/* hub_proto_channel_valid() that says which rule failed. `where` prefixes
+ * the message ("" or " in 'channels' entry 3"). Never echoes the raw byte
+ * unless it is printable ASCII. */
+static int chan_check(const char *p, size_t len, const char *where,
+                      struct hub_proto_error *err)
+{
+    if (len == 0)
+        return fail(err, HUB_PERR_INVALID_CHANNEL, "invalid channel name%s: empty",
+                    where);
+    if (len > HUB_CHANNEL_MAX)
+        return fail(err, HUB_PERR_INVALID_CHANNEL,
+                    "invalid channel name%s: %zu bytes long, at most %d allowed",
+                    where, len, HUB_CHANNEL_MAX);
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (chan_ok[c])
+            continue;
+        char shown[12] = "";
+        if (c > 0x20 && c < 0x7f)
+            snprintf(shown, sizeof(shown), " ('%c')", c);
+        else if (c == 0x20)
+            snprintf(shown, sizeof(shown), " (space)");
+        return fail(err, HUB_PERR_INVALID_CHANNEL,
+                    "invalid channel name%s: byte 0x%02x%s at offset %zu is not "
+                    "allowed (only A-Z a-z 0-9 _ : . @ / = # -)",
+                    where, c, shown, i);
+    }
+    return 0;
+}
+
+/* ---- text checks yajl does not make ---- */
+
+/* yajl's lexer checks only the shape of UTF-8 sequences (it takes overlong
+ * forms, UTF-16 surrogates and code points past U+10FFFF) and treats vertical
+ * tab and form feed as whitespace. Data is relayed verbatim in text frames, so
+ * either would let one publisher send frames that browsers refuse (close
+ * 1007) or JSON.parse() rejects. Returns the offset of the first bad byte, or
+ * `n`; `*utf8` tells which rule failed. */
+static size_t scan_text(const unsigned char *s, size_t n, int *utf8)
+{
+    const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+    size_t i = 0;
+
+    while (i < n) {
+        /* Fast path: 8 ASCII bytes, none of them \v or \f. */
+        if (n - i >= 8) {
+            uint64_t w, v, f;
+            memcpy(&w, s + i, 8);
+            v = w ^ (ones * 0x0b);
+            f = w ^ (ones * 0x0c);
+            if (!((w | ((v - ones) & ~v) | ((f - ones) & ~f)) & highs)) {
+                i += 8;
+                continue;
+            }
+        }
+        unsigned c = s[i];
+        if (c < 0x80) {
+            if (c == 0x0b || c == 0x0c) {
+                *utf8 = 0;
+                return i;
+            }
+            i++;
+            continue;
+        }
+        /* RFC 3629 table 3.7: the second byte's range depends on the first. */
+        unsigned lo = 0x80, hi = 0xbf;
+        size_t need;
+        if (c >= 0xc2 && c <= 0xdf)
+            need = 1;
+        else if (c >= 0xe0 && c <= 0xef) {
+            need = 2;
+            if (c == 0xe0)
+                lo = 0xa0;
+            else if (c == 0xed)
+                hi = 0x9f;
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            need = 3;
+            if (c == 0xf0)
+                lo = 0x90;
+            else if (c == 0xf4)
+                hi = 0x8f;
+        } else {
+            *utf8 = 1;
+            return i;
+        }
+        if (n - i <= need || s[i + 1] < lo || s[i + 1] > hi) {
+            *utf8 = 1;
+            return i;
+        }
+        for (size_t k = 2; k <= need; k++) {
+            if ((s[i + k] & 0xc0) != 0x80) {
+                *utf8 = 1;
+                return i;
+            }
+        }
+        i += need + 1;
+    }
+    return n;
+}
+
+/* ---- allocation arena for yajl ----
+ * A parse makes a handful of small allocations that all die with the
+ * handle: serve them from a buffer on the caller's stack. Blocks carry their
+ * size in a 16-byte header (for realloc); freeing only reclaims the last
+ * block; whatever does not fit goes to the heap. */
+
+struct arena {
+    size_t used;
+    _Alignas(16) unsigned char mem[ARENA_SIZE];
+};
+
+static int in_arena(const struct arena *a, const void *p)
+{
+    uintptr_t u = (uintptr_t)p, b = (uintptr_t)a->mem;
+    return u >= b && u < b + sizeof(a->mem);
+}
+
+static void *a_malloc(void *ctx, size_t sz)
+{
+    struct arena *a = ctx;
+    size_t need = 16 + ((sz + 15) & ~(size_t)15);
+    if (sz <= sizeof(a->mem) && need <= sizeof(a->mem) - a->used) {
+        unsigned char *h = a->mem + a->used;
+        memcpy(h, &sz, sizeof(sz));
+        a->used += need;
+        return h + 16;
+    }
+    return hub_xmalloc(sz);
+}
+
+static void a_free(void *ctx, void *p)
+{
+    struct arena *a = ctx;
+    if (!in_arena(a, p)) {
+        free(p);
+        return;
+    }
+    size_t sz;
+    unsigned char *h = (unsigned char *)p - 16;
+    memcpy(&sz, h, sizeof(sz));
+    if (h + 16 + ((sz + 15) & ~(size_t)15) == a->mem + a->used)
+        a->used = (size_t)(h - a->mem);
+}
+
+static void *a_realloc(void *ctx, void *p, size_t sz)
+{
+    struct arena *a = ctx;
+    if (!p)
+        return a_malloc(ctx, sz);
+    if (!in_arena(a, p))
+        return hub_xrealloc(p, sz);
+    size_t old;
+    unsigned char *h = (unsigned char *)p - 16;
+    memcpy(&old, h, sizeof(old));
+    size_t off = (size_t)(h - a->mem);
+    if (h + 16 + ((old + 15) & ~(size_t)15) == a->mem + a->used) {
+        /* Last block: grow or shrink in place when it fits. */
+        size_t need = 16 + ((sz + 15) & ~(size_t)15);
+        if (sz <= sizeof(a->mem) && need <= sizeof(a->mem) - off) {
+            memcpy(h, &sz, sizeof(sz));
+            a->used = off + need;
+            return p;
+        }
+    }
+    void *n = a_malloc(ctx, sz);
+    memcpy(n, p, old < sz ? old : sz);
+    a_free(ctx, p);
+    return n;
+}
+
+/* ---- the parse ---- */
+
+enum field { F_OP, F_ID, F_CHANNEL, F_CHANNELS, F_DATA, F_METHOD, F__COUNT };
+#define BIT(f) (1u << (f))
+
+static const char *const field_names[F__COUNT] = {
+    "op", "id", "channel", "channels", "data", "method",
+};
+
+enum vtype { T_NONE, T_STRING, T_INT, T_NUMBER, T_BOOL, T_NULL, T_OBJECT, T_ARRAY };
+
+static const char *const type_names[] = {
+    "nothing", "a string", "a number", "a number", "a boolean", "null",
+    "an object", "an array",
+};
+
+struct val {
+    int type;       /* T_* */
+    size_t start;   /* raw span of the value in the message */
+    size_t end;
+};
+
+/* Dedup table for /api/broadcast: offsets of the names kept so far in
+ * req->names, and an open-addressing hash of their indexes (+1; 0 = free). */
+struct dedup {
+    uint32_t off[HUB_API_MAX_CHANNELS];
+    uint16_t slot[2 * HUB_API_MAX_CHANNELS];
+};
+
+struct parse {
+    yajl_handle h;
+    const char *buf;
+    size_t len;
+    unsigned allowed;   /* BIT(F_*) of members this kind of message may have */
+    int max_depth;
+    int depth;          /* open arrays and objects, the message object included */
+    int cur;            /* F_* of the member being read at depth 1, or -1 */
+
+    unsigned seen;      /* first occurrence of each member */
+    struct val v[F__COUNT];
+    int dup;            /* first duplicated member, or -1 */
+    char other[SHOW_MAX + 4];   /* first unknown key, shown */
+    int have_other;
+
+    char op[SHOW_MAX + 1];  /* start of the "op" string: enough to name it */
+    size_t op_len;
+    char *chan;         /* "channel" decoded: HUB_CHANNEL_MAX + 1 bytes */
+    size_t chan_len;
+    char *method;       /* "method" decoded: HUB_METHOD_MAX + 1 bytes */
+    size_t method_len;
+    int id_ok;          /* "id" is within its length limit */
+
+    /* /api/broadcast */
+    struct hub_api_req *req;
+    struct dedup *dd;
+    unsigned entries;   /* entries of "channels", duplicates included */
+    unsigned kept;
+    int entry_type_bad; /* an entry is not a string */
+    int entry_bad;      /* entry_err holds the first invalid name */
+    struct hub_proto_error entry_err;
+
+    int stopped;        /* a callback filled *err and canceled the parse */
+    struct hub_proto_error *err;
+};
+
+/* Where the value of the member whose key just ended starts: after the
+ * optional whitespace, the ':' and more whitespace. If the text is not shaped
+ * so, the parse fails later and the span is never used. */
+static size_t value_start(const struct parse *p)
+{
+    size_t i = yajl_get_bytes_consumed(p->h);
+    int colon = 0;
+    while (i < p->len) {
+        char c = p->buf[i];
+        if (c == ':' && !colon)
+            colon = 1;
+        else if (c != ' ' && c != '\t' && c != '\n' && c != '\r')
+            break;
+        i++;
+    }
+    return i;
+}
+
+static int field_of(const unsigned char *k, size_t n)
+{
+    for (int f = 0; f < F__COUNT; f++)
+        if (strlen(field_names[f]) == n && memcmp(field_names[f], k, n) == 0)
+            return f;
+    return -1;
+}
+
+/* Cancels the parse from a callback, once p->err is filled. */
+static int stop(struct parse *p)
+{
+    p->stopped = 1;
+    return 0;
+}
+
+static uint32_t hash(const char *s, size_t n)
+{
+    uint32_t h = 2166136261u;   /* FNV-1a */
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)s[i]) * 16777619u;
+    return h;
+}
+
+/* One entry of "channels": validate, drop duplicates, keep. */
+static void entry(struct parse *p, int type, const char *s, size_t n)
+{
+    unsigned idx = p->entries++;
+    if (type != T_STRING) {
+        p->entry_type_bad = 1;
+        return;
+    }
+    if (p->entry_bad || p->entries > HUB_API_MAX_CHANNELS)
+        return; /* fails anyway: stop collecting */
+    char where[32];
+    snprintf(where, sizeof(where), " in channels[%u]", idx);
+    if (chan_check(s, n, where, &p->entry_err) < 0) {
+        p->entry_bad = 1;
+        return;
+    }
+    struct hub_buf *names = &p->req->names;
+    size_t mask = 2 * HUB_API_MAX_CHANNELS - 1;
+    for (size_t j = hash(s, n) & mask;; j = (j + 1) & mask) {
+        unsigned k = p->dd->slot[j];
+        if (k == 0) {
+            p->dd->slot[j] = (uint16_t)(p->kept + 1);
+            p->dd->off[p->kept++] = (uint32_t)names->len;
+            hub_buf_append(names, s, n);
+            hub_buf_append(names, "", 1);   /* NUL-terminated, back to back */
+            return;
+        }
+        const char *q = names->p + p->dd->off[k - 1];
+        if (strncmp(q, s, n) == 0 && q[n] == '\0')   /* q may be shorter */
+            return; /* the same name again: deliver once */
+    }
+}
+
+/* A scalar value, or the start of an array or object (`type`). */
+static int value(struct parse *p, int type, const char *s, size_t n)
+{
+    if (p->depth == 0) {
+        /* The first event of a command must open the message object. */
+        fail(p->err, HUB_PERR_BAD_REQUEST, "message must be a JSON object, not %s",
+             type_names[type]);
+        return stop(p);
+    }
+    if (p->depth == 2 && p->cur == F_CHANNELS && p->v[F_CHANNELS].type == T_ARRAY) {
+        entry(p, type, s, n);
+        return 1;
+    }
+    if (p->depth != 1 || p->cur < 0)
+        return 1;
+
+    struct val *v = &p->v[p->cur];
+    v->type = type;
+    if (type == T_OBJECT || type == T_ARRAY)
+        return 1;   /* ends in on_end() */
+    v->end = yajl_get_bytes_consumed(p->h);
+    if (type != T_STRING && !(type == T_INT && p->cur == F_ID))
+        return 1;
+    switch (p->cur) {
+    case F_OP:
+        p->op_len = n;
+        memcpy(p->op, s, n < sizeof(p->op) ? n : sizeof(p->op));
+        break;
+    case F_ID:
+        p->id_ok = type == T_STRING ? v->end - v->start <= ID_STRING_MAX
+                                    : n <= ID_INT_MAX;
+        break;
+    case F_CHANNEL:
+        p->chan_len = n;
+        if (n <= HUB_CHANNEL_MAX) {
+            memcpy(p->chan, s, n);
+            p->chan[n] = '\0';
+        }
+        break;
+    case F_METHOD:
+        p->method_len = n;
+        if (n <= HUB_METHOD_MAX) {
+            memcpy(p->method, s, n);
+            p->method[n] = '\0';
+        }
+        break;
+    }
+    return 1;
+}
+
+static int on_null(void *c)
+{
+    return value(c, T_NULL, NULL, 0);
+}
+
+static int on_bool(void *c, int b)
+{
+    (void)b;
+    return value(c, T_BOOL, NULL, 0);
+}
+
+static int on_number(void *c, const char *s, size_t n)
+{
+    /* yajl has checked the number's syntax: an integer has no '.', 'e', 'E'. */
+    int integer = 1;
+    for (size_t i = 0; i < n && integer; i++)
+        if (s[i] == '.' || s[i] == 'e' || s[i] == 'E')
+            integer = 0;
+    return value(c, integer ? T_INT : T_NUMBER, s, n);
+}
+
+static int on_string(void *c, const unsigned char *s, size_t n)
+{
+    return value(c, T_STRING, (const char *)s, n);
+}
+
+/* The start of an array or object. */
+static int enter(struct parse *p, int type)
+{
+    if ((p->depth > 0 || type != T_OBJECT) && !value(p, type, NULL, 0))
+        return 0;
+    if (p->depth == p->max_depth) {
+        fail(p->err, HUB_PERR_BAD_REQUEST, "JSON nested deeper than %d levels",
+             MAX_DEPTH);
+        return stop(p);
+    }
+    p->depth++;
+    return 1;
+}
+
+static int on_start_map(void *c)
+{
+    return enter(c, T_OBJECT);
+}
+
+static int on_start_array(void *c)
+{
+    return enter(c, T_ARRAY);
+}
+
+static int on_end(void *c)
+{
+    struct parse *p = c;
+    if (--p->depth == 1 && p->cur >= 0)
+        p->v[p->cur].end = yajl_get_bytes_consumed(p->h);
+    return 1;
+}
+
+static int on_key(void *c, const unsigned char *k, size_t n)
+{
+    struct parse *p = c;
+    if (p->depth != 1)
+        return 1;   /* a key inside a value */
+    int f = field_of(k, n);
+    p->cur = -1;
+    if (f < 0 || !(p->allowed & BIT(f))) {
+        if (!p->have_other) {
+            show(p->other, (const char *)k, n);
+            p->have_other = 1;
+        }
+    } else if (p->seen & BIT(f)) {
+        if (p->dup < 0)
+            p->dup = f;
+    } else {
+        p->seen |= BIT(f);
+        p->cur = f;
+        p->v[f].start = value_start(p);
+    }
+    return 1;
+}
+
+static const yajl_callbacks msg_callbacks = {
+    .yajl_null = on_null,
+    .yajl_boolean = on_bool,
+    .yajl_number = on_number,
+    .yajl_string = on_string,
+    .yajl_start_map = on_start_map,
+    .yajl_map_key = on_key,
+    .yajl_end_map = on_end,
+    .yajl_start_array = on_start_array,
+    .yajl_end_array = on_end,
+};
+
+/* Shortens yajl's error texts, which are written for a terminal. */
+static const char *short_reason(const char *yerr)
+{
+    static const char *const map[][2] = {
+        {"premature EOF", "unexpected end of input"},
+        {"trailing garbage", "text after the end of the value"},
+        {"invalid char in json", "unexpected character"},
+        {"invalid string in json", "invalid literal"},
+        {"before a character which it may not", "invalid escape in string"},
+        {"invalid character inside string", "control character in string"},
+        {"non-hex", "invalid \\u escape in string"},
+        {"malformed number", "malformed number"},
+        {"comment", "comments are not allowed"},
+        {"invalid bytes in UTF8", "invalid UTF-8"},
+        {"invalid object key", "object key must be a string"},
+        {"separated by a colon", "expected ':' after object key"},
+        {"inside map, I expect", "expected ',' or '}'"},
+        {"after array element", "expected ',' or ']'"},
+        {"unallowed token", "unexpected token"},
+    };
+    for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++)
+        if (strstr(yerr, map[i][0]))
+            return map[i][1];
+    return "syntax error";
+}
+
+/* Runs yajl over p->buf with the given callbacks. Returns 0 if the text is
+ * exactly one well-formed value and no callback stopped the parse; else -1,
+ * with p->err filled by us or by the callback that stopped. */
+static int run(struct parse *p, const yajl_callbacks *cbs)
+{
+    struct arena a;
+    yajl_alloc_funcs af = {a_malloc, a_realloc, a_free, &a};
+    const unsigned char *t = (const unsigned char *)p->buf;
+    int utf8 = 0, rc = -1;
+    size_t at = scan_text(t, p->len, &utf8);
+
+    if (at != p->len)
+        return fail(p->err, HUB_PERR_BAD_REQUEST, "invalid JSON: %s at byte %zu",
+                    utf8 ? "invalid UTF-8" : "unexpected character", at);
+    a.used = 0;
+    p->h = yajl_alloc(cbs, &af, p);
+    /* scan_text() is the stricter check; yajl's would repeat part of it. */
+    yajl_config(p->h, yajl_dont_validate_strings, 1);
+    yajl_status st = yajl_parse(p->h, t, p->len);
+    at = yajl_get_bytes_consumed(p->h);
+    if (st == yajl_status_ok) {
+        /* Offsets now count in the one-space chunk yajl feeds itself. */
+        at = p->len;
+        st = yajl_complete_parse(p->h);
+    }
+    if (st == yajl_status_ok) {
+        rc = 0;
+    } else if (p->stopped) {
+        rc = -1;
+    } else {
+        unsigned char *e = yajl_get_error(p->h, 0, NULL, 0);
+        fail(p->err, HUB_PERR_BAD_REQUEST, "invalid JSON: %s at byte %zu",
+             short_reason(e ? (const char *)e : ""), at < p->len ? at : p->len);
+        if (e)
+            yajl_free_error(p->h, e);
+    }
+    yajl_free(p->h);
+    p->h = NULL;
+    return rc;
+}
+
+static void parse_init(struct parse *p, const char *buf, size_t len,
+                       unsigned allowed, struct hub_proto_error *err)
+{
+    memset(p, 0, sizeof(*p));
+    p->buf = buf ? buf : "";    /* (NULL, 0) is an empty message */
+    p->len = len;
+    p->allowed = allowed;
+    p->max_depth = MAX_DEPTH + 1;
+    p->cur = -1;
+    p->dup = -1;
+    p->err = err;
+}
+
+static struct hub_span span_of(const struct parse *p, int f)
+{
+    struct hub_span s = {p->buf + p->v[f].start, p->v[f].end - p->v[f].start};
+    return s;
+}
+
+/* Checks shared by commands and API bodies, in the order they are reported. */
+static int check_members(const struct parse *p, unsigned required,
+                         const char *for_op, struct hub_proto_error *err)
+{
+    char sop[SHOW_MAX + 4];
+    const char *suffix = "", *opname = "";
+    if (for_op) {
+        suffix = "' for op '";
+        opname = show(sop, for_op, strlen(for_op));
+    }
+    if (p->have_other)
+        return fail(err, HUB_PERR_BAD_REQUEST, "unknown field '%s%s%s'", p->other,
+                    suffix, opname);
+    for (int f = 0; f < F__COUNT; f++)
+        if ((required & BIT(f)) && !(p->seen & BIT(f)))
+            return fail(err, HUB_PERR_BAD_REQUEST, "missing field '%s'",
+                        field_names[f]);
+    if ((p->seen & BIT(F_CHANNEL)) && p->v[F_CHANNEL].type != T_STRING)
+        return fail(err, HUB_PERR_BAD_REQUEST, "field 'channel' must be a string");
+    if ((p->seen & BIT(F_METHOD)) && p->v[F_METHOD].type != T_STRING)
+        return fail(err, HUB_PERR_BAD_REQUEST, "field 'method' must be a string");
+    if ((p->seen & BIT(F_CHANNELS)) &&
+        (p->v[F_CHANNELS].type != T_ARRAY || p->entry_type_bad))
+        return fail(err, HUB_PERR_BAD_REQUEST,
+                    "field 'channels' must be an array of strings");
+    if ((p->seen & BIT(F_CHANNEL)) && chan_check(p->chan, p->chan_len, "", err) < 0)
+        return -1;
+    return 0;
+}
+
+/* ---- client commands ---- */
+
+static const struct {
+    const char *name;
+    unsigned allowed, required;
+} ops[] = {
+    [HUB_OP_SUBSCRIBE] = {"subscribe", BIT(F_OP) | BIT(F_ID) | BIT(F_CHANNEL),
+                          BIT(F_CHANNEL)},
+    [HUB_OP_UNSUBSCRIBE] = {"unsubscribe", BIT(F_OP) | BIT(F_ID) | BIT(F_CHANNEL),
+                            BIT(F_CHANNEL)},
+    [HUB_OP_PUBLISH] = {"publish",
+                        BIT(F_OP) | BIT(F_ID) | BIT(F_CHANNEL) | BIT(F_DATA),
+                        BIT(F_CHANNEL) | BIT(F_DATA)},
+    [HUB_OP_PING] = {"ping", BIT(F_OP) | BIT(F_ID), 0},
+    [HUB_OP_RPC] = {"rpc", BIT(F_OP) | BIT(F_ID) | BIT(F_METHOD) | BIT(F_DATA),
+                    BIT(F_METHOD)},
+};
+
+#define CMD_MEMBERS \
+    (BIT(F_OP) | BIT(F_ID) | BIT(F_CHANNEL) | BIT(F_DATA) | BIT(F_METHOD))
+
+static int op_of(const char *s, size_t n)
+{
+    for (int op = HUB_OP_SUBSCRIBE; op <= HUB_OP_RPC; op++)
+        if (strlen(ops[op].name) == n && memcmp(ops[op].name, s, n) == 0)
+            return op;
+    return HUB_OP_NONE;
+}
+
+int hub_proto_decode(const char *buf, size_t len, struct hub_cmd *cmd,
+                     struct hub_proto_error *err)
+{
+    struct parse p;
+    char shown[SHOW_MAX + 4];
+
+    cmd->op = HUB_OP_NONE;
+    cmd->id.p = NULL;
+    cmd->id.len = 0;
+    cmd->channel[0] = '\0';
+    cmd->channel_len = 0;
+    cmd->data.p = NULL;
+    cmd->data.len = 0;
+    cmd->method[0] = '\0';
+    cmd->method_len = 0;
+
+    parse_init(&p, buf, len, CMD_MEMBERS, err);
+    p.chan = cmd->channel;
+    p.method = cmd->method;
+    if (run(&p, &msg_callbacks) < 0)
+        return -1;
+
+    /* The text is valid JSON from here on: echo a valid id in any error. */
+    int id_seen = (p.seen & BIT(F_ID)) != 0;
+    int id_valid = (p.v[F_ID].type == T_INT || p.v[F_ID].type == T_STRING) && p.id_ok;
+    if (id_seen && id_valid && p.dup != F_ID)
+        cmd->id = span_of(&p, F_ID);
+
+    if (p.dup >= 0)
+        return fail(err, HUB_PERR_BAD_REQUEST, "duplicate field '%s'",
+                    field_names[p.dup]);
+    if (id_seen && !id_valid) {
+        if (p.v[F_ID].type == T_STRING)
+            return fail(err, HUB_PERR_BAD_REQUEST,
+                        "field 'id' is too long (at most %d bytes)", ID_STRING_MAX);
+        if (p.v[F_ID].type == T_INT)
+            return fail(err, HUB_PERR_BAD_REQUEST,
+                        "field 'id' is too long (at most %d characters)", ID_INT_MAX);
+        return fail(err, HUB_PERR_BAD_REQUEST,
+                    "field 'id' must be an integer or a string");
+    }
+    if (!(p.seen & BIT(F_OP)))
+        return fail(err, HUB_PERR_BAD_REQUEST, "missing field 'op'");
+    if (p.v[F_OP].type != T_STRING)
+        return fail(err, HUB_PERR_BAD_REQUEST, "field 'op' must be a string");
+    int op = p.op_len <= SHOW_MAX ? op_of(p.op, p.op_len) : HUB_OP_NONE;
+    if (op == HUB_OP_NONE)
+        return fail(err, HUB_PERR_UNKNOWN_OP, "unknown op '%s'",
+                    show(shown, p.op, p.op_len < sizeof(p.op) ? p.op_len : sizeof(p.op)));
+
+    /* A member of another op is as unknown to this one as any other key. */
+    unsigned extra = p.seen & ~ops[op].allowed;
+    if (extra && !p.have_other) {
+        int f = __builtin_ctz(extra);
+        return fail(err, HUB_PERR_BAD_REQUEST, "unknown field '%s' for op '%s'",
+                    field_names[f], ops[op].name);
+    }
+    if (check_members(&p, ops[op].required, ops[op].name, err) < 0)
+        return -1;
+    if (p.seen & BIT(F_METHOD)) {
+        if (p.method_len == 0)
+            return fail(err, HUB_PERR_BAD_REQUEST, "field 'method' must not be empty");
+        if (p.method_len > HUB_METHOD_MAX)
+            return fail(err, HUB_PERR_BAD_REQUEST,
+                        "field 'method' is too long (at most %d bytes)", HUB_METHOD_MAX);
+        for (size_t i = 0; i < p.method_len; i++)
+            if ((unsigned char)p.method[i] < 0x20 || p.method[i] == 0x7f)
+                return fail(err, HUB_PERR_BAD_REQUEST,
+                            "field 'method' must not contain control characters");
+        cmd->method_len = p.method_len;
+    }
+    if (p.seen & BIT(F_CHANNEL))
+        cmd->channel_len = p.chan_len;
+    if (p.seen & BIT(F_DATA))
+        cmd->data = span_of(&p, F_DATA);
+    cmd->op = op;
+    return 0;
+}
+
+/* ---- HTTP API bodies ---- */
+
+int hub_proto_decode_api(const char *buf, size_t len, int broadcast,
+                         struct hub_api_req *req, struct hub_proto_error *err)
+{
+    struct parse p;
+    char chan[HUB_CHANNEL_MAX + 1];
+    struct dedup *dd = NULL;
+    unsigned members = BIT(F_DATA) | BIT(broadcast ? F_CHANNELS : F_CHANNEL);
+    int rc = -1;
+
+    req->data.p = NULL;
+    req->data.len = 0;
+    req->nchannels = 0;
+    hub_buf_reset(&req->names);
+
+    parse_init(&p, buf, len, members, err);
+    p.chan = chan;
+    p.req = req;
+    if (broadcast) {
+        /* 8 KiB, once per API request: the heap is the better place. */
+        dd = hub_xcalloc(1, sizeof(*dd));
+        p.dd = dd;
+    }
+    if (run(&p, &msg_callbacks) < 0)
+        goto out;
+    if (p.dup >= 0) {
+        fail(err, HUB_PERR_BAD_REQUEST, "duplicate field '%s'", field_names[p.dup]);
+        goto out;
+    }
+    if (check_members(&p, members, NULL, err) < 0)
+        goto out;
+    if (broadcast) {
+        if (p.entries == 0) {
+            fail(err, HUB_PERR_BAD_REQUEST, "field 'channels' must not be empty");
+            goto out;
+        }
+        if (p.entries > HUB_API_MAX_CHANNELS) {
+            fail(err, HUB_PERR_LIMIT_EXCEEDED, "too many channels: %u, at most %d",
+                 p.entries, HUB_API_MAX_CHANNELS);
+            goto out;
+        }
+        if (p.entry_bad) {
+            *err = p.entry_err;
+            goto out;
+        }
+        req->nchannels = p.kept;
+    } else {
+        hub_buf_append(&req->names, chan, p.chan_len + 1);
+        req->nchannels = 1;
+    }
+    req->data = span_of(&p, F_DATA);
+    rc = 0;
+out:
+    if (rc < 0) {
+        req->nchannels = 0;
+        hub_buf_reset(&req->names);
+    }
+    free(dd);
+    return rc;
+}
+
+/* ---- any JSON value ---- */
+
+static int on_open_any(void *c)
+{
+    struct parse *p = c;
+    if (p->depth == p->max_depth) {
+        p->stopped = 1;
+        return 0;
+    }
+    p->depth++;
+    return 1;
+}
+
+static int on_close_any(void *c)
+{
+    struct parse *p = c;
+    p->depth--;
+    return 1;
+}
+
+static const yajl_callbacks any_callbacks = {
+    .yajl_start_map = on_open_any,
+    .yajl_end_map = on_close_any,
+    .yajl_start_array = on_open_any,
+    .yajl_end_array = on_close_any,
+};
+
+int hub_proto_json_valid(const char *p, size_t len)
+{
+    struct parse ps;
+    struct hub_proto_error err;
+    parse_init(&ps, p, len, 0, &err);
+    ps.max_depth = MAX_DEPTH;   /* on_open_any() stops without filling err */
+    return run(&ps, &any_callbacks) == 0;
+}
+
+/* ---- encoders ---- */
+
+#define PUT(b, lit) hub_buf_append((b), lit, sizeof(lit) - 1)
+
+static void open_reply(struct hub_buf *b, struct hub_span id)
+{
+    PUT(b, "{");
+    if (id.len) {
+        PUT(b, "\"id\":");
+        hub_buf_append(b, id.p, id.len);
+        PUT(b, ",");
+    }
+}
+
+void hub_proto_encode_ok(struct hub_buf *b, struct hub_span id,
+                         const char *channel, size_t channel_len)
+{
+    open_reply(b, id);
+    PUT(b, "\"ok\":true");
+    if (channel && channel_len) {
+        PUT(b, ",\"channel\":");
+        hub_buf_append_json_string(b, channel, channel_len);
+    }
+    PUT(b, "}");
+}
+
+void hub_proto_encode_ok_data(struct hub_buf *b, struct hub_span id,
+                              struct hub_span data)
+{
+    open_reply(b, id);
+    PUT(b, "\"ok\":true,\"data\":");
+    if (data.len)
+        hub_buf_append(b, data.p, data.len);
+    else
+        PUT(b, "null");   /* an empty span would leave the reply unparseable */
+    PUT(b, "}");
+}
+
+void hub_proto_encode_error(struct hub_buf *b, struct hub_span id, int code,
+                            const char *message)
+{
+    open_reply(b, id);
+    PUT(b, "\"ok\":false,\"error\":{\"code\":\"");
+    hub_buf_appends(b, hub_proto_code_name(code));
+    PUT(b, "\",\"message\":");
+    message = message ? message : "";
+    hub_buf_append_json_string(b, message, strlen(message));
+    PUT(b, "}}");
+}
+
+void hub_proto_encode_welcome(struct hub_buf *b, const char *client_id,
+                              const char *version, unsigned ping)
+{
+    PUT(b, "{\"op\":\"welcome\",\"client\":");
+    hub_buf_append_json_string(b, client_id, strlen(client_id));
+    PUT(b, ",\"version\":");
+    hub_buf_append_json_string(b, version, strlen(version));
+    hub_buf_printf(b, ",\"ping\":%u}", ping);
+}
+
+static const char deliv_head[] = "{\"op\":\"message\",\"channel\":\"";
+static const char deliv_mid[] = "\",\"data\":";
+
+size_t hub_proto_delivery_len(size_t channel_len, size_t data_len)
+{
+    return sizeof(deliv_head) - 1 + channel_len + sizeof(deliv_mid) - 1 + data_len + 1;
+}
+
+size_t hub_proto_write_delivery(char *dst, const char *channel, size_t channel_len,
+                                const char *data, size_t data_len)
+{
+    char *o = dst;
+    memcpy(o, deliv_head, sizeof(deliv_head) - 1);
+    o += sizeof(deliv_head) - 1;
+    memcpy(o, channel, channel_len);
+    o += channel_len;
+    memcpy(o, deliv_mid, sizeof(deliv_mid) - 1);
+    o += sizeof(deliv_mid) - 1;
+    memcpy(o, data, data_len);
+    o += data_len;
+    *o++ = '}';
+    return (size_t)(o - dst);
+}
