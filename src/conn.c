@@ -22,6 +22,7 @@
 
 #include "luahub/log.h"
 #include "luahub/metrics.h"
+#include "luahub/policy.h"
 #include "luahub/proto.h"
 #include "luahub/server.h"
 
@@ -54,28 +55,44 @@ static void send_scratch(struct hub_conn *c)
     hub_buf_reset(&srv->scratch);
 }
 
-void hub_conn_open(struct hub_conn *c, struct hub_server *srv, struct lws *wsi)
+void hub_conn_client_id(const struct hub_conn *c, char *out, size_t outlen)
+{
+    snprintf(out, outlen, "%s-%llu", c->srv->instance, (unsigned long long)c->id);
+}
+
+void hub_conn_open(struct hub_conn *c, struct hub_server *srv, struct lws *wsi,
+                   struct hub_conn_pending *pending)
 {
     char client[64], peer[64] = "";
 
     c->wsi = wsi;
     c->srv = srv;
-    c->id = ++srv->next_conn_id;
+    c->close_code = 1006; /* until a close frame says otherwise */
+    c->close_reason = "";
+    if (pending) {
+        c->id = pending->id;
+        c->user = pending->user;
+        c->info_json = pending->info_json;
+        free(pending);
+    } else {
+        c->id = ++srv->next_conn_id;
+    }
     c->prev = NULL;
     c->next = srv->conns;
     if (srv->conns)
         srv->conns->prev = c;
     srv->conns = c;
+    hub_server_add_conn(srv, c);
     hub_metrics.connections++;
     hub_metrics.connections_total++;
 
     if (hub_log_enabled(HUB_LOG_DEBUG)) {
         lws_get_peer_simple(wsi, peer, sizeof(peer));
-        hub_log(HUB_LOG_DEBUG, "[conn %llu] connected from %s",
-                (unsigned long long)c->id, peer);
+        hub_log(HUB_LOG_DEBUG, "[conn %llu] connected from %s%s%s",
+                (unsigned long long)c->id, peer, c->user ? " as " : "",
+                c->user ? c->user : "");
     }
-    snprintf(client, sizeof(client), "%s-%llu", srv->instance,
-             (unsigned long long)c->id);
+    hub_conn_client_id(c, client, sizeof(client));
     hub_proto_encode_welcome(&srv->scratch, client, HUB_VERSION,
                              srv->cfg->ping_interval);
     send_scratch(c);
@@ -96,6 +113,10 @@ void hub_conn_closed(struct hub_conn *c)
 
     if (!srv) /* never reached ESTABLISHED */
         return;
+    if (srv->policy && hub_policy_has(srv->policy, HUB_HOOK_DISCONNECT))
+        hub_policy_on_disconnect(srv->policy, c, c->close_code, c->close_reason);
+    if (srv->policy)
+        hub_policy_conn_gone(srv->policy, c);
     if (c->flags & HUB_CONN_CULL) {
         struct hub_conn **pp = &srv->culls;
         while (*pp && *pp != c)
@@ -107,6 +128,10 @@ void hub_conn_closed(struct hub_conn *c)
     hub_queue_clear(&c->q);
     free(c->rx);
     c->rx = NULL;
+    free(c->user);
+    free(c->info_json);
+    c->user = c->info_json = NULL;
+    hub_server_remove_conn(srv, c);
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -121,6 +146,8 @@ void hub_conn_closed(struct hub_conn *c)
 
 static void queue_close(struct hub_conn *c, uint16_t code, const char *reason)
 {
+    c->close_code = code;
+    c->close_reason = reason;
     struct hub_msg *m = hub_msg_close(code, reason);
     hub_queue_push(&c->q, m);
     hub_msg_unref(m);
@@ -208,25 +235,83 @@ static int is_subscribed(const struct hub_conn *c, const char *name, size_t len)
     return 0;
 }
 
+int hub_conn_subscribe(struct hub_conn *c, const char *name, size_t len)
+{
+    struct hub_server *srv = c->srv;
+
+    if (c->nsubs >= srv->cfg->max_channels_per_conn)
+        return is_subscribed(c, name, len) ? 0 : -1;
+    if (!hub_chan_subscribe(&srv->chans, &c->subs, c, name, len))
+        return 0;
+    c->nsubs++;
+    hub_metrics.subscriptions++;
+    hub_metrics.channels = srv->chans.nchans;
+    return 1;
+}
+
+int hub_conn_unsubscribe(struct hub_conn *c, const char *name, size_t len)
+{
+    struct hub_server *srv = c->srv;
+
+    if (hub_chan_unsubscribe(&srv->chans, &c->subs, name, len) < 0)
+        return -1;
+    c->nsubs--;
+    hub_metrics.subscriptions--;
+    hub_metrics.channels = srv->chans.nchans;
+    return 0;
+}
+
+void hub_conn_push(struct hub_conn *c, const char *json, size_t len)
+{
+    struct hub_server *srv = c->srv;
+    hub_buf_appends(&srv->scratch, "{\"op\":\"push\",\"data\":");
+    hub_buf_append(&srv->scratch, json, len);
+    hub_buf_appends(&srv->scratch, "}");
+    send_scratch(c);
+}
+
+void hub_conn_peer_closed(struct hub_conn *c, const void *payload, size_t len)
+{
+    const unsigned char *p = payload;
+    c->close_code = len >= 2 ? (uint16_t)(p[0] << 8 | p[1]) : 1005;
+    c->close_reason = "";
+}
+
+/* Maps a policy verdict that is not ALLOW to the error reply. */
+static void policy_refused(struct hub_conn *c, struct hub_span id, enum hub_verdict v,
+                           const char *reason, int deny_code)
+{
+    if (v == HUB_DENY)
+        proto_error(c, id, deny_code, reason[0] ? reason : "refused by policy");
+    else
+        proto_error(c, id, HUB_PERR_INTERNAL, "the policy failed; the action was refused");
+}
+
 static void do_subscribe(struct hub_conn *c, const struct hub_cmd *cmd)
 {
     struct hub_server *srv = c->srv;
-    uint32_t max = srv->cfg->max_channels_per_conn;
+    const char *name = cmd->channel;
+    size_t len = cmd->channel_len;
+    char eff[HUB_CHANNEL_MAX + 1], reason[256];
 
-    if (c->nsubs >= max && !is_subscribed(c, cmd->channel, cmd->channel_len)) {
+    if (srv->policy && hub_policy_has(srv->policy, HUB_HOOK_SUBSCRIBE)) {
+        enum hub_verdict v = hub_policy_on_subscribe(srv->policy, c, name, len, eff, &len,
+                                                     reason, sizeof(reason));
+        if (v != HUB_ALLOW) {
+            policy_refused(c, cmd->id, v, reason, HUB_PERR_FORBIDDEN);
+            return;
+        }
+        name = eff;
+    }
+    if (hub_conn_subscribe(c, name, len) < 0) {
         char msg[128];
         snprintf(msg, sizeof(msg),
-                 "at most %u channels per connection (max_channels_per_conn)", max);
+                 "at most %u channels per connection (max_channels_per_conn)",
+                 srv->cfg->max_channels_per_conn);
         proto_error(c, cmd->id, HUB_PERR_LIMIT_EXCEEDED, msg);
         return;
     }
-    if (hub_chan_subscribe(&srv->chans, &c->subs, c, cmd->channel,
-                           cmd->channel_len)) {
-        c->nsubs++;
-        hub_metrics.subscriptions++;
-        hub_metrics.channels = srv->chans.nchans;
-    }
-    hub_proto_encode_ok(&srv->scratch, cmd->id, cmd->channel, cmd->channel_len);
+    hub_proto_encode_ok(&srv->scratch, cmd->id, name, len);
     send_scratch(c);
 }
 
@@ -234,18 +319,68 @@ static void do_unsubscribe(struct hub_conn *c, const struct hub_cmd *cmd)
 {
     struct hub_server *srv = c->srv;
 
-    if (hub_chan_unsubscribe(&srv->chans, &c->subs, cmd->channel,
-                             cmd->channel_len) < 0) {
+    if (hub_conn_unsubscribe(c, cmd->channel, cmd->channel_len) < 0) {
         char msg[HUB_CHANNEL_MAX + 32];
         snprintf(msg, sizeof(msg), "not subscribed to '%s'", cmd->channel);
         proto_error(c, cmd->id, HUB_PERR_NOT_SUBSCRIBED, msg);
         return;
     }
-    c->nsubs--;
-    hub_metrics.subscriptions--;
-    hub_metrics.channels = srv->chans.nchans;
     hub_proto_encode_ok(&srv->scratch, cmd->id, NULL, 0);
     send_scratch(c);
+    if (srv->policy && hub_policy_has(srv->policy, HUB_HOOK_UNSUBSCRIBE))
+        hub_policy_on_unsubscribe(srv->policy, c, cmd->channel, cmd->channel_len);
+}
+
+static void emit_publish(void *ud, const char *channel, size_t channel_len,
+                         const char *data, size_t data_len)
+{
+    hub_server_publish(ud, channel, channel_len, data, data_len);
+}
+
+static void do_publish(struct hub_conn *c, const struct hub_cmd *cmd)
+{
+    struct hub_server *srv = c->srv;
+    char reason[256];
+
+    if (srv->policy && hub_policy_has(srv->policy, HUB_HOOK_PUBLISH)) {
+        enum hub_verdict v = hub_policy_on_publish(srv->policy, c, cmd->channel,
+                                                   cmd->channel_len, cmd->data.p,
+                                                   cmd->data.len, emit_publish, srv,
+                                                   reason, sizeof(reason));
+        if (v != HUB_ALLOW) {
+            policy_refused(c, cmd->id, v, reason, HUB_PERR_FORBIDDEN);
+            return;
+        }
+    } else {
+        hub_server_publish(srv, cmd->channel, cmd->channel_len, cmd->data.p,
+                           cmd->data.len);
+    }
+    hub_proto_encode_ok(&srv->scratch, cmd->id, NULL, 0);
+    send_scratch(c);
+}
+
+static void do_rpc(struct hub_conn *c, const struct hub_cmd *cmd)
+{
+    struct hub_server *srv = c->srv;
+    struct hub_buf result = {0};
+    char reason[256];
+
+    if (!srv->policy || !hub_policy_has(srv->policy, HUB_HOOK_RPC)) {
+        proto_error(c, cmd->id, HUB_PERR_UNKNOWN_OP,
+                    "op 'rpc' needs an on_rpc hook in the policy");
+        return;
+    }
+    enum hub_verdict v = hub_policy_on_rpc(srv->policy, c, cmd->method, cmd->method_len,
+                                           cmd->data.p, cmd->data.len, &result, reason,
+                                           sizeof(reason));
+    if (v == HUB_ALLOW) {
+        struct hub_span data = {result.p, result.len};
+        hub_proto_encode_ok_data(&srv->scratch, cmd->id, data);
+        send_scratch(c);
+    } else {
+        policy_refused(c, cmd->id, v, reason, HUB_PERR_RPC_ERROR);
+    }
+    hub_buf_free(&result);
 }
 
 static void handle(struct hub_conn *c, const char *p, size_t n, int binary)
@@ -272,18 +407,14 @@ static void handle(struct hub_conn *c, const char *p, size_t n, int binary)
         do_unsubscribe(c, &cmd);
         break;
     case HUB_OP_PUBLISH:
-        hub_server_publish(srv, cmd.channel, cmd.channel_len, cmd.data.p,
-                           cmd.data.len);
-        hub_proto_encode_ok(&srv->scratch, cmd.id, NULL, 0);
-        send_scratch(c);
+        do_publish(c, &cmd);
         break;
     case HUB_OP_PING:
         hub_proto_encode_ok(&srv->scratch, cmd.id, NULL, 0);
         send_scratch(c);
         break;
     case HUB_OP_RPC:
-        proto_error(c, cmd.id, HUB_PERR_UNKNOWN_OP,
-                    "op 'rpc' needs an on_rpc hook in the policy");
+        do_rpc(c, &cmd);
         break;
     default:
         proto_error(c, cmd.id, HUB_PERR_INTERNAL, "unhandled op");

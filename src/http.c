@@ -14,6 +14,7 @@
 
 #include "luahub/log.h"
 #include "luahub/metrics.h"
+#include "luahub/policy.h"
 #include "luahub/proto.h"
 #include "luahub/server.h"
 
@@ -21,6 +22,7 @@ enum route {
     ROUTE_NONE = 0,
     ROUTE_PUBLISH,
     ROUTE_BROADCAST,
+    ROUTE_RELOAD,
 };
 
 enum method {
@@ -38,11 +40,9 @@ static enum method method_of(struct lws *wsi)
     return M_OTHER;
 }
 
-/* Writes a complete response. With `close_after` (a request whose body we
- * will not read) the connection is closed once it is sent. Returns what the
- * lws callback must return. */
-static int respond(struct lws *wsi, unsigned status, const char *ctype,
-                   const char *body, size_t len, int close_after)
+/* Used with `close_after` for a request whose body we will not read. */
+int hub_http_respond(struct lws *wsi, unsigned status, const char *ctype,
+                     const char *body, size_t len, int close_after)
 {
     unsigned char hdr[LWS_PRE + 512];
     unsigned char *start = hdr + LWS_PRE, *p = start, *end = hdr + sizeof(hdr) - 1;
@@ -81,7 +81,7 @@ static int respond_json_error(struct hub_server *srv, struct lws *wsi,
     hub_buf_appends(b, ",\"message\":");
     hub_buf_append_json_string(b, message, strlen(message));
     hub_buf_appends(b, "}}");
-    int r = respond(wsi, status, "application/json", b->p, b->len, close_after);
+    int r = hub_http_respond(wsi, status, "application/json", b->p, b->len, close_after);
     hub_buf_reset(b);
     return r;
 }
@@ -89,7 +89,7 @@ static int respond_json_error(struct hub_server *srv, struct lws *wsi,
 static int respond_text(struct lws *wsi, unsigned status, const char *ctype,
                         const char *s)
 {
-    return respond(wsi, status, ctype, s, strlen(s), 0);
+    return hub_http_respond(wsi, status, ctype, s, strlen(s), 0);
 }
 
 static int peer_is_loopback(struct lws *wsi)
@@ -186,6 +186,27 @@ static int start_api(struct hub_server *srv, struct lws *wsi, struct hub_http *h
     return 0; /* the body comes in LWS_CALLBACK_HTTP_BODY */
 }
 
+/* POST /api/reload: build the policy aside, swap on success. The body is
+ * ignored; the answer lists every problem when the reload fails. */
+static int finish_reload(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
+{
+    struct hub_config_errors errs = {0};
+    struct hub_buf msg = {0};
+
+    h->route = ROUTE_NONE;
+    hub_buf_free(&h->body);
+    if (hub_policy_reload(srv, &errs) == 0)
+        return respond_text(wsi, HTTP_STATUS_OK, "application/json", "{\"ok\":true}");
+    for (unsigned i = 0; i < errs.n; i++)
+        hub_buf_printf(&msg, "%s%s", i ? "; " : "", errs.v[i]);
+    int r = respond_json_error(srv, wsi, 422, "reload_failed",
+                               msg.len ? msg.p : "reload failed; the old policy stays",
+                               0);
+    hub_buf_free(&msg);
+    hub_config_errors_free(&errs);
+    return r;
+}
+
 static int finish_api(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
 {
     struct hub_api_req req;
@@ -256,6 +277,8 @@ static int on_request(struct hub_server *srv, struct lws *wsi, struct hub_http *
         return start_api(srv, wsi, h, ROUTE_PUBLISH);
     if (!strcmp(path, "/api/broadcast"))
         return start_api(srv, wsi, h, ROUTE_BROADCAST);
+    if (!strcmp(path, "/api/reload"))
+        return start_api(srv, wsi, h, ROUTE_RELOAD);
     if (!strncmp(path, "/api/", 5))
         return respond_json_error(srv, wsi, HTTP_STATUS_NOT_FOUND, "not_found",
                                   "no such API route", 1);
@@ -274,7 +297,9 @@ static int on_request(struct hub_server *srv, struct lws *wsi, struct hub_http *
                                       "method_not_allowed", "use GET", 1);
         struct hub_buf b = {0};
         hub_metrics_render(&b);
-        int r = respond(wsi, HTTP_STATUS_OK, "text/plain; version=0.0.4", b.p, b.len, 0);
+        if (srv->policy)
+            hub_policy_metrics(srv->policy, &b);
+        int r = hub_http_respond(wsi, HTTP_STATUS_OK, "text/plain; version=0.0.4", b.p, b.len, 0);
         hub_buf_free(&b);
         return r;
     }
@@ -302,6 +327,8 @@ int hub_http_callback(struct hub_server *srv, struct lws *wsi,
         if (h->route == ROUTE_NONE)
             return respond_json_error(srv, wsi, HTTP_STATUS_NOT_FOUND, "not_found",
                                       "no such route", 1);
+        if (h->route == ROUTE_RELOAD)
+            return finish_reload(srv, wsi, h);
         return finish_api(srv, wsi, h);
 
     case LWS_CALLBACK_HTTP_FILE_COMPLETION:

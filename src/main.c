@@ -8,6 +8,7 @@
 
 #include "luahub/config.h"
 #include "luahub/log.h"
+#include "luahub/policy.h"
 #include "luahub/server.h"
 
 #define DEFAULT_CONF_LOCAL "conf/luahub.conf"
@@ -48,7 +49,8 @@ static void on_shutdown_done(struct hub_server *srv)
 static void on_signal(uv_signal_t *h, int signum)
 {
     if (signum == SIGHUP) {
-        hub_log(HUB_LOG_INFO, "SIGHUP: nothing to reload (no policy layer loaded)");
+        hub_log(HUB_LOG_INFO, "SIGHUP: reloading the policy");
+        hub_policy_reload(&server, NULL);
         return;
     }
     hub_log(HUB_LOG_INFO, "%s received", signum == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -105,7 +107,8 @@ int main(int argc, char **argv)
         hub_config_free(&cfg);
         return 2;
     }
-    if (hub_config_load(&cfg, conf_path, &errs) < 0) {
+    if (hub_config_load(&cfg, conf_path, &errs) < 0 ||
+        hub_policy_check(&cfg, &errs) < 0) {
         for (unsigned i = 0; i < errs.n; i++)
             fprintf(stderr, "%s\n", errs.v[i]);
         fprintf(stderr, "luahub: %s: %u problem%s, not starting\n", conf_path, errs.n,
@@ -135,7 +138,17 @@ int main(int argc, char **argv)
     uv_signal_init(&loop, &sig_int);
     uv_signal_init(&loop, &sig_hup);
 
-    if (hub_server_start(&server, &loop, &cfg) < 0) {
+    hub_server_init(&server, &loop, &cfg);
+    server.policy = hub_policy_new(&server, &errs);
+    if (!server.policy) {
+        /* --check passed a moment ago, so this is rare (the file changed). */
+        for (unsigned i = 0; i < errs.n; i++)
+            hub_log(HUB_LOG_ERROR, "%s", errs.v[i]);
+        hub_config_errors_free(&errs);
+        rc = 2;
+        hub_server_stop(&server);
+        close_signals();
+    } else if (hub_server_start(&server) < 0) {
         rc = 1;
         hub_server_stop(&server);
         close_signals();

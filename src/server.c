@@ -23,6 +23,7 @@
 #include "luahub/log.h"
 #include "luahub/metrics.h"
 #include "luahub/msg.h"
+#include "luahub/policy.h"
 
 _Static_assert(HUB_MSG_HEADROOM >= LWS_PRE + 10, "message headroom below LWS_PRE");
 
@@ -48,10 +49,11 @@ static void log_emit(int level, const char *line)
             (int)n, line);
 }
 
+/* Refuses an upgrade with an HTTP status and `why` as a plain-text body. */
 static int refuse(struct lws *wsi, unsigned status, const char *why)
 {
     hub_metrics.connections_refused++;
-    lws_return_http_status(wsi, status, why);
+    hub_http_respond(wsi, status, "text/plain; charset=utf-8", why, strlen(why), 1);
     return 1; /* ">0: I sent the response" */
 }
 
@@ -70,7 +72,38 @@ static int confirm_upgrade(struct hub_server *srv, struct lws *wsi, const char *
     if (cfg->max_connections && hub_metrics.connections >= cfg->max_connections)
         return refuse(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE,
                       "too many connections (max_connections)");
+    if (!srv->policy || !hub_policy_has(srv->policy, HUB_HOOK_CONNECT))
+        return 0;
+
+    /* on_connect decides before the upgrade completes, so a refusal is a
+     * real HTTP status; what it sets travels to ESTABLISHED with the wsi. */
+    struct hub_connect_result res;
+    memset(&res, 0, sizeof(res));
+    uint64_t id = ++srv->next_conn_id;
+    enum hub_verdict v = hub_policy_on_connect(srv->policy, wsi, id, &res);
+    if (v != HUB_ALLOW) {
+        free(res.user);
+        free(res.info_json);
+        if (v == HUB_FAIL)
+            return refuse(wsi, HTTP_STATUS_INTERNAL_SERVER_ERROR,
+                          "internal error: the connect policy failed");
+        return refuse(wsi, res.status ? res.status : HTTP_STATUS_FORBIDDEN,
+                      res.reason[0] ? res.reason : "forbidden");
+    }
+    struct hub_conn_pending *pending = hub_xmalloc(sizeof(*pending));
+    pending->id = id;
+    pending->user = res.user;
+    pending->info_json = res.info_json;
+    lws_set_opaque_user_data(wsi, pending);
     return 0;
+}
+
+/* Takes what on_connect left on the wsi, if anything. */
+static struct hub_conn_pending *take_pending(struct lws *wsi)
+{
+    struct hub_conn_pending *p = lws_get_opaque_user_data(wsi);
+    lws_set_opaque_user_data(wsi, NULL);
+    return p;
 }
 
 static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *user,
@@ -84,8 +117,21 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
     case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
         return confirm_upgrade(srv, wsi, in);
     case LWS_CALLBACK_ESTABLISHED:
-        hub_conn_open(&pss->ws, srv, wsi);
+        hub_conn_open(&pss->ws, srv, wsi, take_pending(wsi));
         return 0;
+    case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
+        hub_conn_peer_closed(&pss->ws, in, len);
+        return 0;
+    case LWS_CALLBACK_WSI_DESTROY: {
+        /* An upgrade that on_connect allowed but that never completed. */
+        struct hub_conn_pending *p = take_pending(wsi);
+        if (p) {
+            free(p->user);
+            free(p->info_json);
+            free(p);
+        }
+        break;
+    }
     case LWS_CALLBACK_RECEIVE:
         return hub_conn_receive(&pss->ws, in, len);
     case LWS_CALLBACK_SERVER_WRITEABLE:
@@ -158,20 +204,25 @@ static void make_instance_id(char *out, size_t outlen)
         snprintf(out + 2 * i, 3, "%02x", r[i]);
 }
 
-int hub_server_start(struct hub_server *srv, uv_loop_t *loop,
+void hub_server_init(struct hub_server *srv, uv_loop_t *loop,
                      const struct hub_config *cfg)
 {
-    struct lws_context_creation_info info;
-    void *foreign[1] = {loop};
-    const char *iface = cfg->listen_host;
-    uint64_t vopts = LWS_SERVER_OPTION_LIBUV | LWS_SERVER_OPTION_FAIL_UPON_UNABLE_TO_BIND;
-
+    memset(srv, 0, sizeof(*srv));
     srv->loop = loop;
     srv->cfg = cfg;
     hub_chan_registry_init(&srv->chans);
     make_instance_id(srv->instance, sizeof(srv->instance));
     uv_timer_init(loop, &srv->shutdown_timer);
     srv->shutdown_timer.data = srv;
+}
+
+int hub_server_start(struct hub_server *srv)
+{
+    struct lws_context_creation_info info;
+    const struct hub_config *cfg = srv->cfg;
+    void *foreign[1] = {srv->loop};
+    const char *iface = cfg->listen_host;
+    uint64_t vopts = LWS_SERVER_OPTION_LIBUV | LWS_SERVER_OPTION_FAIL_UPON_UNABLE_TO_BIND;
 
     /* lws prints through us; only errors and warnings. */
     lws_set_log_level(LLL_ERR | LLL_WARN, log_emit);
@@ -237,6 +288,66 @@ int hub_server_start(struct hub_server *srv, uv_loop_t *loop,
             strchr(cfg->listen_host, ':') ? "[" : "", cfg->listen_host,
             strchr(cfg->listen_host, ':') ? "]" : "", srv->port);
     return 0;
+}
+
+static uint32_t id_bucket(const struct hub_server *srv, uint64_t id)
+{
+    return (uint32_t)((id * 0x9e3779b97f4a7c15ull) >> 32) & (srv->nids_buckets - 1);
+}
+
+static void id_rehash(struct hub_server *srv, uint32_t n)
+{
+    struct hub_conn **t = hub_xcalloc(n, sizeof(*t));
+    uint32_t old = srv->nids_buckets;
+    struct hub_conn **ot = srv->ids;
+    srv->ids = t;
+    srv->nids_buckets = n;
+    for (uint32_t b = 0; b < old; b++) {
+        struct hub_conn *c = ot[b], *next;
+        for (; c; c = next) {
+            next = c->id_next;
+            uint32_t i = id_bucket(srv, c->id);
+            c->id_next = t[i];
+            t[i] = c;
+        }
+    }
+    free(ot);
+}
+
+void hub_server_add_conn(struct hub_server *srv, struct hub_conn *c)
+{
+    if (hub_metrics.connections + 1 > srv->nids_buckets)
+        id_rehash(srv, srv->nids_buckets ? srv->nids_buckets * 2 : 256);
+    uint32_t i = id_bucket(srv, c->id);
+    c->id_next = srv->ids[i];
+    srv->ids[i] = c;
+}
+
+void hub_server_remove_conn(struct hub_server *srv, struct hub_conn *c)
+{
+    struct hub_conn **pp = &srv->ids[id_bucket(srv, c->id)];
+    while (*pp && *pp != c)
+        pp = &(*pp)->id_next;
+    if (*pp)
+        *pp = c->id_next;
+}
+
+struct hub_conn *hub_server_find_conn(struct hub_server *srv, const char *client_id)
+{
+    size_t il = strlen(srv->instance);
+    char *end;
+
+    if (!srv->nids_buckets || strncmp(client_id, srv->instance, il) != 0 ||
+        client_id[il] != '-' || client_id[il + 1] < '0' || client_id[il + 1] > '9')
+        return NULL;
+    errno = 0;
+    unsigned long long id = strtoull(client_id + il + 1, &end, 10);
+    if (*end || errno)
+        return NULL;
+    for (struct hub_conn *c = srv->ids[id_bucket(srv, id)]; c; c = c->id_next)
+        if (c->id == id)
+            return c;
+    return NULL;
 }
 
 size_t hub_server_publish(struct hub_server *srv, const char *channel,
@@ -332,6 +443,11 @@ void hub_server_free(struct hub_server *srv)
 {
     if (srv->ctx)
         lws_context_destroy(srv->ctx);
+    if (srv->policy)
+        hub_policy_free(srv->policy);
+    srv->policy = NULL;
+    free(srv->ids);
+    srv->ids = NULL;
     hub_chan_registry_free(&srv->chans);
     hub_buf_free(&srv->scratch);
 }

@@ -35,11 +35,44 @@ struct hub_conn {
     uint32_t rx_len, rx_cap;
     uint32_t proto_errors;          /* errors in the current window */
     uint64_t proto_window_ms;       /* start of the error window */
+    struct hub_conn *id_next;       /* server's id hash chain */
+    char *user;                     /* conn.user set by the policy, or NULL */
+    char *info_json;                /* conn.info as JSON, or NULL */
+    int lua_ref;                    /* its Lua object in the current policy state; 0 = none */
+    uint16_t close_code;            /* close code sent or received (1006 if none) */
+    const char *close_reason;       /* static text of our close, or "" */
+};
+
+/* What on_connect left for the connection, carried from the upgrade
+ * request to ESTABLISHED in lws's opaque user data. */
+struct hub_conn_pending {
+    uint64_t id;
+    char *user;
+    char *info_json;
 };
 
 /* Called from ESTABLISHED: links the connection into the server and queues
- * the welcome frame. */
-void hub_conn_open(struct hub_conn *c, struct hub_server *srv, struct lws *wsi);
+ * the welcome frame. Takes ownership of `pending` (may be NULL). */
+void hub_conn_open(struct hub_conn *c, struct hub_server *srv, struct lws *wsi,
+                   struct hub_conn_pending *pending);
+
+/* The client id shown in the welcome frame: "<instance>-<n>". */
+void hub_conn_client_id(const struct hub_conn *c, char *out, size_t outlen);
+
+/* Server-side subscription (policy API). `name` must be valid. Returns 1 if
+ * subscribed now, 0 if it already was, -1 if over max_channels_per_conn.
+ * Runs no hook. */
+int hub_conn_subscribe(struct hub_conn *c, const char *name, size_t len);
+
+/* Server-side unsubscription. Returns 0, or -1 if not subscribed. Runs no
+ * hook. */
+int hub_conn_unsubscribe(struct hub_conn *c, const char *name, size_t len);
+
+/* Sends {"op":"push","data":JSON} to this client; `json` must be valid. */
+void hub_conn_push(struct hub_conn *c, const char *json, size_t len);
+
+/* The peer closed with `payload` (code + reason) of a close frame. */
+void hub_conn_peer_closed(struct hub_conn *c, const void *payload, size_t len);
 
 /* Called from CLOSED: leaves every channel, drops the queue and the
  * reassembly buffer, unlinks from the server. */

@@ -26,7 +26,10 @@ struct hub_server {
     struct lws_protocols protocols[2];
     int port;                       /* bound port */
 
+    struct hub_policy *policy;      /* the Lua policy; NULL before start */
     struct hub_chan_registry chans;
+    struct hub_conn **ids;          /* id -> connection hash, chained by id_next */
+    uint32_t nids_buckets;          /* a power of two */
     struct hub_conn *conns;         /* open WebSocket connections */
     struct hub_conn *culls;         /* connections to cull after a fan-out */
     uint64_t next_conn_id;
@@ -38,11 +41,16 @@ struct hub_server {
     hub_server_done_cb on_done;
 };
 
-/* Creates the lws context on `loop` and the listening vhost. Returns 0, or
- * -1 after logging one line that says what failed and what to do. On -1 the
- * caller still calls hub_server_free() after draining the loop. */
-int hub_server_start(struct hub_server *srv, uv_loop_t *loop,
+/* Zeroes `srv` and sets up what needs no network: the registry, the
+ * instance id, the shutdown timer. `cfg` is borrowed and must outlive it. */
+void hub_server_init(struct hub_server *srv, uv_loop_t *loop,
                      const struct hub_config *cfg);
+
+/* Creates the lws context on the loop and the listening vhost. Returns 0,
+ * or -1 after logging one line that says what failed and what to do. On -1
+ * the caller still calls hub_server_stop(), drains the loop and calls
+ * hub_server_free(). */
+int hub_server_start(struct hub_server *srv);
 
 /* Starts a graceful shutdown: refuses new work, queues close 1001 to every
  * client and calls `done` (once) when all are gone or shutdown_timeout has
@@ -66,6 +74,19 @@ size_t hub_server_publish(struct hub_server *srv, const char *channel,
 /* Culls the connections marked during a fan-out: unlinks them from their
  * channels and queues close 4001. Called after every fan-out loop. */
 void hub_server_flush_culls(struct hub_server *srv);
+
+/* The open connection with this client id ("<instance>-<n>"), or NULL. */
+struct hub_conn *hub_server_find_conn(struct hub_server *srv, const char *client_id);
+
+/* Links / unlinks a connection in the id hash. */
+void hub_server_add_conn(struct hub_server *srv, struct hub_conn *c);
+void hub_server_remove_conn(struct hub_server *srv, struct hub_conn *c);
+
+/* Writes a complete plain HTTP response (http.c). With `close_after` the
+ * connection is closed once it is sent. Returns what the lws callback must
+ * return. */
+int hub_http_respond(struct lws *wsi, unsigned status, const char *ctype,
+                     const char *body, size_t len, int close_after);
 
 /* Called by a connection's CLOSED path once it has unlinked itself:
  * completes a graceful shutdown when the last client is gone. */
