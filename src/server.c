@@ -224,8 +224,10 @@ int hub_server_start(struct hub_server *srv)
     const char *iface = cfg->listen_host;
     uint64_t vopts = LWS_SERVER_OPTION_LIBUV | LWS_SERVER_OPTION_FAIL_UPON_UNABLE_TO_BIND;
 
-    /* lws prints through us; only errors and warnings. */
-    lws_set_log_level(LLL_ERR | LLL_WARN, log_emit);
+    /* lws prints through us, errors and warnings only, but not while the
+     * context and the vhost are created: a failure there gets one clear
+     * line of ours instead of lws's internal ones. */
+    lws_set_log_level(0, log_emit);
 
     memset(&info, 0, sizeof(info));
     info.options = LWS_SERVER_OPTION_LIBUV | LWS_SERVER_OPTION_EXPLICIT_VHOSTS;
@@ -281,6 +283,7 @@ int hub_server_start(struct hub_server *srv)
         explain_bind_failure(cfg);
         return -1;
     }
+    lws_set_log_level(LLL_ERR | LLL_WARN, log_emit);
     srv->port = lws_get_vhost_listen_port(srv->vhost);
     /* Tests and scripts parse this line: keep "listening on HOST:PORT" last. */
     hub_log(HUB_LOG_INFO, "luahub %s (instance %s, websocket path %s) listening on %s%s%s:%d",
