@@ -210,12 +210,16 @@ static void proto_error(struct hub_conn *c, struct hub_span id, int code,
     if (code != HUB_PERR_BAD_REQUEST && code != HUB_PERR_UNKNOWN_OP &&
         code != HUB_PERR_INVALID_CHANNEL)
         return;
-    uint64_t now = now_ms();
-    if (now - c->proto_window_ms > PROTO_ERROR_WINDOW_MS) {
-        c->proto_window_ms = now;
-        c->proto_errors = 0;
-    }
-    if (++c->proto_errors > srv->cfg->max_protocol_errors) {
+    /* A leaky bucket: each garbage error adds 1000 milli-errors, the bucket
+     * drains max_protocol_errors per PROTO_ERROR_WINDOW_MS, and going over
+     * max_protocol_errors closes. A burst of more than max errors closes at
+     * once; a client that errs now and then never does. O(1) state. */
+    uint64_t now = now_ms(), max = srv->cfg->max_protocol_errors;
+    uint64_t leak = (now - c->proto_window_ms) * max * 1000 / PROTO_ERROR_WINDOW_MS;
+    c->proto_errors = leak >= c->proto_errors ? 0 : c->proto_errors - (uint32_t)leak;
+    c->proto_window_ms = now;
+    c->proto_errors += 1000;
+    if (c->proto_errors > max * 1000) {
         hub_log(HUB_LOG_WARN,
                 "[conn %llu] more than %u protocol errors in %d s, closing with 4008",
                 (unsigned long long)c->id, srv->cfg->max_protocol_errors,
@@ -270,11 +274,16 @@ void hub_conn_push(struct hub_conn *c, const char *json, size_t len)
     send_scratch(c);
 }
 
-void hub_conn_peer_closed(struct hub_conn *c, const void *payload, size_t len)
+int hub_conn_peer_closed(struct hub_conn *c, const void *payload, size_t len)
 {
     const unsigned char *p = payload;
+
+    if (c->flags & HUB_CONN_CLOSING)
+        return -1; /* the answer to our close: the handshake is complete */
     c->close_code = len >= 2 ? (uint16_t)(p[0] << 8 | p[1]) : 1005;
     c->close_reason = "";
+    c->flags |= HUB_CONN_CLOSING;
+    return 0; /* lws echoes the close and hangs up */
 }
 
 /* Maps a policy verdict that is not ALLOW to the error reply. */
@@ -539,6 +548,6 @@ int hub_conn_writeable(struct hub_conn *c)
     if (c->q.count || lws_partial_buffered(wsi))
         arm(c);
     else if (c->flags & HUB_CONN_CLOSING)
-        return -1; /* the close frame is out: lws hangs up */
+        c->flags |= HUB_CONN_CLOSE_SENT; /* now wait for the peer's close */
     return 0;
 }

@@ -120,8 +120,7 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
         hub_conn_open(&pss->ws, srv, wsi, take_pending(wsi));
         return 0;
     case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
-        hub_conn_peer_closed(&pss->ws, in, len);
-        return 0;
+        return hub_conn_peer_closed(&pss->ws, in, len);
     case LWS_CALLBACK_WSI_DESTROY: {
         /* An upgrade that on_connect allowed but that never completed. */
         struct hub_conn_pending *p = take_pending(wsi);

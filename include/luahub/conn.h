@@ -19,6 +19,7 @@ enum {
     HUB_CONN_RX_BINARY = 1 << 2,/* the message being reassembled is binary */
     HUB_CONN_RX_ACTIVE = 1 << 3,/* a fragmented message is being reassembled */
     HUB_CONN_CULL = 1 << 4,     /* on the server's cull list */
+    HUB_CONN_CLOSE_SENT = 1 << 5,/* our close frame is out; waiting for the peer's */
 };
 
 struct hub_conn {
@@ -33,8 +34,8 @@ struct hub_conn {
     struct hub_queue q;             /* frames waiting for WRITEABLE */
     unsigned char *rx;              /* reassembly buffer, NULL between messages */
     uint32_t rx_len, rx_cap;
-    uint32_t proto_errors;          /* errors in the current window */
-    uint64_t proto_window_ms;       /* start of the error window */
+    uint32_t proto_errors;          /* protocol error bucket, in milli-errors */
+    uint64_t proto_window_ms;       /* when the bucket was last updated */
     struct hub_conn *id_next;       /* server's id hash chain */
     char *user;                     /* conn.user set by the policy, or NULL */
     char *info_json;                /* conn.info as JSON, or NULL */
@@ -71,8 +72,10 @@ int hub_conn_unsubscribe(struct hub_conn *c, const char *name, size_t len);
 /* Sends {"op":"push","data":JSON} to this client; `json` must be valid. */
 void hub_conn_push(struct hub_conn *c, const char *json, size_t len);
 
-/* The peer closed with `payload` (code + reason) of a close frame. */
-void hub_conn_peer_closed(struct hub_conn *c, const void *payload, size_t len);
+/* LWS_CALLBACK_WS_PEER_INITIATED_CLOSE with the close frame's payload.
+ * Returns what the callback returns: -1 when it answers our own close (lws
+ * then hangs up), 0 to let lws echo the peer's close. */
+int hub_conn_peer_closed(struct hub_conn *c, const void *payload, size_t len);
 
 /* Called from CLOSED: leaves every channel, drops the queue and the
  * reassembly buffer, unlinks from the server. */
