@@ -1,11 +1,14 @@
 /* WebSocket connections: receive, dispatch, bounded queue, coalesced writes.
  *
  * Write path: every outbound frame (deliveries, replies, the close frame) is
- * a reference in the connection's queue. Frames are written only from
- * LWS_CALLBACK_SERVER_WRITEABLE, and all frames queued by then go out in one
- * sendmsg() with one iovec per frame: no copy, one syscall for a burst.
- * Because publishes that arrive in the same loop iteration queue up before
- * the next WRITEABLE, this coalesces naturally under load.
+ * a reference in the connection's queue, and the connection goes on the
+ * server's flush list. Once per loop iteration, after all I/O callbacks have
+ * run (a uv_check handle, hub_server_flush), each listed connection writes
+ * everything queued in one sendmsg() with one iovec per frame: no copy, one
+ * syscall for all the publishes of that iteration. Only when the socket is
+ * full do we ask lws for WRITEABLE (lws_callback_on_writable): asking for
+ * every write flips the poll mask with epoll_ctl() twice per delivery, which
+ * cost more than the write itself.
  *
  * We write to the socket ourselves instead of through lws_write() so that
  * several frames need neither a copy into one buffer nor one syscall each.
@@ -45,6 +48,26 @@ static void arm(struct hub_conn *c)
     }
 }
 
+/* Puts the connection on the server's flush list. */
+static void mark_dirty(struct hub_conn *c)
+{
+    if (!(c->flags & HUB_CONN_DIRTY)) {
+        c->flags |= HUB_CONN_DIRTY;
+        c->dirty_next = c->srv->dirty;
+        c->srv->dirty = c;
+    }
+}
+
+/* Replies (and welcome, push, close) do not wait for a deferred flush: a
+ * publisher waiting for its acks would stall, and publish less per flush. */
+static void mark_urgent(struct hub_conn *c)
+{
+    if ((c->flags & (HUB_CONN_DIRTY | HUB_CONN_URGENT)) == HUB_CONN_DIRTY) {
+        c->flags |= HUB_CONN_URGENT;
+        c->srv->nurgent++;
+    }
+}
+
 /* Queues the reply encoded in srv->scratch and resets it. */
 static void send_scratch(struct hub_conn *c)
 {
@@ -53,6 +76,7 @@ static void send_scratch(struct hub_conn *c)
     hub_conn_send(c, m);
     hub_msg_unref(m);
     hub_buf_reset(&srv->scratch);
+    mark_urgent(c);
 }
 
 void hub_conn_client_id(const struct hub_conn *c, char *out, size_t outlen)
@@ -117,6 +141,16 @@ void hub_conn_closed(struct hub_conn *c)
         hub_policy_on_disconnect(srv->policy, c, c->close_code, c->close_reason);
     if (srv->policy)
         hub_policy_conn_gone(srv->policy, c);
+    if (c->flags & HUB_CONN_DIRTY) {
+        struct hub_conn **pp = &srv->dirty;
+        while (*pp && *pp != c)
+            pp = &(*pp)->dirty_next;
+        if (*pp)
+            *pp = c->dirty_next;
+        if (c->flags & HUB_CONN_URGENT)
+            srv->nurgent--;
+        c->flags &= ~(HUB_CONN_DIRTY | HUB_CONN_URGENT);
+    }
     if (c->flags & HUB_CONN_CULL) {
         struct hub_conn **pp = &srv->culls;
         while (*pp && *pp != c)
@@ -152,7 +186,8 @@ static void queue_close(struct hub_conn *c, uint16_t code, const char *reason)
     hub_queue_push(&c->q, m);
     hub_msg_unref(m);
     c->flags |= HUB_CONN_CLOSING;
-    arm(c);
+    mark_dirty(c);
+    mark_urgent(c);
     lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, CLOSE_BACKSTOP_S);
 }
 
@@ -170,7 +205,7 @@ void hub_conn_send(struct hub_conn *c, struct hub_msg *m)
         return;
     }
     hub_queue_push(&c->q, m);
-    arm(c);
+    mark_dirty(c);
 }
 
 void hub_conn_cull(struct hub_conn *c)
@@ -283,6 +318,7 @@ int hub_conn_peer_closed(struct hub_conn *c, const void *payload, size_t len)
     c->close_code = len >= 2 ? (uint16_t)(p[0] << 8 | p[1]) : 1005;
     c->close_reason = "";
     c->flags |= HUB_CONN_CLOSING;
+    hub_queue_clear(&c->q); /* nothing may follow lws's echo of the close */
     return 0; /* lws echoes the close and hangs up */
 }
 
@@ -490,13 +526,14 @@ int hub_conn_receive(struct hub_conn *c, const void *in, size_t len)
     return 0;
 }
 
-int hub_conn_writeable(struct hub_conn *c)
+/* Writes queued frames until the queue is empty, the socket is full or lws
+ * holds buffered bytes. Returns 0, or -1 on a socket error. */
+static int write_queued(struct hub_conn *c)
 {
     struct lws *wsi = c->wsi;
     struct iovec iov[WRITE_IOV_MAX];
     int fd = lws_get_socket_fd(wsi);
 
-    c->flags &= ~HUB_CONN_ARMED;
     for (int round = 0; round < WRITE_ROUNDS_MAX && c->q.count; round++) {
         if (lws_partial_buffered(wsi))
             break;
@@ -546,8 +583,29 @@ int hub_conn_writeable(struct hub_conn *c)
     }
 
     if (c->q.count || lws_partial_buffered(wsi))
-        arm(c);
+        arm(c); /* the rest when lws says the socket is writable again */
     else if (c->flags & HUB_CONN_CLOSING)
         c->flags |= HUB_CONN_CLOSE_SENT; /* now wait for the peer's close */
     return 0;
+}
+
+int hub_conn_writeable(struct hub_conn *c)
+{
+    c->flags &= ~HUB_CONN_ARMED;
+    return write_queued(c);
+}
+
+void hub_conn_flush(struct hub_conn *c)
+{
+    c->flags &= ~(HUB_CONN_DIRTY | HUB_CONN_URGENT);
+    /* While WRITEABLE is requested, lws holds bytes or the socket was full:
+     * that callback writes, in order. */
+    if (c->flags & HUB_CONN_ARMED)
+        return;
+    if (write_queued(c) < 0) {
+        /* The peer is gone: let lws close it from its own callback. */
+        hub_queue_clear(&c->q);
+        c->flags |= HUB_CONN_CLOSING;
+        lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+    }
 }

@@ -218,11 +218,10 @@ static int finish_api(struct hub_server *srv, struct lws *wsi, struct hub_http *
     if (hub_proto_decode_api(h->body.p ? h->body.p : "", h->body.len, broadcast, &req,
                              &err) < 0) {
         hub_buf_free(&req.names);
+        hub_buf_free(&h->body); /* before responding: that may free the pss */
         hub_metrics.protocol_errors[err.code]++;
-        int r = respond_json_error(srv, wsi, HTTP_STATUS_BAD_REQUEST,
-                                   hub_proto_code_name(err.code), err.message, 0);
-        hub_buf_free(&h->body);
-        return r;
+        return respond_json_error(srv, wsi, HTTP_STATUS_BAD_REQUEST,
+                                  hub_proto_code_name(err.code), err.message, 0);
     }
     const char *name = req.names.p;
     for (unsigned i = 0; i < req.nchannels; i++) {
@@ -231,9 +230,9 @@ static int finish_api(struct hub_server *srv, struct lws *wsi, struct hub_http *
         name += len + 1;
     }
     hub_buf_free(&req.names);
-    /* Keep-alive publishers reuse the buffer; a big one is given back. */
-    if (h->body.cap > 16384)
-        hub_buf_free(&h->body);
+    /* Responding completes the transaction, and lws then unbinds the
+     * protocol and frees this pss (HTTP_DROP_PROTOCOL): the body goes now. */
+    hub_buf_free(&h->body);
     return respond_text(wsi, HTTP_STATUS_OK, "application/json", "{\"ok\":true}");
 }
 
@@ -334,9 +333,14 @@ int hub_http_callback(struct hub_server *srv, struct lws *wsi,
     case LWS_CALLBACK_HTTP_FILE_COMPLETION:
         return lws_http_transaction_completed(wsi) ? -1 : 0;
 
+    case LWS_CALLBACK_HTTP_DROP_PROTOCOL:
     case LWS_CALLBACK_CLOSED_HTTP:
-        if (h)
+        /* lws frees the pss when a transaction completes and unbinds the
+         * protocol, not only when the connection closes. */
+        if (h) {
             hub_buf_free(&h->body);
+            h->route = ROUTE_NONE;
+        }
         return 0;
 
     default:

@@ -38,7 +38,9 @@ const char *hub_log_level_name(int level)
 
 void hub_log(int level, const char *fmt, ...)
 {
-    if (level > log_level)
+    if (level & HUB_LOG_ALWAYS)
+        level &= ~HUB_LOG_ALWAYS;
+    else if (level > log_level)
         return;
     if (level < 0)
         level = 0;

@@ -138,18 +138,20 @@ int main(int argc, char **argv)
     uv_signal_init(&loop, &sig_int);
     uv_signal_init(&loop, &sig_hup);
 
+    /* Listen first: a startup failure is then one clear line of its own.
+     * No connection is served before the loop runs, and by then the policy
+     * is in place. */
     hub_server_init(&server, &loop, &cfg);
-    server.policy = hub_policy_new(&server, &errs);
-    if (!server.policy) {
+    if (hub_server_start(&server) < 0) {
+        rc = 1;
+    } else if (!(server.policy = hub_policy_new(&server, &errs))) {
         /* --check passed a moment ago, so this is rare (the file changed). */
         for (unsigned i = 0; i < errs.n; i++)
             hub_log(HUB_LOG_ERROR, "%s", errs.v[i]);
         hub_config_errors_free(&errs);
         rc = 2;
-        hub_server_stop(&server);
-        close_signals();
-    } else if (hub_server_start(&server) < 0) {
-        rc = 1;
+    }
+    if (rc) {
         hub_server_stop(&server);
         close_signals();
     } else {

@@ -203,6 +203,73 @@ static void make_instance_id(char *out, size_t outlen)
         snprintf(out + 2 * i, 3, "%02x", r[i]);
 }
 
+void hub_server_flush(struct hub_server *srv, int urgent_only)
+{
+    struct hub_conn **pp = &srv->dirty;
+
+    while (*pp) {
+        struct hub_conn *c = *pp;
+        if (urgent_only && !(c->flags & HUB_CONN_URGENT)) {
+            pp = &c->dirty_next;
+            continue;
+        }
+        *pp = c->dirty_next;
+        if (c->flags & HUB_CONN_URGENT)
+            srv->nurgent--;
+        hub_conn_flush(c);
+    }
+}
+
+/* Deliveries are flushed at the end of a loop iteration when the hub is
+ * idle, and after a pause under load: when the previous flush ended less
+ * than a pause ago, the next waits for a timer, so the frames of every
+ * publish in between leave in one write per connection. The pause is as
+ * long as the last flush took (half the time writing, half gathering),
+ * within [FLUSH_PAUSE_MIN_MS, FLUSH_PAUSE_MAX_MS]. An idle hub adds no
+ * latency; a busy one adds up to the pause to a delivery and saves a write
+ * syscall (~4-5 us on loopback) for each frame coalesced. Replies are not
+ * delayed (see mark_urgent in conn.c). */
+#define FLUSH_PAUSE_MIN_MS 1
+#define FLUSH_PAUSE_MAX_MS 10
+
+static uint64_t flush_pause_ms(const struct hub_server *srv)
+{
+    uint64_t ms = srv->flush_cost_ns / 1000000u;
+    return ms < FLUSH_PAUSE_MIN_MS ? FLUSH_PAUSE_MIN_MS
+           : ms > FLUSH_PAUSE_MAX_MS ? FLUSH_PAUSE_MAX_MS : ms;
+}
+
+static void flush_all(struct hub_server *srv)
+{
+    uint64_t t0 = uv_hrtime();
+    hub_server_flush(srv, 0);
+    srv->last_flush_ns = uv_hrtime();
+    srv->flush_cost_ns = srv->last_flush_ns - t0;
+}
+
+static void on_flush_timer(uv_timer_t *t)
+{
+    flush_all(t->data);
+}
+
+static void on_flush(uv_check_t *h)
+{
+    struct hub_server *srv = h->data;
+
+    if (!srv->dirty)
+        return;
+    if (srv->nurgent)
+        hub_server_flush(srv, 1);
+    if (!srv->dirty || uv_is_active((uv_handle_t *)&srv->flush_timer))
+        return;
+    uint64_t pause = flush_pause_ms(srv);
+    if (uv_hrtime() - srv->last_flush_ns >= pause * 1000000u || srv->shutting_down) {
+        flush_all(srv);
+        return;
+    }
+    uv_timer_start(&srv->flush_timer, on_flush_timer, pause, 0);
+}
+
 void hub_server_init(struct hub_server *srv, uv_loop_t *loop,
                      const struct hub_config *cfg)
 {
@@ -213,6 +280,12 @@ void hub_server_init(struct hub_server *srv, uv_loop_t *loop,
     make_instance_id(srv->instance, sizeof(srv->instance));
     uv_timer_init(loop, &srv->shutdown_timer);
     srv->shutdown_timer.data = srv;
+    uv_timer_init(loop, &srv->flush_timer);
+    srv->flush_timer.data = srv;
+    uv_check_init(loop, &srv->flusher);
+    srv->flusher.data = srv;
+    uv_check_start(&srv->flusher, on_flush);
+    uv_unref((uv_handle_t *)&srv->flusher); /* it never keeps the loop alive */
 }
 
 int hub_server_start(struct hub_server *srv)
@@ -285,7 +358,8 @@ int hub_server_start(struct hub_server *srv)
     lws_set_log_level(LLL_ERR | LLL_WARN, log_emit);
     srv->port = lws_get_vhost_listen_port(srv->vhost);
     /* Tests and scripts parse this line: keep "listening on HOST:PORT" last. */
-    hub_log(HUB_LOG_INFO, "luahub %s (instance %s, websocket path %s) listening on %s%s%s:%d",
+    hub_log(HUB_LOG_INFO | HUB_LOG_ALWAYS,
+            "luahub %s (instance %s, websocket path %s) listening on %s%s%s:%d",
             HUB_VERSION, srv->instance, cfg->websocket_path,
             strchr(cfg->listen_host, ':') ? "[" : "", cfg->listen_host,
             strchr(cfg->listen_host, ':') ? "]" : "", srv->port);
@@ -439,6 +513,10 @@ void hub_server_stop(struct hub_server *srv)
         lws_context_destroy(srv->ctx);
     if (!uv_is_closing((uv_handle_t *)&srv->shutdown_timer))
         uv_close((uv_handle_t *)&srv->shutdown_timer, NULL);
+    if (!uv_is_closing((uv_handle_t *)&srv->flusher))
+        uv_close((uv_handle_t *)&srv->flusher, NULL);
+    if (!uv_is_closing((uv_handle_t *)&srv->flush_timer))
+        uv_close((uv_handle_t *)&srv->flush_timer, NULL);
 }
 
 void hub_server_free(struct hub_server *srv)

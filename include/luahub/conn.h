@@ -20,11 +20,14 @@ enum {
     HUB_CONN_RX_ACTIVE = 1 << 3,/* a fragmented message is being reassembled */
     HUB_CONN_CULL = 1 << 4,     /* on the server's cull list */
     HUB_CONN_CLOSE_SENT = 1 << 5,/* our close frame is out; waiting for the peer's */
+    HUB_CONN_DIRTY = 1 << 6,    /* on the server's flush list */
+    HUB_CONN_URGENT = 1 << 7,   /* ... with a reply queued: flush this iteration */
 };
 
 struct hub_conn {
     struct hub_conn *prev, *next;   /* server's list of open connections */
     struct hub_conn *cull_next;     /* server's pending-cull list */
+    struct hub_conn *dirty_next;    /* server's flush list */
     struct lws *wsi;
     struct hub_server *srv;
     uint64_t id;                    /* process-unique, "[conn N]" in logs */
@@ -102,7 +105,12 @@ void hub_conn_close(struct hub_conn *c, uint16_t code, const char *reason,
 int hub_conn_receive(struct hub_conn *c, const void *in, size_t len);
 
 /* LWS_CALLBACK_SERVER_WRITEABLE: writes queued frames, coalesced. Returns 0,
- * or -1 once the close frame is out (lws then closes the socket). */
+ * or -1 if the socket failed (lws then closes it). */
 int hub_conn_writeable(struct hub_conn *c);
+
+/* Writes what is queued now, from the server's once-per-loop-iteration
+ * flush (hub_server_flush). Falls back to WRITEABLE when the socket is full
+ * or lws holds buffered bytes; closes the connection on a socket error. */
+void hub_conn_flush(struct hub_conn *c);
 
 #endif

@@ -12,6 +12,10 @@ enum hub_log_level {
     HUB_LOG_DEBUG,
 };
 
+/* OR'ed into a level: printed whatever log_level says (the startup line
+ * that names the bound address, which scripts and tests parse). */
+#define HUB_LOG_ALWAYS 0x100
+
 /* Lines above this level are dropped. Default HUB_LOG_INFO. */
 void hub_log_set_level(int level);
 int hub_log_get_level(void);

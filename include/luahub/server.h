@@ -32,6 +32,12 @@ struct hub_server {
     uint32_t nids_buckets;          /* a power of two */
     struct hub_conn *conns;         /* open WebSocket connections */
     struct hub_conn *culls;         /* connections to cull after a fan-out */
+    struct hub_conn *dirty;         /* connections with frames to write */
+    uv_check_t flusher;             /* writes them once per loop iteration */
+    uv_timer_t flush_timer;         /* ... or a moment later under load */
+    uint64_t last_flush_ns;         /* when the last full flush ended */
+    uint64_t flush_cost_ns;         /* how long it took */
+    uint32_t nurgent;               /* listed connections with a reply queued */
     uint64_t next_conn_id;
     char instance[17];              /* random hex id of this process */
 
@@ -70,6 +76,11 @@ void hub_server_free(struct hub_server *srv);
  * the number of deliveries. */
 size_t hub_server_publish(struct hub_server *srv, const char *channel,
                           size_t channel_len, const char *data, size_t data_len);
+
+/* Writes the frames queued for the connections on the flush list (only
+ * those with a reply queued when `urgent_only`). Runs from a uv_check
+ * handle after the I/O callbacks of a loop iteration, or from a timer. */
+void hub_server_flush(struct hub_server *srv, int urgent_only);
 
 /* Culls the connections marked during a fan-out: unlinks them from their
  * channels and queues close 4001. Called after every fan-out loop. */
