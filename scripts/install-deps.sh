@@ -13,6 +13,7 @@ pkgs=(
   libssl-dev
   check
   redis-server
+  iproute2 util-linux
 )
 
 missing=()
