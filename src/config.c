@@ -14,6 +14,7 @@
  * Keys are described by one table, keys[] below: adding a key is a field in
  * struct hub_config plus one line there (plus docs/config.md). */
 #include "luahub/config.h"
+#include "luahub/broker.h"
 
 #include "luahub/log.h"
 #include "luahub/util.h"
@@ -47,7 +48,7 @@
 #define CONF_MAX_ERRORS 100              /* then evaluation stops */
 #define SHOW_MAX 64                      /* bytes of a user string quoted in a message */
 
-enum kind { K_STRING, K_INT, K_SIZE, K_SECONDS };
+enum kind { K_STRING, K_STRINGS, K_INT, K_SIZE, K_SECONDS };
 
 struct key;
 
@@ -73,9 +74,12 @@ static int set_api_key(struct hub_config *, const struct key *, const char *, st
 static int set_dir(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_file(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_log_level(struct hub_config *, const struct key *, const char *, struct hub_buf *);
+static int set_broker(struct hub_config *, const struct key *, const char *, struct hub_buf *);
+static int set_prefix(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 
 #define FIELD(f) offsetof(struct hub_config, f), sizeof(((struct hub_config *)0)->f)
 #define STR(name, f, def, set) {#name, K_STRING, FIELD(f), 0, 0, 0, def, set}
+#define STRS(name, f, def, set) {#name, K_STRINGS, FIELD(f), 0, 0, 0, def, set}
 #define NUM(name, kind, min, max, def) {#name, kind, FIELD(name), min, max, def, NULL, NULL}
 
 static const struct key keys[] = {
@@ -95,6 +99,8 @@ static const struct key keys[] = {
     STR(policy, policy, NULL, set_file),
     NUM(lua_max_instructions, K_INT, 1000, INT64_C(10000000000), 1000000),
     NUM(lua_max_memory, K_SIZE, 1 * MiB, 16 * GiB, 64 * MiB),
+    STRS(broker, broker, "memory", set_broker),
+    STR(redis_prefix, redis_prefix, "luahub:", set_prefix),
 };
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
@@ -184,6 +190,7 @@ static const char *expected(enum kind kind)
 {
     switch (kind) {
     case K_STRING: return "expected a string";
+    case K_STRINGS: return "expected a string or a list of strings";
     case K_INT: return "expected an integer";
     case K_SECONDS: return "expected a whole number of seconds";
     case K_SIZE: return "expected a size (integer bytes or a string like \"64KiB\")";
@@ -281,7 +288,39 @@ static int get_number(lua_State *L, int idx, const struct key *k, int64_t *out,
 static int apply(struct hub_config *c, lua_State *L, int idx, const struct key *k,
                  struct hub_buf *why)
 {
-    if (k->kind == K_STRING) {
+    if (k->kind == K_STRINGS && lua_type(L, idx) == LUA_TTABLE) {
+        /* A list: {"a", "b"} is stored as "a b". */
+        struct hub_buf joined = {0};
+        lua_Integer n = (lua_Integer)lua_rawlen(L, idx);
+        int r = 0;
+        if (n == 0) {
+            hub_buf_appends(why, "the list is empty");
+            r = -1;
+        }
+        for (lua_Integer i = 1; i <= n && r == 0; i++) {
+            size_t len;
+            if (lua_rawgeti(L, idx, i) != LUA_TSTRING) {
+                hub_buf_printf(why, "item %lld: expected a string, got %s", (long long)i,
+                               luaL_typename(L, -1));
+                r = -1;
+            } else {
+                const char *item = lua_tolstring(L, -1, &len);
+                if (strlen(item) != len || strpbrk(item, " ,")) {
+                    hub_buf_printf(why, "item %lld must not contain spaces, commas or NUL",
+                                   (long long)i);
+                    r = -1;
+                } else {
+                    hub_buf_printf(&joined, "%s%s", i > 1 ? " " : "", item);
+                }
+            }
+            lua_pop(L, 1);
+        }
+        if (r == 0)
+            r = k->set(c, k, joined.p, why);
+        hub_buf_free(&joined);
+        return r;
+    }
+    if (k->kind == K_STRING || k->kind == K_STRINGS) {
         if (lua_type(L, idx) != LUA_TSTRING) {
             hub_buf_printf(why, "%s, got %s", expected(k->kind),
                            lua_typename(L, lua_type(L, idx)));
@@ -369,6 +408,29 @@ static int set_log_level(struct hub_config *c, const struct key *k, const char *
         return -1;
     }
     c->log_level = level;
+    return 0;
+}
+
+static int set_broker(struct hub_config *c, const struct key *k, const char *s,
+                      struct hub_buf *why)
+{
+    char err[256];
+    if (hub_broker_url_valid(s, err, sizeof(err)) < 0) {
+        hub_buf_appends(why, err);
+        return -1;
+    }
+    store_str(c, k, s);
+    return 0;
+}
+
+static int set_prefix(struct hub_config *c, const struct key *k, const char *s,
+                      struct hub_buf *why)
+{
+    if (strlen(s) > 64 || has_space_or_control(s)) {
+        hub_buf_appends(why, "must be at most 64 bytes without spaces or control characters");
+        return -1;
+    }
+    store_str(c, k, s);
     return 0;
 }
 
@@ -572,7 +634,7 @@ void hub_config_defaults(struct hub_config *c)
     memset(c, 0, sizeof(*c));
     for (size_t i = 0; i < NKEYS; i++) {
         const struct key *k = &keys[i];
-        if (k->kind != K_STRING) {
+        if (k->kind != K_STRING && k->kind != K_STRINGS) {
             store_num(c, k, k->def);
         } else if (k->def_s) {
             struct hub_buf why = {0};
@@ -593,6 +655,8 @@ void hub_config_free(struct hub_config *c)
     free(c->api_key);
     free(c->static_dir);
     free(c->policy);
+    free(c->broker);
+    free(c->redis_prefix);
     memset(c, 0, sizeof(*c));
 }
 

@@ -23,6 +23,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include "luahub/broker.h"
 #include "luahub/log.h"
 #include "luahub/metrics.h"
 #include "luahub/policy.h"
@@ -274,7 +275,12 @@ static int is_subscribed(const struct hub_conn *c, const char *name, size_t len)
     return 0;
 }
 
-int hub_conn_subscribe(struct hub_conn *c, const char *name, size_t len)
+/* Subscribes locally; a new subscription is also announced to the broker,
+ * whose `cb` (may be NULL) says when delivery is guaranteed. Returns 1 if
+ * subscribed now (cb will fire), 0 if it already was (cb will not), -1 if
+ * over max_channels_per_conn. */
+static int subscribe_cb(struct hub_conn *c, const char *name, size_t len,
+                        hub_broker_subscribe_cb cb, void *ud)
 {
     struct hub_server *srv = c->srv;
 
@@ -285,7 +291,13 @@ int hub_conn_subscribe(struct hub_conn *c, const char *name, size_t len)
     c->nsubs++;
     hub_metrics.subscriptions++;
     hub_metrics.channels = srv->chans.nchans;
+    srv->broker->ops->subscribe(srv->broker, name, len, cb, ud);
     return 1;
+}
+
+int hub_conn_subscribe(struct hub_conn *c, const char *name, size_t len)
+{
+    return subscribe_cb(c, name, len, NULL, NULL);
 }
 
 int hub_conn_unsubscribe(struct hub_conn *c, const char *name, size_t len)
@@ -332,6 +344,60 @@ static void policy_refused(struct hub_conn *c, struct hub_span id, enum hub_verd
         proto_error(c, id, HUB_PERR_INTERNAL, "the policy failed; the action was refused");
 }
 
+/* A command whose reply waits for the broker (subscribe: the SUBSCRIBE is
+ * confirmed; publish: every message was accepted). It names the connection
+ * by id, never by pointer: the connection may be gone when it completes. */
+struct pending {
+    struct hub_server *srv;
+    uint64_t conn_id;
+    int remaining;          /* completions still to come (+1 while emitting) */
+    int failed;
+    uint32_t id_len;
+    uint32_t channel_len;
+    char id[160];           /* raw JSON id: at most 128 bytes (proto.c) */
+    char channel[HUB_CHANNEL_MAX + 1];
+};
+
+static struct pending *pending_new(struct hub_conn *c, struct hub_span id,
+                                   const char *channel, size_t channel_len)
+{
+    struct pending *op = hub_xmalloc(sizeof(*op));
+    op->srv = c->srv;
+    op->conn_id = c->id;
+    op->remaining = 1;
+    op->failed = 0;
+    op->id_len = id.len < sizeof(op->id) ? (uint32_t)id.len : 0;
+    memcpy(op->id, id.p, op->id_len);
+    op->channel_len = (uint32_t)channel_len;
+    memcpy(op->channel, channel, channel_len);
+    op->channel[channel_len] = '\0';
+    return op;
+}
+
+/* The connection a pending reply is for, if it is still open. */
+static struct hub_conn *pending_conn(const struct pending *op)
+{
+    struct hub_conn *c = hub_server_conn_by_id(op->srv, op->conn_id);
+    return c && !(c->flags & HUB_CONN_CLOSING) ? c : NULL;
+}
+
+static void on_subscribed(void *ud, int status)
+{
+    struct pending *op = ud;
+    struct hub_conn *c = pending_conn(op);
+    struct hub_span id = {op->id, op->id_len};
+
+    if (c && status == HUB_BROKER_OK) {
+        hub_proto_encode_ok(&op->srv->scratch, id, op->channel, op->channel_len);
+        send_scratch(c);
+    } else if (c) {
+        hub_conn_unsubscribe(c, op->channel, op->channel_len);
+        proto_error(c, id, HUB_PERR_UNAVAILABLE,
+                    "the broker is unavailable: not subscribed, try again later");
+    }
+    free(op);
+}
+
 static void do_subscribe(struct hub_conn *c, const struct hub_cmd *cmd)
 {
     struct hub_server *srv = c->srv;
@@ -348,7 +414,12 @@ static void do_subscribe(struct hub_conn *c, const struct hub_cmd *cmd)
         }
         name = eff;
     }
-    if (hub_conn_subscribe(c, name, len) < 0) {
+    struct pending *op = pending_new(c, cmd->id, name, len);
+    int r = subscribe_cb(c, name, len, on_subscribed, op);
+    if (r == 1)
+        return; /* on_subscribed replies */
+    free(op);
+    if (r < 0) {
         char msg[128];
         snprintf(msg, sizeof(msg),
                  "at most %u channels per connection (max_channels_per_conn)",
@@ -376,32 +447,62 @@ static void do_unsubscribe(struct hub_conn *c, const struct hub_cmd *cmd)
         hub_policy_on_unsubscribe(srv->policy, c, cmd->channel, cmd->channel_len);
 }
 
+/* One message of a publish was accepted or refused by the broker; the
+ * reply goes out with the last one. */
+static void on_published(void *ud, int status, uint64_t offset)
+{
+    struct pending *op = ud;
+    (void)offset;
+
+    if (status != HUB_BROKER_OK)
+        op->failed = 1;
+    if (--op->remaining > 0)
+        return;
+    struct hub_conn *c = pending_conn(op);
+    struct hub_span id = {op->id, op->id_len};
+    if (c && !op->failed) {
+        hub_proto_encode_ok(&op->srv->scratch, id, NULL, 0);
+        send_scratch(c);
+    } else if (c) {
+        proto_error(c, id, HUB_PERR_UNAVAILABLE,
+                    "the broker is unavailable: the message was not published");
+    }
+    free(op);
+}
+
 static void emit_publish(void *ud, const char *channel, size_t channel_len,
                          const char *data, size_t data_len)
 {
-    hub_server_publish(ud, channel, channel_len, data, data_len);
+    struct pending *op = ud;
+    op->remaining++;
+    if (hub_server_publish_cb(op->srv, channel, channel_len, data, data_len,
+                              on_published, op) < 0) {
+        op->remaining--;
+        op->failed = 1;
+    }
 }
 
 static void do_publish(struct hub_conn *c, const struct hub_cmd *cmd)
 {
     struct hub_server *srv = c->srv;
+    struct pending *op = pending_new(c, cmd->id, cmd->channel, cmd->channel_len);
     char reason[256];
 
     if (srv->policy && hub_policy_has(srv->policy, HUB_HOOK_PUBLISH)) {
         enum hub_verdict v = hub_policy_on_publish(srv->policy, c, cmd->channel,
                                                    cmd->channel_len, cmd->data.p,
-                                                   cmd->data.len, emit_publish, srv,
+                                                   cmd->data.len, emit_publish, op,
                                                    reason, sizeof(reason));
         if (v != HUB_ALLOW) {
+            /* Emits happen only on ALLOW, so nothing is in flight. */
+            free(op);
             policy_refused(c, cmd->id, v, reason, HUB_PERR_FORBIDDEN);
             return;
         }
     } else {
-        hub_server_publish(srv, cmd->channel, cmd->channel_len, cmd->data.p,
-                           cmd->data.len);
+        emit_publish(op, cmd->channel, cmd->channel_len, cmd->data.p, cmd->data.len);
     }
-    hub_proto_encode_ok(&srv->scratch, cmd->id, NULL, 0);
-    send_scratch(c);
+    on_published(op, HUB_BROKER_OK, 0); /* drops the guard: replies if all are done */
 }
 
 static void do_rpc(struct hub_conn *c, const struct hub_cmd *cmd)

@@ -207,6 +207,59 @@ static int finish_reload(struct hub_server *srv, struct lws *wsi, struct hub_htt
     return r;
 }
 
+/* The publishes of one API request, awaiting the broker. The response goes
+ * out when the last completes: at once within finish_api (memory broker),
+ * or from HTTP_WRITEABLE later (redis). If the client goes away first, the
+ * op is detached (wsi NULL) and just freed at the end. */
+struct hub_http_op {
+    struct lws *wsi;
+    struct hub_http *h;
+    int remaining;      /* completions to come, +1 while publishing */
+    int failed;
+    int done;           /* all completed: respond */
+};
+
+static void op_detach(struct hub_http *h)
+{
+    if (h->op) {
+        h->op->wsi = NULL;
+        h->op->h = NULL;
+        h->op = NULL;
+    }
+}
+
+static void on_api_published(void *ud, int status, uint64_t offset)
+{
+    struct hub_http_op *op = ud;
+    (void)offset;
+
+    if (status != HUB_BROKER_OK)
+        op->failed = 1;
+    if (--op->remaining > 0)
+        return;
+    op->done = 1;
+    if (!op->wsi) {
+        free(op);   /* the client is gone */
+        return;
+    }
+    lws_callback_on_writable(op->wsi); /* respond from HTTP_WRITEABLE */
+}
+
+/* Sends the response of a finished op and frees it. */
+static int respond_op(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
+{
+    struct hub_http_op *op = h->op;
+    int failed = op->failed;
+
+    h->op = NULL;
+    free(op);
+    if (failed)
+        return respond_json_error(srv, wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "unavailable",
+                                  "the broker is unavailable: the message was not "
+                                  "published", 0);
+    return respond_text(wsi, HTTP_STATUS_OK, "application/json", "{\"ok\":true}");
+}
+
 static int finish_api(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
 {
     struct hub_api_req req;
@@ -223,17 +276,29 @@ static int finish_api(struct hub_server *srv, struct lws *wsi, struct hub_http *
         return respond_json_error(srv, wsi, HTTP_STATUS_BAD_REQUEST,
                                   hub_proto_code_name(err.code), err.message, 0);
     }
+    struct hub_http_op *op = hub_xcalloc(1, sizeof(*op));
+    op->wsi = wsi;
+    op->h = h;
+    op->remaining = 1;
+    h->op = op;
     const char *name = req.names.p;
     for (unsigned i = 0; i < req.nchannels; i++) {
         size_t len = strlen(name);
-        hub_server_publish(srv, name, len, req.data.p, req.data.len);
+        op->remaining++;
+        if (hub_server_publish_cb(srv, name, len, req.data.p, req.data.len,
+                                  on_api_published, op) < 0) {
+            op->remaining--;
+            op->failed = 1;
+        }
         name += len + 1;
     }
     hub_buf_free(&req.names);
     /* Responding completes the transaction, and lws then unbinds the
      * protocol and frees this pss (HTTP_DROP_PROTOCOL): the body goes now. */
     hub_buf_free(&h->body);
-    return respond_text(wsi, HTTP_STATUS_OK, "application/json", "{\"ok\":true}");
+    if (--op->remaining == 0)
+        return respond_op(srv, wsi, h);
+    return 0; /* on_api_published asks for HTTP_WRITEABLE */
 }
 
 static int serve_static(struct hub_server *srv, struct lws *wsi, const char *path)
@@ -288,6 +353,9 @@ static int on_request(struct hub_server *srv, struct lws *wsi, struct hub_http *
         if (srv->shutting_down)
             return respond_text(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "application/json",
                                 "{\"status\":\"shutting_down\"}");
+        if (!srv->broker->ops->up(srv->broker))
+            return respond_text(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "application/json",
+                                "{\"status\":\"degraded\",\"broker\":\"down\"}");
         return respond_text(wsi, HTTP_STATUS_OK, "application/json", "{\"status\":\"ok\"}");
     }
     if (!strcmp(path, "/metrics")) {
@@ -298,6 +366,7 @@ static int on_request(struct hub_server *srv, struct lws *wsi, struct hub_http *
         hub_metrics_render(&b);
         if (srv->policy)
             hub_policy_metrics(srv->policy, &b);
+        srv->broker->ops->metrics(srv->broker, &b);
         int r = hub_http_respond(wsi, HTTP_STATUS_OK, "text/plain; version=0.0.4", b.p, b.len, 0);
         hub_buf_free(&b);
         return r;
@@ -330,6 +399,12 @@ int hub_http_callback(struct hub_server *srv, struct lws *wsi,
             return finish_reload(srv, wsi, h);
         return finish_api(srv, wsi, h);
 
+    case LWS_CALLBACK_HTTP_WRITEABLE:
+        if (h && h->op && h->op->done)
+            return respond_op(srv, wsi, h);
+        *handled = 0; /* lws_serve_http_file's continuation: the dummy callback */
+        return 0;
+
     case LWS_CALLBACK_HTTP_FILE_COMPLETION:
         return lws_http_transaction_completed(wsi) ? -1 : 0;
 
@@ -340,6 +415,11 @@ int hub_http_callback(struct hub_server *srv, struct lws *wsi,
         if (h) {
             hub_buf_free(&h->body);
             h->route = ROUTE_NONE;
+            if (h->op && h->op->done) {
+                free(h->op); /* its completion came; nobody will respond */
+                h->op = NULL;
+            }
+            op_detach(h);
         }
         return 0;
 

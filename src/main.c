@@ -141,8 +141,7 @@ int main(int argc, char **argv)
     /* Listen first: a startup failure is then one clear line of its own.
      * No connection is served before the loop runs, and by then the policy
      * is in place. */
-    hub_server_init(&server, &loop, &cfg);
-    if (hub_server_start(&server) < 0) {
+    if (hub_server_init(&server, &loop, &cfg) < 0 || hub_server_start(&server) < 0) {
         rc = 1;
     } else if (!(server.policy = hub_policy_new(&server, &errs))) {
         /* --check passed a moment ago, so this is rare (the file changed). */

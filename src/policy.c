@@ -1,15 +1,1658 @@
-/* TEMPORARY allow-all stand-in until the Lua host lands (being written now). */
+/* The Lua policy host: one lua_State running the operator's script in a
+ * sandbox, with an instruction budget per call and a memory cap for the
+ * whole state; hook dispatch; reload by build, verify, swap; metrics.
+ *
+ * Budgets (NOTES-stack.md §5.2-5.3):
+ * - A count hook fires every HUB_LUA_TICK instructions and takes them off
+ *   the call's budget; when it runs out it raises a sentinel (a light
+ *   userdata) and keeps raising it at every tick, so a loop that catches
+ *   the error with pcall dies at its next tick. pcall, xpcall and
+ *   coroutine.resume/wrap are replaced by versions that re-raise the
+ *   sentinel and out-of-memory errors instead of returning them, and a call
+ *   that ends "normally" after its budget ran out is still a failure.
+ * - The allocator counts every byte and refuses growth past lua_max_memory
+ *   while Lua code runs (cap_on). Lua turns that into an out-of-memory
+ *   error in the hook. Between calls the cap is off, so what C pushes as
+ *   hook arguments (bounded: a channel name, a conn object) cannot fail.
+ * - __gc metamethods are refused by setmetatable: Lua runs finalizers with
+ *   hooks disabled, outside any budget.
+ *
+ * A failure (error, budget, unexpected return value) is logged as one line
+ * `hook=<name> <chunk>:<line>: <message> [conn N]` (at most 10 a second per
+ * hook), counted, and the decision is HUB_FAIL (deny). */
 #include "luahub/policy.h"
-int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *errs){(void)cfg;(void)errs;return 0;}
-struct hub_policy *hub_policy_new(struct hub_server *srv, struct hub_config_errors *errs){(void)srv;(void)errs;static int x; return (struct hub_policy*)&x;}
-void hub_policy_free(struct hub_policy *p){(void)p;}
-int hub_policy_reload(struct hub_server *srv, struct hub_config_errors *errs){(void)srv;(void)errs;return 0;}
-int hub_policy_has(const struct hub_policy *p, enum hub_hook h){(void)p;(void)h;return 0;}
-enum hub_verdict hub_policy_on_connect(struct hub_policy *p, struct lws *wsi, uint64_t id, struct hub_connect_result *res){return HUB_ALLOW;}
-enum hub_verdict hub_policy_on_subscribe(struct hub_policy *p, struct hub_conn *c, const char *channel, size_t len, char *out, size_t *out_len, char *reason, size_t reason_len){return HUB_ALLOW;}
-enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_conn *c, const char *channel, size_t channel_len, const char *data, size_t data_len, hub_emit_fn emit, void *ud, char *reason, size_t reason_len){return HUB_ALLOW;}
-enum hub_verdict hub_policy_on_rpc(struct hub_policy *p, struct hub_conn *c, const char *method, size_t method_len, const char *data, size_t data_len, struct hub_buf *result, char *reason, size_t reason_len){return HUB_ALLOW;}
-void hub_policy_on_unsubscribe(struct hub_policy *p, struct hub_conn *c, const char *channel, size_t len){}
-void hub_policy_on_disconnect(struct hub_policy *p, struct hub_conn *c, unsigned code, const char *reason){}
-void hub_policy_conn_gone(struct hub_policy *p, struct hub_conn *c){}
-void hub_policy_metrics(const struct hub_policy *p, struct hub_buf *b){}
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <lua-cjson.h>
+#include <libwebsockets.h>
+#include <uv.h>
+
+#include "lua_api.h"
+#include "luahub/conn.h"
+#include "luahub/log.h"
+#include "luahub/server.h"
+
+/* lua-cjson's shared library exports it; its header does not declare it. */
+int luaopen_cjson_safe(lua_State *L);
+
+#define POLICY_MAX_FILE (16 * 1024 * 1024)
+#define LOG_PER_SECOND 10
+#define ROUTES_MAX HUB_API_MAX_CHANNELS  /* messages one on_publish may produce */
+
+static const char *const hook_names[HUB_HOOK__COUNT] = {
+    "on_connect", "on_subscribe", "on_unsubscribe", "on_publish", "on_rpc",
+    "on_disconnect",
+};
+
+/* Latency histogram bounds in ns; Prometheus prints them in seconds. */
+static const uint64_t lat_bounds[HUB_LAT_BUCKETS] = {
+    1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000,
+    1000000, 2500000, 5000000, 10000000, 100000000, 1000000000,
+};
+
+static char kill_sentinel; /* its address is the budget stop's error object */
+
+struct hub_emit {
+    const char *ch, *data;
+    size_t ch_len, data_len;
+};
+
+static struct hub_policy *policy_of(lua_State *L)
+{
+    return *(struct hub_policy **)lua_getextraspace(L);
+}
+
+const char *hub_policy_phase_name(int phase)
+{
+    if (phase >= 0 && phase < HUB_HOOK__COUNT)
+        return hook_names[phase];
+    if (phase == HUB_PHASE_TIMER)
+        return "timer";
+    if (phase == HUB_PHASE_LOAD)
+        return "load";
+    return "idle";
+}
+
+static void add_err(struct hub_config_errors *e, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void add_err(struct hub_config_errors *e, const char *fmt, ...)
+{
+    struct hub_buf b = {0};
+    va_list ap;
+    char tmp[1024];
+
+    va_start(ap, fmt);
+    vsnprintf(tmp, sizeof(tmp), fmt, ap);
+    va_end(ap);
+    hub_buf_appends(&b, tmp);
+    e->v = hub_xrealloc(e->v, (e->n + 1) * sizeof(*e->v));
+    e->v[e->n++] = b.p;
+}
+
+/* ---- allocator, count hook, message handler ------------------------------ */
+
+/* "chunk:line" of the innermost Lua function of `L` at `level` or above. */
+static void where_of(lua_State *L, int level, char *out, size_t n)
+{
+    lua_Debug ar;
+    out[0] = '\0';
+    for (; lua_getstack(L, level, &ar); level++) {
+        if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
+            snprintf(out, n, "%s:%d", ar.short_src, ar.currentline);
+            return;
+        }
+    }
+}
+
+static void *l_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    struct hub_policy *p = ud;
+    size_t old = ptr ? osize : 0;
+
+    if (nsize == 0) {
+        free(ptr);
+        p->mem_used -= old;
+        return NULL;
+    }
+    if (nsize > old && p->cap_on && p->mem_used - old + nsize > p->mem_max) {
+        /* Only reads debug info (no allocation): safe inside the allocator. */
+        if (p->L)
+            where_of(p->L, 0, p->oom_where, sizeof(p->oom_where));
+        return NULL;
+    }
+    void *q = realloc(ptr, nsize);
+    if (!q)
+        return NULL;
+    p->mem_used = p->mem_used - old + nsize;
+    return q;
+}
+
+/* Everything that can raise runs protected; this is only reached when the
+ * C library itself runs out of memory outside a call. */
+static int on_panic(lua_State *L)
+{
+    const char *msg = lua_tostring(L, -1);
+    hub_log(HUB_LOG_ERROR, "policy: unprotected Lua error: %s", msg ? msg : "?");
+    abort();
+}
+
+static void count_hook(lua_State *L, lua_Debug *ar)
+{
+    struct hub_policy *p = policy_of(L);
+
+    if (!p->killed) {
+        if ((p->budget_left -= HUB_LUA_TICK) > 0 || p->phase == HUB_PHASE_IDLE)
+            return;
+        p->killed = 1;
+        if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0)
+            snprintf(p->kill_where, sizeof(p->kill_where), "%s:%d", ar->short_src,
+                     ar->currentline);
+        else
+            where_of(L, 0, p->kill_where, sizeof(p->kill_where));
+    }
+    lua_pushlightuserdata(L, &kill_sentinel);
+    lua_error(L);
+}
+
+void hub_policy_charge(struct hub_policy *p, lua_State *L, int64_t n)
+{
+    if (!p->cap_on || p->killed)
+        return;
+    if ((p->budget_left -= n) > 0)
+        return;
+    p->killed = 1;
+    where_of(L, 1, p->kill_where, sizeof(p->kill_where));
+    lua_pushlightuserdata(L, &kill_sentinel);
+    lua_error(L);
+}
+
+/* Message handler of every call: records where the error was raised (and a
+ * traceback when debug logging is on) and returns the error unchanged. It
+ * runs no Lua code (no __tostring), so it cannot loop. */
+static int msgh(lua_State *L)
+{
+    struct hub_policy *p = policy_of(L);
+
+    where_of(L, 1, p->err_where, sizeof(p->err_where));
+    if (hub_log_enabled(HUB_LOG_DEBUG) && lua_type(L, 1) == LUA_TSTRING) {
+        luaL_traceback(L, L, lua_tostring(L, 1), 1);
+        hub_buf_reset(&p->tb);
+        hub_buf_appends(&p->tb, lua_tostring(L, -1));
+    }
+    lua_settop(L, 1);
+    return 1;
+}
+
+static void warnf(void *ud, const char *msg, int tocont)
+{
+    struct hub_policy *p = ud;
+
+    if (!p->warn.len && !tocont && msg[0] == '@')
+        return; /* control message ("@on", "@off") */
+    hub_buf_appends(&p->warn, msg);
+    if (tocont)
+        return;
+    hub_log(HUB_LOG_WARN, "policy: warning: %s", p->warn.p);
+    hub_buf_reset(&p->warn);
+}
+
+/* ---- sandbox --------------------------------------------------------------- */
+
+/* pcall/xpcall of the sandbox: Lua's own (lbaselib.c), except that the
+ * budget stop and out-of-memory errors are raised again instead of being
+ * returned, so a script cannot catch them. */
+static int finish_pcall(lua_State *L, int status, lua_KContext extra)
+{
+    if (status != LUA_OK && status != LUA_YIELD) {
+        struct hub_policy *p = policy_of(L);
+        if (status == LUA_ERRMEM)
+            p->mem_failed = 1;
+        if (p->killed || p->mem_failed)
+            return lua_error(L);
+        lua_pushboolean(L, 0);
+        lua_pushvalue(L, -2);
+        return 2;
+    }
+    return lua_gettop(L) - (int)extra;
+}
+
+static int sb_pcall(lua_State *L)
+{
+    luaL_checkany(L, 1);
+    lua_pushboolean(L, 1);
+    lua_insert(L, 1);
+    int status = lua_pcallk(L, lua_gettop(L) - 2, LUA_MULTRET, 0, 0, finish_pcall);
+    return finish_pcall(L, status, 0);
+}
+
+static int sb_xpcall(lua_State *L)
+{
+    int n = lua_gettop(L);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushboolean(L, 1);
+    lua_pushvalue(L, 1);
+    lua_rotate(L, 3, 2);
+    int status = lua_pcallk(L, n - 2, LUA_MULTRET, 2, 2, finish_pcall);
+    return finish_pcall(L, status, 2);
+}
+
+/* coroutine.resume/wrap (lcorolib.c) with the same rule: a coroutine that
+ * died of the budget stop or of memory takes its resumer down too. */
+static int auxresume(lua_State *L, lua_State *co, int narg)
+{
+    struct hub_policy *p = policy_of(L);
+    int status, nres;
+
+    if (!lua_checkstack(co, narg)) {
+        lua_pushliteral(L, "too many arguments to resume");
+        return -1;
+    }
+    lua_xmove(L, co, narg);
+    status = lua_resume(co, L, narg, &nres);
+    if (status == LUA_OK || status == LUA_YIELD) {
+        if (!lua_checkstack(L, nres + 1)) {
+            lua_pop(co, nres);
+            lua_pushliteral(L, "too many results to resume");
+            return -1;
+        }
+        lua_xmove(co, L, nres);
+        return nres;
+    }
+    if (status == LUA_ERRMEM)
+        p->mem_failed = 1;
+    lua_xmove(co, L, 1);
+    if (p->killed || p->mem_failed)
+        lua_error(L);
+    return -1;
+}
+
+static int sb_coresume(lua_State *L)
+{
+    lua_State *co = lua_tothread(L, 1);
+    luaL_argexpected(L, co, 1, "coroutine");
+    int r = auxresume(L, co, lua_gettop(L) - 1);
+    if (r < 0) {
+        lua_pushboolean(L, 0);
+        lua_insert(L, -2);
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    lua_insert(L, -(r + 1));
+    return r + 1;
+}
+
+static int auxwrap(lua_State *L)
+{
+    lua_State *co = lua_tothread(L, lua_upvalueindex(1));
+    int r = auxresume(L, co, lua_gettop(L));
+    if (r < 0) {
+        int stat = lua_status(co);
+        if (stat != LUA_OK && stat != LUA_YIELD) {
+            stat = lua_resetthread(co);
+            lua_xmove(co, L, 1);
+        }
+        if (stat != LUA_ERRMEM && lua_type(L, -1) == LUA_TSTRING) {
+            luaL_where(L, 1);
+            lua_insert(L, -2);
+            lua_concat(L, 2);
+        }
+        return lua_error(L);
+    }
+    return r;
+}
+
+static int sb_cowrap(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    lua_State *co = lua_newthread(L);
+    lua_pushvalue(L, 1);
+    lua_xmove(L, co, 1);
+    lua_pushcclosure(L, auxwrap, 1);
+    return 1;
+}
+
+/* setmetatable without __gc: finalizers run outside every budget. */
+static int sb_setmetatable(lua_State *L)
+{
+    int t = lua_type(L, 2);
+    luaL_checktype(L, 1, LUA_TTABLE);
+    luaL_argexpected(L, t == LUA_TNIL || t == LUA_TTABLE, 2, "nil or table");
+    if (t == LUA_TTABLE) {
+        lua_pushliteral(L, "__gc");
+        if (lua_rawget(L, 2) != LUA_TNIL)
+            return luaL_error(L, "setmetatable: __gc metamethods are not allowed in a "
+                                 "policy (finalizers would run outside the budgets)");
+        lua_pop(L, 1);
+    }
+    if (luaL_getmetafield(L, 1, "__metatable") != LUA_TNIL)
+        return luaL_error(L, "cannot change a protected metatable");
+    lua_settop(L, 2);
+    lua_setmetatable(L, 1);
+    return 1;
+}
+
+/* _ENV.__index: reading a global that was never assigned. */
+static int env_index(lua_State *L)
+{
+    if (lua_type(L, 2) == LUA_TSTRING)
+        return luaL_error(L, "undeclared global '%s'", lua_tostring(L, 2));
+    return luaL_error(L, "undeclared global (a %s key)", luaL_typename(L, 2));
+}
+
+/* _ENV.__newindex while the main chunk runs: records the line where each
+ * hook is assigned, for messages about it. Removed once loaded. */
+static int env_newindex_load(lua_State *L)
+{
+    struct hub_policy *p = policy_of(L);
+    if (lua_type(L, 2) == LUA_TSTRING) {
+        const char *k = lua_tostring(L, 2);
+        for (int h = 0; h < HUB_HOOK__COUNT; h++) {
+            if (!strcmp(k, hook_names[h])) {
+                lua_Debug ar;
+                if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "l", &ar))
+                    p->hook_line[h] = ar.currentline;
+            }
+        }
+    }
+    lua_settop(L, 3);
+    lua_rawset(L, 1);
+    return 0;
+}
+
+/* Copies the fields `names` (NULL-terminated; NULL = all) of the table at
+ * `from` into a new table, pushed. */
+static void copy_table(lua_State *L, int from, const char *const *names)
+{
+    from = lua_absindex(L, from);
+    lua_newtable(L);
+    if (names) {
+        for (; *names; names++) {
+            lua_getfield(L, from, *names);
+            lua_setfield(L, -2, *names);
+        }
+        return;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, from)) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, -4);
+    }
+}
+
+static void open_lib(lua_State *L, const char *name, lua_CFunction f)
+{
+    luaL_requiref(L, name, f, 1);
+    lua_pop(L, 1);
+}
+
+static int headers_index(lua_State *L);
+
+/* Builds the state's environment; leaves the stack as HUB_LUA_MSGH (msgh)
+ * and HUB_LUA_MSG (msg object). Memory is uncapped here (cap_on is 0), so
+ * nothing raises but a real out-of-memory (then on_panic). */
+static void setup(struct hub_policy *p)
+{
+    lua_State *L = p->L;
+    static const char *const base[] = {
+        "assert", "error", "ipairs", "next", "pairs", "select", "tonumber",
+        "tostring", "type", "rawequal", "rawget", "rawlen", "rawset",
+        "getmetatable", "warn", "_VERSION", NULL,
+    };
+    static const char *const os_fns[] = {"time", "clock", "date", NULL};
+
+    lua_pushcfunction(L, msgh);
+
+    open_lib(L, LUA_GNAME, luaopen_base);
+    open_lib(L, LUA_STRLIBNAME, luaopen_string);
+    open_lib(L, LUA_TABLIBNAME, luaopen_table);
+    open_lib(L, LUA_MATHLIBNAME, luaopen_math);
+    open_lib(L, LUA_UTF8LIBNAME, luaopen_utf8);
+    open_lib(L, LUA_COLIBNAME, luaopen_coroutine);
+    open_lib(L, LUA_OSLIBNAME, luaopen_os);
+
+    /* cjson: linked, registered from C (no require, no package.cpath) */
+    luaL_requiref(L, "cjson", luaopen_cjson, 0);
+    lua_getfield(L, -1, "encode");
+    p->ref_encode = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_getfield(L, -1, "null");
+    p->ref_null = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pop(L, 1);
+    luaL_requiref(L, "cjson.safe", luaopen_cjson_safe, 0);
+    lua_getfield(L, -1, "decode");
+    p->ref_decode = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pop(L, 1);
+
+    /* The string metatable's __index is the real string table: no dump in
+     * it, and getmetatable("") gives false, so it cannot be patched. */
+    lua_getglobal(L, LUA_STRLIBNAME);
+    lua_pushnil(L);
+    lua_setfield(L, -2, "dump");
+    lua_pop(L, 1);
+    lua_pushliteral(L, "");
+    lua_getmetatable(L, -1);
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");
+    lua_pop(L, 2);
+
+    /* the sandbox */
+    lua_newtable(L);
+    int env = lua_gettop(L);
+    lua_pushglobaltable(L);
+    for (const char *const *n = base; *n; n++) {
+        lua_getfield(L, -1, *n);
+        lua_setfield(L, env, *n);
+    }
+    lua_pop(L, 1);
+    lua_pushcfunction(L, sb_setmetatable);
+    lua_setfield(L, env, "setmetatable");
+    lua_pushcfunction(L, sb_pcall);
+    lua_setfield(L, env, "pcall");
+    lua_pushcfunction(L, sb_xpcall);
+    lua_setfield(L, env, "xpcall");
+
+    static const char *const libs[] = {LUA_STRLIBNAME, LUA_TABLIBNAME, LUA_MATHLIBNAME,
+                                       LUA_UTF8LIBNAME, LUA_COLIBNAME, NULL};
+    for (const char *const *n = libs; *n; n++) {
+        lua_getglobal(L, *n);
+        copy_table(L, -1, NULL);
+        lua_setfield(L, env, *n);
+        lua_pop(L, 1);
+    }
+    lua_getfield(L, env, LUA_COLIBNAME);
+    lua_pushcfunction(L, sb_coresume);
+    lua_setfield(L, -2, "resume");
+    lua_pushcfunction(L, sb_cowrap);
+    lua_setfield(L, -2, "wrap");
+    lua_pop(L, 1);
+    lua_getglobal(L, LUA_OSLIBNAME);
+    copy_table(L, -1, os_fns);
+    lua_setfield(L, env, LUA_OSLIBNAME);
+    lua_pop(L, 1);
+
+    hub_lua_open(p);
+    lua_setfield(L, env, "hub");
+    lua_pushvalue(L, env);
+    lua_setfield(L, env, "_G");
+
+    lua_newtable(L);
+    lua_pushcfunction(L, env_index);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, env_newindex_load);
+    lua_setfield(L, -2, "__newindex");
+    lua_setmetatable(L, env);
+    p->ref_env = luaL_ref(L, LUA_REGISTRYINDEX); /* pops env */
+
+    /* req.headers falls back to lws's custom headers during on_connect */
+    lua_newtable(L);
+    lua_pushcfunction(L, headers_index);
+    lua_setfield(L, -2, "__index");
+    p->ref_headers_mt = luaL_ref(L, LUA_REGISTRYINDEX);
+
+    hub_lua_new_msg(p);
+}
+
+/* ---- calls ----------------------------------------------------------------- */
+
+/* 1 if `s` starts with "something:digits:" (Lua's position prefix). */
+static int has_position(const char *s)
+{
+    const char *c = strchr(s, ':');
+    if (!c || c == s || c[1] < '0' || c[1] > '9')
+        return 0;
+    for (c++; *c >= '0' && *c <= '9'; c++)
+        ;
+    return *c == ':';
+}
+
+/* Writes what went wrong in the last call into `out`: the budget stop, an
+ * out-of-memory error, or the error object (with a position). Pops the
+ * error object when `status` is an error. */
+static void describe_failure(struct hub_policy *p, int status, const char *where,
+                             struct hub_buf *out)
+{
+    lua_State *L = p->L;
+
+    if (p->killed) {
+        hub_buf_printf(out, "%s: instruction limit exceeded (lua_max_instructions = "
+                            "%llu): runaway loop?",
+                       p->kill_where[0] ? p->kill_where : where,
+                       (unsigned long long)p->budget);
+    } else if (status == LUA_ERRMEM || p->mem_failed) {
+        hub_buf_printf(out, "%s: not enough memory: the policy's Lua state would "
+                            "exceed lua_max_memory (%llu bytes; memory bomb?)",
+                       p->oom_where[0] ? p->oom_where : where,
+                       (unsigned long long)p->mem_max);
+    } else if (status != LUA_OK) {
+        const char *msg = lua_tostring(L, -1);
+        if (!msg || lua_type(L, -1) != LUA_TSTRING) {
+            hub_buf_printf(out, "%s: error object is a %s value",
+                           p->err_where[0] ? p->err_where : where, luaL_typename(L, -1));
+        } else if (has_position(msg)) {
+            hub_buf_appends(out, msg);
+        } else {
+            hub_buf_printf(out, "%s: %s", p->err_where[0] ? p->err_where : where, msg);
+        }
+    }
+    if (status != LUA_OK)
+        lua_pop(L, 1);
+}
+
+/* A fresh budget for a new call. */
+static void arm_budget(struct hub_policy *p)
+{
+    p->budget_left = p->budget;
+    p->killed = p->mem_failed = 0;
+    p->err_where[0] = p->kill_where[0] = p->oom_where[0] = '\0';
+}
+
+/* Runs the function under `nargs` arguments with the budgets on. Returns
+ * the lua_pcall status, LUA_ERRRUN also when the call ended normally after
+ * its budget ran out (the results are then popped). */
+static int call(struct hub_policy *p, int phase, int nargs, int nres)
+{
+    lua_State *L = p->L;
+    int saved = p->phase;
+
+    arm_budget(p);
+    p->phase = phase;
+    p->cap_on = 1;
+    int st = lua_pcall(L, nargs, nres, HUB_LUA_MSGH);
+    p->cap_on = 0;
+    p->phase = saved;
+    if (st == LUA_OK && (p->killed || p->mem_failed)) {
+        lua_pop(L, nres);
+        lua_pushnil(L); /* an error object for describe_failure to pop */
+        st = LUA_ERRRUN;
+    }
+    return st;
+}
+
+/* Logs one failure line, rate-limited per phase. */
+static void log_failure(struct hub_policy *p, int phase, uint64_t conn_id,
+                        const char *what)
+{
+    struct hub_hook_stats *s = &p->st.hook[phase];
+    uint64_t now = hub_now_ns() / 1000000u;
+    char tag[48] = "", more[64] = "";
+
+    if (now - s->log_window_ms >= 1000) {
+        s->log_window_ms = now;
+        s->log_count = 0;
+    }
+    if (++s->log_count > LOG_PER_SECOND) {
+        s->log_suppressed++;
+        return;
+    }
+    if (conn_id)
+        snprintf(tag, sizeof(tag), " [conn %llu]", (unsigned long long)conn_id);
+    if (s->log_suppressed) {
+        snprintf(more, sizeof(more), " (%llu similar lines suppressed)",
+                 (unsigned long long)s->log_suppressed);
+        s->log_suppressed = 0;
+    }
+    hub_log(HUB_LOG_ERROR, "hook=%s %s%s%s", hub_policy_phase_name(phase), what, tag,
+            more);
+    if (hub_log_enabled(HUB_LOG_DEBUG) && p->tb.len) {
+        hub_log(HUB_LOG_DEBUG, "hook=%s %s", hub_policy_phase_name(phase), p->tb.p);
+        hub_buf_reset(&p->tb);
+    }
+}
+
+/* Counts and logs the failure of the last call (`status`, error on top). */
+static void fail(struct hub_policy *p, int phase, uint64_t conn_id, int status)
+{
+    struct hub_hook_stats *s = &p->st.hook[phase];
+    struct hub_buf b = {0};
+    const char *where = phase < HUB_HOOK__COUNT ? p->hook_where[phase] : p->source_name;
+
+    s->errors++;
+    if (p->killed)
+        s->kills_instructions++;
+    else if (status == LUA_ERRMEM || p->mem_failed)
+        s->kills_memory++;
+    describe_failure(p, status, where, &b);
+    log_failure(p, phase, conn_id, b.p ? b.p : "failed");
+    hub_buf_free(&b);
+}
+
+/* A hook returned something it may not: logged and counted like an error. */
+static void bad_return(struct hub_policy *p, int phase, uint64_t conn_id,
+                       const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+static void bad_return(struct hub_policy *p, int phase, uint64_t conn_id,
+                       const char *fmt, ...)
+{
+    char msg[768], line[1024];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    p->st.hook[phase].errors++;
+    snprintf(line, sizeof(line), "%s: %s",
+             phase < HUB_HOOK__COUNT ? p->hook_where[phase] : p->source_name, msg);
+    log_failure(p, phase, conn_id, line);
+}
+
+static void observe(struct hub_policy *p, int phase, uint64_t ns)
+{
+    struct hub_hook_stats *s = &p->st.hook[phase];
+    int i = 0;
+    while (i < HUB_LAT_BUCKETS && ns > lat_bounds[i])
+        i++;
+    s->lat[i]++;
+    s->lat_sum_ns += ns;
+    s->calls++;
+}
+
+int hub_policy_pcall(struct hub_policy *p, int phase, struct hub_conn *c,
+                     uint64_t conn_id, int nargs, int nres)
+{
+    struct hub_conn *saved_c = p->cur_conn;
+    uint64_t saved_id = p->cur_conn_id;
+
+    p->cur_conn = c;
+    p->cur_conn_id = conn_id;
+    uint64_t t0 = hub_now_ns();
+    int st = call(p, phase, nargs, nres);
+    observe(p, phase, hub_now_ns() - t0);
+    p->cur_conn = saved_c;
+    p->cur_conn_id = saved_id;
+    if (st == LUA_OK)
+        return 0;
+    fail(p, phase, conn_id, st);
+    return -1;
+}
+
+/* Describes a Lua value for messages: "a number (5)", "nil", "a table". */
+static void describe_value(lua_State *L, int idx, char *out, size_t n)
+{
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL:
+    case LUA_TNONE:
+        snprintf(out, n, "nil (or nothing)");
+        break;
+    case LUA_TBOOLEAN:
+        snprintf(out, n, "%s", lua_toboolean(L, idx) ? "true" : "false");
+        break;
+    case LUA_TNUMBER:
+        if (lua_isinteger(L, idx))
+            snprintf(out, n, "a number (%lld)", (long long)lua_tointeger(L, idx));
+        else
+            snprintf(out, n, "a number (%g)", (double)lua_tonumber(L, idx));
+        break;
+    case LUA_TSTRING: {
+        size_t len;
+        const char *s = lua_tolstring(L, idx, &len);
+        snprintf(out, n, "a string ('%.*s%s')", (int)(len > 40 ? 40 : len), s,
+                 len > 40 ? "..." : "");
+        break;
+    }
+    default:
+        snprintf(out, n, "a %s", luaL_typename(L, idx));
+        break;
+    }
+}
+
+static void set_reason(char *reason, size_t reason_len, lua_State *L, int idx)
+{
+    if (!reason_len)
+        return;
+    reason[0] = '\0';
+    if (lua_type(L, idx) == LUA_TSTRING)
+        snprintf(reason, reason_len, "%s", lua_tostring(L, idx));
+}
+
+static void set_fail_reason(char *reason, size_t reason_len, int hook)
+{
+    if (reason_len)
+        snprintf(reason, reason_len, "the policy's %s failed (see the hub log)",
+                 hook_names[hook]);
+}
+
+/* Pushes the hook's function; -1 if the script has none or a call is
+ * already running (hooks do not nest: the API never runs one). */
+static int push_hook(struct hub_policy *p, int h)
+{
+    if (!p || p->hook_ref[h] == LUA_NOREF)
+        return -1;
+    if (p->phase != HUB_PHASE_IDLE) {
+        hub_log(HUB_LOG_ERROR, "policy: internal: %s called while %s runs", hook_names[h],
+                hub_policy_phase_name(p->phase));
+        return -1;
+    }
+    lua_rawgeti(p->L, LUA_REGISTRYINDEX, p->hook_ref[h]);
+    return 0;
+}
+
+static int encode_tramp(lua_State *L)
+{
+    hub_lua_encode(policy_of(L), L, 1, lua_tostring(L, 2));
+    return 1;
+}
+
+/* Encodes the value at `idx` as JSON under the budgets of the call that
+ * produced it; the string stays on the stack. Returns 0, or -1 after
+ * counting and logging the failure. */
+static int encode_result(struct hub_policy *p, int phase, uint64_t conn_id, int idx,
+                         const char *what, const char **s, size_t *n)
+{
+    lua_State *L = p->L;
+
+    idx = lua_absindex(L, idx);
+    if (!lua_checkstack(L, 4)) {
+        bad_return(p, phase, conn_id, "%s: too many values", what);
+        return -1;
+    }
+    lua_pushcfunction(L, encode_tramp);
+    lua_pushvalue(L, idx);
+    lua_pushstring(L, what);
+    p->cap_on = 1;
+    int saved = p->phase;
+    p->phase = phase;
+    int st = lua_pcall(L, 2, 1, HUB_LUA_MSGH);
+    p->phase = saved;
+    p->cap_on = 0;
+    if (st != LUA_OK) {
+        fail(p, phase, conn_id, st);
+        return -1;
+    }
+    *s = lua_tolstring(L, -1, n);
+    return 0;
+}
+
+/* ---- hooks ------------------------------------------------------------------- */
+
+int hub_policy_has(const struct hub_policy *p, enum hub_hook h)
+{
+    return p && h < HUB_HOOK__COUNT && p->hook_ref[h] != LUA_NOREF;
+}
+
+static int headers_index(lua_State *L)
+{
+    struct hub_policy *p = policy_of(L);
+    char name[130], val[4096];
+    size_t n;
+    const char *k = lua_tolstring(L, 2, &n);
+
+    if (!k || !p->cur_wsi || n == 0 || n > 128)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        name[i] = (k[i] >= 'A' && k[i] <= 'Z') ? (char)(k[i] + 32) : k[i];
+    name[n] = ':';
+    name[n + 1] = '\0';
+    int len = lws_hdr_custom_length(p->cur_wsi, name, (int)n + 1);
+    if (len < 0 || len >= (int)sizeof(val))
+        return 0;
+    if (lws_hdr_custom_copy(p->cur_wsi, val, sizeof(val), name, (int)n + 1) < 0)
+        return 0;
+    const char *v = val;
+    while (*v == ' ' || *v == '\t')
+        v++;
+    lua_pushstring(L, v);
+    return 1;
+}
+
+/* Pushes header `t` of `wsi` (all fragments) or returns 0. */
+static int push_header(lua_State *L, struct lws *wsi, enum lws_token_indexes t)
+{
+    int len = lws_hdr_total_length(wsi, t);
+    char small[1024], *buf = small;
+
+    if (len <= 0)
+        return 0;
+    if ((size_t)len + 64 > sizeof(small))
+        buf = hub_xmalloc((size_t)len + 64);
+    int n = lws_hdr_copy(wsi, buf, len + 64, t);
+    if (n >= 0)
+        lua_pushlstring(L, buf, (size_t)n);
+    if (buf != small)
+        free(buf);
+    return n >= 0;
+}
+
+/* Pushes the req table of on_connect. */
+static void push_req(struct hub_policy *p, struct lws *wsi, const char *addr)
+{
+    lua_State *L = p->L;
+    char frag[2048];
+
+    lua_createtable(L, 0, 5);
+    if (!push_header(L, wsi, WSI_TOKEN_GET_URI))
+        lua_pushliteral(L, "");
+    lua_setfield(L, -2, "path");
+
+    lua_newtable(L);
+    for (int i = 0;; i++) {
+        int n = lws_hdr_copy_fragment(wsi, frag, sizeof(frag), WSI_TOKEN_HTTP_URI_ARGS, i);
+        if (n < 0)
+            break;
+        char *eq = memchr(frag, '=', (size_t)n);
+        if (eq) {
+            lua_pushlstring(L, frag, (size_t)(eq - frag));
+            lua_pushlstring(L, eq + 1, (size_t)(n - (eq + 1 - frag)));
+        } else {
+            lua_pushlstring(L, frag, (size_t)n);
+            lua_pushliteral(L, "");
+        }
+        lua_rawset(L, -3);
+    }
+    lua_setfield(L, -2, "query");
+
+    lua_newtable(L);
+    for (int t = 0; t < WSI_TOKEN_COUNT; t++) {
+        const unsigned char *name = lws_token_to_string((enum lws_token_indexes)t);
+        if (!name)
+            continue;
+        size_t nl = strlen((const char *)name);
+        if (nl < 2 || name[0] == ':' || name[nl - 1] != ':')
+            continue;
+        if (!push_header(L, wsi, (enum lws_token_indexes)t))
+            continue;
+        lua_pushlstring(L, (const char *)name, nl - 1);
+        lua_insert(L, -2);
+        lua_rawset(L, -3);
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_headers_mt);
+    lua_setmetatable(L, -2);
+    lua_setfield(L, -2, "headers");
+
+    lua_pushstring(L, addr);
+    lua_setfield(L, -2, "remote_addr");
+    if (push_header(L, wsi, WSI_TOKEN_ORIGIN))
+        lua_setfield(L, -2, "origin");
+}
+
+enum hub_verdict hub_policy_on_connect(struct hub_policy *p, struct lws *wsi,
+                                       uint64_t conn_id,
+                                       struct hub_connect_result *res)
+{
+    char addr[64] = "", what[160];
+    enum hub_verdict v = HUB_FAIL;
+
+    res->status = 0;
+    res->reason[0] = '\0';
+    if (push_hook(p, HUB_HOOK_CONNECT) < 0)
+        return p && p->phase == HUB_PHASE_IDLE ? HUB_ALLOW : HUB_FAIL;
+    lua_State *L = p->L;
+    lws_get_peer_simple(wsi, addr, sizeof(addr));
+    hub_lua_push_pending_conn(p, conn_id, addr);
+    lua_insert(L, -2);                  /* conn object below the function */
+    int obj = lua_gettop(L) - 1;
+    lua_pushvalue(L, obj);
+    push_req(p, wsi, addr);
+    p->cur_wsi = wsi;
+    int rc = hub_policy_pcall(p, HUB_HOOK_CONNECT, NULL, conn_id, 2, 3);
+    p->cur_wsi = NULL;
+    if (rc < 0)
+        goto out;
+
+    int r = obj + 1;
+    if (lua_type(L, r) == LUA_TBOOLEAN && lua_toboolean(L, r)) {
+        v = HUB_ALLOW;
+    } else if (lua_type(L, r) == LUA_TBOOLEAN) {
+        if (!lua_isnil(L, r + 1) && lua_type(L, r + 1) != LUA_TSTRING) {
+            describe_value(L, r + 1, what, sizeof(what));
+            bad_return(p, HUB_HOOK_CONNECT, conn_id,
+                       "on_connect returned false with %s as the reason: expected a string",
+                       what);
+            goto out;
+        }
+        if (!lua_isnil(L, r + 2)) {
+            lua_Integer st = lua_isinteger(L, r + 2) ? lua_tointeger(L, r + 2) : 0;
+            if (st < 400 || st > 599) {
+                describe_value(L, r + 2, what, sizeof(what));
+                bad_return(p, HUB_HOOK_CONNECT, conn_id,
+                           "on_connect returned %s as the HTTP status: expected an "
+                           "integer from 400 to 599", what);
+                goto out;
+            }
+            res->status = (unsigned)st;
+        }
+        set_reason(res->reason, sizeof(res->reason), L, r + 1);
+        v = HUB_DENY;
+    } else {
+        describe_value(L, r, what, sizeof(what));
+        bad_return(p, HUB_HOOK_CONNECT, conn_id,
+                   "on_connect returned %s: expected true, or false, \"reason\"[, status]",
+                   what);
+    }
+out:
+    hub_lua_pending_done(p, obj, v == HUB_ALLOW, res);
+    lua_settop(L, HUB_LUA_BASE);
+    return v;
+}
+
+enum hub_verdict hub_policy_on_subscribe(struct hub_policy *p, struct hub_conn *c,
+                                         const char *channel, size_t len,
+                                         char *out, size_t *out_len,
+                                         char *reason, size_t reason_len)
+{
+    char what[160];
+    enum hub_verdict v = HUB_FAIL;
+
+    if (reason_len)
+        reason[0] = '\0';
+    if (push_hook(p, HUB_HOOK_SUBSCRIBE) < 0) {
+        if (p && p->phase != HUB_PHASE_IDLE) {
+            set_fail_reason(reason, reason_len, HUB_HOOK_SUBSCRIBE);
+            return HUB_FAIL;
+        }
+        memcpy(out, channel, len);
+        out[len] = '\0';
+        *out_len = len;
+        return HUB_ALLOW;
+    }
+    lua_State *L = p->L;
+    hub_lua_push_conn(p, c);
+    lua_pushlstring(L, channel, len);
+    if (hub_policy_pcall(p, HUB_HOOK_SUBSCRIBE, c, c->id, 2, 2) < 0)
+        goto out;
+
+    int r = HUB_LUA_BASE + 1;
+    int t = lua_type(L, r);
+    if (t == LUA_TBOOLEAN && lua_toboolean(L, r)) {
+        memcpy(out, channel, len);
+        out[len] = '\0';
+        *out_len = len;
+        v = HUB_ALLOW;
+    } else if (t == LUA_TBOOLEAN) {
+        set_reason(reason, reason_len, L, r + 1);
+        v = HUB_DENY;
+    } else if (t == LUA_TSTRING) {
+        size_t n;
+        const char *s = lua_tolstring(L, r, &n);
+        if (!hub_proto_channel_valid(s, n)) {
+            describe_value(L, r, what, sizeof(what));
+            bad_return(p, HUB_HOOK_SUBSCRIBE, c->id,
+                       "on_subscribe rewrote '%.*s' to %s, which is not a valid channel "
+                       "name (1 to 255 bytes of A-Z a-z 0-9 and _ : . @ / = # -)",
+                       (int)len, channel, what);
+            goto out;
+        }
+        memcpy(out, s, n);
+        out[n] = '\0';
+        *out_len = n;
+        v = HUB_ALLOW;
+    } else {
+        describe_value(L, r, what, sizeof(what));
+        bad_return(p, HUB_HOOK_SUBSCRIBE, c->id,
+                   "on_subscribe returned %s: expected true, false[, \"reason\"] or a "
+                   "channel name", what);
+    }
+out:
+    if (v == HUB_FAIL)
+        set_fail_reason(reason, reason_len, HUB_HOOK_SUBSCRIBE);
+    lua_settop(L, HUB_LUA_BASE);
+    return v;
+}
+
+static int add_emit(struct hub_policy *p, size_t n, const char *ch, size_t chl,
+                    const char *d, size_t dl)
+{
+    if (n >= p->emits_cap) {
+        p->emits_cap = p->emits_cap ? p->emits_cap * 2 : 16;
+        p->emits = hub_xrealloc(p->emits, p->emits_cap * sizeof(*p->emits));
+    }
+    p->emits[n] = (struct hub_emit){ch, d, chl, dl};
+    return 0;
+}
+
+/* One message table {channel = ..., data = ...} at `t`: fills `e`.
+ * `channel`/`data` of the publish are the defaults. Returns 0 or -1
+ * (failure logged). */
+static int route(struct hub_policy *p, struct hub_conn *c, int t, const char *channel,
+                 size_t channel_len, const char *data, size_t data_len,
+                 struct hub_emit *e)
+{
+    lua_State *L = p->L;
+    char what[160];
+    int has_data = 0;
+
+    e->ch = channel;
+    e->ch_len = channel_len;
+    e->data = data;
+    e->data_len = data_len;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+        if (k && !strcmp(k, "channel")) {
+            size_t n = 0;
+            const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
+            if (!s || !hub_proto_channel_valid(s, n)) {
+                describe_value(L, -1, what, sizeof(what));
+                lua_pop(L, 2);
+                bad_return(p, HUB_HOOK_PUBLISH, c->id,
+                           "on_publish routed '%.*s' to channel %s, which is not a valid "
+                           "channel name (1 to 255 bytes of A-Z a-z 0-9 and "
+                           "_ : . @ / = # -)", (int)channel_len, channel, what);
+                return -1;
+            }
+            e->ch = lua_tolstring(L, -1, &e->ch_len); /* anchored by the table */
+        } else if (k && !strcmp(k, "data")) {
+            has_data = 1;
+        } else {
+            describe_value(L, -2, what, sizeof(what));
+            lua_pop(L, 2);
+            bad_return(p, HUB_HOOK_PUBLISH, c->id,
+                       "on_publish returned a table with the key %s: a message table "
+                       "has only channel and data", what);
+            return -1;
+        }
+        lua_pop(L, 1);
+    }
+    if (!has_data)
+        return 0;
+    lua_pushliteral(L, "data");
+    lua_rawget(L, t);
+    if (hub_lua_is_msg(p, -1)) {
+        lua_pop(L, 1);
+        if (!hub_lua_msg_push_decoded(p))
+            return 0; /* the original bytes */
+    }
+    if (encode_result(p, HUB_HOOK_PUBLISH, c->id, -1, "on_publish: data", &e->data,
+                      &e->data_len) < 0)
+        return -1;
+    lua_remove(L, -2); /* the value; its JSON stays on the stack */
+    return 0;
+}
+
+/* Is the table at `t` a single message (has channel or data)? */
+static int is_message_table(lua_State *L, int t)
+{
+    lua_pushliteral(L, "channel");
+    lua_rawget(L, t);
+    lua_pushliteral(L, "data");
+    lua_rawget(L, t);
+    int yes = !lua_isnil(L, -1) || !lua_isnil(L, -2);
+    lua_pop(L, 2);
+    return yes;
+}
+
+enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_conn *c,
+                                       const char *channel, size_t channel_len,
+                                       const char *data, size_t data_len,
+                                       hub_emit_fn emit, void *ud,
+                                       char *reason, size_t reason_len)
+{
+    char what[160];
+    enum hub_verdict v = HUB_FAIL;
+    size_t n = 0;
+
+    if (reason_len)
+        reason[0] = '\0';
+    if (push_hook(p, HUB_HOOK_PUBLISH) < 0) {
+        if (p && p->phase != HUB_PHASE_IDLE) {
+            set_fail_reason(reason, reason_len, HUB_HOOK_PUBLISH);
+            return HUB_FAIL;
+        }
+        emit(ud, channel, channel_len, data, data_len);
+        return HUB_ALLOW;
+    }
+    lua_State *L = p->L;
+    hub_lua_push_conn(p, c);
+    lua_pushlstring(L, channel, channel_len);
+    lua_pushvalue(L, HUB_LUA_MSG);
+    hub_lua_msg_begin(p, data, data_len);
+    if (hub_policy_pcall(p, HUB_HOOK_PUBLISH, c, c->id, 3, 2) < 0)
+        goto out;
+
+    int r = HUB_LUA_BASE + 1;
+    int t = lua_type(L, r);
+    if (t == LUA_TBOOLEAN) {
+        if (lua_toboolean(L, r)) {
+            /* the fast path: the bytes as they came, no decode, no encode */
+            hub_lua_msg_end(p);
+            lua_settop(L, HUB_LUA_BASE);
+            emit(ud, channel, channel_len, data, data_len);
+            return HUB_ALLOW;
+        }
+        set_reason(reason, reason_len, L, r + 1);
+        v = HUB_DENY;
+        goto out;
+    }
+    if (hub_lua_is_msg(p, r)) {
+        struct hub_emit e = {channel, data, channel_len, data_len};
+        if (hub_lua_msg_push_decoded(p) &&
+            encode_result(p, HUB_HOOK_PUBLISH, c->id, -1, "on_publish: msg.data", &e.data,
+                          &e.data_len) < 0)
+            goto out;
+        add_emit(p, n++, e.ch, e.ch_len, e.data, e.data_len);
+        v = HUB_ALLOW;
+        goto out;
+    }
+    if (t != LUA_TTABLE) {
+        describe_value(L, r, what, sizeof(what));
+        bad_return(p, HUB_HOOK_PUBLISH, c->id,
+                   "on_publish returned %s: expected true, false[, \"reason\"], msg, a "
+                   "table {channel = ..., data = ...} or a list of such tables", what);
+        goto out;
+    }
+    if (is_message_table(L, r)) {
+        struct hub_emit e;
+        if (route(p, c, r, channel, channel_len, data, data_len, &e) < 0)
+            goto out;
+        add_emit(p, n++, e.ch, e.ch_len, e.data, e.data_len);
+        v = HUB_ALLOW;
+        goto out;
+    }
+    /* a list of message tables (empty: publish nothing) */
+    lua_Integer len = (lua_Integer)lua_rawlen(L, r), keys = 0;
+    if (len > ROUTES_MAX) {
+        bad_return(p, HUB_HOOK_PUBLISH, c->id,
+                   "on_publish returned %lld messages: at most %d", (long long)len,
+                   ROUTES_MAX);
+        goto out;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, r)) {
+        keys++;
+        int bad = !lua_isinteger(L, -2) || lua_tointeger(L, -2) < 1 ||
+                  lua_tointeger(L, -2) > len || !lua_istable(L, -1);
+        if (bad) {
+            describe_value(L, lua_istable(L, -1) ? -2 : -1, what, sizeof(what));
+            lua_pop(L, 2);
+            bad_return(p, HUB_HOOK_PUBLISH, c->id,
+                       "on_publish returned a table that is neither a message "
+                       "{channel = ..., data = ...} nor a list of them (found %s)", what);
+            goto out;
+        }
+        lua_pop(L, 1);
+    }
+    if (keys != len) {
+        bad_return(p, HUB_HOOK_PUBLISH, c->id,
+                   "on_publish returned a list with holes: expected a list of message "
+                   "tables");
+        goto out;
+    }
+    for (lua_Integer i = 1; i <= len; i++) {
+        struct hub_emit e;
+        if (!lua_checkstack(L, 8)) {
+            bad_return(p, HUB_HOOK_PUBLISH, c->id, "on_publish returned too many messages");
+            goto out;
+        }
+        lua_rawgeti(L, r, i); /* anchored by the list */
+        int mt = lua_gettop(L);
+        if (route(p, c, mt, channel, channel_len, data, data_len, &e) < 0)
+            goto out;
+        /* leave the message table (and its JSON, if any) on the stack */
+        add_emit(p, n++, e.ch, e.ch_len, e.data, e.data_len);
+    }
+    v = HUB_ALLOW;
+out:
+    if (v == HUB_ALLOW) {
+        /* every string is anchored on the stack until settop below */
+        for (size_t i = 0; i < n; i++)
+            emit(ud, p->emits[i].ch, p->emits[i].ch_len, p->emits[i].data,
+                 p->emits[i].data_len);
+    } else if (v == HUB_FAIL) {
+        set_fail_reason(reason, reason_len, HUB_HOOK_PUBLISH);
+    }
+    hub_lua_msg_end(p);
+    lua_settop(L, HUB_LUA_BASE);
+    return v;
+}
+
+static int decode_tramp(lua_State *L)
+{
+    struct hub_policy *p = policy_of(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_decode);
+    lua_pushvalue(L, 1);
+    lua_call(L, 1, 2);
+    if (lua_isnil(L, -2) && lua_type(L, -1) == LUA_TSTRING)
+        return luaL_error(L, "rpc data: cannot decode JSON: %s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return 1;
+}
+
+enum hub_verdict hub_policy_on_rpc(struct hub_policy *p, struct hub_conn *c,
+                                   const char *method, size_t method_len,
+                                   const char *data, size_t data_len,
+                                   struct hub_buf *result,
+                                   char *reason, size_t reason_len)
+{
+    char what[160];
+    enum hub_verdict v = HUB_FAIL;
+
+    if (reason_len)
+        reason[0] = '\0';
+    if (push_hook(p, HUB_HOOK_RPC) < 0) {
+        if (reason_len)
+            snprintf(reason, reason_len, "the policy has no on_rpc hook");
+        return p && p->phase == HUB_PHASE_IDLE ? HUB_DENY : HUB_FAIL;
+    }
+    lua_State *L = p->L;
+    hub_lua_push_conn(p, c);
+    lua_pushlstring(L, method, method_len);
+    if (data && data_len) {
+        lua_pushcfunction(L, decode_tramp);
+        lua_pushlstring(L, data, data_len);
+        arm_budget(p);
+        p->cap_on = 1;
+        int st = lua_pcall(L, 1, 1, HUB_LUA_MSGH);
+        p->cap_on = 0;
+        if (st != LUA_OK) {
+            fail(p, HUB_HOOK_RPC, c->id, st);
+            goto out;
+        }
+    } else {
+        lua_pushnil(L);
+    }
+    if (hub_policy_pcall(p, HUB_HOOK_RPC, c, c->id, 3, 2) < 0)
+        goto out;
+
+    int r = HUB_LUA_BASE + 1;
+    if (lua_isnil(L, r) && !lua_isnil(L, r + 1)) {
+        if (lua_type(L, r + 1) != LUA_TSTRING) {
+            describe_value(L, r + 1, what, sizeof(what));
+            bad_return(p, HUB_HOOK_RPC, c->id,
+                       "on_rpc returned nil and %s: expected a result, or nil, \"reason\"",
+                       what);
+            goto out;
+        }
+        set_reason(reason, reason_len, L, r + 1);
+        v = HUB_DENY;
+        goto out;
+    }
+    const char *s;
+    size_t n;
+    if (encode_result(p, HUB_HOOK_RPC, c->id, r, "on_rpc: the result", &s, &n) < 0)
+        goto out;
+    hub_buf_append(result, s, n);
+    v = HUB_ALLOW;
+out:
+    if (v == HUB_FAIL)
+        set_fail_reason(reason, reason_len, HUB_HOOK_RPC);
+    lua_settop(L, HUB_LUA_BASE);
+    return v;
+}
+
+void hub_policy_on_unsubscribe(struct hub_policy *p, struct hub_conn *c,
+                               const char *channel, size_t len)
+{
+    if (push_hook(p, HUB_HOOK_UNSUBSCRIBE) < 0)
+        return;
+    hub_lua_push_conn(p, c);
+    lua_pushlstring(p->L, channel, len);
+    hub_policy_pcall(p, HUB_HOOK_UNSUBSCRIBE, c, c->id, 2, 0);
+    lua_settop(p->L, HUB_LUA_BASE);
+}
+
+void hub_policy_on_disconnect(struct hub_policy *p, struct hub_conn *c,
+                              unsigned code, const char *reason)
+{
+    if (push_hook(p, HUB_HOOK_DISCONNECT) < 0)
+        return;
+    hub_lua_push_conn(p, c);
+    lua_pushinteger(p->L, (lua_Integer)code);
+    lua_pushstring(p->L, reason ? reason : "");
+    hub_policy_pcall(p, HUB_HOOK_DISCONNECT, c, c->id, 3, 0);
+    lua_settop(p->L, HUB_LUA_BASE);
+}
+
+void hub_policy_conn_gone(struct hub_policy *p, struct hub_conn *c)
+{
+    if (p)
+        hub_lua_conn_gone(p, c);
+    else
+        c->lua_ref = 0;
+}
+
+/* ---- build, check, reload -------------------------------------------------- */
+
+/* Reads the policy file (or takes the built-in one) into `*src`. */
+static int read_source(struct hub_policy *p, struct hub_buf *src,
+                       struct hub_config_errors *errs)
+{
+    if (!p->cfg->policy) {
+        hub_buf_append(src, hub_lua_default, hub_lua_default_len);
+        return 0;
+    }
+    FILE *f = fopen(p->cfg->policy, "rb");
+    if (!f) {
+        add_err(errs, "%s: cannot read the policy: %s", p->cfg->policy, strerror(errno));
+        return -1;
+    }
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), f)) > 0) {
+        if (src->len + n > POLICY_MAX_FILE) {
+            add_err(errs, "%s: the policy is larger than %d MiB", p->cfg->policy,
+                    POLICY_MAX_FILE >> 20);
+            fclose(f);
+            return -1;
+        }
+        hub_buf_append(src, buf, n);
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) {
+        add_err(errs, "%s: cannot read the policy: read error", p->cfg->policy);
+        return -1;
+    }
+    if (!src->p)
+        hub_buf_append(src, "", 0);
+    return 0;
+}
+
+/* Appends a message that may start with Lua's (possibly shortened) chunk
+ * name, with the full file name instead. */
+static void add_lua_err(struct hub_policy *p, struct hub_config_errors *errs,
+                        const char *msg)
+{
+    size_t n = strlen(p->short_src);
+    if (p->short_src[0] && strncmp(msg, p->short_src, n) == 0 && msg[n] == ':')
+        add_err(errs, "%s%s", p->source_name, msg + n);
+    else
+        add_err(errs, "%s", msg);
+}
+
+static void destroy(struct hub_policy *p)
+{
+    if (p->L) {
+        hub_lua_timers_close(p);
+        lua_close(p->L);
+    }
+    free(p->chunkname);
+    free(p->emits);
+    hub_buf_free(&p->tb);
+    hub_buf_free(&p->warn);
+    free(p);
+}
+
+/* Builds a policy: state, sandbox, the script's main chunk under the
+ * budgets, hooks verified. `srv` is NULL for --check. Returns NULL with
+ * every problem in `errs`. Timers the chunk set are not started yet. */
+static struct hub_policy *build(struct hub_server *srv, const struct hub_config *cfg,
+                                struct hub_config_errors *errs, int warn_unknown)
+{
+    struct hub_policy *p = hub_xcalloc(1, sizeof(*p));
+    struct hub_buf src = {0};
+    unsigned first = errs->n;
+
+    p->srv = srv;
+    p->cfg = cfg;
+    p->mem_max = (size_t)cfg->lua_max_memory;
+    p->budget = (int64_t)cfg->lua_max_instructions;
+    p->phase = HUB_PHASE_IDLE;
+    for (int h = 0; h < HUB_HOOK__COUNT; h++)
+        p->hook_ref[h] = LUA_NOREF;
+    if (cfg->policy) {
+        size_t n = strlen(cfg->policy);
+        p->chunkname = hub_xmalloc(n + 2);
+        p->chunkname[0] = '@';
+        memcpy(p->chunkname + 1, cfg->policy, n + 1);
+    } else {
+        p->chunkname = hub_xstrdup("=default.lua");
+    }
+    p->source_name = p->chunkname + 1;
+
+    p->L = lua_newstate(l_alloc, p);
+    if (!p->L) {
+        add_err(errs, "%s: cannot create a Lua state (out of memory)", p->source_name);
+        goto fail;
+    }
+    lua_State *L = p->L;
+    *(struct hub_policy **)lua_getextraspace(L) = p;
+    lua_atpanic(L, on_panic);
+    lua_setwarnf(L, warnf, p);
+    setup(p);
+    lua_sethook(L, count_hook, LUA_MASKCOUNT, HUB_LUA_TICK);
+
+    if (read_source(p, &src, errs) < 0)
+        goto fail;
+    /* like luaL_loadfilex: skip a UTF-8 BOM and a first line "#..." */
+    char *text = src.p;
+    size_t len = src.len;
+    if (len >= 3 && !memcmp(text, "\xEF\xBB\xBF", 3)) {
+        text += 3;
+        len -= 3;
+    }
+    if (len && text[0] == '#')
+        for (size_t i = 0; i < len && text[i] != '\n'; i++)
+            text[i] = ' ';
+
+    p->cap_on = 1;
+    int st = luaL_loadbufferx(L, text, len, p->chunkname, "t");
+    p->cap_on = 0;
+    if (st != LUA_OK) {
+        if (st == LUA_ERRMEM)
+            add_err(errs, "%s: not enough memory to compile the policy (lua_max_memory "
+                          "is %llu bytes)", p->source_name,
+                    (unsigned long long)p->mem_max);
+        else
+            add_err(errs, "%s", lua_tostring(L, -1));
+        goto fail;
+    }
+    lua_Debug ar;
+    lua_pushvalue(L, -1);
+    if (lua_getinfo(L, ">S", &ar))
+        snprintf(p->short_src, sizeof(p->short_src), "%s", ar.short_src);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_env);
+    lua_setupvalue(L, -2, 1); /* the main chunk's _ENV */
+
+    st = call(p, HUB_PHASE_LOAD, 0, 0);
+    if (st != LUA_OK) {
+        struct hub_buf b = {0};
+        describe_failure(p, st, p->source_name, &b);
+        add_lua_err(p, errs, b.p);
+        hub_buf_free(&b);
+        goto fail;
+    }
+
+    /* hooks: functions, fetched once */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_env);
+    int env = lua_gettop(L);
+    for (int h = 0; h < HUB_HOOK__COUNT; h++) {
+        lua_pushstring(L, hook_names[h]);
+        int t = lua_rawget(L, env);
+        if (t == LUA_TNIL) {
+            lua_pop(L, 1);
+            continue;
+        }
+        if (t != LUA_TFUNCTION) {
+            char line[32] = "";
+            if (p->hook_line[h] > 0)
+                snprintf(line, sizeof(line), ":%d", p->hook_line[h]);
+            add_err(errs, "%s%s: %s must be a function (got a %s)", p->source_name, line,
+                    hook_names[h], lua_typename(L, t));
+            lua_pop(L, 1);
+            continue;
+        }
+        lua_pushvalue(L, -1);
+        if (lua_getinfo(L, ">S", &ar) && ar.linedefined > 0)
+            snprintf(p->hook_where[h], sizeof(p->hook_where[h]), "%s:%d", ar.short_src,
+                     ar.linedefined);
+        else
+            snprintf(p->hook_where[h], sizeof(p->hook_where[h]), "%s", p->short_src);
+        p->hook_ref[h] = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    if (errs->n > first)
+        goto fail;
+
+    /* from now on global assignments are plain; reads of unknown names
+     * still raise */
+    lua_getmetatable(L, env);
+    lua_pushnil(L);
+    lua_setfield(L, -2, "__newindex");
+    lua_pop(L, 1);
+
+    if (warn_unknown) {
+        lua_pushnil(L);
+        while (lua_next(L, env)) {
+            if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TFUNCTION &&
+                !strncmp(lua_tostring(L, -2), "on_", 3)) {
+                int known = 0;
+                for (int h = 0; h < HUB_HOOK__COUNT; h++)
+                    known |= !strcmp(lua_tostring(L, -2), hook_names[h]);
+                if (!known)
+                    hub_log(HUB_LOG_WARN,
+                            "%s: function '%s' is not a hook and will never be called "
+                            "(hooks: on_connect, on_subscribe, on_unsubscribe, "
+                            "on_publish, on_rpc, on_disconnect)",
+                            p->source_name, lua_tostring(L, -2));
+            }
+            lua_pop(L, 1);
+        }
+    }
+    lua_settop(L, HUB_LUA_BASE);
+    lua_gc(L, LUA_GCCOLLECT);
+    hub_buf_free(&src);
+    return p;
+
+fail:
+    hub_buf_free(&src);
+    destroy(p);
+    return NULL;
+}
+
+int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *errs)
+{
+    struct hub_policy *p = build(NULL, cfg, errs, 0);
+    if (!p)
+        return -1;
+    destroy(p);
+    return 0;
+}
+
+struct hub_policy *hub_policy_new(struct hub_server *srv, struct hub_config_errors *errs)
+{
+    struct hub_policy *p = build(srv, srv->cfg, errs, 1);
+    if (!p)
+        return NULL;
+    hub_lua_timers_start(p);
+    hub_log(HUB_LOG_INFO, "policy %s loaded (%s%s%s%s%s%s)", p->source_name,
+            hub_policy_has(p, HUB_HOOK_CONNECT) ? "on_connect " : "",
+            hub_policy_has(p, HUB_HOOK_SUBSCRIBE) ? "on_subscribe " : "",
+            hub_policy_has(p, HUB_HOOK_UNSUBSCRIBE) ? "on_unsubscribe " : "",
+            hub_policy_has(p, HUB_HOOK_PUBLISH) ? "on_publish " : "",
+            hub_policy_has(p, HUB_HOOK_RPC) ? "on_rpc " : "",
+            hub_policy_has(p, HUB_HOOK_DISCONNECT) ? "on_disconnect" : "");
+    return p;
+}
+
+void hub_policy_free(struct hub_policy *p)
+{
+    if (!p)
+        return;
+    int had_timers = p->ntimers > 0;
+    uv_loop_t *loop = p->srv ? p->srv->loop : NULL;
+    destroy(p);
+    /* Called after the loop has drained: let the timers' close callbacks
+     * run so that uv_loop_close() finds no handle. */
+    if (had_timers && loop)
+        uv_run(loop, UV_RUN_NOWAIT);
+}
+
+int hub_policy_reload(struct hub_server *srv, struct hub_config_errors *errs)
+{
+    struct hub_config_errors local = {0};
+    struct hub_config_errors *e = errs ? errs : &local;
+    struct hub_policy *old = srv->policy;
+    unsigned first = e->n;
+
+    struct hub_policy *np = build(srv, srv->cfg, e, 1);
+    if (!np) {
+        if (old)
+            old->st.reloads_failed++;
+        for (unsigned i = first; i < e->n; i++)
+            hub_log(HUB_LOG_ERROR, "policy reload failed, keeping the current policy: %s",
+                    e->v[i]);
+        if (!errs)
+            hub_config_errors_free(&local);
+        return -1;
+    }
+    if (old) {
+        np->st = old->st;
+        /* the old state's conn objects die with it */
+        for (struct hub_conn *c = srv->conns; c; c = c->next)
+            c->lua_ref = 0;
+        destroy(old);
+    }
+    np->st.reloads_ok++;
+    srv->policy = np;
+    hub_lua_timers_start(np);
+    hub_log(HUB_LOG_INFO, "policy reloaded from %s", np->source_name);
+    return 0;
+}
+
+/* ---- metrics ----------------------------------------------------------------- */
+
+void hub_policy_metrics(const struct hub_policy *p, struct hub_buf *b)
+{
+    static const struct {
+        const char *name, *help;
+        size_t off;
+    } counters[] = {
+        {"luahub_policy_calls_total", "Policy hook and timer calls.",
+         offsetof(struct hub_hook_stats, calls)},
+        {"luahub_policy_errors_total",
+         "Failed calls: errors, unexpected return values and budget stops.",
+         offsetof(struct hub_hook_stats, errors)},
+    };
+    if (!p)
+        return;
+    for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++) {
+        hub_buf_printf(b, "# HELP %s %s\n# TYPE %s counter\n", counters[i].name,
+                       counters[i].help, counters[i].name);
+        for (int h = 0; h < HUB_PHASE__STATS; h++)
+            hub_buf_printf(b, "%s{hook=\"%s\"} %llu\n", counters[i].name,
+                           hub_policy_phase_name(h),
+                           (unsigned long long)*(const uint64_t *)((const char *)&p->st.hook[h] +
+                                                                   counters[i].off));
+    }
+    hub_buf_appends(b, "# HELP luahub_policy_budget_kills_total Calls stopped by a budget "
+                       "(lua_max_instructions, lua_max_memory).\n"
+                       "# TYPE luahub_policy_budget_kills_total counter\n");
+    for (int h = 0; h < HUB_PHASE__STATS; h++) {
+        hub_buf_printf(b, "luahub_policy_budget_kills_total{hook=\"%s\",budget=\"instructions\"} %llu\n",
+                       hub_policy_phase_name(h),
+                       (unsigned long long)p->st.hook[h].kills_instructions);
+        hub_buf_printf(b, "luahub_policy_budget_kills_total{hook=\"%s\",budget=\"memory\"} %llu\n",
+                       hub_policy_phase_name(h),
+                       (unsigned long long)p->st.hook[h].kills_memory);
+    }
+    hub_buf_appends(b, "# HELP luahub_policy_duration_seconds Time spent in policy calls.\n"
+                       "# TYPE luahub_policy_duration_seconds histogram\n");
+    for (int h = 0; h < HUB_PHASE__STATS; h++) {
+        const struct hub_hook_stats *s = &p->st.hook[h];
+        const char *name = hub_policy_phase_name(h);
+        uint64_t cum = 0;
+        for (int i = 0; i < HUB_LAT_BUCKETS; i++) {
+            cum += s->lat[i];
+            hub_buf_printf(b, "luahub_policy_duration_seconds_bucket{hook=\"%s\",le=\"%g\"} %llu\n",
+                           name, (double)lat_bounds[i] / 1e9, (unsigned long long)cum);
+        }
+        cum += s->lat[HUB_LAT_BUCKETS];
+        hub_buf_printf(b, "luahub_policy_duration_seconds_bucket{hook=\"%s\",le=\"+Inf\"} %llu\n",
+                       name, (unsigned long long)cum);
+        hub_buf_printf(b, "luahub_policy_duration_seconds_sum{hook=\"%s\"} %.9f\n", name,
+                       (double)s->lat_sum_ns / 1e9);
+        hub_buf_printf(b, "luahub_policy_duration_seconds_count{hook=\"%s\"} %llu\n", name,
+                       (unsigned long long)s->calls);
+    }
+    hub_buf_printf(b, "# HELP luahub_policy_memory_bytes Memory of the policy's Lua state.\n"
+                      "# TYPE luahub_policy_memory_bytes gauge\n"
+                      "luahub_policy_memory_bytes %llu\n",
+                   (unsigned long long)p->mem_used);
+    hub_buf_printf(b, "# HELP luahub_policy_timers Pending hub.after timers.\n"
+                      "# TYPE luahub_policy_timers gauge\n"
+                      "luahub_policy_timers %u\n", p->ntimers);
+    hub_buf_printf(b, "# HELP luahub_policy_reloads_total Policy reloads, by result.\n"
+                      "# TYPE luahub_policy_reloads_total counter\n"
+                      "luahub_policy_reloads_total{result=\"ok\"} %llu\n"
+                      "luahub_policy_reloads_total{result=\"failed\"} %llu\n",
+                   (unsigned long long)p->st.reloads_ok,
+                   (unsigned long long)p->st.reloads_failed);
+}

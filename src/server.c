@@ -270,13 +270,21 @@ static void on_flush(uv_check_t *h)
     uv_timer_start(&srv->flush_timer, on_flush_timer, pause, 0);
 }
 
-void hub_server_init(struct hub_server *srv, uv_loop_t *loop,
-                     const struct hub_config *cfg)
+static void on_deliver(void *ud, const char *channel, size_t len, struct hub_msg *m);
+static void on_broker_health(void *ud, int up);
+static void on_channel_empty(void *ud, const char *name, size_t len);
+
+int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
+                    const struct hub_config *cfg)
 {
+    char err[256];
+
     memset(srv, 0, sizeof(*srv));
     srv->loop = loop;
     srv->cfg = cfg;
     hub_chan_registry_init(&srv->chans);
+    srv->chans.on_last = on_channel_empty;
+    srv->chans.ud = srv;
     make_instance_id(srv->instance, sizeof(srv->instance));
     uv_timer_init(loop, &srv->shutdown_timer);
     srv->shutdown_timer.data = srv;
@@ -286,6 +294,15 @@ void hub_server_init(struct hub_server *srv, uv_loop_t *loop,
     srv->flusher.data = srv;
     uv_check_start(&srv->flusher, on_flush);
     uv_unref((uv_handle_t *)&srv->flusher); /* it never keeps the loop alive */
+
+    srv->broker = hub_broker_new(loop, cfg->broker, cfg->redis_prefix, on_deliver,
+                                 on_broker_health, srv, err, sizeof(err));
+    if (!srv->broker) {
+        hub_log(HUB_LOG_ERROR, "broker: %s", err);
+        return -1;
+    }
+    srv->broker_local = !strcmp(srv->broker->ops->name, "memory");
+    return 0;
 }
 
 int hub_server_start(struct hub_server *srv)
@@ -420,29 +437,74 @@ struct hub_conn *hub_server_find_conn(struct hub_server *srv, const char *client
     unsigned long long id = strtoull(client_id + il + 1, &end, 10);
     if (*end || errno)
         return NULL;
-    for (struct hub_conn *c = srv->ids[id_bucket(srv, id)]; c; c = c->id_next)
-        if (c->id == id)
-            return c;
-    return NULL;
+    return hub_server_conn_by_id(srv, id);
+}
+
+/* The broker hands a sealed delivery frame for local fan-out. */
+static void on_deliver(void *ud, const char *channel, size_t len, struct hub_msg *m)
+{
+    struct hub_server *srv = ud;
+    struct hub_chan *ch = hub_chan_find(&srv->chans, channel, len);
+
+    if (!ch)
+        return;
+    uint32_t n = ch->nsubs;
+    /* Culls are deferred, so the array does not change under this loop. */
+    for (uint32_t i = 0; i < n; i++)
+        hub_conn_send(ch->subs[i]->owner, m);
+    hub_metrics.deliveries += n;
+    hub_server_flush_culls(srv);
+}
+
+static void on_broker_health(void *ud, int up)
+{
+    (void)ud;
+    hub_log(up ? HUB_LOG_INFO : HUB_LOG_WARN, "broker %s", up ? "up" : "down");
+}
+
+/* The registry's last subscriber of a channel left: so does the broker. */
+static void on_channel_empty(void *ud, const char *name, size_t len)
+{
+    struct hub_server *srv = ud;
+    if (srv->broker)
+        srv->broker->ops->unsubscribe(srv->broker, name, len);
+}
+
+int hub_server_publish_cb(struct hub_server *srv, const char *channel,
+                          size_t channel_len, const char *data, size_t data_len,
+                          hub_broker_publish_cb cb, void *ud)
+{
+    hub_metrics.published++;
+    /* In one process, a channel nobody here listens to costs nothing. */
+    if (srv->broker_local && !hub_chan_find(&srv->chans, channel, channel_len)) {
+        if (cb)
+            cb(ud, HUB_BROKER_OK, 0);
+        return 0;
+    }
+    struct hub_msg *m = hub_msg_delivery(channel, channel_len, data, data_len);
+    int r = srv->broker->ops->publish(srv->broker, channel, channel_len, m, cb, ud);
+    hub_msg_unref(m);
+    return r;
 }
 
 size_t hub_server_publish(struct hub_server *srv, const char *channel,
                           size_t channel_len, const char *data, size_t data_len)
 {
     struct hub_chan *ch = hub_chan_find(&srv->chans, channel, channel_len);
-
-    hub_metrics.published++;
-    if (!ch)
+    size_t n = ch ? ch->nsubs : 0;
+    if (hub_server_publish_cb(srv, channel, channel_len, data, data_len, NULL, NULL) < 0)
         return 0;
-    struct hub_msg *m = hub_msg_delivery(channel, channel_len, data, data_len);
-    uint32_t n = ch->nsubs;
-    /* Culls are deferred, so the array does not change under this loop. */
-    for (uint32_t i = 0; i < n; i++)
-        hub_conn_send(ch->subs[i]->owner, m);
-    hub_msg_unref(m);
-    hub_metrics.deliveries += n;
-    hub_server_flush_culls(srv);
     return n;
+}
+
+struct hub_conn *hub_server_conn_by_id(struct hub_server *srv, uint64_t id)
+{
+    if (!srv->nids_buckets)
+        return NULL;
+    for (struct hub_conn *c = srv->ids[id_bucket(srv, id)]; c; c = c->id_next)
+        if (c->id == id)
+            return c;
+    return NULL;
 }
 
 void hub_server_flush_culls(struct hub_server *srv)
@@ -509,6 +571,8 @@ void hub_server_shutdown(struct hub_server *srv, hub_server_done_cb done)
 void hub_server_stop(struct hub_server *srv)
 {
     srv->shutting_down = 1;
+    if (srv->broker)
+        srv->broker->ops->stop(srv->broker);
     if (srv->ctx)
         lws_context_destroy(srv->ctx);
     if (!uv_is_closing((uv_handle_t *)&srv->shutdown_timer))
@@ -526,6 +590,9 @@ void hub_server_free(struct hub_server *srv)
     if (srv->policy)
         hub_policy_free(srv->policy);
     srv->policy = NULL;
+    if (srv->broker)
+        srv->broker->ops->free(srv->broker);
+    srv->broker = NULL;
     free(srv->ids);
     srv->ids = NULL;
     hub_chan_registry_free(&srv->chans);

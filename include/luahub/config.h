@@ -32,6 +32,9 @@ struct hub_config {
     char *policy;                   /* Lua policy file, resolved against dir; NULL = built-in */
     uint64_t lua_max_instructions;  /* per hook call; 1,000,000 */
     uint64_t lua_max_memory;        /* whole state; 64 MiB */
+
+    char *broker;                   /* "memory", or redis URLs separated by spaces */
+    char *redis_prefix;             /* "luahub:" */
 };
 
 /* Every problem found, as "FILE:LINE: message" strings. */

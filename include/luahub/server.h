@@ -9,6 +9,7 @@
 #include <uv.h>
 #include <libwebsockets.h>
 
+#include "luahub/broker.h"
 #include "luahub/chan.h"
 #include "luahub/config.h"
 #include "luahub/conn.h"
@@ -27,6 +28,8 @@ struct hub_server {
     int port;                       /* bound port */
 
     struct hub_policy *policy;      /* the Lua policy; NULL before start */
+    struct hub_broker *broker;      /* where publishes go (memory or redis) */
+    int broker_local;               /* the memory broker: no other process */
     struct hub_chan_registry chans;
     struct hub_conn **ids;          /* id -> connection hash, chained by id_next */
     uint32_t nids_buckets;          /* a power of two */
@@ -47,10 +50,12 @@ struct hub_server {
     hub_server_done_cb on_done;
 };
 
-/* Zeroes `srv` and sets up what needs no network: the registry, the
- * instance id, the shutdown timer. `cfg` is borrowed and must outlive it. */
-void hub_server_init(struct hub_server *srv, uv_loop_t *loop,
-                     const struct hub_config *cfg);
+/* Zeroes `srv` and sets up what needs no listener: the registry, the
+ * instance id, the timers, the broker (which starts connecting). `cfg` is
+ * borrowed and must outlive it. Returns 0, or -1 after logging why. Either
+ * way the caller later calls hub_server_stop() and hub_server_free(). */
+int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
+                    const struct hub_config *cfg);
 
 /* Creates the lws context on the loop and the listening vhost. Returns 0,
  * or -1 after logging one line that says what failed and what to do. On -1
@@ -71,11 +76,22 @@ void hub_server_stop(struct hub_server *srv);
  * lws_context_destroy() that lws 4.1.6 needs for foreign loops). */
 void hub_server_free(struct hub_server *srv);
 
-/* Publishes `data` (valid JSON, borrowed) to the local subscribers of
- * `channel` (valid name): one frame, one reference per subscriber. Returns
- * the number of deliveries. */
+/* Publishes `data` (valid JSON, borrowed) to `channel` (valid name): the
+ * delivery frame is encoded once and handed to the broker, which fans it
+ * out (memory: at once; redis: when it comes back from Redis). Returns 0 and
+ * calls `cb` (may be NULL) exactly once, or returns HUB_BROKER_UNAVAILABLE
+ * without calling it. */
+int hub_server_publish_cb(struct hub_server *srv, const char *channel,
+                          size_t channel_len, const char *data, size_t data_len,
+                          hub_broker_publish_cb cb, void *ud);
+
+/* Fire and forget (Lua's hub.publish, policy routing): returns the number
+ * of local subscribers of the channel, 0 if the broker refused. */
 size_t hub_server_publish(struct hub_server *srv, const char *channel,
                           size_t channel_len, const char *data, size_t data_len);
+
+/* The open connection with this numeric id, or NULL. */
+struct hub_conn *hub_server_conn_by_id(struct hub_server *srv, uint64_t id);
 
 /* Writes the frames queued for the connections on the flush list (only
  * those with a reply queued when `urgent_only`). Runs from a uv_check
@@ -105,10 +121,12 @@ void hub_server_conn_gone(struct hub_server *srv);
 
 /* HTTP side (http.c): the per-connection state of an HTTP request and the
  * callback cases it handles. */
+struct hub_http_op;
 struct hub_http {
     struct hub_buf body;
     uint64_t content_length;
     int route;
+    struct hub_http_op *op;     /* publishes awaiting the broker, or NULL */
 };
 
 /* Handles the HTTP callback reasons; returns what the lws callback must

@@ -1,0 +1,52 @@
+-- The built-in policy of luahub: used when the conf has no `policy` key.
+--
+-- It defines no hook, so every connection, subscription and publish is
+-- allowed as it is, `rpc` answers `unknown_op`, and the hub pays nothing for
+-- Lua on the hot path. To write your own policy, copy this file, uncomment
+-- the hooks you need, and point the conf's `policy` key at it. Every hook is
+-- optional. docs/lua.md is the full reference; examples/chat/policy.lua and
+-- examples/dashboard/policy.lua are complete policies.
+--
+-- Hooks run in a sandbox with an instruction budget per call
+-- (lua_max_instructions) and a memory cap (lua_max_memory). A hook that
+-- raises, runs out of budget or returns something unexpected is logged and
+-- the action is refused ("internal"): a broken policy fails closed.
+
+-- on_connect(conn, req): before the WebSocket upgrade completes.
+--   req.path, req.query (table), req.headers (lower-case names),
+--   req.remote_addr, req.origin.
+--   May set conn.user (string) and conn.info (JSON-serialisable table).
+--   Return true, or false, "reason" (HTTP 403), or false, "reason", status.
+--
+-- function on_connect(conn, req)
+--     return true
+-- end
+
+-- on_subscribe(conn, channel): return true, false, "reason", or a string:
+--   the channel to subscribe instead (e.g. "inbox" -> "inbox:" .. conn.user).
+--
+-- function on_subscribe(conn, channel)
+--     return true
+-- end
+
+-- on_publish(conn, channel, msg): msg.raw is the JSON text, msg.data the
+--   decoded value (decoded on first access only). Return true (publish the
+--   bytes as they came), false, "reason", msg (publish msg.data, re-encoded
+--   if it was read), {channel = ..., data = ...}, or a list of such tables.
+--
+-- function on_publish(conn, channel, msg)
+--     return true
+-- end
+
+-- on_rpc(conn, method, data): the return value becomes the reply's data;
+--   return nil, "reason" for an rpc_error reply.
+--
+-- function on_rpc(conn, method, data)
+--     return nil, "unknown method " .. method
+-- end
+
+-- on_unsubscribe(conn, channel) and on_disconnect(conn, code, reason):
+--   notifications; their return values are ignored.
+--
+-- function on_unsubscribe(conn, channel) end
+-- function on_disconnect(conn, code, reason) end

@@ -1,0 +1,484 @@
+/* The broker front: URL parsing, the choice of implementation, the shard
+ * function, and the small hash set both implementations use. */
+#include "luahub/broker.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "broker_impl.h"
+#include "luahub/util.h"
+
+/* ------------------------------------------------------------------ */
+/* Hashing and sharding                                                */
+/* ------------------------------------------------------------------ */
+
+uint64_t hub_broker_hash64(const char *p, size_t len)
+{
+    uint64_t h = 0xcbf29ce484222325ull;            /* FNV-1a 64 */
+    for (size_t i = 0; i < len; i++) {
+        h ^= (unsigned char)p[i];
+        h *= 0x100000001b3ull;
+    }
+    /* FNV's low bits mix poorly; jump hash consumes all 64 bits through
+     * its LCG, but the finaliser makes short names spread well too. */
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdull;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ull;
+    h ^= h >> 33;
+    return h;
+}
+
+/* Jump consistent hash, Lamping & Veach 2014 ("A Fast, Minimal Memory,
+ * Consistent Hash Algorithm"), on hub_broker_hash64 of the name. */
+uint32_t hub_broker_shard(const char *channel, size_t len, uint32_t n)
+{
+    if (n <= 1)
+        return 0;
+    uint64_t key = hub_broker_hash64(channel, len);
+    int64_t b = -1, j = 0;
+    while (j < (int64_t)n) {
+        b = j;
+        key = key * 2862933555777941757ull + 1;
+        j = (int64_t)((double)(b + 1) * ((double)(1ll << 31) / (double)((key >> 33) + 1)));
+    }
+    return (uint32_t)b;
+}
+
+/* ------------------------------------------------------------------ */
+/* Intrusive hash set                                                  */
+/* ------------------------------------------------------------------ */
+
+struct hub_bnode *hub_bset_find(const struct hub_bset *s, const char *name, size_t len,
+                                uint64_t hash)
+{
+    if (s->nb == 0)
+        return NULL;
+    for (struct hub_bnode *n = s->b[hash & (s->nb - 1)]; n; n = n->next)
+        if (n->hash == hash && n->len == len && memcmp(n->name, name, len) == 0)
+            return n;
+    return NULL;
+}
+
+static void bset_resize(struct hub_bset *s, size_t nb)
+{
+    struct hub_bnode **b = hub_xcalloc(nb, sizeof(*b));
+    for (size_t i = 0; i < s->nb; i++) {
+        struct hub_bnode *n = s->b[i], *next;
+        for (; n; n = next) {
+            next = n->next;
+            size_t k = n->hash & (nb - 1);
+            n->next = b[k];
+            b[k] = n;
+        }
+    }
+    free(s->b);
+    s->b = b;
+    s->nb = nb;
+}
+
+void hub_bset_insert(struct hub_bset *s, struct hub_bnode *node)
+{
+    if (s->n + 1 > s->nb)
+        bset_resize(s, s->nb ? s->nb * 2 : 16);
+    size_t k = node->hash & (s->nb - 1);
+    node->next = s->b[k];
+    s->b[k] = node;
+    s->n++;
+}
+
+void hub_bset_remove(struct hub_bset *s, struct hub_bnode *node)
+{
+    struct hub_bnode **pp = &s->b[node->hash & (s->nb - 1)];
+    while (*pp && *pp != node)
+        pp = &(*pp)->next;
+    if (*pp) {
+        *pp = node->next;
+        s->n--;
+    }
+    /* Shrink when mostly empty so 10,000 channels that came and went do
+     * not pin their bucket array. */
+    if (s->nb > 64 && s->n < s->nb / 8)
+        bset_resize(s, s->nb / 4);
+}
+
+void hub_bset_free(struct hub_bset *s)
+{
+    free(s->b);
+    s->b = NULL;
+    s->nb = 0;
+    s->n = 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* URL parsing                                                         */
+/* ------------------------------------------------------------------ */
+
+void hub_redis_url_free(struct hub_redis_url *u, size_t n)
+{
+    if (!u)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        free(u[i].host);
+        free(u[i].user);
+        free(u[i].password);
+    }
+    free(u);
+}
+
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || errlen == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* Parses the decimal number p[0..n) into [lo, hi]. Returns 0 or -1. */
+static int parse_num(const char *p, size_t n, unsigned long long lo, unsigned long long hi,
+                     unsigned long long *out)
+{
+    if (n == 0 || n > 19)
+        return -1;
+    unsigned long long v = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9')
+            return -1;
+        v = v * 10 + (unsigned)(p[i] - '0');
+    }
+    if (v < lo || v > hi)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int hexval(int c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    c = tolower(c);
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    return -1;
+}
+
+/* Percent-decodes p[0..n) into a new string. NULL on a bad escape or an
+ * escaped NUL (AUTH arguments are binary-safe, but C strings here are not). */
+static char *pct_decode(const char *p, size_t n)
+{
+    char *s = hub_xmalloc(n + 1);
+    size_t j = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] == '%') {
+            if (i + 2 >= n) {
+                free(s);
+                return NULL;
+            }
+            int a = hexval((unsigned char)p[i + 1]), b = hexval((unsigned char)p[i + 2]);
+            if (a < 0 || b < 0 || (a == 0 && b == 0)) {
+                free(s);
+                return NULL;
+            }
+            s[j++] = (char)(a * 16 + b);
+            i += 2;
+        } else {
+            s[j++] = p[i];
+        }
+    }
+    s[j] = '\0';
+    return s;
+}
+
+/* Parses one "redis://..." item p[0..n) into `u` (zeroed by the caller).
+ * Returns 0, or -1 with a message naming the problem. */
+static int parse_redis(const char *p, size_t n, struct hub_redis_url *u, char *err,
+                       size_t errlen)
+{
+    const char *end = p + n;
+    const char *item = p;
+    int itemlen = n > 200 ? 200 : (int)n;
+    unsigned long long v;
+
+    u->port = HUB_REDIS_DEFAULT_PORT;
+    u->connect_timeout_ms = HUB_REDIS_CONNECT_TIMEOUT_MS;
+    u->command_timeout_ms = HUB_REDIS_COMMAND_TIMEOUT_MS;
+    u->max_pending = HUB_REDIS_MAX_PENDING;
+    u->max_pending_bytes = HUB_REDIS_MAX_PENDING_BYTES;
+
+    if (n >= 9 && strncasecmp(p, "rediss://", 9) == 0) {
+        seterr(err, errlen, "broker URL \"%.*s\": TLS (rediss://) is not supported", itemlen,
+               item);
+        return -1;
+    }
+    if (n < 8 || strncasecmp(p, "redis://", 8) != 0) {
+        seterr(err, errlen,
+               "broker URL \"%.*s\": expected \"memory\" or "
+               "\"redis://[:password@]host:port[/db]\"",
+               itemlen, item);
+        return -1;
+    }
+    p += 8;
+
+    /* The authority ends at the first '/' or '?'. userinfo is up to its
+     * last '@' (a password may contain '@' only percent-encoded, but be
+     * lenient about it). */
+    const char *auth_end = p;
+    while (auth_end < end && *auth_end != '/' && *auth_end != '?')
+        auth_end++;
+    const char *at = NULL;
+    for (const char *q = p; q < auth_end; q++)
+        if (*q == '@')
+            at = q;
+    if (at) {
+        const char *colon = memchr(p, ':', (size_t)(at - p));
+        if (!colon) {
+            seterr(err, errlen,
+                   "broker URL \"%.*s\": credentials must be \":password@\" or "
+                   "\"user:password@\"",
+                   itemlen, item);
+            return -1;
+        }
+        if (colon > p && !(u->user = pct_decode(p, (size_t)(colon - p)))) {
+            seterr(err, errlen, "broker URL \"%.*s\": bad %%-escape in the user name", itemlen,
+                   item);
+            return -1;
+        }
+        if (!(u->password = pct_decode(colon + 1, (size_t)(at - colon - 1)))) {
+            seterr(err, errlen, "broker URL \"%.*s\": bad %%-escape in the password", itemlen,
+                   item);
+            return -1;
+        }
+        if (u->password[0] == '\0') {
+            seterr(err, errlen, "broker URL \"%.*s\": empty password", itemlen, item);
+            return -1;
+        }
+        p = at + 1;
+    }
+
+    /* host[:port] */
+    const char *host, *host_end, *q;
+    if (p < auth_end && *p == '[') {
+        host = p + 1;
+        host_end = memchr(host, ']', (size_t)(auth_end - host));
+        if (!host_end) {
+            seterr(err, errlen, "broker URL \"%.*s\": missing ']' after the IPv6 address",
+                   itemlen, item);
+            return -1;
+        }
+        q = host_end + 1;
+    } else {
+        host = p;
+        host_end = p;
+        while (host_end < auth_end && *host_end != ':')
+            host_end++;
+        q = host_end;
+    }
+    if (host_end == host) {
+        seterr(err, errlen, "broker URL \"%.*s\": missing host", itemlen, item);
+        return -1;
+    }
+    for (const char *c = host; c < host_end; c++) {
+        if (!(isalnum((unsigned char)*c) || *c == '.' || *c == '-' || *c == '_' || *c == ':' ||
+              *c == '%')) {
+            seterr(err, errlen, "broker URL \"%.*s\": bad character '%c' in the host", itemlen,
+                   item, *c);
+            return -1;
+        }
+    }
+    u->host = hub_xstrndup(host, (size_t)(host_end - host));
+    if (q < auth_end) {
+        if (*q != ':' ||
+            parse_num(q + 1, (size_t)(auth_end - q - 1), 1, 65535, &v) < 0) {
+            seterr(err, errlen, "broker URL \"%.*s\": bad port \"%.*s\" (expected 1-65535)",
+                   itemlen, item, (int)(auth_end - q - (*q == ':')), q + (*q == ':'));
+            return -1;
+        }
+        u->port = (int)v;
+    }
+    p = auth_end;
+
+    /* [/db] */
+    if (p < end && *p == '/') {
+        const char *d = ++p;
+        while (p < end && *p != '?')
+            p++;
+        if (p > d) {
+            if (parse_num(d, (size_t)(p - d), 0, INT_MAX, &v) < 0) {
+                seterr(err, errlen,
+                       "broker URL \"%.*s\": bad database \"%.*s\" (expected a number)",
+                       itemlen, item, (int)(p - d), d);
+                return -1;
+            }
+            u->db = (int)v;
+        }
+    }
+
+    /* [?key=value&...] */
+    if (p < end && *p == '?') {
+        p++;
+        while (p < end) {
+            const char *k = p;
+            while (p < end && *p != '&')
+                p++;
+            const char *eq = memchr(k, '=', (size_t)(p - k));
+            if (p == k) {
+                p++;
+                continue;
+            }
+            if (!eq) {
+                seterr(err, errlen, "broker URL \"%.*s\": option \"%.*s\" has no value",
+                       itemlen, item, (int)(p - k), k);
+                return -1;
+            }
+            size_t kl = (size_t)(eq - k), vl = (size_t)(p - eq - 1);
+            const char *val = eq + 1;
+#define KEY(s) (kl == sizeof(s) - 1 && memcmp(k, s, kl) == 0)
+            if (KEY("connect_timeout_ms") || KEY("command_timeout_ms")) {
+                if (parse_num(val, vl, 10, 600000, &v) < 0) {
+                    seterr(err, errlen,
+                           "broker URL \"%.*s\": %.*s must be 10-600000 (milliseconds)",
+                           itemlen, item, (int)kl, k);
+                    return -1;
+                }
+                if (KEY("connect_timeout_ms"))
+                    u->connect_timeout_ms = (unsigned)v;
+                else
+                    u->command_timeout_ms = (unsigned)v;
+            } else if (KEY("max_pending")) {
+                if (parse_num(val, vl, 1, 10000000, &v) < 0) {
+                    seterr(err, errlen, "broker URL \"%.*s\": max_pending must be 1-10000000",
+                           itemlen, item);
+                    return -1;
+                }
+                u->max_pending = (unsigned)v;
+            } else if (KEY("max_pending_bytes")) {
+                if (parse_num(val, vl, 1024, (unsigned long long)1 << 40, &v) < 0) {
+                    seterr(err, errlen,
+                           "broker URL \"%.*s\": max_pending_bytes must be 1024-2^40", itemlen,
+                           item);
+                    return -1;
+                }
+                u->max_pending_bytes = (size_t)v;
+            } else {
+                seterr(err, errlen,
+                       "broker URL \"%.*s\": unknown option \"%.*s\" (known: "
+                       "connect_timeout_ms, command_timeout_ms, max_pending, "
+                       "max_pending_bytes)",
+                       itemlen, item, (int)kl, k);
+                return -1;
+            }
+#undef KEY
+            if (p < end)
+                p++;
+        }
+    }
+    return 0;
+}
+
+/* Parses a whole broker URL. Returns 0 for "memory", 1 for redis (with a new
+ * array in *urls, *n entries), -1 with a message. */
+static int parse_url(const char *url, struct hub_redis_url **urls, size_t *n, char *err,
+                     size_t errlen)
+{
+    *urls = NULL;
+    *n = 0;
+    if (!url) {
+        seterr(err, errlen, "broker URL is missing");
+        return -1;
+    }
+    size_t cap = 0, cnt = 0;
+    struct hub_redis_url *u = NULL;
+    int memory = 0;
+    const char *p = url;
+    for (;;) {
+        while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r' || *p == ',')
+            p++;
+        if (!*p)
+            break;
+        const char *s = p;
+        while (*p && !(*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r' || *p == ','))
+            p++;
+        size_t len = (size_t)(p - s);
+        if (len == 6 && strncasecmp(s, "memory", 6) == 0) {
+            memory++;
+            continue;
+        }
+        if (cnt == cap) {
+            cap = cap ? cap * 2 : 4;
+            u = hub_xrealloc(u, cap * sizeof(*u));
+        }
+        memset(&u[cnt], 0, sizeof(u[cnt]));
+        if (parse_redis(s, len, &u[cnt], err, errlen) < 0) {
+            hub_redis_url_free(u, cnt + 1);
+            return -1;
+        }
+        for (size_t i = 0; i < cnt; i++) {
+            if (strcmp(u[i].host, u[cnt].host) == 0 && u[i].port == u[cnt].port) {
+                seterr(err, errlen, "broker URL: redis server %s:%d is listed twice",
+                       u[cnt].host, u[cnt].port);
+                hub_redis_url_free(u, cnt + 1);
+                return -1;
+            }
+        }
+        cnt++;
+    }
+    if (memory && cnt) {
+        seterr(err, errlen, "broker URL \"%.200s\": \"memory\" cannot be mixed with redis URLs",
+               url);
+        hub_redis_url_free(u, cnt);
+        return -1;
+    }
+    if (memory > 1) {
+        seterr(err, errlen, "broker URL \"%.200s\": \"memory\" given twice", url);
+        return -1;
+    }
+    if (memory)
+        return 0;
+    if (cnt == 0) {
+        seterr(err, errlen,
+               "broker URL is empty: expected \"memory\" or "
+               "\"redis://[:password@]host:port[/db]\"");
+        return -1;
+    }
+    if (cnt > 1024) {
+        seterr(err, errlen, "broker URL: %zu redis servers (at most 1024)", cnt);
+        hub_redis_url_free(u, cnt);
+        return -1;
+    }
+    *urls = u;
+    *n = cnt;
+    return 1;
+}
+
+int hub_broker_url_valid(const char *url, char *err, size_t errlen)
+{
+    struct hub_redis_url *u;
+    size_t n;
+    int kind = parse_url(url, &u, &n, err, errlen);
+    hub_redis_url_free(u, n);
+    return kind < 0 ? -1 : 0;
+}
+
+struct hub_broker *hub_broker_new(uv_loop_t *loop, const char *url, const char *prefix,
+                                  hub_broker_deliver_fn deliver,
+                                  hub_broker_health_fn health, void *ud,
+                                  char *err, size_t errlen)
+{
+    struct hub_redis_url *u;
+    size_t n;
+    int kind = parse_url(url, &u, &n, err, errlen);
+    if (kind < 0)
+        return NULL;
+    if (kind == 0)
+        return hub_broker_memory_new(loop, deliver, health, ud);
+    return hub_broker_redis_new(loop, u, n, prefix ? prefix : "luahub:", deliver, health, ud);
+}

@@ -1,0 +1,197 @@
+/* Private contract between the policy host (policy.c: state, sandbox,
+ * budgets, dispatch, reload, metrics) and the API seen from Lua (lua_api.c:
+ * the `hub` module, the `conn` and `msg` objects, timers, JSON and crypto
+ * helpers). Nothing outside these two files includes it. Loop thread only.
+ *
+ * Stack discipline: index 1 of the main state is the message handler given
+ * to every lua_pcall, index 2 the reusable `msg` object of on_publish; every
+ * dispatch returns the stack to HUB_LUA_BASE. */
+#ifndef LUAHUB_LUA_API_H
+#define LUAHUB_LUA_API_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <lua.h>
+
+#include "luahub/config.h"
+#include "luahub/policy.h"
+#include "luahub/util.h"
+
+struct hub_server;
+struct hub_conn;
+struct lws;
+
+/* The built-in policy (lua/default.lua), embedded at build time. */
+extern const char hub_lua_default[];
+extern const size_t hub_lua_default_len;
+
+#define HUB_LUA_MSGH 1          /* stack index of the message handler */
+#define HUB_LUA_MSG 2           /* stack index of the on_publish msg object */
+#define HUB_LUA_BASE 2          /* stack top between calls */
+
+/* What runs right now (p->phase): a hook (enum hub_hook), a timer callback,
+ * the main chunk, or nothing. Also the index of the statistics slot. */
+enum {
+    HUB_PHASE_TIMER = HUB_HOOK__COUNT,
+    HUB_PHASE__STATS,                    /* hooks + timer have statistics */
+    HUB_PHASE_LOAD = HUB_PHASE__STATS,   /* the main chunk */
+    HUB_PHASE_IDLE,
+};
+
+#define HUB_LAT_BUCKETS 15      /* latency histogram bounds, see policy.c */
+
+struct hub_hook_stats {
+    uint64_t calls;
+    uint64_t errors;            /* every failure: error, bad return, budget */
+    uint64_t kills_instructions;
+    uint64_t kills_memory;
+    uint64_t lat[HUB_LAT_BUCKETS + 1]; /* per bucket (not cumulative); last = +Inf */
+    uint64_t lat_sum_ns;
+    /* log rate limit */
+    uint64_t log_window_ms;
+    unsigned log_count;
+    uint64_t log_suppressed;
+};
+
+/* Counters that survive a reload (copied into the new policy). */
+struct hub_policy_stats {
+    struct hub_hook_stats hook[HUB_PHASE__STATS];
+    uint64_t reloads_ok;
+    uint64_t reloads_failed;
+};
+
+struct hub_ptimer;
+struct hub_emit;
+
+struct hub_policy {
+    lua_State *L;
+    struct hub_server *srv;         /* NULL in --check */
+    const struct hub_config *cfg;   /* borrowed */
+    char *chunkname;                /* "@/path/policy.lua" or "=default.lua" */
+    const char *source_name;        /* the path as printed (chunkname + 1) */
+
+    /* allocator: every byte of the state is counted; the cap applies while
+     * Lua code runs (cap_on), so pushes from C between calls cannot fail */
+    size_t mem_used;
+    size_t mem_max;
+    int cap_on;
+
+    /* instruction budget of one call: the count hook fires every
+     * HUB_LUA_TICK instructions and takes them off budget_left */
+    int64_t budget;
+    int64_t budget_left;
+    int killed;                     /* budget exhausted in this call */
+    int mem_failed;                 /* an out-of-memory error was raised in this call */
+    char kill_where[128];           /* "chunk:line" where the budget ran out */
+    char oom_where[128];            /* "chunk:line" of the last refused allocation */
+
+    /* the call in progress */
+    int phase;                      /* HUB_PHASE_* or a hook */
+    struct hub_conn *cur_conn;      /* the hook's connection, or NULL */
+    uint64_t cur_conn_id;           /* its id (also during on_connect), 0 if none */
+    struct lws *cur_wsi;            /* on_connect only: the upgrade request */
+    char err_where[128];            /* set by the message handler */
+
+    /* hooks: registry refs (LUA_NOREF if absent) and "chunk:line" of each */
+    int hook_ref[HUB_HOOK__COUNT];
+    char hook_where[HUB_HOOK__COUNT][128];
+
+    /* registry refs */
+    int ref_env;                    /* the sandbox's _ENV */
+    int ref_headers_mt;             /* metatable of req.headers (custom headers) */
+    int ref_encode;                 /* cjson.encode */
+    int ref_decode;                 /* cjson.safe.decode */
+    int ref_null;                   /* cjson.null */
+    int ref_pending;                /* weak table: conn id -> conn object made in on_connect */
+    unsigned npending;              /* entries put in it (upper bound) */
+
+    /* msg object of the call in progress */
+    const char *msg_raw;
+    size_t msg_len;
+    int msg_live;
+    int msg_decoded;
+
+    /* timers */
+    struct hub_ptimer *timers;
+    unsigned ntimers;
+    int in_service;                 /* timers may run (not --check, not being built) */
+
+    /* load: lines where hooks were assigned, for messages about them */
+    int hook_line[HUB_HOOK__COUNT];
+
+    char short_src[LUA_IDSIZE];     /* how Lua names the chunk in messages */
+
+    struct hub_policy_stats st;
+    struct hub_buf tb;              /* traceback of the last error (debug log) */
+    struct hub_buf warn;            /* warn() pieces being assembled */
+    struct hub_emit *emits;         /* on_publish routes of the call in progress */
+    size_t emits_cap;
+};
+
+#define HUB_LUA_TICK 1000           /* instructions between count hook calls */
+
+/* ---- lua_api.c ---------------------------------------------------------- */
+
+/* Creates the `hub` table (with hub.json) and the metatables of conn, msg
+ * and timer objects; leaves the hub table on the stack. Needs the refs to
+ * cjson (ref_encode/ref_decode/ref_null) set. Raises on memory errors: call
+ * protected. */
+void hub_lua_open(struct hub_policy *p);
+
+/* Pushes the msg object (a new one; policy.c keeps it at HUB_LUA_MSG). */
+void hub_lua_new_msg(struct hub_policy *p);
+/* Points the msg object at `data` for one on_publish call / detaches it. */
+void hub_lua_msg_begin(struct hub_policy *p, const char *data, size_t len);
+void hub_lua_msg_end(struct hub_policy *p);
+/* 1 if the value at `idx` is the msg object. */
+int hub_lua_is_msg(struct hub_policy *p, int idx);
+/* Pushes msg.data if it was decoded (returns 1), else pushes nothing and
+ * returns 0. */
+int hub_lua_msg_push_decoded(struct hub_policy *p);
+
+/* Pushes the Lua object of an open connection (cached through c->lua_ref,
+ * or adopted from on_connect's object). Memory is not capped here. */
+void hub_lua_push_conn(struct hub_policy *p, struct hub_conn *c);
+/* Pushes a new conn object for a connection being upgraded (on_connect):
+ * id and remote address readable, user and info settable, methods raise. */
+void hub_lua_push_pending_conn(struct hub_policy *p, uint64_t id, const char *remote_addr);
+/* After on_connect: on `allowed`, moves conn.user / conn.info (JSON) of the
+ * pending object at `idx` into `res` and keeps the object for the
+ * connection; otherwise the object is marked closed. */
+void hub_lua_pending_done(struct hub_policy *p, int idx, int allowed,
+                          struct hub_connect_result *res);
+/* The connection is gone: its object raises "connection closed" from now. */
+void hub_lua_conn_gone(struct hub_policy *p, struct hub_conn *c);
+
+/* Encodes the value at `idx` as JSON (guarded against output blow-up,
+ * checked to be valid UTF-8 JSON) and pushes the string. Raises with
+ * `what` ("hub.publish: data") in the message. */
+void hub_lua_encode(struct hub_policy *p, lua_State *L, int idx, const char *what);
+
+/* Starts the timers created while the policy was being built (once it is
+ * in service). */
+void hub_lua_timers_start(struct hub_policy *p);
+/* Cancels every timer: closes the uv handles (freed in their close
+ * callbacks; those only touch the handle) and drops the Lua refs. */
+void hub_lua_timers_close(struct hub_policy *p);
+
+/* ---- policy.c ----------------------------------------------------------- */
+
+/* Runs the function under `nargs` arguments on top of the stack as `phase`
+ * (a hook or HUB_PHASE_TIMER) for connection `c` / `conn_id`, under the
+ * instruction budget and the memory cap. On success returns 0 with `nres`
+ * results on the stack; on failure logs one line, counts it, leaves the
+ * stack at what it was below the function and returns -1. */
+int hub_policy_pcall(struct hub_policy *p, int phase, struct hub_conn *c,
+                     uint64_t conn_id, int nargs, int nres);
+
+/* Charges `n` instructions of C work (e.g. walking a value to encode) to
+ * the budget of the call in progress; raises the budget stop when it runs
+ * out. No-op outside calls. */
+void hub_policy_charge(struct hub_policy *p, lua_State *L, int64_t n);
+
+/* Name of a phase: "on_publish", "timer", "load". */
+const char *hub_policy_phase_name(int phase);
+
+#endif
