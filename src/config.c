@@ -48,7 +48,7 @@
 #define CONF_MAX_ERRORS 100              /* then evaluation stops */
 #define SHOW_MAX 64                      /* bytes of a user string quoted in a message */
 
-enum kind { K_STRING, K_STRINGS, K_INT, K_SIZE, K_SECONDS };
+enum kind { K_STRING, K_STRINGS, K_INT, K_SIZE, K_SECONDS, K_WORKERS };
 
 struct key;
 
@@ -101,6 +101,7 @@ static const struct key keys[] = {
     NUM(lua_max_memory, K_SIZE, 1 * MiB, 16 * GiB, 64 * MiB),
     STRS(broker, broker, "memory", set_broker),
     STR(redis_prefix, redis_prefix, "luahub:", set_prefix),
+    {"workers", K_WORKERS, FIELD(workers), 1, 1024, 1, NULL, NULL},
 };
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
@@ -191,6 +192,7 @@ static const char *expected(enum kind kind)
     switch (kind) {
     case K_STRING: return "expected a string";
     case K_STRINGS: return "expected a string or a list of strings";
+    case K_WORKERS: return "expected a number of processes or \"auto\"";
     case K_INT: return "expected an integer";
     case K_SECONDS: return "expected a whole number of seconds";
     case K_SIZE: return "expected a size (integer bytes or a string like \"64KiB\")";
@@ -288,6 +290,15 @@ static int get_number(lua_State *L, int idx, const struct key *k, int64_t *out,
 static int apply(struct hub_config *c, lua_State *L, int idx, const struct key *k,
                  struct hub_buf *why)
 {
+    if (k->kind == K_WORKERS && lua_type(L, idx) == LUA_TSTRING) {
+        if (strcmp(lua_tostring(L, idx), "auto") != 0) {
+            hub_buf_printf(why, "%s, got ", expected(k->kind));
+            append_quoted(why, lua_tostring(L, idx), lua_rawlen(L, idx));
+            return -1;
+        }
+        store_num(c, k, 0); /* 0: one per core */
+        return 0;
+    }
     if (k->kind == K_STRINGS && lua_type(L, idx) == LUA_TTABLE) {
         /* A list: {"a", "b"} is stored as "a b". */
         struct hub_buf joined = {0};
@@ -965,6 +976,13 @@ static char *dir_of(const char *path)
 /* Checks that need every key: done after the chunk ran. */
 static void check_cross(struct load *ld)
 {
+    size_t mw = (size_t)(find_key("workers") - keys);
+    if (!ld->bad[mw] && ld->c->workers != 1 && !strcmp(ld->c->broker, "memory"))
+        add_error(ld, ld->line[mw],
+                  "workers = %s needs the redis broker (set broker = \"redis://host:port\"):"
+                  " with the memory broker each process only sees its own subscribers",
+                  ld->c->workers ? "N > 1" : "\"auto\"");
+
     size_t mm = (size_t)(find_key("max_message_size") - keys);
     size_t mq = (size_t)(find_key("max_queue_bytes") - keys);
     if (ld->bad[mm] || ld->bad[mq])

@@ -8,8 +8,17 @@
 #include <time.h>
 
 static int log_level = HUB_LOG_INFO;
+static char log_tag[40];
 static const char *const names[] = {"error", "warn", "info", "debug"};
 static const char *const tags[] = {"ERROR", "WARN", "INFO", "DEBUG"};
+
+void hub_log_set_tag(const char *tag)
+{
+    if (tag)
+        snprintf(log_tag, sizeof(log_tag), "[%s] ", tag);
+    else
+        log_tag[0] = '\0';
+}
 
 void hub_log_set_level(int level)
 {
@@ -53,8 +62,8 @@ void hub_log(int level, const char *fmt, ...)
     gettimeofday(&tv, NULL);
     gmtime_r(&tv.tv_sec, &tm);
     size_t n = strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%S", &tm);
-    n += (size_t)snprintf(line + n, sizeof(line) - n, ".%03dZ %s ",
-                          (int)(tv.tv_usec / 1000), tags[level]);
+    n += (size_t)snprintf(line + n, sizeof(line) - n, ".%03dZ %s %s",
+                          (int)(tv.tv_usec / 1000), tags[level], log_tag);
 
     va_list ap;
     va_start(ap, fmt);

@@ -10,6 +10,7 @@
 #include "luahub/log.h"
 #include "luahub/policy.h"
 #include "luahub/server.h"
+#include "luahub/supervisor.h"
 
 #define DEFAULT_CONF_LOCAL "conf/luahub.conf"
 #define DEFAULT_CONF_SYSTEM "/etc/luahub/luahub.conf"
@@ -66,6 +67,63 @@ static const char *find_conf(void)
     return NULL;
 }
 
+/* Runs one hub (the process itself, or a worker) until it has shut down.
+ * Returns the exit status. */
+static int run_hub(struct hub_config *cfg, int worker)
+{
+    struct hub_config_errors errs = {0};
+    uv_loop_t loop;
+    int rc = 0;
+
+    if (worker) {
+        char tag[32];
+        snprintf(tag, sizeof(tag), "worker %d", worker);
+        hub_log_set_tag(tag);
+    }
+    uv_loop_init(&loop);
+    uv_signal_init(&loop, &sig_term);
+    uv_signal_init(&loop, &sig_int);
+    uv_signal_init(&loop, &sig_hup);
+
+    /* Listen first: a startup failure is then one clear line of its own.
+     * No connection is served before the loop runs, and by then the policy
+     * is in place. */
+    if (hub_server_init(&server, &loop, cfg) < 0 || hub_server_start(&server) < 0) {
+        rc = 1;
+    } else if (!(server.policy = hub_policy_new(&server, &errs))) {
+        /* --check passed a moment ago, so this is rare (the file changed). */
+        for (unsigned i = 0; i < errs.n; i++)
+            hub_log(HUB_LOG_ERROR, "%s", errs.v[i]);
+        hub_config_errors_free(&errs);
+        rc = 2;
+    }
+    if (rc) {
+        hub_server_stop(&server);
+        close_signals();
+    } else {
+        uv_signal_start(&sig_term, on_signal, SIGTERM);
+        uv_signal_start(&sig_int, on_signal, SIGINT);
+        uv_signal_start(&sig_hup, on_signal, SIGHUP);
+    }
+
+    uv_run(&loop, UV_RUN_DEFAULT);
+    hub_server_free(&server);
+    int lc = uv_loop_close(&loop);
+    if (lc != 0) {
+        hub_log(HUB_LOG_ERROR, "internal: loop still has open handles at exit (%s)",
+                uv_strerror(lc));
+        rc = 1;
+    }
+    if (rc == 0)
+        hub_log(HUB_LOG_INFO, "bye");
+    return rc;
+}
+
+static int run_worker(void *ud, unsigned index)
+{
+    return run_hub(ud, (int)index + 1);
+}
+
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -80,7 +138,6 @@ int main(int argc, char **argv)
     int check = 0, c, rc = 0;
     struct hub_config cfg;
     struct hub_config_errors errs = {0};
-    uv_loop_t loop;
 
     while ((c = getopt_long(argc, argv, "c:l:tvh", opts, NULL)) != -1) {
         switch (c) {
@@ -133,42 +190,19 @@ int main(int argc, char **argv)
 
     hub_log_set_level(cfg.log_level);
     signal(SIGPIPE, SIG_IGN);
-    uv_loop_init(&loop);
-    uv_signal_init(&loop, &sig_term);
-    uv_signal_init(&loop, &sig_int);
-    uv_signal_init(&loop, &sig_hup);
-
-    /* Listen first: a startup failure is then one clear line of its own.
-     * No connection is served before the loop runs, and by then the policy
-     * is in place. */
-    if (hub_server_init(&server, &loop, &cfg) < 0 || hub_server_start(&server) < 0) {
-        rc = 1;
-    } else if (!(server.policy = hub_policy_new(&server, &errs))) {
-        /* --check passed a moment ago, so this is rare (the file changed). */
-        for (unsigned i = 0; i < errs.n; i++)
-            hub_log(HUB_LOG_ERROR, "%s", errs.v[i]);
-        hub_config_errors_free(&errs);
-        rc = 2;
-    }
-    if (rc) {
-        hub_server_stop(&server);
-        close_signals();
+    unsigned workers = cfg.workers ? cfg.workers : (unsigned)sysconf(_SC_NPROCESSORS_ONLN);
+    if (workers <= 1) {
+        rc = run_hub(&cfg, 0);
     } else {
-        uv_signal_start(&sig_term, on_signal, SIGTERM);
-        uv_signal_start(&sig_int, on_signal, SIGINT);
-        uv_signal_start(&sig_hup, on_signal, SIGHUP);
+        /* Workers share one port: with port 0, pick it here, once. */
+        int held = hub_server_reserve_port(&cfg);
+        if (held < 0) {
+            rc = 1;
+        } else {
+            rc = hub_supervise(workers, run_worker, &cfg);
+            close(held);
+        }
     }
-
-    uv_run(&loop, UV_RUN_DEFAULT);
-    hub_server_free(&server);
-    int lc = uv_loop_close(&loop);
-    if (lc != 0) {
-        hub_log(HUB_LOG_ERROR, "internal: loop still has open handles at exit (%s)",
-                uv_strerror(lc));
-        rc = 1;
-    }
-    if (rc == 0)
-        hub_log(HUB_LOG_INFO, "bye");
     hub_config_free(&cfg);
     return rc;
 }

@@ -13,10 +13,12 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -148,48 +150,143 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
     return lws_callback_http_dummy(wsi, reason, user, in, len);
 }
 
-/* Says why a bind failed: lws does not tell us, so try it ourselves. */
-static void explain_bind_failure(const struct hub_config *cfg)
+/* The socket address of the conf's listen host and `port`. Returns 0, or
+ * -1 when the host is not an IP address ("localhost" counts as 127.0.0.1;
+ * "0.0.0.0" and "::" are the wildcards). */
+static int listen_addr(const struct hub_config *cfg, int port,
+                       struct sockaddr_storage *ss, socklen_t *sl)
 {
-    struct sockaddr_storage ss;
-    socklen_t sl;
-    memset(&ss, 0, sizeof(ss));
     const char *host = cfg->listen_host;
-    struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
-    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+    struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
+    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
 
+    memset(ss, 0, sizeof(*ss));
     if (!strcmp(host, "localhost"))
         host = "127.0.0.1";
     if (inet_pton(AF_INET, host, &s4->sin_addr) == 1) {
         s4->sin_family = AF_INET;
-        s4->sin_port = htons((uint16_t)cfg->listen_port);
-        sl = sizeof(*s4);
-    } else if (inet_pton(AF_INET6, host, &s6->sin6_addr) == 1) {
+        s4->sin_port = htons((uint16_t)port);
+        *sl = sizeof(*s4);
+        return 0;
+    }
+    if (inet_pton(AF_INET6, host, &s6->sin6_addr) == 1) {
         s6->sin6_family = AF_INET6;
-        s6->sin6_port = htons((uint16_t)cfg->listen_port);
-        sl = sizeof(*s6);
-    } else {
-        hub_log(HUB_LOG_ERROR,
-                "cannot listen on %s: '%s' is not an IP address of this machine",
-                cfg->listen, cfg->listen_host);
+        s6->sin6_port = htons((uint16_t)port);
+        *sl = sizeof(*s6);
+        return 0;
+    }
+    return -1;
+}
+
+/* Binds a socket like lws will (SO_REUSEADDR, plus SO_REUSEPORT when the
+ * port is shared by workers). Returns the fd, or -errno. */
+static int try_bind(const struct hub_config *cfg, int port, int reuseport)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    int one = 1;
+
+    if (listen_addr(cfg, port, &ss, &sl) < 0)
+        return -EADDRNOTAVAIL;
+    int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (reuseport)
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+    if (bind(fd, (struct sockaddr *)&ss, sl) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+/* Says why a bind failed: lws does not tell us, so try it ourselves. */
+static void explain_bind_failure(const struct hub_config *cfg)
+{
+    int fd = try_bind(cfg, cfg->listen_port, cfg->workers != 1);
+    if (fd >= 0) {
+        close(fd);
+        hub_log(HUB_LOG_ERROR, "cannot listen on %s", cfg->listen);
         return;
     }
-    int fd = socket(ss.ss_family, SOCK_STREAM, 0), one = 1;
-    if (fd >= 0) {
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-        if (bind(fd, (struct sockaddr *)&ss, sl) < 0) {
-            int e = errno;
-            close(fd);
-            hub_log(HUB_LOG_ERROR, "cannot listen on %s: %s%s", cfg->listen,
-                    strerror(e),
-                    e == EADDRINUSE ? " (another process has the port: stop it, or "
-                                      "choose another with listen or --listen)"
-                                    : "");
+    hub_log(HUB_LOG_ERROR, "cannot listen on %s: %s%s", cfg->listen, strerror(-fd),
+            fd == -EADDRINUSE ? " (another process has the port: stop it, or "
+                                "choose another with listen or --listen)"
+            : fd == -EADDRNOTAVAIL ? " (not an address of this machine)" : "");
+}
+
+/* Workers: lws 4.1.6 sets SO_REUSEPORT only with several service threads
+ * (server.c, `count_threads > 1`) and Debian builds it with one, so a
+ * second worker could not bind. Each worker listens itself instead, with
+ * SO_REUSEPORT (the kernel spreads connections over the workers), and hands
+ * every accepted socket to lws. */
+#define ACCEPT_BATCH 64
+
+static void on_accept(uv_poll_t *p, int status, int events)
+{
+    struct hub_server *srv = p->data;
+    int one = 1;
+
+    if (status < 0 || !(events & UV_READABLE))
+        return;
+    for (int i = 0; i < ACCEPT_BATCH; i++) {
+        int fd = accept4(srv->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+                errno != ECONNABORTED)
+                hub_log(HUB_LOG_WARN, "accept: %s", strerror(errno));
             return;
         }
-        close(fd);
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        if (!lws_adopt_socket_vhost(srv->vhost, fd)) /* closes fd on failure */
+            hub_log(HUB_LOG_WARN, "could not hand an accepted connection to lws");
     }
-    hub_log(HUB_LOG_ERROR, "cannot listen on %s", cfg->listen);
+}
+
+static void on_listener_closed(uv_handle_t *h)
+{
+    struct hub_server *srv = h->data;
+    close(srv->listen_fd);
+    srv->listen_fd = -1;
+}
+
+static int listen_shared(struct hub_server *srv)
+{
+    int fd = try_bind(srv->cfg, srv->cfg->listen_port, 1);
+    if (fd < 0 || listen(fd, 1024) < 0) {
+        if (fd >= 0)
+            close(fd);
+        explain_bind_failure(srv->cfg);
+        return -1;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+    srv->listen_fd = fd;
+    uv_poll_init(srv->loop, &srv->listener, fd);
+    srv->listener.data = srv;
+    uv_poll_start(&srv->listener, UV_READABLE, on_accept);
+    srv->port = srv->cfg->listen_port;
+    return 0;
+}
+
+int hub_server_reserve_port(struct hub_config *cfg)
+{
+    int fd = try_bind(cfg, cfg->listen_port, 1);
+    if (fd < 0) {
+        explain_bind_failure(cfg);
+        return -1;
+    }
+    if (cfg->listen_port == 0) {
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+        getsockname(fd, (struct sockaddr *)&ss, &sl);
+        cfg->listen_port = ntohs(ss.ss_family == AF_INET
+                                     ? ((struct sockaddr_in *)&ss)->sin_port
+                                     : ((struct sockaddr_in6 *)&ss)->sin6_port);
+    }
+    return fd;
 }
 
 static void make_instance_id(char *out, size_t outlen)
@@ -280,6 +377,7 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
     char err[256];
 
     memset(srv, 0, sizeof(*srv));
+    srv->listen_fd = -1;
     srv->loop = loop;
     srv->cfg = cfg;
     hub_chan_registry_init(&srv->chans);
@@ -362,7 +460,8 @@ int hub_server_start(struct hub_server *srv)
 
     memset(&info, 0, sizeof(info));
     info.vhost_name = "default";
-    info.port = cfg->listen_port;
+    /* Workers listen themselves (see listen_shared). */
+    info.port = cfg->workers != 1 ? CONTEXT_PORT_NO_LISTEN_SERVER : cfg->listen_port;
     info.iface = iface;
     info.protocols = srv->protocols;
     info.options = vopts;
@@ -374,6 +473,8 @@ int hub_server_start(struct hub_server *srv)
     }
     lws_set_log_level(LLL_ERR | LLL_WARN, log_emit);
     srv->port = lws_get_vhost_listen_port(srv->vhost);
+    if (cfg->workers != 1 && listen_shared(srv) < 0)
+        return -1;
     /* Tests and scripts parse this line: keep "listening on HOST:PORT" last. */
     hub_log(HUB_LOG_INFO | HUB_LOG_ALWAYS,
             "luahub %s (instance %s, websocket path %s) listening on %s%s%s:%d",
@@ -552,6 +653,8 @@ void hub_server_shutdown(struct hub_server *srv, hub_server_done_cb done)
     }
     srv->shutting_down = 1;
     srv->on_done = done;
+    if (srv->listen_fd >= 0)
+        uv_poll_stop(&srv->listener); /* workers: stop accepting now */
 
     unsigned n = 0;
     for (struct hub_conn *c = srv->conns; c; c = c->next) {
@@ -571,6 +674,8 @@ void hub_server_shutdown(struct hub_server *srv, hub_server_done_cb done)
 void hub_server_stop(struct hub_server *srv)
 {
     srv->shutting_down = 1;
+    if (srv->listen_fd >= 0 && !uv_is_closing((uv_handle_t *)&srv->listener))
+        uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
     if (srv->broker)
         srv->broker->ops->stop(srv->broker);
     if (srv->ctx)

@@ -35,6 +35,7 @@ struct hub_config {
 
     char *broker;                   /* "memory", or redis URLs separated by spaces */
     char *redis_prefix;             /* "luahub:" */
+    uint32_t workers;               /* worker processes; 0 = one per core ("auto") */
 };
 
 /* Every problem found, as "FILE:LINE: message" strings. */

@@ -24,6 +24,9 @@ int hub_log_get_level(void);
 int hub_log_level_parse(const char *name);
 const char *hub_log_level_name(int level);
 
+/* A tag put in front of every message, e.g. "worker 2" (NULL: none). */
+void hub_log_set_tag(const char *tag);
+
 /* Writes one line (a trailing newline is added). Safe from any callback. */
 void hub_log(int level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));

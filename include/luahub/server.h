@@ -26,6 +26,8 @@ struct hub_server {
     lws_retry_bo_t retry;           /* the vhost keeps a pointer to it */
     struct lws_protocols protocols[2];
     int port;                       /* bound port */
+    int listen_fd;                  /* workers: our SO_REUSEPORT listener, else -1 */
+    uv_poll_t listener;             /* ... watched here, accepted sockets go to lws */
 
     struct hub_policy *policy;      /* the Lua policy; NULL before start */
     struct hub_broker *broker;      /* where publishes go (memory or redis) */
@@ -62,6 +64,12 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
  * the caller still calls hub_server_stop(), drains the loop and calls
  * hub_server_free(). */
 int hub_server_start(struct hub_server *srv);
+
+/* For workers sharing a port: binds (without listening) a SO_REUSEPORT
+ * socket on the conf's address, so that every worker binds the same port;
+ * with port 0 it picks the port and writes it into `cfg`. Returns the fd to
+ * keep open while workers start, or -1 after logging why. */
+int hub_server_reserve_port(struct hub_config *cfg);
 
 /* Starts a graceful shutdown: refuses new work, queues close 1001 to every
  * client and calls `done` (once) when all are gone or shutdown_timeout has

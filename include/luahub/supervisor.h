@@ -1,0 +1,17 @@
+/* The supervisor of worker processes (conf `workers = N`): forks N workers
+ * that share the listen port (SO_REUSEPORT), restarts one that dies (with
+ * backoff if it keeps dying), forwards SIGHUP to all, and on SIGTERM/SIGINT
+ * forwards it and waits for every worker to exit. It runs no loop, holds no
+ * connection and loads no policy: each worker is a full hub. */
+#ifndef LUAHUB_SUPERVISOR_H
+#define LUAHUB_SUPERVISOR_H
+
+/* Runs a worker: returns its exit status. Called in the child process. */
+typedef int (*hub_worker_fn)(void *ud, unsigned index);
+
+/* Forks `n` workers running `fn` and supervises them until a SIGTERM or
+ * SIGINT has shut them all down. Returns 0 then (1 if a worker could not be
+ * forked at start). Call from the main thread before any loop exists. */
+int hub_supervise(unsigned n, hub_worker_fn fn, void *ud);
+
+#endif
