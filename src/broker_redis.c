@@ -44,9 +44,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <async.h>
-#include <hiredis.h>
-#include <sds.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <hiredis/sds.h>
 
 #include "broker_impl.h"
 #include "luahub/log.h"

@@ -387,6 +387,12 @@ static void on_subscribed(void *ud, int status)
     struct hub_conn *c = pending_conn(op);
     struct hub_span id = {op->id, op->id_len};
 
+    if (status == HUB_BROKER_CANCELED) {
+        /* The client left the channel (or went away) before Redis confirmed:
+         * the unsubscribe has been answered already. */
+        free(op);
+        return;
+    }
     if (c && status == HUB_BROKER_OK) {
         hub_proto_encode_ok(&op->srv->scratch, id, op->channel, op->channel_len);
         send_scratch(c);

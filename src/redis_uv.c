@@ -5,7 +5,7 @@
 
 #include <stdlib.h>
 
-#include <hiredis.h>
+#include <hiredis/hiredis.h>
 
 #include "luahub/util.h"
 

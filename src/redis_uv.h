@@ -19,7 +19,7 @@
 
 #include <uv.h>
 
-#include <async.h>
+#include <hiredis/async.h>
 
 /* Attaches `ac` (borrowed; hiredis owns it) to `loop`. On success the
  * adapter's state is owned by the context: redisAsyncFree() (or hiredis'
