@@ -48,7 +48,7 @@
 #define CONF_MAX_ERRORS 100              /* then evaluation stops */
 #define SHOW_MAX 64                      /* bytes of a user string quoted in a message */
 
-enum kind { K_STRING, K_STRINGS, K_INT, K_SIZE, K_SECONDS, K_WORKERS };
+enum kind { K_STRING, K_STRINGS, K_INT, K_SIZE, K_SECONDS, K_WORKERS, K_VARS };
 
 struct key;
 
@@ -102,6 +102,7 @@ static const struct key keys[] = {
     STRS(broker, broker, "memory", set_broker),
     STR(redis_prefix, redis_prefix, "luahub:", set_prefix),
     {"workers", K_WORKERS, FIELD(workers), 1, 1024, 1, NULL, NULL},
+    {"policy_vars", K_VARS, FIELD(policy_vars), 0, 0, 0, NULL, NULL},
 };
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
@@ -193,6 +194,7 @@ static const char *expected(enum kind kind)
     case K_STRING: return "expected a string";
     case K_STRINGS: return "expected a string or a list of strings";
     case K_WORKERS: return "expected a number of processes or \"auto\"";
+    case K_VARS: return "expected a table of name = string, number or boolean";
     case K_INT: return "expected an integer";
     case K_SECONDS: return "expected a whole number of seconds";
     case K_SIZE: return "expected a size (integer bytes or a string like \"64KiB\")";
@@ -290,6 +292,59 @@ static int get_number(lua_State *L, int idx, const struct key *k, int64_t *out,
 static int apply(struct hub_config *c, lua_State *L, int idx, const struct key *k,
                  struct hub_buf *why)
 {
+    if (k->kind == K_VARS) {
+        /* Values the policy reads as hub.vars (secrets, feature switches):
+         * stored as a JSON object, so they survive policy reloads. */
+        if (lua_type(L, idx) != LUA_TTABLE) {
+            hub_buf_printf(why, "%s, got %s", expected(k->kind), luaL_typename(L, idx));
+            return -1;
+        }
+        struct hub_buf json = {0};
+        int r = 0, n = 0;
+        hub_buf_appends(&json, "{");
+        lua_pushnil(L);
+        while (r == 0 && lua_next(L, idx < 0 ? idx - 1 : idx)) {
+            size_t kl, vl;
+            if (lua_type(L, -2) != LUA_TSTRING) {
+                hub_buf_appends(why, "names must be strings");
+                r = -1;
+            } else {
+                const char *name = lua_tolstring(L, -2, &kl);
+                hub_buf_appends(&json, n++ ? "," : "");
+                hub_buf_append_json_string(&json, name, kl);
+                hub_buf_appends(&json, ":");
+                switch (lua_type(L, -1)) {
+                case LUA_TSTRING: {
+                    const char *v = lua_tolstring(L, -1, &vl);
+                    hub_buf_append_json_string(&json, v, vl);
+                    break;
+                }
+                case LUA_TBOOLEAN:
+                    hub_buf_appends(&json, lua_toboolean(L, -1) ? "true" : "false");
+                    break;
+                case LUA_TNUMBER:
+                    if (lua_isinteger(L, -1))
+                        hub_buf_printf(&json, "%lld", (long long)lua_tointeger(L, -1));
+                    else
+                        hub_buf_printf(&json, "%.17g", lua_tonumber(L, -1));
+                    break;
+                default:
+                    hub_buf_printf(why, "'%s': expected a string, number or boolean, got %s",
+                                   name, luaL_typename(L, -1));
+                    r = -1;
+                }
+            }
+            lua_pop(L, 1);
+        }
+        if (r < 0) {
+            lua_pop(L, 1); /* the key lua_next left */
+        } else {
+            hub_buf_appends(&json, "}");
+            store_str(c, k, json.p);
+        }
+        hub_buf_free(&json);
+        return r;
+    }
     if (k->kind == K_WORKERS && lua_type(L, idx) == LUA_TSTRING) {
         if (strcmp(lua_tostring(L, idx), "auto") != 0) {
             hub_buf_printf(why, "%s, got ", expected(k->kind));
@@ -645,7 +700,9 @@ void hub_config_defaults(struct hub_config *c)
     memset(c, 0, sizeof(*c));
     for (size_t i = 0; i < NKEYS; i++) {
         const struct key *k = &keys[i];
-        if (k->kind != K_STRING && k->kind != K_STRINGS) {
+        if (k->kind == K_VARS) {
+            continue;
+        } else if (k->kind != K_STRING && k->kind != K_STRINGS) {
             store_num(c, k, k->def);
         } else if (k->def_s) {
             struct hub_buf why = {0};
@@ -668,6 +725,7 @@ void hub_config_free(struct hub_config *c)
     free(c->policy);
     free(c->broker);
     free(c->redis_prefix);
+    free(c->policy_vars);
     memset(c, 0, sizeof(*c));
 }
 

@@ -367,7 +367,8 @@ static struct pending *pending_new(struct hub_conn *c, struct hub_span id,
     op->remaining = 1;
     op->failed = 0;
     op->id_len = id.len < sizeof(op->id) ? (uint32_t)id.len : 0;
-    memcpy(op->id, id.p, op->id_len);
+    if (op->id_len) /* an absent id has p == NULL */
+        memcpy(op->id, id.p, op->id_len);
     op->channel_len = (uint32_t)channel_len;
     memcpy(op->channel, channel, channel_len);
     op->channel[channel_len] = '\0';

@@ -97,7 +97,7 @@ struct guard {
 static void guard_walk(lua_State *L, struct guard *g, int idx, int depth)
 {
     if ((++g->visits & 1023) == 0)
-        hub_policy_charge(g->p, L, 1024);
+        hub_sandbox_charge(g->p, L, 1024);
     switch (lua_type(L, idx)) {
     case LUA_TSTRING:
         g->acc += lua_rawlen(L, idx) + 2;
@@ -135,8 +135,9 @@ void hub_lua_encode(struct hub_policy *p, lua_State *L, int idx, const char *wha
     idx = lua_absindex(L, idx);
     guard_walk(L, &g, idx, 0);
     if (!g.deep && g.acc > g.limit)
-        luaL_error(L, "%s is too large to encode as JSON (about %zu bytes; "
-                      "lua_max_memory is %zu)", what, g.acc, p->mem_max);
+        luaL_error(L, "%s is too large to encode as JSON (about %I bytes; "
+                      "lua_max_memory is %I)", what, (lua_Integer)g.acc,
+                   (lua_Integer)p->mem_max);
     lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_encode);
     lua_pushvalue(L, idx);
     int st = lua_pcall(L, 1, 1, 0);
@@ -1188,4 +1189,11 @@ void hub_lua_open(struct hub_policy *p)
     lua_setfield(L, -2, "json");
     lua_pushliteral(L, HUB_VERSION);
     lua_setfield(L, -2, "version");
+
+    /* hub.vars: the conf's policy_vars (e.g. a token secret), a fresh
+     * table per state, so it is there again after a reload. */
+    lua_pushcfunction(L, l_json_decode);
+    lua_pushstring(L, p->cfg->policy_vars ? p->cfg->policy_vars : "{}");
+    lua_call(L, 1, 1);
+    lua_setfield(L, -2, "vars");
 }

@@ -1,7 +1,7 @@
-/* Private contract between the policy host (policy.c: state, sandbox,
- * budgets, dispatch, reload, metrics) and the API seen from Lua (lua_api.c:
- * the `hub` module, the `conn` and `msg` objects, timers, JSON and crypto
- * helpers). Nothing outside these two files includes it. Loop thread only.
+/* Private contract of the policy layer: policy.c (hook dispatch, reload,
+ * metrics), sandbox.c (the Lua state, its budgets and its sandbox) and
+ * lua_api.c (the `hub` module, the `conn` and `msg` objects, timers, JSON
+ * and crypto helpers). Nothing else includes it. Loop thread only.
  *
  * Stack discipline: index 1 of the main state is the message handler given
  * to every lua_pcall, index 2 the reusable `msg` object of on_publish; every
@@ -176,6 +176,26 @@ void hub_lua_timers_start(struct hub_policy *p);
  * callbacks; those only touch the handle) and drops the Lua refs. */
 void hub_lua_timers_close(struct hub_policy *p);
 
+/* ---- sandbox.c ---------------------------------------------------------- */
+
+/* Creates p->L (p->mem_max, p->budget set): the counting allocator, the
+ * count hook, the panic and warn handlers, the sandboxed _ENV (registry ref
+ * p->ref_env; while the main chunk runs, its __newindex records the lines of
+ * hook assignments in p->hook_line) with `hub` in it, and the stack layout
+ * HUB_LUA_MSGH / HUB_LUA_MSG. Returns 0, or -1 if no state could be made. */
+int hub_sandbox_open(struct hub_policy *p);
+
+/* The main chunk has run: global assignments become plain. */
+void hub_sandbox_loaded(struct hub_policy *p);
+
+/* Arms a fresh budget (and clears the failure flags) for a new call. */
+void hub_sandbox_arm(struct hub_policy *p);
+
+/* Charges `n` instructions of C work (e.g. walking a value to encode) to
+ * the budget of the call in progress; raises the budget stop when it runs
+ * out. No-op outside calls. */
+void hub_sandbox_charge(struct hub_policy *p, lua_State *L, int64_t n);
+
 /* ---- policy.c ----------------------------------------------------------- */
 
 /* Runs the function under `nargs` arguments on top of the stack as `phase`
@@ -185,11 +205,6 @@ void hub_lua_timers_close(struct hub_policy *p);
  * stack at what it was below the function and returns -1. */
 int hub_policy_pcall(struct hub_policy *p, int phase, struct hub_conn *c,
                      uint64_t conn_id, int nargs, int nres);
-
-/* Charges `n` instructions of C work (e.g. walking a value to encode) to
- * the budget of the call in progress; raises the budget stop when it runs
- * out. No-op outside calls. */
-void hub_policy_charge(struct hub_policy *p, lua_State *L, int64_t n);
 
 /* Name of a phase: "on_publish", "timer", "load". */
 const char *hub_policy_phase_name(int phase);

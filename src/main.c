@@ -85,17 +85,19 @@ static int run_hub(struct hub_config *cfg, int worker)
     uv_signal_init(&loop, &sig_int);
     uv_signal_init(&loop, &sig_hup);
 
-    /* Listen first: a startup failure is then one clear line of its own.
-     * No connection is served before the loop runs, and by then the policy
-     * is in place. */
-    if (hub_server_init(&server, &loop, cfg) < 0 || hub_server_start(&server) < 0) {
+    /* The policy is loaded before listening: a hub whose policy does not
+     * compile never accepts a connection. */
+    if (hub_server_init(&server, &loop, cfg) < 0) {
         rc = 1;
     } else if (!(server.policy = hub_policy_new(&server, &errs))) {
-        /* --check passed a moment ago, so this is rare (the file changed). */
         for (unsigned i = 0; i < errs.n; i++)
-            hub_log(HUB_LOG_ERROR, "%s", errs.v[i]);
+            fprintf(stderr, "%s\n", errs.v[i]);
+        fprintf(stderr, "luahub: the policy has %u problem%s, not starting\n", errs.n,
+                errs.n == 1 ? "" : "s");
         hub_config_errors_free(&errs);
         rc = 2;
+    } else if (hub_server_start(&server) < 0) {
+        rc = 1;
     }
     if (rc) {
         hub_server_stop(&server);
@@ -164,8 +166,10 @@ int main(int argc, char **argv)
         hub_config_free(&cfg);
         return 2;
     }
+    /* The policy is compiled here only for --check: at start hub_policy_new
+     * reports the same FILE:LINE problems (and runs its main chunk once). */
     if (hub_config_load(&cfg, conf_path, &errs) < 0 ||
-        hub_policy_check(&cfg, &errs) < 0) {
+        (check && hub_policy_check(&cfg, &errs) < 0)) {
         for (unsigned i = 0; i < errs.n; i++)
             fprintf(stderr, "%s\n", errs.v[i]);
         fprintf(stderr, "luahub: %s: %u problem%s, not starting\n", conf_path, errs.n,

@@ -1,23 +1,10 @@
-/* The Lua policy host: one lua_State running the operator's script in a
- * sandbox, with an instruction budget per call and a memory cap for the
- * whole state; hook dispatch; reload by build, verify, swap; metrics.
+/* The Lua policy host: loads the operator's script into a sandboxed state
+ * (sandbox.c), dispatches hooks, turns their return values into verdicts,
+ * reloads by build, verify, swap, and renders the metrics.
  *
- * Budgets (NOTES-stack.md §5.2-5.3):
- * - A count hook fires every HUB_LUA_TICK instructions and takes them off
- *   the call's budget; when it runs out it raises a sentinel (a light
- *   userdata) and keeps raising it at every tick, so a loop that catches
- *   the error with pcall dies at its next tick. pcall, xpcall and
- *   coroutine.resume/wrap are replaced by versions that re-raise the
- *   sentinel and out-of-memory errors instead of returning them, and a call
- *   that ends "normally" after its budget ran out is still a failure.
- * - The allocator counts every byte and refuses growth past lua_max_memory
- *   while Lua code runs (cap_on). Lua turns that into an out-of-memory
- *   error in the hook. Between calls the cap is off, so what C pushes as
- *   hook arguments (bounded: a channel name, a conn object) cannot fail.
- * - __gc metamethods are refused by setmetatable: Lua runs finalizers with
- *   hooks disabled, outside any budget.
- *
- * A failure (error, budget, unexpected return value) is logged as one line
+ * Every call runs under lua_pcall with the message handler at a fixed stack
+ * index and the budgets armed (sandbox.c). A failure (error, budget,
+ * unexpected return value) is logged as one line
  * `hook=<name> <chunk>:<line>: <message> [conn N]` (at most 10 a second per
  * hook), counted, and the decision is HUB_FAIL (deny). */
 #include "luahub/policy.h"
@@ -31,8 +18,6 @@
 
 #include <lauxlib.h>
 #include <lua.h>
-#include <lualib.h>
-#include <lua-cjson.h>
 #include <libwebsockets.h>
 #include <uv.h>
 
@@ -40,9 +25,6 @@
 #include "luahub/conn.h"
 #include "luahub/log.h"
 #include "luahub/server.h"
-
-/* lua-cjson's shared library exports it; its header does not declare it. */
-int luaopen_cjson_safe(lua_State *L);
 
 #define POLICY_MAX_FILE (16 * 1024 * 1024)
 #define LOG_PER_SECOND 10
@@ -58,8 +40,6 @@ static const uint64_t lat_bounds[HUB_LAT_BUCKETS] = {
     1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000,
     1000000, 2500000, 5000000, 10000000, 100000000, 1000000000,
 };
-
-static char kill_sentinel; /* its address is the budget stop's error object */
 
 struct hub_emit {
     const char *ch, *data;
@@ -97,409 +77,6 @@ static void add_err(struct hub_config_errors *e, const char *fmt, ...)
     hub_buf_appends(&b, tmp);
     e->v = hub_xrealloc(e->v, (e->n + 1) * sizeof(*e->v));
     e->v[e->n++] = b.p;
-}
-
-/* ---- allocator, count hook, message handler ------------------------------ */
-
-/* "chunk:line" of the innermost Lua function of `L` at `level` or above. */
-static void where_of(lua_State *L, int level, char *out, size_t n)
-{
-    lua_Debug ar;
-    out[0] = '\0';
-    for (; lua_getstack(L, level, &ar); level++) {
-        if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
-            snprintf(out, n, "%s:%d", ar.short_src, ar.currentline);
-            return;
-        }
-    }
-}
-
-static void *l_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
-{
-    struct hub_policy *p = ud;
-    size_t old = ptr ? osize : 0;
-
-    if (nsize == 0) {
-        free(ptr);
-        p->mem_used -= old;
-        return NULL;
-    }
-    if (nsize > old && p->cap_on && p->mem_used - old + nsize > p->mem_max) {
-        /* Only reads debug info (no allocation): safe inside the allocator. */
-        if (p->L)
-            where_of(p->L, 0, p->oom_where, sizeof(p->oom_where));
-        return NULL;
-    }
-    void *q = realloc(ptr, nsize);
-    if (!q)
-        return NULL;
-    p->mem_used = p->mem_used - old + nsize;
-    return q;
-}
-
-/* Everything that can raise runs protected; this is only reached when the
- * C library itself runs out of memory outside a call. */
-static int on_panic(lua_State *L)
-{
-    const char *msg = lua_tostring(L, -1);
-    hub_log(HUB_LOG_ERROR, "policy: unprotected Lua error: %s", msg ? msg : "?");
-    abort();
-}
-
-static void count_hook(lua_State *L, lua_Debug *ar)
-{
-    struct hub_policy *p = policy_of(L);
-
-    if (!p->killed) {
-        if ((p->budget_left -= HUB_LUA_TICK) > 0 || p->phase == HUB_PHASE_IDLE)
-            return;
-        p->killed = 1;
-        if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0)
-            snprintf(p->kill_where, sizeof(p->kill_where), "%s:%d", ar->short_src,
-                     ar->currentline);
-        else
-            where_of(L, 0, p->kill_where, sizeof(p->kill_where));
-    }
-    lua_pushlightuserdata(L, &kill_sentinel);
-    lua_error(L);
-}
-
-void hub_policy_charge(struct hub_policy *p, lua_State *L, int64_t n)
-{
-    if (!p->cap_on || p->killed)
-        return;
-    if ((p->budget_left -= n) > 0)
-        return;
-    p->killed = 1;
-    where_of(L, 1, p->kill_where, sizeof(p->kill_where));
-    lua_pushlightuserdata(L, &kill_sentinel);
-    lua_error(L);
-}
-
-/* Message handler of every call: records where the error was raised (and a
- * traceback when debug logging is on) and returns the error unchanged. It
- * runs no Lua code (no __tostring), so it cannot loop. */
-static int msgh(lua_State *L)
-{
-    struct hub_policy *p = policy_of(L);
-
-    where_of(L, 1, p->err_where, sizeof(p->err_where));
-    if (hub_log_enabled(HUB_LOG_DEBUG) && lua_type(L, 1) == LUA_TSTRING) {
-        luaL_traceback(L, L, lua_tostring(L, 1), 1);
-        hub_buf_reset(&p->tb);
-        hub_buf_appends(&p->tb, lua_tostring(L, -1));
-    }
-    lua_settop(L, 1);
-    return 1;
-}
-
-static void warnf(void *ud, const char *msg, int tocont)
-{
-    struct hub_policy *p = ud;
-
-    if (!p->warn.len && !tocont && msg[0] == '@')
-        return; /* control message ("@on", "@off") */
-    hub_buf_appends(&p->warn, msg);
-    if (tocont)
-        return;
-    hub_log(HUB_LOG_WARN, "policy: warning: %s", p->warn.p);
-    hub_buf_reset(&p->warn);
-}
-
-/* ---- sandbox --------------------------------------------------------------- */
-
-/* pcall/xpcall of the sandbox: Lua's own (lbaselib.c), except that the
- * budget stop and out-of-memory errors are raised again instead of being
- * returned, so a script cannot catch them. */
-static int finish_pcall(lua_State *L, int status, lua_KContext extra)
-{
-    if (status != LUA_OK && status != LUA_YIELD) {
-        struct hub_policy *p = policy_of(L);
-        if (status == LUA_ERRMEM)
-            p->mem_failed = 1;
-        if (p->killed || p->mem_failed)
-            return lua_error(L);
-        lua_pushboolean(L, 0);
-        lua_pushvalue(L, -2);
-        return 2;
-    }
-    return lua_gettop(L) - (int)extra;
-}
-
-static int sb_pcall(lua_State *L)
-{
-    luaL_checkany(L, 1);
-    lua_pushboolean(L, 1);
-    lua_insert(L, 1);
-    int status = lua_pcallk(L, lua_gettop(L) - 2, LUA_MULTRET, 0, 0, finish_pcall);
-    return finish_pcall(L, status, 0);
-}
-
-static int sb_xpcall(lua_State *L)
-{
-    int n = lua_gettop(L);
-    luaL_checktype(L, 2, LUA_TFUNCTION);
-    lua_pushboolean(L, 1);
-    lua_pushvalue(L, 1);
-    lua_rotate(L, 3, 2);
-    int status = lua_pcallk(L, n - 2, LUA_MULTRET, 2, 2, finish_pcall);
-    return finish_pcall(L, status, 2);
-}
-
-/* coroutine.resume/wrap (lcorolib.c) with the same rule: a coroutine that
- * died of the budget stop or of memory takes its resumer down too. */
-static int auxresume(lua_State *L, lua_State *co, int narg)
-{
-    struct hub_policy *p = policy_of(L);
-    int status, nres;
-
-    if (!lua_checkstack(co, narg)) {
-        lua_pushliteral(L, "too many arguments to resume");
-        return -1;
-    }
-    lua_xmove(L, co, narg);
-    status = lua_resume(co, L, narg, &nres);
-    if (status == LUA_OK || status == LUA_YIELD) {
-        if (!lua_checkstack(L, nres + 1)) {
-            lua_pop(co, nres);
-            lua_pushliteral(L, "too many results to resume");
-            return -1;
-        }
-        lua_xmove(co, L, nres);
-        return nres;
-    }
-    if (status == LUA_ERRMEM)
-        p->mem_failed = 1;
-    lua_xmove(co, L, 1);
-    if (p->killed || p->mem_failed)
-        lua_error(L);
-    return -1;
-}
-
-static int sb_coresume(lua_State *L)
-{
-    lua_State *co = lua_tothread(L, 1);
-    luaL_argexpected(L, co, 1, "coroutine");
-    int r = auxresume(L, co, lua_gettop(L) - 1);
-    if (r < 0) {
-        lua_pushboolean(L, 0);
-        lua_insert(L, -2);
-        return 2;
-    }
-    lua_pushboolean(L, 1);
-    lua_insert(L, -(r + 1));
-    return r + 1;
-}
-
-static int auxwrap(lua_State *L)
-{
-    lua_State *co = lua_tothread(L, lua_upvalueindex(1));
-    int r = auxresume(L, co, lua_gettop(L));
-    if (r < 0) {
-        int stat = lua_status(co);
-        if (stat != LUA_OK && stat != LUA_YIELD) {
-            stat = lua_resetthread(co);
-            lua_xmove(co, L, 1);
-        }
-        if (stat != LUA_ERRMEM && lua_type(L, -1) == LUA_TSTRING) {
-            luaL_where(L, 1);
-            lua_insert(L, -2);
-            lua_concat(L, 2);
-        }
-        return lua_error(L);
-    }
-    return r;
-}
-
-static int sb_cowrap(lua_State *L)
-{
-    luaL_checktype(L, 1, LUA_TFUNCTION);
-    lua_State *co = lua_newthread(L);
-    lua_pushvalue(L, 1);
-    lua_xmove(L, co, 1);
-    lua_pushcclosure(L, auxwrap, 1);
-    return 1;
-}
-
-/* setmetatable without __gc: finalizers run outside every budget. */
-static int sb_setmetatable(lua_State *L)
-{
-    int t = lua_type(L, 2);
-    luaL_checktype(L, 1, LUA_TTABLE);
-    luaL_argexpected(L, t == LUA_TNIL || t == LUA_TTABLE, 2, "nil or table");
-    if (t == LUA_TTABLE) {
-        lua_pushliteral(L, "__gc");
-        if (lua_rawget(L, 2) != LUA_TNIL)
-            return luaL_error(L, "setmetatable: __gc metamethods are not allowed in a "
-                                 "policy (finalizers would run outside the budgets)");
-        lua_pop(L, 1);
-    }
-    if (luaL_getmetafield(L, 1, "__metatable") != LUA_TNIL)
-        return luaL_error(L, "cannot change a protected metatable");
-    lua_settop(L, 2);
-    lua_setmetatable(L, 1);
-    return 1;
-}
-
-/* _ENV.__index: reading a global that was never assigned. */
-static int env_index(lua_State *L)
-{
-    if (lua_type(L, 2) == LUA_TSTRING)
-        return luaL_error(L, "undeclared global '%s'", lua_tostring(L, 2));
-    return luaL_error(L, "undeclared global (a %s key)", luaL_typename(L, 2));
-}
-
-/* _ENV.__newindex while the main chunk runs: records the line where each
- * hook is assigned, for messages about it. Removed once loaded. */
-static int env_newindex_load(lua_State *L)
-{
-    struct hub_policy *p = policy_of(L);
-    if (lua_type(L, 2) == LUA_TSTRING) {
-        const char *k = lua_tostring(L, 2);
-        for (int h = 0; h < HUB_HOOK__COUNT; h++) {
-            if (!strcmp(k, hook_names[h])) {
-                lua_Debug ar;
-                if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "l", &ar))
-                    p->hook_line[h] = ar.currentline;
-            }
-        }
-    }
-    lua_settop(L, 3);
-    lua_rawset(L, 1);
-    return 0;
-}
-
-/* Copies the fields `names` (NULL-terminated; NULL = all) of the table at
- * `from` into a new table, pushed. */
-static void copy_table(lua_State *L, int from, const char *const *names)
-{
-    from = lua_absindex(L, from);
-    lua_newtable(L);
-    if (names) {
-        for (; *names; names++) {
-            lua_getfield(L, from, *names);
-            lua_setfield(L, -2, *names);
-        }
-        return;
-    }
-    lua_pushnil(L);
-    while (lua_next(L, from)) {
-        lua_pushvalue(L, -2);
-        lua_insert(L, -2);
-        lua_rawset(L, -4);
-    }
-}
-
-static void open_lib(lua_State *L, const char *name, lua_CFunction f)
-{
-    luaL_requiref(L, name, f, 1);
-    lua_pop(L, 1);
-}
-
-static int headers_index(lua_State *L);
-
-/* Builds the state's environment; leaves the stack as HUB_LUA_MSGH (msgh)
- * and HUB_LUA_MSG (msg object). Memory is uncapped here (cap_on is 0), so
- * nothing raises but a real out-of-memory (then on_panic). */
-static void setup(struct hub_policy *p)
-{
-    lua_State *L = p->L;
-    static const char *const base[] = {
-        "assert", "error", "ipairs", "next", "pairs", "select", "tonumber",
-        "tostring", "type", "rawequal", "rawget", "rawlen", "rawset",
-        "getmetatable", "warn", "_VERSION", NULL,
-    };
-    static const char *const os_fns[] = {"time", "clock", "date", NULL};
-
-    lua_pushcfunction(L, msgh);
-
-    open_lib(L, LUA_GNAME, luaopen_base);
-    open_lib(L, LUA_STRLIBNAME, luaopen_string);
-    open_lib(L, LUA_TABLIBNAME, luaopen_table);
-    open_lib(L, LUA_MATHLIBNAME, luaopen_math);
-    open_lib(L, LUA_UTF8LIBNAME, luaopen_utf8);
-    open_lib(L, LUA_COLIBNAME, luaopen_coroutine);
-    open_lib(L, LUA_OSLIBNAME, luaopen_os);
-
-    /* cjson: linked, registered from C (no require, no package.cpath) */
-    luaL_requiref(L, "cjson", luaopen_cjson, 0);
-    lua_getfield(L, -1, "encode");
-    p->ref_encode = luaL_ref(L, LUA_REGISTRYINDEX);
-    lua_getfield(L, -1, "null");
-    p->ref_null = luaL_ref(L, LUA_REGISTRYINDEX);
-    lua_pop(L, 1);
-    luaL_requiref(L, "cjson.safe", luaopen_cjson_safe, 0);
-    lua_getfield(L, -1, "decode");
-    p->ref_decode = luaL_ref(L, LUA_REGISTRYINDEX);
-    lua_pop(L, 1);
-
-    /* The string metatable's __index is the real string table: no dump in
-     * it, and getmetatable("") gives false, so it cannot be patched. */
-    lua_getglobal(L, LUA_STRLIBNAME);
-    lua_pushnil(L);
-    lua_setfield(L, -2, "dump");
-    lua_pop(L, 1);
-    lua_pushliteral(L, "");
-    lua_getmetatable(L, -1);
-    lua_pushboolean(L, 0);
-    lua_setfield(L, -2, "__metatable");
-    lua_pop(L, 2);
-
-    /* the sandbox */
-    lua_newtable(L);
-    int env = lua_gettop(L);
-    lua_pushglobaltable(L);
-    for (const char *const *n = base; *n; n++) {
-        lua_getfield(L, -1, *n);
-        lua_setfield(L, env, *n);
-    }
-    lua_pop(L, 1);
-    lua_pushcfunction(L, sb_setmetatable);
-    lua_setfield(L, env, "setmetatable");
-    lua_pushcfunction(L, sb_pcall);
-    lua_setfield(L, env, "pcall");
-    lua_pushcfunction(L, sb_xpcall);
-    lua_setfield(L, env, "xpcall");
-
-    static const char *const libs[] = {LUA_STRLIBNAME, LUA_TABLIBNAME, LUA_MATHLIBNAME,
-                                       LUA_UTF8LIBNAME, LUA_COLIBNAME, NULL};
-    for (const char *const *n = libs; *n; n++) {
-        lua_getglobal(L, *n);
-        copy_table(L, -1, NULL);
-        lua_setfield(L, env, *n);
-        lua_pop(L, 1);
-    }
-    lua_getfield(L, env, LUA_COLIBNAME);
-    lua_pushcfunction(L, sb_coresume);
-    lua_setfield(L, -2, "resume");
-    lua_pushcfunction(L, sb_cowrap);
-    lua_setfield(L, -2, "wrap");
-    lua_pop(L, 1);
-    lua_getglobal(L, LUA_OSLIBNAME);
-    copy_table(L, -1, os_fns);
-    lua_setfield(L, env, LUA_OSLIBNAME);
-    lua_pop(L, 1);
-
-    hub_lua_open(p);
-    lua_setfield(L, env, "hub");
-    lua_pushvalue(L, env);
-    lua_setfield(L, env, "_G");
-
-    lua_newtable(L);
-    lua_pushcfunction(L, env_index);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, env_newindex_load);
-    lua_setfield(L, -2, "__newindex");
-    lua_setmetatable(L, env);
-    p->ref_env = luaL_ref(L, LUA_REGISTRYINDEX); /* pops env */
-
-    /* req.headers falls back to lws's custom headers during on_connect */
-    lua_newtable(L);
-    lua_pushcfunction(L, headers_index);
-    lua_setfield(L, -2, "__index");
-    p->ref_headers_mt = luaL_ref(L, LUA_REGISTRYINDEX);
-
-    hub_lua_new_msg(p);
 }
 
 /* ---- calls ----------------------------------------------------------------- */
@@ -548,14 +125,6 @@ static void describe_failure(struct hub_policy *p, int status, const char *where
         lua_pop(L, 1);
 }
 
-/* A fresh budget for a new call. */
-static void arm_budget(struct hub_policy *p)
-{
-    p->budget_left = p->budget;
-    p->killed = p->mem_failed = 0;
-    p->err_where[0] = p->kill_where[0] = p->oom_where[0] = '\0';
-}
-
 /* Runs the function under `nargs` arguments with the budgets on. Returns
  * the lua_pcall status, LUA_ERRRUN also when the call ended normally after
  * its budget ran out (the results are then popped). */
@@ -564,7 +133,7 @@ static int call(struct hub_policy *p, int phase, int nargs, int nres)
     lua_State *L = p->L;
     int saved = p->phase;
 
-    arm_budget(p);
+    hub_sandbox_arm(p);
     p->phase = phase;
     p->cap_on = 1;
     int st = lua_pcall(L, nargs, nres, HUB_LUA_MSGH);
@@ -822,6 +391,34 @@ static int push_header(lua_State *L, struct lws *wsi, enum lws_token_indexes t)
     return n >= 0;
 }
 
+/* The request headers lws knows by name ("host:" ...), without the colon;
+ * pseudo-headers (":path"), the method tokens ("get ") and "uri-args" are
+ * left out. Same for every request: built once. */
+static struct {
+    enum lws_token_indexes tok;
+    char name[48];
+    size_t len;
+} header_tokens[WSI_TOKEN_COUNT];
+static int n_header_tokens = -1;
+
+static void init_header_tokens(void)
+{
+    if (n_header_tokens >= 0)
+        return;
+    n_header_tokens = 0;
+    for (int t = 0; t < WSI_TOKEN_COUNT; t++) {
+        const char *name = (const char *)lws_token_to_string((enum lws_token_indexes)t);
+        size_t nl = name ? strlen(name) : 0;
+        if (nl < 2 || nl > sizeof(header_tokens[0].name) || name[0] == ':' ||
+            name[nl - 1] != ':')
+            continue;
+        header_tokens[n_header_tokens].tok = (enum lws_token_indexes)t;
+        memcpy(header_tokens[n_header_tokens].name, name, nl - 1);
+        header_tokens[n_header_tokens].len = nl - 1;
+        n_header_tokens++;
+    }
+}
+
 /* Pushes the req table of on_connect. */
 static void push_req(struct hub_policy *p, struct lws *wsi, const char *addr)
 {
@@ -851,16 +448,11 @@ static void push_req(struct hub_policy *p, struct lws *wsi, const char *addr)
     lua_setfield(L, -2, "query");
 
     lua_newtable(L);
-    for (int t = 0; t < WSI_TOKEN_COUNT; t++) {
-        const unsigned char *name = lws_token_to_string((enum lws_token_indexes)t);
-        if (!name)
+    init_header_tokens();
+    for (int i = 0; i < n_header_tokens; i++) {
+        if (!push_header(L, wsi, header_tokens[i].tok))
             continue;
-        size_t nl = strlen((const char *)name);
-        if (nl < 2 || name[0] == ':' || name[nl - 1] != ':')
-            continue;
-        if (!push_header(L, wsi, (enum lws_token_indexes)t))
-            continue;
-        lua_pushlstring(L, (const char *)name, nl - 1);
+        lua_pushlstring(L, header_tokens[i].name, header_tokens[i].len);
         lua_insert(L, -2);
         lua_rawset(L, -3);
     }
@@ -1238,7 +830,7 @@ enum hub_verdict hub_policy_on_rpc(struct hub_policy *p, struct hub_conn *c,
     if (data && data_len) {
         lua_pushcfunction(L, decode_tramp);
         lua_pushlstring(L, data, data_len);
-        arm_budget(p);
+        hub_sandbox_arm(p);
         p->cap_on = 1;
         int st = lua_pcall(L, 1, 1, HUB_LUA_MSGH);
         p->cap_on = 0;
@@ -1398,17 +990,16 @@ static struct hub_policy *build(struct hub_server *srv, const struct hub_config 
     }
     p->source_name = p->chunkname + 1;
 
-    p->L = lua_newstate(l_alloc, p);
-    if (!p->L) {
+    if (hub_sandbox_open(p) < 0) {
         add_err(errs, "%s: cannot create a Lua state (out of memory)", p->source_name);
         goto fail;
     }
     lua_State *L = p->L;
-    *(struct hub_policy **)lua_getextraspace(L) = p;
-    lua_atpanic(L, on_panic);
-    lua_setwarnf(L, warnf, p);
-    setup(p);
-    lua_sethook(L, count_hook, LUA_MASKCOUNT, HUB_LUA_TICK);
+    /* req.headers falls back to lws's custom headers during on_connect */
+    lua_newtable(L);
+    lua_pushcfunction(L, headers_index);
+    lua_setfield(L, -2, "__index");
+    p->ref_headers_mt = luaL_ref(L, LUA_REGISTRYINDEX);
 
     if (read_source(p, &src, errs) < 0)
         goto fail;
@@ -1483,10 +1074,7 @@ static struct hub_policy *build(struct hub_server *srv, const struct hub_config 
 
     /* from now on global assignments are plain; reads of unknown names
      * still raise */
-    lua_getmetatable(L, env);
-    lua_pushnil(L);
-    lua_setfield(L, -2, "__newindex");
-    lua_pop(L, 1);
+    hub_sandbox_loaded(p);
 
     if (warn_unknown) {
         lua_pushnil(L);
@@ -1532,13 +1120,18 @@ struct hub_policy *hub_policy_new(struct hub_server *srv, struct hub_config_erro
     if (!p)
         return NULL;
     hub_lua_timers_start(p);
-    hub_log(HUB_LOG_INFO, "policy %s loaded (%s%s%s%s%s%s)", p->source_name,
-            hub_policy_has(p, HUB_HOOK_CONNECT) ? "on_connect " : "",
-            hub_policy_has(p, HUB_HOOK_SUBSCRIBE) ? "on_subscribe " : "",
-            hub_policy_has(p, HUB_HOOK_UNSUBSCRIBE) ? "on_unsubscribe " : "",
-            hub_policy_has(p, HUB_HOOK_PUBLISH) ? "on_publish " : "",
-            hub_policy_has(p, HUB_HOOK_RPC) ? "on_rpc " : "",
-            hub_policy_has(p, HUB_HOOK_DISCONNECT) ? "on_disconnect" : "");
+    static const char *const names[HUB_HOOK__COUNT] = {
+        "on_connect", "on_subscribe", "on_unsubscribe", "on_publish", "on_rpc",
+        "on_disconnect",
+    };
+    char hooks[128] = "";
+    size_t n = 0;
+    for (int h = 0; h < HUB_HOOK__COUNT; h++)
+        if (hub_policy_has(p, (enum hub_hook)h))
+            n += (size_t)snprintf(hooks + n, sizeof(hooks) - n, "%s%s", n ? ", " : "",
+                                  names[h]);
+    hub_log(HUB_LOG_INFO, "policy %s loaded, hooks: %s", p->source_name,
+            n ? hooks : "none (everything is allowed)");
     return p;
 }
 

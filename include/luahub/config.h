@@ -36,6 +36,7 @@ struct hub_config {
     char *broker;                   /* "memory", or redis URLs separated by spaces */
     char *redis_prefix;             /* "luahub:" */
     uint32_t workers;               /* worker processes; 0 = one per core ("auto") */
+    char *policy_vars;              /* JSON object the policy sees as hub.vars, or NULL */
 };
 
 /* Every problem found, as "FILE:LINE: message" strings. */

@@ -62,7 +62,9 @@ struct hub {
 
 struct hub_opts {
     /* Value of --listen. NULL: "127.0.0.1:0". "": no --listen at all (the
-     * conf's `listen` key applies; it must bind 127.0.0.1, port 0). */
+     * conf's `listen` key applies; it must bind 127.0.0.1, port 0). Any
+     * other address: reach the hub with tcp_connect_at / http_request_at;
+     * the other helpers (hub_metric, ws_*, http_request) use 127.0.0.1. */
     const char *listen;
     /* More arguments appended after -c FILE [--listen X], NULL-terminated;
      * may be NULL. */
@@ -120,6 +122,11 @@ void hub_metric_wait(struct hub *h, const char *series, long long want,
  * startup failures. */
 int hub_run(const char *const *args, char **output, int timeout_ms);
 
+/* Same for any program: `argv` NULL-terminated, argv[0] its path (not
+ * searched in $PATH). The child runs in the test's namespaces; it is
+ * SIGKILLed if the test process dies. */
+int ht_run(const char *const *argv, char **output, int timeout_ms);
+
 /* Creates a temp file holding `content`. Returns its path (new string);
  * the caller unlinks and frees it. */
 char *ht_tmpfile(const char *content);
@@ -135,6 +142,9 @@ int tcp_connect(int port);
 int tcp_connect_opts(int port, int rcvbuf);
 /* Same, but returns -errno (e.g. -ECONNREFUSED) instead of failing. */
 int tcp_try_connect(int port);
+/* Connects to the numeric address `addr` ("192.0.2.1", "::1"), for a hub
+ * started with another --listen than 127.0.0.1. Fails the test on error. */
+int tcp_connect_at(const char *addr, int port);
 
 /* Sends all `n` bytes (each wait for room bounded by HT_WAIT_MS); fails the
  * test on error. Never raises SIGPIPE. */
@@ -171,6 +181,10 @@ struct http_resp {
  * response arrives within HT_WAIT_MS. */
 int http_request(int port, const char *method, const char *path,
                  const char *headers, const char *body, struct http_resp *r);
+/* Same, to the numeric address `addr` (see tcp_connect_at); the Host header
+ * names it. http_request is http_request_at("127.0.0.1", ...). */
+int http_request_at(const char *addr, int port, const char *method, const char *path,
+                    const char *headers, const char *body, struct http_resp *r);
 
 /* Sends `req` as it is (e.g. a chunked body, no Content-Length) on a new
  * connection and reads one response into `r`. Returns the status. */
@@ -347,8 +361,8 @@ const char *json_path_str(yajl_val v, ...);
 /* Failure locations                                                    */
 /* ------------------------------------------------------------------ */
 
-/* A failing helper reports the test's file:line (and its own line in
- * hubtest.c inside the message): each helper that can fail is wrapped in a
+/* A failing helper reports the test's file:line (and its own file:line,
+ * hubtest.c or hubtest_ws.c, inside the message): each helper that can fail is wrapped in a
  * macro of its own name that records the caller's __FILE__/__LINE__ first.
  * Write (ws_expect)(c, s) to call a function without its macro. */
 void ht_at(const char *file, int line);
@@ -366,14 +380,17 @@ void ht_at(const char *file, int line);
 #define hub_metric(...) HT_AT(hub_metric(__VA_ARGS__))
 #define hub_metric_wait(...) HT_AT(hub_metric_wait(__VA_ARGS__))
 #define hub_run(...) HT_AT(hub_run(__VA_ARGS__))
+#define ht_run(...) HT_AT(ht_run(__VA_ARGS__))
 #define ht_tmpfile(...) HT_AT(ht_tmpfile(__VA_ARGS__))
 #define tcp_connect(...) HT_AT(tcp_connect(__VA_ARGS__))
 #define tcp_connect_opts(...) HT_AT(tcp_connect_opts(__VA_ARGS__))
 #define tcp_try_connect(...) HT_AT(tcp_try_connect(__VA_ARGS__))
+#define tcp_connect_at(...) HT_AT(tcp_connect_at(__VA_ARGS__))
 #define tcp_send(...) HT_AT(tcp_send(__VA_ARGS__))
 #define tcp_recv(...) HT_AT(tcp_recv(__VA_ARGS__))
 #define tcp_wait_closed(...) HT_AT(tcp_wait_closed(__VA_ARGS__))
 #define http_request(...) HT_AT(http_request(__VA_ARGS__))
+#define http_request_at(...) HT_AT(http_request_at(__VA_ARGS__))
 #define http_raw(...) HT_AT(http_raw(__VA_ARGS__))
 #define http_read_response(...) HT_AT(http_read_response(__VA_ARGS__))
 #define http_resp_header(...) HT_AT(http_resp_header(__VA_ARGS__))

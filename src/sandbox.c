@@ -1,0 +1,469 @@
+/* The policy's Lua state: a counting allocator with the memory cap, the
+ * instruction budget, the message handler, and the sandboxed environment the
+ * script runs in. policy.c builds on it; lua_api.c provides `hub`.
+ *
+ * Budgets (NOTES-stack.md §5.2-5.3):
+ * - A count hook fires every HUB_LUA_TICK instructions and takes them off
+ *   the call's budget; when it runs out it raises a sentinel (a light
+ *   userdata) and keeps raising it at every tick, so a loop that catches
+ *   the error with pcall dies at its next tick. pcall, xpcall and
+ *   coroutine.resume/wrap are replaced by versions that re-raise the
+ *   sentinel and out-of-memory errors instead of returning them, and
+ *   policy.c fails a call that ends "normally" after its budget ran out.
+ * - The allocator counts every byte and refuses growth past lua_max_memory
+ *   while Lua code runs (cap_on). Lua turns that into an out-of-memory
+ *   error in the hook. Between calls the cap is off, so what C pushes as
+ *   hook arguments (bounded: a channel name, a conn object) cannot fail.
+ * - __gc metamethods are refused by setmetatable: Lua runs finalizers with
+ *   hooks disabled, outside any budget.
+ *
+ * Sandbox (NOTES-stack.md §5.4): base without load/loadfile/dofile/require/
+ * collectgarbage/print, string without dump, table, math, utf8, coroutine,
+ * os.time/clock/date, and `hub`; copies of the library tables; the string
+ * metatable protected; reading an undeclared global raises. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <lua-cjson.h>
+
+#include "lua_api.h"
+#include "luahub/log.h"
+
+/* lua-cjson's shared library exports it; its header does not declare it. */
+int luaopen_cjson_safe(lua_State *L);
+
+static char kill_sentinel; /* its address is the budget stop's error object */
+
+static struct hub_policy *policy_of(lua_State *L)
+{
+    return *(struct hub_policy **)lua_getextraspace(L);
+}
+
+/* ---- allocator, count hook, message handler ------------------------------ */
+
+/* "chunk:line" of the innermost Lua function of `L` at `level` or above. */
+static void where_of(lua_State *L, int level, char *out, size_t n)
+{
+    lua_Debug ar;
+    out[0] = '\0';
+    for (; lua_getstack(L, level, &ar); level++) {
+        if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
+            snprintf(out, n, "%s:%d", ar.short_src, ar.currentline);
+            return;
+        }
+    }
+}
+
+static void *l_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    struct hub_policy *p = ud;
+    size_t old = ptr ? osize : 0;
+
+    if (nsize == 0) {
+        free(ptr);
+        p->mem_used -= old;
+        return NULL;
+    }
+    if (nsize > old && p->cap_on && p->mem_used - old + nsize > p->mem_max) {
+        /* Only reads debug info (no allocation): safe inside the allocator. */
+        if (p->L)
+            where_of(p->L, 0, p->oom_where, sizeof(p->oom_where));
+        return NULL;
+    }
+    void *q = realloc(ptr, nsize);
+    if (!q)
+        return NULL;
+    p->mem_used = p->mem_used - old + nsize;
+    return q;
+}
+
+/* Everything that can raise runs protected; this is only reached when the
+ * C library itself runs out of memory outside a call. */
+static int on_panic(lua_State *L)
+{
+    const char *msg = lua_tostring(L, -1);
+    hub_log(HUB_LOG_ERROR, "policy: unprotected Lua error: %s", msg ? msg : "?");
+    abort();
+}
+
+static void count_hook(lua_State *L, lua_Debug *ar)
+{
+    struct hub_policy *p = policy_of(L);
+
+    if (!p->killed) {
+        if ((p->budget_left -= HUB_LUA_TICK) > 0 || p->phase == HUB_PHASE_IDLE)
+            return;
+        p->killed = 1;
+        if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0)
+            snprintf(p->kill_where, sizeof(p->kill_where), "%s:%d", ar->short_src,
+                     ar->currentline);
+        else
+            where_of(L, 0, p->kill_where, sizeof(p->kill_where));
+    }
+    lua_pushlightuserdata(L, &kill_sentinel);
+    lua_error(L);
+}
+
+void hub_sandbox_charge(struct hub_policy *p, lua_State *L, int64_t n)
+{
+    if (!p->cap_on || p->killed)
+        return;
+    if ((p->budget_left -= n) > 0)
+        return;
+    p->killed = 1;
+    where_of(L, 1, p->kill_where, sizeof(p->kill_where));
+    lua_pushlightuserdata(L, &kill_sentinel);
+    lua_error(L);
+}
+
+/* Message handler of every call: records where the error was raised (and a
+ * traceback when debug logging is on) and returns the error unchanged. It
+ * runs no Lua code (no __tostring), so it cannot loop. */
+static int msgh(lua_State *L)
+{
+    struct hub_policy *p = policy_of(L);
+
+    where_of(L, 1, p->err_where, sizeof(p->err_where));
+    if (hub_log_enabled(HUB_LOG_DEBUG) && lua_type(L, 1) == LUA_TSTRING) {
+        luaL_traceback(L, L, lua_tostring(L, 1), 1);
+        hub_buf_reset(&p->tb);
+        hub_buf_appends(&p->tb, lua_tostring(L, -1));
+    }
+    lua_settop(L, 1);
+    return 1;
+}
+
+static void warnf(void *ud, const char *msg, int tocont)
+{
+    struct hub_policy *p = ud;
+
+    if (!p->warn.len && !tocont && msg[0] == '@')
+        return; /* control message ("@on", "@off") */
+    hub_buf_appends(&p->warn, msg);
+    if (tocont)
+        return;
+    hub_log(HUB_LOG_WARN, "policy: warning: %s", p->warn.p);
+    hub_buf_reset(&p->warn);
+}
+
+/* ---- sandbox --------------------------------------------------------------- */
+
+/* pcall/xpcall of the sandbox: Lua's own (lbaselib.c), except that the
+ * budget stop and out-of-memory errors are raised again instead of being
+ * returned, so a script cannot catch them. */
+static int finish_pcall(lua_State *L, int status, lua_KContext extra)
+{
+    if (status != LUA_OK && status != LUA_YIELD) {
+        struct hub_policy *p = policy_of(L);
+        if (status == LUA_ERRMEM)
+            p->mem_failed = 1;
+        if (p->killed || p->mem_failed)
+            return lua_error(L);
+        lua_pushboolean(L, 0);
+        lua_pushvalue(L, -2);
+        return 2;
+    }
+    return lua_gettop(L) - (int)extra;
+}
+
+static int sb_pcall(lua_State *L)
+{
+    luaL_checkany(L, 1);
+    lua_pushboolean(L, 1);
+    lua_insert(L, 1);
+    int status = lua_pcallk(L, lua_gettop(L) - 2, LUA_MULTRET, 0, 0, finish_pcall);
+    return finish_pcall(L, status, 0);
+}
+
+static int sb_xpcall(lua_State *L)
+{
+    int n = lua_gettop(L);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushboolean(L, 1);
+    lua_pushvalue(L, 1);
+    lua_rotate(L, 3, 2);
+    int status = lua_pcallk(L, n - 2, LUA_MULTRET, 2, 2, finish_pcall);
+    return finish_pcall(L, status, 2);
+}
+
+/* coroutine.resume/wrap (lcorolib.c) with the same rule: a coroutine that
+ * died of the budget stop or of memory takes its resumer down too. */
+static int auxresume(lua_State *L, lua_State *co, int narg)
+{
+    struct hub_policy *p = policy_of(L);
+    int status, nres;
+
+    if (!lua_checkstack(co, narg)) {
+        lua_pushliteral(L, "too many arguments to resume");
+        return -1;
+    }
+    lua_xmove(L, co, narg);
+    status = lua_resume(co, L, narg, &nres);
+    if (status == LUA_OK || status == LUA_YIELD) {
+        if (!lua_checkstack(L, nres + 1)) {
+            lua_pop(co, nres);
+            lua_pushliteral(L, "too many results to resume");
+            return -1;
+        }
+        lua_xmove(co, L, nres);
+        return nres;
+    }
+    if (status == LUA_ERRMEM)
+        p->mem_failed = 1;
+    lua_xmove(co, L, 1);
+    if (p->killed || p->mem_failed)
+        lua_error(L);
+    return -1;
+}
+
+static int sb_coresume(lua_State *L)
+{
+    lua_State *co = lua_tothread(L, 1);
+    luaL_argexpected(L, co, 1, "coroutine");
+    int r = auxresume(L, co, lua_gettop(L) - 1);
+    if (r < 0) {
+        lua_pushboolean(L, 0);
+        lua_insert(L, -2);
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    lua_insert(L, -(r + 1));
+    return r + 1;
+}
+
+static int auxwrap(lua_State *L)
+{
+    lua_State *co = lua_tothread(L, lua_upvalueindex(1));
+    int r = auxresume(L, co, lua_gettop(L));
+    if (r < 0) {
+        int stat = lua_status(co);
+        if (stat != LUA_OK && stat != LUA_YIELD) {
+            stat = lua_resetthread(co);
+            lua_xmove(co, L, 1);
+        }
+        if (stat != LUA_ERRMEM && lua_type(L, -1) == LUA_TSTRING) {
+            luaL_where(L, 1);
+            lua_insert(L, -2);
+            lua_concat(L, 2);
+        }
+        return lua_error(L);
+    }
+    return r;
+}
+
+static int sb_cowrap(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    lua_State *co = lua_newthread(L);
+    lua_pushvalue(L, 1);
+    lua_xmove(L, co, 1);
+    lua_pushcclosure(L, auxwrap, 1);
+    return 1;
+}
+
+/* setmetatable without __gc: finalizers run outside every budget. */
+static int sb_setmetatable(lua_State *L)
+{
+    int t = lua_type(L, 2);
+    luaL_checktype(L, 1, LUA_TTABLE);
+    luaL_argexpected(L, t == LUA_TNIL || t == LUA_TTABLE, 2, "nil or table");
+    if (t == LUA_TTABLE) {
+        lua_pushliteral(L, "__gc");
+        if (lua_rawget(L, 2) != LUA_TNIL)
+            return luaL_error(L, "setmetatable: __gc metamethods are not allowed in a "
+                                 "policy (finalizers would run outside the budgets)");
+        lua_pop(L, 1);
+    }
+    if (luaL_getmetafield(L, 1, "__metatable") != LUA_TNIL)
+        return luaL_error(L, "cannot change a protected metatable");
+    lua_settop(L, 2);
+    lua_setmetatable(L, 1);
+    return 1;
+}
+
+/* _ENV.__index: reading a global that was never assigned. */
+static int env_index(lua_State *L)
+{
+    if (lua_type(L, 2) == LUA_TSTRING)
+        return luaL_error(L, "undeclared global '%s'", lua_tostring(L, 2));
+    return luaL_error(L, "undeclared global (a %s key)", luaL_typename(L, 2));
+}
+
+/* _ENV.__newindex while the main chunk runs: records the line where each
+ * hook is assigned, for messages about it. Removed once loaded. */
+static int env_newindex_load(lua_State *L)
+{
+    struct hub_policy *p = policy_of(L);
+    if (lua_type(L, 2) == LUA_TSTRING) {
+        const char *k = lua_tostring(L, 2);
+        for (int h = 0; h < HUB_HOOK__COUNT; h++) {
+            if (!strcmp(k, hub_policy_phase_name(h))) {
+                lua_Debug ar;
+                if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "l", &ar))
+                    p->hook_line[h] = ar.currentline;
+            }
+        }
+    }
+    lua_settop(L, 3);
+    lua_rawset(L, 1);
+    return 0;
+}
+
+/* Copies the fields `names` (NULL-terminated; NULL = all) of the table at
+ * `from` into a new table, pushed. */
+static void copy_table(lua_State *L, int from, const char *const *names)
+{
+    from = lua_absindex(L, from);
+    lua_newtable(L);
+    if (names) {
+        for (; *names; names++) {
+            lua_getfield(L, from, *names);
+            lua_setfield(L, -2, *names);
+        }
+        return;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, from)) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, -4);
+    }
+}
+
+static void open_lib(lua_State *L, const char *name, lua_CFunction f)
+{
+    luaL_requiref(L, name, f, 1);
+    lua_pop(L, 1);
+}
+
+/* Builds the state's environment; leaves the stack as HUB_LUA_MSGH (msgh)
+ * and HUB_LUA_MSG (msg object). Memory is uncapped here (cap_on is 0), so
+ * nothing raises but a real out-of-memory (then on_panic). */
+static void setup(struct hub_policy *p)
+{
+    lua_State *L = p->L;
+    static const char *const base[] = {
+        "assert", "error", "ipairs", "next", "pairs", "select", "tonumber",
+        "tostring", "type", "rawequal", "rawget", "rawlen", "rawset",
+        "getmetatable", "warn", "_VERSION", NULL,
+    };
+    static const char *const os_fns[] = {"time", "clock", "date", NULL};
+
+    lua_pushcfunction(L, msgh);
+
+    open_lib(L, LUA_GNAME, luaopen_base);
+    open_lib(L, LUA_STRLIBNAME, luaopen_string);
+    open_lib(L, LUA_TABLIBNAME, luaopen_table);
+    open_lib(L, LUA_MATHLIBNAME, luaopen_math);
+    open_lib(L, LUA_UTF8LIBNAME, luaopen_utf8);
+    open_lib(L, LUA_COLIBNAME, luaopen_coroutine);
+    open_lib(L, LUA_OSLIBNAME, luaopen_os);
+
+    /* cjson: linked, registered from C (no require, no package.cpath) */
+    luaL_requiref(L, "cjson", luaopen_cjson, 0);
+    lua_getfield(L, -1, "encode");
+    p->ref_encode = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_getfield(L, -1, "null");
+    p->ref_null = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pop(L, 1);
+    luaL_requiref(L, "cjson.safe", luaopen_cjson_safe, 0);
+    lua_getfield(L, -1, "decode");
+    p->ref_decode = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pop(L, 1);
+
+    /* The string metatable's __index is the real string table: no dump in
+     * it, and getmetatable("") gives false, so it cannot be patched. */
+    lua_getglobal(L, LUA_STRLIBNAME);
+    lua_pushnil(L);
+    lua_setfield(L, -2, "dump");
+    lua_pop(L, 1);
+    lua_pushliteral(L, "");
+    lua_getmetatable(L, -1);
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");
+    lua_pop(L, 2);
+
+    /* the sandbox */
+    lua_newtable(L);
+    int env = lua_gettop(L);
+    lua_pushglobaltable(L);
+    for (const char *const *n = base; *n; n++) {
+        lua_getfield(L, -1, *n);
+        lua_setfield(L, env, *n);
+    }
+    lua_pop(L, 1);
+    lua_pushcfunction(L, sb_setmetatable);
+    lua_setfield(L, env, "setmetatable");
+    lua_pushcfunction(L, sb_pcall);
+    lua_setfield(L, env, "pcall");
+    lua_pushcfunction(L, sb_xpcall);
+    lua_setfield(L, env, "xpcall");
+
+    static const char *const libs[] = {LUA_STRLIBNAME, LUA_TABLIBNAME, LUA_MATHLIBNAME,
+                                       LUA_UTF8LIBNAME, LUA_COLIBNAME, NULL};
+    for (const char *const *n = libs; *n; n++) {
+        lua_getglobal(L, *n);
+        copy_table(L, -1, NULL);
+        lua_setfield(L, env, *n);
+        lua_pop(L, 1);
+    }
+    lua_getfield(L, env, LUA_COLIBNAME);
+    lua_pushcfunction(L, sb_coresume);
+    lua_setfield(L, -2, "resume");
+    lua_pushcfunction(L, sb_cowrap);
+    lua_setfield(L, -2, "wrap");
+    lua_pop(L, 1);
+    lua_getglobal(L, LUA_OSLIBNAME);
+    copy_table(L, -1, os_fns);
+    lua_setfield(L, env, LUA_OSLIBNAME);
+    lua_pop(L, 1);
+
+    hub_lua_open(p);
+    lua_setfield(L, env, "hub");
+    lua_pushvalue(L, env);
+    lua_setfield(L, env, "_G");
+
+    lua_newtable(L);
+    lua_pushcfunction(L, env_index);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, env_newindex_load);
+    lua_setfield(L, -2, "__newindex");
+    lua_setmetatable(L, env);
+    p->ref_env = luaL_ref(L, LUA_REGISTRYINDEX); /* pops env */
+
+    hub_lua_new_msg(p);
+}
+
+void hub_sandbox_arm(struct hub_policy *p)
+{
+    p->budget_left = p->budget;
+    p->killed = p->mem_failed = 0;
+    p->err_where[0] = p->kill_where[0] = p->oom_where[0] = '\0';
+}
+
+int hub_sandbox_open(struct hub_policy *p)
+{
+    p->L = lua_newstate(l_alloc, p);
+    if (!p->L)
+        return -1;
+    *(struct hub_policy **)lua_getextraspace(p->L) = p;
+    lua_atpanic(p->L, on_panic);
+    lua_setwarnf(p->L, warnf, p);
+    setup(p);
+    lua_sethook(p->L, count_hook, LUA_MASKCOUNT, HUB_LUA_TICK);
+    return 0;
+}
+
+void hub_sandbox_loaded(struct hub_policy *p)
+{
+    lua_State *L = p->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_env);
+    lua_getmetatable(L, -1);
+    lua_pushnil(L);
+    lua_setfield(L, -2, "__newindex");
+    lua_pop(L, 2);
+}
