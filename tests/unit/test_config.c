@@ -1049,6 +1049,93 @@ START_TEST(t_reload_same_struct)
 }
 END_TEST
 
+/* ---- scale-out and policy keys ---------------------------------------- */
+
+START_TEST(t_broker_and_workers)
+{
+    load_ok("broker = \"redis://:pw@127.0.0.1:6380/2\"\nworkers = 4\nredis_prefix = \"app:\"\n");
+    ck_assert_str_eq(c.broker, "redis://:pw@127.0.0.1:6380/2");
+    ck_assert_uint_eq(c.workers, 4);
+    ck_assert_str_eq(c.redis_prefix, "app:");
+    hub_config_free(&c);
+    hub_config_defaults(&c);
+    /* A list shards channels: stored as one space-separated string. */
+    load_ok("broker = { \"redis://a:1\", \"redis://b:2\" }\nworkers = \"auto\"\n");
+    ck_assert_str_eq(c.broker, "redis://a:1 redis://b:2");
+    ck_assert_uint_eq(c.workers, 0);
+}
+END_TEST
+
+START_TEST(t_broker_defaults)
+{
+    load_ok("");
+    ck_assert_str_eq(c.broker, "memory");
+    ck_assert_str_eq(c.redis_prefix, "luahub:");
+    ck_assert_uint_eq(c.workers, 1);
+    ck_assert_ptr_null(c.policy_vars);
+}
+END_TEST
+
+START_TEST(t_broker_bad_url)
+{
+    load_one_error("broker = \"redis://x:99999\"\n",
+                   ":1: broker: broker URL \"redis://x:99999\": bad port \"99999\" (expected 1-65535)");
+}
+END_TEST
+
+START_TEST(t_broker_bad_list)
+{
+    load_one_error("broker = { \"redis://a:1\", 7 }\n",
+                   ":1: broker: item 2: expected a string, got number");
+    hub_config_free(&c);
+    hub_config_errors_free(&e);
+    hub_config_defaults(&c);
+    load_one_error("broker = {}\n", ":1: broker: the list is empty");
+}
+END_TEST
+
+START_TEST(t_workers_need_redis)
+{
+    load_one_error("workers = 2\n",
+                   ":1: workers = N > 1 needs the redis broker (set broker = "
+                   "\"redis://host:port\"): with the memory broker each process only sees "
+                   "its own subscribers");
+}
+END_TEST
+
+START_TEST(t_workers_bad)
+{
+    load_one_error("workers = \"many\"\n",
+                   ":1: workers: expected a number of processes or \"auto\", got \"many\"");
+}
+END_TEST
+
+START_TEST(t_policy_vars)
+{
+    load_ok("policy_vars = { secret = \"s\\\"q\", n = 5, f = 1.5, on = true }\n");
+    ck_assert_ptr_nonnull(c.policy_vars);
+    /* Key order is Lua's: check each member, and that it is one object. */
+    ck_assert(c.policy_vars[0] == '{');
+    ck_assert_ptr_nonnull(strstr(c.policy_vars, "\"secret\":\"s\\\"q\""));
+    ck_assert_ptr_nonnull(strstr(c.policy_vars, "\"n\":5"));
+    ck_assert_ptr_nonnull(strstr(c.policy_vars, "\"f\":1.5"));
+    ck_assert_ptr_nonnull(strstr(c.policy_vars, "\"on\":true"));
+}
+END_TEST
+
+START_TEST(t_policy_vars_bad)
+{
+    load_one_error("policy_vars = { t = {} }\n",
+                   ":1: policy_vars: 't': expected a string, number or boolean, got table");
+    hub_config_free(&c);
+    hub_config_errors_free(&e);
+    hub_config_defaults(&c);
+    load_one_error("policy_vars = \"x\"\n",
+                   ":1: policy_vars: expected a table of name = string, number or boolean, "
+                   "got string");
+}
+END_TEST
+
 static Suite *config_suite(void)
 {
     Suite *s = suite_create("config");
@@ -1129,6 +1216,16 @@ static Suite *config_suite(void)
 
     TC("shipped");
     tcase_add_test(tc, t_shipped_conf);
+
+    TC("scale-out and policy keys");
+    tcase_add_test(tc, t_broker_and_workers);
+    tcase_add_test(tc, t_broker_defaults);
+    tcase_add_test(tc, t_broker_bad_url);
+    tcase_add_test(tc, t_broker_bad_list);
+    tcase_add_test(tc, t_workers_need_redis);
+    tcase_add_test(tc, t_workers_bad);
+    tcase_add_test(tc, t_policy_vars);
+    tcase_add_test(tc, t_policy_vars_bad);
 #undef TC
     return s;
 }
