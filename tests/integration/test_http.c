@@ -47,17 +47,6 @@
 /* Helpers                                                              */
 /* ------------------------------------------------------------------ */
 
-static char *xasprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *xasprintf(const char *fmt, ...)
-{
-    va_list ap;
-    char *s = NULL;
-    va_start(ap, fmt);
-    int n = vasprintf(&s, fmt, ap);
-    va_end(ap);
-    ck_assert_msg(n >= 0, "out of memory");
-    return s;
-}
 
 /* A hub with one WebSocket client subscribed to "room". `auth`: the header
  * line API requests need on this hub ("" when api_key is unset). */
@@ -78,7 +67,7 @@ static void fx_start_conf(struct fx *f, const char *conf, const char *auth)
 /* The fixture on CONF plus `extra_conf` (may be NULL). */
 static void fx_start(struct fx *f, const char *extra_conf, const char *auth)
 {
-    char *conf = xasprintf("%s%s", CONF, extra_conf ? extra_conf : "");
+    char *conf = ht_asprintf("%s%s", CONF, extra_conf ? extra_conf : "");
     fx_start_conf(f, conf, auth);
     free(conf);
 }
@@ -94,40 +83,13 @@ static void fx_stop(struct fx *f)
 static int api(int port, const char *method, const char *path, const char *headers,
                const char *body, struct http_resp *r)
 {
-    char *hdr = xasprintf(JSON_CT "%s", headers ? headers : "");
+    char *hdr = ht_asprintf(JSON_CT "%s", headers ? headers : "");
     int st = http_request(port, method, path, hdr, body, r);
     free(hdr);
     return st;
 }
 
-/* `r` must be `status` with the protocol's error object for `code`:
- * {"ok":false,"error":{"code":"CODE","message":"<non-empty>"}}, as JSON. */
-static void expect_error(const struct http_resp *r, int status, const char *code)
-{
-    ck_assert_msg(r->status == status, "expected HTTP %d (%s), got %d:\n%s%s", status, code,
-                  r->status, r->head, r->body);
-    char *prefix = xasprintf("{\"ok\":false,\"error\":{\"code\":\"%s\",\"message\":\"", code);
-    ck_assert_msg(strncmp(r->body, prefix, strlen(prefix)) == 0 &&
-                  r->body_len > strlen(prefix) + 3 &&
-                  strcmp(r->body + r->body_len - 3, "\"}}") == 0,
-                  "HTTP %d: expected body %s<message>\"}}, got: %s", status, prefix, r->body);
-    free(prefix);
-    yajl_val v = json_parse(r->body);
-    const char *m = json_get_str(v, "error", "message");
-    ck_assert_msg(m && *m, "error without a message: %s", r->body);
-    yajl_tree_free(v);
-    char *ct = http_resp_header(r, "Content-Type");
-    ck_assert_msg(ct && strncmp(ct, "application/json", 16) == 0,
-                  "error with Content-Type %s", ct ? ct : "(none)");
-    free(ct);
-}
 
-/* `r` must be 200 {"ok":true}. */
-static void expect_ok(const struct http_resp *r)
-{
-    ck_assert_msg(r->status == 200 && strcmp(r->body, "{\"ok\":true}") == 0,
-                  "expected 200 {\"ok\":true}, got %d:\n%s%s", r->status, r->head, r->body);
-}
 
 /* The hub still serves: nothing was delivered to the subscriber so far
  * (beyond what the test already read), and a good API publish reaches it. */
@@ -137,10 +99,10 @@ static void still_serves(struct fx *f)
     ws_sync(f->sub);
     char data[32];
     snprintf(data, sizeof data, "{\"after\":%d}", ++seq);
-    char *body = xasprintf("{\"channel\":\"room\",\"data\":%s}", data);
+    char *body = ht_asprintf("{\"channel\":\"room\",\"data\":%s}", data);
     struct http_resp r;
     api(f->h->port, "POST", "/api/publish", f->auth, body, &r);
-    expect_ok(&r);
+    http_expect_ok(&r);
     http_resp_free(&r);
     free(body);
     char *want = ws_delivery("room", data);
@@ -195,7 +157,7 @@ static char *sized_body(size_t total, char **data)
         b[sizeof pre - 1 + i] = (char)('a' + i % 26);
     memcpy(b + sizeof pre - 1 + pad, post, sizeof post);
     ck_assert_uint_eq(strlen(b), total);
-    *data = xasprintf("\"%.*s\"", (int)pad, b + sizeof pre - 1);
+    *data = ht_asprintf("\"%.*s\"", (int)pad, b + sizeof pre - 1);
     return b;
 }
 
@@ -211,10 +173,10 @@ START_TEST(api_publish_delivers_exact_bytes)
     ws_subscribe(other, "elsewhere");
     /* spacing, escapes and number forms must reach subscribers untouched */
     const char *data = "{ \"t\" : [1, 2.50, -0e+1, \"\\u00e9\\n\"] ,\"n\":null }";
-    char *body = xasprintf("{\"channel\":\"room\",\"data\":%s}", data);
+    char *body = ht_asprintf("{\"channel\":\"room\",\"data\":%s}", data);
     struct http_resp r;
     ck_assert_int_eq(api(f.h->port, "POST", "/api/publish", NULL, body, &r), 200);
-    expect_ok(&r);
+    http_expect_ok(&r);
     char *ct = http_resp_header(&r, "Content-Type");
     ck_assert_msg(ct && strncmp(ct, "application/json", 16) == 0, "Content-Type %s", ct);
     free(ct);
@@ -245,7 +207,7 @@ START_TEST(api_broadcast_each_channel_once)
     struct http_resp r;
     ck_assert_int_eq(api(f.h->port, "POST", "/api/broadcast", NULL,
                          "{\"channels\":[\"room\",\"lobby\"],\"data\":{\"n\":1}}", &r), 200);
-    expect_ok(&r);
+    http_expect_ok(&r);
     http_resp_free(&r);
     ws_expect(f.sub, "{\"op\":\"message\",\"channel\":\"room\",\"data\":{\"n\":1}}");
     ws_expect(b, "{\"op\":\"message\",\"channel\":\"lobby\",\"data\":{\"n\":1}}");
@@ -276,7 +238,7 @@ START_TEST(api_broadcast_duplicate_names_deliver_once)
     ck_assert_int_eq(api(f.h->port, "POST", "/api/broadcast", NULL,
                          "{\"channels\":[\"room\",\"room\",\"lobby\",\"room\",\"lobby\"],"
                          "\"data\":\"dup\"}", &r), 200);
-    expect_ok(&r);
+    http_expect_ok(&r);
     http_resp_free(&r);
     ws_expect(f.sub, "{\"op\":\"message\",\"channel\":\"room\",\"data\":\"dup\"}");
     ws_expect_pair(both, "{\"op\":\"message\",\"channel\":\"room\",\"data\":\"dup\"}",
@@ -298,10 +260,10 @@ START_TEST(api_broadcast_invalid_channel_delivers_nothing)
     struct http_resp r;
     api(f.h->port, "POST", "/api/broadcast", NULL,
         "{\"channels\":[\"room\",\"bad name\"],\"data\":1}", &r);
-    expect_error(&r, 400, "invalid_channel");
+    http_expect_error(&r, 400, "invalid_channel");
     http_resp_free(&r);
     api(f.h->port, "POST", "/api/broadcast", NULL, "{\"channels\":[],\"data\":1}", &r);
-    expect_error(&r, 400, "bad_request");
+    http_expect_error(&r, 400, "bad_request");
     http_resp_free(&r);
     ck_assert_int_eq(hub_metric(f.h, "luahub_messages_published_total"), 0);
     still_serves(&f);
@@ -322,7 +284,7 @@ START_TEST(api_broadcast_1024_channels_at_most)
     snprintf(body + n, cap - n, "],\"data\":1}");
     struct http_resp r;
     api(f.h->port, "POST", "/api/broadcast", NULL, body, &r);
-    expect_error(&r, 400, "limit_exceeded");
+    http_expect_error(&r, 400, "limit_exceeded");
     http_resp_free(&r);
     ck_assert_int_eq(hub_metric(f.h, "luahub_messages_published_total"), 0);
     ws_sync(f.sub);
@@ -331,7 +293,7 @@ START_TEST(api_broadcast_1024_channels_at_most)
     ck_assert_ptr_nonnull(last);
     snprintf(last, cap - (size_t)(last - body), "],\"data\":1024}");
     api(f.h->port, "POST", "/api/broadcast", NULL, body, &r);
-    expect_ok(&r);
+    http_expect_ok(&r);
     http_resp_free(&r);
     ws_expect(f.sub, "{\"op\":\"message\",\"channel\":\"room\",\"data\":1024}");
     ck_assert_int_eq(hub_metric(f.h, "luahub_messages_published_total"), 1024);
@@ -352,10 +314,10 @@ START_TEST(auth_missing_key_401)
     struct http_resp r;
     /* loopback does not excuse a missing key once api_key is set */
     api(f.h->port, "POST", "/api/publish", NULL, "{\"channel\":\"room\",\"data\":1}", &r);
-    expect_error(&r, 401, "unauthorized");
+    http_expect_error(&r, 401, "unauthorized");
     http_resp_free(&r);
     api(f.h->port, "POST", "/api/broadcast", NULL, "{\"channels\":[\"room\"],\"data\":1}", &r);
-    expect_error(&r, 401, "unauthorized");
+    http_expect_error(&r, 401, "unauthorized");
     http_resp_free(&r);
     ck_assert_int_eq(hub_metric(f.h, "luahub_messages_published_total"), 0);
     still_serves(&f);
@@ -381,7 +343,7 @@ START_TEST(auth_wrong_key_401)
         struct http_resp r;
         api(f.h->port, "POST", "/api/publish", wrong[i], "{\"channel\":\"room\",\"data\":1}", &r);
         ck_assert_msg(r.status == 401, "with %s: status %d", wrong[i], r.status);
-        expect_error(&r, 401, "unauthorized");
+        http_expect_error(&r, 401, "unauthorized");
         http_resp_free(&r);
     }
     ck_assert_int_eq(hub_metric(f.h, "luahub_messages_published_total"), 0);
@@ -396,11 +358,11 @@ START_TEST(auth_right_key_200)
     fx_start(&f, "api_key = \"" KEY "\"\n", AUTH);
     struct http_resp r;
     api(f.h->port, "POST", "/api/publish", AUTH, "{\"channel\":\"room\",\"data\":\"k\"}", &r);
-    expect_ok(&r);
+    http_expect_ok(&r);
     http_resp_free(&r);
     ws_expect(f.sub, "{\"op\":\"message\",\"channel\":\"room\",\"data\":\"k\"}");
     api(f.h->port, "POST", "/api/broadcast", AUTH, "{\"channels\":[\"room\"],\"data\":\"b\"}", &r);
-    expect_ok(&r);
+    http_expect_ok(&r);
     http_resp_free(&r);
     ws_expect(f.sub, "{\"op\":\"message\",\"channel\":\"room\",\"data\":\"b\"}");
     still_serves(&f);
@@ -422,7 +384,7 @@ START_TEST(auth_no_key_loopback_200)
     struct http_resp r;
     http_request_at("::1", h->port, "POST", "/api/publish", JSON_CT,
                     "{\"channel\":\"room\",\"data\":1}", &r);
-    expect_ok(&r);
+    http_expect_ok(&r);
     http_resp_free(&r);
     ck_assert_int_eq(hub_stop(h), 0);
 }
@@ -536,13 +498,13 @@ START_TEST(auth_no_key_non_loopback_403)
     struct http_resp r;
     http_request_at(NS_ADDR, h->port, "POST", "/api/publish", JSON_CT,
                     "{\"channel\":\"room\",\"data\":1}", &r);
-    expect_error(&r, 403, "forbidden");
+    http_expect_error(&r, 403, "forbidden");
     ck_assert_msg(strstr(r.body, "set api_key"), "the 403 does not say to set api_key: %s",
                   r.body);
     http_resp_free(&r);
     http_request_at(NS_ADDR, h->port, "POST", "/api/broadcast", JSON_CT,
                     "{\"channels\":[\"room\"],\"data\":1}", &r);
-    expect_error(&r, 403, "forbidden");
+    http_expect_error(&r, 403, "forbidden");
     http_resp_free(&r);
     ck_assert_int_eq(published_at(h->port), 0);
     ck_assert_int_eq(hub_stop(h), 0);
@@ -559,11 +521,11 @@ START_TEST(auth_key_non_loopback_200)
     struct http_resp r;
     http_request_at(NS_ADDR, h->port, "POST", "/api/publish", JSON_CT,
                     "{\"channel\":\"room\",\"data\":1}", &r);
-    expect_error(&r, 401, "unauthorized");
+    http_expect_error(&r, 401, "unauthorized");
     http_resp_free(&r);
     http_request_at(NS_ADDR, h->port, "POST", "/api/publish", JSON_CT AUTH,
                     "{\"channel\":\"room\",\"data\":1}", &r);
-    expect_ok(&r);
+    http_expect_ok(&r);
     http_resp_free(&r);
     ck_assert_int_eq(published_at(h->port), 1);
     ck_assert_int_eq(hub_stop(h), 0);
@@ -582,7 +544,7 @@ static void bad_body(const char *path, const char *body, int status, const char 
     fx_start(&f, NULL, NULL);
     struct http_resp r;
     api(f.h->port, "POST", path, NULL, body, &r);
-    expect_error(&r, status, code);
+    http_expect_error(&r, status, code);
     http_resp_free(&r);
     ck_assert_int_eq(hub_metric(f.h, "luahub_messages_published_total"), 0);
     still_serves(&f);
@@ -658,7 +620,7 @@ START_TEST(no_content_length_411)
     tcp_send(fd, req, sizeof req - 1);
     struct http_resp r;
     http_read_response(fd, &r, HT_WAIT_MS, 0);
-    expect_error(&r, 411, "length_required");
+    http_expect_error(&r, 411, "length_required");
     http_resp_free(&r);
     ck_assert_msg(tcp_wait_closed(fd, HT_WAIT_MS), "connection still open after 411");
     close(fd);
@@ -670,7 +632,7 @@ END_TEST
 static char *chunked_request(void)
 {
     static const char body[] = "{\"channel\":\"room\",\"data\":\"chunked\"}";
-    return xasprintf("POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1\r\n" JSON_CT
+    return ht_asprintf("POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1\r\n" JSON_CT
                      "Transfer-Encoding: chunked\r\n\r\n%zx\r\n%s\r\n0\r\n\r\n",
                      sizeof body - 1, body);
 }
@@ -684,7 +646,7 @@ START_TEST(chunked_body_411_and_closed)
     tcp_send(fd, req, strlen(req));
     struct http_resp r;
     http_read_response(fd, &r, HT_WAIT_MS, 0);
-    expect_error(&r, 411, "length_required");
+    http_expect_error(&r, 411, "length_required");
     char *conn = http_resp_header(&r, "Connection");
     ck_assert_msg(conn && strcasecmp(conn, "close") == 0, "411 without Connection: close:\n%s",
                   r.head);
@@ -711,7 +673,7 @@ START_TEST(chunked_headers_only_answered_at_once)
     tcp_send(fd, req, sizeof req - 1);
     struct http_resp r;
     http_read_response(fd, &r, HT_WAIT_MS, 0);
-    expect_error(&r, 411, "length_required");
+    http_expect_error(&r, 411, "length_required");
     http_resp_free(&r);
     ck_assert_msg(tcp_wait_closed(fd, HT_WAIT_MS), "connection still open after 411");
     close(fd);
@@ -730,7 +692,7 @@ START_TEST(invalid_content_length_400)
     tcp_send(fd, req, sizeof req - 1);
     struct http_resp r;
     http_read_response(fd, &r, HT_WAIT_MS, 0);
-    expect_error(&r, 400, "bad_request");
+    http_expect_error(&r, 400, "bad_request");
     http_resp_free(&r);
     close(fd);
     still_serves(&f);
@@ -746,7 +708,7 @@ START_TEST(body_over_max_size_413)
     char *body = sized_body(MAX_MSG + 1, &data);
     struct http_resp r;
     api(f.h->port, "POST", "/api/publish", NULL, body, &r);
-    expect_error(&r, 413, "too_large");
+    http_expect_error(&r, 413, "too_large");
     http_resp_free(&r);
     ck_assert_int_eq(hub_metric(f.h, "luahub_messages_published_total"), 0);
     still_serves(&f);
@@ -768,7 +730,7 @@ START_TEST(huge_content_length_413_at_once)
     tcp_send(fd, req, sizeof req - 1);
     struct http_resp r;
     http_read_response(fd, &r, HT_WAIT_MS, 0);
-    expect_error(&r, 413, "too_large");
+    http_expect_error(&r, 413, "too_large");
     http_resp_free(&r);
     ck_assert_msg(tcp_wait_closed(fd, HT_WAIT_MS), "connection still open after 413");
     close(fd);
@@ -785,7 +747,7 @@ START_TEST(body_exactly_max_size_accepted)
     char *body = sized_body(MAX_MSG, &data);
     struct http_resp r;
     api(f.h->port, "POST", "/api/publish", NULL, body, &r);
-    expect_ok(&r);
+    http_expect_ok(&r);
     http_resp_free(&r);
     char *want = ws_delivery("room", data);
     ws_expect(f.sub, want);
@@ -807,12 +769,12 @@ START_TEST(unknown_route_404)
         struct http_resp r;
         http_request(f.h->port, "GET", paths[i], NULL, NULL, &r);
         ck_assert_msg(r.status == 404, "GET %s: %d", paths[i], r.status);
-        expect_error(&r, 404, "not_found");
+        http_expect_error(&r, 404, "not_found");
         http_resp_free(&r);
     }
     struct http_resp r;
     api(f.h->port, "POST", "/api/nope", NULL, "{\"channel\":\"room\",\"data\":1}", &r);
-    expect_error(&r, 404, "not_found");
+    http_expect_error(&r, 404, "not_found");
     http_resp_free(&r);
     still_serves(&f);
     fx_stop(&f);
@@ -825,19 +787,19 @@ START_TEST(wrong_method_405)
     fx_start(&f, NULL, NULL);
     struct http_resp r;
     http_request(f.h->port, "GET", "/api/publish", NULL, NULL, &r);
-    expect_error(&r, 405, "method_not_allowed");
+    http_expect_error(&r, 405, "method_not_allowed");
     http_resp_free(&r);
     http_request(f.h->port, "GET", "/api/broadcast", NULL, NULL, &r);
-    expect_error(&r, 405, "method_not_allowed");
+    http_expect_error(&r, 405, "method_not_allowed");
     http_resp_free(&r);
     http_request(f.h->port, "POST", "/healthz", NULL, NULL, &r);
-    expect_error(&r, 405, "method_not_allowed");
+    http_expect_error(&r, 405, "method_not_allowed");
     http_resp_free(&r);
     api(f.h->port, "POST", "/healthz", NULL, "{}", &r);
-    expect_error(&r, 405, "method_not_allowed");
+    http_expect_error(&r, 405, "method_not_allowed");
     http_resp_free(&r);
     http_request(f.h->port, "POST", "/metrics", NULL, NULL, &r);
-    expect_error(&r, 405, "method_not_allowed");
+    http_expect_error(&r, 405, "method_not_allowed");
     http_resp_free(&r);
     ck_assert_int_eq(hub_metric(f.h, "luahub_messages_published_total"), 0);
     still_serves(&f);
@@ -1085,9 +1047,9 @@ END_TEST
 static void ka_send(int fd, const char *method, const char *path, const char *body)
 {
     char *req = body
-        ? xasprintf("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" JSON_CT "Content-Length: %zu\r\n\r\n%s",
+        ? ht_asprintf("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" JSON_CT "Content-Length: %zu\r\n\r\n%s",
                     method, path, strlen(body), body)
-        : xasprintf("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", method, path);
+        : ht_asprintf("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", method, path);
     tcp_send(fd, req, strlen(req));
     free(req);
 }
@@ -1103,7 +1065,7 @@ START_TEST(keep_alive_after_api_error)
     for (int round = 0; round < 3; round++) {
         ka_send(fd, "POST", "/api/publish", "{\"channel\":\"room\",\"data\":}");
         http_read_response(fd, &r, HT_WAIT_MS, 0);
-        expect_error(&r, 400, "bad_request");
+        http_expect_error(&r, 400, "bad_request");
         http_resp_free(&r);
 
         ka_send(fd, "GET", "/healthz", NULL);
@@ -1113,7 +1075,7 @@ START_TEST(keep_alive_after_api_error)
 
         ka_send(fd, "POST", "/api/publish", "{\"channel\":\"room\",\"data\":\"ka\"}");
         http_read_response(fd, &r, HT_WAIT_MS, 0);
-        expect_ok(&r);
+        http_expect_ok(&r);
         http_resp_free(&r);
         ws_expect(f.sub, "{\"op\":\"message\",\"channel\":\"room\",\"data\":\"ka\"}");
     }

@@ -35,17 +35,6 @@
 /* Helpers                                                              */
 /* ------------------------------------------------------------------ */
 
-static char *xasprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *xasprintf(const char *fmt, ...)
-{
-    va_list ap;
-    char *s = NULL;
-    va_start(ap, fmt);
-    int n = vasprintf(&s, fmt, ap);
-    va_end(ap);
-    ck_assert_msg(n >= 0, "out of memory");
-    return s;
-}
 
 /* A hub with one WebSocket client subscribed to "room". No api_key: the
  * API answers loopback clients without one. */
@@ -60,30 +49,7 @@ static void fx_stop(struct fx *f)
     ck_assert_int_eq(hub_stop(f->h), 0);
 }
 
-/* `r` must be `status` with the protocol's error object for `code`:
- * {"ok":false,"error":{"code":"CODE","message":"<non-empty>"}}. */
-static void expect_error(const struct http_resp *r, int status, const char *code)
-{
-    ck_assert_msg(r->status == status, "expected HTTP %d (%s), got %d:\n%s%s", status, code,
-                  r->status, r->head, r->body);
-    yajl_val v = json_parse(r->body);
-    const char *c = json_get_str(v, "error", "code"), *m = json_get_str(v, "error", "message");
-    ck_assert_msg(c && strcmp(c, code) == 0 && m && *m,
-                  "HTTP %d: expected error code %s with a message, got: %s", status, code,
-                  r->body);
-    yajl_tree_free(v);
-    char *ct = http_resp_header(r, "Content-Type");
-    ck_assert_msg(ct && strncmp(ct, "application/json", 16) == 0,
-                  "error with Content-Type %s", ct ? ct : "(none)");
-    free(ct);
-}
 
-/* `r` must be 200 {"ok":true}. */
-static void expect_ok(const struct http_resp *r)
-{
-    ck_assert_msg(r->status == 200 && strcmp(r->body, "{\"ok\":true}") == 0,
-                  "expected 200 {\"ok\":true}, got %d:\n%s%s", r->status, r->head, r->body);
-}
 
 /* The hub still serves: nothing was delivered to the subscriber so far
  * (beyond what the test already read), and an API publish reaches it. */
@@ -93,10 +59,10 @@ static void still_serves(struct fx *f)
     ws_sync(f->sub);
     char data[32];
     snprintf(data, sizeof data, "{\"after\":%d}", ++seq);
-    char *body = xasprintf("{\"channel\":\"room\",\"data\":%s}", data);
+    char *body = ht_asprintf("{\"channel\":\"room\",\"data\":%s}", data);
     struct http_resp r;
     http_request(f->h->port, "POST", "/api/publish", JSON_CT, body, &r);
-    expect_ok(&r);
+    http_expect_ok(&r);
     http_resp_free(&r);
     free(body);
     char *want = ws_delivery("room", data);
@@ -116,7 +82,7 @@ struct site {
 
 static void put(const char *dir, const char *name, const char *content)
 {
-    char *p = xasprintf("%s/%s", dir, name);
+    char *p = ht_asprintf("%s/%s", dir, name);
     FILE *fp = fopen(p, "w");
     ck_assert_msg(fp != NULL, "fopen %s: %s", p, strerror(errno));
     fputs(content, fp);
@@ -126,7 +92,7 @@ static void put(const char *dir, const char *name, const char *content)
 
 static void rm(const char *dir, const char *name)
 {
-    char *p = xasprintf("%s/%s", dir, name);
+    char *p = ht_asprintf("%s/%s", dir, name);
     unlink(p);
     free(p);
 }
@@ -144,11 +110,11 @@ static void site_make(struct site *s)
     put(s->www, "app.js", APP_JS);
     put(s->www, "healthz", "FILE named healthz");
     put(s->www, "metrics", "FILE named metrics");
-    char *d = xasprintf("%s/api", s->www);
+    char *d = ht_asprintf("%s/api", s->www);
     ck_assert_int_eq(mkdir(d, 0700), 0);
     put(d, "publish", "FILE named api/publish");
     free(d);
-    d = xasprintf("%s/sub", s->www);
+    d = ht_asprintf("%s/sub", s->www);
     ck_assert_int_eq(mkdir(d, 0700), 0);
     put(d, "index.html", "sub index\n");
     free(d);
@@ -163,10 +129,10 @@ static void site_remove(struct site *s)
     rm(s->www, "metrics");
     rm(s->www, "api/publish");
     rm(s->www, "sub/index.html");
-    char *d = xasprintf("%s/api", s->www);
+    char *d = ht_asprintf("%s/api", s->www);
     rmdir(d);
     free(d);
-    d = xasprintf("%s/sub", s->www);
+    d = ht_asprintf("%s/sub", s->www);
     rmdir(d);
     free(d);
     rmdir(s->www);
@@ -178,7 +144,7 @@ static void site_remove(struct site *s)
 static void fx_start_site(struct fx *f, struct site *s)
 {
     site_make(s);
-    char *conf = xasprintf(CONF "static_dir = \"%s\"\n", s->www);
+    char *conf = ht_asprintf(CONF "static_dir = \"%s\"\n", s->www);
     f->h = hub_start(conf);
     f->sub = ws_connect(f->h->port);
     ws_subscribe(f->sub, "room");
@@ -206,7 +172,7 @@ static void expect_file(int port, const char *path, const char *content, const c
 static int get_until_close(int port, const char *path, char **body)
 {
     int fd = tcp_connect(port);
-    char *req = xasprintf("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", path);
+    char *req = ht_asprintf("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", path);
     tcp_send(fd, req, strlen(req));
     free(req);
     size_t len = 0, cap = 65536;
@@ -242,9 +208,9 @@ static int get_until_close(int port, const char *path, char **body)
 static void ka_send(int fd, const char *method, const char *path, const char *body)
 {
     char *req = body
-        ? xasprintf("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" JSON_CT "Content-Length: %zu\r\n\r\n%s",
+        ? ht_asprintf("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" JSON_CT "Content-Length: %zu\r\n\r\n%s",
                     method, path, strlen(body), body)
-        : xasprintf("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", method, path);
+        : ht_asprintf("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", method, path);
     tcp_send(fd, req, strlen(req));
     free(req);
 }
@@ -295,7 +261,7 @@ START_TEST(static_traversal_not_served)
     struct fx f;
     struct site s;
     fx_start_site(&f, &s);
-    char *abs = xasprintf("/%s/secret.txt", s.base);   /* "//tmp/..." */
+    char *abs = ht_asprintf("/%s/secret.txt", s.base);   /* "//tmp/..." */
     const char *const paths[] = {
         "/../secret.txt", "/sub/../../secret.txt", "/./../secret.txt",
         "/%2e%2e/secret.txt", "/%2E%2E/secret.txt", "/.%2e/secret.txt", "/%2e./secret.txt",
@@ -356,7 +322,7 @@ START_TEST(static_api_routes_win)
     ck_assert_msg(strstr(r.body, "\nluahub_connections 1\n"), "not the metrics:\n%s", r.body);
     http_resp_free(&r);
     http_request(f.h->port, "GET", "/api/publish", NULL, NULL, &r);
-    expect_error(&r, 405, "method_not_allowed");
+    http_expect_error(&r, 405, "method_not_allowed");
     http_resp_free(&r);
     still_serves(&f);   /* POST /api/publish is the API, not the file */
     fx_stop(&f);
@@ -390,7 +356,7 @@ START_TEST(keep_alive_many_requests)
         snprintf(body, sizeof body, "{\"channel\":\"room\",\"data\":%s}", data);
         ka_send(fd, "POST", "/api/publish", body);
         http_read_response(fd, &r, HT_WAIT_MS, 0);
-        expect_ok(&r);
+        http_expect_ok(&r);
         http_resp_free(&r);
         char *want = ws_delivery("room", data);
         ws_expect(f.sub, want);

@@ -878,3 +878,46 @@ const char *json_path_str(yajl_val v, ...)
     va_end(ap);
     return v && YAJL_IS_STRING(v) ? YAJL_GET_STRING(v) : NULL;
 }
+
+/* ------------------------------------------------------------------ */
+/* Shared expectations of the HTTP suites                               */
+/* ------------------------------------------------------------------ */
+
+char *ht_asprintf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    char *p = xmalloc((size_t)n + 1);
+    va_start(ap, fmt);
+    vsnprintf(p, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    return p;
+}
+
+void http_expect_error(const struct http_resp *r, int status, const char *code)
+{
+    CHECK(r->status == status, "expected HTTP %d (%s), got %d:\n%s%s", status, code,
+          r->status, r->head, r->body);
+    char *prefix = ht_asprintf("{\"ok\":false,\"error\":{\"code\":\"%s\",\"message\":\"", code);
+    CHECK(strncmp(r->body, prefix, strlen(prefix)) == 0 &&
+              r->body_len > strlen(prefix) + 3 &&
+              strcmp(r->body + r->body_len - 3, "\"}}") == 0,
+          "HTTP %d: expected body %s<message>\"}}, got: %s", status, prefix, r->body);
+    free(prefix);
+    yajl_val v = (json_parse)(r->body);
+    const char *m = json_get_str(v, "error", "message");
+    CHECK(m && *m, "error without a message: %s", r->body);
+    yajl_tree_free(v);
+    char *ct = http_resp_header(r, "Content-Type");
+    CHECK(ct && strncmp(ct, "application/json", 16) == 0, "error with Content-Type %s",
+          ct ? ct : "(none)");
+    free(ct);
+}
+
+void http_expect_ok(const struct http_resp *r)
+{
+    CHECK(r->status == 200 && strcmp(r->body, "{\"ok\":true}") == 0,
+          "expected 200 {\"ok\":true}, got %d:\n%s%s", r->status, r->head, r->body);
+}

@@ -205,6 +205,17 @@ void http_resp_free(struct http_resp *r);
  * without a key. Returns the status. */
 int http_publish(int port, const char *channel, const char *data_json);
 
+/* `r` must be `status` with the protocol's error object for `code`:
+ * {"ok":false,"error":{"code":"CODE","message":"<non-empty>"}} and a JSON
+ * Content-Type. */
+void http_expect_error(const struct http_resp *r, int status, const char *code);
+
+/* `r` must be 200 {"ok":true}. */
+void http_expect_ok(const struct http_resp *r);
+
+/* printf into a new string (free it). */
+char *ht_asprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
 /* ------------------------------------------------------------------ */
 /* WebSocket client                                                     */
 /* ------------------------------------------------------------------ */
@@ -395,6 +406,8 @@ void ht_at(const char *file, int line);
 #define http_read_response(...) HT_AT(http_read_response(__VA_ARGS__))
 #define http_resp_header(...) HT_AT(http_resp_header(__VA_ARGS__))
 #define http_publish(...) HT_AT(http_publish(__VA_ARGS__))
+#define http_expect_error(...) HT_AT(http_expect_error(__VA_ARGS__))
+#define http_expect_ok(...) HT_AT(http_expect_ok(__VA_ARGS__))
 #define ws_connect(...) HT_AT(ws_connect(__VA_ARGS__))
 #define ws_connect_opts(...) HT_AT(ws_connect_opts(__VA_ARGS__))
 #define ws_handshake(...) HT_AT(ws_handshake(__VA_ARGS__))
