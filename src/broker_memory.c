@@ -120,6 +120,10 @@ static const struct hub_broker_ops memory_ops = {
     .metrics = m_metrics,
     .stop = m_stop,
     .free = m_free,
+    /* One process, no shared store: no command(), no control channel (the
+     * registry works locally; see registry.h). */
+    .command = NULL,
+    .control = NULL,
 };
 
 struct hub_broker *hub_broker_memory_new(uv_loop_t *loop, hub_broker_deliver_fn deliver,

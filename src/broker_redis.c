@@ -74,14 +74,15 @@ struct shard;
 struct rbroker;
 
 /* Something we wait an answer for on a connection, oldest first. */
-enum { P_PUBLISH, P_BATCH };
+enum { P_PUBLISH, P_BATCH, P_COMMAND };
 struct pending {
     struct pending *prev, *next;
     struct rconn *rc;
     uint64_t deadline_ms;
     int kind;
-    /* P_PUBLISH (the hiredis privdata of its PUBLISH) */
+    /* P_PUBLISH, P_COMMAND (the hiredis privdata of the command) */
     hub_broker_publish_cb cb;
+    hub_broker_reply_cb rcb;    /* P_COMMAND */
     void *ud;
     uint64_t t0_ns;
     size_t bytes;
@@ -106,7 +107,7 @@ struct rconn {
     int hs_n, hs_i;             /* handshake replies expected / received */
     const char *hs_cmd[3];
     struct pending *head, *tail;
-    unsigned npending;          /* cmd: PUBLISHes awaiting a reply */
+    unsigned npending;          /* cmd: PUBLISHes and commands awaiting a reply */
     size_t pending_bytes;
     unsigned sync_left;         /* sub: sync batches not yet confirmed */
     uint64_t last_overload_log_ms;
@@ -129,6 +130,7 @@ struct rchan {
     unsigned want : 1;
     unsigned sent : 1;          /* the last command sent was SUBSCRIBE */
     unsigned dirty : 1;
+    unsigned control : 1;       /* the control channel: messages go to control_fn */
     char name[];
 };
 
@@ -174,6 +176,10 @@ struct rbroker {
     uint64_t publish_errors;
     uint64_t received;          /* messages from the subscriber connections */
     uint64_t subscribe_cmds;    /* SUBSCRIBE / UNSUBSCRIBE commands sent */
+    uint64_t commands;          /* command(): answered by Redis */
+    uint64_t command_errors;    /* command(): refused, lost, timed out */
+    hub_broker_control_fn control_fn;
+    void *control_ud;
     uint64_t rtt_count[RTT_BUCKETS + 1];
     uint64_t rtt_sum_ns;
     uint64_t rtt_n;
@@ -724,7 +730,9 @@ static void on_timer(uv_timer_t *t)
             break;
         }
         snprintf(why, sizeof(why), "%s not answered within %u ms",
-                 p->kind == P_PUBLISH ? "PUBLISH" : "SUBSCRIBE/UNSUBSCRIBE",
+                 p->kind == P_PUBLISH   ? "PUBLISH"
+                 : p->kind == P_COMMAND ? "command"
+                                        : "SUBSCRIBE/UNSUBSCRIBE",
                  rc->sh->url.command_timeout_ms);
         conn_drop(rc, why, HUB_LOG_WARN);
         break;
@@ -930,6 +938,11 @@ static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata)
     if (strcmp(kind, "message") == 0) {
         if (!c || !c->want || r->element[2]->type != REDIS_REPLY_STRING)
             return;
+        if (c->control) {
+            if (b->control_fn)
+                b->control_fn(b->control_ud, r->element[2]->str, r->element[2]->len);
+            return;
+        }
         b->received++;
         struct hub_msg *m = hub_msg_text(r->element[2]->str, r->element[2]->len);
         /* `name` lives in the reply, not in the entry: deliver may make the
@@ -1024,6 +1037,27 @@ static struct shard *shard_of(struct rbroker *b, const char *channel, size_t len
     return &b->shards[hub_broker_shard(channel, len, b->n)];
 }
 
+/* Bounded: what waits for Redis (replies, and bytes hiredis could not
+ * write yet) has a cap; past it we fail fast rather than queue. Returns 1
+ * (and logs, at most once a second) when `bytes` more would pass it. */
+static int over_cap(struct shard *sh, struct rconn *rc, size_t bytes)
+{
+    size_t obuf = rc->ac->c.obuf ? sdslen((sds)rc->ac->c.obuf) : 0;
+    if (rc->npending < sh->url.max_pending &&
+        rc->pending_bytes + bytes <= sh->url.max_pending_bytes &&
+        obuf + bytes <= sh->url.max_pending_bytes)
+        return 0;
+    uint64_t now = now_ms();
+    if (now - rc->last_overload_log_ms >= 1000) {
+        rc->last_overload_log_ms = now;
+        hub_log(HUB_LOG_WARN,
+                "%s: %u PUBLISHes and commands (%zu bytes) await Redis, over the cap: "
+                "failing fast",
+                sh->tag, rc->npending, rc->pending_bytes);
+    }
+    return 1;
+}
+
 static int r_publish(struct hub_broker *hb, const char *channel, size_t len, struct hub_msg *m,
                      hub_broker_publish_cb cb, void *ud)
 {
@@ -1038,21 +1072,9 @@ static int r_publish(struct hub_broker *hb, const char *channel, size_t len, str
         b->publish_errors++;
         return HUB_BROKER_UNAVAILABLE;
     }
-    /* Bounded: what waits for Redis (replies, and bytes hiredis could not
-     * write yet) has a cap; past it we fail fast rather than queue. */
     size_t bytes = (size_t)m->payload_len + b->plen + len;
-    size_t obuf = rc->ac->c.obuf ? sdslen((sds)rc->ac->c.obuf) : 0;
-    if (rc->npending >= sh->url.max_pending ||
-        rc->pending_bytes + bytes > sh->url.max_pending_bytes ||
-        obuf + bytes > sh->url.max_pending_bytes) {
+    if (over_cap(sh, rc, bytes)) {
         b->publish_errors++;
-        uint64_t now = now_ms();
-        if (now - rc->last_overload_log_ms >= 1000) {
-            rc->last_overload_log_ms = now;
-            hub_log(HUB_LOG_WARN,
-                    "%s: %u PUBLISHes (%zu bytes) await Redis, over the cap: failing fast",
-                    sh->tag, rc->npending, rc->pending_bytes);
-        }
         return HUB_BROKER_UNAVAILABLE;
     }
 
@@ -1080,20 +1102,22 @@ static int r_publish(struct hub_broker *hb, const char *channel, size_t len, str
     return 0;
 }
 
-static void r_subscribe(struct hub_broker *hb, const char *channel, size_t len,
-                        hub_broker_subscribe_cb cb, void *ud)
+/* subscribe() on shard `sh`; `control`: the control channel (not counted
+ * in the channels metric, its messages go to control_fn). */
+static void subscribe_on(struct rbroker *b, struct shard *sh, const char *channel, size_t len,
+                         int control, hub_broker_subscribe_cb cb, void *ud)
 {
-    struct rbroker *b = (struct rbroker *)hb;
     if (b->stopped) {
         if (cb)
             cb(ud, HUB_BROKER_UNAVAILABLE);
         return;
     }
-    struct shard *sh = shard_of(b, channel, len);
     struct rchan *c = chan_get(sh, channel, len, hub_broker_hash64(channel, len));
     if (!c->want) {
         c->want = 1;
-        b->wanted++;
+        c->control = (unsigned)control;
+        if (!control)
+            b->wanted++;
     }
     if (!c->sent)
         chan_mark_dirty(sh, c);
@@ -1123,23 +1147,164 @@ static void r_subscribe(struct hub_broker *hb, const char *channel, size_t len,
     c->wt = w;
 }
 
-static void r_unsubscribe(struct hub_broker *hb, const char *channel, size_t len)
+static void r_subscribe(struct hub_broker *hb, const char *channel, size_t len,
+                        hub_broker_subscribe_cb cb, void *ud)
 {
     struct rbroker *b = (struct rbroker *)hb;
+    subscribe_on(b, shard_of(b, channel, len), channel, len, 0, cb, ud);
+}
+
+static void unsubscribe_on(struct rbroker *b, struct shard *sh, const char *channel, size_t len)
+{
     if (b->stopped)
         return;
-    struct shard *sh = shard_of(b, channel, len);
     struct rchan *c = chan_find(sh, channel, len, hub_broker_hash64(channel, len));
     if (!c || !c->want)
         return;
     c->want = 0;
-    b->wanted--;
+    if (!c->control)
+        b->wanted--;
     struct waiter *canceled = NULL;
     waiters_take(c, &canceled);
     /* The flush sends UNSUBSCRIBE if a SUBSCRIBE went out, else forgets
      * the entry once no confirmation is outstanding. */
     chan_mark_dirty(sh, c);
     waiters_fire(canceled, HUB_BROKER_CANCELED);
+}
+
+static void r_unsubscribe(struct hub_broker *hb, const char *channel, size_t len)
+{
+    struct rbroker *b = (struct rbroker *)hb;
+    unsubscribe_on(b, shard_of(b, channel, len), channel, len);
+}
+
+static void r_control(struct hub_broker *hb, hub_broker_control_fn fn, void *ud)
+{
+    struct rbroker *b = (struct rbroker *)hb;
+    static const char name[] = HUB_BROKER_CONTROL_CHANNEL;
+    b->control_fn = fn;
+    b->control_ud = ud;
+    if (fn)
+        subscribe_on(b, &b->shards[0], name, sizeof(name) - 1, 1, NULL, NULL);
+    else
+        unsubscribe_on(b, &b->shards[0], name, sizeof(name) - 1);
+}
+
+/* ------------------------------------------------------------------ */
+/* Generic commands (registry; later history and presence)             */
+/* ------------------------------------------------------------------ */
+
+/* Copies a hiredis reply into `out` (nested arrays get their own
+ * allocations; free with reply_free). */
+static void reply_conv(const redisReply *r, struct hub_broker_reply *out)
+{
+    memset(out, 0, sizeof(*out));
+    switch (r->type) {
+    case REDIS_REPLY_INTEGER:
+        out->type = HUB_REPLY_INTEGER;
+        out->integer = r->integer;
+        break;
+    case REDIS_REPLY_STRING:
+    case REDIS_REPLY_STATUS:
+    case REDIS_REPLY_ERROR:
+        out->type = r->type == REDIS_REPLY_STRING   ? HUB_REPLY_STRING
+                    : r->type == REDIS_REPLY_STATUS ? HUB_REPLY_STATUS
+                                                    : HUB_REPLY_ERROR;
+        out->str = r->str;      /* lives as long as the hiredis reply */
+        out->len = r->len;
+        break;
+    case REDIS_REPLY_ARRAY: {
+        out->type = HUB_REPLY_ARRAY;
+        out->n = r->elements;
+        if (r->elements) {
+            struct hub_broker_reply *e = hub_xcalloc(r->elements, sizeof(*e));
+            for (size_t i = 0; i < r->elements; i++)
+                reply_conv(r->element[i], &e[i]);
+            out->elem = e;
+        }
+        break;
+    }
+    default:
+        out->type = HUB_REPLY_NIL;
+        break;
+    }
+}
+
+static void reply_free(struct hub_broker_reply *r)
+{
+    if (r->type != HUB_REPLY_ARRAY || !r->elem)
+        return;
+    struct hub_broker_reply *e = (struct hub_broker_reply *)r->elem;
+    for (size_t i = 0; i < r->n; i++)
+        reply_free(&e[i]);
+    free(e);
+}
+
+static void on_command_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    (void)ac;
+    struct pending *p = privdata;
+    struct rconn *rc = p->rc;
+    struct rbroker *b = rc->sh->b;
+    redisReply *r = reply;
+    pending_unlink(rc, p);
+    rc->npending--;
+    rc->pending_bytes -= p->bytes;
+    hub_broker_reply_cb cb = p->rcb;
+    void *ud = p->ud;
+    free(p);
+    if (!r) {
+        b->command_errors++;
+        if (cb)
+            cb(ud, HUB_BROKER_UNAVAILABLE, NULL);
+        return;
+    }
+    b->commands++;
+    if (!cb)
+        return;
+    struct hub_broker_reply out;
+    reply_conv(r, &out);
+    cb(ud, HUB_BROKER_OK, &out);
+    reply_free(&out);
+}
+
+static int r_command(struct hub_broker *hb, int argc, const char **argv, const size_t *lens,
+                     hub_broker_reply_cb cb, void *ud)
+{
+    struct rbroker *b = (struct rbroker *)hb;
+    if (b->stopped || argc < 1) {
+        b->command_errors++;
+        return HUB_BROKER_UNAVAILABLE;
+    }
+    struct shard *sh = &b->shards[0];
+    struct rconn *rc = &sh->cmd;
+    if (rc->state != C_UP || !rc->ac) {
+        b->command_errors++;
+        return HUB_BROKER_UNAVAILABLE;
+    }
+    size_t bytes = 0;
+    for (int i = 0; i < argc; i++)
+        bytes += lens[i] + 16;          /* + RESP framing */
+    if (over_cap(sh, rc, bytes)) {
+        b->command_errors++;
+        return HUB_BROKER_UNAVAILABLE;
+    }
+    struct pending *p = hub_xcalloc(1, sizeof(*p));
+    p->kind = P_COMMAND;
+    p->rcb = cb;
+    p->ud = ud;
+    p->bytes = bytes;
+    p->t0_ns = hub_now_ns();
+    p->deadline_ms = p->t0_ns / 1000000u + sh->url.command_timeout_ms;
+    if (redisAsyncCommandArgv(rc->ac, on_command_reply, p, argc, argv, lens) != REDIS_OK) {
+        free(p);
+        b->command_errors++;
+        return HUB_BROKER_UNAVAILABLE;
+    }
+    rc->npending++;
+    rc->pending_bytes += bytes;
+    pending_push(rc, p);
+    return 0;
 }
 
 static int r_up(const struct hub_broker *hb)
@@ -1179,7 +1344,8 @@ static void r_metrics(const struct hub_broker *hb, struct hub_buf *out)
                    "(unavailable, over the cap, timed out, Redis error).\n"
                    "# TYPE luahub_broker_publish_errors_total counter\n"
                    "luahub_broker_publish_errors_total %llu\n"
-                   "# HELP luahub_broker_pending_publishes PUBLISHes awaiting a reply.\n"
+                   "# HELP luahub_broker_pending_publishes PUBLISHes (and registry commands) "
+                   "awaiting a reply.\n"
                    "# TYPE luahub_broker_pending_publishes gauge\n"
                    "luahub_broker_pending_publishes %u\n"
                    "# HELP luahub_broker_channels Channels subscribed through the broker.\n"
@@ -1192,13 +1358,22 @@ static void r_metrics(const struct hub_broker *hb, struct hub_buf *out)
                    "commands sent (each carries up to 500 channels).\n"
                    "# TYPE luahub_broker_subscribe_commands_total counter\n"
                    "luahub_broker_subscribe_commands_total %llu\n"
+                   "# HELP luahub_broker_commands_total Other commands (registry) answered by "
+                   "Redis.\n"
+                   "# TYPE luahub_broker_commands_total counter\n"
+                   "luahub_broker_commands_total %llu\n"
+                   "# HELP luahub_broker_command_errors_total Other commands that failed "
+                   "(unavailable, over the cap, timed out).\n"
+                   "# TYPE luahub_broker_command_errors_total counter\n"
+                   "luahub_broker_command_errors_total %llu\n"
                    "# HELP luahub_broker_redis_rtt_seconds PUBLISH round trip (queued to "
                    "reply).\n"
                    "# TYPE luahub_broker_redis_rtt_seconds histogram\n",
                    (unsigned long long)b->reconnects, (unsigned long long)b->publishes,
                    (unsigned long long)b->publish_errors, pending,
                    (unsigned long long)b->wanted, (unsigned long long)b->received,
-                   (unsigned long long)b->subscribe_cmds);
+                   (unsigned long long)b->subscribe_cmds, (unsigned long long)b->commands,
+                   (unsigned long long)b->command_errors);
     uint64_t cum = 0;
     for (int i = 0; i < RTT_BUCKETS; i++) {
         cum += b->rtt_count[i];
@@ -1317,6 +1492,8 @@ static const struct hub_broker_ops redis_ops = {
     .metrics = r_metrics,
     .stop = r_stop,
     .free = r_free,
+    .command = r_command,
+    .control = r_control,
 };
 
 static void rconn_init(struct rbroker *b, struct shard *sh, struct rconn *rc, int role)

@@ -28,6 +28,7 @@
 #include "luahub/metrics.h"
 #include "luahub/policy.h"
 #include "luahub/proto.h"
+#include "luahub/registry.h"
 #include "luahub/server.h"
 
 #define WRITE_IOV_MAX 128           /* frames per sendmsg() */
@@ -118,6 +119,9 @@ void hub_conn_open(struct hub_conn *c, struct hub_server *srv, struct lws *wsi,
                 c->user ? c->user : "");
     }
     hub_conn_client_id(c, client, sizeof(client));
+    if (srv->registry)
+        hub_registry_conn_open(srv->registry, client, c->user,
+                               c->user ? strlen(c->user) : 0);
     hub_proto_encode_welcome(&srv->scratch, client, HUB_VERSION,
                              srv->cfg->ping_interval);
     send_scratch(c);
@@ -138,6 +142,11 @@ void hub_conn_closed(struct hub_conn *c)
 
     if (!srv) /* never reached ESTABLISHED */
         return;
+    if (srv->registry) {
+        char client[64];
+        hub_conn_client_id(c, client, sizeof(client));
+        hub_registry_conn_close(srv->registry, client);
+    }
     if (srv->policy && hub_policy_has(srv->policy, HUB_HOOK_DISCONNECT))
         hub_policy_on_disconnect(srv->policy, c, c->close_code, c->close_reason);
     if (srv->policy)

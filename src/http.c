@@ -11,10 +11,12 @@
 #include <strings.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <yajl/yajl_tree.h>
 
 #include "luahub/log.h"
 #include "luahub/metrics.h"
 #include "luahub/policy.h"
+#include "luahub/registry.h"
 #include "luahub/proto.h"
 #include "luahub/server.h"
 
@@ -23,6 +25,7 @@ enum route {
     ROUTE_PUBLISH,
     ROUTE_BROADCAST,
     ROUTE_RELOAD,
+    ROUTE_DISCONNECT,
 };
 
 enum method {
@@ -214,10 +217,29 @@ static int finish_reload(struct hub_server *srv, struct lws *wsi, struct hub_htt
 struct hub_http_op {
     struct lws *wsi;
     struct hub_http *h;
-    int remaining;      /* completions to come, +1 while publishing */
+    int remaining;          /* completions to come, +1 while starting them */
     int failed;
-    int done;           /* all completed: respond */
+    int done;               /* all completed: respond */
+    const char *fail_msg;   /* the 503's message */
+    struct hub_buf result;  /* a 200's JSON body; empty: {"ok":true} */
 };
+
+static struct hub_http_op *op_new(struct lws *wsi, struct hub_http *h, const char *fail_msg)
+{
+    struct hub_http_op *op = hub_xcalloc(1, sizeof(*op));
+    op->wsi = wsi;
+    op->h = h;
+    op->remaining = 1;
+    op->fail_msg = fail_msg;
+    h->op = op;
+    return op;
+}
+
+static void op_free(struct hub_http_op *op)
+{
+    hub_buf_free(&op->result);
+    free(op);
+}
 
 static void op_detach(struct hub_http *h)
 {
@@ -228,36 +250,137 @@ static void op_detach(struct hub_http *h)
     }
 }
 
-static void on_api_published(void *ud, int status, uint64_t offset)
+/* One completion of an op; the response goes out with the last. */
+static void op_complete(struct hub_http_op *op, int ok)
 {
-    struct hub_http_op *op = ud;
-    (void)offset;
-
-    if (status != HUB_BROKER_OK)
+    if (!ok)
         op->failed = 1;
     if (--op->remaining > 0)
         return;
     op->done = 1;
     if (!op->wsi) {
-        free(op);   /* the client is gone */
+        op_free(op);   /* the client is gone */
         return;
     }
     lws_callback_on_writable(op->wsi); /* respond from HTTP_WRITEABLE */
+}
+
+static void on_api_published(void *ud, int status, uint64_t offset)
+{
+    (void)offset;
+    op_complete(ud, status == HUB_BROKER_OK);
 }
 
 /* Sends the response of a finished op and frees it. */
 static int respond_op(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
 {
     struct hub_http_op *op = h->op;
-    int failed = op->failed;
+    int r;
 
     h->op = NULL;
-    free(op);
-    if (failed)
-        return respond_json_error(srv, wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "unavailable",
-                                  "the broker is unavailable: the message was not "
-                                  "published", 0);
-    return respond_text(wsi, HTTP_STATUS_OK, "application/json", "{\"ok\":true}");
+    if (op->failed)
+        r = respond_json_error(srv, wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "unavailable",
+                               op->fail_msg, 0);
+    else if (op->result.len)
+        r = hub_http_respond(wsi, HTTP_STATUS_OK, "application/json", op->result.p,
+                             op->result.len, 0);
+    else
+        r = respond_text(wsi, HTTP_STATUS_OK, "application/json", "{\"ok\":true}");
+    op_free(op);
+    return r;
+}
+
+/* Drops the guard of an op whose completions were started: responds now if
+ * they all came synchronously, else later from HTTP_WRITEABLE. */
+static int op_started(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
+{
+    struct hub_http_op *op = h->op;
+    if (--op->remaining == 0)
+        return respond_op(srv, wsi, h);
+    return 0;
+}
+
+static void on_connections(void *ud, int status, const char *json, size_t len)
+{
+    struct hub_http_op *op = ud;
+    if (status == 0)
+        hub_buf_append(&op->result, json, len);
+    op_complete(op, status == 0);
+}
+
+static void on_disconnected(void *ud, int status, long long instances)
+{
+    struct hub_http_op *op = ud;
+    if (status == 0)
+        hub_buf_printf(&op->result, "{\"ok\":true,\"instances\":%lld}", instances);
+    op_complete(op, status == 0);
+}
+
+/* A user name in the API: 1..255 bytes, no control characters. */
+static int user_valid(const char *u, size_t n)
+{
+    if (n == 0 || n > 255)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)u[i] < 0x20 || u[i] == 0x7f)
+            return 0;
+    return 1;
+}
+
+/* GET /api/connections?user=U: the user's connections on every instance. */
+static int start_connections(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
+{
+    char user[512];
+    int ret;
+
+    if (method_of(wsi) != M_GET)
+        return respond_json_error(srv, wsi, HTTP_STATUS_METHOD_NOT_ALLOWED,
+                                  "method_not_allowed", "use GET", 1);
+    if (check_auth(srv, wsi, &ret))
+        return ret;
+    const char *u = lws_get_urlarg_by_name(wsi, "user=", user, sizeof(user));
+    if (!u || !user_valid(u, strlen(u)))
+        return respond_json_error(srv, wsi, HTTP_STATUS_BAD_REQUEST, "bad_request",
+                                  "query parameter 'user' is required: 1 to 255 bytes "
+                                  "without control characters", 0);
+    struct hub_http_op *op = op_new(wsi, h, "the registry is unavailable: try again later");
+    op->remaining++;
+    if (hub_registry_connections(srv->registry, u, strlen(u), on_connections, op) < 0) {
+        op->remaining--;
+        op->failed = 1;
+    }
+    return op_started(srv, wsi, h);
+}
+
+/* POST /api/disconnect {"user":"U"}: close the user's connections on every
+ * instance (a control message through the broker). */
+static int finish_disconnect(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
+{
+    char err[128];
+    yajl_val v = NULL, u = NULL;
+    const char *path[] = {"user", NULL};
+
+    h->route = ROUTE_NONE;
+    if (h->body.len)
+        v = yajl_tree_parse(h->body.p, err, sizeof(err));
+    hub_buf_free(&h->body); /* before responding: that may free the pss */
+    if (v && YAJL_IS_OBJECT(v) && v->u.object.len == 1)
+        u = yajl_tree_get(v, path, yajl_t_string);
+    const char *user = u ? YAJL_GET_STRING(u) : NULL;
+    if (!user || !user_valid(user, strlen(user))) {
+        yajl_tree_free(v);
+        return respond_json_error(srv, wsi, HTTP_STATUS_BAD_REQUEST, "bad_request",
+                                  "the body must be {\"user\":\"<name>\"}", 0);
+    }
+    struct hub_http_op *op = op_new(wsi, h, "the broker is unavailable: nobody was "
+                                            "disconnected, try again later");
+    op->remaining++;
+    if (hub_registry_disconnect(srv->registry, user, strlen(user), on_disconnected, op) < 0) {
+        op->remaining--;
+        op->failed = 1;
+    }
+    yajl_tree_free(v);
+    return op_started(srv, wsi, h);
 }
 
 static int finish_api(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
@@ -276,11 +399,8 @@ static int finish_api(struct hub_server *srv, struct lws *wsi, struct hub_http *
         return respond_json_error(srv, wsi, HTTP_STATUS_BAD_REQUEST,
                                   hub_proto_code_name(err.code), err.message, 0);
     }
-    struct hub_http_op *op = hub_xcalloc(1, sizeof(*op));
-    op->wsi = wsi;
-    op->h = h;
-    op->remaining = 1;
-    h->op = op;
+    struct hub_http_op *op = op_new(wsi, h, "the broker is unavailable: the message was "
+                                            "not published");
     const char *name = req.names.p;
     for (unsigned i = 0; i < req.nchannels; i++) {
         size_t len = strlen(name);
@@ -296,9 +416,7 @@ static int finish_api(struct hub_server *srv, struct lws *wsi, struct hub_http *
     /* Responding completes the transaction, and lws then unbinds the
      * protocol and frees this pss (HTTP_DROP_PROTOCOL): the body goes now. */
     hub_buf_free(&h->body);
-    if (--op->remaining == 0)
-        return respond_op(srv, wsi, h);
-    return 0; /* on_api_published asks for HTTP_WRITEABLE */
+    return op_started(srv, wsi, h);
 }
 
 static int serve_static(struct hub_server *srv, struct lws *wsi, const char *path)
@@ -343,6 +461,10 @@ static int on_request(struct hub_server *srv, struct lws *wsi, struct hub_http *
         return start_api(srv, wsi, h, ROUTE_BROADCAST);
     if (!strcmp(path, "/api/reload"))
         return start_api(srv, wsi, h, ROUTE_RELOAD);
+    if (!strcmp(path, "/api/disconnect"))
+        return start_api(srv, wsi, h, ROUTE_DISCONNECT);
+    if (!strcmp(path, "/api/connections"))
+        return start_connections(srv, wsi, h);
     if (!strncmp(path, "/api/", 5))
         return respond_json_error(srv, wsi, HTTP_STATUS_NOT_FOUND, "not_found",
                                   "no such API route", 1);
@@ -367,6 +489,8 @@ static int on_request(struct hub_server *srv, struct lws *wsi, struct hub_http *
         if (srv->policy)
             hub_policy_metrics(srv->policy, &b);
         srv->broker->ops->metrics(srv->broker, &b);
+        if (srv->registry)
+            hub_registry_metrics(srv->registry, &b);
         int r = hub_http_respond(wsi, HTTP_STATUS_OK, "text/plain; version=0.0.4", b.p, b.len, 0);
         hub_buf_free(&b);
         return r;
@@ -397,6 +521,8 @@ int hub_http_callback(struct hub_server *srv, struct lws *wsi,
                                       "no such route", 1);
         if (h->route == ROUTE_RELOAD)
             return finish_reload(srv, wsi, h);
+        if (h->route == ROUTE_DISCONNECT)
+            return finish_disconnect(srv, wsi, h);
         return finish_api(srv, wsi, h);
 
     case LWS_CALLBACK_HTTP_WRITEABLE:
@@ -416,7 +542,7 @@ int hub_http_callback(struct hub_server *srv, struct lws *wsi,
             hub_buf_free(&h->body);
             h->route = ROUTE_NONE;
             if (h->op && h->op->done) {
-                free(h->op); /* its completion came; nobody will respond */
+                op_free(h->op); /* its completion came; nobody will respond */
                 h->op = NULL;
             }
             op_detach(h);

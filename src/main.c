@@ -9,6 +9,7 @@
 #include "luahub/config.h"
 #include "luahub/log.h"
 #include "luahub/policy.h"
+#include "luahub/registry.h"
 #include "luahub/server.h"
 #include "luahub/supervisor.h"
 
@@ -41,10 +42,20 @@ static void close_signals(void)
     uv_close((uv_handle_t *)&sig_hup, NULL);
 }
 
+static void on_registry_gone(void *ud)
+{
+    hub_server_stop(ud);
+    close_signals();
+}
+
+/* Every client is gone (or shutdown_timeout passed): take this instance out
+ * of the registry (bounded), then stop. */
 static void on_shutdown_done(struct hub_server *srv)
 {
-    hub_server_stop(srv);
-    close_signals();
+    if (srv->registry)
+        hub_registry_shutdown(srv->registry, on_registry_gone, srv);
+    else
+        on_registry_gone(srv);
 }
 
 static void on_signal(uv_signal_t *h, int signum)

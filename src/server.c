@@ -26,6 +26,7 @@
 #include "luahub/metrics.h"
 #include "luahub/msg.h"
 #include "luahub/policy.h"
+#include "luahub/registry.h"
 
 _Static_assert(HUB_MSG_HEADROOM >= LWS_PRE + 10, "message headroom below LWS_PRE");
 
@@ -368,6 +369,17 @@ static void on_flush(uv_check_t *h)
 }
 
 static void on_deliver(void *ud, const char *channel, size_t len, struct hub_msg *m);
+
+/* POST /api/disconnect reached this instance (from any instance): close
+ * that user's connections here. hub_conn_close is asynchronous, so the list
+ * does not change under the walk. */
+static void on_disconnect_user(void *ud, const char *user, size_t len)
+{
+    struct hub_server *srv = ud;
+    for (struct hub_conn *c = srv->conns; c; c = c->next)
+        if (c->user && strlen(c->user) == len && !memcmp(c->user, user, len))
+            hub_conn_close(c, 4003, "disconnected by the API", 0);
+}
 static void on_broker_health(void *ud, int up);
 static void on_channel_empty(void *ud, const char *name, size_t len);
 
@@ -475,6 +487,17 @@ int hub_server_start(struct hub_server *srv)
     srv->port = lws_get_vhost_listen_port(srv->vhost);
     if (cfg->workers != 1 && listen_shared(srv) < 0)
         return -1;
+    /* The registry advertises the bound address, so it starts now. */
+    char address[320];
+    snprintf(address, sizeof(address), "%s:%d", cfg->listen_host, srv->port);
+    srv->registry = hub_registry_new(srv->loop, srv->broker, &(struct hub_registry_options){
+        .instance = srv->instance,
+        .address = address,
+        .prefix = cfg->redis_prefix,
+        .disconnect_user = on_disconnect_user,
+        .ud = srv,
+    });
+
     /* Tests and scripts parse this line: keep "listening on HOST:PORT" last. */
     hub_log(HUB_LOG_INFO | HUB_LOG_ALWAYS,
             "luahub %s (instance %s, websocket path %s) listening on %s%s%s:%d",
@@ -676,6 +699,7 @@ void hub_server_stop(struct hub_server *srv)
     srv->shutting_down = 1;
     if (srv->listen_fd >= 0 && !uv_is_closing((uv_handle_t *)&srv->listener))
         uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+    hub_registry_stop(srv->registry); /* before the broker it talks through */
     if (srv->broker)
         srv->broker->ops->stop(srv->broker);
     if (srv->ctx)
@@ -695,6 +719,8 @@ void hub_server_free(struct hub_server *srv)
     if (srv->policy)
         hub_policy_free(srv->policy);
     srv->policy = NULL;
+    hub_registry_free(srv->registry);
+    srv->registry = NULL;
     if (srv->broker)
         srv->broker->ops->free(srv->broker);
     srv->broker = NULL;

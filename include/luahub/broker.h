@@ -59,6 +59,41 @@ typedef void (*hub_broker_deliver_fn)(void *ud, const char *channel, size_t len,
  * connection has (re)subscribed every channel with local subscribers. */
 typedef void (*hub_broker_health_fn)(void *ud, int up);
 
+/* A Redis reply to command(), converted from hiredis so that callers need
+ * no hiredis header. Strings are `len` bytes followed by a NUL. */
+enum hub_broker_reply_type {
+    HUB_REPLY_NIL = 0,
+    HUB_REPLY_INTEGER,
+    HUB_REPLY_STRING,
+    HUB_REPLY_STATUS,      /* "+OK" */
+    HUB_REPLY_ERROR,       /* Redis answered with an error ("-ERR ...") */
+    HUB_REPLY_ARRAY,
+};
+
+struct hub_broker_reply {
+    int type;                               /* enum hub_broker_reply_type */
+    long long integer;                      /* INTEGER */
+    const char *str;                        /* STRING, STATUS, ERROR */
+    size_t len;
+    size_t n;                               /* ARRAY: number of elements */
+    const struct hub_broker_reply *elem;    /* ARRAY: n elements */
+};
+
+/* Completion of command(): HUB_BROKER_OK with the reply (borrowed: valid
+ * during the call only; it may be of type HUB_REPLY_ERROR), or
+ * HUB_BROKER_UNAVAILABLE with reply NULL (connection lost or timed out
+ * before the answer, or stop()). Called exactly once. */
+typedef void (*hub_broker_reply_cb)(void *ud, int status, const struct hub_broker_reply *reply);
+
+/* Receives each message published on the control channel (see control()):
+ * `msg` is borrowed, valid during the call. Called from the loop. */
+typedef void (*hub_broker_control_fn)(void *ud, const char *msg, size_t len);
+
+/* The control channel's Redis name is the broker prefix followed by this
+ * ("luahub:!control" by default). '!' is not allowed in hub channel names,
+ * so no hub channel can collide with it. */
+#define HUB_BROKER_CONTROL_CHANNEL "!control"
+
 struct hub_broker_ops {
     const char *name;
     /* Publishes a sealed delivery frame (borrowed) to `channel`. Returns 0
@@ -94,6 +129,27 @@ struct hub_broker_ops {
     /* Frees it after stop() and after the loop has drained (uv_run
      * returned with no active handles). */
     void (*free)(struct hub_broker *b);
+
+    /* Optional (NULL in the memory broker: there is no shared store).
+     *
+     * command: sends one Redis command (argv[0..argc) with byte lengths
+     * `lens`, all borrowed until it returns) on the command connection of
+     * the FIRST server of the list (the registry's keys live there). Same
+     * rules as publish: returns 0 and calls `cb` (may be NULL) exactly once,
+     * never synchronously; or returns HUB_BROKER_UNAVAILABLE without calling
+     * it when that connection is not up or the pending cap (max_pending,
+     * max_pending_bytes, shared with PUBLISH) is reached. An answer not
+     * received within command_timeout_ms drops the connection and fails
+     * every pending command. Never use (P)SUBSCRIBE or blocking commands. */
+    int (*command)(struct hub_broker *b, int argc, const char **argv, const size_t *lens,
+                   hub_broker_reply_cb cb, void *ud);
+    /* control: subscribes the control channel (prefix +
+     * HUB_BROKER_CONTROL_CHANNEL, on the first server) and hands its
+     * messages to `fn` instead of `deliver`; the subscription is kept across
+     * reconnects (health counts it like any channel). fn == NULL
+     * unsubscribes it. Messages published while the subscriber connection
+     * is down are lost (pub/sub is at-most-once). */
+    void (*control)(struct hub_broker *b, hub_broker_control_fn fn, void *ud);
 };
 
 struct hub_broker {

@@ -32,6 +32,7 @@ struct hub_server {
     struct hub_policy *policy;      /* the Lua policy; NULL before start */
     struct hub_broker *broker;      /* where publishes go (memory or redis) */
     int broker_local;               /* the memory broker: no other process */
+    struct hub_registry *registry;  /* instance heartbeat, who is connected where */
     struct hub_chan_registry chans;
     struct hub_conn **ids;          /* id -> connection hash, chained by id_next */
     uint32_t nids_buckets;          /* a power of two */
