@@ -1000,16 +1000,25 @@ static void rtt_observe(struct rbroker *b, uint64_t ns)
     b->rtt_n++;
 }
 
-static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
+/* A reply (or NULL: the connection went away) for a pending PUBLISH or
+ * command: takes it off its connection's books. The caller frees it. */
+static struct pending *pending_finish(void *privdata)
 {
-    (void)ac;
     struct pending *p = privdata;
     struct rconn *rc = p->rc;
-    struct rbroker *b = rc->sh->b;
-    redisReply *r = reply;
     pending_unlink(rc, p);
     rc->npending--;
     rc->pending_bytes -= p->bytes;
+    return p;
+}
+
+static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    (void)ac;
+    struct pending *p = pending_finish(privdata);
+    struct rconn *rc = p->rc;
+    struct rbroker *b = rc->sh->b;
+    redisReply *r = reply;
     int status = HUB_BROKER_UNAVAILABLE;
     if (r && r->type != REDIS_REPLY_ERROR) {
         status = HUB_BROKER_OK;
@@ -1243,13 +1252,9 @@ static void reply_free(struct hub_broker_reply *r)
 static void on_command_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
     (void)ac;
-    struct pending *p = privdata;
-    struct rconn *rc = p->rc;
-    struct rbroker *b = rc->sh->b;
+    struct pending *p = pending_finish(privdata);
+    struct rbroker *b = p->rc->sh->b;
     redisReply *r = reply;
-    pending_unlink(rc, p);
-    rc->npending--;
-    rc->pending_bytes -= p->bytes;
     hub_broker_reply_cb cb = p->rcb;
     void *ud = p->ud;
     free(p);
