@@ -142,6 +142,10 @@ void hub_conn_closed(struct hub_conn *c)
 
     if (!srv) /* never reached ESTABLISHED */
         return;
+    /* Nothing may be queued from here on: leaving the channels below can
+     * complete pending subscribes, whose replies must not put this
+     * connection back on the flush list. */
+    c->flags |= HUB_CONN_CLOSING;
     if (srv->registry) {
         char client[64];
         hub_conn_client_id(c, client, sizeof(client));
@@ -398,8 +402,13 @@ static void on_subscribed(void *ud, int status)
     struct hub_span id = {op->id, op->id_len};
 
     if (status == HUB_BROKER_CANCELED) {
-        /* The client left the channel (or went away) before Redis confirmed:
-         * the unsubscribe has been answered already. */
+        /* The client unsubscribed before Redis confirmed: the subscribe did
+         * happen (and was undone), so it is answered ok, before the
+         * unsubscribe's own reply. On a closing connection this is a no-op. */
+        if (c) {
+            hub_proto_encode_ok(&op->srv->scratch, id, op->channel, op->channel_len);
+            send_scratch(c);
+        }
         free(op);
         return;
     }

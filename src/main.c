@@ -17,6 +17,7 @@
 #define DEFAULT_CONF_SYSTEM "/etc/luahub/luahub.conf"
 
 static struct hub_server server;
+static sigset_t startup_signals;    /* blocked until the loop handles them */
 static uv_signal_t sig_term, sig_int, sig_hup;
 
 static void usage(FILE *f)
@@ -118,6 +119,9 @@ static int run_hub(struct hub_config *cfg, int worker)
         uv_signal_start(&sig_int, on_signal, SIGINT);
         uv_signal_start(&sig_hup, on_signal, SIGHUP);
     }
+    /* Blocked since main() (or inherited blocked from the supervisor): a
+     * signal that came during start-up is delivered now, to the loop. */
+    sigprocmask(SIG_UNBLOCK, &startup_signals, NULL);
 
     uv_run(&loop, UV_RUN_DEFAULT);
     hub_server_free(&server);
@@ -205,6 +209,12 @@ int main(int argc, char **argv)
 
     hub_log_set_level(cfg.log_level);
     signal(SIGPIPE, SIG_IGN);
+    sigemptyset(&startup_signals);
+    sigaddset(&startup_signals, SIGTERM);
+    sigaddset(&startup_signals, SIGINT);
+    sigaddset(&startup_signals, SIGHUP);
+    sigaddset(&startup_signals, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &startup_signals, NULL);
     unsigned workers = cfg.workers ? cfg.workers : (unsigned)sysconf(_SC_NPROCESSORS_ONLN);
     if (workers <= 1) {
         rc = run_hub(&cfg, 0);

@@ -40,7 +40,10 @@ static pid_t spawn(unsigned i, hub_worker_fn fn, void *ud, const sigset_t *handl
     if (pid != 0)
         return pid; /* the supervisor, or -1 */
     prctl(PR_SET_PDEATHSIG, SIGTERM);
-    sigprocmask(SIG_UNBLOCK, handled, NULL);
+    /* The signals stay blocked until the worker's loop has its handlers
+     * (run_hub unblocks them): a SIGHUP forwarded while it starts would
+     * otherwise kill it. */
+    (void)handled;
     _exit(fn(ud, i));
 }
 
