@@ -22,6 +22,9 @@
  *             connections, --inflight at a time.
  * Server CPU is utime+stime of the --server-pid processes over the measured
  * window (/proc/PID/stat), divided by deliveries or connections.
+ * --aux-pid processes (a redis-server) are metered the same way and reported
+ * apart; --sub-ports spreads the subscribers over several servers (luahub
+ * processes meeting through Redis) while the publishers use --port.
  *
  * --target luahub speaks protocol v1 (GET /ws, subscribe/publish ops, HTTP
  * POST /api/publish); --target nchan subscribes with a WebSocket to
@@ -88,6 +91,10 @@ static struct {
     uint32_t inflight, connect_inflight;
     pid_t server_pids[16];
     int n_server_pids;
+    pid_t aux_pids[16];      /* metered apart (e.g. redis-server) */
+    int n_aux_pids;
+    struct sockaddr_in sub_addr[8]; /* --sub-ports: subscribers' ports */
+    int n_sub_ports;
     int verbose, quickack, server_core;
 } O = {
     .mode = M_FANOUT, .target = T_LUAHUB, .pub = P_WS, .host = "127.0.0.1",
@@ -301,15 +308,15 @@ static uint64_t hist_quantile(const uint64_t *h, uint64_t total, double q)
 
 /* ---- /proc readers ---------------------------------------------------- */
 
-/* Sum of utime+stime (clock ticks) over the server pids; -1 if unreadable. */
-static int64_t server_cpu_ticks(void)
+/* Sum of utime+stime (clock ticks) over some pids; -1 if unreadable. */
+static int64_t pids_cpu_ticks(const pid_t *pids, int npids)
 {
     int64_t sum = 0;
-    if (!O.n_server_pids)
+    if (!npids)
         return -1;
-    for (int i = 0; i < O.n_server_pids; i++) {
+    for (int i = 0; i < npids; i++) {
         char path[64], buf[1024];
-        snprintf(path, sizeof path, "/proc/%d/stat", (int)O.server_pids[i]);
+        snprintf(path, sizeof path, "/proc/%d/stat", (int)pids[i]);
         FILE *f = fopen(path, "r");
         if (!f)
             return -1;
@@ -328,6 +335,9 @@ static int64_t server_cpu_ticks(void)
     }
     return sum;
 }
+
+static int64_t server_cpu_ticks(void) { return pids_cpu_ticks(O.server_pids, O.n_server_pids); }
+static int64_t aux_cpu_ticks(void) { return pids_cpu_ticks(O.aux_pids, O.n_aux_pids); }
 
 /* Sum of VmRSS (kB) over the server pids; -1 if unreadable. */
 static int64_t server_rss_kb(void)
@@ -566,7 +576,13 @@ static bool conn_start(struct conn *c, int role, uint32_t idx, uint32_t chan)
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     g_open++;
-    if (connect(c->fd, (struct sockaddr *)&O.addr, sizeof O.addr) < 0 &&
+    /* --sub-ports: the subscribers of one channel (i / C counts them) are
+     * spread round robin over the ports, so every channel has subscribers
+     * on every server. Publishers and connrate use --port. */
+    const struct sockaddr_in *to = &O.addr;
+    if (role == R_SUB && O.n_sub_ports)
+        to = &O.sub_addr[(idx / O.channels) % (uint32_t)O.n_sub_ports];
+    if (connect(c->fd, (const struct sockaddr *)to, sizeof *to) < 0 &&
         errno != EINPROGRESS) {
         note("connect: %s", strerror(errno));
         c->state = S_HANDSHAKE; /* so conn_dead accounts it as a failed open */
@@ -1025,6 +1041,19 @@ static uint64_t parse_u64(const char **pp, const char *end)
 
 /* A delivery: find "lgp":P,"lgs":S,"lgt":T anywhere in the frame, so the
  * same code reads luahub's envelope and Nchan's raw body. */
+/* The value of "key": in p..end, a non-negative integer, or false. */
+static bool find_u64(const char *p, const char *end, const char *key, uint64_t *out)
+{
+    const char *m = memmem(p, (size_t)(end - p), key, strlen(key));
+    if (!m)
+        return false;
+    m += strlen(key);
+    if (m >= end || *m < '0' || *m > '9')
+        return false;
+    *out = parse_u64(&m, end);
+    return true;
+}
+
 static void on_delivery(struct conn *c, const char *p, size_t n)
 {
     const char *end = p + n, *m = memmem(p, n, "\"lgp\":", 6);
@@ -1033,19 +1062,28 @@ static void on_delivery(struct conn *c, const char *p, size_t n)
         return;
     }
     m += 6;
-    uint32_t pub = parse_u(&m, end);
-    if (end - m < 7 || memcmp(m, ",\"lgs\":", 7)) {
-        g_st->bad++;
-        return;
+    uint32_t pub = parse_u(&m, end), seq;
+    uint64_t ts;
+    if (end - m >= 7 && !memcmp(m, ",\"lgs\":", 7)) { /* our own key order */
+        m += 7;
+        seq = parse_u(&m, end);
+        if (end - m < 7 || memcmp(m, ",\"lgt\":", 7)) {
+            g_st->bad++;
+            return;
+        }
+        m += 7;
+        ts = parse_u64(&m, end);
+    } else {
+        /* Re-encoded by a policy (lua-cjson does not keep key order): look
+         * the keys up one by one. */
+        uint64_t s64;
+        if (!find_u64(p, end, "\"lgs\":", &s64) || !find_u64(p, end, "\"lgt\":", &ts) ||
+            s64 > UINT32_MAX) {
+            g_st->bad++;
+            return;
+        }
+        seq = (uint32_t)s64;
     }
-    m += 7;
-    uint32_t seq = parse_u(&m, end);
-    if (end - m < 7 || memcmp(m, ",\"lgt\":", 7)) {
-        g_st->bad++;
-        return;
-    }
-    m += 7;
-    uint64_t ts = parse_u64(&m, end);
     g_st->delivered++;
     if (!g_st->first_rx)
         g_st->first_rx = g_now;
@@ -1631,12 +1669,15 @@ static void on_ctrl(struct conn *c)
     char b[16];
     ssize_t k = read(c->fd, b, sizeof b);
     if (k == 0 || (k < 0 && errno != EAGAIN && errno != EINTR)) {
-        if (g_phase < PH_CLOSE)
-            warnx_("worker %u exited early", c->idx);
         epoll_ctl(g_ep, EPOLL_CTL_DEL, c->fd, NULL);
         close(c->fd);
         c->fd = -1;
-        g_pub_fatal = 2;
+        /* After 'X' (PH_CLOSE) workers exit by design: not a failure (the
+         * fanout's closing loop used to see it and mark the run incomplete). */
+        if (g_phase < PH_CLOSE) {
+            warnx_("worker %u exited early", c->idx);
+            g_pub_fatal = 2;
+        }
         return;
     }
     for (ssize_t i = 0; i < k; i++) {
@@ -1849,7 +1890,7 @@ static int run_fanout(void)
         g_pub_fatal = g_pub_fatal ? g_pub_fatal : 4;
     }
 
-    int64_t cpu0 = server_cpu_ticks(), core0 = core_busy_ticks();
+    int64_t cpu0 = server_cpu_ticks(), core0 = core_busy_ticks(), aux0 = aux_cpu_ticks();
     g_phase = PH_RUN;
     g_t0 = now_ns();
     g_now = g_t0;
@@ -1887,7 +1928,7 @@ static int run_fanout(void)
     g_phase = PH_FINAL;
     kids_send('F');
     wait_kids(&g_kid_done, O.drain + 10);
-    int64_t cpu1 = server_cpu_ticks(), core1 = core_busy_ticks();
+    int64_t cpu1 = server_cpu_ticks(), core1 = core_busy_ticks(), aux1 = aux_cpu_ticks();
     uint64_t t_end = now_ns();
     sum_stats();
     g_phase = PH_CLOSE;
@@ -1957,6 +1998,12 @@ static int run_fanout(void)
         json_num("server_core_ns_per_delivery",
                  g_sum.delivered ? core_s * 1e9 / (double)g_sum.delivered : NAN);
     }
+    if (O.n_aux_pids) {
+        double aux_s = cpu_s_or_nan(aux0, aux1);
+        json_num("aux_cpu_s", aux_s);
+        json_num("aux_cpu_ns_per_delivery",
+                 g_sum.delivered ? aux_s * 1e9 / (double)g_sum.delivered : NAN);
+    }
     printf("}\n");
     fflush(stdout);
     return complete ? 0 : 1;
@@ -2017,12 +2064,12 @@ static int run_idle(void)
 
 static int run_connrate(void)
 {
-    int64_t cpu0 = server_cpu_ticks(), core0 = core_busy_ticks();
+    int64_t cpu0 = server_cpu_ticks(), core0 = core_busy_ticks(), aux0 = aux_cpu_ticks();
     uint64_t t0 = now_ns();
     kids_spawn(0);
     wait_kids(&g_kid_done, O.timeout + 10);
     uint64_t t1 = now_ns();
-    int64_t cpu1 = server_cpu_ticks(), core1 = core_busy_ticks();
+    int64_t cpu1 = server_cpu_ticks(), core1 = core_busy_ticks(), aux1 = aux_cpu_ticks();
     sum_stats();
     g_phase = PH_CLOSE;
     kids_send('X');
@@ -2048,6 +2095,11 @@ static int run_connrate(void)
         json_num("server_core_busy_s", core_s);
         json_num("server_core_us_per_conn", g_sum.cr_ok ? core_s * 1e6 / (double)g_sum.cr_ok : NAN);
     }
+    if (O.n_aux_pids) {
+        double aux_s = cpu_s_or_nan(aux0, aux1);
+        json_num("aux_cpu_s", aux_s);
+        json_num("aux_cpu_us_per_conn", g_sum.cr_ok ? aux_s * 1e6 / (double)g_sum.cr_ok : NAN);
+    }
     printf("}\n");
     fflush(stdout);
     return complete ? 0 : 1;
@@ -2062,6 +2114,9 @@ static void usage(FILE *f)
         "  --target luahub|nchan   protocol to speak (luahub)\n"
         "  --host ADDR             loopback address only (127.0.0.1)\n"
         "  --server-pid P[,P...]   server processes to meter (CPU, RSS)\n"
+        "  --aux-pid P[,P...]      other processes whose CPU is reported apart (aux_cpu_*)\n"
+        "  --sub-ports P[,P...]    subscribers connect to these ports, round robin over\n"
+        "                          each channel's subscribers (publishers use --port)\n"
         "  --subs N --channels C   subscribers and channels, sub i on channel i%%C (1000, 10)\n"
         "  --pub ws|http           publisher transport (ws)\n"
         "  --pub-conns K           publisher connections (ws: 1, http: 4; nchan ws: C)\n"
@@ -2097,7 +2152,7 @@ static void parse_args(int argc, char **argv)
     enum { O_TARGET = 256, O_HOST, O_PORT, O_SPID, O_SUBS, O_CHANS, O_PUB,
            O_PUBC, O_WIN, O_BURST, O_RATE, O_DUR, O_SIZE, O_HOLD, O_COUNT,
            O_INFL, O_PROCS, O_CINFL, O_TMO, O_DRAIN, O_WSP, O_APIP, O_SUBP,
-           O_PUBP, O_CHP, O_LABEL, O_MODE, O_QACK, O_SCORE };
+           O_PUBP, O_CHP, O_LABEL, O_MODE, O_QACK, O_SCORE, O_APID, O_SPORTS };
     static const struct option lo[] = {
         {"mode", 1, 0, O_MODE}, {"target", 1, 0, O_TARGET}, {"host", 1, 0, O_HOST},
         {"port", 1, 0, O_PORT}, {"server-pid", 1, 0, O_SPID}, {"subs", 1, 0, O_SUBS},
@@ -2110,7 +2165,8 @@ static void parse_args(int argc, char **argv)
         {"api-path", 1, 0, O_APIP}, {"sub-prefix", 1, 0, O_SUBP},
         {"pub-prefix", 1, 0, O_PUBP}, {"channel-prefix", 1, 0, O_CHP},
         {"label", 1, 0, O_LABEL}, {"quickack", 1, 0, O_QACK},
-        {"server-core", 1, 0, O_SCORE}, {"verbose", 0, 0, 'v'}, {"help", 0, 0, 'h'},
+        {"server-core", 1, 0, O_SCORE}, {"aux-pid", 1, 0, O_APID},
+        {"sub-ports", 1, 0, O_SPORTS}, {"verbose", 0, 0, 'v'}, {"help", 0, 0, 'h'},
         {0, 0, 0, 0}};
     int opt;
     bool have_port = false, have_pubc = false;
@@ -2135,6 +2191,27 @@ static void parse_args(int argc, char **argv)
                 if (O.n_server_pids == 16)
                     die("--server-pid: at most 16 pids");
                 O.server_pids[O.n_server_pids++] = (pid_t)num_arg("server-pid", t, 1, 1e9);
+            }
+            free(s);
+            break;
+        }
+        case O_APID: {
+            char *s = strdup(optarg), *save = NULL;
+            for (char *t = strtok_r(s, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+                if (O.n_aux_pids == 16)
+                    die("--aux-pid: at most 16 pids");
+                O.aux_pids[O.n_aux_pids++] = (pid_t)num_arg("aux-pid", t, 1, 1e9);
+            }
+            free(s);
+            break;
+        }
+        case O_SPORTS: {
+            char *s = strdup(optarg), *save = NULL;
+            for (char *t = strtok_r(s, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+                if (O.n_sub_ports == 8)
+                    die("--sub-ports: at most 8 ports");
+                O.sub_addr[O.n_sub_ports++].sin_port =
+                    htons((uint16_t)num_arg("sub-ports", t, 1, 65535));
             }
             free(s);
             break;
@@ -2182,6 +2259,10 @@ static void parse_args(int argc, char **argv)
         die("--host: '%s' is not a loopback address; loadgen only talks to 127.0.0.0/8", O.host);
     O.addr.sin_family = AF_INET;
     O.addr.sin_port = htons((uint16_t)O.port);
+    for (int i = 0; i < O.n_sub_ports; i++) {
+        O.sub_addr[i].sin_family = AF_INET;
+        O.sub_addr[i].sin_addr = O.addr.sin_addr;
+    }
     if (strlen(O.chan_prefix) > 200 || strlen(O.ws_path) > 200 || strlen(O.api_path) > 200 ||
         strlen(O.sub_prefix) > 100 || strlen(O.pub_prefix) > 100)
         die("paths and prefixes are limited to 200 bytes");
@@ -2254,6 +2335,8 @@ int main(int argc, char **argv)
         g_pubs[i].fd = -1;
     if (O.n_server_pids && server_cpu_ticks() < 0)
         warnx_("cannot read /proc/<pid>/stat of the --server-pid list: CPU will be null");
+    if (O.n_aux_pids && aux_cpu_ticks() < 0)
+        warnx_("cannot read /proc/<pid>/stat of the --aux-pid list: aux CPU will be null");
     g_now = now_ns();
     int rc;
     switch (O.mode) {

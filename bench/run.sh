@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # bench/run.sh: luahub's standard benchmark (issue 5), optionally side by side
-# with Nchan. Builds luahub and loadgen, starts each server fresh for every
-# run (pinned to CPU 0, loadgen on CPU 1), runs every scenario N times (3),
-# takes medians and writes a markdown table to bench/results/<date>.md (raw
-# JSON next to it) and prints it. See bench/README.md for what the numbers
-# mean.
+# with Nchan, plus luahub's own feature scenarios (Lua hooks, redis broker,
+# workers, scaling, channels). Builds luahub and loadgen, starts each server
+# fresh for every run (pinned to CPU 0, loadgen on CPU 1), runs every
+# scenario N times (3), takes medians and writes a markdown table to
+# bench/results/<date>.md (raw JSON next to it) and prints it. See
+# bench/README.md for what the numbers mean.
 #
 #   bench/run.sh [--compare] [--quick] [--only NAME[,NAME]] [--runs N]
 #                [--targets luahub,nchan] [--build DIR] [--no-build]
 #
 # --compare   also run Nchan (nginx-light + libnginx-mod-nchan from Debian;
 #             installed with apt-get if missing) and print luahub/Nchan ratios
+#             (standard scenarios; the feature scenarios are luahub's own)
 # --quick     small sizes, one run: a smoke test, not a measurement
-# --only      scenarios to run: burst_ws burst_http burst_http_5000 rate idle
-#             connrate
+# --only      scenarios to run. Standard: burst_ws burst_http burst_http_5000
+#             rate idle connrate. luahub features: hook_publish hook_connect
+#             broker_ws broker_http workers scale channels
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,6 +24,7 @@ BUILD=${BUILD:-$ROOT/build}
 COMPARE=0 QUICK=0 ONLY="" RUNS="" TARGETS="" NO_BUILD=0
 ARGV_TEXT="bench/run.sh $*"
 NCHAN_MODULE=/usr/lib/nginx/modules/ngx_nchan_module.so
+POLICIES=$ROOT/bench/policies
 
 die() { echo "run.sh: $*" >&2; exit 2; }
 log() { echo "run.sh: $*" >&2; }
@@ -34,22 +38,85 @@ while [ $# -gt 0 ]; do
         --targets) [ $# -ge 2 ] || die "--targets needs a list"; TARGETS=$2; shift ;;
         --build) [ $# -ge 2 ] || die "--build needs a directory"; BUILD=$2; shift ;;
         --no-build) NO_BUILD=1 ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
 done
 
 # ---- scenarios --------------------------------------------------------------
-# name|title|loadgen arguments|--quick arguments|--quick title. Payloads: 100 B.
+# name|kind|title|loadgen arguments|--quick arguments|--quick title.
+# Payloads: 100 B. kind "std": run against each target (luahub, Nchan);
+# kind "var": luahub only, once per variant (VARIANTS below), side by side.
+# Burst sizes: at least ~1 M deliveries, so that luahub's CPU (10 ms ticks,
+# ~0.4 µs per delivery) is measured to a few per cent; 5 M for the on_publish
+# cost, whose target is 5 %.
 SCENARIOS=(
-"burst_ws|burst, 1000 subs on 10 channels, WebSocket publisher|--mode fanout --subs 1000 --channels 10 --burst 200 --pub ws --window 64|--mode fanout --subs 200 --channels 10 --burst 20 --pub ws --window 64|burst, 200 subs on 10 channels, WebSocket publisher"
-"burst_http|burst, 1000 subs on 10 channels, HTTP publisher (4 keep-alive)|--mode fanout --subs 1000 --channels 10 --burst 200 --pub http --pub-conns 4|--mode fanout --subs 200 --channels 10 --burst 20 --pub http --pub-conns 4|burst, 200 subs on 10 channels, HTTP publisher (4 keep-alive)"
-"burst_http_5000|burst, 5000 subs on 1 channel, HTTP publisher (4 keep-alive)|--mode fanout --subs 5000 --channels 1 --burst 100 --pub http --pub-conns 4|--mode fanout --subs 500 --channels 1 --burst 20 --pub http --pub-conns 4|burst, 500 subs on 1 channel, HTTP publisher (4 keep-alive)"
-"rate|open loop, 1000 publishes/s over 10 channels, 1000 subs (100k deliveries/s)|--mode fanout --subs 1000 --channels 10 --rate 1000 --duration 10 --pub ws --window 1000|--mode fanout --subs 200 --channels 10 --rate 200 --duration 2 --pub ws --window 1000|open loop, 200 publishes/s over 10 channels, 200 subs"
-"idle|idle, 15,000 subscribed connections|--mode idle --conns 15000 --channels 10 --hold 10|--mode idle --conns 1000 --channels 10 --hold 1|idle, 1,000 subscribed connections"
-"connrate|connect + upgrade + subscribe + close, 50 in flight|--mode connrate --count 10000 --inflight 50 --channels 10|--mode connrate --count 1000 --inflight 50 --channels 10|connect + upgrade + subscribe + close, 50 in flight (1,000)"
+"burst_ws|std|burst, 1000 subs on 10 channels, WebSocket publisher|--mode fanout --subs 1000 --channels 10 --burst 2000 --pub ws --window 64|--mode fanout --subs 200 --channels 10 --burst 20 --pub ws --window 64|burst, 200 subs on 10 channels, WebSocket publisher"
+"burst_http|std|burst, 1000 subs on 10 channels, HTTP publisher (4 keep-alive)|--mode fanout --subs 1000 --channels 10 --burst 1000 --pub http --pub-conns 4|--mode fanout --subs 200 --channels 10 --burst 20 --pub http --pub-conns 4|burst, 200 subs on 10 channels, HTTP publisher (4 keep-alive)"
+"burst_http_5000|std|burst, 5000 subs on 1 channel, HTTP publisher (4 keep-alive)|--mode fanout --subs 5000 --channels 1 --burst 300 --pub http --pub-conns 4|--mode fanout --subs 500 --channels 1 --burst 20 --pub http --pub-conns 4|burst, 500 subs on 1 channel, HTTP publisher (4 keep-alive)"
+"rate|std|open loop, 1000 publishes/s over 10 channels, 1000 subs (100k deliveries/s)|--mode fanout --subs 1000 --channels 10 --rate 1000 --duration 10 --pub ws --window 1000|--mode fanout --subs 200 --channels 10 --rate 200 --duration 2 --pub ws --window 1000|open loop, 200 publishes/s over 10 channels, 200 subs"
+"idle|std|idle, 15,000 subscribed connections|--mode idle --conns 15000 --channels 10 --hold 10|--mode idle --conns 1000 --channels 10 --hold 1|idle, 1,000 subscribed connections"
+"connrate|std|connect + upgrade + subscribe + close, 50 in flight|--mode connrate --count 10000 --inflight 50 --channels 10|--mode connrate --count 1000 --inflight 50 --channels 10|connect + upgrade + subscribe + close, 50 in flight (1,000)"
+"hook_publish|var|Lua on_publish cost: burst, 1000 subs on 10 channels, WebSocket publisher|--mode fanout --subs 1000 --channels 10 --burst 5000 --pub ws --window 64|--mode fanout --subs 200 --channels 10 --burst 20 --pub ws --window 64|Lua on_publish cost: burst, 200 subs on 10 channels"
+"hook_connect|var|Lua on_connect cost: connect + upgrade + subscribe + close, 50 in flight|--mode connrate --count 10000 --inflight 50 --channels 10|--mode connrate --count 1000 --inflight 50 --channels 10|Lua on_connect cost: connrate (1,000)"
+"broker_ws|var|redis broker: burst, 1000 subs on 10 channels, WebSocket publisher|--mode fanout --subs 1000 --channels 10 --burst 2000 --pub ws --window 64|--mode fanout --subs 200 --channels 10 --burst 20 --pub ws --window 64|redis broker: burst, 200 subs on 10 channels, WebSocket publisher"
+"broker_http|var|redis broker: burst, 1000 subs on 10 channels, HTTP publisher (4 keep-alive)|--mode fanout --subs 1000 --channels 10 --burst 1000 --pub http --pub-conns 4|--mode fanout --subs 200 --channels 10 --burst 20 --pub http --pub-conns 4|redis broker: burst, 200 subs on 10 channels, HTTP publisher"
+"workers|var|workers: burst, 1000 subs on 10 channels, WebSocket publisher, nothing pinned|--mode fanout --subs 1000 --channels 10 --burst 2000 --pub ws --window 64|--mode fanout --subs 200 --channels 10 --burst 20 --pub ws --window 64|workers: burst, 200 subs on 10 channels, nothing pinned"
+"scale|var|scaling: N subscribers on 1 channel, HTTP publisher (4 keep-alive), ~1.5 M deliveries|--mode fanout --channels 1 --pub http --pub-conns 4 --procs 2|--mode fanout --channels 1 --pub http --pub-conns 4 --procs 2|scaling: N subscribers on 1 channel, HTTP publisher (small)"
+"channels|var|memory with many channels: 10,000 idle subscribed connections|--mode idle --conns 10000 --hold 5|--mode idle --conns 1000 --hold 1|memory with many channels: 1,000 idle subscribed connections"
 )
+
+# Variants of the "var" scenarios, one per line:
+# name|label|server spec|extra loadgen arguments|extra --quick arguments
+# Server spec (space-separated): policy=FILE (in bench/policies),
+# broker=redis (a redis-server started for the run), hubs=N (N luahub
+# processes on the same redis; subscribers spread over them, publisher on
+# the first), workers=N, pin=none (nothing pinned: server, redis, loadgen).
+# The first variant is the baseline the others are compared with. Loadgen's
+# later arguments override earlier ones.
+variants_of() {
+    case $1 in
+        hook_publish) cat <<'EOF'
+none|no policy||
+true|on_publish returns true|policy=publish_true.lua|
+transform|on_publish reads msg.data, adds a field, returns {channel, data}|policy=publish_transform.lua|
+EOF
+        ;;
+        hook_connect) cat <<'EOF'
+none|no policy||
+true|on_connect returns true|policy=connect_true.lua|
+EOF
+        ;;
+        broker_ws|broker_http) cat <<'EOF'
+memory|memory broker, 1 process||
+redis|redis broker, 1 process|broker=redis|
+EOF
+        [ "$1" = broker_ws ] && cat <<'EOF'
+redis2|redis broker, 2 processes: publisher on A, subscribers half on A, half on B|broker=redis hubs=2|
+EOF
+        ;;
+        workers) cat <<'EOF'
+memory1|memory broker, workers = 1|pin=none|
+redis1|redis broker, workers = 1|broker=redis pin=none|
+redis2|redis broker, workers = 2|broker=redis workers=2 pin=none|
+EOF
+        ;;
+        scale) cat <<'EOF'
+1000|1,000 subscribers||--subs 1000 --burst 1500|--subs 100 --burst 50
+5000|5,000 subscribers||--subs 5000 --burst 300|--subs 500 --burst 10
+15000|15,000 subscribers||--subs 15000 --burst 100|--subs 1500 --burst 4
+EOF
+        ;;
+        channels) cat <<'EOF'
+ch10|on 10 channels (1,000 subscribers each)||--channels 10|--channels 10
+ch10000|on 10,000 channels (1 subscriber each)||--channels 10000|--channels 1000
+EOF
+        ;;
+    esac
+}
+
+ALL_NAMES=$(for s in "${SCENARIOS[@]}"; do printf '%s ' "${s%%|*}"; done)
 COMMON_ARGS="--size 100 --timeout 60 --drain 15"
 
 [ -n "$RUNS" ] || { [ $QUICK = 1 ] && RUNS=1 || RUNS=3; }
@@ -61,22 +128,34 @@ for t in ${TARGETS//,/ }; do
 done
 has_target() { [[ ",$TARGETS," == *",$1,"* ]]; }
 
-SELECTED=()
-for s in "${SCENARIOS[@]}"; do
-    name=${s%%|*}
-    if [ -z "$ONLY" ] || [[ "$ONLY," == *",$name,"* ]]; then SELECTED+=("$s"); fi
-done
 if [ -n "$ONLY" ]; then
     for n in ${ONLY//,/ }; do
-        found=0
-        for s in "${SCENARIOS[@]}"; do [ "${s%%|*}" = "$n" ] && found=1; done
-        [ $found = 1 ] || die "--only: unknown scenario '$n' (burst_ws burst_http burst_http_5000 rate idle connrate)"
+        [[ " $ALL_NAMES" == *" $n "* ]] || die "--only: unknown scenario '$n' ($ALL_NAMES)"
     done
 fi
+SELECTED=()
+for s in "${SCENARIOS[@]}"; do
+    IFS='|' read -r name kind _ <<<"$s"
+    if [ -n "$ONLY" ] && [[ "$ONLY," != *",$name,"* ]]; then continue; fi
+    if [ "$kind" = var ] && ! has_target luahub; then
+        [ -n "$ONLY" ] && log "$name: a luahub scenario, skipped (--targets $TARGETS)"
+        continue
+    fi
+    SELECTED+=("$s")
+done
 [ ${#SELECTED[@]} -gt 0 ] || die "no scenario selected"
+needs_redis=0
+for s in "${SELECTED[@]}"; do
+    IFS='|' read -r name kind _ <<<"$s"
+    [ "$kind" = var ] && variants_of "$name" | grep -q 'broker=redis' && needs_redis=1
+done
 
 # ---- preconditions -----------------------------------------------------------
 command -v taskset >/dev/null || die "taskset (util-linux) is required"
+if [ $needs_redis = 1 ]; then
+    command -v redis-server >/dev/null ||
+        die "redis-server is required for the broker scenarios (apt-get install redis-server, or make test's set-up)"
+fi
 NCPU=$(nproc)
 if [ "$NCPU" -ge 2 ]; then
     PIN_SERVER="taskset -c 0" PIN_CLIENT="taskset -c 1" CORE_ARGS="--server-core 0"
@@ -90,13 +169,24 @@ exec 9>"${TMPDIR:-/tmp}/luahub-bench.lock"
 flock -n 9 || die "another bench/run.sh is running"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/luahub-bench.XXXXXX")
-SERVER_PID="" SERVER_KIND="" NGINX_WORKER=""
+SERVER_PID="" SERVER_KIND="" NGINX_WORKER="" HUB_PIDS=() REDIS_PID=""
 cleanup() {
     if declare -F stop_server >/dev/null; then stop_server || true; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# The machine's state before we add to it (our own build included).
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+# user+nice+system+irq+softirq of every CPU (a process's stime includes the
+# softirq work done in its context, which /proc/stat books apart), and steal.
+cpu_ticks_all() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $9 }' /proc/stat; }
+children_cpu_s() { # VAR: user+system of this shell's reaped children, seconds
+    # `times` must run in this shell, not in a pipeline or $(...) subshell.
+    times >"$WORK/times"
+    printf -v "$1" '%s' "$(sed -n 2p "$WORK/times" | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, a, "m"); s += a[1] * 60 + a[2] } print s }')"
+}
 
 # ---- build ---------------------------------------------------------------------
 LOADGEN=$BUILD/bench/loadgen
@@ -113,6 +203,14 @@ fi
 [ -x "$LOADGEN" ] || die "no loadgen at $LOADGEN (build it, or pass --build DIR)"
 if has_target luahub; then
     [ -x "$LUAHUB" ] || die "no luahub at $LUAHUB"
+fi
+# Run private copies: the build directory may be shared with someone who
+# rebuilds it mid-run, and every run of the set must measure the same binary.
+cp "$LOADGEN" "$WORK/loadgen" && LOADGEN=$WORK/loadgen
+if has_target luahub; then
+    LUAHUB_BUILT=$(date -u -r "$LUAHUB" '+%Y-%m-%d %H:%M UTC')
+    cp "$LUAHUB" "$WORK/luahub" && LUAHUB=$WORK/luahub
+    DIRTY=$(git -C "$ROOT" status --porcelain --untracked-files=no -- src include lua CMakeLists.txt 2>/dev/null | awk '{print $2}' | paste -sd' ' - || true)
 fi
 
 # ---- Nchan install -----------------------------------------------------------
@@ -153,31 +251,6 @@ wait_gone() { # pid seconds
     return 1
 }
 
-start_luahub() {
-    local dir=$WORK/luahub i port=""
-    mkdir -p "$dir"
-    cat >"$dir/luahub.conf" <<'EOF'
--- bench/run.sh: defaults, loopback only; the port comes from --listen.
-listen = "127.0.0.1:0"
-log_level = "info"
-EOF
-    : >"$dir/stderr.log"
-    $PIN_SERVER "$LUAHUB" -c "$dir/luahub.conf" --listen 127.0.0.1:0 2>>"$dir/stderr.log" >/dev/null &
-    SERVER_PID=$! SERVER_KIND=luahub
-    for ((i = 0; i < 200; i++)); do
-        port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$dir/stderr.log" | head -1)
-        [ -n "$port" ] && break
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.05
-    done
-    if [ -z "$port" ]; then
-        tail -5 "$dir/stderr.log" >&2
-        stop_server
-        die "luahub did not start (log above)"
-    fi
-    SERVER_PORT=$port SERVER_PIDS=$SERVER_PID
-}
-
 free_port() { # a free TCP port below the ephemeral range
     local p i
     for ((i = 0; i < 50; i++)); do
@@ -191,8 +264,117 @@ free_port() { # a free TCP port below the ephemeral range
     die "no free port found"
 }
 
+# A redis-server of our own for one run: loopback, a probed free port, no
+# persistence, Debian's defaults otherwise; stopped by PID.
+start_redis() { # pin-command
+    local pin=$1 dir=$WORK/redis attempt i
+    for ((attempt = 0; attempt < 5; attempt++)); do
+        rm -rf "$dir"; mkdir -p "$dir"
+        local port; port=$(free_port)
+        (cd "$dir" && exec $pin redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+            --dir "$dir" --logfile "$dir/redis.log") >/dev/null 2>&1 &
+        REDIS_PID=$!
+        for ((i = 0; i < 100; i++)); do
+            kill -0 "$REDIS_PID" 2>/dev/null || break
+            if grep -q "Ready to accept connections" "$dir/redis.log" 2>/dev/null; then
+                REDIS_PORT=$port
+                return 0
+            fi
+            sleep 0.05
+        done
+        stop_redis
+        grep -q "Address already in use" "$dir/redis.log" 2>/dev/null ||
+            { tail -5 "$dir/redis.log" >&2 2>/dev/null; die "redis-server did not start (log above)"; }
+    done
+    die "redis-server: no free port after 5 attempts"
+}
+
+stop_redis() {
+    [ -n "$REDIS_PID" ] || return 0
+    kill -TERM "$REDIS_PID" 2>/dev/null || true
+    wait_gone "$REDIS_PID" 10 || kill -KILL "$REDIS_PID" 2>/dev/null || true
+    wait "$REDIS_PID" 2>/dev/null || true
+    REDIS_PID=""
+}
+
+# start_luahub [SPEC]: see variants_of for SPEC. Sets SERVER_PORT (the
+# publishers' hub), SUB_PORTS (every hub's port, when several), SERVER_PIDS
+# (what to meter: every hub process, a supervisor and its workers),
+# AUX_PIDS (redis-server) and the pinning for this run.
+start_luahub() {
+    local spec=${1:-} policy="" broker="" hubs=1 workers=1 pin=0 tok
+    for tok in $spec; do
+        case $tok in
+            policy=*) policy=$POLICIES/${tok#policy=} ;;
+            broker=redis) broker=redis ;;
+            hubs=*) hubs=${tok#hubs=} ;;
+            workers=*) workers=${tok#workers=} ;;
+            pin=none) pin=none ;;
+            *) die "bad server spec '$tok'" ;;
+        esac
+    done
+    local pin_srv=$PIN_SERVER
+    RUN_PIN_CLIENT=$PIN_CLIENT RUN_CORE_ARGS=$CORE_ARGS
+    [ "$pin" = none ] && pin_srv="" RUN_PIN_CLIENT="" RUN_CORE_ARGS=""
+    [ -z "$policy" ] || [ -f "$policy" ] || die "no policy $policy"
+    SERVER_KIND=luahub HUB_PIDS=() SUB_PORTS="" AUX_PIDS=""
+    rm -rf "$WORK"/luahub[0-9]* # the previous run's confs and logs
+    if [ "$broker" = redis ]; then
+        start_redis "$pin_srv"
+        AUX_PIDS=$REDIS_PID
+    fi
+    local h ports=() pids=()
+    for ((h = 1; h <= hubs; h++)); do
+        local dir=$WORK/luahub$h i port="" ups=0 lines=0
+        mkdir -p "$dir"
+        {
+            echo '-- bench/run.sh: defaults, loopback only; the port comes from --listen.'
+            echo 'listen = "127.0.0.1:0"'
+            echo 'log_level = "info"'
+            [ -n "$policy" ] && echo "policy = \"$policy\""
+            [ "$broker" = redis ] && echo "broker = \"redis://127.0.0.1:$REDIS_PORT\""
+            [ "$workers" != 1 ] && echo "workers = $workers"
+        } >"$dir/luahub.conf"
+        : >"$dir/stderr.log"
+        $pin_srv "$LUAHUB" -c "$dir/luahub.conf" --listen 127.0.0.1:0 2>>"$dir/stderr.log" >/dev/null &
+        local pid=$!
+        HUB_PIDS+=("$pid")
+        # Ready: every worker listens and, with redis, reports "broker up".
+        for ((i = 0; i < 200; i++)); do
+            lines=$(grep -c 'listening on 127\.0\.0\.1:' "$dir/stderr.log" || true)
+            ups=$(grep -c 'broker up' "$dir/stderr.log" || true)
+            if [ "$lines" -ge "$workers" ] && { [ "$broker" != redis ] || [ "$ups" -ge "$workers" ]; }; then
+                port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$dir/stderr.log" | head -1)
+                break
+            fi
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.05
+        done
+        if [ -z "$port" ]; then
+            tail -5 "$dir/stderr.log" >&2
+            stop_server
+            die "luahub did not start (log above)"
+        fi
+        ports+=("$port")
+        pids+=("$pid")
+        if [ "$workers" != 1 ]; then
+            local kids
+            kids=$(pgrep -P "$pid" | paste -sd, -)
+            [ "$(tr ',' '\n' <<<"$kids" | grep -c .)" = "$workers" ] ||
+                { stop_server; die "expected $workers workers under $pid, found '$kids'"; }
+            pids+=("$kids")
+        fi
+    done
+    SERVER_PID=${HUB_PIDS[0]}
+    SERVER_PORT=${ports[0]}
+    SERVER_PIDS=$(IFS=,; echo "${pids[*]}")
+    [ "$hubs" -gt 1 ] && SUB_PORTS=$(IFS=,; echo "${ports[*]}")
+    return 0
+}
+
 start_nchan() {
     local dir=$WORK/nchan attempt i
+    RUN_PIN_CLIENT=$PIN_CLIENT RUN_CORE_ARGS=$CORE_ARGS SUB_PORTS="" AUX_PIDS=""
     for ((attempt = 0; attempt < 5; attempt++)); do
         rm -rf "$dir"; mkdir -p "$dir"
         local port; port=$(free_port)
@@ -219,25 +401,39 @@ start_nchan() {
 }
 
 stop_server() {
-    [ -n "$SERVER_PID" ] || return 0
-    if [ "$SERVER_KIND" = nchan ]; then
+    if [ "$SERVER_KIND" = nchan ] && [ -n "$SERVER_PID" ]; then
         kill -QUIT "$SERVER_PID" 2>/dev/null || true
         wait_gone "$SERVER_PID" 10 || kill -KILL "$SERVER_PID" 2>/dev/null || true
         # Our own worker (child of our master), should it outlive it.
         if [ -n "$NGINX_WORKER" ] && kill -0 "$NGINX_WORKER" 2>/dev/null; then
             wait_gone "$NGINX_WORKER" 3 || kill -KILL "$NGINX_WORKER" 2>/dev/null || true
         fi
+        wait "$SERVER_PID" 2>/dev/null || true
     else
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        wait_gone "$SERVER_PID" 10 || kill -KILL "$SERVER_PID" 2>/dev/null || true
+        local pid
+        # A supervisor forwards SIGTERM to its workers and waits for them.
+        for pid in "${HUB_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+        for pid in "${HUB_PIDS[@]}"; do
+            wait_gone "$pid" 10 || kill -KILL "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+        done
     fi
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID="" NGINX_WORKER=""
+    stop_redis
+    SERVER_PID="" NGINX_WORKER="" HUB_PIDS=()
 }
 
 # ---- JSON helpers (flat keys; no jq needed) ------------------------------------
-jget() { # json key -> value or null
-    local v
+jget() { # json key -> value or null; key "a+b": the sum (a missing b counts 0)
+    local v k sum="" x
+    if [[ "$2" == *+* ]]; then
+        for k in ${2//+/ }; do
+            x=$(jget "$1" "$k")
+            if [ "$x" = null ]; then [ -z "$sum" ] && [ "$k" = "${2%%+*}" ] && { echo null; return; }; continue; fi
+            sum=$(awk -v a="${sum:-0}" -v b="$x" 'BEGIN { print a + b }')
+        done
+        echo "${sum:-null}"
+        return
+    fi
     v=$(grep -o "\"$2\":[^,}]*" <<<"$1" | head -1 | cut -d: -f2- | tr -d '"') || true
     echo "${v:-null}"
 }
@@ -278,79 +474,169 @@ if [ $QUICK = 0 ] && [ -e "$BASE.md" ]; then # keep earlier runs of the day
 fi
 RAW=$BASE.jsonl
 : >"$RAW"
-declare -A R # R[scenario/target/run] = JSON line
+declare -A R # R[scenario/target-or-variant/run] = JSON line
 
-run_one() { # scenario-args target run name
-    local args=$1 target=$2 run=$3 name=$4 out
-    case $target in luahub) start_luahub ;; nchan) start_nchan ;; esac
+run_one() { # scenario-args target run name [variant server-spec extra-args]
+    local args=$1 target=$2 run=$3 name=$4 variant=${5:-} spec=${6:-} extra=${7:-} out key
+    key=$name/${variant:-$target}/$run
+    case $target in luahub) start_luahub "$spec" ;; nchan) start_nchan ;; esac
     sleep 0.3 # let the fresh server settle before metering it
-    local lg_log=$WORK/loadgen.$name.$target.$run.log
-    out=$(timeout 600 $PIN_CLIENT "$LOADGEN" $args $COMMON_ARGS --target "$target" \
-          --port "$SERVER_PORT" --server-pid "$SERVER_PIDS" $CORE_ARGS --label "$name/$target/$run" \
+    local lg_log=$WORK/loadgen.${key//\//.}.log more=""
+    [ -n "$SUB_PORTS" ] && more="$more --sub-ports $SUB_PORTS"
+    [ -n "$AUX_PIDS" ] && more="$more --aux-pid $AUX_PIDS"
+    out=$(timeout 600 $RUN_PIN_CLIENT "$LOADGEN" $args $extra $COMMON_ARGS --target "$target" \
+          --port "$SERVER_PORT" --server-pid "$SERVER_PIDS" $more $RUN_CORE_ARGS --label "$key" \
           2>"$lg_log" | tail -1) || true
     stop_server
     if [ -z "$out" ] || [[ "$out" != "{"* ]]; then
-        log "$name/$target/$run: no result"; tail -3 "$lg_log" >&2 || true
+        log "$key: no result"; tail -3 "$lg_log" >&2 || true
         out='{"error":"no result"}'
     fi
+    # Anything the hubs logged at WARN or above (culls, broker trouble).
+    if [ "$target" = luahub ] && grep -hE ' (WARN|ERROR) ' "$WORK"/luahub*/stderr.log >"$WORK/warn.log" 2>/dev/null; then
+        log "$key: the hub logged $(wc -l <"$WORK/warn.log") warning(s), e.g.: $(head -1 "$WORK/warn.log")"
+        out="${out%\}},\"hub_warnings\":$(wc -l <"$WORK/warn.log")}"
+    fi
+    if [ "$(jget "$out" complete)" != true ]; then
+        log "$key: incomplete run; loadgen said:"; tail -5 "$lg_log" >&2 || true
+    fi
     echo "$out" >>"$RAW"
-    R[$name/$target/$run]=$out
+    R[$key]=$out
+    log "  cpu/delivery=$(jget "$out" server_cpu_ns_per_delivery) ns  aux=$(jget "$out" aux_cpu_ns_per_delivery) ns  cpu/conn=$(jget "$out" server_cpu_us_per_conn) us  rss/conn=$(jget "$out" rss_per_conn_kb) KB  deliveries/s=$(jget "$out" deliveries_per_s)  p99=$(jget "$out" p99) us  lost=$(jget "$out" lost) dup=$(jget "$out" dup) reordered=$(jget "$out" reordered) complete=$(jget "$out" complete)"
 }
 
 T_START=$(date +%s)
-LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+ALL_START=$(cpu_ticks_all)
+children_cpu_s OURS_START
 awk -v l="${LOAD_START%% *}" 'BEGIN { exit !(l > 0.5) }' &&
     log "warning: load average $LOAD_START: the machine is not quiet; numbers will be noisy"
 for s in "${SELECTED[@]}"; do
-    IFS='|' read -r name title args qargs qtitle <<<"$s"
+    IFS='|' read -r name kind title args qargs qtitle <<<"$s"
     [ $QUICK = 1 ] && args=$qargs
     for ((run = 1; run <= RUNS; run++)); do
-        for target in ${TARGETS//,/ }; do
-            log "$name ($target) run $run/$RUNS"
-            run_one "$args" "$target" "$run" "$name"
-            o=${R[$name/$target/$run]}
-            log "  cpu/delivery=$(jget "$o" server_cpu_ns_per_delivery) ns  cpu/conn=$(jget "$o" server_cpu_us_per_conn) us  rss/conn=$(jget "$o" rss_per_conn_kb) KB  p99=$(jget "$o" p99) us  lost=$(jget "$o" lost) dup=$(jget "$o" dup) reordered=$(jget "$o" reordered) complete=$(jget "$o" complete)"
-        done
+        if [ "$kind" = std ]; then
+            for target in ${TARGETS//,/ }; do
+                log "$name ($target) run $run/$RUNS"
+                run_one "$args" "$target" "$run" "$name"
+            done
+        else
+            while IFS='|' read -r v vlabel spec extra qextra; do
+                [ -n "$v" ] || continue
+                [ $QUICK = 1 ] && extra=$qextra
+                log "$name ($v: $vlabel) run $run/$RUNS"
+                run_one "$args" luahub "$run" "$name" "$v" "$spec" "$extra"
+            done < <(variants_of "$name")
+        fi
     done
 done
 T_END=$(date +%s)
+ALL_END=$(cpu_ticks_all)
+# CPU used by other processes meanwhile: busy time of every CPU minus what
+# our own children (servers, redis, loadgen and theirs, all reaped) used;
+# softirq work no process is charged for counts as "others" (an
+# overestimate of a few per cent). Steal: time the hypervisor gave away.
+children_cpu_s OURS_END
+OURS_S=$(awk -v a="$OURS_START" -v b="$OURS_END" 'BEGIN { print b - a }')
+FOREIGN=$(awk -v a="${ALL_START% *}" -v b="${ALL_END% *}" -v sa="${ALL_START#* }" -v sb="${ALL_END#* }" \
+    -v o="$OURS_S" -v hz="$(getconf CLK_TCK)" -v w="$((T_END - T_START))" \
+    'BEGIN { f = (b - a) / hz - o; if (f < 0) f = 0; st = (sb - sa) / hz
+             printf "%.1f CPU-seconds (%.0f %% of one core over the %d s; steal %.1f s)", f, w ? 100 * f / w : 0, w, st }')
 
-# ---- table ---------------------------------------------------------------------------
-vals() { # name target key -> one value per run
+# ---- tables ---------------------------------------------------------------------------
+vals() { # name target-or-variant key -> one value per run
     local r
     for ((r = 1; r <= RUNS; r++)); do
         local o=${R[$1/$2/$r]:-}
         jget "${o:-\{\}}" "$3"
     done
 }
-med() { median $(vals "$1" "$2" "$3"); }
+med() {
+    local m; m=$(median $(vals "$1" "$2" "$3"))
+    if [ "$m" != null ] && [[ "$3" == p50 || "$3" == p99 ]]; then m=$(awk -v x="$m" 'BEGIN {print x / 1000}'); fi
+    echo "$m"
+}
+correctness() { # name target-or-variant kind -> one cell
+    local f
+    case $3 in
+        idle|connrate)
+            f=$([ "$3" = idle ] && echo subs_failed || echo failed)
+            echo "$(total $(vals "$1" "$2" "$f")) failed, $(total $(vals "$1" "$2" dropped_conns)) dropped" ;;
+        *) echo "$(total $(vals "$1" "$2" lost)) / $(total $(vals "$1" "$2" dup)) / $(total $(vals "$1" "$2" reordered)) / $(total $(vals "$1" "$2" dropped_conns))" ;;
+    esac
+}
+
+# Columns of the variant tables: label|key|decimals|1 = add "× first" after it.
+var_columns() {
+    case $1 in
+        hook_publish) printf '%s\n' "server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|1" \
+            "CPU 0 busy per delivery (ns)|server_core_ns_per_delivery|0|0" \
+            "deliveries/s|deliveries_per_s|0|1" "p99 latency (ms)|p99|2|0" ;;
+        hook_connect) printf '%s\n' "server CPU per connection (µs)|server_cpu_us_per_conn|1|1" \
+            "CPU 0 busy per connection (µs)|server_core_us_per_conn|1|0" "connections/s|conns_per_s|0|1" ;;
+        broker_ws|broker_http) printf '%s\n' "luahub CPU per delivery (ns)|server_cpu_ns_per_delivery|0|0" \
+            "redis CPU per delivery (ns)|aux_cpu_ns_per_delivery|0|0" \
+            "luahub + redis (ns)|server_cpu_ns_per_delivery+aux_cpu_ns_per_delivery|0|1" \
+            "CPU 0 busy per delivery (ns)|server_core_ns_per_delivery|0|0" \
+            "deliveries/s|deliveries_per_s|0|1" "p99 latency (ms)|p99|2|0" ;;
+        workers) printf '%s\n' "deliveries/s|deliveries_per_s|0|1" \
+            "luahub CPU per delivery (ns)|server_cpu_ns_per_delivery|0|0" \
+            "redis CPU per delivery (ns)|aux_cpu_ns_per_delivery|0|0" \
+            "luahub + redis (ns)|server_cpu_ns_per_delivery+aux_cpu_ns_per_delivery|0|1" \
+            "p99 latency (ms)|p99|2|0" ;;
+        scale) printf '%s\n' "server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|1" \
+            "CPU 0 busy per delivery (ns)|server_core_ns_per_delivery|0|1" \
+            "deliveries/s|deliveries_per_s|0|0" "p99 latency (ms)|p99|2|0" ;;
+        channels) printf '%s\n' "server RSS per connection (KB)|rss_per_conn_kb|2|1" \
+            "server RSS held (KB)|rss_held_kb|0|0" "server CPU per connection setup (µs)|server_cpu_us_per_conn|1|0" ;;
+    esac
+}
+var_note() {
+    case $1 in
+        hook_publish) echo "Target (issue 5): a trivial on_publish costs under 5 % of burst throughput. The hook runs once per publish, not per delivery (100 subscribers per channel here)." ;;
+        hook_connect) echo "Target (issue 5): connect + upgrade + subscribe with a Lua on_connect ≤ 0.85× Nchan's server CPU (Nchan: the connrate row above)." ;;
+        broker_ws|broker_http) echo "luahub CPU: all hub processes; redis CPU: the redis-server started for the run, pinned with the hub to CPU 0; CPU 0 busy adds softirq. With 2 processes each publish crosses Redis once and is fanned out by both hubs." ;;
+        workers) echo "Server, redis-server and loadgen unpinned on both cores (the same for every variant). luahub CPU: the supervisor and every worker." ;;
+        scale) echo "Target (issue 5): cost per delivery grows by less than 1.3× from 1,000 to 15,000 subscribers on one channel. Bursts of 1,500 / 300 / 100 publishes; loadgen --procs 2 for all three." ;;
+        channels) echo "RSS per connection = (VmRSS held − VmRSS before) / connections; the difference between the two rows is the cost of 9,990 more channels." ;;
+    esac
+}
 
 TABLE=$WORK/table.md
 {
     echo "# luahub benchmark, $STAMP"
     echo
-    echo "Command: \`$ARGV_TEXT\`; $RUNS run(s) per scenario, medians; server on CPU 0 (\`taskset -c 0\`), loadgen on CPU 1; fresh server per run; 100-byte payloads; $((T_END - T_START)) s in all."
+    echo "Command: \`$ARGV_TEXT\`; $RUNS run(s) per scenario, medians; server on CPU 0 (\`taskset -c 0\`), loadgen on CPU 1 (unless a table says otherwise); fresh server per run; 100-byte payloads; $((T_END - T_START)) s in all."
     echo
-    echo "Machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), Linux $(uname -r); load average at start $LOAD_START."
-    has_target luahub && echo "luahub: $("$LUAHUB" --version 2>/dev/null | head -1)$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null | sed 's/^/, commit /')."
+    echo "Machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), Linux $(uname -r); load average before the build $LOAD_START, at the end $(cut -d' ' -f1-3 /proc/loadavg) (ours included); other processes used $FOREIGN: anything above a few per cent means the numbers are noisy."
+    if has_target luahub; then
+        echo "luahub: $("$LUAHUB" --version 2>/dev/null | head -1)$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null | sed 's/^/, commit /')${DIRTY:+ with uncommitted changes in $DIRTY}; binary built $LUAHUB_BUILT."
+    fi
+    [ $needs_redis = 1 ] && echo "Redis: $(redis-server --version | sed 's/ sha=.*//')."
     has_target nchan && echo "Nchan: $(dpkg-query -W -f='libnginx-mod-nchan ${Version}' libnginx-mod-nchan 2>/dev/null), $(nginx -v 2>&1 | sed 's/.*: //'), one worker, memory store (bench/nchan.conf.in)."
     [ $QUICK = 1 ] && echo && echo "**--quick: smoke-test sizes, one run. Not a measurement.**"
-    echo
-    if has_target luahub && has_target nchan; then
-        echo "| scenario | metric | luahub | Nchan | luahub/Nchan | target |"
-        echo "|---|---|---|---|---|---|"
-    else
-        echo "| scenario | metric | ${TARGETS//,/ | } |"
-        echo "|---|---|$(for t in ${TARGETS//,/ }; do printf -- '---|'; done)"
-    fi
+    std_header=0
     for s in "${SELECTED[@]}"; do
-        IFS='|' read -r name title args qargs qtitle <<<"$s"
+        IFS='|' read -r name kind title args qargs qtitle <<<"$s"
+        [ "$kind" = std ] || continue
         [ $QUICK = 1 ] && title=$qtitle
+        if [ $std_header = 0 ]; then
+            std_header=1
+            echo
+            echo "## Standard scenarios"
+            echo
+            if has_target luahub && has_target nchan; then
+                echo "| scenario | metric | luahub | Nchan | luahub/Nchan | target |"
+                echo "|---|---|---|---|---|---|"
+            else
+                echo "| scenario | metric | ${TARGETS//,/ | } |"
+                echo "|---|---|$(for t in ${TARGETS//,/ }; do printf -- '---|'; done)"
+            fi
+        fi
         rows=()
         case $name in
-            burst_ws) rows=("server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|≤ 0.25" "CPU 0 busy per delivery, incl. softirq (ns)|server_core_ns_per_delivery|0|" "deliveries/s|deliveries_per_s|0|" "p99 latency (ms)|p99|ms|") ;;
-            burst_http|burst_http_5000) rows=("server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|≤ 0.5" "CPU 0 busy per delivery, incl. softirq (ns)|server_core_ns_per_delivery|0|" "deliveries/s|deliveries_per_s|0|" "p99 latency (ms)|p99|ms|") ;;
-            rate) rows=("server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|≤ 0.7" "CPU 0 busy per delivery, incl. softirq (ns)|server_core_ns_per_delivery|0|" "p99 latency (ms)|p99|ms|≤ 0.5" "p50 latency (ms)|p50|ms|" "publishes/s achieved|publishes_per_s|0|") ;;
+            burst_ws) rows=("server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|≤ 0.25" "CPU 0 busy per delivery, incl. softirq (ns)|server_core_ns_per_delivery|0|" "deliveries/s|deliveries_per_s|0|" "p99 latency (ms)|p99|2|") ;;
+            burst_http|burst_http_5000) rows=("server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|≤ 0.5" "CPU 0 busy per delivery, incl. softirq (ns)|server_core_ns_per_delivery|0|" "deliveries/s|deliveries_per_s|0|" "p99 latency (ms)|p99|2|") ;;
+            rate) rows=("server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|≤ 0.7" "CPU 0 busy per delivery, incl. softirq (ns)|server_core_ns_per_delivery|0|" "p99 latency (ms)|p99|2|≤ 0.5" "p50 latency (ms)|p50|2|" "publishes/s achieved|publishes_per_s|0|") ;;
             idle) rows=("server RSS per connection (KB)|rss_per_conn_kb|2|≤ 1.5 KB" "server CPU per connection setup (µs)|server_cpu_us_per_conn|1|") ;;
             connrate) rows=("server CPU per connection (µs)|server_cpu_us_per_conn|1|≤ 0.85" "CPU 0 busy per connection, incl. softirq (µs)|server_core_us_per_conn|1|" "connections/s|conns_per_s|0|") ;;
         esac
@@ -360,9 +646,8 @@ TABLE=$WORK/table.md
             cells=() meds=()
             for t in ${TARGETS//,/ }; do
                 m=$(med "$name" "$t" "$key")
-                if [ "$dec" = ms ] && [ "$m" != null ]; then m=$(awk -v x="$m" 'BEGIN {print x / 1000}'); fi
                 meds+=("$m")
-                [ "$dec" = ms ] && cells+=("$(fmt "$m" 2)") || cells+=("$(fmt "$m" "$dec")")
+                cells+=("$(fmt "$m" "$dec")")
             done
             sc=""; [ $first = 1 ] && sc=$title
             first=0
@@ -376,17 +661,63 @@ TABLE=$WORK/table.md
         done
         # Correctness, summed over runs: anything but zeros is a finding.
         line="| | lost / dup / reordered / dropped (all runs) |"
-        for t in ${TARGETS//,/ }; do
-            if [ "$name" = idle ] || [ "$name" = connrate ]; then
-                f=$([ "$name" = idle ] && echo subs_failed || echo failed)
-                line="$line $(total $(vals "$name" "$t" "$f")) failed, $(total $(vals "$name" "$t" dropped_conns)) dropped |"
-            else
-                line="$line $(total $(vals "$name" "$t" lost)) / $(total $(vals "$name" "$t" dup)) / $(total $(vals "$name" "$t" reordered)) / $(total $(vals "$name" "$t" dropped_conns)) |"
-            fi
-        done
+        for t in ${TARGETS//,/ }; do line="$line $(correctness "$name" "$t" "$name") |"; done
         has_target luahub && has_target nchan && line="$line | zero |"
         echo "$line"
     done
+    for s in "${SELECTED[@]}"; do
+        IFS='|' read -r name kind title args qargs qtitle <<<"$s"
+        [ "$kind" = var ] || continue
+        [ $QUICK = 1 ] && title=$qtitle
+        ckind=fanout
+        [[ "$args" == *"--mode connrate"* ]] && ckind=connrate
+        [[ "$args" == *"--mode idle"* ]] && ckind=idle
+        mapfile -t cols < <(var_columns "$name")
+        mapfile -t vars < <(variants_of "$name")
+        echo
+        echo "## $name: $title"
+        echo
+        head="| variant |" sep="|---|"
+        for c in "${cols[@]}"; do
+            IFS='|' read -r label key dec rat <<<"$c"
+            head="$head $label |"; sep="$sep---|"
+            [ "$rat" = 1 ] && head="$head × first |" && sep="$sep---|"
+        done
+        if [ "$ckind" = fanout ]; then head="$head lost / dup / reordered / dropped |"; else head="$head failed / dropped |"; fi
+        echo "$head"; echo "$sep---|"
+        declare -A base=()
+        for vl in "${vars[@]}"; do
+            IFS='|' read -r v vlabel spec extra qextra <<<"$vl"
+            [ -n "$v" ] || continue
+            line="| $vlabel |"
+            for c in "${cols[@]}"; do
+                IFS='|' read -r label key dec rat <<<"$c"
+                m=$(med "$name" "$v" "$key")
+                [ -n "${base[$key]:-}" ] || base[$key]=$m
+                line="$line $(fmt "$m" "$dec") |"
+                [ "$rat" = 1 ] && line="$line $(ratio "$m" "${base[$key]}") |"
+            done
+            line="$line $(correctness "$name" "$v" "$ckind") |"
+            echo "$line"
+        done
+        unset base
+        echo
+        var_note "$name"
+        if [ "$name" = channels ]; then
+            a=$(med channels ch10 rss_held_kb); b=$(med channels ch10000 rss_held_kb)
+            a0=$(med channels ch10 rss_before_kb); b0=$(med channels ch10000 rss_before_kb)
+            if [ "$a" != null ] && [ "$b" != null ] && [ $QUICK = 0 ]; then
+                echo "Median RSS growth with 10,000 channels minus with 10: $(awk -v a="$a" -v b="$b" -v a0="$a0" -v b0="$b0" 'BEGIN { printf "%.0f KB, %.0f bytes per extra channel", (b - b0) - (a - a0), ((b - b0) - (a - a0)) * 1024 / 9990 }')."
+            fi
+        fi
+        hw=$(for vl in "${vars[@]}"; do v=${vl%%|*}; total $(vals "$name" "$v" hub_warnings); done | awk '{s += $1} END {print s + 0}')
+        [ "$hw" != 0 ] && echo "**The hub logged $hw WARN/ERROR line(s) during these runs** (see the run's stderr)."
+    done
+    incomplete=$(for k in "${!R[@]}"; do [ "$(jget "${R[$k]}" complete)" = true ] || echo "$k"; done | sort | paste -sd' ' -)
+    if [ -n "$incomplete" ]; then
+        echo
+        echo "**Incomplete runs** (a subscriber missed an acknowledged publish, a connection failed, or loadgen gave up; raw JSON has the details): $incomplete"
+    fi
     echo
     echo "Server CPU = utime+stime of the server's processes (/proc/PID/stat) over the measured window, divided by deliveries (or connections); the issue's metric. CPU 0 busy = all non-idle time of the server's core (/proc/stat), which adds the softirq (loopback TCP) work no process is charged for. Raw results: \`bench/results/$(basename "$RAW")\`. See bench/README.md."
 } >"$TABLE"
