@@ -224,6 +224,7 @@ static void explain_bind_failure(const struct hub_config *cfg)
  * SO_REUSEPORT (the kernel spreads connections over the workers), and hands
  * every accepted socket to lws. */
 #define ACCEPT_BATCH 64
+#define WORKER_LISTEN_WAIT_MS 3000
 
 static void on_accept(uv_poll_t *p, int status, int events)
 {
@@ -270,6 +271,20 @@ static int listen_shared(struct hub_server *srv)
     uv_poll_start(&srv->listener, UV_READABLE, on_accept);
     srv->port = srv->cfg->listen_port;
     return 0;
+}
+
+static void start_accepting(struct hub_server *srv)
+{
+    if (!srv->shutting_down && srv->listen_fd >= 0)
+        uv_poll_start(&srv->listener, UV_READABLE, on_accept);
+}
+
+static void on_listen_timer(uv_timer_t *t)
+{
+    struct hub_server *srv = t->data;
+    hub_log(HUB_LOG_WARN, "broker still down after %d ms: accepting clients anyway",
+            WORKER_LISTEN_WAIT_MS);
+    start_accepting(srv);
 }
 
 int hub_server_reserve_port(struct hub_config *cfg)
@@ -400,6 +415,8 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
     srv->shutdown_timer.data = srv;
     uv_timer_init(loop, &srv->flush_timer);
     srv->flush_timer.data = srv;
+    uv_timer_init(loop, &srv->listen_timer);
+    srv->listen_timer.data = srv;
     uv_check_init(loop, &srv->flusher);
     srv->flusher.data = srv;
     uv_check_start(&srv->flusher, on_flush);
@@ -485,8 +502,19 @@ int hub_server_start(struct hub_server *srv)
     }
     lws_set_log_level(LLL_ERR | LLL_WARN, log_emit);
     srv->port = lws_get_vhost_listen_port(srv->vhost);
-    if (cfg->workers != 1 && listen_shared(srv) < 0)
-        return -1;
+    if (cfg->workers != 1) {
+        /* A worker takes connections once its broker is up (or after
+         * WORKER_LISTEN_WAIT_MS, degraded): a restarted worker would
+         * otherwise get its share of new clients while it cannot yet
+         * subscribe or publish for them. The port is bound now, so a
+         * failure is still reported at start. */
+        if (listen_shared(srv) < 0)
+            return -1;
+        if (!srv->broker->ops->up(srv->broker)) {
+            uv_poll_stop(&srv->listener);
+            uv_timer_start(&srv->listen_timer, on_listen_timer, WORKER_LISTEN_WAIT_MS, 0);
+        }
+    }
     /* The registry advertises the bound address, so it starts now. */
     char address[320];
     snprintf(address, sizeof(address), "%s:%d", cfg->listen_host, srv->port);
@@ -582,8 +610,12 @@ static void on_deliver(void *ud, const char *channel, size_t len, struct hub_msg
 
 static void on_broker_health(void *ud, int up)
 {
-    (void)ud;
+    struct hub_server *srv = ud;
     hub_log(up ? HUB_LOG_INFO : HUB_LOG_WARN, "broker %s", up ? "up" : "down");
+    if (up && uv_is_active((uv_handle_t *)&srv->listen_timer)) {
+        uv_timer_stop(&srv->listen_timer);
+        start_accepting(srv);
+    }
 }
 
 /* The registry's last subscriber of a channel left: so does the broker. */
@@ -676,8 +708,10 @@ void hub_server_shutdown(struct hub_server *srv, hub_server_done_cb done)
     }
     srv->shutting_down = 1;
     srv->on_done = done;
-    if (srv->listen_fd >= 0)
+    if (srv->listen_fd >= 0) {
         uv_poll_stop(&srv->listener); /* workers: stop accepting now */
+        uv_timer_stop(&srv->listen_timer);
+    }
 
     unsigned n = 0;
     for (struct hub_conn *c = srv->conns; c; c = c->next) {
@@ -710,6 +744,8 @@ void hub_server_stop(struct hub_server *srv)
         uv_close((uv_handle_t *)&srv->flusher, NULL);
     if (!uv_is_closing((uv_handle_t *)&srv->flush_timer))
         uv_close((uv_handle_t *)&srv->flush_timer, NULL);
+    if (!uv_is_closing((uv_handle_t *)&srv->listen_timer))
+        uv_close((uv_handle_t *)&srv->listen_timer, NULL);
 }
 
 void hub_server_free(struct hub_server *srv)

@@ -28,6 +28,7 @@ struct hub_server {
     int port;                       /* bound port */
     int listen_fd;                  /* workers: our SO_REUSEPORT listener, else -1 */
     uv_poll_t listener;             /* ... watched here, accepted sockets go to lws */
+    uv_timer_t listen_timer;        /* workers: accept anyway if the broker stays down */
 
     struct hub_policy *policy;      /* the Lua policy; NULL before start */
     struct hub_broker *broker;      /* where publishes go (memory or redis) */
