@@ -1,0 +1,34 @@
+/* A redis-server of the test's own, on a free loopback port, for the suites
+ * that test the brokers and the registry without the hub (test_broker,
+ * test_registry). Every wait is bounded; servers die with the test. */
+#ifndef REDISTEST_H
+#define REDISTEST_H
+
+#include <stdint.h>
+#include <sys/types.h>
+#include <hiredis/hiredis.h>
+
+#ifndef WAIT_MS
+#define WAIT_MS 15000
+#endif
+
+struct srv {
+    pid_t pid;
+    int port;
+    char dir[128];
+    char pass[64];
+};
+
+int64_t now_ms(void);               /* monotonic */
+void sleep_ms(int ms);
+int free_port(void);                /* a free loopback TCP port */
+int reap(pid_t pid, int ms);        /* waitpid, bounded: 1 reaped, 0 not */
+void srv_spawn(struct srv *s);      /* runs redis-server on s->port (s->pass if set) */
+redisContext *srv_conn(const struct srv *s, int ms);
+int srv_ping(const struct srv *s);
+void srv_start(struct srv *s, int port, const char *pass); /* port 0: a free one; waits for PONG */
+void srv_kill(struct srv *s);       /* SIGKILL + reap */
+void srv_stop(struct srv *s);       /* SHUTDOWN, or kill; removes its dir */
+redisReply *srv_cmd(const struct srv *s, const char *fmt, ...);
+
+#endif
