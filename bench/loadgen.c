@@ -196,6 +196,12 @@ static void *xcalloc(size_t n, size_t sz)
 
 static uint64_t g_rng;
 
+/* Payload timestamps count from here (set before the fork, so every process
+ * shares it): small numbers survive a policy's JSON round trip (lua-cjson
+ * keeps 14 significant digits; raw CLOCK_MONOTONIC ns pass 10^14 after
+ * ~28 hours of uptime). */
+static uint64_t g_t_base;
+
 static uint32_t rnd32(void)
 {
     g_rng ^= g_rng >> 12;
@@ -1062,20 +1068,22 @@ static void on_delivery(struct conn *c, const char *p, size_t n)
         return;
     }
     m += 6;
-    uint32_t pub = parse_u(&m, end), seq;
-    uint64_t ts;
-    if (end - m >= 7 && !memcmp(m, ",\"lgs\":", 7)) { /* our own key order */
+    uint32_t pub = parse_u(&m, end), seq = 0;
+    uint64_t ts = 0;
+    bool ordered = false; /* our own key order: lgp, lgs, lgt */
+    if (end - m >= 7 && !memcmp(m, ",\"lgs\":", 7)) {
         m += 7;
         seq = parse_u(&m, end);
-        if (end - m < 7 || memcmp(m, ",\"lgt\":", 7)) {
-            g_st->bad++;
-            return;
+        if (end - m >= 7 && !memcmp(m, ",\"lgt\":", 7)) {
+            m += 7;
+            ts = parse_u64(&m, end);
+            ordered = true;
         }
-        m += 7;
-        ts = parse_u64(&m, end);
-    } else {
-        /* Re-encoded by a policy (lua-cjson does not keep key order): look
-         * the keys up one by one. */
+    }
+    if (!ordered) {
+        /* Re-encoded by a policy (lua-cjson does not keep key order, and
+         * Lua's table order changes from one state to the next): look the
+         * keys up one by one. */
         uint64_t s64;
         if (!find_u64(p, end, "\"lgs\":", &s64) || !find_u64(p, end, "\"lgt\":", &ts) ||
             s64 > UINT32_MAX) {
@@ -1088,6 +1096,7 @@ static void on_delivery(struct conn *c, const char *p, size_t n)
     if (!g_st->first_rx)
         g_st->first_rx = g_now;
     g_st->last_rx = g_now;
+    ts += g_t_base;
     hist_add(g_st, g_now > ts ? g_now - ts : 0);
     if (seq >= g_max_per_chan || pub >= g_npub) {
         g_st->out_of_range++;
@@ -1268,7 +1277,7 @@ static void publish_one(struct conn *c, uint64_t j, uint32_t slot)
     uint32_t chan = (uint32_t)(j % O.channels), seq = (uint32_t)(j / O.channels);
     char cname[300];
     channel_name(chan, cname, sizeof cname);
-    uint64_t ts = now_ns();
+    uint64_t ts = now_ns() - g_t_base; /* see g_t_base */
     char *t = g_tmp;
     size_t cap = g_tmp_cap, n = 0;
     if (O.pub == P_WS) {
@@ -2317,6 +2326,7 @@ int main(int argc, char **argv)
 {
     parse_args(argc, argv);
     signal(SIGPIPE, SIG_IGN);
+    g_t_base = now_ns() - 1;
     g_rng = now_ns() ^ ((uint64_t)getpid() << 32) ^ 0x853c49e6748fea9bULL;
     if (!g_rng)
         g_rng = 1;
