@@ -34,6 +34,11 @@ void hub_metrics_render(struct hub_buf *b)
     metric(b, "luahub_writes_total", "counter",
            "Socket writes on WebSocket connections (frames are coalesced).",
            m->writes);
+    metric(b, "luahub_flushes_total", "counter",
+           "Passes writing the queued frames of every connection.", m->flushes);
+    metric(b, "luahub_flushes_paused_total", "counter",
+           "Flushes after a pause that let frames gather (under load).",
+           m->flushes_paused);
     metric(b, "luahub_slow_consumer_closes_total", "counter",
            "Connections closed with 4001 for a queue over max_queue_bytes.",
            m->slow_consumer_closes);

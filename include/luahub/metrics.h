@@ -16,7 +16,9 @@ struct hub_metrics {
     uint64_t published;             /* messages published (per channel) */
     uint64_t deliveries;            /* frames queued to subscribers */
     uint64_t bytes_out;             /* bytes handed to sockets */
-    uint64_t writes;                /* lws_write calls on WebSocket connections */
+    uint64_t writes;                /* socket writes on WebSocket connections */
+    uint64_t flushes;               /* passes writing every connection with frames */
+    uint64_t flushes_paused;        /* ... of them after a write pause */
     uint64_t slow_consumer_closes;
     uint64_t http_requests;
     uint64_t protocol_errors[HUB_PERR__COUNT];

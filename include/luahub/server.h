@@ -43,7 +43,9 @@ struct hub_server {
     uv_check_t flusher;             /* writes them once per loop iteration */
     uv_timer_t flush_timer;         /* ... or a moment later under load */
     uint64_t last_flush_ns;         /* when the last full flush ended */
-    uint64_t flush_cost_ns;         /* how long it took */
+    uint32_t flush_pause_ms;        /* pause before a flush, 0: none (server.c) */
+    uint32_t flush_backoff_ms;      /* after a pause that did not pay */
+    uint64_t flush_trial_ns;        /* no pausing before this */
     uint32_t nurgent;               /* listed connections with a reply queued */
     uint64_t next_conn_id;
     char instance[17];              /* random hex id of this process */

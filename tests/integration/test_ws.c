@@ -1284,6 +1284,70 @@ START_TEST(ordering_many_subscribers_and_publishers)
 }
 END_TEST
 
+/* Sparse traffic is written at once: the adaptive write pause only starts
+ * when a flush takes over a millisecond, and a single subscriber never
+ * does. */
+START_TEST(light_load_never_pauses)
+{
+    struct hub *h = start();
+    struct ws *sub = ws_connect(h->port);
+    ws_subscribe(sub, "pace");
+    for (int i = 0; i < 20; i++) {
+        char data[32], *want;
+        snprintf(data, sizeof data, "{\"n\":%d}", i);
+        ck_assert_int_eq(http_publish(h->port, "pace", data), 200);
+        want = ws_delivery("pace", data);
+        ws_expect(sub, want);
+        free(want);
+    }
+    ck_assert_int_eq(hub_metric(h, "luahub_flushes_paused_total"), 0);
+    ck_assert_int_ge(hub_metric(h, "luahub_flushes_total"), 20);
+    ws_free(sub);
+    stop(h);
+}
+END_TEST
+
+/* write_delay = N: after a flush, the next waits until N ms have passed,
+ * and what gathered meanwhile leaves together, in order. The first
+ * delivery after a quiet spell is not delayed. */
+START_TEST(write_delay_paces_flushes)
+{
+    struct hub *h = hub_start(BASE_CONF "write_delay = 1000\n");
+    struct ws *sub = ws_connect(h->port), *pub = ws_connect(h->port);
+    char *want;
+
+    ws_subscribe(sub, "pace");
+    ck_assert_int_eq(http_publish(h->port, "pace", "1"), 200);
+    want = ws_delivery("pace", "1");
+    ws_expect(sub, want); /* the hub was idle: written at once */
+    free(want);
+
+    /* Published less than a second after that flush: held until it is a
+     * second old. Replies are not held (ws_publish waits for its own). */
+    int64_t t0 = ht_now_ms();
+    for (int i = 2; i <= 4; i++) {
+        char data[8];
+        snprintf(data, sizeof data, "%d", i);
+        ck_assert_int_eq(http_publish(h->port, "pace", data), 200);
+    }
+    ws_publish(pub, "other", "0");
+    for (int i = 2; i <= 4; i++) {
+        char data[8];
+        snprintf(data, sizeof data, "%d", i);
+        want = ws_delivery("pace", data);
+        ws_expect(sub, want);
+        free(want);
+    }
+    int64_t waited = ht_now_ms() - t0;
+    ck_assert_msg(waited >= 500, "delivered %lld ms after the publish, before the write delay",
+                  (long long)waited);
+    ck_assert_int_ge(hub_metric(h, "luahub_flushes_paused_total"), 1);
+    ws_free(sub);
+    ws_free(pub);
+    stop(h);
+}
+END_TEST
+
 /* ------------------------------------------------------------------ */
 /* Keepalive and shutdown                                               */
 /* ------------------------------------------------------------------ */
@@ -1438,6 +1502,8 @@ static Suite *ws_suite(void)
 
     tc = tcase_create("fanout");
     tcase_add_test(tc, ordering_many_subscribers_and_publishers);
+    tcase_add_test(tc, light_load_never_pauses);
+    tcase_add_test(tc, write_delay_paces_flushes);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("lifecycle");
