@@ -16,7 +16,7 @@
 # --quick     small sizes, one run: a smoke test, not a measurement
 # --only      scenarios to run. Standard: burst_ws burst_http burst_http_5000
 #             rate idle connrate. luahub features: hook_publish hook_connect
-#             broker_ws broker_http workers scale channels
+#             broker_ws broker_http workers pacing scale channels
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -63,6 +63,7 @@ SCENARIOS=(
 "broker_ws|var|redis broker: burst, 1000 subs on 10 channels, WebSocket publisher|--mode fanout --subs 1000 --channels 10 --burst 2000 --pub ws --window 64|--mode fanout --subs 200 --channels 10 --burst 20 --pub ws --window 64|redis broker: burst, 200 subs on 10 channels, WebSocket publisher"
 "broker_http|var|redis broker: burst, 1000 subs on 10 channels, HTTP publisher (4 keep-alive)|--mode fanout --subs 1000 --channels 10 --burst 1000 --pub http --pub-conns 4|--mode fanout --subs 200 --channels 10 --burst 20 --pub http --pub-conns 4|redis broker: burst, 200 subs on 10 channels, HTTP publisher"
 "workers|var|workers: burst, 1000 subs on 10 channels, WebSocket publisher, nothing pinned|--mode fanout --subs 1000 --channels 10 --burst 2000 --pub ws --window 64|--mode fanout --subs 200 --channels 10 --burst 20 --pub ws --window 64|workers: burst, 200 subs on 10 channels, nothing pinned"
+"pacing|var|write pacing: open loop, 1000 publishes/s over 10 channels, 1000 subs|--mode fanout --subs 1000 --channels 10 --rate 1000 --duration 10 --pub ws --window 1000|--mode fanout --subs 200 --channels 10 --rate 200 --duration 2 --pub ws --window 1000|write pacing: open loop, 200 publishes/s"
 "scale|var|scaling: N subscribers on 1 channel, HTTP publisher (4 keep-alive), ~1.5 M deliveries|--mode fanout --channels 1 --pub http --pub-conns 4 --procs 2|--mode fanout --channels 1 --pub http --pub-conns 4 --procs 2|scaling: N subscribers on 1 channel, HTTP publisher (small)"
 "channels|var|memory with many channels: 10,000 idle subscribed connections|--mode idle --conns 10000 --hold 5|--mode idle --conns 1000 --hold 1|memory with many channels: 1,000 idle subscribed connections"
 )
@@ -72,7 +73,8 @@ SCENARIOS=(
 # Server spec (space-separated): policy=FILE (in bench/policies),
 # broker=redis (a redis-server started for the run), hubs=N (N luahub
 # processes on the same redis; subscribers spread over them, publisher on
-# the first), workers=N, pin=none (nothing pinned: server, redis, loadgen).
+# the first), workers=N, delay=MS (the conf key write_delay), pin=none
+# (nothing pinned: server, redis, loadgen).
 # The first variant is the baseline the others are compared with. Loadgen's
 # later arguments override earlier ones.
 variants_of() {
@@ -100,6 +102,12 @@ EOF
 memory1|memory broker, workers = 1|pin=none|
 redis1|redis broker, workers = 1|broker=redis pin=none|
 redis2|redis broker, workers = 2|broker=redis workers=2 pin=none|
+EOF
+        ;;
+        pacing) cat <<'EOF'
+adaptive|write_delay = 0 (adaptive, the default)||
+d5|write_delay = 5|delay=5|
+d10|write_delay = 10|delay=10|
 EOF
         ;;
         scale) cat <<'EOF'
@@ -302,13 +310,14 @@ stop_redis() {
 # (what to meter: every hub process, a supervisor and its workers),
 # AUX_PIDS (redis-server) and the pinning for this run.
 start_luahub() {
-    local spec=${1:-} policy="" broker="" hubs=1 workers=1 pin=0 tok
+    local spec=${1:-} policy="" broker="" hubs=1 workers=1 delay=0 pin=0 tok
     for tok in $spec; do
         case $tok in
             policy=*) policy=$POLICIES/${tok#policy=} ;;
             broker=redis) broker=redis ;;
             hubs=*) hubs=${tok#hubs=} ;;
             workers=*) workers=${tok#workers=} ;;
+            delay=*) delay=${tok#delay=} ;;
             pin=none) pin=none ;;
             *) die "bad server spec '$tok'" ;;
         esac
@@ -334,6 +343,7 @@ start_luahub() {
             [ -n "$policy" ] && echo "policy = \"$policy\""
             [ "$broker" = redis ] && echo "broker = \"redis://127.0.0.1:$REDIS_PORT\""
             [ "$workers" != 1 ] && echo "workers = $workers"
+            [ "$delay" != 0 ] && echo "write_delay = $delay"
         } >"$dir/luahub.conf"
         : >"$dir/stderr.log"
         $pin_srv "$LUAHUB" -c "$dir/luahub.conf" --listen 127.0.0.1:0 2>>"$dir/stderr.log" >/dev/null &
@@ -583,6 +593,9 @@ var_columns() {
             "redis CPU per delivery (ns)|aux_cpu_ns_per_delivery|0|0" \
             "luahub + redis (ns)|server_cpu_ns_per_delivery+aux_cpu_ns_per_delivery|0|1" \
             "p99 latency (ms)|p99|2|0" ;;
+        pacing) printf '%s\n' "server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|1" \
+            "CPU 0 busy per delivery (ns)|server_core_ns_per_delivery|0|0" \
+            "p50 latency (ms)|p50|2|0" "p99 latency (ms)|p99|2|1" "publishes/s achieved|publishes_per_s|0|0" ;;
         scale) printf '%s\n' "server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|1" \
             "CPU 0 busy per delivery (ns)|server_core_ns_per_delivery|0|1" \
             "deliveries/s|deliveries_per_s|0|0" "p99 latency (ms)|p99|2|0" ;;
@@ -596,6 +609,7 @@ var_note() {
         hook_connect) echo "Target (issue 5): connect + upgrade + subscribe with a Lua on_connect ≤ 0.85× Nchan's server CPU (Nchan: the connrate row above)." ;;
         broker_ws|broker_http) echo "luahub CPU: all hub processes; redis CPU: the redis-server started for the run, pinned with the hub to CPU 0; CPU 0 busy adds softirq. With 2 processes each publish crosses Redis once and is fanned out by both hubs." ;;
         workers) echo "Server, redis-server and loadgen unpinned on both cores (the same for every variant). luahub CPU: the supervisor and every worker." ;;
+        pacing) echo "The trade write pacing makes at 100 messages/s per subscriber: write_delay = N holds deliveries up to N ms so that writes carry more frames. The default writes at once at this load (a pause would gather under 1.5 frames per connection)." ;;
         scale) echo "Target (issue 5): cost per delivery grows by less than 1.3× from 1,000 to 15,000 subscribers on one channel. Bursts of 1,500 / 300 / 100 publishes; loadgen --procs 2 for all three." ;;
         channels) echo "RSS per connection = (VmRSS held − VmRSS before) / connections; the difference between the two rows is the cost of 9,990 more channels." ;;
     esac
