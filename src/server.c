@@ -218,11 +218,17 @@ static void explain_bind_failure(const struct hub_config *cfg)
             : fd == -EADDRNOTAVAIL ? " (not an address of this machine)" : "");
 }
 
-/* Workers: lws 4.1.6 sets SO_REUSEPORT only with several service threads
- * (server.c, `count_threads > 1`) and Debian builds it with one, so a
- * second worker could not bind. Each worker listens itself instead, with
- * SO_REUSEPORT (the kernel spreads connections over the workers), and hands
- * every accepted socket to lws. */
+/* The hub listens itself and hands every accepted socket to lws
+ * (lws_adopt_socket_vhost). Two reasons:
+ *  - workers: lws 4.1.6 sets SO_REUSEPORT only with several service threads
+ *    (server.c, `count_threads > 1`) and Debian builds it with one, so a
+ *    second worker could not bind; ours sets it and the kernel spreads
+ *    connections over the workers;
+ *  - cost: lws's own listener costs ~6 system calls per connection more:
+ *    accept without accept4 flags (then fcntl), a poll() of the listener
+ *    after every accept, and on every close it re-enables the listener
+ *    (lws_accept_modulation), which libuv's uv_poll_start turns into two
+ *    epoll_ctl calls plus a failing one. Here: accept4 until EAGAIN. */
 #define ACCEPT_BATCH 64
 #define WORKER_LISTEN_WAIT_MS 3000
 
@@ -254,9 +260,9 @@ static void on_listener_closed(uv_handle_t *h)
     srv->listen_fd = -1;
 }
 
-static int listen_shared(struct hub_server *srv)
+static int listen_own(struct hub_server *srv)
 {
-    int fd = try_bind(srv->cfg, srv->cfg->listen_port, 1);
+    int fd = try_bind(srv->cfg, srv->cfg->listen_port, srv->cfg->workers != 1);
     if (fd < 0 || listen(fd, 1024) < 0) {
         if (fd >= 0)
             close(fd);
@@ -269,7 +275,11 @@ static int listen_shared(struct hub_server *srv)
     uv_poll_init(srv->loop, &srv->listener, fd);
     srv->listener.data = srv;
     uv_poll_start(&srv->listener, UV_READABLE, on_accept);
-    srv->port = srv->cfg->listen_port;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    getsockname(fd, (struct sockaddr *)&ss, &sl);
+    srv->port = ntohs(ss.ss_family == AF_INET ? ((struct sockaddr_in *)&ss)->sin_port
+                                              : ((struct sockaddr_in6 *)&ss)->sin6_port);
     return 0;
 }
 
@@ -554,8 +564,8 @@ int hub_server_start(struct hub_server *srv)
 
     memset(&info, 0, sizeof(info));
     info.vhost_name = "default";
-    /* Workers listen themselves (see listen_shared). */
-    info.port = cfg->workers != 1 ? CONTEXT_PORT_NO_LISTEN_SERVER : cfg->listen_port;
+    /* We listen ourselves (see listen_own). */
+    info.port = CONTEXT_PORT_NO_LISTEN_SERVER;
     info.iface = iface;
     info.protocols = srv->protocols;
     info.options = vopts;
@@ -566,15 +576,14 @@ int hub_server_start(struct hub_server *srv)
         return -1;
     }
     lws_set_log_level(LLL_ERR | LLL_WARN, log_emit);
-    srv->port = lws_get_vhost_listen_port(srv->vhost);
+    if (listen_own(srv) < 0)
+        return -1;
     if (cfg->workers != 1) {
         /* A worker takes connections once its broker is up (or after
          * WORKER_LISTEN_WAIT_MS, degraded): a restarted worker would
          * otherwise get its share of new clients while it cannot yet
          * subscribe or publish for them. The port is bound now, so a
          * failure is still reported at start. */
-        if (listen_shared(srv) < 0)
-            return -1;
         if (!srv->broker->ops->up(srv->broker)) {
             uv_poll_stop(&srv->listener);
             uv_timer_start(&srv->listen_timer, on_listen_timer, WORKER_LISTEN_WAIT_MS, 0);
@@ -773,8 +782,11 @@ void hub_server_shutdown(struct hub_server *srv, hub_server_done_cb done)
     }
     srv->shutting_down = 1;
     srv->on_done = done;
-    if (srv->listen_fd >= 0) {
-        uv_poll_stop(&srv->listener); /* workers: stop accepting now */
+    /* Workers stop accepting now: the other workers take new clients. A
+     * single process keeps accepting until it exits, to answer /healthz
+     * with 503 and refuse upgrades. */
+    if (srv->listen_fd >= 0 && srv->cfg->workers != 1) {
+        uv_poll_stop(&srv->listener);
         uv_timer_stop(&srv->listen_timer);
     }
 
