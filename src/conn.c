@@ -343,7 +343,23 @@ int hub_conn_peer_closed(struct hub_conn *c, const void *payload, size_t len)
     c->close_code = len >= 2 ? (uint16_t)(p[0] << 8 | p[1]) : 1005;
     c->close_reason = "";
     c->flags |= HUB_CONN_CLOSING;
-    hub_queue_clear(&c->q); /* nothing may follow lws's echo of the close */
+    hub_queue_clear(&c->q); /* nothing may follow the echo of the close */
+
+    /* Echo the close (its status code, RFC 6455 5.5.1) at once and hang
+     * up. lws would echo it from a WRITEABLE callback: two epoll_ctl calls
+     * and a loop iteration more per connection. lws holds no bytes here
+     * (it hangs up itself before this callback when it does); if the
+     * socket takes less than the 4 bytes, lws echoes instead. */
+    unsigned char frame[4] = {0x88, 0};
+    size_t n = 2;
+    if (len >= 2) {
+        frame[1] = 2;
+        frame[2] = p[0];
+        frame[3] = p[1];
+        n = 4;
+    }
+    if (send(lws_get_socket_fd(c->wsi), frame, n, MSG_NOSIGNAL | MSG_DONTWAIT) == (ssize_t)n)
+        return -1;
     return 0; /* lws echoes the close and hangs up */
 }
 

@@ -76,8 +76,8 @@ int hub_conn_unsubscribe(struct hub_conn *c, const char *name, size_t len);
 void hub_conn_push(struct hub_conn *c, const char *json, size_t len);
 
 /* LWS_CALLBACK_WS_PEER_INITIATED_CLOSE with the close frame's payload.
- * Returns what the callback returns: -1 when it answers our own close (lws
- * then hangs up), 0 to let lws echo the peer's close. */
+ * Returns what the callback returns: -1 when it answers our own close or
+ * has echoed the peer's (lws then hangs up), 0 to let lws echo it. */
 int hub_conn_peer_closed(struct hub_conn *c, const void *payload, size_t len);
 
 /* Called from CLOSED: leaves every channel, drops the queue and the
