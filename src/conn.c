@@ -119,9 +119,9 @@ void hub_conn_open(struct hub_conn *c, struct hub_server *srv, struct lws *wsi,
                 c->user ? c->user : "");
     }
     hub_conn_client_id(c, client, sizeof(client));
-    if (srv->registry)
-        hub_registry_conn_open(srv->registry, client, c->user,
-                               c->user ? strlen(c->user) : 0);
+    if (srv->registry && hub_registry_conn_open(srv->registry, client, c->user,
+                                                c->user ? strlen(c->user) : 0))
+        c->flags |= HUB_CONN_REGISTERED;
     hub_proto_encode_welcome(&srv->scratch, client, HUB_VERSION,
                              srv->cfg->ping_interval);
     send_scratch(c);
@@ -149,7 +149,7 @@ void hub_conn_closed(struct hub_conn *c)
     if (srv->registry) {
         char client[64];
         hub_conn_client_id(c, client, sizeof(client));
-        hub_registry_conn_close(srv->registry, client);
+        hub_registry_conn_close(srv->registry, client, c->flags & HUB_CONN_REGISTERED);
     }
     if (srv->policy && hub_policy_has(srv->policy, HUB_HOOK_DISCONNECT))
         hub_policy_on_disconnect(srv->policy, c, c->close_code, c->close_reason);
@@ -683,7 +683,7 @@ static int write_queued(struct hub_conn *c)
         size_t total = 0;
         int n = 0;
         for (uint32_t i = 0; i < c->q.count && n < WRITE_IOV_MAX; i++) {
-            struct hub_msg *m = c->q.ring[(c->q.head + i) & (c->q.cap - 1)];
+            struct hub_msg *m = hub_queue_at(&c->q, i);
             if (n && total + m->frame_len > WRITE_BYTES_MAX)
                 break;
             iov[n].iov_base = (void *)hub_msg_frame(m);

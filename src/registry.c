@@ -124,7 +124,8 @@ struct hub_registry {
 
     struct hub_bset table;
     struct rentry *all;             /* every entry */
-    size_t nall, nusers;            /* entries / entries with a user */
+    size_t nall, nusers;            /* entries (each has a user; the same) */
+    size_t nanon;                   /* connections without a user: counted only */
     struct rentry *qhead, *qtail;   /* registrations to flush */
     struct gone *ghead, *gtail;     /* unregistrations to flush */
     size_t ngone;
@@ -488,7 +489,7 @@ static void on_tick(uv_timer_t *t)
     cmd_args(c, "HSET");
     cmd_key(reg, "instance:", reg->instance, strlen(reg->instance));
     cmd_args(c, "connections");
-    cmd_argf(c, "%zu", reg->nall);
+    cmd_argf(c, "%zu", reg->nall + reg->nanon);
     cmd_args(c, "started");
     cmd_argf(c, "%lld", reg->started);
     cmd_args(c, "address");
@@ -603,33 +604,35 @@ struct hub_registry *hub_registry_new(uv_loop_t *loop, struct hub_broker *broker
     return reg;
 }
 
-void hub_registry_conn_open(struct hub_registry *reg, const char *client_id,
-                            const char *user, size_t user_len)
+int hub_registry_conn_open(struct hub_registry *reg, const char *client_id,
+                           const char *user, size_t user_len)
 {
     if (reg->stopped)
-        return;
+        return 0;
+    if (!user) {                    /* ~130 bytes saved per anonymous connection */
+        reg->nanon++;
+        return 0;
+    }
     size_t idlen = strlen(client_id);
     uint64_t h = hub_broker_hash64(client_id, idlen);
     if (hub_bset_find(&reg->table, client_id, idlen, h))
-        return;                     /* opened twice: keep the first */
+        return 0;                   /* opened twice: keep the first */
     struct rentry *e = hub_xcalloc(1, sizeof(*e) + idlen + 1);
     memcpy(e->id, client_id, idlen + 1);
     e->node.hash = h;
     e->node.name = e->id;
     e->node.len = idlen;
     e->connected = (long long)time(NULL);
-    if (user) {
-        e->user = hub_xstrndup(user, user_len);
-        e->ulen = user_len;
-        reg->nusers++;
-    }
+    e->user = hub_xstrndup(user, user_len);
+    e->ulen = user_len;
+    reg->nusers++;
     hub_bset_insert(&reg->table, &e->node);
     e->next = reg->all;
     if (reg->all)
         reg->all->prev = e;
     reg->all = e;
     reg->nall++;
-    if (e->user && reg->redis && !reg->shutting) {
+    if (reg->redis && !reg->shutting) {
         e->queued = 1;
         e->qprev = reg->qtail;
         if (reg->qtail)
@@ -639,10 +642,17 @@ void hub_registry_conn_open(struct hub_registry *reg, const char *client_id,
         reg->qtail = e;
         schedule_flush(reg);
     }
+    return 1;
 }
 
-void hub_registry_conn_close(struct hub_registry *reg, const char *client_id)
+void hub_registry_conn_close(struct hub_registry *reg, const char *client_id,
+                             int registered)
 {
+    if (!registered) {
+        if (reg->nanon)
+            reg->nanon--;
+        return;
+    }
     size_t idlen = strlen(client_id);
     struct rentry *e = (struct rentry *)hub_bset_find(&reg->table, client_id, idlen,
                                                       hub_broker_hash64(client_id, idlen));
@@ -996,5 +1006,5 @@ void hub_registry_metrics(const struct hub_registry *reg, struct hub_buf *out)
 
 size_t hub_registry_local_count(const struct hub_registry *reg)
 {
-    return reg->nall;
+    return reg->nall + reg->nanon;
 }

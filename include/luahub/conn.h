@@ -22,6 +22,7 @@ enum {
     HUB_CONN_CLOSE_SENT = 1 << 5,/* our close frame is out; waiting for the peer's */
     HUB_CONN_DIRTY = 1 << 6,    /* on the server's flush list */
     HUB_CONN_URGENT = 1 << 7,   /* ... with a reply queued: flush this iteration */
+    HUB_CONN_REGISTERED = 1 << 8,/* in the connection registry (it has a user) */
 };
 
 struct hub_conn {
@@ -32,19 +33,19 @@ struct hub_conn {
     struct hub_server *srv;
     uint64_t id;                    /* process-unique, "[conn N]" in logs */
     struct hub_sub *subs;           /* subscriptions (chan registry nodes) */
-    uint32_t nsubs;
-    uint32_t flags;
-    struct hub_queue q;             /* frames waiting for WRITEABLE */
+    struct hub_queue q;             /* frames waiting to be written */
     unsigned char *rx;              /* reassembly buffer, NULL between messages */
-    uint32_t rx_len, rx_cap;
-    uint32_t proto_errors;          /* protocol error bucket, in milli-errors */
-    uint64_t proto_window_ms;       /* when the bucket was last updated */
+    uint64_t proto_window_ms;       /* when the protocol error bucket was last updated */
     struct hub_conn *id_next;       /* server's id hash chain */
     char *user;                     /* conn.user set by the policy, or NULL */
     char *info_json;                /* conn.info as JSON, or NULL */
+    const char *close_reason;       /* static text of our close, or "" */
+    uint32_t nsubs;
+    uint32_t flags;
+    uint32_t rx_len, rx_cap;
+    uint32_t proto_errors;          /* protocol error bucket, in milli-errors */
     int lua_ref;                    /* its Lua object in the current policy state; 0 = none */
     uint16_t close_code;            /* close code sent or received (1006 if none) */
-    const char *close_reason;       /* static text of our close, or "" */
 };
 
 /* What on_connect left for the connection, carried from the upgrade

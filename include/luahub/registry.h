@@ -81,16 +81,20 @@ struct hub_registry *hub_registry_new(uv_loop_t *loop, struct hub_broker *broker
 /* A connection opened (call it from ESTABLISHED, for every connection):
  * `client_id` ("<instance>-<n>", NUL-terminated, copied) and `user`
  * (user[0..user_len), copied; NULL for none). Only connections with a user
- * are registered in Redis; all are counted in the heartbeat. Registrations
- * made in one loop iteration go out together (batched, pipelined). */
-void hub_registry_conn_open(struct hub_registry *reg, const char *client_id,
-                            const char *user, size_t user_len);
+ * are registered (here and in Redis); the others are only counted, for the
+ * heartbeat. Registrations made in one loop iteration go out together
+ * (batched, pipelined). Returns 1 when the connection was registered (pass
+ * that to hub_registry_conn_close), else 0. */
+int hub_registry_conn_open(struct hub_registry *reg, const char *client_id,
+                           const char *user, size_t user_len);
 
-/* The connection closed (call it from CLOSED, once per conn_open; unknown
- * ids are ignored): DEL of its key and SREM from the user's set, batched.
- * If Redis is unavailable it is retried with the next heartbeats (bounded
- * by max_unregisters), else the TTL removes it. */
-void hub_registry_conn_close(struct hub_registry *reg, const char *client_id);
+/* The connection closed (call it from CLOSED, once per conn_open, with
+ * what conn_open returned; unknown ids are ignored): for a registered one,
+ * DEL of its key and SREM from the user's set, batched. If Redis is
+ * unavailable it is retried with the next heartbeats (bounded by
+ * max_unregisters), else the TTL removes it. */
+void hub_registry_conn_close(struct hub_registry *reg, const char *client_id,
+                             int registered);
 
 /* The connections of `user` (user[0..len), borrowed) on every instance
  * (memory: on this one), as JSON (see hub_registry_list_cb). Redis: one

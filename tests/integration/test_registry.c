@@ -378,8 +378,12 @@ START_TEST(t_heartbeat_defaults)
     srv_start(&T.srv, 0, NULL);
     struct inst *a = mk(0, url_of(&T.srv), 0, 0, 0);      /* 30 s / 10 s */
     /* Opened before the first heartbeat (first loop iteration): counted. */
-    hub_registry_conn_open(a->reg, "inst00000000-1", "alice", 5);
-    hub_registry_conn_open(a->reg, "inst00000000-2", NULL, 0);
+    ck_assert_int_eq(hub_registry_conn_open(a->reg, "inst00000000-1", "alice", 5), 1);
+    /* Without a user: counted, not registered. */
+    ck_assert_int_eq(hub_registry_conn_open(a->reg, "inst00000000-2", NULL, 0), 0);
+    ck_assert_int_eq(hub_registry_conn_open(a->reg, "inst00000000-3", NULL, 0), 0);
+    ck_assert_uint_eq(hub_registry_local_count(a->reg), 3);
+    hub_registry_conn_close(a->reg, "inst00000000-3", 0);
     ck_assert_msg(WAIT(hb_count(a) >= 2, WAIT_MS), "no heartbeat");
     const char *k = "luahub:instance:inst00000000";
     ck_assert_int_eq(key_exists("%s", k), 1);
@@ -442,7 +446,7 @@ START_TEST(t_conn_register_unregister)
     ck_assert_msg(c > (long long)time(NULL) - 60, "connected %lld", c);
     ck_assert_int_eq(sismember("luahub:user:carol", "inst00000000-7"), 1);
 
-    hub_registry_conn_close(a->reg, "inst00000000-7");
+    hub_registry_conn_close(a->reg, "inst00000000-7", 1);
     ck_assert_msg(WAIT(!key_exists("luahub:conn:inst00000000-7"), WAIT_MS), "conn key stays");
     ck_assert(WAIT(!sismember("luahub:user:carol", "inst00000000-7"), WAIT_MS));
     ck_assert_int_eq(rmetric(a, "luahub_registry_connections"), 0);
@@ -450,8 +454,8 @@ START_TEST(t_conn_register_unregister)
 
     /* Opened and closed in the same iteration: nothing is left behind. */
     hub_registry_conn_open(a->reg, "inst00000000-8", "carol", 5);
-    hub_registry_conn_close(a->reg, "inst00000000-8");
-    hub_registry_conn_close(a->reg, "inst00000000-unknown");
+    hub_registry_conn_close(a->reg, "inst00000000-8", 1);
+    hub_registry_conn_close(a->reg, "inst00000000-unknown", 1);
     pump(300);
     ck_assert_int_eq(key_exists("luahub:conn:inst00000000-8"), 0);
     ck_assert_int_eq(sismember("luahub:user:carol", "inst00000000-8"), 0);
@@ -468,7 +472,7 @@ START_TEST(t_conn_register_unregister)
     freeReplyObject(r);
     for (int i = 0; i < 1000; i++) {
         snprintf(id, sizeof(id), "inst00000000-m%d", i);
-        hub_registry_conn_close(a->reg, id);
+        hub_registry_conn_close(a->reg, id, 1);
     }
     ck_assert(WAIT(!key_exists("luahub:user:many") && !key_exists("luahub:user:other"),
                    WAIT_MS));
@@ -517,7 +521,7 @@ START_TEST(t_connections_across_instances)
     ck_assert_str_eq(field_str(list_find(v, "inst00000001-4"), "user"), "q\"x\\y");
     yajl_tree_free(v);
     /* Closed on instance 1: gone from the list of instance 0. */
-    hub_registry_conn_close(T.in[1].reg, "inst00000001-1");
+    hub_registry_conn_close(T.in[1].reg, "inst00000001-1", 1);
     pump(200);
     v = list_ok(0, "dave");
     ck_assert_int_eq(list_count(v), 2);
@@ -656,14 +660,14 @@ START_TEST(t_redis_down_fail_fast_and_resume)
     for (int i = 0; i < 2000; i++) {
         snprintf(id, sizeof(id), "inst00000000-x%d", i);
         hub_registry_conn_open(a->reg, id, "ivan", 4);
-        hub_registry_conn_close(a->reg, id);
+        hub_registry_conn_close(a->reg, id, 1);
         if (i % 200 == 0)
             uv_run(&T.loop, UV_RUN_NOWAIT);
     }
     /* The 10 registered before the outage go too. */
     for (int i = 5; i < 10; i++) {
         snprintf(id, sizeof(id), "inst00000000-%d", i);
-        hub_registry_conn_close(a->reg, id);
+        hub_registry_conn_close(a->reg, id, 1);
     }
     pump(1500);
     ck_assert_int_le(rmetric(a, "luahub_registry_unregisters_pending"), 100);
@@ -715,7 +719,7 @@ START_TEST(t_clean_shutdown)
                        key_exists("luahub:conn:inst00000001-1"),
                    WAIT_MS));
     shut_calls = 0;
-    hub_registry_conn_close(a->reg, "inst00000000-1");
+    hub_registry_conn_close(a->reg, "inst00000000-1", 1);
     hub_registry_shutdown(a->reg, on_shut, NULL);
     ck_assert(WAIT(shut_calls == 1, WAIT_MS));
     ck_assert_int_eq(key_exists("luahub:instance:inst00000000"), 0);
@@ -780,7 +784,7 @@ START_TEST(t_memory_broker_local)
     ck_assert_int_eq(dr.status, HUB_BROKER_OK);
     ck_assert_int_eq(a->ndisc, 1);
     ck_assert_str_eq(a->disc[0], "max");
-    hub_registry_conn_close(a->reg, "inst00000000-1");
+    hub_registry_conn_close(a->reg, "inst00000000-1", 1);
     ck_assert_uint_eq(hub_registry_local_count(a->reg), 3);
     ck_assert_int_eq(rmetric(a, "luahub_registry_heartbeat_up"), 1);
     shut_calls = 0;

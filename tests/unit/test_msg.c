@@ -116,6 +116,48 @@ END_TEST
 
 /* Pushes and pops interleaved across ring growth keep FIFO order; clear
  * drops every reference. */
+/* One frame lives inline (nothing allocated); a second moves the queue to
+ * a ring in order; once drained, the ring is freed and the next frame is
+ * inline again. Under ASan a leaked or doubly freed ring fails here. */
+START_TEST(t_queue_inline_slot)
+{
+    struct hub_queue q = {0};
+    struct hub_msg *a = hub_msg_text("a", 1), *b = hub_msg_text("bb", 2);
+
+    hub_queue_push(&q, a);
+    ck_assert_uint_eq(q.cap, 1);
+    ck_assert_ptr_eq(q.u.one, a);
+    ck_assert_ptr_eq(hub_queue_peek(&q), a);
+    hub_queue_pop(&q);
+    ck_assert_uint_eq(q.cap, 0);
+    ck_assert_ptr_null(hub_queue_peek(&q));
+
+    hub_queue_push(&q, a);
+    hub_queue_push(&q, b);
+    ck_assert_uint_eq(q.cap, 8);
+    ck_assert_uint_eq(q.count, 2);
+    ck_assert_uint_eq(q.bytes, a->frame_len + b->frame_len);
+    ck_assert_ptr_eq(hub_queue_at(&q, 0), a);
+    ck_assert_ptr_eq(hub_queue_at(&q, 1), b);
+    hub_queue_pop(&q);
+    ck_assert_ptr_eq(hub_queue_peek(&q), b);
+    ck_assert_uint_eq(q.cap, 8);
+    hub_queue_pop(&q);
+    ck_assert_uint_eq(q.cap, 0);
+    ck_assert_uint_eq(q.bytes, 0);
+
+    hub_queue_push(&q, b);
+    ck_assert_uint_eq(q.cap, 1);
+    ck_assert_uint_eq(b->refs, 2);
+    hub_queue_clear(&q);
+    ck_assert_uint_eq(q.cap, 0);
+    ck_assert_uint_eq(a->refs, 1);
+    ck_assert_uint_eq(b->refs, 1);
+    hub_msg_unref(a);
+    hub_msg_unref(b);
+}
+END_TEST
+
 START_TEST(t_queue_wraps_and_grows)
 {
     enum { N = 1000 };
@@ -141,7 +183,8 @@ START_TEST(t_queue_wraps_and_grows)
     hub_queue_clear(&q);
     ck_assert_uint_eq(q.count, 0);
     ck_assert_uint_eq(q.bytes, 0);
-    ck_assert_ptr_null(q.ring);
+    ck_assert_ptr_null(q.u.ring);
+    ck_assert_uint_eq(q.cap, 0);
     for (int i = 0; i < N; i++) {
         ck_assert_uint_eq(msgs[i]->refs, 1);
         hub_msg_unref(msgs[i]);
@@ -161,6 +204,7 @@ static Suite *suite(void)
     tc = tcase_create("queue");
     tcase_add_test(tc, t_queue_fifo_and_bytes);
     tcase_add_test(tc, t_queue_wraps_and_grows);
+    tcase_add_test(tc, t_queue_inline_slot);
     suite_add_tcase(s, tc);
     return s;
 }
