@@ -86,6 +86,84 @@ void hub_conn_client_id(const struct hub_conn *c, char *out, size_t outlen)
     snprintf(out, outlen, "%s-%llu", c->srv->instance, (unsigned long long)c->id);
 }
 
+/* The server's list of open connections is kept in the order they were
+ * last heard from (oldest first), so keepalive looks at its head only.
+ * A connection moves to the tail when it sends a frame: O(1). */
+/* Loop time in ms, modulo 2^32: differences stay right for 49 days of
+ * silence, and nobody is silent that long. */
+static uint32_t now_ms32(const struct hub_server *srv)
+{
+    return (uint32_t)uv_now(srv->loop);
+}
+
+static void conns_append(struct hub_server *srv, struct hub_conn *c)
+{
+    c->next = NULL;
+    c->prev = srv->conns_tail;
+    if (srv->conns_tail)
+        srv->conns_tail->next = c;
+    else
+        srv->conns = c;
+    srv->conns_tail = c;
+}
+
+static void conns_unlink(struct hub_server *srv, struct hub_conn *c)
+{
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        srv->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    else
+        srv->conns_tail = c->prev;
+    c->prev = c->next = NULL;
+}
+
+/* Drops the connection without a close handshake (its peer is gone or
+ * mute): lws closes the socket from its own timeout callback. */
+static void drop(struct hub_conn *c)
+{
+    hub_queue_clear(&c->q);
+    c->flags |= HUB_CONN_CLOSING;
+    lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+}
+
+void hub_conn_seen(struct hub_conn *c)
+{
+    struct hub_server *srv = c->srv;
+
+    c->flags &= ~HUB_CONN_PINGED;
+    c->seen_ms = now_ms32(srv);
+    if (srv->conns_tail != c) {
+        conns_unlink(srv, c);
+        conns_append(srv, c);
+    }
+}
+
+void hub_conn_keepalive(struct hub_server *srv)
+{
+    uint32_t now = now_ms32(srv), interval = srv->cfg->ping_interval * 1000u;
+    uint32_t hangup = interval + srv->cfg->ping_timeout * 1000u;
+    struct hub_conn *c, *next;
+
+    for (c = srv->conns; c && now - c->seen_ms >= interval; c = next) {
+        next = c->next;
+        if (c->flags & HUB_CONN_CLOSING)
+            continue;
+        if (!(c->flags & HUB_CONN_PINGED)) {
+            c->flags |= HUB_CONN_PINGED;
+            hub_queue_push(&c->q, srv->ping);
+            mark_dirty(c);
+            mark_urgent(c);
+        } else if (now - c->seen_ms >= hangup) {
+            hub_log(HUB_LOG_DEBUG, "[conn %llu] silent for %u ms: dropped",
+                    (unsigned long long)c->id, now - c->seen_ms);
+            drop(c);
+        }
+    }
+}
+
 void hub_conn_open(struct hub_conn *c, struct hub_server *srv, struct lws *wsi,
                    struct hub_conn_pending *pending)
 {
@@ -103,11 +181,8 @@ void hub_conn_open(struct hub_conn *c, struct hub_server *srv, struct lws *wsi,
     } else {
         c->id = ++srv->next_conn_id;
     }
-    c->prev = NULL;
-    c->next = srv->conns;
-    if (srv->conns)
-        srv->conns->prev = c;
-    srv->conns = c;
+    c->seen_ms = now_ms32(srv);
+    conns_append(srv, c);
     hub_server_add_conn(srv, c);
     hub_metrics.connections++;
     hub_metrics.connections_total++;
@@ -180,12 +255,7 @@ void hub_conn_closed(struct hub_conn *c)
     free(c->info_json);
     c->user = c->info_json = NULL;
     hub_server_remove_conn(srv, c);
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        srv->conns = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
+    conns_unlink(srv, c);
     hub_metrics.connections--;
     hub_log(HUB_LOG_DEBUG, "[conn %llu] closed", (unsigned long long)c->id);
     c->srv = NULL;
@@ -617,6 +687,7 @@ int hub_conn_receive(struct hub_conn *c, const void *in, size_t len)
 
     if (c->flags & HUB_CONN_CLOSING)
         return 0;
+    hub_conn_seen(c);
 
     if (!(c->flags & HUB_CONN_RX_ACTIVE)) {
         if (lws_frame_is_binary(wsi))
@@ -744,10 +815,6 @@ void hub_conn_flush(struct hub_conn *c)
      * that callback writes, in order. */
     if (c->flags & HUB_CONN_ARMED)
         return;
-    if (write_queued(c) < 0) {
-        /* The peer is gone: let lws close it from its own callback. */
-        hub_queue_clear(&c->q);
-        c->flags |= HUB_CONN_CLOSING;
-        lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
-    }
+    if (write_queued(c) < 0)
+        drop(c); /* the peer is gone */
 }

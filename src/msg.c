@@ -72,6 +72,14 @@ struct hub_msg *hub_msg_close(uint16_t code, const char *reason)
     return m;
 }
 
+struct hub_msg *hub_msg_ping(void)
+{
+    struct hub_msg *m = hub_msg_new(2);
+    memcpy(hub_msg_payload(m), "ka", 2);
+    hub_msg_seal(m, HUB_WS_PING);
+    return m;
+}
+
 struct hub_msg *hub_msg_delivery(const char *channel, size_t channel_len,
                                  const char *data, size_t data_len)
 {

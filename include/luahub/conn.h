@@ -23,10 +23,11 @@ enum {
     HUB_CONN_DIRTY = 1 << 6,    /* on the server's flush list */
     HUB_CONN_URGENT = 1 << 7,   /* ... with a reply queued: flush this iteration */
     HUB_CONN_REGISTERED = 1 << 8,/* in the connection registry (it has a user) */
+    HUB_CONN_PINGED = 1 << 9,   /* a keepalive PING is out, no frame since */
 };
 
 struct hub_conn {
-    struct hub_conn *prev, *next;   /* server's list of open connections */
+    struct hub_conn *prev, *next;   /* server's open connections, by seen_ms */
     struct hub_conn *cull_next;     /* server's pending-cull list */
     struct hub_conn *dirty_next;    /* server's flush list */
     struct lws *wsi;
@@ -45,6 +46,7 @@ struct hub_conn {
     uint32_t rx_len, rx_cap;
     uint32_t proto_errors;          /* protocol error bucket, in milli-errors */
     int lua_ref;                    /* its Lua object in the current policy state; 0 = none */
+    uint32_t seen_ms;               /* loop time (ms, mod 2^32) of the last frame received */
     uint16_t close_code;            /* close code sent or received (1006 if none) */
 };
 
@@ -75,6 +77,16 @@ int hub_conn_unsubscribe(struct hub_conn *c, const char *name, size_t len);
 
 /* Sends {"op":"push","data":JSON} to this client; `json` must be valid. */
 void hub_conn_push(struct hub_conn *c, const char *json, size_t len);
+
+/* The client sent a frame (data or PONG): it is alive. Moves it to the
+ * tail of the server's list, which stays ordered by seen_ms. */
+void hub_conn_seen(struct hub_conn *c);
+
+/* Keepalive, once a second: a client silent for ping_interval seconds gets
+ * a PING; one still silent ping_timeout seconds later is dropped (TCP
+ * close, code 1006 for on_disconnect). Walks only the connections due,
+ * from the head of the list. */
+void hub_conn_keepalive(struct hub_server *srv);
 
 /* LWS_CALLBACK_WS_PEER_INITIATED_CLOSE with the close frame's payload.
  * Returns what the callback returns: -1 when it answers our own close or

@@ -63,6 +63,10 @@ struct hub_msg *hub_msg_text(const void *p, size_t n);
 /* A sealed close frame with `code` and a reason (truncated to 123 bytes). */
 struct hub_msg *hub_msg_close(uint16_t code, const char *reason);
 
+/* A keepalive PING frame. It carries 2 bytes ("ka"): lws 4.1.6 does not
+ * report a PONG with an empty payload to the protocol callback. */
+struct hub_msg *hub_msg_ping(void);
+
 /* A sealed delivery frame {"op":"message","channel":C,"data":D}: one
  * allocation, no intermediate copy. `data` must be valid JSON. New reference. */
 struct hub_msg *hub_msg_delivery(const char *channel, size_t channel_len,

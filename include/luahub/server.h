@@ -37,7 +37,10 @@ struct hub_server {
     struct hub_chan_registry chans;
     struct hub_conn **ids;          /* id -> connection hash, chained by id_next */
     uint32_t nids_buckets;          /* a power of two */
-    struct hub_conn *conns;         /* open WebSocket connections */
+    struct hub_conn *conns;         /* open WebSocket connections, least recently heard first */
+    struct hub_conn *conns_tail;    /* ... most recently heard */
+    uv_timer_t keepalive;           /* pings the silent, drops the mute (1 s) */
+    struct hub_msg *ping;           /* the PING frame, shared */
     struct hub_conn *culls;         /* connections to cull after a fan-out */
     struct hub_conn *dirty;         /* connections with frames to write */
     uv_check_t flusher;             /* writes them once per loop iteration */

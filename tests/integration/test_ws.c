@@ -1356,17 +1356,25 @@ START_TEST(ping_keepalive)
 {
     struct hub *h = hub_start(COMMON_CONF "ping_interval = 1\nping_timeout = 1\n");
     struct ws *alive = ws_connect(h->port), *mute = ws_connect(h->port);
-    int64_t t0 = ht_now_ms();
+    struct ws *chatty = ws_connect(h->port);
+    int64_t t0 = ht_now_ms(), chatted = t0;
     mute->auto_pong = 0;
+    chatty->auto_pong = 0; /* never answers a PING, but keeps talking */
     ws_subscribe(alive, "k");
     ws_subscribe(mute, "k");
 
-    /* `alive` answers every PING and stays for 5 s; only PINGs arrive */
+    /* `alive` answers every PING and stays for 5 s; only PINGs arrive.
+     * `chatty` sends a command every 300 ms: any frame shows it is there. */
     while (ht_now_ms() - t0 < 5000) {
+        if (ht_now_ms() - chatted >= 300) {
+            ws_sync(chatty);
+            chatted = ht_now_ms();
+        }
         struct ws_frame f;
-        int r = ws_recv_frame(alive, &f, (int)(5000 - (ht_now_ms() - t0)) + 1);
+        int left = (int)(5000 - (ht_now_ms() - t0));
+        int r = ws_recv_frame(alive, &f, left < 300 ? left + 1 : 300);
         if (r == 0)
-            break;
+            continue;
         ck_assert_msg(r == 1, "the answering client was dropped after %lld ms",
                       (long long)(ht_now_ms() - t0));
         ck_assert_msg(f.opcode == WS_PING, "unexpected frame opcode %d: %s", f.opcode, f.data);
@@ -1374,16 +1382,19 @@ START_TEST(ping_keepalive)
     }
     ck_assert_msg(alive->pings >= 2, "only %u PINGs in 5 s with ping_interval 1", alive->pings);
     ws_sync(alive);
+    ws_sync(chatty);
 
     /* `mute` never answers: dropped (TCP close) within 10 s of connecting */
     ws_expect_dropped(mute, (int)(10000 - (ht_now_ms() - t0)) + 1);
     ck_assert_msg(mute->pings >= 1, "the mute client was never pinged");
-    hub_metric_wait(h, "luahub_connections", 1, HT_WAIT_MS);
+    hub_metric_wait(h, "luahub_connections", 2, HT_WAIT_MS);
+    ws_sync(chatty);
     /* its subscription went with it */
     ws_send_text(alive, "{\"op\":\"publish\",\"channel\":\"k\",\"data\":1,\"id\":1}");
     ws_expect_pair(alive, "{\"id\":1,\"ok\":true}", "{\"op\":\"message\",\"channel\":\"k\",\"data\":1}");
     ws_free(alive);
     ws_free(mute);
+    ws_free(chatty);
     stop(h);
 }
 END_TEST
