@@ -95,6 +95,7 @@ static const struct key keys[] = {
     NUM(ping_timeout, K_SECONDS, 1, 3600, 10),
     NUM(shutdown_timeout, K_SECONDS, 0, 3600, 5),
     NUM(write_delay, K_INT, 0, 1000, 0),
+    NUM(rx_buffer_size, K_SIZE, 128, 64 * KiB, 512),
     STR(static_dir, static_dir, NULL, set_dir),
     STR(log_level, log_level, "info", set_log_level),
     STR(policy, policy, NULL, set_file),

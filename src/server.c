@@ -36,9 +36,6 @@ union pss {
     struct hub_http http;
 };
 
-/* Bytes lws reads per RECEIVE callback. It is malloc'ed per connection, so
- * small keeps idle connections cheap; larger messages are reassembled. */
-#define RX_BUFFER_SIZE 512
 /* lws splits one write into sends of at most this (after a short write). */
 #define TX_PACKET_SIZE 65536
 #define HEADER_POOL 64
@@ -557,7 +554,10 @@ int hub_server_start(struct hub_server *srv)
         .name = "luahub",
         .callback = callback,
         .per_session_data_size = sizeof(union pss),
-        .rx_buffer_size = RX_BUFFER_SIZE,
+        /* Bytes lws reads per readable event and per RECEIVE callback,
+         * malloc'ed per connection (conf rx_buffer_size, >= 128 so that a
+         * 125-byte control frame fits); larger messages are reassembled. */
+        .rx_buffer_size = (size_t)cfg->rx_buffer_size,
         .tx_packet_size = TX_PACKET_SIZE,
     };
     /* No lws validity timers (all zero): keepalive is ours, see

@@ -27,6 +27,7 @@ struct hub_config {
     uint32_t ping_timeout;          /* 10 s */
     uint32_t shutdown_timeout;      /* 5 s */
     uint32_t write_delay;           /* ms between flushes under load; 0 = adaptive */
+    uint64_t rx_buffer_size;        /* lws read buffer per connection; 512 */
     char *static_dir;               /* absolute or resolved against dir; NULL = none */
     int log_level;                  /* HUB_LOG_* ; "info" */
 

@@ -571,6 +571,41 @@ static char *sized_publish(size_t total, char **data)
     return m;
 }
 
+/* rx_buffer_size = 128, the smallest: lws reads at most that much at a
+ * time, so a message bigger than it arrives in pieces and must still be
+ * delivered whole and exact, and the largest control frame (125 bytes of
+ * payload) must still be answered with one PONG. */
+START_TEST(small_rx_buffer)
+{
+    struct hub *h = hub_start(BASE_CONF "rx_buffer_size = 128\n");
+    struct ws *a = ws_connect(h->port), *b = ws_connect(h->port);
+    ws_subscribe(b, "big");
+    char *data;
+    char *m = sized_publish(MAX_MSG, &data);
+    ws_send_text(a, m);
+    ws_expect(a, "{\"id\":7,\"ok\":true}");
+    char *want = ws_delivery("big", data);
+    ws_expect(b, want);
+
+    char ping[125];
+    memset(ping, 'p', sizeof ping);
+    ws_send_frame(a, 1, WS_PING, ping, sizeof ping);
+    struct ws_frame f;
+    ck_assert_int_eq(ws_recv_frame(a, &f, HT_WAIT_MS), 1);
+    ck_assert_int_eq(f.opcode, WS_PONG);
+    ck_assert_uint_eq(f.len, sizeof ping);
+    ck_assert(memcmp(f.data, ping, sizeof ping) == 0);
+    ws_frame_free(&f);
+    ws_sync(a); /* and no second PONG */
+    free(want);
+    free(m);
+    free(data);
+    ws_free(a);
+    ws_free(b);
+    stop(h);
+}
+END_TEST
+
 START_TEST(message_exactly_max_size_accepted)
 {
     struct hub *h = start();
@@ -1487,6 +1522,7 @@ static Suite *ws_suite(void)
 
     tc = tcase_create("framing");
     tcase_add_test(tc, message_exactly_max_size_accepted);
+    tcase_add_test(tc, small_rx_buffer);
     tcase_add_test(tc, frame_over_max_size_closes_1009);
     tcase_add_test(tc, frame_claiming_huge_length_closes_1009);
     tcase_add_test(tc, fragmented_message_over_max_size_closes_1009);

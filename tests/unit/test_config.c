@@ -144,6 +144,7 @@ static void assert_defaults_except_path(void)
     ck_assert_uint_eq(c.ping_timeout, 10);
     ck_assert_uint_eq(c.shutdown_timeout, 5);
     ck_assert_uint_eq(c.write_delay, 0);
+    ck_assert_uint_eq(c.rx_buffer_size, 512);
     ck_assert_ptr_null(c.static_dir);
     ck_assert_int_eq(c.log_level, HUB_LOG_INFO);
     ck_assert_ptr_null(c.policy);
@@ -186,6 +187,7 @@ START_TEST(t_every_key)
             "ping_timeout = 20\n"
             "shutdown_timeout = 0\n"
             "write_delay = 5\n"
+            "rx_buffer_size = \"1KiB\"\n"
             "static_dir = \"www\"\n"
             "log_level = \"debug\"\n"
             "policy = \"policy.lua\"\n"
@@ -205,6 +207,7 @@ START_TEST(t_every_key)
     ck_assert_uint_eq(c.ping_timeout, 20);
     ck_assert_uint_eq(c.shutdown_timeout, 0);
     ck_assert_uint_eq(c.write_delay, 5);
+    ck_assert_uint_eq(c.rx_buffer_size, 1024);
     char want[PATH_MAX + 16];
     snprintf(want, sizeof(want), "%s/www", tmp);
     ck_assert_str_eq(c.static_dir, want);
@@ -227,6 +230,7 @@ START_TEST(t_range_edges)
             "ping_timeout = 1\n"
             "shutdown_timeout = 3600\n"
             "write_delay = 1000\n"
+            "rx_buffer_size = 128\n"
             "lua_max_instructions = 1e10\n"
             "lua_max_memory = \"16GiB\"\n");
     ck_assert_uint_eq(c.max_message_size, 64);
@@ -238,6 +242,7 @@ START_TEST(t_range_edges)
     ck_assert_uint_eq(c.ping_timeout, 1);
     ck_assert_uint_eq(c.shutdown_timeout, 3600);
     ck_assert_uint_eq(c.write_delay, 1000);
+    ck_assert_uint_eq(c.rx_buffer_size, 128);
     ck_assert_uint_eq(c.lua_max_instructions, 10000000000ull);
     ck_assert_uint_eq(c.lua_max_memory, 16 * GiB);
 }
@@ -404,9 +409,10 @@ START_TEST(t_out_of_range)
                           "max_protocol_errors = 0\n"
                           "shutdown_timeout = -5\n"
                           "max_message_size = 1\n"
-                          "write_delay = 1001\n"),
+                          "write_delay = 1001\n"
+                          "rx_buffer_size = 127\n"),
                      -1);
-    ck_assert_uint_eq(e.n, 12);
+    ck_assert_uint_eq(e.n, 13);
     err_is(0, ":3: ping_interval: 0 is out of range (1..3600)");
     err_is(1, ":4: max_message_size: 128MiB is out of range (64..64MiB)");
     err_is(2, ":5: max_connections: -1 is out of range (0..10000000)");
@@ -419,6 +425,7 @@ START_TEST(t_out_of_range)
     err_is(9, ":12: shutdown_timeout: -5 is out of range (0..3600)");
     err_is(10, ":13: max_message_size: already set at line 4");
     err_is(11, ":14: write_delay: 1001 is out of range (0..1000)");
+    err_is(12, ":15: rx_buffer_size: 127 is out of range (128..64KiB)");
     assert_defaults_except_path();
 }
 END_TEST
