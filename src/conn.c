@@ -121,12 +121,16 @@ static void conns_unlink(struct hub_server *srv, struct hub_conn *c)
 }
 
 /* Drops the connection without a close handshake (its peer is gone or
- * mute): lws closes the socket from its own timeout callback. */
+ * mute): lws closes the socket from its own timeout callback. lws services
+ * its timers only after one of its own events (with validity timers off,
+ * the next may be its 30 s housekeeping), and drops happen from our timers
+ * and flushes too: lws_cancel_service wakes it now. */
 static void drop(struct hub_conn *c)
 {
     hub_queue_clear(&c->q);
     c->flags |= HUB_CONN_CLOSING;
     lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+    lws_cancel_service(lws_get_context(c->wsi));
 }
 
 void hub_conn_seen(struct hub_conn *c)
@@ -428,9 +432,16 @@ int hub_conn_peer_closed(struct hub_conn *c, const void *payload, size_t len)
         frame[3] = p[1];
         n = 4;
     }
-    if (send(lws_get_socket_fd(c->wsi), frame, n, MSG_NOSIGNAL | MSG_DONTWAIT) == (ssize_t)n)
+    ssize_t w = send(lws_get_socket_fd(c->wsi), frame, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w == (ssize_t)n)
         return -1;
-    return 0; /* lws echoes the close and hangs up */
+    if (w > 0) {
+        /* Part of it: lws sends the rest before it hangs up (it flushes
+         * what it holds before closing), so the frame stays whole. */
+        lws_write(c->wsi, frame + w, n - (size_t)w, LWS_WRITE_RAW);
+        return -1;
+    }
+    return 0; /* nothing written: lws echoes the close and hangs up */
 }
 
 /* Maps a policy verdict that is not ALLOW to the error reply. */

@@ -21,6 +21,9 @@ void hub_metrics_render(struct hub_buf *b)
     metric(b, "luahub_connections_refused_total", "counter",
            "WebSocket upgrades refused (limit, path, shutdown).",
            m->connections_refused);
+    metric(b, "luahub_accept_pauses_total", "counter",
+           "Times accepting paused for 100 ms: out of file descriptors or memory.",
+           m->accept_pauses);
     metric(b, "luahub_subscriptions", "gauge", "Subscriptions over all channels.",
            m->subscriptions);
     metric(b, "luahub_channels", "gauge", "Channels with at least one subscriber.",

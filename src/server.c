@@ -14,6 +14,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <ifaddrs.h>
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
@@ -152,9 +153,39 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
     return lws_callback_http_dummy(wsi, reason, user, in, len);
 }
 
+/* The first address of network interface `name` (IPv4 before IPv6), as lws
+ * resolves its `iface`. Returns 0, or -1 when there is no such interface. */
+static int iface_addr(const char *name, int port, struct sockaddr_storage *ss, socklen_t *sl)
+{
+    struct ifaddrs *ifs, *i;
+    int found = -1;
+
+    if (getifaddrs(&ifs) < 0)
+        return -1;
+    for (int fam = AF_INET; found < 0; fam = AF_INET6) {
+        for (i = ifs; i; i = i->ifa_next) {
+            if (!i->ifa_addr || i->ifa_addr->sa_family != fam || strcmp(i->ifa_name, name))
+                continue;
+            *sl = fam == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
+            memcpy(ss, i->ifa_addr, *sl);
+            if (fam == AF_INET)
+                ((struct sockaddr_in *)ss)->sin_port = htons((uint16_t)port);
+            else
+                ((struct sockaddr_in6 *)ss)->sin6_port = htons((uint16_t)port);
+            found = 0;
+            break;
+        }
+        if (fam == AF_INET6)
+            break;
+    }
+    freeifaddrs(ifs);
+    return found;
+}
+
 /* The socket address of the conf's listen host and `port`. Returns 0, or
- * -1 when the host is not an IP address ("localhost" counts as 127.0.0.1;
- * "0.0.0.0" and "::" are the wildcards). */
+ * -1 when the host is neither an IP address nor a network interface
+ * ("localhost" counts as 127.0.0.1; "0.0.0.0" and "::" are the
+ * wildcards). */
 static int listen_addr(const struct hub_config *cfg, int port,
                        struct sockaddr_storage *ss, socklen_t *sl)
 {
@@ -177,7 +208,7 @@ static int listen_addr(const struct hub_config *cfg, int port,
         *sl = sizeof(*s6);
         return 0;
     }
-    return -1;
+    return iface_addr(host, port, ss, sl);
 }
 
 /* Binds a socket like lws will (SO_REUSEADDR, plus SO_REUSEPORT when the
@@ -216,7 +247,7 @@ static void explain_bind_failure(const struct hub_config *cfg)
     hub_log(HUB_LOG_ERROR, "cannot listen on %s: %s%s", cfg->listen, strerror(-fd),
             fd == -EADDRINUSE ? " (another process has the port: stop it, or "
                                 "choose another with listen or --listen)"
-            : fd == -EADDRNOTAVAIL ? " (not an address of this machine)" : "");
+            : fd == -EADDRNOTAVAIL ? " (not an address or network interface of this machine)" : "");
 }
 
 /* The hub listens itself and hands every accepted socket to lws
@@ -233,6 +264,40 @@ static void explain_bind_failure(const struct hub_config *cfg)
 #define ACCEPT_BATCH 64
 #define WORKER_LISTEN_WAIT_MS 3000
 
+#define ACCEPT_PAUSE_MS 100
+#define ACCEPT_WARN_EVERY_MS 10000
+
+static void on_accept(uv_poll_t *p, int status, int events);
+
+static void on_accept_timer(uv_timer_t *t)
+{
+    struct hub_server *srv = t->data;
+    /* Workers stop accepting for good at shutdown; a single process
+     * accepts until it exits (see hub_server_shutdown). */
+    if (srv->listen_fd >= 0 && !uv_is_closing((uv_handle_t *)&srv->listener) &&
+        !(srv->shutting_down && srv->cfg->workers != 1))
+        uv_poll_start(&srv->listener, UV_READABLE, on_accept);
+}
+
+/* Out of descriptors or memory: the pending connection stays in the
+ * backlog and the listener would be readable again at once, a busy loop.
+ * Stop watching it for ACCEPT_PAUSE_MS, and say so at most every
+ * ACCEPT_WARN_EVERY_MS. */
+static void accept_pause(struct hub_server *srv, const char *why)
+{
+    uint64_t now = uv_now(srv->loop);
+    hub_metrics.accept_pauses++;
+    if (!srv->accept_warned_ms || now - srv->accept_warned_ms >= ACCEPT_WARN_EVERY_MS) {
+        hub_log(HUB_LOG_WARN,
+                "cannot accept connections (%s): pausing accepts for %d ms "
+                "(%llu pauses so far; raise the open-files limit, ulimit -n)",
+                why, ACCEPT_PAUSE_MS, (unsigned long long)hub_metrics.accept_pauses);
+        srv->accept_warned_ms = now;
+    }
+    uv_poll_stop(&srv->listener);
+    uv_timer_start(&srv->accept_timer, on_accept_timer, ACCEPT_PAUSE_MS, 0);
+}
+
 static void on_accept(uv_poll_t *p, int status, int events)
 {
     struct hub_server *srv = p->data;
@@ -243,14 +308,18 @@ static void on_accept(uv_poll_t *p, int status, int events)
     for (int i = 0; i < ACCEPT_BATCH; i++) {
         int fd = accept4(srv->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
-                errno != ECONNABORTED)
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+                accept_pause(srv, strerror(errno));
+            else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+                     errno != ECONNABORTED)
                 hub_log(HUB_LOG_WARN, "accept: %s", strerror(errno));
             return;
         }
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        if (!lws_adopt_socket_vhost(srv->vhost, fd)) /* closes fd on failure */
-            hub_log(HUB_LOG_WARN, "could not hand an accepted connection to lws");
+        if (!lws_adopt_socket_vhost(srv->vhost, fd)) { /* closes fd on failure */
+            accept_pause(srv, "libwebsockets could not take the connection");
+            return;
+        }
     }
 }
 
@@ -404,6 +473,8 @@ static void flush_all(struct hub_server *srv, int paused)
     flush_list(srv, 0, &frames, &conns);
     uint64_t now = uv_hrtime(), cost_ms = (now - t0) / 1000000u;
     srv->last_flush_ns = now;
+    if (!conns)
+        return; /* replies flushed everything meanwhile: nothing to judge */
     hub_metrics.flushes++;
     if (!paused) {
         if (now - t0 >= FLUSH_BUSY_NS && now >= srv->flush_trial_ns)
@@ -503,6 +574,8 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
     srv->listen_timer.data = srv;
     uv_timer_init(loop, &srv->keepalive);
     srv->keepalive.data = srv;
+    uv_timer_init(loop, &srv->accept_timer);
+    srv->accept_timer.data = srv;
     srv->ping = hub_msg_ping();
     uv_check_init(loop, &srv->flusher);
     srv->flusher.data = srv;
@@ -808,6 +881,7 @@ void hub_server_shutdown(struct hub_server *srv, hub_server_done_cb done)
     if (srv->listen_fd >= 0 && srv->cfg->workers != 1) {
         uv_poll_stop(&srv->listener);
         uv_timer_stop(&srv->listen_timer);
+        uv_timer_stop(&srv->accept_timer);
     }
 
     unsigned n = 0;
@@ -845,6 +919,8 @@ void hub_server_stop(struct hub_server *srv)
         uv_close((uv_handle_t *)&srv->listen_timer, NULL);
     if (!uv_is_closing((uv_handle_t *)&srv->keepalive))
         uv_close((uv_handle_t *)&srv->keepalive, NULL);
+    if (!uv_is_closing((uv_handle_t *)&srv->accept_timer))
+        uv_close((uv_handle_t *)&srv->accept_timer, NULL);
 }
 
 void hub_server_free(struct hub_server *srv)

@@ -11,6 +11,7 @@ struct hub_metrics {
     uint64_t connections;           /* gauge: open WebSocket connections */
     uint64_t connections_total;     /* accepted upgrades */
     uint64_t connections_refused;   /* upgrades refused (limit, path, shutdown) */
+    uint64_t accept_pauses;         /* accepting paused: out of fds or memory */
     uint64_t subscriptions;         /* gauge */
     uint64_t channels;              /* gauge */
     uint64_t published;             /* messages published (per channel) */

@@ -29,6 +29,8 @@ struct hub_server {
     int listen_fd;                  /* workers: our SO_REUSEPORT listener, else -1 */
     uv_poll_t listener;             /* ... watched here, accepted sockets go to lws */
     uv_timer_t listen_timer;        /* workers: accept anyway if the broker stays down */
+    uv_timer_t accept_timer;        /* resumes accepting after running out of fds */
+    uint64_t accept_warned_ms;      /* loop time of the last such warning */
 
     struct hub_policy *policy;      /* the Lua policy; NULL before start */
     struct hub_broker *broker;      /* where publishes go (memory or redis) */

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -868,6 +869,56 @@ START_TEST(listen_on_foreign_address_exits)
 }
 END_TEST
 
+/* A network interface name works as the listen host, as it did when lws
+ * listened: "lo" is 127.0.0.1. */
+START_TEST(listen_on_interface_name)
+{
+    struct hub *h = hub_start_opts(BASE_CONF, &(struct hub_opts){ .listen = "lo:0" });
+    struct ws *a = ws_connect(h->port), *b = ws_connect(h->port);
+    ws_subscribe(b, "room");
+    pubsub_works(a, b, "\"lo\"");
+    ws_free(a);
+    ws_free(b);
+    ck_assert_int_eq(hub_stop(h), 0);
+}
+END_TEST
+
+/* Out of file descriptors (a hub started with an open-files limit of 48,
+ * then 80 bare TCP connections): the hub stops watching its listener for
+ * 100 ms at a time instead of spinning on it (at most ~20 pauses in 2 s;
+ * a busy loop would make thousands), warns once, and serves again when
+ * the connections go. */
+START_TEST(out_of_fds_pauses_accepting)
+{
+    struct rlimit old, low;
+    ck_assert_int_eq(getrlimit(RLIMIT_NOFILE, &old), 0);
+    low = old;
+    low.rlim_cur = 48;
+    ck_assert_int_eq(setrlimit(RLIMIT_NOFILE, &low), 0);
+    struct hub *h = hub_start(BASE_CONF); /* inherits the limit */
+    ck_assert_int_eq(setrlimit(RLIMIT_NOFILE, &old), 0);
+
+    enum { N = 80 };
+    int fds[N];
+    for (int i = 0; i < N; i++)
+        fds[i] = tcp_connect(h->port); /* the kernel's backlog takes them all */
+    struct timespec two = { 2, 0 };
+    nanosleep(&two, NULL);
+    for (int i = 0; i < N; i++)
+        close(fds[i]);
+
+    struct ws *a = ws_connect(h->port), *b = ws_connect(h->port);
+    ws_subscribe(b, "room");
+    pubsub_works(a, b, "\"again\"");
+    long long pauses = hub_metric(h, "luahub_accept_pauses_total");
+    ck_assert_msg(pauses >= 1 && pauses <= 40, "%lld accept pauses", pauses);
+    ck_assert_int_eq(hub_log_count(h, "cannot accept connections"), 1);
+    ws_free(a);
+    ws_free(b);
+    ck_assert_int_eq(hub_stop(h), 0);
+}
+END_TEST
+
 /* ------------------------------------------------------------------ */
 /* Signals and the graceful shutdown                                    */
 /* ------------------------------------------------------------------ */
@@ -1320,6 +1371,8 @@ static Suite *lifecycle_suite(void)
     tcase_add_test(tc, listen_option_overrides_conf);
     tcase_add_test(tc, port_in_use_second_hub_exits);
     tcase_add_test(tc, listen_on_foreign_address_exits);
+    tcase_add_test(tc, listen_on_interface_name);
+    tcase_add_test(tc, out_of_fds_pauses_accepting);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("shutdown");

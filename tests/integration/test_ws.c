@@ -1387,6 +1387,23 @@ END_TEST
 /* Keepalive and shutdown                                               */
 /* ------------------------------------------------------------------ */
 
+/* A mute client alone on the hub: nothing else wakes lws, and the drop
+ * must still happen on time (lws services its timers only after one of
+ * its own events; the hub wakes it). */
+START_TEST(mute_client_alone_dropped)
+{
+    struct hub *h = hub_start(COMMON_CONF "ping_interval = 1\nping_timeout = 1\n");
+    struct ws *mute = ws_connect(h->port);
+    mute->auto_pong = 0;
+    ws_subscribe(mute, "k");
+    ws_expect_dropped(mute, 10000);
+    ck_assert_msg(mute->pings >= 1, "the mute client was never pinged");
+    hub_metric_wait(h, "luahub_connections", 0, HT_WAIT_MS);
+    ws_free(mute);
+    stop(h);
+}
+END_TEST
+
 START_TEST(ping_keepalive)
 {
     struct hub *h = hub_start(COMMON_CONF "ping_interval = 1\nping_timeout = 1\n");
@@ -1555,6 +1572,7 @@ static Suite *ws_suite(void)
 
     tc = tcase_create("lifecycle");
     tcase_add_test(tc, ping_keepalive);
+    tcase_add_test(tc, mute_client_alone_dropped);
     tcase_add_test(tc, graceful_shutdown_close_1001);
     suite_add_tcase(s, tc);
     return s;
