@@ -124,13 +124,17 @@ static void conns_unlink(struct hub_server *srv, struct hub_conn *c)
  * mute): lws closes the socket from its own timeout callback. lws services
  * its timers only after one of its own events (with validity timers off,
  * the next may be its 30 s housekeeping), and drops happen from our timers
- * and flushes too: lws_cancel_service wakes it now. */
+ * and flushes too: lws_cancel_service wakes it now, once for all the drops
+ * until lws has seen it (LWS_CALLBACK_EVENT_WAIT_CANCELLED, server.c). */
 static void drop(struct hub_conn *c)
 {
     hub_queue_clear(&c->q);
     c->flags |= HUB_CONN_CLOSING;
     lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
-    lws_cancel_service(lws_get_context(c->wsi));
+    if (!c->srv->lws_woken) {
+        c->srv->lws_woken = 1;
+        lws_cancel_service(lws_get_context(c->wsi));
+    }
 }
 
 void hub_conn_seen(struct hub_conn *c)

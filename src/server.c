@@ -115,6 +115,9 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
     int handled, r;
 
     switch (reason) {
+    case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
+        srv->lws_woken = 0; /* the wake-up of drop() (conn.c) arrived */
+        return 0;
     case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
         return confirm_upgrade(srv, wsi, in);
     case LWS_CALLBACK_ESTABLISHED:
@@ -157,29 +160,26 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
  * resolves its `iface`. Returns 0, or -1 when there is no such interface. */
 static int iface_addr(const char *name, int port, struct sockaddr_storage *ss, socklen_t *sl)
 {
-    struct ifaddrs *ifs, *i;
-    int found = -1;
+    static const int fams[] = {AF_INET, AF_INET6};
+    struct ifaddrs *ifs, *i = NULL;
 
     if (getifaddrs(&ifs) < 0)
         return -1;
-    for (int fam = AF_INET; found < 0; fam = AF_INET6) {
-        for (i = ifs; i; i = i->ifa_next) {
-            if (!i->ifa_addr || i->ifa_addr->sa_family != fam || strcmp(i->ifa_name, name))
-                continue;
-            *sl = fam == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
-            memcpy(ss, i->ifa_addr, *sl);
-            if (fam == AF_INET)
-                ((struct sockaddr_in *)ss)->sin_port = htons((uint16_t)port);
-            else
-                ((struct sockaddr_in6 *)ss)->sin6_port = htons((uint16_t)port);
-            found = 0;
-            break;
-        }
-        if (fam == AF_INET6)
-            break;
+    for (size_t f = 0; f < 2 && !i; f++)
+        for (i = ifs; i; i = i->ifa_next)
+            if (i->ifa_addr && i->ifa_addr->sa_family == fams[f] && !strcmp(i->ifa_name, name))
+                break;
+    if (i) {
+        *sl = i->ifa_addr->sa_family == AF_INET ? sizeof(struct sockaddr_in)
+                                                : sizeof(struct sockaddr_in6);
+        memcpy(ss, i->ifa_addr, *sl);
+        if (i->ifa_addr->sa_family == AF_INET)
+            ((struct sockaddr_in *)ss)->sin_port = htons((uint16_t)port);
+        else
+            ((struct sockaddr_in6 *)ss)->sin6_port = htons((uint16_t)port);
     }
     freeifaddrs(ifs);
-    return found;
+    return i ? 0 : -1;
 }
 
 /* The socket address of the conf's listen host and `port`. Returns 0, or

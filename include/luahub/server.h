@@ -30,6 +30,7 @@ struct hub_server {
     uv_poll_t listener;             /* ... watched here, accepted sockets go to lws */
     uv_timer_t listen_timer;        /* workers: accept anyway if the broker stays down */
     uv_timer_t accept_timer;        /* resumes accepting after running out of fds */
+    int lws_woken;                  /* lws_cancel_service() sent, not yet seen */
     uint64_t accept_warned_ms;      /* loop time of the last such warning */
 
     struct hub_policy *policy;      /* the Lua policy; NULL before start */

@@ -21,9 +21,9 @@
  * comes after everything else on each hub's single Redis subscriber
  * connection. Time is the subject only where the fault is (SIGSTOP for 2 s,
  * an outage); every other wait is for an event, bounded. Numbers are printed
- * as "[measure] ..." lines, never asserted beyond a generous bound. Redis is
- * spoken to with a small RESP client over a raw socket (the suite links
- * only hubtest). */
+ * as "[measure] ..." lines, never asserted beyond a generous bound. The
+ * redis-servers and the admin commands to them come from
+ * tests/support/redistest (hiredis, blocking, bounded). */
 #include <check.h>
 #include <ctype.h>
 #include <dirent.h>
@@ -47,384 +47,36 @@
 #include <unistd.h>
 
 #include "hubtest.h"
+#include "redistest.h"
 
 #define LONG_WAIT_MS 30000
 
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-        ;
-}
-
-static int remaining(int64_t deadline)
-{
-    int64_t r = deadline - ht_now_ms();
-    return r > 0 ? (int)r : 0;
-}
-
 /* ------------------------------------------------------------------ */
-/* redis-server processes                                               */
+/* redis-server processes: tests/support/redistest (srv_start, srv_stop,  */
+/* srv_kill, srv_cmd), shared with test_broker and test_registry          */
 /* ------------------------------------------------------------------ */
-
-/* A redis-server of ours. It persists nothing (--save '', no AOF) and logs
- * nowhere, so a failing test leaves no files behind. */
-struct rds {
-    pid_t pid;
-    int port;
-    char pass[64];
-};
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    ck_assert_msg(fd >= 0, "socket: %s", strerror(errno));
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    ck_assert_msg(bind(fd, (struct sockaddr *)&a, sizeof a) == 0, "bind: %s", strerror(errno));
-    socklen_t l = sizeof a;
-    getsockname(fd, (struct sockaddr *)&a, &l);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
-/* Waits up to `ms` for our child `pid` to exit. Returns 1 once reaped. */
-static int reap_pid(pid_t pid, int ms)
-{
-    int64_t dl = ht_now_ms() + ms;
-    for (;;) {
-        int st;
-        pid_t r = waitpid(pid, &st, WNOHANG);
-        if (r == pid || (r < 0 && errno == ECHILD))
-            return 1;
-        if (ht_now_ms() >= dl)
-            return 0;
-        sleep_ms(2);
-    }
-}
-
-static void rds_spawn(struct rds *s)
-{
-    char port[16];
-    snprintf(port, sizeof port, "%d", s->port);
-    const char *argv[24];
-    int n = 0;
-    argv[n++] = "redis-server";
-    argv[n++] = "--port";
-    argv[n++] = port;
-    argv[n++] = "--bind";
-    argv[n++] = "127.0.0.1";
-    argv[n++] = "--save";
-    argv[n++] = "";
-    argv[n++] = "--appendonly";
-    argv[n++] = "no";
-    argv[n++] = "--dir";
-    argv[n++] = "/tmp";
-    argv[n++] = "--logfile";
-    argv[n++] = "";
-    if (s->pass[0]) {
-        argv[n++] = "--requirepass";
-        argv[n++] = s->pass;
-    }
-    argv[n] = NULL;
-    pid_t parent = getpid();
-    pid_t pid = fork();
-    ck_assert_msg(pid >= 0, "fork: %s", strerror(errno));
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        if (getppid() != parent)
-            _exit(127);
-        int dn = open("/dev/null", O_RDWR);
-        dup2(dn, 0);
-        dup2(dn, 1);
-        dup2(dn, 2);
-        for (int fd = 3; fd < 1024; fd++)
-            close(fd);
-        execvp("redis-server", (char *const *)argv);
-        _exit(127);
-    }
-    s->pid = pid;
-}
-
-/* ---- a small RESP client ---------------------------------------- */
-
-struct resp {
-    char type;          /* '+' '-' ':' '$' '*', or '_' for nil */
-    long long i;        /* ':' */
-    char *s;            /* '+' '-' '$': NUL-terminated */
-    size_t len;
-    size_t n;           /* '*' */
-    struct resp *e;
-};
-
-static void resp_clear(struct resp *r)
-{
-    free(r->s);
-    for (size_t k = 0; k < r->n; k++)
-        resp_clear(&r->e[k]);
-    free(r->e);
-    memset(r, 0, sizeof *r);
-}
-
-static void resp_free(struct resp *r)
-{
-    if (r) {
-        resp_clear(r);
-        free(r);
-    }
-}
-
-/* 1: a complete reply at b[*pos] (advanced past it), 0: incomplete,
- * -1: not RESP. */
-static int resp_parse(const char *b, size_t len, size_t *pos, struct resp *r)
-{
-    memset(r, 0, sizeof *r);
-    if (*pos >= len)
-        return 0;
-    const char *line = b + *pos;
-    const char *crlf = memmem(line, len - *pos, "\r\n", 2);
-    if (!crlf)
-        return 0;
-    size_t ll = (size_t)(crlf - line), next = *pos + ll + 2;
-    r->type = line[0];
-    switch (line[0]) {
-    case '+':
-    case '-':
-        r->s = strndup(line + 1, ll - 1);
-        r->len = ll - 1;
-        *pos = next;
-        return 1;
-    case ':':
-        r->i = strtoll(line + 1, NULL, 10);
-        *pos = next;
-        return 1;
-    case '$': {
-        long long n = strtoll(line + 1, NULL, 10);
-        if (n < 0) {
-            r->type = '_';
-            *pos = next;
-            return 1;
-        }
-        if (next + (size_t)n + 2 > len)
-            return 0;
-        r->s = malloc((size_t)n + 1);
-        memcpy(r->s, b + next, (size_t)n);
-        r->s[n] = '\0';
-        r->len = (size_t)n;
-        *pos = next + (size_t)n + 2;
-        return 1;
-    }
-    case '*': {
-        long long n = strtoll(line + 1, NULL, 10);
-        if (n < 0) {
-            r->type = '_';
-            *pos = next;
-            return 1;
-        }
-        r->n = (size_t)n;
-        r->e = calloc(n ? (size_t)n : 1, sizeof *r->e);
-        size_t p = next;
-        for (size_t k = 0; k < (size_t)n; k++) {
-            int rc = resp_parse(b, len, &p, &r->e[k]);
-            if (rc <= 0) {
-                resp_clear(r);
-                return rc;
-            }
-        }
-        *pos = p;
-        return 1;
-    }
-    }
-    return -1;
-}
-
-static int send_bytes(int fd, const char *p, size_t n, int64_t deadline)
-{
-    while (n > 0) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w > 0) {
-            p += w;
-            n -= (size_t)w;
-            continue;
-        }
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0 && errno != EAGAIN)
-            return -1;
-        struct pollfd pf = {fd, POLLOUT, 0};
-        if (poll(&pf, 1, remaining(deadline)) <= 0)
-            return -1;
-    }
-    return 0;
-}
-
-/* Sends one command (argv NULL-terminated) on `fd` and reads its reply, or
- * NULL when none comes before `deadline` or the connection closes. */
-static struct resp *resp_roundtrip(int fd, const char *const *argv, int64_t deadline)
-{
-    size_t argc = 0, cap = 64;
-    for (; argv[argc]; argc++)
-        cap += strlen(argv[argc]) + 32;
-    char *req = malloc(cap);
-    size_t len = (size_t)snprintf(req, cap, "*%zu\r\n", argc);
-    for (size_t k = 0; k < argc; k++) {
-        size_t al = strlen(argv[k]);
-        len += (size_t)snprintf(req + len, cap - len, "$%zu\r\n", al);
-        memcpy(req + len, argv[k], al);
-        len += al;
-        memcpy(req + len, "\r\n", 2);
-        len += 2;
-    }
-    int w = send_bytes(fd, req, len, deadline);
-    free(req);
-    if (w < 0)
-        return NULL;
-    size_t bl = 0, bc = 65536;
-    char *buf = malloc(bc);
-    struct resp *r = calloc(1, sizeof *r);
-    for (;;) {
-        size_t pos = 0;
-        int rc = bl ? resp_parse(buf, bl, &pos, r) : 0;
-        if (rc == 1)
-            break;
-        if (rc < 0 || remaining(deadline) == 0)
-            goto fail;
-        if (bc - bl < 65536) {
-            bc *= 2;
-            buf = realloc(buf, bc);
-        }
-        ssize_t n = tcp_recv(fd, buf + bl, bc - bl, remaining(deadline));
-        if (n <= 0)
-            goto fail;
-        bl += (size_t)n;
-    }
-    free(buf);
-    return r;
-fail:
-    free(buf);
-    resp_free(r);
-    return NULL;
-}
-
-/* One command on a new connection (AUTH first when the server has a
- * password); NULL if the server does not answer within `ms`. */
-static struct resp *rds_try(const struct rds *s, int ms, const char *const *argv)
-{
-    int64_t dl = ht_now_ms() + ms;
-    int fd = tcp_try_connect(s->port);
-    if (fd < 0)
-        return NULL;
-    if (s->pass[0]) {
-        const char *auth[] = {"AUTH", s->pass, NULL};
-        struct resp *a = resp_roundtrip(fd, auth, dl);
-        int ok = a && a->type == '+';
-        resp_free(a);
-        if (!ok) {
-            close(fd);
-            return NULL;
-        }
-    }
-    struct resp *r = resp_roundtrip(fd, argv, dl);
-    close(fd);
-    return r;
-}
-
-/* An admin command (arguments NULL-terminated): its reply, or a failure. */
-static struct resp *rds_cmd(const struct rds *s, const char *arg0, ...)
-{
-    const char *argv[16];
-    int n = 0;
-    va_list ap;
-    va_start(ap, arg0);
-    for (const char *a = arg0; a && n < 15; a = va_arg(ap, const char *))
-        argv[n++] = a;
-    va_end(ap);
-    argv[n] = NULL;
-    struct resp *r = rds_try(s, HT_WAIT_MS, argv);
-    ck_assert_msg(r != NULL, "redis port %d did not answer %s", s->port, arg0);
-    return r;
-}
-
-static int rds_ping(const struct rds *s)
-{
-    const char *argv[] = {"PING", NULL};
-    struct resp *r = rds_try(s, 300, argv);
-    int ok = r && r->type == '+' && strcmp(r->s, "PONG") == 0;
-    resp_free(r);
-    return ok;
-}
-
-/* Starts a redis-server on `port` (0: a free one, retried on a clash) and
- * waits until it answers PING. */
-static void rds_start(struct rds *s, int port, const char *pass)
-{
-    snprintf(s->pass, sizeof s->pass, "%s", pass ? pass : "");
-    for (int attempt = 0; attempt < 5; attempt++) {
-        s->port = port ? port : free_port();
-        rds_spawn(s);
-        int64_t dl = ht_now_ms() + 10000;
-        while (ht_now_ms() < dl) {
-            if (rds_ping(s))
-                return;
-            int st;
-            if (waitpid(s->pid, &st, WNOHANG) == s->pid) {
-                s->pid = 0;
-                break;
-            }
-            sleep_ms(5);
-        }
-        if (s->pid > 0) {
-            kill(s->pid, SIGKILL);
-            reap_pid(s->pid, 2000);
-            s->pid = 0;
-        }
-        if (port)
-            break;
-    }
-    ck_abort_msg("redis-server did not start on port %d", s->port);
-}
-
-static void rds_kill(struct rds *s)
-{
-    ck_assert(s->pid > 0);
-    kill(s->pid, SIGKILL);
-    ck_assert_msg(reap_pid(s->pid, 5000), "redis-server %d did not die", (int)s->pid);
-    s->pid = 0;
-}
-
-static void rds_stop(struct rds *s)
-{
-    if (s->pid > 0) {
-        kill(s->pid, SIGCONT);
-        kill(s->pid, SIGTERM);
-        if (!reap_pid(s->pid, 5000)) {
-            kill(s->pid, SIGKILL);
-            reap_pid(s->pid, 5000);
-        }
-        s->pid = 0;
-    }
-}
 
 /* An integer field of INFO `section`; for commandstats "cmdstat_X" the
  * number of calls. -1 if absent. */
-static long long rds_info(const struct rds *s, const char *section, const char *key)
+static long long rds_info(const struct srv *s, const char *section, const char *key)
 {
-    struct resp *r = rds_cmd(s, "INFO", section, NULL);
-    ck_assert_int_eq(r->type, '$');
+    redisReply *r = srv_cmd(s, "INFO %s", section);
+    ck_assert_int_eq(r->type, REDIS_REPLY_STRING);
     char needle[128];
     snprintf(needle, sizeof needle, "\n%s:", key);
     long long v = -1;
-    const char *p = strstr(r->s, needle);
+    const char *p = strstr(r->str, needle);
     if (p) {
         p += strlen(needle);
         if (strncmp(p, "calls=", 6) == 0)
             p += 6;
         v = strtoll(p, NULL, 10);
     }
-    resp_free(r);
+    freeReplyObject(r);
     return v;
 }
 
-static long long cmd_calls(const struct rds *s, const char *cmd)
+static long long cmd_calls(const struct srv *s, const char *cmd)
 {
     char key[64];
     snprintf(key, sizeof key, "cmdstat_%s", cmd);
@@ -433,22 +85,22 @@ static long long cmd_calls(const struct rds *s, const char *cmd)
 }
 
 /* Number of Redis channels matching `pattern` (PUBSUB CHANNELS). */
-static long long pubsub_channels(const struct rds *s, const char *pattern)
+static long long pubsub_channels(const struct srv *s, const char *pattern)
 {
-    struct resp *r = rds_cmd(s, "PUBSUB", "CHANNELS", pattern, NULL);
-    ck_assert_int_eq(r->type, '*');
-    long long n = (long long)r->n;
-    resp_free(r);
+    redisReply *r = srv_cmd(s, "PUBSUB CHANNELS %s", pattern);
+    ck_assert_int_eq(r->type, REDIS_REPLY_ARRAY);
+    long long n = (long long)r->elements;
+    freeReplyObject(r);
     return n;
 }
 
-static long long numsub(const struct rds *s, const char *channel)
+static long long numsub(const struct srv *s, const char *channel)
 {
-    struct resp *r = rds_cmd(s, "PUBSUB", "NUMSUB", channel, NULL);
-    ck_assert_int_eq(r->type, '*');
-    ck_assert_int_eq((int)r->n, 2);
-    long long v = r->e[1].i;
-    resp_free(r);
+    redisReply *r = srv_cmd(s, "PUBSUB NUMSUB %s", channel);
+    ck_assert_int_eq(r->type, REDIS_REPLY_ARRAY);
+    ck_assert_int_eq((int)r->elements, 2);
+    long long v = r->element[1]->integer;
+    freeReplyObject(r);
     return v;
 }
 
@@ -515,7 +167,7 @@ static struct hub *start_hub_url(int port, const char *url_extra, const char *ex
     return hub_start(conf);
 }
 
-static struct hub *start_hub(const struct rds *s)
+static struct hub *start_hub(const struct srv *s)
 {
     return start_hub_url(s->port, NULL, NULL);
 }
@@ -694,8 +346,8 @@ static int f_msgs_of(int p)
 
 START_TEST(two_hubs_fanout_exact_in_order)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, NULL);
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
     struct hub *hub[2] = {start_hub(&r), start_hub(&r)};
     wait_healthz(hub[0], 200, HT_WAIT_MS);
     wait_healthz(hub[1], 200, HT_WAIT_MS);
@@ -823,7 +475,7 @@ START_TEST(two_hubs_fanout_exact_in_order)
         ws_free(subs[i]);
     stop_hub(hub[0]);
     stop_hub(hub[1]);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
@@ -833,8 +485,8 @@ END_TEST
 
 START_TEST(subscribe_reply_means_delivery_across_hubs)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, NULL);
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
     struct hub *hub[2] = {start_hub(&r), start_hub(&r)};
     wait_healthz(hub[0], 200, HT_WAIT_MS);
     wait_healthz(hub[1], 200, HT_WAIT_MS);
@@ -890,7 +542,7 @@ START_TEST(subscribe_reply_means_delivery_across_hubs)
     }
     stop_hub(hub[0]);
     stop_hub(hub[1]);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
@@ -960,8 +612,8 @@ static void read_replies(struct ws *c, int n, char *out, size_t outlen)
 
 START_TEST(every_command_answered_once_with_redis)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, NULL);
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
     struct hub *h = start_hub(&r);
     wait_healthz(h, 200, HT_WAIT_MS);
     struct ws *c = ws_connect(h->port);
@@ -990,7 +642,7 @@ START_TEST(every_command_answered_once_with_redis)
     ws_sync(c); /* and nothing more */
     ws_free(c);
     stop_hub(h);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
@@ -998,8 +650,8 @@ END_TEST
  * prefixes on one Redis do not see each other's messages. */
 START_TEST(redis_prefix_isolates_hubs)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, NULL);
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
     struct hub *a = start_hub_url(r.port, NULL, "redis_prefix = \"appA:\"\n");
     struct hub *b = start_hub_url(r.port, NULL, "redis_prefix = \"appB:\"\n");
     struct hub *a2 = start_hub_url(r.port, NULL, "redis_prefix = \"appA:\"\n");
@@ -1020,7 +672,7 @@ START_TEST(redis_prefix_isolates_hubs)
     stop_hub(a);
     stop_hub(b);
     stop_hub(a2);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
@@ -1030,7 +682,7 @@ END_TEST
 
 START_TEST(redis_absent_at_start)
 {
-    struct rds r = {0};
+    struct srv r = {0};
     int port = free_port();
     struct hub *hub[2] = {start_hub_url(port, NULL, NULL), start_hub_url(port, NULL, NULL)};
     for (int k = 0; k < 2; k++) {
@@ -1055,7 +707,7 @@ START_TEST(redis_absent_at_start)
     ws_sync(sub);
     ws_sync(pub);
 
-    rds_start(&r, port, NULL);
+    srv_start(&r, port, NULL);
     int64_t t0 = ht_now_ms();
     wait_healthz(hub[0], 200, HT_WAIT_MS);
     wait_healthz(hub[1], 200, HT_WAIT_MS);
@@ -1079,7 +731,7 @@ START_TEST(redis_absent_at_start)
     ws_free(pub);
     stop_hub(hub[0]);
     stop_hub(hub[1]);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
@@ -1311,8 +963,8 @@ static void k_set_phase(int phase)
 
 START_TEST(redis_killed_and_restarted_mid_traffic)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, NULL);
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
     int port = r.port;
     struct hub *hub[2] = {start_hub(&r), start_hub(&r)};
     wait_healthz(hub[0], 200, HT_WAIT_MS);
@@ -1354,9 +1006,9 @@ START_TEST(redis_killed_and_restarted_mid_traffic)
     /* traffic flows; Redis stops executing, catches up its writes, dies */
     struct kwant w = {300, 0};
     k_wait(pred_counts, &w, "300 ok before the kill");
-    struct resp *pr = rds_cmd(&r, "CLIENT", "PAUSE", "20000", "ALL", NULL);
-    ck_assert_msg(pr->type == '+', "CLIENT PAUSE: %s", pr->s);
-    resp_free(pr);
+    redisReply *pr = srv_cmd(&r, "CLIENT PAUSE 20000 ALL");
+    ck_assert_msg(pr->type == REDIS_REPLY_STATUS, "CLIENT PAUSE: %s", pr->str);
+    freeReplyObject(pr);
     pthread_mutex_lock(&K.mu);
     K.frozen = 1;
     pthread_mutex_unlock(&K.mu);
@@ -1368,7 +1020,7 @@ START_TEST(redis_killed_and_restarted_mid_traffic)
     int fail0 = kp[0].nfail > kp[1].nfail ? kp[0].nfail : kp[1].nfail;
     pthread_mutex_unlock(&K.mu);
     int64_t t_kill = ht_now_ms();
-    rds_kill(&r);
+    srv_kill(&r);
     hub_metric_wait(hub[0], "luahub_broker_up", 0, HT_WAIT_MS);
     hub_metric_wait(hub[1], "luahub_broker_up", 0, HT_WAIT_MS);
     ck_assert_int_eq(healthz(hub[0], NULL), 503);
@@ -1394,7 +1046,7 @@ START_TEST(redis_killed_and_restarted_mid_traffic)
     int ok_before_restart = kp[0].nok > kp[1].nok ? kp[0].nok : kp[1].nok;
     pthread_mutex_unlock(&K.mu);
     int64_t t_restart = ht_now_ms();
-    rds_start(&r, port, NULL);
+    srv_start(&r, port, NULL);
     wait_healthz(hub[0], 200, LONG_WAIT_MS);
     wait_healthz(hub[1], 200, LONG_WAIT_MS);
     int64_t t_up = ht_now_ms();
@@ -1467,7 +1119,7 @@ START_TEST(redis_killed_and_restarted_mid_traffic)
     }
     stop_hub(hub[0]);
     stop_hub(hub[1]);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
@@ -1479,8 +1131,8 @@ enum { S_CAP = 200, S_BURST = 600 };
 
 START_TEST(redis_sigstop_fails_fast_and_recovers)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, NULL);
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
     char extra[160];
     snprintf(extra, sizeof extra,
              "?command_timeout_ms=500&connect_timeout_ms=500&max_pending=%d", S_CAP);
@@ -1616,7 +1268,7 @@ START_TEST(redis_sigstop_fails_fast_and_recovers)
     ws_free(other);
     stop_hub(h);
     stop_hub(h2);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
@@ -1626,8 +1278,8 @@ END_TEST
 
 START_TEST(client_kill_pubsub_resubscribes)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, NULL);
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
     struct hub *hub[2] = {start_hub(&r), start_hub(&r)};
     wait_healthz(hub[0], 200, HT_WAIT_MS);
     wait_healthz(hub[1], 200, HT_WAIT_MS);
@@ -1644,10 +1296,10 @@ START_TEST(client_kill_pubsub_resubscribes)
     for (int k = 0; k < 2; k++)
         rc0[k] = hub_metric(hub[k], "luahub_broker_reconnects_total");
 
-    struct resp *kr = rds_cmd(&r, "CLIENT", "KILL", "TYPE", "pubsub", NULL);
-    ck_assert_int_eq(kr->type, ':');
-    ck_assert_int_eq(kr->i, 2);     /* one subscriber connection per hub */
-    resp_free(kr);
+    redisReply *kr = srv_cmd(&r, "CLIENT KILL TYPE pubsub");
+    ck_assert_int_eq(kr->type, REDIS_REPLY_INTEGER);
+    ck_assert_int_eq(kr->integer, 2);     /* one subscriber connection per hub */
+    freeReplyObject(kr);
     for (int k = 0; k < 2; k++) {
         metric_wait_ge(hub[k], "luahub_broker_reconnects_total", rc0[k] + 1, HT_WAIT_MS);
         wait_healthz(hub[k], 200, HT_WAIT_MS);
@@ -1685,7 +1337,7 @@ START_TEST(client_kill_pubsub_resubscribes)
     }
     stop_hub(hub[0]);
     stop_hub(hub[1]);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
@@ -1695,8 +1347,8 @@ END_TEST
 
 START_TEST(wrong_password_degraded_with_clear_log)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, "s3cret-pw");
+    struct srv r = {0};
+    srv_start(&r, 0, "s3cret-pw");
     struct hub *none = start_hub_url(r.port, NULL, NULL);
     char conf[512];
     snprintf(conf, sizeof conf,
@@ -1742,7 +1394,7 @@ START_TEST(wrong_password_degraded_with_clear_log)
     stop_hub(none);
     stop_hub(wrong);
     stop_hub(right);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
@@ -1804,8 +1456,8 @@ enum { T_CONNS = 100, T_PER = 100 };
 
 START_TEST(ten_thousand_channels_at_once)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, NULL);
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
     struct hub *h = start_hub_url(r.port, NULL, "max_channels_per_conn = 100\n");
     wait_healthz(h, 200, HT_WAIT_MS);
     static struct ws *c[T_CONNS];
@@ -1878,7 +1530,7 @@ START_TEST(ten_thousand_channels_at_once)
            "UNSUBSCRIBE commands\n",
            (long long)t_all, subs, (long long)t_gone, unsubs);
     stop_hub(h);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
@@ -1920,7 +1572,7 @@ static void wait_listening(struct hub *h, int n)
     }
 }
 
-static struct hub *start_workers(const struct rds *r, const char *extra)
+static struct hub *start_workers(const struct srv *r, const char *extra)
 {
     char more[1024];
     snprintf(more, sizeof more, "workers = 2\n%s", extra ? extra : "");
@@ -1958,8 +1610,8 @@ static void cross_pubsub(struct ws *a, struct ws *b, const char *ch)
 
 START_TEST(workers_two_children_share_port_and_pubsub)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, NULL);
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
     struct hub *h = start_workers(&r, NULL);
     pid_t w[2];
     wait_workers(h, w, NULL, 0);
@@ -1993,14 +1645,14 @@ START_TEST(workers_two_children_share_port_and_pubsub)
     ws_free(a);
     ws_free(b);
     stop_hub(h);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
 START_TEST(workers_kill9_one_is_restarted)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, NULL);
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
     struct hub *h = start_workers(&r, NULL);
     pid_t w[2];
     wait_workers(h, w, NULL, 0);
@@ -2062,7 +1714,7 @@ START_TEST(workers_kill9_one_is_restarted)
     ws_free(b);
     ws_free(fresh);
     stop_hub(h);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
@@ -2102,8 +1754,8 @@ static void expect_policy(struct ws *p, struct ws *s1, struct ws *s2, int n, int
 
 START_TEST(workers_sighup_reloads_every_worker)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, NULL);
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
     char dir[] = "/tmp/scalepol.XXXXXX";
     ck_assert(mkdtemp(dir) != NULL);
     char path[256], extra[400];
@@ -2143,7 +1795,7 @@ START_TEST(workers_sighup_reloads_every_worker)
     stop_hub(h);
     unlink(path);
     rmdir(dir);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
@@ -2152,8 +1804,8 @@ END_TEST
  * every worker, and a restart can be under way at any time. */
 START_TEST(workers_sighup_while_a_worker_starts)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, NULL);
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
     struct hub *h = start_workers(&r, NULL);
     pid_t w[2];
     wait_workers(h, w, NULL, 0);
@@ -2195,14 +1847,14 @@ START_TEST(workers_sighup_while_a_worker_starts)
     ws_free(a);
     ws_free(b);
     stop_hub(h);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
 START_TEST(workers_sigterm_closes_1001_and_exits_0)
 {
-    struct rds r = {0};
-    rds_start(&r, 0, NULL);
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
     struct hub *h = start_workers(&r, NULL);
     pid_t w[2];
     wait_workers(h, w, NULL, 0);
@@ -2229,7 +1881,7 @@ START_TEST(workers_sigterm_closes_1001_and_exits_0)
     ws_free(a2);
     ws_free(b2);
     stop_hub(h);
-    rds_stop(&r);
+    srv_stop(&r);
 }
 END_TEST
 
