@@ -116,21 +116,8 @@ static struct {
     int saved_stderr;
 } T;
 
-static void on_tick(uv_timer_t *t)
-{
-    (void)t;
-}
-
 /* Runs the loop until `cond` holds or `ms` pass; evaluates to cond. */
-#define WAIT(cond, ms)                                                                        \
-    ({                                                                                        \
-        int64_t dl_ = now_ms() + (ms);                                                        \
-        uv_timer_start(&T.tick, on_tick, 5, 5);                                               \
-        while (!(cond) && now_ms() < dl_)                                                     \
-            uv_run(&T.loop, UV_RUN_ONCE);                                                     \
-        uv_timer_stop(&T.tick);                                                               \
-        (cond) ? 1 : 0;                                                                       \
-    })
+#define WAIT(cond, ms) LOOP_WAIT(&T.loop, &T.tick, cond, ms)
 
 /* Runs the loop for `ms` (only where time itself is the subject: "stays
  * down", "retries while absent"). */

@@ -60,20 +60,8 @@ static struct {
     int saved_stderr;
 } T;
 
-static void on_tick(uv_timer_t *t)
-{
-    (void)t;
-}
-
-#define WAIT(cond, ms)                                                                        \
-    ({                                                                                        \
-        int64_t dl_ = now_ms() + (ms);                                                        \
-        uv_timer_start(&T.tick, on_tick, 5, 5);                                               \
-        while (!(cond) && now_ms() < dl_)                                                     \
-            uv_run(&T.loop, UV_RUN_ONCE);                                                     \
-        uv_timer_stop(&T.tick);                                                               \
-        (cond) ? 1 : 0;                                                                       \
-    })
+/* Runs the loop until `cond` holds or `ms` pass; evaluates to cond. */
+#define WAIT(cond, ms) LOOP_WAIT(&T.loop, &T.tick, cond, ms)
 
 static void pump(int ms)
 {

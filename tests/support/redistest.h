@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 #include <hiredis/hiredis.h>
+#include <uv.h>
 
 #ifndef WAIT_MS
 #define WAIT_MS 15000
@@ -30,5 +31,19 @@ void srv_start(struct srv *s, int port, const char *pass); /* port 0: a free one
 void srv_kill(struct srv *s);       /* SIGKILL + reap */
 void srv_stop(struct srv *s);       /* SHUTDOWN, or kill; removes its dir */
 redisReply *srv_cmd(const struct srv *s, const char *fmt, ...);
+
+/* For the suites that drive a libuv loop themselves: runs `loop` until
+ * `cond` holds or `ms` pass (the timer `tick` wakes it every 5 ms to look);
+ * evaluates to cond. */
+void loop_tick(uv_timer_t *t);
+#define LOOP_WAIT(loop, tick, cond, ms)                                                       \
+    ({                                                                                        \
+        int64_t dl_ = now_ms() + (ms);                                                        \
+        uv_timer_start((tick), loop_tick, 5, 5);                                              \
+        while (!(cond) && now_ms() < dl_)                                                     \
+            uv_run((loop), UV_RUN_ONCE);                                                      \
+        uv_timer_stop(tick);                                                                  \
+        (cond) ? 1 : 0;                                                                       \
+    })
 
 #endif
