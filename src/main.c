@@ -136,9 +136,9 @@ static int run_hub(struct hub_config *cfg, int worker)
     return rc;
 }
 
-static int run_worker(void *ud, unsigned index)
+static int run_worker(void *ud, unsigned number)
 {
-    return run_hub(ud, (int)index + 1);
+    return run_hub(ud, (int)number);
 }
 
 int main(int argc, char **argv)
@@ -224,7 +224,10 @@ int main(int argc, char **argv)
         if (held < 0) {
             rc = 1;
         } else {
-            rc = hub_supervise(workers, run_worker, &cfg);
+            /* Workers wait up to shutdown_timeout for their clients; a
+             * few seconds more for their own teardown (Redis, registry). */
+            rc = hub_supervise(workers, run_worker, &cfg,
+                               (cfg.shutdown_timeout + 5u) * 1000u);
             close(held);
         }
     }

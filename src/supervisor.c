@@ -44,7 +44,7 @@ static pid_t spawn(unsigned i, hub_worker_fn fn, void *ud, const sigset_t *handl
      * (run_hub unblocks them): a SIGHUP forwarded while it starts would
      * otherwise kill it. */
     (void)handled;
-    _exit(fn(ud, i));
+    _exit(fn(ud, i + 1));
 }
 
 static void forward(struct worker *w, unsigned n, int sig)
@@ -54,11 +54,12 @@ static void forward(struct worker *w, unsigned n, int sig)
             kill(w[i].pid, sig);
 }
 
-int hub_supervise(unsigned n, hub_worker_fn fn, void *ud)
+int hub_supervise(unsigned n, hub_worker_fn fn, void *ud, unsigned stop_timeout_ms)
 {
     sigset_t handled;
     struct worker *w = hub_xcalloc(n, sizeof(*w));
-    int stopping = 0, rc = 0;
+    int stopping = 0, rc = 0, killed = 0;
+    uint64_t stop_by = 0;
     unsigned running = 0;
 
     sigemptyset(&handled);
@@ -72,10 +73,11 @@ int hub_supervise(unsigned n, hub_worker_fn fn, void *ud)
     for (unsigned i = 0; i < n; i++) {
         w[i].pid = spawn(i, fn, ud, &handled);
         if (w[i].pid < 0) {
-            hub_log(HUB_LOG_ERROR, "supervisor: cannot fork worker %u: %s", i,
+            hub_log(HUB_LOG_ERROR, "supervisor: cannot fork worker %u: %s", i + 1,
                     strerror(errno));
             forward(w, n, SIGTERM);
             stopping = 1;
+            stop_by = now_ms() + stop_timeout_ms;
             rc = 1;
             w[i].pid = 0;
             continue;
@@ -92,6 +94,8 @@ int hub_supervise(unsigned n, hub_worker_fn fn, void *ud)
             if (!w[i].pid && w[i].restart_at_ms && (!next || w[i].restart_at_ms < next))
                 next = w[i].restart_at_ms;
         struct timespec ts = {1, 0};
+        if (stopping && !killed)
+            next = stop_by;
         if (next) {
             uint64_t d = next > now ? next - now : 0;
             ts.tv_sec = (time_t)(d / 1000);
@@ -101,9 +105,11 @@ int hub_supervise(unsigned n, hub_worker_fn fn, void *ud)
         int sig = sigtimedwait(&handled, &si, &ts);
 
         if (sig == SIGTERM || sig == SIGINT) {
-            if (!stopping)
+            if (!stopping) {
                 hub_log(HUB_LOG_INFO, "supervisor: %s, stopping %u workers",
                         sig == SIGTERM ? "SIGTERM" : "SIGINT", running);
+                stop_by = now_ms() + stop_timeout_ms;
+            }
             stopping = 1;
             forward(w, n, sig); /* a second one makes workers stop at once */
         } else if (sig == SIGHUP) {
@@ -128,11 +134,11 @@ int hub_supervise(unsigned n, hub_worker_fn fn, void *ud)
                 w[i].restart_at_ms = t + w[i].backoff_ms;
                 if (WIFSIGNALED(st))
                     hub_log(HUB_LOG_WARN, "supervisor: worker %u (pid %d) killed by signal "
-                            "%d; restarting in %u ms", i, (int)pid, WTERMSIG(st),
+                            "%d; restarting in %u ms", i + 1, (int)pid, WTERMSIG(st),
                             w[i].backoff_ms);
                 else
                     hub_log(HUB_LOG_WARN, "supervisor: worker %u (pid %d) exited with %d; "
-                            "restarting in %u ms", i, (int)pid, WEXITSTATUS(st),
+                            "restarting in %u ms", i + 1, (int)pid, WEXITSTATUS(st),
                             w[i].backoff_ms);
                 w[i].backoff_ms = w[i].backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS
                                                                        : w[i].backoff_ms * 2;
@@ -140,8 +146,21 @@ int hub_supervise(unsigned n, hub_worker_fn fn, void *ud)
             }
         }
 
-        if (stopping)
+        if (stopping) {
+            /* A worker that has not exited by now will not: its loop is
+             * stuck, or it ignores the signal. */
+            if (running && !killed && now_ms() >= stop_by) {
+                for (unsigned i = 0; i < n; i++)
+                    if (w[i].pid > 0)
+                        hub_log(HUB_LOG_ERROR, "supervisor: worker %u (pid %d) still "
+                                "running %u ms after the stop signal: killing it",
+                                i + 1, (int)w[i].pid, stop_timeout_ms);
+                forward(w, n, SIGKILL);
+                killed = 1;
+                rc = 1;
+            }
             continue;
+        }
         now = now_ms();
         for (unsigned i = 0; i < n; i++) {
             if (w[i].pid || !w[i].restart_at_ms || w[i].restart_at_ms > now)
