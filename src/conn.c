@@ -412,14 +412,35 @@ void hub_conn_push(struct hub_conn *c, const char *json, size_t len)
     send_scratch(c);
 }
 
+/* A close code a peer may send (RFC 6455 §7.4.1-2, the rule lws 4.1.6
+ * applies too). 1005, 1006 and 1015 are never sent on the wire. */
+static int close_code_valid(unsigned code)
+{
+    return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1011) ||
+           (code >= 3000 && code <= 4999);
+}
+
 int hub_conn_peer_closed(struct hub_conn *c, const void *payload, size_t len)
 {
     const unsigned char *p = payload;
+    static const unsigned char protocol_error[2] = {1002 >> 8, 1002 & 0xff};
 
     if (c->flags & HUB_CONN_CLOSING)
         return -1; /* the answer to our close: the handshake is complete */
     c->close_code = len >= 2 ? (uint16_t)(p[0] << 8 | p[1]) : 1005;
     c->close_reason = "";
+    /* A 1-byte payload, a code nobody may send, or a reason that is not
+     * UTF-8 (RFC 6455 §5.5.1, §7.4, §8.1): answered with 1002, not echoed. */
+    if (len == 1 || (len >= 2 && (!close_code_valid(c->close_code) ||
+                                  !hub_proto_utf8_valid((const char *)p + 2, len - 2)))) {
+        hub_log(HUB_LOG_DEBUG, "[conn %llu] invalid close frame (%zu bytes, code %u): "
+                "closing with 1002", (unsigned long long)c->id, len,
+                len >= 2 ? (unsigned)c->close_code : 0u);
+        c->close_code = 1002;
+        c->close_reason = "invalid close frame";
+        p = protocol_error;
+        len = 2;
+    }
     c->flags |= HUB_CONN_CLOSING;
     hub_queue_clear(&c->q); /* nothing may follow the echo of the close */
 
@@ -668,6 +689,15 @@ static void handle(struct hub_conn *c, const char *p, size_t n, int binary)
         return;
     }
     if (hub_proto_decode(p, n, &cmd, &err) < 0) {
+        if (err.invalid_utf8) {
+            /* Not a protocol error of ours: the frame itself is invalid
+             * (RFC 6455 §8.1): the connection fails with 1007. */
+            hub_log(HUB_LOG_INFO, "[conn %llu] text frame with invalid UTF-8: closing with 1007",
+                    (unsigned long long)c->id);
+            hub_metrics.protocol_errors[HUB_PERR_BAD_REQUEST]++;
+            c->flags |= HUB_CONN_RX_INVALID;
+            return;
+        }
         proto_error(c, cmd.id, err.code, err.message);
         return;
     }
@@ -694,6 +724,22 @@ static void handle(struct hub_conn *c, const char *p, size_t n, int binary)
     }
 }
 
+/* What RECEIVE returns after a message was handled: -1 with close 1007
+ * set when its text was not UTF-8 (lws sends the close frame from this
+ * path, docs/internals.md "WebSocket closes"), else 0. */
+static int rx_verdict(struct hub_conn *c)
+{
+    if (!(c->flags & HUB_CONN_RX_INVALID))
+        return 0;
+    c->close_code = 1007;
+    c->close_reason = "invalid UTF-8";
+    c->flags |= HUB_CONN_CLOSING;
+    hub_queue_clear(&c->q);
+    lws_close_reason(c->wsi, LWS_CLOSE_STATUS_INVALID_PAYLOAD,
+                     (unsigned char *)"invalid UTF-8", 13);
+    return -1;
+}
+
 int hub_conn_receive(struct hub_conn *c, const void *in, size_t len)
 {
     struct lws *wsi = c->wsi;
@@ -713,7 +759,7 @@ int hub_conn_receive(struct hub_conn *c, const void *in, size_t len)
             /* Fast path: the whole message in one callback, no copy. */
             handle(c, in, len, c->flags & HUB_CONN_RX_BINARY);
             hub_server_flush_culls(c->srv);
-            return 0;
+            return rx_verdict(c);
         }
         c->flags |= HUB_CONN_RX_ACTIVE;
         c->rx_len = 0;
@@ -739,7 +785,8 @@ int hub_conn_receive(struct hub_conn *c, const void *in, size_t len)
         c->rx = hub_xrealloc(c->rx, cap);
         c->rx_cap = (uint32_t)cap;
     }
-    memcpy(c->rx + c->rx_len, in, len);
+    if (len) /* a zero-length fragment: c->rx may still be NULL */
+        memcpy(c->rx + c->rx_len, in, len);
     c->rx_len += (uint32_t)len;
     if (!final)
         return 0;
@@ -751,7 +798,7 @@ int hub_conn_receive(struct hub_conn *c, const void *in, size_t len)
     c->rx = NULL;
     c->rx_len = c->rx_cap = 0;
     hub_server_flush_culls(c->srv);
-    return 0;
+    return rx_verdict(c);
 }
 
 /* Writes queued frames until the queue is empty, the socket is full or lws

@@ -148,8 +148,9 @@ static int chan_check(const char *p, size_t len, const char *where,
 static size_t scan_text(const unsigned char *s, size_t n, int *utf8)
 {
     const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
-    size_t i = 0;
+    size_t i = 0, first_ctl = n;
 
+    *utf8 = 0;
     while (i < n) {
         /* Fast path: 8 ASCII bytes, none of them \v or \f. */
         if (n - i >= 8) {
@@ -164,10 +165,10 @@ static size_t scan_text(const unsigned char *s, size_t n, int *utf8)
         }
         unsigned c = s[i];
         if (c < 0x80) {
-            if (c == 0x0b || c == 0x0c) {
-                *utf8 = 0;
-                return i;
-            }
+            /* \v and \f: not JSON whitespace; the scan goes on, for an
+             * invalid UTF-8 sequence after it decides how the frame fails. */
+            if ((c == 0x0b || c == 0x0c) && first_ctl == n)
+                first_ctl = i;
             i++;
             continue;
         }
@@ -204,7 +205,14 @@ static size_t scan_text(const unsigned char *s, size_t n, int *utf8)
         }
         i += need + 1;
     }
-    return n;
+    return first_ctl;
+}
+
+int hub_proto_utf8_valid(const char *p, size_t len)
+{
+    int utf8;
+    scan_text((const unsigned char *)p, len, &utf8);
+    return !utf8;
 }
 
 /* ---- allocation arena for yajl ----
@@ -596,9 +604,11 @@ static int run(struct parse *p, const yajl_callbacks *cbs)
     int utf8 = 0, rc = -1;
     size_t at = scan_text(t, p->len, &utf8);
 
-    if (at != p->len)
+    if (at != p->len) {
+        p->err->invalid_utf8 = utf8;
         return fail(p->err, HUB_PERR_BAD_REQUEST, "invalid JSON: %s at byte %zu",
                     utf8 ? "invalid UTF-8" : "unexpected character", at);
+    }
     a.used = 0;
     p->h = yajl_alloc(cbs, &af, p);
     /* scan_text() is the stricter check; yajl's would repeat part of it. */
@@ -637,6 +647,7 @@ static void parse_init(struct parse *p, const char *buf, size_t len,
     p->cur = -1;
     p->dup = -1;
     p->err = err;
+    err->invalid_utf8 = 0;
 }
 
 static struct hub_span span_of(const struct parse *p, int f)

@@ -24,6 +24,7 @@ enum {
     HUB_CONN_URGENT = 1 << 7,   /* ... with a reply queued: flush this iteration */
     HUB_CONN_REGISTERED = 1 << 8,/* in the connection registry (it has a user) */
     HUB_CONN_PINGED = 1 << 9,   /* a keepalive PING is out, no frame since */
+    HUB_CONN_RX_INVALID = 1 << 10,/* a text frame was not UTF-8: close 1007 */
 };
 
 struct hub_conn {

@@ -62,6 +62,7 @@ struct hub_cmd {
 
 struct hub_proto_error {
     int code;           /* HUB_PERR_* */
+    int invalid_utf8;   /* the text is not valid UTF-8 (a WebSocket closes with 1007) */
     char message[192];  /* human text naming the problem, e.g. "field 'channel' must be a string" */
 };
 
@@ -76,6 +77,10 @@ struct hub_proto_error {
  * invalid_channel). */
 int hub_proto_decode(const char *buf, size_t len, struct hub_cmd *cmd,
                      struct hub_proto_error *err);
+
+/* 1 if `p[0..len)` is valid UTF-8 (RFC 3629: no overlong forms, no
+ * surrogates, nothing past U+10FFFF). */
+int hub_proto_utf8_valid(const char *p, size_t len);
 
 /* 1 if `p[0..len)` is a valid channel name: 1..255 bytes of [A-Za-z0-9_:.@/=#-]. */
 int hub_proto_channel_valid(const char *p, size_t len);

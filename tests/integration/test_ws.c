@@ -467,13 +467,6 @@ START_TEST(bad_channel_raw_control_byte)
 }
 END_TEST
 
-START_TEST(bad_channel_invalid_utf8)
-{
-    /* \xc3\x28 is not UTF-8: the text is not a JSON text (RFC 8259 8.1) */
-    bad_input("{\"op\":\"subscribe\",\"channel\":\"room\xc3\x28\",\"id\":20}", NULL, "bad_request");
-}
-END_TEST
-
 START_TEST(bad_data_missing)
 {
     bad_input("{\"op\":\"publish\",\"channel\":\"room\",\"id\":21}", "21", "bad_request");
@@ -1480,6 +1473,137 @@ START_TEST(graceful_shutdown_close_1001)
 }
 END_TEST
 
+
+/* ------------------------------------------------------------------ */
+/* RFC 6455 answers (issue 9.8, 9.9)                                    */
+/* ------------------------------------------------------------------ */
+
+/* Text that is not UTF-8 fails the connection with 1007 (RFC 6455 §8.1),
+ * whatever else is wrong with it and wherever the bad bytes are. */
+static const char *const bad_utf8[] = {
+    "{\"op\":\"subscribe\",\"channel\":\"room\xc3\x28\",\"id\":20}", /* bad 2nd byte */
+    "{\"op\":\"publish\",\"channel\":\"room\",\"data\":\"\xff\",\"id\":1}",
+    "{\"op\":\"ping\",\"id\":\"\xc0\xaf\"}",                        /* overlong */
+    "{\"op\":\"ping\",\"id\":1}\xed\xa0\x80",                       /* a surrogate */
+    "\xf4\x90\x80\x80",                                             /* past U+10FFFF */
+    "{\"op\":\"ping\",\"id\":\"\x0b\xe2\x82\"}",                    /* \v, then truncated */
+    "\x80",
+};
+#define NBAD_UTF8 ((int)(sizeof bad_utf8 / sizeof *bad_utf8))
+
+/* Loop index: text i / 2, in one frame (even) or in 3-byte fragments. */
+START_TEST(invalid_utf8_closes_1007)
+{
+    const char *t = bad_utf8[_i / 2];
+    struct hub *h = start();
+    struct ws *a = ws_connect(h->port), *b = ws_connect(h->port);
+    ws_subscribe(a, "room");
+    ws_subscribe(b, "room");
+    if (_i % 2) {
+        static const size_t sizes[] = {3};
+        ws_send_fragments(a, WS_TEXT, t, strlen(t), sizes, 1);
+    } else {
+        ws_send_text(a, t);
+    }
+    ws_expect_close(a, 1007);
+    hub_metric_wait(h, "luahub_connections", 1, HT_WAIT_MS);
+    ws_publish(b, "other", "1");
+    ws_sync(b);
+    ck_assert_int_eq(hub_metric(h, "luahub_subscriptions"), 1);
+    ws_free(a);
+    ws_free(b);
+    stop(h);
+}
+END_TEST
+
+/* \v is not JSON whitespace but is UTF-8: an error reply, no close. */
+START_TEST(vertical_tab_is_bad_request_not_1007)
+{
+    bad_input("{\"op\":\"ping\",\x0b\"id\":1}", NULL, "bad_request");
+}
+END_TEST
+
+/* Close frames: a valid one is echoed with its code; a 1-byte payload, a
+ * code nobody may send, or a reason that is not UTF-8 get 1002. */
+static const struct {
+    const char *payload;
+    size_t len;
+    int answer;
+} closes[] = {
+    {"\x03", 1, 1002},
+    {"\x00\x00", 2, 1002},              /* 0 */
+    {"\x03\xe7", 2, 1002},              /* 999 */
+    {"\x03\xec", 2, 1002},              /* 1004 */
+    {"\x03\xed", 2, 1002},              /* 1005 */
+    {"\x03\xee", 2, 1002},              /* 1006 */
+    {"\x03\xf7", 2, 1002},              /* 1015 */
+    {"\x03\xf8", 2, 1002},              /* 1016 */
+    {"\x0b\xb7", 2, 1002},              /* 2999 */
+    {"\x13\x88", 2, 1002},              /* 5000 */
+    {"\xff\xff", 2, 1002},              /* 65535 */
+    {"\x03\xe8\xff", 3, 1002},          /* 1000, reason not UTF-8 */
+    {"\x03\xe8\xc0\xaf", 4, 1002},      /* ... overlong */
+    {"\x03\xe8\xed\xa0\x80", 5, 1002},  /* ... a surrogate */
+    {"\x03\xe8ok\xe2\x82", 6, 1002},    /* ... truncated */
+    {"", 0, 1005},                      /* valid: empty, answered empty */
+    {"\x03\xe8", 2, 1000},
+    {"\x03\xe9" "bye", 5, 1001},
+    {"\x03\xf4", 2, 1002},              /* 1012: not in RFC 6455 (lws refuses it too) */
+    {"\x03\xf3", 2, 1011},
+    {"\x0b\xb8", 2, 3000},
+    {"\x13\x87", 2, 4999},
+    {"\x03\xe8\xc3\xa9t\xc3\xa9", 7, 1000},
+};
+
+START_TEST(close_frames_checked)
+{
+    struct hub *h = start();
+    struct ws *a = ws_connect(h->port), *b = ws_connect(h->port);
+    ws_subscribe(b, "room");
+    ws_send_frame(a, 1, WS_CLOSE, closes[_i].payload, closes[_i].len);
+    struct ws_frame f;
+    int r = ws_recv_msg(a, &f, HT_WAIT_MS);
+    ck_assert_msg(r == 1 && f.opcode == WS_CLOSE && f.close_code == closes[_i].answer,
+                  "close case %d: expected close %d (r=%d opcode %d code %d)", _i,
+                  closes[_i].answer, r, r == 1 ? f.opcode : -1, r == 1 ? f.close_code : -1);
+    ws_frame_free(&f);
+    ck_assert_msg(tcp_wait_closed(a->fd, HT_WAIT_MS), "TCP not closed after the close");
+    hub_metric_wait(h, "luahub_connections", 1, HT_WAIT_MS);
+    ws_publish(b, "other", "1");
+    ws_sync(b);
+    ws_free(a);
+    ws_free(b);
+    stop(h);
+}
+END_TEST
+
+/* Zero-length fragments, first, in the middle, or all of a message (the
+ * sanitizer build aborted on the first). */
+START_TEST(zero_length_fragments)
+{
+    struct hub *h = start();
+    struct ws *a = ws_connect(h->port);
+    static const char ping1[] = "{\"op\":\"ping\",\"id\":1}";
+    ws_send_frame(a, 0, WS_TEXT, "", 0);
+    ws_send_frame(a, 1, WS_CONT, ping1, sizeof ping1 - 1);
+    ws_expect(a, "{\"id\":1,\"ok\":true}");
+    ws_send_frame(a, 0, WS_TEXT, "{\"op\":\"pi", 9);
+    ws_send_frame(a, 0, WS_CONT, "", 0);
+    ws_send_frame(a, 0, WS_CONT, "", 0);
+    ws_send_frame(a, 1, WS_CONT, "ng\",\"id\":2}", 11);
+    ws_expect(a, "{\"id\":2,\"ok\":true}");
+    ws_send_frame(a, 0, WS_TEXT, "", 0);
+    ws_send_frame(a, 1, WS_CONT, "", 0);
+    free(ws_expect_error(a, NULL, "bad_request"));
+    ws_send_frame(a, 0, WS_BINARY, "", 0);
+    ws_send_frame(a, 1, WS_CONT, "", 0);
+    free(ws_expect_error(a, NULL, "bad_request"));
+    ws_sync(a);
+    ws_free(a);
+    stop(h);
+}
+END_TEST
+
 static Suite *ws_suite(void)
 {
     Suite *s = suite_create("ws");
@@ -1527,7 +1651,6 @@ static Suite *ws_suite(void)
     tcase_add_test(tc, bad_channel_nul_escaped);
     tcase_add_test(tc, bad_channel_non_ascii);
     tcase_add_test(tc, bad_channel_raw_control_byte);
-    tcase_add_test(tc, bad_channel_invalid_utf8);
     tcase_add_test(tc, bad_data_missing);
     tcase_add_test(tc, bad_data_malformed);
     tcase_add_test(tc, bad_data_two_values);
@@ -1535,6 +1658,13 @@ static Suite *ws_suite(void)
     tcase_add_test(tc, bad_data_on_ping);
     tcase_add_test(tc, bad_binary_frame);
     tcase_add_test(tc, bad_data_crafted_envelope);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("rfc6455");
+    tcase_add_loop_test(tc, invalid_utf8_closes_1007, 0, 2 * NBAD_UTF8);
+    tcase_add_test(tc, vertical_tab_is_bad_request_not_1007);
+    tcase_add_loop_test(tc, close_frames_checked, 0, (int)(sizeof closes / sizeof *closes));
+    tcase_add_test(tc, zero_length_fragments);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("framing");
