@@ -94,6 +94,8 @@ static const struct key keys[] = {
     NUM(ping_interval, K_SECONDS, 1, 3600, 25),
     NUM(ping_timeout, K_SECONDS, 1, 3600, 10),
     NUM(shutdown_timeout, K_SECONDS, 0, 3600, 5),
+    NUM(request_timeout, K_SECONDS, 1, 3600, 10),
+    NUM(http_idle_timeout, K_SECONDS, 1, 3600, 60),
     NUM(write_delay, K_INT, 0, 1000, 0),
     NUM(rx_buffer_size, K_SIZE, 128, 64 * KiB, 512),
     STR(static_dir, static_dir, NULL, set_dir),

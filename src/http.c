@@ -1,556 +1,766 @@
-/* HTTP on the WebSocket port: the publish API, /healthz, /metrics and
- * static files.
+/* HTTP/1.1 connections: reading request heads and bodies with deadlines,
+ * answering in order (pipelining and keep-alive), lingering close, and
+ * handing WebSocket upgrades over. The routes live in http_api.c; the
+ * reasons this is not left to libwebsockets are in docs/internals.md,
+ * "HTTP".
  *
- * lws 4.1.6 does not support chunked request bodies (the request hangs,
- * NOTES-stack.md §3.8), so a body needs a Content-Length: without one the
- * answer is 411 and the connection is closed. */
+ * A connection is one small state machine, driven by drive():
+ *
+ *   HEAD -> BODY -> BUSY -> WRITE -> IDLE -> HEAD ...     (keep-alive)
+ *                            |  \-> LINGER -> closed       (Connection: close)
+ *                            \-> BODY (after "100 Continue")
+ *
+ * A request is read whole (head, then exactly Content-Length body bytes)
+ * before its route runs; bytes of a pipelined next request wait in the
+ * buffer until the answer to this one is written. Deadlines, checked by a
+ * sweep every second: the head within request_timeout of its first byte
+ * (of the accept, for the first request), the body within request_timeout
+ * plus one second per BODY_RATE bytes, the next request of a keep-alive
+ * connection within idle_timeout, and a response must make progress
+ * within request_timeout. None of this holds a shared slot, so slow
+ * clients cost their own memory and descriptor only.
+ *
+ * Sockets are registered EPOLLONESHOT in the module's epoll instance:
+ * after each event the socket is disarmed until drive() asks for the next
+ * one, so a socket handed to libwebsockets (hub_http_take) never wakes this
+ * module again, and the kernel drops it from the set when it is closed. */
+#include "luahub/http.h"
+
+#include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <yajl/yajl_tree.h>
+#include <unistd.h>
 
+#include "luahub/list.h"
 #include "luahub/log.h"
 #include "luahub/metrics.h"
-#include "luahub/policy.h"
-#include "luahub/registry.h"
-#include "luahub/proto.h"
-#include "luahub/server.h"
 
-enum route {
-    ROUTE_NONE = 0,
-    ROUTE_PUBLISH,
-    ROUTE_BROADCAST,
-    ROUTE_RELOAD,
-    ROUTE_DISCONNECT,
+#define READ_CHUNK 4096
+#define EVENTS_MAX 64
+#define EVENT_ROUNDS 4              /* epoll_wait rounds per wake-up */
+#define SWEEP_MS 1000
+#define LINGER_MS 2000              /* after Connection: close, unread input is drained this long */
+#define LINGER_BYTES (256 * 1024)   /* ... or up to this many bytes */
+#define BODY_RATE (64 * 1024)       /* body bytes a client may take a second past request_timeout */
+#define SENDFILE_CHUNK (1 << 20)
+
+enum state { S_HEAD, S_BODY, S_BUSY, S_WRITE, S_IDLE, S_LINGER, S_CLOSED };
+
+struct hub_http_conn {
+    struct hub_list node;           /* hs->conns, or hs->zombies once closed */
+    struct hub_http *hs;
+    int fd;                         /* -1 once closed or taken */
+    uint8_t state;                  /* enum state */
+    uint8_t armed;                  /* events armed in epoll (one-shot), 0 if none */
+    uint8_t close_after;            /* close once the response is written */
+    uint8_t interim;                /* the write under way is "100 Continue" */
+    uint8_t in_drive;               /* drive() is on the stack */
+    uint32_t refs;                  /* holds by handlers answering later */
+    uint64_t deadline;              /* loop time (ms) */
+    uint64_t started;               /* loop time the current request began */
+    struct hub_buf in;              /* bytes read, from the current request on */
+    size_t head_len;                /* > 0: the current request's head is parsed */
+    struct hub_request req;         /* the parsed head (points into scratch) */
+    struct hub_buf scratch;
+    struct hub_buf out;             /* response bytes */
+    size_t out_off;                 /* ... already written */
+    int file_fd;                    /* static file being sent, or -1 */
+    uint64_t file_off, file_size;
+    size_t lingered;                /* bytes drained while lingering */
+    size_t scanned;                 /* bytes of c->in searched for the end of the head */
+    char peer[INET6_ADDRSTRLEN];
+    int peer_loopback;
 };
 
-enum method {
-    M_OTHER = 0,
-    M_GET,
-    M_POST,
+struct hub_http {
+    uv_loop_t *loop;
+    struct hub_http_options opt;
+    const struct hub_http_routes *routes;
+    void *ud;
+    int epfd;
+    uv_poll_t poll;
+    uv_timer_t sweep;
+    struct hub_list conns;          /* open connections */
+    struct hub_list zombies;        /* closed, freed when unreferenced */
+    size_t nconns;
+    int shutting_down;
+    int stopped;
 };
 
-static enum method method_of(struct lws *wsi)
+static void drive(struct hub_http_conn *c, int readable);
+
+static uint64_t now(const struct hub_http *hs)
 {
-    if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI))
-        return M_GET;
-    if (lws_hdr_total_length(wsi, WSI_TOKEN_POST_URI))
-        return M_POST;
-    return M_OTHER;
+    return uv_now(hs->loop);
 }
 
-/* Used with `close_after` for a request whose body we will not read. */
-int hub_http_respond(struct lws *wsi, unsigned status, const char *ctype,
-                     const char *body, size_t len, int close_after)
+static void arm(struct hub_http_conn *c, uint32_t events)
 {
-    unsigned char hdr[LWS_PRE + 512];
-    unsigned char *start = hdr + LWS_PRE, *p = start, *end = hdr + sizeof(hdr) - 1;
+    if (c->fd < 0 || c->armed == events)
+        return;
+    struct epoll_event ev = {.events = events | EPOLLONESHOT, .data.ptr = c};
+    if (epoll_ctl(c->hs->epfd, EPOLL_CTL_MOD, c->fd, &ev) == 0)
+        c->armed = (uint8_t)events;
+}
 
+static void conn_close(struct hub_http_conn *c)
+{
+    struct hub_http *hs = c->hs;
+
+    if (c->state == S_CLOSED)
+        return;
+    c->state = S_CLOSED;
+    if (c->fd >= 0)
+        close(c->fd); /* also leaves the epoll set */
+    c->fd = -1;
+    if (c->file_fd >= 0)
+        close(c->file_fd);
+    c->file_fd = -1;
+    hub_list_move_tail(&hs->zombies, &c->node);
+    hs->nconns--;
+    hub_metrics.http_connections = hs->nconns;
+}
+
+static void conn_free(struct hub_http_conn *c)
+{
+    hub_list_remove(&c->node);
+    hub_buf_free(&c->in);
+    hub_buf_free(&c->scratch);
+    hub_buf_free(&c->out);
+    free(c);
+}
+
+/* Frees the closed connections nobody holds. Called where no pointer to
+ * a connection can be live on the stack: after a batch of events, from
+ * the sweep. */
+static void reap(struct hub_http *hs)
+{
+    struct hub_list *it, *tmp;
+    hub_list_foreach_safe(it, tmp, &hs->zombies) {
+        struct hub_http_conn *c = hub_container_of(it, struct hub_http_conn, node);
+        if (!c->refs)
+            conn_free(c);
+    }
+}
+
+static const char *reason_phrase(unsigned s)
+{
+    switch (s) {
+    case 100: return "Continue";
+    case 200: return "OK";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 411: return "Length Required";
+    case 413: return "Content Too Large";
+    case 422: return "Unprocessable Content";
+    case 426: return "Upgrade Required";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 503: return "Service Unavailable";
+    default: return s < 400 ? "OK" : s < 500 ? "Client Error" : "Server Error";
+    }
+}
+
+/* Starts the response: the head into c->out. */
+static void begin_response(struct hub_http_conn *c, unsigned status, const char *ctype,
+                           const char *extra, uint64_t len, unsigned flags)
+{
+    if (c->hs->shutting_down || !c->head_len || !c->req.keep_alive)
+        flags |= HUB_HTTP_CLOSE;
+    c->close_after = (flags & HUB_HTTP_CLOSE) != 0;
+    hub_buf_reset(&c->out);
+    c->out_off = 0;
+    hub_buf_printf(&c->out, "HTTP/1.1 %u %s\r\n", status, reason_phrase(status));
+    if (ctype)
+        hub_buf_printf(&c->out, "Content-Type: %s\r\n", ctype);
+    hub_buf_printf(&c->out, "Content-Length: %llu\r\n", (unsigned long long)len);
+    if (c->close_after)
+        hub_buf_appends(&c->out, "Connection: close\r\n");
+    if (extra)
+        hub_buf_appends(&c->out, extra);
+    hub_buf_appends(&c->out, "\r\n");
     hub_metrics.http_requests++;
-    if (lws_add_http_common_headers(wsi, status, ctype, len, &p, end))
-        return -1;
-    if (close_after &&
-        lws_add_http_header_by_token(wsi, WSI_TOKEN_CONNECTION,
-                                     (const unsigned char *)"close", 5, &p, end))
-        return -1;
-    if (lws_finalize_write_http_header(wsi, start, &p, end))
-        return -1;
-    if (len) {
-        /* lws_write() wants LWS_PRE bytes of headroom before the data. */
-        unsigned char *b = hub_xmalloc(LWS_PRE + len);
-        memcpy(b + LWS_PRE, body, len);
-        int n = lws_write(wsi, b + LWS_PRE, len, LWS_WRITE_HTTP_FINAL);
-        free(b);
-        if (n < 0)
-            return -1;
+}
+
+static int head_only(const struct hub_http_conn *c)
+{
+    return c->head_len && !strcmp(c->req.method, "HEAD");
+}
+
+static void start_write(struct hub_http_conn *c)
+{
+    c->state = S_WRITE;
+    c->deadline = now(c->hs) + c->hs->opt.request_timeout_ms;
+    if (!c->in_drive)
+        drive(c, 0);
+}
+
+void hub_http_respond(struct hub_http_conn *c, unsigned status, const char *ctype,
+                      const char *extra, const char *body, size_t len, unsigned flags)
+{
+    if (c->state == S_CLOSED)
+        return;
+    begin_response(c, status, ctype, extra, len, flags);
+    if (len && !head_only(c))
+        hub_buf_append(&c->out, body, len);
+    start_write(c);
+}
+
+void hub_http_respond_file(struct hub_http_conn *c, unsigned status, const char *ctype,
+                           const char *extra, int file_fd, uint64_t size, unsigned flags)
+{
+    if (c->state == S_CLOSED) {
+        close(file_fd);
+        return;
     }
-    if (close_after)
-        return -1;
-    return lws_http_transaction_completed(wsi) ? -1 : 0;
-}
-
-static int respond_json_error(struct hub_server *srv, struct lws *wsi,
-                              unsigned status, const char *code,
-                              const char *message, int close_after)
-{
-    struct hub_buf *b = &srv->scratch;
-    hub_buf_reset(b);
-    hub_buf_appends(b, "{\"ok\":false,\"error\":{\"code\":");
-    hub_buf_append_json_string(b, code, strlen(code));
-    hub_buf_appends(b, ",\"message\":");
-    hub_buf_append_json_string(b, message, strlen(message));
-    hub_buf_appends(b, "}}");
-    int r = hub_http_respond(wsi, status, "application/json", b->p, b->len, close_after);
-    hub_buf_reset(b);
-    return r;
-}
-
-static int respond_text(struct lws *wsi, unsigned status, const char *ctype,
-                        const char *s)
-{
-    return hub_http_respond(wsi, status, ctype, s, strlen(s), 0);
-}
-
-static int peer_is_loopback(struct lws *wsi)
-{
-    struct sockaddr_storage ss;
-    socklen_t sl = sizeof(ss);
-    int fd = lws_get_socket_fd(wsi);
-
-    if (fd < 0 || getpeername(fd, (struct sockaddr *)&ss, &sl) < 0)
-        return 0;
-    if (ss.ss_family == AF_INET) {
-        const struct sockaddr_in *s = (const struct sockaddr_in *)&ss;
-        return (ntohl(s->sin_addr.s_addr) >> 24) == 127;
+    begin_response(c, status, ctype, extra, size, flags);
+    if (head_only(c) || !size) {
+        close(file_fd);
+    } else {
+        c->file_fd = file_fd;
+        c->file_off = 0;
+        c->file_size = size;
     }
-    if (ss.ss_family == AF_INET6) {
-        const struct in6_addr *a = &((const struct sockaddr_in6 *)&ss)->sin6_addr;
-        if (IN6_IS_ADDR_LOOPBACK(a))
+    start_write(c);
+}
+
+void hub_http_respond_error(struct hub_http_conn *c, unsigned status, const char *code,
+                            const char *message, unsigned flags)
+{
+    struct hub_buf b = {0};
+    hub_buf_appends(&b, "{\"ok\":false,\"error\":{\"code\":");
+    hub_buf_append_json_string(&b, code, strlen(code));
+    hub_buf_appends(&b, ",\"message\":");
+    hub_buf_append_json_string(&b, message, strlen(message));
+    hub_buf_appends(&b, "}}");
+    hub_http_respond(c, status, "application/json", NULL, b.p, b.len, flags);
+    hub_buf_free(&b);
+}
+
+void hub_http_hold(struct hub_http_conn *c)
+{
+    c->refs++;
+}
+
+void hub_http_release(struct hub_http_conn *c)
+{
+    if (--c->refs == 0 && c->state == S_CLOSED && c->hs->stopped)
+        conn_free(c); /* the module is gone: nobody else reaps */
+}
+
+int hub_http_closed(const struct hub_http_conn *c)
+{
+    return c->state == S_CLOSED;
+}
+
+int hub_http_take(struct hub_http_conn *c, struct hub_buf *rest)
+{
+    int fd = c->fd;
+    size_t used = c->head_len + c->req.content_length;
+
+    if (c->in.len > used)
+        hub_buf_append(rest, c->in.p + used, c->in.len - used);
+    /* Disarmed (one-shot) already; a socket still armed is taken out so
+     * that its events cannot reach this module again. */
+    if (c->armed)
+        epoll_ctl(c->hs->epfd, EPOLL_CTL_DEL, fd, NULL);
+    c->fd = -1;
+    conn_close(c);
+    return fd;
+}
+
+/* Fails the request being read: `status` with the error object, and the
+ * connection closes (the rest of what the client sends is not a request). */
+static void fail(struct hub_http_conn *c, unsigned status, const char *code, const char *msg)
+{
+    hub_http_respond_error(c, status, code, msg, HUB_HTTP_CLOSE);
+}
+
+/* 1 once c->in holds an empty line (or more than a head may hold). The
+ * search resumes where the last one stopped: a client sending its head a
+ * byte at a time costs linear time, not quadratic. */
+static int head_complete(struct hub_http_conn *c)
+{
+    const char *p = c->in.p;
+    size_t i = c->scanned > 2 ? c->scanned - 2 : 0;
+
+    if (c->in.len >= HUB_REQUEST_HEAD_MAX)
+        return 1;
+    /* A head cannot start with anything but a method: no need to wait
+     * for a line end to refuse garbage. */
+    size_t j = 0;
+    while (j < c->in.len && (p[j] == '\r' || p[j] == '\n'))
+        j++;
+    if (j < c->in.len && !((p[j] >= 'A' && p[j] <= 'Z') || (p[j] >= 'a' && p[j] <= 'z')))
+        return 1;
+    for (; i + 1 < c->in.len; i++) {
+        if (p[i] != '\n')
+            continue;
+        if (p[i + 1] == '\n' || (i + 2 < c->in.len && p[i + 1] == '\r' && p[i + 2] == '\n'))
             return 1;
-        return IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127;
     }
+    c->scanned = c->in.len;
     return 0;
 }
 
-/* Compares in time independent of where the strings differ. */
-static int key_equal(const char *a, size_t alen, const char *b, size_t blen)
+/* Parses the head at the start of c->in. Returns 0 when more bytes are
+ * needed, 1 when the state moved on. */
+static int try_head(struct hub_http_conn *c)
 {
-    unsigned char d = alen != blen;
-    size_t n = alen < blen ? alen : blen;
-    for (size_t i = 0; i < n; i++)
-        d |= (unsigned char)(a[i] ^ b[i]);
-    return d == 0;
-}
+    struct hub_http *hs = c->hs;
+    const char *why;
+    char msg[160];
 
-/* Returns 0 if the request may use the API, else the response is sent and
- * the callback's return value is stored in *ret. */
-static int check_auth(struct hub_server *srv, struct lws *wsi, int *ret)
-{
-    const char *key = srv->cfg->api_key;
-    char auth[512];
-
-    if (!key) {
-        if (peer_is_loopback(wsi))
-            return 0;
-        *ret = respond_json_error(srv, wsi, HTTP_STATUS_FORBIDDEN, "forbidden",
-                                  "the HTTP API answers only loopback clients while "
-                                  "api_key is not set: set api_key in the conf and send "
-                                  "'Authorization: Bearer <api_key>'", 1);
-        return -1;
-    }
-    int n = lws_hdr_copy(wsi, auth, sizeof(auth), WSI_TOKEN_HTTP_AUTHORIZATION);
-    if (n > 7 && !strncasecmp(auth, "Bearer ", 7) &&
-        key_equal(auth + 7, (size_t)n - 7, key, strlen(key)))
+    if (!head_complete(c))
         return 0;
-    *ret = respond_json_error(srv, wsi, HTTP_STATUS_UNAUTHORIZED, "unauthorized",
-                              n > 0 ? "wrong API key" :
-                                      "missing API key: send 'Authorization: Bearer <api_key>'",
-                              1);
-    return -1;
-}
-
-static int start_api(struct hub_server *srv, struct lws *wsi, struct hub_http *h,
-                     enum route route)
-{
-    char cl[32];
-    int ret;
-    uint64_t max = srv->cfg->max_message_size;
-
-    if (method_of(wsi) != M_POST)
-        return respond_json_error(srv, wsi, HTTP_STATUS_METHOD_NOT_ALLOWED,
-                                  "method_not_allowed", "use POST", 1);
-    if (check_auth(srv, wsi, &ret))
-        return ret;
-    if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_TRANSFER_ENCODING) ||
-        lws_hdr_copy(wsi, cl, sizeof(cl), WSI_TOKEN_HTTP_CONTENT_LENGTH) <= 0)
-        return respond_json_error(srv, wsi, HTTP_STATUS_LENGTH_REQUIRED, "length_required",
-                                  "send the body with a Content-Length header "
-                                  "(chunked request bodies are not supported)", 1);
-    char *e;
-    errno = 0;
-    unsigned long long n = strtoull(cl, &e, 10);
-    if (*e || e == cl || errno || cl[0] == '-')
-        return respond_json_error(srv, wsi, HTTP_STATUS_BAD_REQUEST, "bad_request",
-                                  "invalid Content-Length", 1);
-    if (n > max) {
-        char msg[128];
+    long n = hub_request_parse_head(c->in.p, c->in.len, &c->req, &c->scratch, &why);
+    if (n == HUB_REQ_INCOMPLETE)
+        return 0;
+    if (n == HUB_REQ_BAD) {
+        fail(c, 400, "bad_request", why);
+        return 1;
+    }
+    if (n == HUB_REQ_TOO_BIG) {
+        snprintf(msg, sizeof(msg), "the request head is over %d bytes", HUB_REQUEST_HEAD_MAX);
+        fail(c, 431, "too_large", msg);
+        return 1;
+    }
+    c->head_len = (size_t)n;
+    c->req.peer = c->peer;
+    c->req.peer_loopback = c->peer_loopback;
+    if (c->req.chunked) {
+        c->req.keep_alive = 0;
+        fail(c, 411, "length_required",
+             "send the body with a Content-Length header (chunked request bodies are not "
+             "supported)");
+        return 1;
+    }
+    if (c->req.content_length > hs->opt.max_body) {
+        c->req.keep_alive = 0;
         snprintf(msg, sizeof(msg), "body of %llu bytes is over max_message_size (%llu)",
-                 n, (unsigned long long)max);
-        return respond_json_error(srv, wsi, HTTP_STATUS_REQ_ENTITY_TOO_LARGE, "too_large",
-                                  msg, 1);
+                 (unsigned long long)c->req.content_length,
+                 (unsigned long long)hs->opt.max_body);
+        fail(c, 413, "too_large", msg);
+        return 1;
     }
-    h->route = route;
-    h->content_length = n;
-    hub_buf_reset(&h->body);
-    return 0; /* the body comes in LWS_CALLBACK_HTTP_BODY */
-}
-
-/* POST /api/reload: build the policy aside, swap on success. The body is
- * ignored; the answer lists every problem when the reload fails. */
-static int finish_reload(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
-{
-    struct hub_config_errors errs = {0};
-    struct hub_buf msg = {0};
-
-    h->route = ROUTE_NONE;
-    hub_buf_free(&h->body);
-    if (hub_policy_reload(srv, &errs) == 0)
-        return respond_text(wsi, HTTP_STATUS_OK, "application/json", "{\"ok\":true}");
-    for (unsigned i = 0; i < errs.n; i++)
-        hub_buf_printf(&msg, "%s%s", i ? "; " : "", errs.v[i]);
-    int r = respond_json_error(srv, wsi, 422, "reload_failed",
-                               msg.len ? msg.p : "reload failed; the old policy stays",
-                               0);
-    hub_buf_free(&msg);
-    hub_config_errors_free(&errs);
-    return r;
-}
-
-/* The publishes of one API request, awaiting the broker. The response goes
- * out when the last completes: at once within finish_api (memory broker),
- * or from HTTP_WRITEABLE later (redis). If the client goes away first, the
- * op is detached (wsi NULL) and just freed at the end. */
-struct hub_http_op {
-    struct lws *wsi;
-    struct hub_http *h;
-    int remaining;          /* completions to come, +1 while starting them */
-    int failed;
-    int done;               /* all completed: respond */
-    const char *fail_msg;   /* the 503's message */
-    struct hub_buf result;  /* a 200's JSON body; empty: {"ok":true} */
-};
-
-static struct hub_http_op *op_new(struct lws *wsi, struct hub_http *h, const char *fail_msg)
-{
-    struct hub_http_op *op = hub_xcalloc(1, sizeof(*op));
-    op->wsi = wsi;
-    op->h = h;
-    op->remaining = 1;
-    op->fail_msg = fail_msg;
-    h->op = op;
-    return op;
-}
-
-static void op_free(struct hub_http_op *op)
-{
-    hub_buf_free(&op->result);
-    free(op);
-}
-
-static void op_detach(struct hub_http *h)
-{
-    if (h->op) {
-        h->op->wsi = NULL;
-        h->op->h = NULL;
-        h->op = NULL;
+    if (c->req.upgrade_websocket) {
+        if (c->req.content_length) {
+            c->req.keep_alive = 0;
+            fail(c, 400, "bad_request", "a WebSocket upgrade request carries no body");
+            return 1;
+        }
+        c->state = S_BUSY;
+        hs->routes->upgrade(hs->ud, c, &c->req);
+        if (c->state == S_BUSY && !c->refs) {
+            hub_log(HUB_LOG_ERROR, "internal: an upgrade was neither answered nor taken");
+            fail(c, 500, "internal", "internal error");
+        }
+        return 1;
     }
-}
-
-/* One completion of an op; the response goes out with the last. */
-static void op_complete(struct hub_http_op *op, int ok)
-{
-    if (!ok)
-        op->failed = 1;
-    if (--op->remaining > 0)
-        return;
-    op->done = 1;
-    if (!op->wsi) {
-        op_free(op);   /* the client is gone */
-        return;
+    c->deadline = c->started + hs->opt.request_timeout_ms +
+                  c->req.content_length * 1000 / BODY_RATE;
+    c->state = S_BODY;
+    if (c->req.expect_continue && c->in.len < c->head_len + c->req.content_length) {
+        /* curl and others wait for this before a body (RFC 9110 §10.1.1). */
+        hub_buf_reset(&c->out);
+        c->out_off = 0;
+        hub_buf_appends(&c->out, "HTTP/1.1 100 Continue\r\n\r\n");
+        c->interim = 1;
+        c->state = S_WRITE;
     }
-    lws_callback_on_writable(op->wsi); /* respond from HTTP_WRITEABLE */
-}
-
-static void on_api_published(void *ud, int status, uint64_t offset)
-{
-    (void)offset;
-    op_complete(ud, status == HUB_BROKER_OK);
-}
-
-/* Sends the response of a finished op and frees it. */
-static int respond_op(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
-{
-    struct hub_http_op *op = h->op;
-    int r;
-
-    h->op = NULL;
-    if (op->failed)
-        r = respond_json_error(srv, wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "unavailable",
-                               op->fail_msg, 0);
-    else if (op->result.len)
-        r = hub_http_respond(wsi, HTTP_STATUS_OK, "application/json", op->result.p,
-                             op->result.len, 0);
-    else
-        r = respond_text(wsi, HTTP_STATUS_OK, "application/json", "{\"ok\":true}");
-    op_free(op);
-    return r;
-}
-
-/* Drops the guard of an op whose completions were started: responds now if
- * they all came synchronously, else later from HTTP_WRITEABLE. */
-static int op_started(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
-{
-    struct hub_http_op *op = h->op;
-    if (--op->remaining == 0)
-        return respond_op(srv, wsi, h);
-    return 0;
-}
-
-static void on_connections(void *ud, int status, const char *json, size_t len)
-{
-    struct hub_http_op *op = ud;
-    if (status == 0)
-        hub_buf_append(&op->result, json, len);
-    op_complete(op, status == 0);
-}
-
-static void on_disconnected(void *ud, int status, long long instances)
-{
-    struct hub_http_op *op = ud;
-    if (status == 0)
-        hub_buf_printf(&op->result, "{\"ok\":true,\"instances\":%lld}", instances);
-    op_complete(op, status == 0);
-}
-
-/* A user name in the API: 1..255 bytes, no control characters. */
-static int user_valid(const char *u, size_t n)
-{
-    if (n == 0 || n > 255)
-        return 0;
-    for (size_t i = 0; i < n; i++)
-        if ((unsigned char)u[i] < 0x20 || u[i] == 0x7f)
-            return 0;
     return 1;
 }
 
-/* GET /api/connections?user=U: the user's connections on every instance. */
-static int start_connections(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
+static void dispatch(struct hub_http_conn *c)
 {
-    char user[512];
-    int ret;
+    struct hub_http *hs = c->hs;
 
-    if (method_of(wsi) != M_GET)
-        return respond_json_error(srv, wsi, HTTP_STATUS_METHOD_NOT_ALLOWED,
-                                  "method_not_allowed", "use GET", 1);
-    if (check_auth(srv, wsi, &ret))
-        return ret;
-    const char *u = lws_get_urlarg_by_name(wsi, "user=", user, sizeof(user));
-    if (!u || !user_valid(u, strlen(u)))
-        return respond_json_error(srv, wsi, HTTP_STATUS_BAD_REQUEST, "bad_request",
-                                  "query parameter 'user' is required: 1 to 255 bytes "
-                                  "without control characters", 0);
-    struct hub_http_op *op = op_new(wsi, h, "the registry is unavailable: try again later");
-    op->remaining++;
-    if (hub_registry_connections(srv->registry, u, strlen(u), on_connections, op) < 0) {
-        op->remaining--;
-        op->failed = 1;
+    c->req.body = c->in.p + c->head_len;
+    c->req.body_len = (size_t)c->req.content_length;
+    c->state = S_BUSY;
+    hs->routes->request(hs->ud, c, &c->req);
+    if (c->state == S_BUSY && !c->refs) {
+        hub_log(HUB_LOG_ERROR, "internal: HTTP %s %s got no answer", c->req.method,
+                c->req.path);
+        hub_http_respond_error(c, 500, "internal", "internal error", HUB_HTTP_CLOSE);
     }
-    return op_started(srv, wsi, h);
 }
 
-/* POST /api/disconnect {"user":"U"}: close the user's connections on every
- * instance (a control message through the broker). */
-static int finish_disconnect(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
+/* Writes what is pending. Returns 0 when all is out, 1 when the socket is
+ * full, -1 on a socket error. */
+static int flush_out(struct hub_http_conn *c)
 {
-    char err[128];
-    yajl_val v = NULL, u = NULL;
-    const char *path[] = {"user", NULL};
+    int progress = 0, rc = 0;
 
-    h->route = ROUTE_NONE;
-    if (h->body.len)
-        v = yajl_tree_parse(h->body.p, err, sizeof(err));
-    hub_buf_free(&h->body); /* before responding: that may free the pss */
-    if (v && YAJL_IS_OBJECT(v) && v->u.object.len == 1)
-        u = yajl_tree_get(v, path, yajl_t_string);
-    const char *user = u ? YAJL_GET_STRING(u) : NULL;
-    if (!user || !user_valid(user, strlen(user))) {
-        yajl_tree_free(v);
-        return respond_json_error(srv, wsi, HTTP_STATUS_BAD_REQUEST, "bad_request",
-                                  "the body must be {\"user\":\"<name>\"}", 0);
-    }
-    struct hub_http_op *op = op_new(wsi, h, "the broker is unavailable: nobody was "
-                                            "disconnected, try again later");
-    op->remaining++;
-    if (hub_registry_disconnect(srv->registry, user, strlen(user), on_disconnected, op) < 0) {
-        op->remaining--;
-        op->failed = 1;
-    }
-    yajl_tree_free(v);
-    return op_started(srv, wsi, h);
-}
-
-static int finish_api(struct hub_server *srv, struct lws *wsi, struct hub_http *h)
-{
-    struct hub_api_req req;
-    struct hub_proto_error err;
-    int broadcast = h->route == ROUTE_BROADCAST;
-
-    memset(&req, 0, sizeof(req));
-    h->route = ROUTE_NONE;
-    if (hub_proto_decode_api(h->body.p ? h->body.p : "", h->body.len, broadcast, &req,
-                             &err) < 0) {
-        hub_buf_free(&req.names);
-        hub_buf_free(&h->body); /* before responding: that may free the pss */
-        hub_metrics.protocol_errors[err.code]++;
-        return respond_json_error(srv, wsi, HTTP_STATUS_BAD_REQUEST,
-                                  hub_proto_code_name(err.code), err.message, 0);
-    }
-    struct hub_http_op *op = op_new(wsi, h, "the broker is unavailable: the message was "
-                                            "not published");
-    const char *name = req.names.p;
-    for (unsigned i = 0; i < req.nchannels; i++) {
-        size_t len = strlen(name);
-        op->remaining++;
-        if (hub_server_publish_cb(srv, name, len, req.data.p, req.data.len,
-                                  on_api_published, op) < 0) {
-            op->remaining--;
-            op->failed = 1;
+    while (c->out_off < c->out.len) {
+        ssize_t n = send(c->fd, c->out.p + c->out_off, c->out.len - c->out_off,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = errno == EAGAIN || errno == EWOULDBLOCK ? 1 : -1;
+            goto out;
         }
-        name += len + 1;
+        c->out_off += (size_t)n;
+        progress = 1;
     }
-    hub_buf_free(&req.names);
-    /* Responding completes the transaction, and lws then unbinds the
-     * protocol and frees this pss (HTTP_DROP_PROTOCOL): the body goes now. */
-    hub_buf_free(&h->body);
-    return op_started(srv, wsi, h);
+    while (c->file_fd >= 0 && c->file_off < c->file_size) {
+        off_t off = (off_t)c->file_off;
+        uint64_t left = c->file_size - c->file_off;
+        ssize_t n = sendfile(c->fd, c->file_fd, &off, left < SENDFILE_CHUNK ? left : SENDFILE_CHUNK);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = errno == EAGAIN || errno == EWOULDBLOCK ? 1 : -1;
+            goto out;
+        }
+        if (n == 0) { /* the file shrank under us: the length is a lie now */
+            rc = -1;
+            goto out;
+        }
+        c->file_off += (uint64_t)n;
+        progress = 1;
+    }
+out:
+    if (progress)
+        c->deadline = now(c->hs) + c->hs->opt.request_timeout_ms;
+    return rc;
 }
 
-static int serve_static(struct hub_server *srv, struct lws *wsi, const char *path)
+/* The response is out: next request, idle, or lingering close. */
+static void finish_response(struct hub_http_conn *c)
 {
-    const char *dir = srv->cfg->static_dir;
-    char file[4096];
-    struct stat st;
+    struct hub_http *hs = c->hs;
 
-    if (!dir || method_of(wsi) != M_GET || path[0] != '/' || strstr(path, "..") ||
-        strchr(path, '\\'))
-        return respond_json_error(srv, wsi, HTTP_STATUS_NOT_FOUND, "not_found",
-                                  "no such route", 0);
-    int n = snprintf(file, sizeof(file), "%s%s%s", dir, path,
-                     path[strlen(path) - 1] == '/' ? "index.html" : "");
-    if (n < 0 || (size_t)n >= sizeof(file) - 16)
-        return respond_json_error(srv, wsi, HTTP_STATUS_NOT_FOUND, "not_found",
-                                  "no such file", 0);
-    if (stat(file, &st) == 0 && S_ISDIR(st.st_mode)) {
-        strcat(file, "/index.html");
-        if (stat(file, &st) < 0)
-            st.st_mode = 0;
+    if (c->file_fd >= 0)
+        close(c->file_fd);
+    c->file_fd = -1;
+    hub_buf_reset(&c->out);
+    c->out_off = 0;
+    if (c->interim) {
+        c->interim = 0;
+        c->state = S_BODY;
+        return;
     }
-    if (stat(file, &st) < 0 || !S_ISREG(st.st_mode))
-        return respond_json_error(srv, wsi, HTTP_STATUS_NOT_FOUND, "not_found",
-                                  "no such file", 0);
-    const char *mime = lws_get_mimetype(file, NULL);
-    hub_metrics.http_requests++;
-    n = lws_serve_http_file(wsi, file, mime ? mime : "application/octet-stream", NULL, 0);
-    if (n < 0 || (n > 0 && lws_http_transaction_completed(wsi)))
-        return -1;
-    return 0;
+    if (c->close_after) {
+        shutdown(c->fd, SHUT_WR);
+        c->state = S_LINGER;
+        c->lingered = 0;
+        c->deadline = now(hs) + LINGER_MS;
+        return;
+    }
+    size_t used = c->head_len + (size_t)c->req.content_length;
+    memmove(c->in.p, c->in.p + used, c->in.len - used);
+    c->in.len -= used;
+    c->head_len = 0;
+    c->scanned = 0;
+    c->started = now(hs);
+    if (c->in.len) {
+        c->state = S_HEAD;
+        c->deadline = c->started + hs->opt.request_timeout_ms;
+    } else {
+        /* Idle keep-alive connections hold no buffers. */
+        hub_buf_free(&c->in);
+        hub_buf_free(&c->scratch);
+        hub_buf_free(&c->out);
+        c->state = S_IDLE;
+        c->deadline = c->started + hs->opt.idle_timeout_ms;
+    }
 }
 
-static int on_request(struct hub_server *srv, struct lws *wsi, struct hub_http *h,
-                      const char *path)
+/* Reads once. Returns > 0 bytes read, 0 on EOF or error, -1 when nothing
+ * is there (EAGAIN). */
+static ssize_t read_some(struct hub_http_conn *c)
 {
-    h->route = ROUTE_NONE;
+    size_t want = READ_CHUNK;
 
-    if (!strcmp(path, "/api/publish"))
-        return start_api(srv, wsi, h, ROUTE_PUBLISH);
-    if (!strcmp(path, "/api/broadcast"))
-        return start_api(srv, wsi, h, ROUTE_BROADCAST);
-    if (!strcmp(path, "/api/reload"))
-        return start_api(srv, wsi, h, ROUTE_RELOAD);
-    if (!strcmp(path, "/api/disconnect"))
-        return start_api(srv, wsi, h, ROUTE_DISCONNECT);
-    if (!strcmp(path, "/api/connections"))
-        return start_connections(srv, wsi, h);
-    if (!strncmp(path, "/api/", 5))
-        return respond_json_error(srv, wsi, HTTP_STATUS_NOT_FOUND, "not_found",
-                                  "no such API route", 1);
-    if (!strcmp(path, "/healthz")) {
-        if (method_of(wsi) != M_GET)
-            return respond_json_error(srv, wsi, HTTP_STATUS_METHOD_NOT_ALLOWED,
-                                      "method_not_allowed", "use GET", 1);
-        if (srv->shutting_down)
-            return respond_text(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "application/json",
-                                "{\"status\":\"shutting_down\"}");
-        if (!srv->broker->ops->up(srv->broker))
-            return respond_text(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "application/json",
-                                "{\"status\":\"degraded\",\"broker\":\"down\"}");
-        return respond_text(wsi, HTTP_STATUS_OK, "application/json", "{\"status\":\"ok\"}");
+    if (c->state == S_BODY) {
+        /* Read the rest of the body at once; a pipelined request may follow. */
+        size_t need = c->head_len + (size_t)c->req.content_length - c->in.len;
+        if (need > want)
+            want = need;
     }
-    if (!strcmp(path, "/metrics")) {
-        if (method_of(wsi) != M_GET)
-            return respond_json_error(srv, wsi, HTTP_STATUS_METHOD_NOT_ALLOWED,
-                                      "method_not_allowed", "use GET", 1);
-        struct hub_buf b = {0};
-        hub_metrics_render(&b);
-        if (srv->policy)
-            hub_policy_metrics(srv->policy, &b);
-        srv->broker->ops->metrics(srv->broker, &b);
-        if (srv->registry)
-            hub_registry_metrics(srv->registry, &b);
-        int r = hub_http_respond(wsi, HTTP_STATUS_OK, "text/plain; version=0.0.4", b.p, b.len, 0);
-        hub_buf_free(&b);
-        return r;
-    }
-    return serve_static(srv, wsi, path);
-}
-
-int hub_http_callback(struct hub_server *srv, struct lws *wsi,
-                      enum lws_callback_reasons reason, struct hub_http *h,
-                      void *in, size_t len, int *handled)
-{
-    *handled = 1;
-    switch (reason) {
-    case LWS_CALLBACK_HTTP:
-        return on_request(srv, wsi, h, in ? (const char *)in : "/");
-
-    case LWS_CALLBACK_HTTP_BODY:
-        if (h->route == ROUTE_NONE)
-            return 0;
-        if (h->body.len + len > h->content_length)
-            return -1; /* more than announced: a broken client */
-        hub_buf_append(&h->body, in, len);
+    hub_buf_reserve(&c->in, want);
+    for (;;) {
+        ssize_t n = recv(c->fd, c->in.p + c->in.len, want, MSG_DONTWAIT);
+        if (n > 0) {
+            c->in.len += (size_t)n;
+            c->in.p[c->in.len] = '\0';
+            return n;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return -1;
         return 0;
+    }
+}
 
-    case LWS_CALLBACK_HTTP_BODY_COMPLETION:
-        if (h->route == ROUTE_NONE)
-            return respond_json_error(srv, wsi, HTTP_STATUS_NOT_FOUND, "not_found",
-                                      "no such route", 1);
-        if (h->route == ROUTE_RELOAD)
-            return finish_reload(srv, wsi, h);
-        if (h->route == ROUTE_DISCONNECT)
-            return finish_disconnect(srv, wsi, h);
-        return finish_api(srv, wsi, h);
+/* Discards what a closing peer still sends, until EOF or the limits. */
+static void linger(struct hub_http_conn *c)
+{
+    char buf[4096];
 
-    case LWS_CALLBACK_HTTP_WRITEABLE:
-        if (h && h->op && h->op->done)
-            return respond_op(srv, wsi, h);
-        *handled = 0; /* lws_serve_http_file's continuation: the dummy callback */
-        return 0;
+    for (;;) {
+        ssize_t n = recv(c->fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n > 0) {
+            c->lingered += (size_t)n;
+            if (c->lingered < LINGER_BYTES)
+                continue;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            arm(c, EPOLLIN);
+            return;
+        }
+        conn_close(c);
+        return;
+    }
+}
 
-    case LWS_CALLBACK_HTTP_FILE_COMPLETION:
-        return lws_http_transaction_completed(wsi) ? -1 : 0;
+/* Runs the connection's state machine as far as it goes without waiting.
+ * `readable`: an event said the socket has something to read. */
+static void drive(struct hub_http_conn *c, int readable)
+{
+    struct hub_http *hs = c->hs;
+    int r;
 
-    case LWS_CALLBACK_HTTP_DROP_PROTOCOL:
-    case LWS_CALLBACK_CLOSED_HTTP:
-        /* lws frees the pss when a transaction completes and unbinds the
-         * protocol, not only when the connection closes. */
-        if (h) {
-            hub_buf_free(&h->body);
-            h->route = ROUTE_NONE;
-            if (h->op && h->op->done) {
-                op_free(h->op); /* its completion came; nobody will respond */
-                h->op = NULL;
+    if (c->in_drive)
+        return; /* a response from inside a route: the loop below goes on */
+    c->in_drive = 1;
+    for (;;) {
+        switch (c->state) {
+        case S_IDLE:
+            if (!c->in.len)
+                goto need_input;
+            c->state = S_HEAD;
+            c->started = now(hs);
+            c->deadline = c->started + hs->opt.request_timeout_ms;
+            continue;
+        case S_HEAD:
+            if (try_head(c))
+                continue;
+            goto need_input;
+        case S_BODY:
+            if (c->in.len < c->head_len + c->req.content_length)
+                goto need_input;
+            dispatch(c);
+            continue;
+        case S_WRITE:
+            r = flush_out(c);
+            if (r < 0) {
+                conn_close(c);
+                goto out;
             }
-            op_detach(h);
+            if (r > 0) {
+                arm(c, EPOLLOUT);
+                goto out;
+            }
+            finish_response(c);
+            continue;
+        case S_LINGER:
+            linger(c);
+            goto out;
+        case S_BUSY:
+        case S_CLOSED:
+        default:
+            goto out;
         }
-        return 0;
-
-    default:
-        *handled = 0;
-        return 0;
+need_input:
+        if (!readable) {
+            arm(c, EPOLLIN);
+            goto out;
+        }
+        readable = 0; /* one read per event; more data re-arms at once */
+        ssize_t n = read_some(c);
+        if (n == 0) {
+            conn_close(c); /* the peer went away, or a socket error */
+            goto out;
+        }
+        if (n < 0) {
+            arm(c, EPOLLIN);
+            goto out;
+        }
     }
+out:
+    c->in_drive = 0;
+}
+
+static void on_events(uv_poll_t *p, int status, int events)
+{
+    struct hub_http *hs = p->data;
+    struct epoll_event ev[EVENTS_MAX];
+
+    for (int round = 0; round < EVENT_ROUNDS; round++) {
+        int n = epoll_wait(hs->epfd, ev, EVENTS_MAX, 0);
+        for (int i = 0; i < n; i++) {
+            struct hub_http_conn *c = ev[i].data.ptr;
+            if (c->state == S_CLOSED)
+                continue; /* closed by an earlier event of this batch */
+            c->armed = 0;
+            drive(c, 1);
+        }
+        if (n < EVENTS_MAX)
+            break;
+    }
+    reap(hs);
+}
+
+static void on_sweep(uv_timer_t *t)
+{
+    struct hub_http *hs = t->data;
+    uint64_t tnow = now(hs);
+    struct hub_list *it, *tmp;
+    char msg[160];
+
+    hub_list_foreach_safe(it, tmp, &hs->conns) {
+        struct hub_http_conn *c = hub_container_of(it, struct hub_http_conn, node);
+        if (tnow < c->deadline || c->state == S_BUSY)
+            continue;
+        hub_metrics.http_timeouts++;
+        if ((c->state == S_HEAD && c->in.len) || c->state == S_BODY) {
+            snprintf(msg, sizeof(msg),
+                     "the request did not arrive in time (request_timeout %u s)",
+                     hs->opt.request_timeout_ms / 1000);
+            c->req.keep_alive = 0;
+            fail(c, 408, "timeout", msg);
+            if (c->state == S_WRITE) /* the socket is full: give up */
+                conn_close(c);
+        } else {
+            conn_close(c);
+        }
+    }
+    reap(hs);
+}
+
+struct hub_http *hub_http_new(uv_loop_t *loop, const struct hub_http_options *o,
+                              const struct hub_http_routes *routes, void *ud)
+{
+    int epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (epfd < 0) {
+        hub_log(HUB_LOG_ERROR, "epoll_create1: %s", strerror(errno));
+        return NULL;
+    }
+    struct hub_http *hs = hub_xcalloc(1, sizeof(*hs));
+    hs->loop = loop;
+    hs->opt = *o;
+    hs->routes = routes;
+    hs->ud = ud;
+    hs->epfd = epfd;
+    hub_list_init(&hs->conns);
+    hub_list_init(&hs->zombies);
+    uv_poll_init(loop, &hs->poll, epfd);
+    hs->poll.data = hs;
+    uv_poll_start(&hs->poll, UV_READABLE, on_events);
+    uv_unref((uv_handle_t *)&hs->poll);
+    uv_timer_init(loop, &hs->sweep);
+    hs->sweep.data = hs;
+    uv_timer_start(&hs->sweep, on_sweep, SWEEP_MS, SWEEP_MS);
+    uv_unref((uv_handle_t *)&hs->sweep);
+    return hs;
+}
+
+static void peer_of(struct hub_http_conn *c)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+
+    c->peer[0] = '\0';
+    if (getpeername(c->fd, (struct sockaddr *)&ss, &sl) < 0)
+        return;
+    if (ss.ss_family == AF_INET) {
+        const struct sockaddr_in *s = (const struct sockaddr_in *)&ss;
+        inet_ntop(AF_INET, &s->sin_addr, c->peer, sizeof(c->peer));
+        c->peer_loopback = (ntohl(s->sin_addr.s_addr) >> 24) == 127;
+    } else if (ss.ss_family == AF_INET6) {
+        const struct in6_addr *a = &((const struct sockaddr_in6 *)&ss)->sin6_addr;
+        if (IN6_IS_ADDR_V4MAPPED(a)) {
+            inet_ntop(AF_INET, a->s6_addr + 12, c->peer, sizeof(c->peer));
+            c->peer_loopback = a->s6_addr[12] == 127;
+        } else {
+            inet_ntop(AF_INET6, a, c->peer, sizeof(c->peer));
+            c->peer_loopback = IN6_IS_ADDR_LOOPBACK(a);
+        }
+    }
+}
+
+void hub_http_accept(struct hub_http *hs, int fd)
+{
+    struct hub_http_conn *c = hub_xcalloc(1, sizeof(*c));
+    c->hs = hs;
+    c->fd = fd;
+    c->file_fd = -1;
+    c->state = S_HEAD;
+    c->started = now(hs);
+    c->deadline = c->started + hs->opt.request_timeout_ms;
+    peer_of(c);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.ptr = c};
+    if (epoll_ctl(hs->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        hub_log(HUB_LOG_WARN, "epoll_ctl: %s: connection dropped", strerror(errno));
+        close(fd);
+        free(c);
+        return;
+    }
+    c->armed = EPOLLIN;
+    hub_list_init(&c->node);
+    hub_list_push_tail(&hs->conns, &c->node);
+    hs->nconns++;
+    hub_metrics.http_connections = hs->nconns;
+}
+
+void hub_http_shutdown(struct hub_http *hs)
+{
+    struct hub_list *it, *tmp;
+
+    hs->shutting_down = 1;
+    hub_list_foreach_safe(it, tmp, &hs->conns) {
+        struct hub_http_conn *c = hub_container_of(it, struct hub_http_conn, node);
+        if (c->state == S_IDLE)
+            conn_close(c);
+    }
+}
+
+size_t hub_http_connections(const struct hub_http *hs)
+{
+    return hs ? hs->nconns : 0;
+}
+
+void hub_http_stop(struct hub_http *hs)
+{
+    struct hub_list *it, *tmp;
+
+    if (!hs || hs->stopped)
+        return;
+    hs->stopped = 1;
+    hs->shutting_down = 1;
+    hub_list_foreach_safe(it, tmp, &hs->conns)
+        conn_close(hub_container_of(it, struct hub_http_conn, node));
+    reap(hs);
+    uv_close((uv_handle_t *)&hs->poll, NULL);
+    uv_close((uv_handle_t *)&hs->sweep, NULL);
+}
+
+void hub_http_free(struct hub_http *hs)
+{
+    struct hub_list *it, *tmp;
+
+    if (!hs)
+        return;
+    /* Every hold is released by now (the broker's stop fails what is
+     * pending); what is left is freed regardless. */
+    hub_list_foreach_safe(it, tmp, &hs->zombies)
+        conn_free(hub_container_of(it, struct hub_http_conn, node));
+    close(hs->epfd);
+    free(hs);
 }

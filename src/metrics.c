@@ -47,6 +47,11 @@ void hub_metrics_render(struct hub_buf *b)
            m->slow_consumer_closes);
     metric(b, "luahub_http_requests_total", "counter", "HTTP requests served.",
            m->http_requests);
+    metric(b, "luahub_http_connections", "gauge",
+           "Open plain HTTP connections (not yet or never upgraded).", m->http_connections);
+    metric(b, "luahub_http_timeouts_total", "counter",
+           "HTTP connections closed by a deadline (request_timeout, http_idle_timeout).",
+           m->http_timeouts);
 
     hub_buf_appends(b, "# HELP luahub_protocol_errors_total Protocol errors answered, by code.\n"
                        "# TYPE luahub_protocol_errors_total counter\n");

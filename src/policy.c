@@ -348,111 +348,62 @@ int hub_policy_has(const struct hub_policy *p, enum hub_hook h)
     return p && h < HUB_HOOK__COUNT && p->hook_ref[h] != LUA_NOREF;
 }
 
+/* req.headers["X-Token"]: names are stored lower-case; a lookup in any
+ * case finds them. */
 static int headers_index(lua_State *L)
 {
-    struct hub_policy *p = policy_of(L);
-    char name[130], val[4096];
+    char name[HUB_REQUEST_HEAD_MAX];
     size_t n;
     const char *k = lua_tolstring(L, 2, &n);
 
-    if (!k || !p->cur_wsi || n == 0 || n > 128)
+    if (!k || n == 0 || n >= sizeof(name))
         return 0;
     for (size_t i = 0; i < n; i++)
         name[i] = (k[i] >= 'A' && k[i] <= 'Z') ? (char)(k[i] + 32) : k[i];
-    name[n] = ':';
-    name[n + 1] = '\0';
-    int len = lws_hdr_custom_length(p->cur_wsi, name, (int)n + 1);
-    if (len < 0 || len >= (int)sizeof(val))
-        return 0;
-    if (lws_hdr_custom_copy(p->cur_wsi, val, sizeof(val), name, (int)n + 1) < 0)
-        return 0;
-    const char *v = val;
-    while (*v == ' ' || *v == '\t')
-        v++;
-    lua_pushstring(L, v);
+    lua_pushlstring(L, name, n);
+    lua_rawget(L, 1);
     return 1;
 }
 
-/* Pushes header `t` of `wsi` (all fragments) or returns 0. */
-static int push_header(lua_State *L, struct lws *wsi, enum lws_token_indexes t)
+static int push_query_arg(void *ud, const char *name, size_t nl, const char *value, size_t vl)
 {
-    int len = lws_hdr_total_length(wsi, t);
-    char small[1024], *buf = small;
-
-    if (len <= 0)
-        return 0;
-    if ((size_t)len + 64 > sizeof(small))
-        buf = hub_xmalloc((size_t)len + 64);
-    int n = lws_hdr_copy(wsi, buf, len + 64, t);
-    if (n >= 0)
-        lua_pushlstring(L, buf, (size_t)n);
-    if (buf != small)
-        free(buf);
-    return n >= 0;
-}
-
-/* The request headers lws knows by name ("host:" ...), without the colon;
- * pseudo-headers (":path"), the method tokens ("get ") and "uri-args" are
- * left out. Same for every request: built once. */
-static struct {
-    enum lws_token_indexes tok;
-    char name[48];
-    size_t len;
-} header_tokens[WSI_TOKEN_COUNT];
-static int n_header_tokens = -1;
-
-static void init_header_tokens(void)
-{
-    if (n_header_tokens >= 0)
-        return;
-    n_header_tokens = 0;
-    for (int t = 0; t < WSI_TOKEN_COUNT; t++) {
-        const char *name = (const char *)lws_token_to_string((enum lws_token_indexes)t);
-        size_t nl = name ? strlen(name) : 0;
-        if (nl < 2 || nl > sizeof(header_tokens[0].name) || name[0] == ':' ||
-            name[nl - 1] != ':')
-            continue;
-        header_tokens[n_header_tokens].tok = (enum lws_token_indexes)t;
-        memcpy(header_tokens[n_header_tokens].name, name, nl - 1);
-        header_tokens[n_header_tokens].len = nl - 1;
-        n_header_tokens++;
-    }
+    lua_State *L = ud;
+    lua_pushlstring(L, name, nl);
+    lua_pushlstring(L, value, vl);
+    lua_rawset(L, -3); /* a repeated name: the last one wins */
+    return 0;
 }
 
 /* Pushes the req table of on_connect. */
-static void push_req(struct hub_policy *p, struct lws *wsi, const char *addr)
+static void push_req(struct hub_policy *p, const struct hub_request *r)
 {
     lua_State *L = p->L;
-    char frag[2048];
 
-    lua_createtable(L, 0, 5);
-    if (!push_header(L, wsi, WSI_TOKEN_GET_URI))
-        lua_pushliteral(L, "");
+    lua_createtable(L, 0, 6);
+    lua_pushlstring(L, r->path, r->path_len);
     lua_setfield(L, -2, "path");
+    lua_pushlstring(L, r->method, r->method_len);
+    lua_setfield(L, -2, "method");
 
     lua_newtable(L);
-    for (int i = 0;; i++) {
-        int n = lws_hdr_copy_fragment(wsi, frag, sizeof(frag), WSI_TOKEN_HTTP_URI_ARGS, i);
-        if (n < 0)
-            break;
-        char *eq = memchr(frag, '=', (size_t)n);
-        if (eq) {
-            lua_pushlstring(L, frag, (size_t)(eq - frag));
-            lua_pushlstring(L, eq + 1, (size_t)(n - (eq + 1 - frag)));
-        } else {
-            lua_pushlstring(L, frag, (size_t)n);
-            lua_pushliteral(L, "");
-        }
-        lua_rawset(L, -3);
-    }
+    hub_request_query_each(r, push_query_arg, L);
     lua_setfield(L, -2, "query");
 
-    lua_newtable(L);
-    init_header_tokens();
-    for (int i = 0; i < n_header_tokens; i++) {
-        if (!push_header(L, wsi, header_tokens[i].tok))
-            continue;
-        lua_pushlstring(L, header_tokens[i].name, header_tokens[i].len);
+    /* Every header by lower-case name; repeated ones joined with ", "
+     * (RFC 9110 §5.3). */
+    lua_createtable(L, 0, (int)r->nheaders);
+    for (size_t i = 0; i < r->nheaders; i++) {
+        const struct hub_header *h = &r->headers[i];
+        lua_pushlstring(L, h->name, h->name_len);
+        if (lua_rawget(L, -2) == LUA_TSTRING) {
+            lua_pushliteral(L, ", ");
+            lua_pushlstring(L, h->value, h->value_len);
+            lua_concat(L, 3);
+        } else {
+            lua_pop(L, 1);
+            lua_pushlstring(L, h->value, h->value_len);
+        }
+        lua_pushlstring(L, h->name, h->name_len);
         lua_insert(L, -2);
         lua_rawset(L, -3);
     }
@@ -460,17 +411,21 @@ static void push_req(struct hub_policy *p, struct lws *wsi, const char *addr)
     lua_setmetatable(L, -2);
     lua_setfield(L, -2, "headers");
 
-    lua_pushstring(L, addr);
+    lua_pushstring(L, r->peer ? r->peer : "");
     lua_setfield(L, -2, "remote_addr");
-    if (push_header(L, wsi, WSI_TOKEN_ORIGIN))
+    size_t ol;
+    const char *origin = hub_request_header(r, "origin", &ol);
+    if (origin) {
+        lua_pushlstring(L, origin, ol);
         lua_setfield(L, -2, "origin");
+    }
 }
 
-enum hub_verdict hub_policy_on_connect(struct hub_policy *p, struct lws *wsi,
+enum hub_verdict hub_policy_on_connect(struct hub_policy *p, const struct hub_request *req,
                                        uint64_t conn_id,
                                        struct hub_connect_result *res)
 {
-    char addr[64] = "", what[160];
+    char what[160];
     enum hub_verdict v = HUB_FAIL;
 
     res->status = 0;
@@ -478,15 +433,12 @@ enum hub_verdict hub_policy_on_connect(struct hub_policy *p, struct lws *wsi,
     if (push_hook(p, HUB_HOOK_CONNECT) < 0)
         return p && p->phase == HUB_PHASE_IDLE ? HUB_ALLOW : HUB_FAIL;
     lua_State *L = p->L;
-    lws_get_peer_simple(wsi, addr, sizeof(addr));
-    hub_lua_push_pending_conn(p, conn_id, addr);
+    hub_lua_push_pending_conn(p, conn_id, req->peer ? req->peer : "");
     lua_insert(L, -2);                  /* conn object below the function */
     int obj = lua_gettop(L) - 1;
     lua_pushvalue(L, obj);
-    push_req(p, wsi, addr);
-    p->cur_wsi = wsi;
+    push_req(p, req);
     int rc = hub_policy_pcall(p, HUB_HOOK_CONNECT, NULL, conn_id, 2, 3);
-    p->cur_wsi = NULL;
     if (rc < 0)
         goto out;
 
@@ -995,7 +947,7 @@ static struct hub_policy *build(struct hub_server *srv, const struct hub_config 
         goto fail;
     }
     lua_State *L = p->L;
-    /* req.headers falls back to lws's custom headers during on_connect */
+    /* req.headers: lookups in any case */
     lua_newtable(L);
     lua_pushcfunction(L, headers_index);
     lua_setfield(L, -2, "__index");

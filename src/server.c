@@ -23,6 +23,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "luahub/http.h"
+#include "luahub/http_api.h"
 #include "luahub/log.h"
 #include "luahub/metrics.h"
 #include "luahub/msg.h"
@@ -31,10 +33,10 @@
 
 _Static_assert(HUB_MSG_HEADROOM >= LWS_PRE + 10, "message headroom below LWS_PRE");
 
-/* Per-session data: lws allocates one per connection, HTTP or WebSocket. */
+/* Per-session data: lws allocates one per connection. lws sees WebSocket
+ * connections only: plain HTTP is served by http.c. */
 union pss {
     struct hub_conn ws;
-    struct hub_http http;
 };
 
 /* lws splits one write into sends of at most this (after a short write). */
@@ -46,88 +48,194 @@ static void log_emit(int level, const char *line)
     size_t n = strlen(line);
     while (n && (line[n - 1] == '\n' || line[n - 1] == '\r'))
         n--;
+    /* lws 4.1.6 logs every lws_adopt_socket_vhost_readbuf() at error level
+     * ("adopt_socket_readbuf: calling service"): that is our normal path
+     * for every upgrade (docs/internals.md, "HTTP"), not an error. */
+    if (strstr(line, "adopt_socket_readbuf"))
+        return;
     hub_log(level == LLL_ERR ? HUB_LOG_ERROR : HUB_LOG_WARN, "lws: %.*s",
             (int)n, line);
 }
 
 /* Refuses an upgrade with an HTTP status and `why` as a plain-text body. */
-static int refuse(struct lws *wsi, unsigned status, const char *why)
+static void refuse(struct hub_http_conn *c, unsigned status, const char *why,
+                   const char *extra)
 {
     hub_metrics.connections_refused++;
-    hub_http_respond(wsi, status, "text/plain; charset=utf-8", why, strlen(why), 1);
-    return 1; /* ">0: I sent the response" */
+    hub_http_respond(c, status, "text/plain; charset=utf-8", extra, why, strlen(why),
+                     HUB_HTTP_CLOSE);
 }
 
-static int confirm_upgrade(struct hub_server *srv, struct lws *wsi, const char *kind)
+/* A Sec-WebSocket-Key is 16 random bytes in base64: 24 characters, the
+ * last two "==" (RFC 6455 §4.1). */
+static int ws_key_valid(const char *k, size_t n)
 {
-    char path[512];
-    const struct hub_config *cfg = srv->cfg;
-
-    if (!kind || strcmp(kind, "websocket") != 0)
-        return refuse(wsi, HTTP_STATUS_FORBIDDEN, "only websocket upgrades are served");
-    if (lws_hdr_copy(wsi, path, sizeof(path), WSI_TOKEN_GET_URI) <= 0 ||
-        strcmp(path, cfg->websocket_path) != 0)
-        return refuse(wsi, HTTP_STATUS_NOT_FOUND, "no websocket endpoint here");
-    if (srv->shutting_down)
-        return refuse(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, "server shutting down");
-    if (cfg->max_connections && hub_metrics.connections >= cfg->max_connections)
-        return refuse(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE,
-                      "too many connections (max_connections)");
-    if (!srv->policy || !hub_policy_has(srv->policy, HUB_HOOK_CONNECT))
+    if (!k || n != 24 || k[22] != '=' || k[23] != '=')
         return 0;
+    for (size_t i = 0; i < 22; i++)
+        if (!((k[i] >= 'A' && k[i] <= 'Z') || (k[i] >= 'a' && k[i] <= 'z') ||
+              (k[i] >= '0' && k[i] <= '9') || k[i] == '+' || k[i] == '/'))
+            return 0;
+    return 1;
+}
 
-    /* on_connect decides before the upgrade completes, so a refusal is a
-     * real HTTP status; what it sets travels to ESTABLISHED with the wsi. */
+/* The subprotocols the client offered (all Sec-WebSocket-Protocol
+ * headers, comma-separated): 1 when "luahub" is among them or none was
+ * offered; else 0, with the offer (shortened) in `offer`. */
+static int subprotocol_ok(const struct hub_request *r, int *offered, char *offer, size_t olen)
+{
+    size_t used = 0;
+
+    *offered = 0;
+    offer[0] = '\0';
+    for (size_t i = 0; i < r->nheaders; i++) {
+        const struct hub_header *h = &r->headers[i];
+        if (strcmp(h->name, "sec-websocket-protocol") != 0)
+            continue;
+        *offered = 1;
+        if (hub_request_has_token(r, "sec-websocket-protocol", "luahub"))
+            return 1;
+        int w = snprintf(offer + used, olen - used, "%s%.*s", used ? ", " : "",
+                         (int)(h->value_len > 64 ? 64 : h->value_len), h->value);
+        if (w > 0 && (size_t)w < olen - used)
+            used += (size_t)w;
+    }
+    return !*offered;
+}
+
+/* A complete WebSocket upgrade request (http.c): the checks and on_connect
+ * run here, on the parsed request; an accepted one is handed to lws with a
+ * request head of our own making (docs/internals.md, "HTTP"). */
+static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_request *r)
+{
+    struct hub_server *srv = ud;
+    const struct hub_config *cfg = srv->cfg;
+    size_t kl, vl, hl;
+    const char *key = hub_request_header(r, "sec-websocket-key", &kl);
+    const char *ver = hub_request_header(r, "sec-websocket-version", &vl);
+    const char *host = hub_request_header(r, "host", &hl);
+    char offer[256];
+    int offered;
+
+    if (r->path_len != strlen(cfg->websocket_path) || strcmp(r->path, cfg->websocket_path)) {
+        refuse(c, 404, "no websocket endpoint here", NULL);
+        return;
+    }
+    if (strcmp(r->method, "GET") != 0 || r->http_minor != 1 || !host ||
+        !hub_request_has_token(r, "connection", "upgrade") || !ws_key_valid(key, kl)) {
+        refuse(c, 400, "not a valid WebSocket upgrade request (RFC 6455 4.1: GET, HTTP/1.1, "
+                       "Host, Connection: Upgrade, Sec-WebSocket-Key)", NULL);
+        return;
+    }
+    if (!ver || vl != 2 || memcmp(ver, "13", 2) != 0) {
+        refuse(c, 426, "unsupported WebSocket version: this hub speaks version 13",
+               "Sec-WebSocket-Version: 13\r\n");
+        return;
+    }
+    if (!subprotocol_ok(r, &offered, offer, sizeof(offer))) {
+        hub_log(HUB_LOG_INFO, "upgrade from %s refused: subprotocols offered: %s "
+                "(this hub speaks \"luahub\")", r->peer, offer);
+        char why[400];
+        snprintf(why, sizeof(why), "unsupported WebSocket subprotocol (offered: %s): this hub "
+                 "speaks \"luahub\"", offer);
+        refuse(c, 400, why, NULL);
+        return;
+    }
+    if (srv->shutting_down) {
+        refuse(c, 503, "server shutting down", NULL);
+        return;
+    }
+    if (cfg->max_connections && hub_metrics.connections >= cfg->max_connections) {
+        refuse(c, 503, "too many connections (max_connections)", NULL);
+        return;
+    }
+
     struct hub_connect_result res;
     memset(&res, 0, sizeof(res));
     uint64_t id = ++srv->next_conn_id;
-    enum hub_verdict v = hub_policy_on_connect(srv->policy, wsi, id, &res);
-    if (v != HUB_ALLOW) {
-        free(res.user);
-        free(res.info_json);
-        if (v == HUB_FAIL)
-            return refuse(wsi, HTTP_STATUS_INTERNAL_SERVER_ERROR,
-                          "internal error: the connect policy failed");
-        return refuse(wsi, res.status ? res.status : HTTP_STATUS_FORBIDDEN,
-                      res.reason[0] ? res.reason : "forbidden");
+    if (srv->policy && hub_policy_has(srv->policy, HUB_HOOK_CONNECT)) {
+        enum hub_verdict v = hub_policy_on_connect(srv->policy, r, id, &res);
+        if (v != HUB_ALLOW) {
+            free(res.user);
+            free(res.info_json);
+            if (v == HUB_FAIL)
+                refuse(c, 500, "internal error: the connect policy failed", NULL);
+            else
+                refuse(c, res.status ? res.status : 403,
+                       res.reason[0] ? res.reason : "forbidden", NULL);
+            return;
+        }
     }
     struct hub_conn_pending *pending = hub_xmalloc(sizeof(*pending));
     pending->id = id;
     pending->user = res.user;
     pending->info_json = res.info_json;
-    lws_set_opaque_user_data(wsi, pending);
-    return 0;
+
+    /* lws parses a head of ours: the fields it needs and nothing the
+     * client may have made too large for its 4 KB header table. */
+    struct hub_buf head = {0};
+    hub_buf_printf(&head, "GET %s HTTP/1.1\r\nHost: %.*s\r\nUpgrade: websocket\r\n"
+                   "Connection: Upgrade\r\nSec-WebSocket-Key: %.*s\r\n"
+                   "Sec-WebSocket-Version: 13\r\n%s\r\n",
+                   cfg->websocket_path, (int)(hl > 255 ? 255 : hl), host, (int)kl, key,
+                   offered ? "Sec-WebSocket-Protocol: luahub\r\n" : "");
+    int fd = hub_http_take(c, &head);
+    srv->handoff = pending;
+    struct lws *wsi = lws_adopt_socket_vhost_readbuf(srv->vhost, fd, head.p, head.len);
+    hub_buf_free(&head);
+    if (srv->handoff) {
+        /* Not established within the call (lws had no free header table,
+         * or refused the handshake): it goes with the wsi, if any. */
+        if (wsi) {
+            lws_set_opaque_user_data(wsi, srv->handoff);
+        } else {
+            free(pending->user);
+            free(pending->info_json);
+            free(pending);
+        }
+        srv->handoff = NULL;
+    }
 }
 
-/* Takes what on_connect left on the wsi, if anything. */
-static struct hub_conn_pending *take_pending(struct lws *wsi)
+/* Takes what on_connect left for the wsi, if anything. */
+static struct hub_conn_pending *take_pending(struct hub_server *srv, struct lws *wsi)
 {
     struct hub_conn_pending *p = lws_get_opaque_user_data(wsi);
-    lws_set_opaque_user_data(wsi, NULL);
+    if (p) {
+        lws_set_opaque_user_data(wsi, NULL);
+        return p;
+    }
+    p = srv->handoff;
+    srv->handoff = NULL;
     return p;
 }
+
+static const struct hub_http_routes routes = {
+    .request = hub_http_api_request,
+    .upgrade = on_upgrade,
+};
 
 static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *user,
                     void *in, size_t len)
 {
     struct hub_server *srv = lws_context_user(lws_get_context(wsi));
     union pss *pss = user;
-    int handled, r;
 
     switch (reason) {
     case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
         srv->lws_woken = 0; /* the wake-up of drop() (conn.c) arrived */
         return 0;
     case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
-        return confirm_upgrade(srv, wsi, in);
+        return 0; /* checked by on_upgrade before lws saw the request */
     case LWS_CALLBACK_ESTABLISHED:
-        hub_conn_open(&pss->ws, srv, wsi, take_pending(wsi));
+        hub_conn_open(&pss->ws, srv, wsi, take_pending(srv, wsi));
         return 0;
     case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
         return hub_conn_peer_closed(&pss->ws, in, len);
     case LWS_CALLBACK_WSI_DESTROY: {
         /* An upgrade that on_connect allowed but that never completed. */
-        struct hub_conn_pending *p = take_pending(wsi);
+        struct hub_conn_pending *p = lws_get_opaque_user_data(wsi);
+        lws_set_opaque_user_data(wsi, NULL);
         if (p) {
             free(p->user);
             free(p->info_json);
@@ -149,10 +257,6 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
     default:
         break;
     }
-    r = hub_http_callback(srv, wsi, reason, pss ? &pss->http : NULL, in, len,
-                          &handled);
-    if (handled)
-        return r;
     return lws_callback_http_dummy(wsi, reason, user, in, len);
 }
 
@@ -316,10 +420,7 @@ static void on_accept(uv_poll_t *p, int status, int events)
             return;
         }
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        if (!lws_adopt_socket_vhost(srv->vhost, fd)) { /* closes fd on failure */
-            accept_pause(srv, "libwebsockets could not take the connection");
-            return;
-        }
+        hub_http_accept(srv->http, fd);
     }
 }
 
@@ -560,6 +661,7 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
 
     memset(srv, 0, sizeof(*srv));
     srv->listen_fd = -1;
+    srv->static_fd = hub_http_api_static_open(cfg->static_dir);
     srv->loop = loop;
     srv->cfg = cfg;
     hub_chan_registry_init(&srv->chans);
@@ -667,7 +769,12 @@ int hub_server_start(struct hub_server *srv)
         return -1;
     }
     lws_set_log_level(LLL_ERR | LLL_WARN, log_emit);
-    if (listen_own(srv) < 0)
+    srv->http = hub_http_new(srv->loop, &(struct hub_http_options){
+        .max_body = cfg->max_message_size,
+        .request_timeout_ms = cfg->request_timeout * 1000u,
+        .idle_timeout_ms = cfg->http_idle_timeout * 1000u,
+    }, &routes, srv);
+    if (!srv->http || listen_own(srv) < 0)
         return -1;
     uv_timer_start(&srv->keepalive, on_keepalive, 1000, 1000);
     uv_unref((uv_handle_t *)&srv->keepalive);
@@ -695,8 +802,8 @@ int hub_server_start(struct hub_server *srv)
 
     /* Tests and scripts parse this line: keep "listening on HOST:PORT" last. */
     hub_log(HUB_LOG_INFO | HUB_LOG_ALWAYS,
-            "luahub %s (instance %s, websocket path %s) listening on %s%s%s:%d",
-            HUB_VERSION, srv->instance, cfg->websocket_path,
+            "luahub %s (pid %d, instance %s, websocket path %s) listening on %s%s%s:%d",
+            HUB_VERSION, (int)getpid(), srv->instance, cfg->websocket_path,
             strchr(cfg->listen_host, ':') ? "[" : "", cfg->listen_host,
             strchr(cfg->listen_host, ':') ? "]" : "", srv->port);
     return 0;
@@ -875,6 +982,8 @@ void hub_server_shutdown(struct hub_server *srv, hub_server_done_cb done)
     }
     srv->shutting_down = 1;
     srv->on_done = done;
+    if (srv->http)
+        hub_http_shutdown(srv->http);
     /* Workers stop accepting now: the other workers take new clients. A
      * single process keeps accepting until it exits, to answer /healthz
      * with 503 and refuse upgrades. */
@@ -904,6 +1013,7 @@ void hub_server_stop(struct hub_server *srv)
     srv->shutting_down = 1;
     if (srv->listen_fd >= 0 && !uv_is_closing((uv_handle_t *)&srv->listener))
         uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+    hub_http_stop(srv->http);
     hub_registry_stop(srv->registry); /* before the broker it talks through */
     if (srv->broker)
         srv->broker->ops->stop(srv->broker);
@@ -932,6 +1042,11 @@ void hub_server_free(struct hub_server *srv)
     srv->policy = NULL;
     hub_registry_free(srv->registry);
     srv->registry = NULL;
+    hub_http_free(srv->http);
+    srv->http = NULL;
+    if (srv->static_fd >= 0)
+        close(srv->static_fd);
+    srv->static_fd = -1;
     if (srv->broker)
         srv->broker->ops->free(srv->broker);
     srv->broker = NULL;

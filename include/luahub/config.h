@@ -26,6 +26,8 @@ struct hub_config {
     uint32_t ping_interval;         /* 25 s */
     uint32_t ping_timeout;          /* 10 s */
     uint32_t shutdown_timeout;      /* 5 s */
+    uint32_t request_timeout;       /* 10 s: an HTTP request head (and body) must arrive within it */
+    uint32_t http_idle_timeout;     /* 60 s: a keep-alive HTTP connection may idle this long */
     uint32_t write_delay;           /* ms between flushes under load; 0 = adaptive */
     uint64_t rx_buffer_size;        /* lws read buffer per connection; 512 */
     char *static_dir;               /* absolute or resolved against dir; NULL = none */

@@ -22,6 +22,8 @@ struct hub_metrics {
     uint64_t flushes_paused;        /* ... of them after a write pause */
     uint64_t slow_consumer_closes;
     uint64_t http_requests;
+    uint64_t http_connections;      /* gauge: open plain HTTP connections */
+    uint64_t http_timeouts;         /* HTTP connections closed by a deadline */
     uint64_t protocol_errors[HUB_PERR__COUNT];
 };
 

@@ -13,11 +13,11 @@
 
 #include "luahub/config.h"
 #include "luahub/proto.h"
+#include "luahub/request.h"
 #include "luahub/util.h"
 
 struct hub_server;
 struct hub_conn;
-struct lws;
 
 enum hub_hook {
     HUB_HOOK_CONNECT = 0,
@@ -71,10 +71,11 @@ struct hub_connect_result {
     char *info_json;        /* conn.info, JSON-encoded */
 };
 
-/* on_connect(conn, req), from LWS_CALLBACK_HTTP_CONFIRM_UPGRADE: the
- * headers of `wsi` are readable. `conn_id` is the id the connection will
- * get. conn:send/close/subscribe are not available yet (they raise). */
-enum hub_verdict hub_policy_on_connect(struct hub_policy *p, struct lws *wsi,
+/* on_connect(conn, req) for the WebSocket upgrade request `req`
+ * (borrowed), before the upgrade is answered. `conn_id` is the id the
+ * connection will get. conn:send/close/subscribe are not available yet
+ * (they raise). */
+enum hub_verdict hub_policy_on_connect(struct hub_policy *p, const struct hub_request *req,
                                        uint64_t conn_id,
                                        struct hub_connect_result *res);
 

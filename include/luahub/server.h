@@ -33,6 +33,9 @@ struct hub_server {
     int lws_woken;                  /* lws_cancel_service() sent, not yet seen */
     uint64_t accept_warned_ms;      /* loop time of the last such warning */
 
+    struct hub_http *http;          /* plain HTTP and upgrade requests (http.c) */
+    int static_fd;                  /* static_dir, opened O_PATH; -1: none */
+    struct hub_conn_pending *handoff; /* on_connect's result for the upgrade being adopted */
     struct hub_policy *policy;      /* the Lua policy; NULL before start */
     struct hub_broker *broker;      /* where publishes go (memory or redis) */
     int broker_local;               /* the memory broker: no other process */
@@ -127,30 +130,8 @@ struct hub_conn *hub_server_find_conn(struct hub_server *srv, const char *client
 void hub_server_add_conn(struct hub_server *srv, struct hub_conn *c);
 void hub_server_remove_conn(struct hub_server *srv, struct hub_conn *c);
 
-/* Writes a complete plain HTTP response (http.c). With `close_after` the
- * connection is closed once it is sent. Returns what the lws callback must
- * return. */
-int hub_http_respond(struct lws *wsi, unsigned status, const char *ctype,
-                     const char *body, size_t len, int close_after);
-
 /* Called by a connection's CLOSED path once it has unlinked itself:
  * completes a graceful shutdown when the last client is gone. */
 void hub_server_conn_gone(struct hub_server *srv);
-
-/* HTTP side (http.c): the per-connection state of an HTTP request and the
- * callback cases it handles. */
-struct hub_http_op;
-struct hub_http {
-    struct hub_buf body;
-    uint64_t content_length;
-    int route;
-    struct hub_http_op *op;     /* publishes awaiting the broker, or NULL */
-};
-
-/* Handles the HTTP callback reasons; returns what the lws callback must
- * return. `handled` is set to 0 for reasons it does not handle. */
-int hub_http_callback(struct hub_server *srv, struct lws *wsi,
-                      enum lws_callback_reasons reason, struct hub_http *h,
-                      void *in, size_t len, int *handled);
 
 #endif

@@ -111,17 +111,6 @@ static void still_serves(struct fx *f)
     ws_sync(f->sub);
 }
 
-/* Value of `series` in a Prometheus text body (the test fails if absent). */
-static long long metric_in(const char *body, const char *series)
-{
-    size_t sl = strlen(series);
-    for (const char *l = body; l && *l; l = strchr(l, '\n') ? strchr(l, '\n') + 1 : NULL)
-        if (strncmp(l, series, sl) == 0 && l[sl] == ' ')
-            return strtoll(l + sl + 1, NULL, 10);
-    ck_abort_msg("no series %s in:\n%s", series, body);
-    return -1;
-}
-
 /* Size on the wire of a server frame with `len` payload bytes (unmasked). */
 static long long frame_size(size_t len)
 {
@@ -463,11 +452,13 @@ static void netns_leave(int orig)
     close(orig);
 }
 
-/* netns_enter, then a hub on `conf` listening on NS_ADDR only. */
+/* netns_enter, then a hub on `conf` listening on every address of the
+ * namespace: NS_ADDR for the non-loopback client, 127.0.0.1 for
+ * hub_metric. */
 static struct hub *start_nonloopback(const char *conf, int *orig_ns)
 {
     *orig_ns = netns_enter();
-    struct hub_opts o = { .listen = NS_ADDR ":0" };
+    struct hub_opts o = { .listen = "0.0.0.0:0" };
     struct hub *h = hub_start_opts(conf, &o);
     /* the hub sees a client of NS_ADDR as a non-loopback peer */
     int fd = tcp_connect_at(NS_ADDR, h->port);
@@ -482,13 +473,21 @@ static struct hub *start_nonloopback(const char *conf, int *orig_ns)
     return h;
 }
 
-static long long published_at(int port)
+/* /metrics follows the API's rule: from a non-loopback peer it needs the
+ * key (`auth`, NULL when the hub has none: then it is refused with
+ * `status`). */
+static void metrics_from_outside(int port, const char *auth, int status)
 {
     struct http_resp r;
-    ck_assert_int_eq(http_request_at(NS_ADDR, port, "GET", "/metrics", NULL, NULL, &r), 200);
-    long long v = metric_in(r.body, "luahub_messages_published_total");
+    http_request_at(NS_ADDR, port, "GET", "/metrics", NULL, NULL, &r);
+    http_expect_error(&r, status, status == 401 ? "unauthorized" : "forbidden");
     http_resp_free(&r);
-    return v;
+    if (auth) {
+        ck_assert_int_eq(http_request_at(NS_ADDR, port, "GET", "/metrics", auth, NULL, &r),
+                         200);
+        ck_assert_msg(strstr(r.body, "luahub_messages_published_total"), "%s", r.body);
+        http_resp_free(&r);
+    }
 }
 
 START_TEST(auth_no_key_non_loopback_403)
@@ -506,7 +505,8 @@ START_TEST(auth_no_key_non_loopback_403)
                     "{\"channels\":[\"room\"],\"data\":1}", &r);
     http_expect_error(&r, 403, "forbidden");
     http_resp_free(&r);
-    ck_assert_int_eq(published_at(h->port), 0);
+    metrics_from_outside(h->port, NULL, 403);
+    ck_assert_int_eq(hub_metric(h, "luahub_messages_published_total"), 0);
     ck_assert_int_eq(hub_stop(h), 0);
     netns_leave(ns);
 }
@@ -527,7 +527,8 @@ START_TEST(auth_key_non_loopback_200)
                     "{\"channel\":\"room\",\"data\":1}", &r);
     http_expect_ok(&r);
     http_resp_free(&r);
-    ck_assert_int_eq(published_at(h->port), 1);
+    metrics_from_outside(h->port, AUTH, 401);
+    ck_assert_int_eq(hub_metric(h, "luahub_messages_published_total"), 1);
     ck_assert_int_eq(hub_stop(h), 0);
     netns_leave(ns);
 }
@@ -607,23 +608,35 @@ START_TEST(bad_body_channels_on_publish)
 }
 END_TEST
 
-START_TEST(no_content_length_411)
+/* A request with neither Content-Length nor Transfer-Encoding has an empty
+ * body (RFC 9112 §6.3): /api/reload needs none; /api/publish answers 400
+ * for the empty body; what a client sends after the head without saying
+ * so is its next request (here: not one, so 400 and the connection
+ * closes). */
+START_TEST(no_content_length_is_empty_body)
 {
     struct fx f;
     fx_start(&f, NULL, NULL);
-    /* a body follows, but without Content-Length the hub cannot know it:
-     * 411 and the connection closed (the body is not a next request) */
-    static const char req[] =
+    static const char reload[] = "POST /api/reload HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    static const char publish[] =
         "POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1\r\n" JSON_CT "\r\n"
         "{\"channel\":\"room\",\"data\":\"nolen\"}";
     int fd = tcp_connect(f.h->port);
-    tcp_send(fd, req, sizeof req - 1);
     struct http_resp r;
+    tcp_send(fd, reload, sizeof reload - 1);
     http_read_response(fd, &r, HT_WAIT_MS, 0);
-    http_expect_error(&r, 411, "length_required");
+    http_expect_ok(&r);
     http_resp_free(&r);
-    ck_assert_msg(tcp_wait_closed(fd, HT_WAIT_MS), "connection still open after 411");
+    tcp_send(fd, publish, sizeof publish - 1);
+    http_read_response(fd, &r, HT_WAIT_MS, 0);
+    http_expect_error(&r, 400, "bad_request");
+    http_resp_free(&r);
+    http_read_response(fd, &r, HT_WAIT_MS, 0);
+    http_expect_error(&r, 400, "bad_request");
+    http_resp_free(&r);
+    ck_assert_msg(tcp_wait_closed(fd, HT_WAIT_MS), "connection still open after a bad request line");
     close(fd);
+    ck_assert_int_eq(hub_metric(f.h, "luahub_messages_published_total"), 0);
     still_serves(&f);
     fx_stop(&f);
 }
@@ -1120,6 +1133,265 @@ START_TEST(max_connections_503_then_slot_reused)
 }
 END_TEST
 
+
+/* ------------------------------------------------------------------ */
+/* Pipelining (issue 9.1): several requests with bodies in one TCP write  */
+/* ------------------------------------------------------------------ */
+
+/* One request of a pipelined sequence and the status its answer must have.
+ * A body of "P<n>" is a publish of data n to "room". */
+struct preq {
+    const char *method, *path, *body;
+    int status;
+};
+
+#define PUB(n) {"POST", "/api/publish", "{\"channel\":\"room\",\"data\":" #n "}", 200}
+static const struct {
+    const char *name;
+    struct preq r[6];
+} pipelines[] = {
+    {"healthz with a body, twice",
+     {{"GET", "/healthz", "hello", 200}, {"GET", "/healthz", "hello", 200}}},
+    {"publish, three times", {PUB(1), PUB(2), PUB(3)}},
+    {"reload, twice", {{"POST", "/api/reload", "{}", 200}, {"POST", "/api/reload", "x", 200}}},
+    {"unknown route with a body, four times",
+     {{"POST", "/x", "hello", 404}, {"POST", "/x", "hello", 404}, {"POST", "/x", "", 404},
+      {"GET", "/x", "abc", 404}}},
+    {"broadcast then metrics with a body",
+     {{"POST", "/api/broadcast", "{\"channels\":[\"room\"],\"data\":7}", 200},
+      {"GET", "/metrics", "abc", 200}}},
+    {"mixed: no body, bodies, errors, publish last",
+     {{"GET", "/healthz", NULL, 200}, PUB(4), {"GET", "/healthz", "hello", 200},
+      {"POST", "/api/publish", "{bad", 400}, {"PUT", "/api/publish", "{}", 405}, PUB(5)}},
+};
+#define NPIPELINES ((int)(sizeof pipelines / sizeof *pipelines))
+
+/* Reads `n` responses from one connection (several may come in one read)
+ * into their statuses. Fails the test on a timeout or a malformed answer. */
+static void read_responses(int fd, int n, int *status)
+{
+    char *buf = NULL;
+    size_t len = 0, cap = 0, off = 0;
+    for (int k = 0; k < n;) {
+        char *end = len > off ? strstr(buf + off, "\r\n\r\n") : NULL;
+        if (end) {
+            char *cl = strcasestr(buf + off, "Content-Length: ");
+            size_t body = cl && cl < end ? strtoul(cl + 16, NULL, 10) : 0;
+            size_t total = (size_t)(end + 4 - (buf + off)) + body;
+            if (len - off >= total) {
+                ck_assert_msg(sscanf(buf + off, "HTTP/1.1 %d", &status[k]) == 1,
+                              "answer %d is not HTTP: %.40s", k + 1, buf + off);
+                off += total;
+                k++;
+                continue;
+            }
+        }
+        if (len + 4096 + 1 > cap) {
+            cap = cap ? cap * 2 : 8192;
+            buf = realloc(buf, cap);
+            ck_assert_ptr_nonnull(buf);
+        }
+        ssize_t got = tcp_recv(fd, buf + len, 4096, HT_WAIT_MS);
+        ck_assert_msg(got > 0, "%d of %d answers came, then %s", k, n,
+                      got == 0 ? "the connection closed" : "nothing");
+        len += (size_t)got;
+        buf[len] = '\0';
+    }
+    free(buf);
+}
+
+/* Loop index: pipeline i / 2, sent in one write (even) or in 7-byte writes
+ * (odd). Every answer comes, in order, the publishes are delivered once,
+ * and the hub keeps serving (lws 4.1.6 spun forever here). */
+START_TEST(pipelined_requests_with_bodies)
+{
+    int idx = _i / 2, split = _i % 2;
+    struct fx f;
+    fx_start(&f, NULL, NULL);
+    struct hub_buf_t { char *p; size_t len; } all = {NULL, 0};
+    for (int k = 0; k < 6 && pipelines[idx].r[k].method; k++) {
+        const struct preq *q = &pipelines[idx].r[k];
+        char *one = q->body
+            ? ht_asprintf("%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n%s", q->method,
+                          q->path, strlen(q->body), q->body)
+            : ht_asprintf("%s %s HTTP/1.1\r\nHost: x\r\n\r\n", q->method, q->path);
+        char *cat = ht_asprintf("%s%s", all.p ? all.p : "", one);
+        free(all.p);
+        free(one);
+        all.p = cat;
+        all.len = strlen(cat);
+    }
+    int fd = tcp_connect(f.h->port);
+    if (split)
+        for (size_t off = 0; off < all.len; off += 7)
+            tcp_send(fd, all.p + off, all.len - off < 7 ? all.len - off : 7);
+    else
+        tcp_send(fd, all.p, all.len);
+    int nreq = 0, status[6];
+    while (nreq < 6 && pipelines[idx].r[nreq].method)
+        nreq++;
+    read_responses(fd, nreq, status);
+    for (int k = 0; k < nreq; k++) {
+        int st = status[k];
+        ck_assert_msg(st == pipelines[idx].r[k].status, "%s: answer %d is %d, expected %d",
+                      pipelines[idx].name, k + 1, st, pipelines[idx].r[k].status);
+        if (!strcmp(pipelines[idx].r[k].path, "/api/publish") && st == 200) {
+            char *want = ws_delivery("room", strstr(pipelines[idx].r[k].body, "\"data\":") + 7);
+            want[strlen(want) - 2] = '}'; /* the body's closing brace was copied too */
+            want[strlen(want) - 1] = '\0';
+            ws_expect(f.sub, want);
+            free(want);
+        } else if (!strcmp(pipelines[idx].r[k].path, "/api/broadcast")) {
+            ws_expect(f.sub, "{\"op\":\"message\",\"channel\":\"room\",\"data\":7}");
+        }
+    }
+    free(all.p);
+    close(fd);
+    still_serves(&f);
+    fx_stop(&f);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Deadlines (issue 9.2): slow and silent clients lock nobody out        */
+/* ------------------------------------------------------------------ */
+
+#define NSILENT 1000
+#define NTRICKLE 64
+#define NHALF 64
+
+/* 1,000 silent sockets, 64 requests whose body trickles and 64 half-sent
+ * heads: new WebSocket clients and API requests are served meanwhile, and
+ * every slow socket is cut off by request_timeout (2 s here) with 408 (or,
+ * silent, closed). A trickle that keeps sending does not keep its socket. */
+START_TEST(slow_clients_do_not_lock_out)
+{
+    struct fx f;
+    fx_start(&f, "request_timeout = 2\n", NULL);
+    static int fds[NSILENT + NTRICKLE + NHALF];
+    int n = 0;
+    static const char trickle[] = "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nA";
+    static const char half[] = "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    for (int i = 0; i < NSILENT; i++)
+        fds[n++] = tcp_connect(f.h->port);
+    for (int i = 0; i < NTRICKLE; i++) {
+        fds[n] = tcp_connect(f.h->port);
+        tcp_send(fds[n++], trickle, sizeof trickle - 1);
+    }
+    for (int i = 0; i < NHALF; i++) {
+        fds[n] = tcp_connect(f.h->port);
+        tcp_send(fds[n++], half, sizeof half - 1);
+    }
+    /* Everyone else is served at once. */
+    for (int i = 0; i < 6; i++) {
+        struct ws *c = ws_connect(f.h->port);
+        ws_subscribe(c, "other");
+        ws_free(c);
+    }
+    still_serves(&f);
+    /* One trickle goes on sending a body byte at a time: it is cut off
+     * anyway (bounded: a byte every 100 ms, at most 1000 bytes). */
+    int cut = 0;
+    for (int i = 0; i < 999 && !cut; i++) {
+        if (ws_send_raw(&(struct ws){.fd = fds[NSILENT]}, "B", 1) < 0)
+            cut = 1;
+        char buf[512];
+        ssize_t got = tcp_recv(fds[NSILENT], buf, sizeof buf - 1, 100);
+        if (got >= 0) {
+            if (got > 0) {
+                buf[got] = '\0';
+                ck_assert_msg(strstr(buf, "408"), "trickle got: %s", buf);
+            }
+            cut = 1;
+        }
+    }
+    ck_assert_msg(cut, "a trickling request kept its socket past request_timeout");
+    for (int i = 0; i < n; i++) {
+        ck_assert_msg(tcp_wait_closed(fds[i], HT_WAIT_MS), "slow socket %d still open", i);
+        close(fds[i]);
+    }
+    /* 1: the connection asking for /metrics */
+    hub_metric_wait(f.h, "luahub_http_connections", 1, HT_WAIT_MS);
+    ck_assert_int_eq(hub_metric(f.h, "luahub_http_timeouts_total"), n);
+    still_serves(&f);
+    fx_stop(&f);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Cross-site requests (issue 9.5)                                       */
+/* ------------------------------------------------------------------ */
+
+/* Without api_key, a loopback request that a page of another site sent
+ * (its Origin is not the hub's own, or Sec-Fetch-Site says so) is refused;
+ * a request of no page, or of the hub's own origin, is served. With
+ * api_key, the key decides, whatever the Origin. */
+START_TEST(cross_site_api_refused)
+{
+    struct fx f;
+    fx_start(&f, NULL, NULL);
+    char *own = ht_asprintf("Origin: http://127.0.0.1:%d\r\n", f.h->port);
+    const char *const bad[] = {
+        "Origin: http://evil.example\r\n",
+        "Origin: https://evil.example\r\n",
+        "Origin: null\r\n",
+        "Origin: http://127.0.0.1\r\n",                 /* another port: another origin */
+        "Origin: http://127.0.0.1:1\r\n",
+        "Origin: file://\r\n",
+        "Sec-Fetch-Site: cross-site\r\n",
+        "Sec-Fetch-Site: same-site\r\n",
+    };
+    static const char *const routes[][2] = {
+        {"POST", "/api/publish"}, {"POST", "/api/broadcast"}, {"POST", "/api/reload"},
+        {"POST", "/api/disconnect"}, {"GET", "/api/connections?user=a"}, {"GET", "/metrics"},
+    };
+    static const char *const bodies[] = {
+        "{\"channel\":\"room\",\"data\":1}", "{\"channels\":[\"room\"],\"data\":1}", "", 
+        "{\"user\":\"a\"}", NULL, NULL,
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+        for (size_t k = 0; k < sizeof routes / sizeof *routes; k++) {
+            struct http_resp r;
+            char *hdr = ht_asprintf("Content-Type: text/plain\r\n%s", bad[i]);
+            http_request(f.h->port, routes[k][0], routes[k][1], hdr, bodies[k], &r);
+            ck_assert_msg(r.status == 403, "%s %s with %s: status %d", routes[k][0],
+                          routes[k][1], bad[i], r.status);
+            http_expect_error(&r, 403, "forbidden");
+            http_resp_free(&r);
+            free(hdr);
+        }
+    ck_assert_int_eq(hub_metric(f.h, "luahub_messages_published_total"), 0);
+    /* The hub's own origin, or a same-origin fetch, is served. */
+    struct http_resp r;
+    api(f.h->port, "POST", "/api/publish", own, "{\"channel\":\"room\",\"data\":\"own\"}", &r);
+    http_expect_ok(&r);
+    http_resp_free(&r);
+    ws_expect(f.sub, "{\"op\":\"message\",\"channel\":\"room\",\"data\":\"own\"}");
+    api(f.h->port, "POST", "/api/publish", "Sec-Fetch-Site: same-origin\r\n",
+        "{\"channel\":\"room\",\"data\":\"same\"}", &r);
+    http_expect_ok(&r);
+    http_resp_free(&r);
+    ws_expect(f.sub, "{\"op\":\"message\",\"channel\":\"room\",\"data\":\"same\"}");
+    free(own);
+    still_serves(&f);
+    fx_stop(&f);
+
+    /* With a key, a request that carries it is served from any origin. */
+    fx_start(&f, "api_key = \"" KEY "\"\n", AUTH);
+    api(f.h->port, "POST", "/api/publish", "Origin: http://evil.example\r\n",
+        "{\"channel\":\"room\",\"data\":1}", &r);
+    http_expect_error(&r, 401, "unauthorized");
+    http_resp_free(&r);
+    api(f.h->port, "POST", "/api/publish", AUTH "Origin: http://evil.example\r\n",
+        "{\"channel\":\"room\",\"data\":\"key\"}", &r);
+    http_expect_ok(&r);
+    http_resp_free(&r);
+    ws_expect(f.sub, "{\"op\":\"message\",\"channel\":\"room\",\"data\":\"key\"}");
+    still_serves(&f);
+    fx_stop(&f);
+}
+END_TEST
+
 static Suite *http_suite(void)
 {
     Suite *s = suite_create("http");
@@ -1152,7 +1424,7 @@ static Suite *http_suite(void)
     tcase_add_test(tc, bad_body_extra_member);
     tcase_add_test(tc, bad_body_crafted_envelope);
     tcase_add_test(tc, bad_body_channels_on_publish);
-    tcase_add_test(tc, no_content_length_411);
+    tcase_add_test(tc, no_content_length_is_empty_body);
     tcase_add_test(tc, chunked_body_411_and_closed);
     tcase_add_test(tc, chunked_headers_only_answered_at_once);
     tcase_add_test(tc, invalid_content_length_400);
@@ -1167,6 +1439,12 @@ static Suite *http_suite(void)
     tcase_add_test(tc, healthz_ok);
     tcase_add_test(tc, healthz_503_while_shutting_down);
     tcase_add_test(tc, metrics_values_follow_actions);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("hardening");
+    tcase_add_loop_test(tc, pipelined_requests_with_bodies, 0, 2 * NPIPELINES);
+    tcase_add_test(tc, slow_clients_do_not_lock_out);
+    tcase_add_test(tc, cross_site_api_refused);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("connection");

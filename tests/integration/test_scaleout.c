@@ -1660,8 +1660,22 @@ START_TEST(workers_kill9_one_is_restarted)
     char ia[64], ib[64];
     connect_both(h, &a, &b, ia, ib);
 
+    /* The supervisor names the worker as the worker names itself. */
+    char *log = hub_log(h), *tag = ht_asprintf("(pid %d,", (int)w[0]);
+    const char *at = strstr(log, tag);
+    ck_assert_msg(at, "no start-up line of worker pid %d in:\n%s", (int)w[0], log);
+    while (at > log && at[-1] != '\n')
+        at--;
+    int number = 0;
+    ck_assert_msg(strstr(at, "[worker ") && sscanf(strstr(at, "[worker ") + 8, "%d", &number) == 1,
+                  "no [worker N] tag in: %.200s", at);
+    free(tag);
+    free(log);
     ck_assert_int_eq(kill(w[0], SIGKILL), 0);
-    hub_log_wait(h, "killed by signal 9; restarting", HT_WAIT_MS);
+    char *killed = ht_asprintf("supervisor: worker %d (pid %d) killed by signal 9; restarting",
+                               number, (int)w[0]);
+    hub_log_wait(h, killed, HT_WAIT_MS);
+    free(killed);
     /* exactly one of the two clients lost its worker */
     struct ws *c2[2] = {a, b};
     int alive[2];
@@ -1885,6 +1899,32 @@ START_TEST(workers_sigterm_closes_1001_and_exits_0)
 }
 END_TEST
 
+
+/* A worker that does not stop (here: SIGSTOPped, as a loop stuck in C
+ * would be) does not keep the supervisor from finishing its SIGTERM: it
+ * is killed shutdown_timeout (2 s here) + 5 s later, and the exit status
+ * says so. */
+START_TEST(workers_stuck_worker_killed_at_stop)
+{
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
+    struct hub *h = start_workers(&r, NULL);
+    pid_t w[2];
+    wait_workers(h, w, NULL, 0);
+    ck_assert_int_eq(kill(w[0], SIGSTOP), 0);
+    hub_signal(h, SIGTERM);
+    int st = hub_wait_exit(h, 20000);
+    ck_assert_msg(st == 1, "supervisor exit status %d, expected 1", st);
+    char *line = ht_asprintf("(pid %d) still running 7000 ms after the stop signal: killing it",
+                             (int)w[0]);
+    ck_assert_int_eq(hub_log_count(h, line), 1);
+    free(line);
+    ck_assert_int_eq(kill(w[0], 0) < 0 && errno == ESRCH, 1);
+    ck_assert_int_eq(hub_stop(h), 1);
+    srv_stop(&r);
+}
+END_TEST
+
 START_TEST(workers_need_the_redis_broker)
 {
     static const char *const confs[] = {
@@ -1954,6 +1994,7 @@ static Suite *scaleout_suite(void)
     tcase_add_test(tc, workers_sighup_while_a_worker_starts);
     tcase_add_test(tc, workers_sigterm_closes_1001_and_exits_0);
     tcase_add_test(tc, workers_need_the_redis_broker);
+    tcase_add_test(tc, workers_stuck_worker_killed_at_stop);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -285,6 +285,130 @@ START_TEST(static_traversal_not_served)
 }
 END_TEST
 
+
+/* Symlinks that lead out of static_dir and dotfiles are not served (issue
+ * 9.4); symlinks that stay inside it are, and so is /.well-known/. */
+START_TEST(static_links_and_dotfiles)
+{
+    struct fx f;
+    struct site s;
+    site_make(&s);
+    char *p;
+#define LINK(target, name)                                                  \
+    do {                                                                    \
+        p = ht_asprintf("%s/%s", s.www, name);                              \
+        ck_assert_msg(symlink(target, p) == 0, "symlink %s: %s", p, strerror(errno)); \
+        free(p);                                                            \
+    } while (0)
+#define MKDIR(name)                                                         \
+    do {                                                                    \
+        p = ht_asprintf("%s/%s", s.www, name);                              \
+        ck_assert_int_eq(mkdir(p, 0700), 0);                                \
+        free(p);                                                            \
+    } while (0)
+    char *abs_secret = ht_asprintf("%s/secret.txt", s.base);
+    LINK("/", "up");                    /* the issue's `ln -s / STATIC/up` */
+    LINK("..", "updir");                /* a relative directory link out */
+    LINK(s.base, "absdir");             /* an absolute directory link out */
+    LINK("../secret.txt", "leak.txt");  /* a relative file link out */
+    LINK(abs_secret, "abs.txt");        /* an absolute file link out */
+    LINK("sub/../../secret.txt", "deep.txt");
+    LINK("index.html", "alias.html");   /* inside: served */
+    LINK("sub", "sub2");                /* inside: served */
+    put(s.www, ".env", SECRET "\n");
+    MKDIR(".git");
+    put(s.www, ".git/config", SECRET "\n");
+    put(s.www, "sub/.hidden", SECRET "\n");
+    MKDIR(".well-known");
+    put(s.www, ".well-known/acme.txt", "acme\n");
+    put(s.www, ".well-known/.secret", SECRET "\n");
+    char *conf = ht_asprintf(CONF "static_dir = \"%s\"\n", s.www);
+    f.h = hub_start(conf);
+    free(conf);
+    f.sub = ws_connect(f.h->port);
+    ws_subscribe(f.sub, "room");
+
+    char *via_up = ht_asprintf("/up%s/secret.txt", s.base);
+    const char *const refused[] = {
+        "/up/etc/passwd", via_up, "/up/", "/updir/secret.txt", "/absdir/secret.txt",
+        "/leak.txt", "/abs.txt", "/deep.txt", "/.env", "/%2eenv", "/.git/config",
+        "/.git/", "/sub/.hidden", "/sub2/.hidden", "/.well-known/.secret",
+        "/.well-known/../.env", "/.well-known%2f..%2f.env", "/sub/./index.html",
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
+        char *body;
+        int st = get_until_close(f.h->port, refused[i], &body);
+        ck_assert_msg(!strstr(body, SECRET) && !strstr(body, "root:"),
+                      "GET %s served a file it must not", refused[i]);
+        ck_assert_msg(st == 404 || st == 400, "GET %s: status %d, expected 404", refused[i], st);
+        free(body);
+    }
+    expect_file(f.h->port, "/alias.html", INDEX_HTML, "text/html");
+    expect_file(f.h->port, "/sub2/", "sub index\n", "text/html");
+    expect_file(f.h->port, "/.well-known/acme.txt", "acme\n", "text/plain");
+    still_serves(&f);
+    fx_stop(&f);
+    free(via_up);
+    free(abs_secret);
+    const char *const rm_argv[] = {"/bin/rm", "-rf", s.base, NULL};
+    ck_assert_int_eq(ht_run(rm_argv, NULL, HT_WAIT_MS), 0);
+#undef LINK
+#undef MKDIR
+}
+END_TEST
+
+
+/* Requests pipelined behind a static file are answered in order (lws
+ * answered the second with 403). */
+START_TEST(pipelined_after_static_file)
+{
+    struct fx f;
+    struct site s;
+    fx_start_site(&f, &s);
+    static const char req[] =
+        "GET /app.js HTTP/1.1\r\nHost: x\r\n\r\n"
+        "GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n"
+        "HEAD /app.js HTTP/1.1\r\nHost: x\r\n\r\n"
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        "GET /app.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    int fd = tcp_connect(f.h->port);
+    tcp_send(fd, req, sizeof req - 1);
+    char *all = NULL;
+    size_t len = 0;
+    for (;;) {
+        char buf[4096];
+        ssize_t n = tcp_recv(fd, buf, sizeof buf, HT_WAIT_MS);
+        ck_assert_msg(n >= 0, "timed out; so far:\n%s", all ? all : "");
+        if (n == 0)
+            break;
+        all = realloc(all, len + (size_t)n + 1);
+        memcpy(all + len, buf, (size_t)n);
+        len += (size_t)n;
+        all[len] = '\0';
+    }
+    close(fd);
+    /* five answers, all 200, in order: app.js, index.html, app.js's head, healthz, app.js */
+    const char *p = all;
+    const char *const bodies[] = {APP_JS, INDEX_HTML, NULL, "{\"status\":\"ok\"}", APP_JS};
+    for (int k = 0; k < 5; k++) {
+        ck_assert_msg(p && !strncmp(p, "HTTP/1.1 200 ", 13), "answer %d is not 200:\n%s", k + 1,
+                      p ? p : "(none)");
+        const char *end = strstr(p, "\r\n\r\n");
+        ck_assert_ptr_nonnull(end);
+        p = end + 4;
+        if (bodies[k]) {
+            ck_assert_msg(!strncmp(p, bodies[k], strlen(bodies[k])), "answer %d body:\n%s", k + 1, p);
+            p += strlen(bodies[k]);
+        }
+    }
+    ck_assert_msg(*p == '\0', "more than five answers:\n%s", p);
+    free(all);
+    still_serves(&f);
+    fx_stop(&f);
+    site_remove(&s);
+}
+END_TEST
+
 /* A NUL byte in the path (the old truncation trick). lws drops the
  * connection without a response: accepted here (the file is not served);
  * 400 or 404 would be accepted as well. */
@@ -424,11 +548,13 @@ static Suite *static_suite(void)
     tcase_add_test(tc, static_missing_404);
     tcase_add_test(tc, static_traversal_not_served);
     tcase_add_test(tc, static_nul_byte_not_served);
+    tcase_add_test(tc, static_links_and_dotfiles);
     tcase_add_test(tc, static_api_routes_win);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("connection");
     tcase_add_test(tc, keep_alive_many_requests);
+    tcase_add_test(tc, pipelined_after_static_file);
     tcase_add_test(tc, upgrade_on_other_path_404);
     suite_add_tcase(s, tc);
     return s;

@@ -268,6 +268,14 @@ struct hub *hub_start_opts(const char *conf_text, const struct hub_opts *o)
     snprintf(h->conf_path, sizeof h->conf_path, "%s/luahub.conf", h->dir);
     snprintf(h->log_path, sizeof h->log_path, "%s/hub.log", h->dir);
     write_file(h->conf_path, conf_text);
+    /* /metrics follows the API's rule: hub_metric sends the key if any. */
+    const char *k = strstr(conf_text, "api_key = \"");
+    if (k) {
+        k += 11;
+        size_t n = strcspn(k, "\"");
+        if (n < sizeof(h->api_key))
+            memcpy(h->api_key, k, n);
+    }
 
     const char *args[64];
     size_t n = 0;
@@ -435,7 +443,10 @@ static int metric_find(const char *body, const char *series, long long *val)
 long long hub_metric(struct hub *h, const char *series)
 {
     struct http_resp r;
-    int st = http_request(h->port, "GET", "/metrics", NULL, NULL, &r);
+    char auth[192] = "";
+    if (h->api_key[0])
+        snprintf(auth, sizeof(auth), "Authorization: Bearer %s\r\n", h->api_key);
+    int st = http_request(h->port, "GET", "/metrics", auth[0] ? auth : NULL, NULL, &r);
     CHECK(st == 200, "GET /metrics: status %d:\n%s", st, r.body);
     long long v = 0;
     int found = metric_find(r.body, series, &v);

@@ -58,6 +58,7 @@ struct hub {
     char log_path[320];     /* dir/hub.log: the hub's stdout + stderr */
     int exited;             /* 1 once reaped; `status` is then valid */
     int status;             /* exit code, or 128 + signal number */
+    char api_key[128];      /* the conf's api_key (a line `api_key = "..."`), or "" */
 };
 
 struct hub_opts {
@@ -105,7 +106,8 @@ int hub_log_count(const struct hub *h, const char *needle);
  * (quoting the log's tail) otherwise. */
 void hub_log_wait(const struct hub *h, const char *needle, int timeout_ms);
 
-/* Value of one series of GET /metrics. `series` is the name with its labels
+/* Value of one series of GET /metrics (with the hub's api_key, if any).
+ * `series` is the name with its labels
  * exactly as printed, e.g. "luahub_connections" or
  * "luahub_protocol_errors_total{code=\"bad_request\"}". Fails the test if
  * the series is absent or the request fails. */
