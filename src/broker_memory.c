@@ -113,6 +113,7 @@ static void m_free(struct hub_broker *hb)
 
 static const struct hub_broker_ops memory_ops = {
     .name = "memory",
+    .local = 1,
     .publish = m_publish,
     .subscribe = m_subscribe,
     .unsubscribe = m_unsubscribe,

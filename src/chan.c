@@ -1,10 +1,11 @@
 /* Channel registry (see include/luahub/chan.h).
  *
- * Channels live in a chained hash table keyed by name. Each channel keeps an
- * array of subscription pointers (swap-remove on unsubscribe, so order is
- * not preserved; ordering of *messages* is the fan-out loop's business) and
- * each owner keeps a singly linked list of its subscriptions. Owners have at
- * most max_channels_per_conn subscriptions, so list walks are short. */
+ * Channels live in the shared hash table keyed by name. Each channel keeps
+ * an array of subscription pointers (swap-remove on unsubscribe, so order
+ * is not preserved; ordering of *messages* is the fan-out loop's business)
+ * and each owner keeps a singly linked list of its subscriptions. Owners
+ * have at most max_channels_per_conn subscriptions, so list walks are
+ * short. */
 #include "luahub/chan.h"
 
 #include <stdlib.h>
@@ -12,23 +13,9 @@
 
 #include "luahub/util.h"
 
-#define MIN_BUCKETS 64
-
-static uint32_t hash_name(const char *p, size_t len)
-{
-    uint32_t h = 2166136261u; /* FNV-1a */
-    for (size_t i = 0; i < len; i++) {
-        h ^= (unsigned char)p[i];
-        h *= 16777619u;
-    }
-    return h;
-}
-
 void hub_chan_registry_init(struct hub_chan_registry *r)
 {
     memset(r, 0, sizeof(*r));
-    r->nbuckets = MIN_BUCKETS;
-    r->buckets = hub_xcalloc(r->nbuckets, sizeof(*r->buckets));
 }
 
 static void free_chan(struct hub_chan *c)
@@ -41,57 +28,47 @@ static void free_chan(struct hub_chan *c)
 
 void hub_chan_registry_free(struct hub_chan_registry *r)
 {
-    for (uint32_t b = 0; b < r->nbuckets; b++) {
-        struct hub_chan *c = r->buckets[b], *next;
-        for (; c; c = next) {
-            next = c->next;
-            free_chan(c);
-        }
-    }
-    free(r->buckets);
-    r->buckets = NULL;
-    r->nbuckets = r->nchans = 0;
+    struct hub_hnode *n;
+    while ((n = hub_htable_pop(&r->chans)))
+        free_chan(hub_container_of(n, struct hub_chan, node));
+    hub_htable_free(&r->chans);
     r->nsubs = 0;
 }
 
-static void rehash(struct hub_chan_registry *r, uint32_t nbuckets)
-{
-    struct hub_chan **nb = hub_xcalloc(nbuckets, sizeof(*nb));
-    for (uint32_t b = 0; b < r->nbuckets; b++) {
-        struct hub_chan *c = r->buckets[b], *next;
-        for (; c; c = next) {
-            next = c->next;
-            uint32_t i = c->hash & (nbuckets - 1);
-            c->next = nb[i];
-            nb[i] = c;
-        }
-    }
-    free(r->buckets);
-    r->buckets = nb;
-    r->nbuckets = nbuckets;
-}
-
 static struct hub_chan *lookup(const struct hub_chan_registry *r, const char *name,
-                               size_t len, uint32_t h)
+                               size_t len, uint64_t h)
 {
-    for (struct hub_chan *c = r->buckets[h & (r->nbuckets - 1)]; c; c = c->next)
-        if (c->hash == h && c->name_len == len && memcmp(c->name, name, len) == 0)
+    for (struct hub_hnode *n = hub_htable_chain(&r->chans, h); n; n = n->next) {
+        struct hub_chan *c = hub_container_of(n, struct hub_chan, node);
+        if (n->hash == h && c->name_len == len && memcmp(c->name, name, len) == 0)
             return c;
+    }
     return NULL;
 }
 
 struct hub_chan *hub_chan_find(const struct hub_chan_registry *r, const char *name,
                                size_t len)
 {
-    return lookup(r, name, len, hash_name(name, len));
+    return lookup(r, name, len, hub_hash64(name, len));
+}
+
+int hub_chan_in_list(const struct hub_chan_registry *r, const struct hub_sub *list,
+                     const char *name, size_t len)
+{
+    const struct hub_chan *c = hub_chan_find(r, name, len);
+    if (!c)
+        return 0;
+    for (; list; list = list->next)
+        if (list->chan == c)
+            return 1;
+    return 0;
 }
 
 int hub_chan_subscribe(struct hub_chan_registry *r, struct hub_sub **list,
                        void *owner, const char *name, size_t len)
 {
-    uint32_t h = hash_name(name, len);
+    uint64_t h = hub_hash64(name, len);
     struct hub_chan *c = lookup(r, name, len, h);
-    int created = 0;
 
     if (c) {
         for (struct hub_sub *s = *list; s; s = s->next)
@@ -100,17 +77,11 @@ int hub_chan_subscribe(struct hub_chan_registry *r, struct hub_sub **list,
     } else {
         c = hub_xmalloc(sizeof(*c) + len + 1);
         memset(c, 0, sizeof(*c));
-        c->hash = h;
+        c->node.hash = h;
         c->name_len = (uint32_t)len;
         memcpy(c->name, name, len);
         c->name[len] = '\0';
-        uint32_t b = h & (r->nbuckets - 1);
-        c->next = r->buckets[b];
-        r->buckets[b] = c;
-        r->nchans++;
-        created = 1;
-        if (r->nchans > r->nbuckets)
-            rehash(r, r->nbuckets * 2);
+        hub_htable_insert(&r->chans, &c->node);
     }
 
     if (c->nsubs == c->cap) {
@@ -125,9 +96,6 @@ int hub_chan_subscribe(struct hub_chan_registry *r, struct hub_sub **list,
     *list = s;
     c->subs[c->nsubs++] = s;
     r->nsubs++;
-
-    if (created && r->on_first)
-        r->on_first(r->ud, c->name, c->name_len);
     return 1;
 }
 
@@ -143,17 +111,10 @@ static void drop_sub(struct hub_chan_registry *r, struct hub_sub *s)
     r->nsubs--;
     if (c->nsubs)
         return;
-
     if (r->on_last)
         r->on_last(r->ud, c->name, c->name_len);
-    struct hub_chan **pp = &r->buckets[c->hash & (r->nbuckets - 1)];
-    while (*pp != c)
-        pp = &(*pp)->next;
-    *pp = c->next;
-    r->nchans--;
+    hub_htable_remove(&r->chans, &c->node);
     free_chan(c);
-    if (r->nbuckets > MIN_BUCKETS && r->nchans < r->nbuckets / 8)
-        rehash(r, r->nbuckets / 2);
 }
 
 int hub_chan_unsubscribe(struct hub_chan_registry *r, struct hub_sub **list,

@@ -91,6 +91,8 @@ struct hub_http {
     size_t nconns;
     int shutting_down;
     int stopped;
+    uint64_t requests;              /* answers written */
+    uint64_t timeouts;              /* connections closed by a deadline */
 };
 
 static void drive(struct hub_http_conn *c, int readable);
@@ -124,7 +126,6 @@ static void conn_close(struct hub_http_conn *c)
     c->file_fd = -1;
     hub_list_move_tail(&hs->zombies, &c->node);
     hs->nconns--;
-    hub_metrics.http_connections = hs->nconns;
 }
 
 static void conn_free(struct hub_http_conn *c)
@@ -190,7 +191,7 @@ static void begin_response(struct hub_http_conn *c, unsigned status, const char 
     if (extra)
         hub_buf_appends(&c->out, extra);
     hub_buf_appends(&c->out, "\r\n");
-    hub_metrics.http_requests++;
+    c->hs->requests++;
 }
 
 static int head_only(const struct hub_http_conn *c)
@@ -628,7 +629,7 @@ static void on_sweep(uv_timer_t *t)
         struct hub_http_conn *c = hub_container_of(it, struct hub_http_conn, node);
         if (tnow < c->deadline || c->state == S_BUSY)
             continue;
-        hub_metrics.http_timeouts++;
+        hs->timeouts++;
         if ((c->state == S_HEAD && c->in.len) || c->state == S_BODY) {
             snprintf(msg, sizeof(msg),
                      "the request did not arrive in time (request_timeout %u s)",
@@ -716,7 +717,6 @@ void hub_http_accept(struct hub_http *hs, int fd)
     hub_list_init(&c->node);
     hub_list_push_tail(&hs->conns, &c->node);
     hs->nconns++;
-    hub_metrics.http_connections = hs->nconns;
 }
 
 void hub_http_shutdown(struct hub_http *hs)
@@ -731,9 +731,16 @@ void hub_http_shutdown(struct hub_http *hs)
     }
 }
 
-size_t hub_http_connections(const struct hub_http *hs)
+void hub_http_metrics(const struct hub_http *hs, struct hub_buf *b)
 {
-    return hs ? hs->nconns : 0;
+    hub_metric_one(b, "luahub_http_requests_total", "counter", "HTTP requests served.",
+                   hs ? hs->requests : 0);
+    hub_metric_one(b, "luahub_http_connections", "gauge",
+                   "Open plain HTTP connections (not yet or never upgraded).",
+                   hs ? hs->nconns : 0);
+    hub_metric_one(b, "luahub_http_timeouts_total", "counter",
+                   "HTTP connections closed by a deadline (request_timeout, http_idle_timeout).",
+                   hs ? hs->timeouts : 0);
 }
 
 void hub_http_stop(struct hub_http *hs)

@@ -196,7 +196,7 @@ static void api_publish(struct hub_server *srv, struct hub_http_conn *c,
     memset(&req, 0, sizeof(req));
     if (hub_proto_decode_api(r->body ? r->body : "", r->body_len, broadcast, &req, &err) < 0) {
         hub_buf_free(&req.names);
-        hub_metrics.protocol_errors[err.code]++;
+        srv->sessions.protocol_errors[err.code]++;
         hub_http_respond_error(c, 400, hub_proto_code_name(err.code), err.message, 0);
         return;
     }
@@ -205,8 +205,8 @@ static void api_publish(struct hub_server *srv, struct hub_http_conn *c,
     for (unsigned i = 0; i < req.nchannels; i++) {
         size_t len = strlen(name);
         op->remaining++;
-        if (hub_server_publish_cb(srv, name, len, req.data.p, req.data.len, on_api_published,
-                                  op) < 0) {
+        if (hub_publish(&srv->hub, name, len, req.data.p, req.data.len, on_api_published,
+                        op) < 0) {
             op->remaining--;
             op->failed = 1;
         }
@@ -223,7 +223,7 @@ static void api_reload(struct hub_server *srv, struct hub_http_conn *c)
     struct hub_config_errors errs = {0};
     struct hub_buf msg = {0};
 
-    if (hub_policy_reload(srv, &errs) == 0) {
+    if (hub_server_reload_policy(srv, &errs) == 0) {
         respond_json(c, 200, "{\"ok\":true}");
         return;
     }
@@ -323,12 +323,8 @@ static void healthz(struct hub_server *srv, struct hub_http_conn *c)
 static void metrics(struct hub_server *srv, struct hub_http_conn *c)
 {
     struct hub_buf b = {0};
+    (void)srv;
     hub_metrics_render(&b);
-    if (srv->policy)
-        hub_policy_metrics(srv->policy, &b);
-    srv->broker->ops->metrics(srv->broker, &b);
-    if (srv->registry)
-        hub_registry_metrics(srv->registry, &b);
     hub_http_respond(c, 200, "text/plain; version=0.0.4", NULL, b.p, b.len, 0);
     hub_buf_free(&b);
 }

@@ -16,11 +16,13 @@
  *                                            for the connection of on_disconnect
  *   conn:channels()                          open connections, on_disconnect too
  *
- * A conn object lives in the Lua state and points at the C connection while
- * it is open; hub_lua_conn_gone() cuts that link, after which only conn.id
- * and conn.remote_addr can be read and everything else raises "connection
- * closed". Objects are cached through c->lua_ref, so a hook call costs a
- * registry lookup, not an allocation. */
+ * A conn object lives in the Lua state and points at the host's connection
+ * (struct hub_policy_conn) while it is open; hub_lua_conn_gone() cuts that
+ * link, after which only conn.id and conn.remote_addr can be read and
+ * everything else raises "connection closed". What the methods do to the
+ * connection goes through the host interface (policy.h). Objects are cached
+ * through c->lua_ref, so a hook call costs a registry lookup, not an
+ * allocation. */
 #include "lua_api.h"
 
 #include <math.h>
@@ -36,11 +38,8 @@
 #include <openssl/hmac.h>
 #include <uv.h>
 
-#include "luahub/chan.h"
-#include "luahub/conn.h"
 #include "luahub/log.h"
 #include "luahub/proto.h"
-#include "luahub/server.h"
 
 #define CONN_MT "conn"
 #define MSG_MT "msg"
@@ -71,13 +70,13 @@ static const char *check_channel(lua_State *L, int arg, const char *fn, size_t *
 
 /* hub.publish & co need the running hub: not while the policy loads (and
  * there is no hub at all in --check). */
-static struct hub_server *need_server(lua_State *L, const char *fn)
+static const struct hub_policy_host *need_host(lua_State *L, const char *fn)
 {
     struct hub_policy *p = policy_of(L);
-    if (!p->srv || p->phase == HUB_PHASE_LOAD)
+    if (!p->host.ops || p->phase == HUB_PHASE_LOAD)
         luaL_error(L, "%s is not available while the policy loads: call it from a "
                       "hook or a timer", fn);
-    return p->srv;
+    return &p->host;
 }
 
 /* ---- JSON ---------------------------------------------------------------- */
@@ -191,32 +190,31 @@ static int l_json_decode(lua_State *L)
 
 static int l_publish(lua_State *L)
 {
-    struct hub_server *srv = need_server(L, "hub.publish");
+    const struct hub_policy_host *h = need_host(L, "hub.publish");
     size_t clen, dlen;
     const char *ch = check_channel(L, 1, "hub.publish", &clen);
     luaL_checkany(L, 2);
     hub_lua_encode(policy_of(L), L, 2, "hub.publish: data");
     const char *data = lua_tolstring(L, -1, &dlen);
-    size_t n = hub_server_publish(srv, ch, clen, data, dlen);
+    size_t n = h->ops->publish(h->ud, ch, clen, data, dlen);
     lua_pushinteger(L, (lua_Integer)n);
     return 1;
 }
 
 static int l_subscribers(lua_State *L)
 {
-    struct hub_server *srv = need_server(L, "hub.subscribers");
+    const struct hub_policy_host *h = need_host(L, "hub.subscribers");
     size_t len;
     const char *ch = check_channel(L, 1, "hub.subscribers", &len);
-    const struct hub_chan *c = hub_chan_find(&srv->chans, ch, len);
-    lua_pushinteger(L, c ? c->nsubs : 0);
+    lua_pushinteger(L, (lua_Integer)h->ops->subscribers(h->ud, ch, len));
     return 1;
 }
 
 static int l_conn(lua_State *L)
 {
-    struct hub_server *srv = need_server(L, "hub.conn");
+    const struct hub_policy_host *h = need_host(L, "hub.conn");
     const char *id = luaL_checkstring(L, 1);
-    struct hub_conn *c = hub_server_find_conn(srv, id);
+    struct hub_policy_conn *c = h->ops->conn_named(h->ud, id);
     if (!c)
         lua_pushnil(L);
     else
@@ -519,7 +517,7 @@ static void on_timer(uv_timer_t *h)
 
 static void start_timer(struct hub_policy *p, struct hub_ptimer *t)
 {
-    uv_timer_init(p->srv->loop, &t->t);
+    uv_timer_init(p->host.loop, &t->t);
     uv_timer_start(&t->t, on_timer, t->ms, 0);
     /* Pending policy timers do not keep the loop (and a shutdown) waiting. */
     uv_unref((uv_handle_t *)&t->t);
@@ -548,7 +546,7 @@ static int l_after(lua_State *L)
     luaL_checktype(L, 2, LUA_TFUNCTION);
     if (!(s >= 0 && s <= TIMER_MAX_S))
         luaL_error(L, "hub.after: the delay must be 0 to %d seconds", (int)TIMER_MAX_S);
-    if (p->srv && p->srv->shutting_down)
+    if (p->host.ops && p->host.ops->shutting_down(p->host.ud))
         luaL_error(L, "hub.after: the hub is shutting down");
     if (p->ntimers >= TIMERS_MAX)
         luaL_error(L, "hub.after: too many pending timers (%d)", TIMERS_MAX);
@@ -678,45 +676,10 @@ enum { CONN_PENDING, CONN_OPEN, CONN_GONE };
 enum { UV_ID = 1, UV_USER, UV_INFO, UV_ADDR, UV__COUNT = UV_ADDR };
 
 struct lconn {
-    struct hub_conn *c;     /* CONN_OPEN only */
+    struct hub_policy_conn *c;     /* CONN_OPEN only */
     uint64_t id;
     int state;
 };
-
-/* conn:close(code, reason) keeps a pointer to `reason` in the connection
- * (c->close_reason, given to on_disconnect), so it must outlive the Lua
- * string: copies live here, process-wide (they survive reloads), until the
- * connection is gone. */
-struct reason_copy {
-    struct reason_copy *next;
-    uint64_t id;
-    char text[];
-};
-static struct reason_copy *reasons;
-
-static const char *keep_reason(uint64_t id, const char *s, size_t n)
-{
-    struct reason_copy *r = hub_xmalloc(sizeof(*r) + n + 1);
-    memcpy(r->text, s, n);
-    r->text[n] = '\0';
-    r->id = id;
-    r->next = reasons;
-    reasons = r;
-    return r->text;
-}
-
-static void drop_reasons(uint64_t id)
-{
-    for (struct reason_copy **pp = &reasons; *pp;) {
-        struct reason_copy *r = *pp;
-        if (r->id == id) {
-            *pp = r->next;
-            free(r);
-        } else {
-            pp = &r->next;
-        }
-    }
-}
 
 static struct lconn *new_conn_object(lua_State *L, uint64_t id, int state,
                                      const char *client_id, const char *addr)
@@ -733,7 +696,7 @@ static struct lconn *new_conn_object(lua_State *L, uint64_t id, int state,
     return u;
 }
 
-void hub_lua_push_conn(struct hub_policy *p, struct hub_conn *c)
+void hub_lua_push_conn(struct hub_policy *p, struct hub_policy_conn *c)
 {
     lua_State *L = p->L;
     struct lconn *u = NULL;
@@ -758,9 +721,8 @@ void hub_lua_push_conn(struct hub_policy *p, struct hub_conn *c)
     }
     if (!u) {
         char id[64], addr[64] = "";
-        hub_conn_client_id(c, id, sizeof(id));
-        if (c->wsi)
-            lws_get_peer_simple(c->wsi, addr, sizeof(addr));
+        p->host.ops->conn_name(p->host.ud, c->id, id, sizeof(id));
+        p->host.ops->conn_addr(p->host.ud, c, addr, sizeof(addr));
         u = new_conn_object(L, c->id, CONN_OPEN, id, addr);
     }
     u->c = c;
@@ -771,9 +733,9 @@ void hub_lua_push_conn(struct hub_policy *p, struct hub_conn *c)
 
 void hub_lua_push_pending_conn(struct hub_policy *p, uint64_t id, const char *remote_addr)
 {
-    char client[64];
-    snprintf(client, sizeof(client), "%s-%llu", p->srv ? p->srv->instance : "",
-             (unsigned long long)id);
+    char client[64] = "";
+    if (p->host.ops)
+        p->host.ops->conn_name(p->host.ud, id, client, sizeof(client));
     new_conn_object(p->L, id, CONN_PENDING, client, remote_addr);
 }
 
@@ -810,12 +772,10 @@ void hub_lua_pending_done(struct hub_policy *p, int idx, int allowed,
     p->npending++;
 }
 
-void hub_lua_conn_gone(struct hub_policy *p, struct hub_conn *c)
+void hub_lua_conn_gone(struct hub_policy *p, struct hub_policy_conn *c)
 {
     lua_State *L = p->L;
 
-    if (reasons)
-        drop_reasons(c->id);
     if (c->lua_ref > 0) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, c->lua_ref);
         struct lconn *u = lua_touserdata(L, -1);
@@ -848,13 +808,11 @@ static void resolve_pending(lua_State *L, struct lconn *u, int idx)
 {
     struct hub_policy *p = policy_of(L);
 
-    if (u->state != CONN_PENDING || !p->srv ||
+    if (u->state != CONN_PENDING || !p->host.ops ||
         (p->phase == HUB_HOOK_CONNECT && p->cur_conn_id == u->id))
         return;
-    lua_getiuservalue(L, idx, UV_ID);
-    struct hub_conn *c = hub_server_find_conn(p->srv, lua_tostring(L, -1));
-    lua_pop(L, 1);
-    if (!c || c->id != u->id || c->lua_ref > 0)
+    struct hub_policy_conn *c = p->host.ops->conn(p->host.ud, u->id);
+    if (!c || c->lua_ref > 0)
         return;
     u->c = c;
     u->state = CONN_OPEN;
@@ -871,7 +829,7 @@ static void resolve_pending(lua_State *L, struct lconn *u, int idx)
 /* The connection behind method `name` called on arg 1; raises unless it may
  * be used now. `acts`: the method acts on the connection (send, close,
  * subscribe, unsubscribe), which on_disconnect's own connection cannot. */
-static struct hub_conn *open_conn(lua_State *L, const char *name, int acts)
+static struct hub_policy_conn *open_conn(lua_State *L, const char *name, int acts)
 {
     struct lconn *u = luaL_checkudata(L, 1, CONN_MT);
     struct hub_policy *p = policy_of(L);
@@ -890,23 +848,24 @@ static struct hub_conn *open_conn(lua_State *L, const char *name, int acts)
 
 static int conn_send(lua_State *L)
 {
-    struct hub_conn *c = open_conn(L, "send", 1);
+    struct hub_policy_conn *c = open_conn(L, "send", 1);
     size_t n;
     luaL_checkany(L, 2);
     hub_lua_encode(policy_of(L), L, 2, "conn:send: data");
     const char *s = lua_tolstring(L, -1, &n);
-    if (c->flags & HUB_CONN_CLOSING) {
+    const struct hub_policy_host *h = &policy_of(L)->host;
+    if (h->ops->conn_closing(h->ud, c)) {
         lua_pushboolean(L, 0);
         return 1;
     }
-    hub_conn_push(c, s, n);
+    h->ops->conn_send(h->ud, c, s, n);
     lua_pushboolean(L, 1);
     return 1;
 }
 
 static int conn_close(lua_State *L)
 {
-    struct hub_conn *c = open_conn(L, "close", 1);
+    struct hub_policy_conn *c = open_conn(L, "close", 1);
     lua_Integer code = luaL_optinteger(L, 2, 1000);
     size_t n = 0;
     const char *reason = luaL_optlstring(L, 3, "", &n);
@@ -917,25 +876,27 @@ static int conn_close(lua_State *L)
         luaL_error(L, "conn:close: the reason is %d bytes (at most 123)", (int)n);
     if (memchr(reason, '\0', n))
         luaL_error(L, "conn:close: the reason contains a NUL byte");
-    if (c->flags & HUB_CONN_CLOSING) {
+    const struct hub_policy_host *h = &policy_of(L)->host;
+    if (h->ops->conn_closing(h->ud, c)) {
         lua_pushboolean(L, 0);
         return 1;
     }
-    hub_conn_close(c, (uint16_t)code, keep_reason(c->id, reason, n), 0);
+    h->ops->conn_close(h->ud, c, (unsigned)code, reason);
     lua_pushboolean(L, 1);
     return 1;
 }
 
 static int conn_subscribe(lua_State *L)
 {
-    struct hub_conn *c = open_conn(L, "subscribe", 1);
+    struct hub_policy_conn *c = open_conn(L, "subscribe", 1);
     size_t len;
     const char *ch = check_channel(L, 2, "conn:subscribe", &len);
-    int r = hub_conn_subscribe(c, ch, len);
+    const struct hub_policy_host *h = &policy_of(L)->host;
+    int r = h->ops->conn_subscribe(h->ud, c, ch, len);
     if (r < 0) {
         lua_pushnil(L);
         lua_pushfstring(L, "at most %d channels per connection (max_channels_per_conn)",
-                        (int)c->srv->cfg->max_channels_per_conn);
+                        (int)h->cfg->max_channels_per_conn);
         return 2;
     }
     lua_pushboolean(L, r == 1);
@@ -944,22 +905,33 @@ static int conn_subscribe(lua_State *L)
 
 static int conn_unsubscribe(lua_State *L)
 {
-    struct hub_conn *c = open_conn(L, "unsubscribe", 1);
+    struct hub_policy_conn *c = open_conn(L, "unsubscribe", 1);
     size_t len;
     const char *ch = check_channel(L, 2, "conn:unsubscribe", &len);
-    lua_pushboolean(L, hub_conn_unsubscribe(c, ch, len) == 0);
+    const struct hub_policy_host *h = &policy_of(L)->host;
+    lua_pushboolean(L, h->ops->conn_unsubscribe(h->ud, c, ch, len) == 0);
     return 1;
+}
+
+struct channels_arg {
+    lua_State *L;
+    lua_Integer i;
+};
+
+static void push_channel(void *arg, const char *ch, size_t len)
+{
+    struct channels_arg *a = arg;
+    lua_pushlstring(a->L, ch, len);
+    lua_rawseti(a->L, -2, ++a->i);
 }
 
 static int conn_channels(lua_State *L)
 {
-    struct hub_conn *c = open_conn(L, "channels", 0);
-    lua_createtable(L, (int)c->nsubs, 0);
-    lua_Integer i = 0;
-    for (const struct hub_sub *s = c->subs; s; s = s->next) {
-        lua_pushlstring(L, s->chan->name, s->chan->name_len);
-        lua_rawseti(L, -2, ++i);
-    }
+    struct hub_policy_conn *c = open_conn(L, "channels", 0);
+    const struct hub_policy_host *h = &policy_of(L)->host;
+    struct channels_arg a = {L, 0};
+    lua_newtable(L);
+    h->ops->conn_channels(h->ud, c, push_channel, &a);
     return 1;
 }
 

@@ -18,9 +18,6 @@
 #include "luahub/policy.h"
 #include "luahub/util.h"
 
-struct hub_server;
-struct hub_conn;
-struct lws;
 
 /* The built-in policy (lua/default.lua), embedded at build time. */
 extern const char hub_lua_default[];
@@ -66,7 +63,7 @@ struct hub_emit;
 
 struct hub_policy {
     lua_State *L;
-    struct hub_server *srv;         /* NULL in --check */
+    struct hub_policy_host host;    /* ops NULL in --check */
     const struct hub_config *cfg;   /* borrowed */
     char *chunkname;                /* "@/path/policy.lua" or "=default.lua" */
     const char *source_name;        /* the path as printed (chunkname + 1) */
@@ -88,9 +85,8 @@ struct hub_policy {
 
     /* the call in progress */
     int phase;                      /* HUB_PHASE_* or a hook */
-    struct hub_conn *cur_conn;      /* the hook's connection, or NULL */
+    struct hub_policy_conn *cur_conn; /* the hook's connection, or NULL */
     uint64_t cur_conn_id;           /* its id (also during on_connect), 0 if none */
-    struct lws *cur_wsi;            /* on_connect only: the upgrade request */
     char err_where[128];            /* set by the message handler */
 
     /* hooks: registry refs (LUA_NOREF if absent) and "chunk:line" of each */
@@ -152,7 +148,7 @@ int hub_lua_msg_push_decoded(struct hub_policy *p);
 
 /* Pushes the Lua object of an open connection (cached through c->lua_ref,
  * or adopted from on_connect's object). Memory is not capped here. */
-void hub_lua_push_conn(struct hub_policy *p, struct hub_conn *c);
+void hub_lua_push_conn(struct hub_policy *p, struct hub_policy_conn *c);
 /* Pushes a new conn object for a connection being upgraded (on_connect):
  * id and remote address readable, user and info settable, methods raise. */
 void hub_lua_push_pending_conn(struct hub_policy *p, uint64_t id, const char *remote_addr);
@@ -162,7 +158,7 @@ void hub_lua_push_pending_conn(struct hub_policy *p, uint64_t id, const char *re
 void hub_lua_pending_done(struct hub_policy *p, int idx, int allowed,
                           struct hub_connect_result *res);
 /* The connection is gone: its object raises "connection closed" from now. */
-void hub_lua_conn_gone(struct hub_policy *p, struct hub_conn *c);
+void hub_lua_conn_gone(struct hub_policy *p, struct hub_policy_conn *c);
 
 /* Encodes the value at `idx` as JSON (guarded against output blow-up,
  * checked to be valid UTF-8 JSON) and pushes the string. Raises with
@@ -203,7 +199,7 @@ void hub_sandbox_charge(struct hub_policy *p, lua_State *L, int64_t n);
  * instruction budget and the memory cap. On success returns 0 with `nres`
  * results on the stack; on failure logs one line, counts it, leaves the
  * stack at what it was below the function and returns -1. */
-int hub_policy_pcall(struct hub_policy *p, int phase, struct hub_conn *c,
+int hub_policy_pcall(struct hub_policy *p, int phase, struct hub_policy_conn *c,
                      uint64_t conn_id, int nargs, int nres);
 
 /* Name of a phase: "on_publish", "timer", "load". */

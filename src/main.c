@@ -63,7 +63,7 @@ static void on_signal(uv_signal_t *h, int signum)
 {
     if (signum == SIGHUP) {
         hub_log(HUB_LOG_INFO, "SIGHUP: reloading the policy");
-        hub_policy_reload(&server, NULL);
+        hub_server_reload_policy(&server, NULL);
         return;
     }
     hub_log(HUB_LOG_INFO, "%s received", signum == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -101,7 +101,7 @@ static int run_hub(struct hub_config *cfg, int worker)
      * compile never accepts a connection. */
     if (hub_server_init(&server, &loop, cfg) < 0) {
         rc = 1;
-    } else if (!(server.policy = hub_policy_new(&server, &errs))) {
+    } else if (hub_server_load_policy(&server, &errs) < 0) {
         for (unsigned i = 0; i < errs.n; i++)
             fprintf(stderr, "%s\n", errs.v[i]);
         fprintf(stderr, "luahub: the policy has %u problem%s, not starting\n", errs.n,
@@ -220,7 +220,7 @@ int main(int argc, char **argv)
         rc = run_hub(&cfg, 0);
     } else {
         /* Workers share one port: with port 0, pick it here, once. */
-        int held = hub_server_reserve_port(&cfg);
+        int held = hub_listener_reserve_port(&cfg);
         if (held < 0) {
             rc = 1;
         } else {

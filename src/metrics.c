@@ -1,62 +1,111 @@
-/* Process counters and their Prometheus text exposition. */
+/* The metrics registry, the family writer and the histogram
+ * (include/luahub/metrics.h). */
 #include "luahub/metrics.h"
 
-struct hub_metrics hub_metrics;
+#include <string.h>
 
-static void metric(struct hub_buf *b, const char *name, const char *type,
-                   const char *help, uint64_t v)
+#define SOURCES_MAX 16
+
+static struct {
+    hub_metrics_fn fn;
+    void *ud;
+} sources[SOURCES_MAX];
+static unsigned nsources;
+
+void hub_metrics_add(hub_metrics_fn fn, void *ud)
 {
-    hub_buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n%s %llu\n", name, help, name,
-                   type, name, (unsigned long long)v);
+    if (nsources < SOURCES_MAX) {
+        sources[nsources].fn = fn;
+        sources[nsources].ud = ud;
+        nsources++;
+    }
+}
+
+void hub_metrics_remove(hub_metrics_fn fn, void *ud)
+{
+    for (unsigned i = 0; i < nsources; i++)
+        if (sources[i].fn == fn && sources[i].ud == ud) {
+            memmove(&sources[i], &sources[i + 1], (nsources - i - 1) * sizeof(sources[0]));
+            nsources--;
+            return;
+        }
 }
 
 void hub_metrics_render(struct hub_buf *b)
 {
-    const struct hub_metrics *m = &hub_metrics;
+    for (unsigned i = 0; i < nsources; i++)
+        sources[i].fn(sources[i].ud, b);
+}
 
-    metric(b, "luahub_connections", "gauge", "Open WebSocket connections.",
-           m->connections);
-    metric(b, "luahub_connections_total", "counter",
-           "WebSocket connections accepted.", m->connections_total);
-    metric(b, "luahub_connections_refused_total", "counter",
-           "WebSocket upgrades refused (limit, path, shutdown).",
-           m->connections_refused);
-    metric(b, "luahub_accept_pauses_total", "counter",
-           "Times accepting paused for 100 ms: out of file descriptors or memory.",
-           m->accept_pauses);
-    metric(b, "luahub_subscriptions", "gauge", "Subscriptions over all channels.",
-           m->subscriptions);
-    metric(b, "luahub_channels", "gauge", "Channels with at least one subscriber.",
-           m->channels);
-    metric(b, "luahub_messages_published_total", "counter",
-           "Messages published (one per channel).", m->published);
-    metric(b, "luahub_deliveries_total", "counter",
-           "Frames queued to subscribers.", m->deliveries);
-    metric(b, "luahub_bytes_out_total", "counter",
-           "Bytes written to WebSocket connections.", m->bytes_out);
-    metric(b, "luahub_writes_total", "counter",
-           "Socket writes on WebSocket connections (frames are coalesced).",
-           m->writes);
-    metric(b, "luahub_flushes_total", "counter",
-           "Passes writing the queued frames of every connection.", m->flushes);
-    metric(b, "luahub_flushes_paused_total", "counter",
-           "Flushes after a pause that let frames gather (under load).",
-           m->flushes_paused);
-    metric(b, "luahub_slow_consumer_closes_total", "counter",
-           "Connections closed with 4001 for a queue over max_queue_bytes.",
-           m->slow_consumer_closes);
-    metric(b, "luahub_http_requests_total", "counter", "HTTP requests served.",
-           m->http_requests);
-    metric(b, "luahub_http_connections", "gauge",
-           "Open plain HTTP connections (not yet or never upgraded).", m->http_connections);
-    metric(b, "luahub_http_timeouts_total", "counter",
-           "HTTP connections closed by a deadline (request_timeout, http_idle_timeout).",
-           m->http_timeouts);
+void hub_metric_family(struct hub_buf *b, const char *name, const char *type,
+                       const char *help)
+{
+    hub_buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
 
-    hub_buf_appends(b, "# HELP luahub_protocol_errors_total Protocol errors answered, by code.\n"
-                       "# TYPE luahub_protocol_errors_total counter\n");
-    for (int i = 0; i < HUB_PERR__COUNT; i++)
-        hub_buf_printf(b, "luahub_protocol_errors_total{code=\"%s\"} %llu\n",
-                       hub_proto_code_name(i),
-                       (unsigned long long)m->protocol_errors[i]);
+void hub_metric_value(struct hub_buf *b, const char *name, const char *labels, uint64_t v)
+{
+    if (labels)
+        hub_buf_printf(b, "%s{%s} %llu\n", name, labels, (unsigned long long)v);
+    else
+        hub_buf_printf(b, "%s %llu\n", name, (unsigned long long)v);
+}
+
+void hub_metric_one(struct hub_buf *b, const char *name, const char *type, const char *help,
+                    uint64_t v)
+{
+    hub_metric_family(b, name, type, help);
+    hub_metric_value(b, name, NULL, v);
+}
+
+const uint64_t hub_hist_bounds_call[15] = {
+    1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000,
+    1000000, 2500000, 5000000, 10000000, 100000000, 1000000000,
+};
+
+const uint64_t hub_hist_bounds_rtt[15] = {
+    100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000, 25000000,
+    50000000, 100000000, 250000000, 500000000, 1000000000, 2500000000u, 5000000000u,
+};
+
+void hub_hist_init(struct hub_hist *h, const uint64_t *bounds_ns, unsigned n)
+{
+    memset(h, 0, sizeof(*h));
+    h->bounds_ns = bounds_ns;
+    h->n = n < HUB_HIST_MAX ? n : HUB_HIST_MAX;
+}
+
+void hub_hist_observe(struct hub_hist *h, uint64_t ns)
+{
+    unsigned i = 0;
+    while (i < h->n && ns > h->bounds_ns[i])
+        i++;
+    h->count[i]++;
+    h->sum_ns += ns;
+    h->total++;
+}
+
+void hub_metric_hist(struct hub_buf *b, const char *name, const char *labels,
+                     const struct hub_hist *h)
+{
+    const char *sep = labels ? "," : "";
+    uint64_t cum = 0;
+
+    if (!labels)
+        labels = "";
+    for (unsigned i = 0; i < h->n; i++) {
+        cum += h->count[i];
+        hub_buf_printf(b, "%s_bucket{%s%sle=\"%g\"} %llu\n", name, labels, sep,
+                       (double)h->bounds_ns[i] / 1e9, (unsigned long long)cum);
+    }
+    cum += h->count[h->n];
+    hub_buf_printf(b, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", name, labels, sep,
+                   (unsigned long long)cum);
+    if (labels[0]) {
+        hub_buf_printf(b, "%s_sum{%s} %.9f\n", name, labels, (double)h->sum_ns / 1e9);
+        hub_buf_printf(b, "%s_count{%s} %llu\n", name, labels, (unsigned long long)h->total);
+    } else {
+        hub_buf_printf(b, "%s_sum %.9f\n", name, (double)h->sum_ns / 1e9);
+        hub_buf_printf(b, "%s_count %llu\n", name, (unsigned long long)h->total);
+    }
 }

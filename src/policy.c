@@ -18,13 +18,10 @@
 
 #include <lauxlib.h>
 #include <lua.h>
-#include <libwebsockets.h>
 #include <uv.h>
 
 #include "lua_api.h"
-#include "luahub/conn.h"
 #include "luahub/log.h"
-#include "luahub/server.h"
 
 #define POLICY_MAX_FILE (16 * 1024 * 1024)
 #define LOG_PER_SECOND 10
@@ -225,10 +222,10 @@ static void observe(struct hub_policy *p, int phase, uint64_t ns)
     s->calls++;
 }
 
-int hub_policy_pcall(struct hub_policy *p, int phase, struct hub_conn *c,
+int hub_policy_pcall(struct hub_policy *p, int phase, struct hub_policy_conn *c,
                      uint64_t conn_id, int nargs, int nres)
 {
-    struct hub_conn *saved_c = p->cur_conn;
+    struct hub_policy_conn *saved_c = p->cur_conn;
     uint64_t saved_id = p->cur_conn_id;
 
     p->cur_conn = c;
@@ -478,7 +475,7 @@ out:
     return v;
 }
 
-enum hub_verdict hub_policy_on_subscribe(struct hub_policy *p, struct hub_conn *c,
+enum hub_verdict hub_policy_on_subscribe(struct hub_policy *p, struct hub_policy_conn *c,
                                          const char *channel, size_t len,
                                          char *out, size_t *out_len,
                                          char *reason, size_t reason_len)
@@ -556,7 +553,7 @@ static int add_emit(struct hub_policy *p, size_t n, const char *ch, size_t chl,
 /* One message table {channel = ..., data = ...} at `t`: fills `e`.
  * `channel`/`data` of the publish are the defaults. Returns 0 or -1
  * (failure logged). */
-static int route(struct hub_policy *p, struct hub_conn *c, int t, const char *channel,
+static int route(struct hub_policy *p, struct hub_policy_conn *c, int t, const char *channel,
                  size_t channel_len, const char *data, size_t data_len,
                  struct hub_emit *e)
 {
@@ -624,7 +621,7 @@ static int is_message_table(lua_State *L, int t)
     return yes;
 }
 
-enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_conn *c,
+enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_policy_conn *c,
                                        const char *channel, size_t channel_len,
                                        const char *data, size_t data_len,
                                        hub_emit_fn emit, void *ud,
@@ -760,7 +757,7 @@ static int decode_tramp(lua_State *L)
     return 1;
 }
 
-enum hub_verdict hub_policy_on_rpc(struct hub_policy *p, struct hub_conn *c,
+enum hub_verdict hub_policy_on_rpc(struct hub_policy *p, struct hub_policy_conn *c,
                                    const char *method, size_t method_len,
                                    const char *data, size_t data_len,
                                    struct hub_buf *result,
@@ -822,7 +819,7 @@ out:
     return v;
 }
 
-void hub_policy_on_unsubscribe(struct hub_policy *p, struct hub_conn *c,
+void hub_policy_on_unsubscribe(struct hub_policy *p, struct hub_policy_conn *c,
                                const char *channel, size_t len)
 {
     if (push_hook(p, HUB_HOOK_UNSUBSCRIBE) < 0)
@@ -833,7 +830,7 @@ void hub_policy_on_unsubscribe(struct hub_policy *p, struct hub_conn *c,
     lua_settop(p->L, HUB_LUA_BASE);
 }
 
-void hub_policy_on_disconnect(struct hub_policy *p, struct hub_conn *c,
+void hub_policy_on_disconnect(struct hub_policy *p, struct hub_policy_conn *c,
                               unsigned code, const char *reason)
 {
     if (push_hook(p, HUB_HOOK_DISCONNECT) < 0)
@@ -845,7 +842,7 @@ void hub_policy_on_disconnect(struct hub_policy *p, struct hub_conn *c,
     lua_settop(p->L, HUB_LUA_BASE);
 }
 
-void hub_policy_conn_gone(struct hub_policy *p, struct hub_conn *c)
+void hub_policy_conn_gone(struct hub_policy *p, struct hub_policy_conn *c)
 {
     if (p)
         hub_lua_conn_gone(p, c);
@@ -916,16 +913,18 @@ static void destroy(struct hub_policy *p)
 }
 
 /* Builds a policy: state, sandbox, the script's main chunk under the
- * budgets, hooks verified. `srv` is NULL for --check. Returns NULL with
+ * budgets, hooks verified. `host` is NULL for --check. Returns NULL with
  * every problem in `errs`. Timers the chunk set are not started yet. */
-static struct hub_policy *build(struct hub_server *srv, const struct hub_config *cfg,
+static struct hub_policy *build(const struct hub_policy_host *host,
+                                const struct hub_config *cfg,
                                 struct hub_config_errors *errs, int warn_unknown)
 {
     struct hub_policy *p = hub_xcalloc(1, sizeof(*p));
     struct hub_buf src = {0};
     unsigned first = errs->n;
 
-    p->srv = srv;
+    if (host)
+        p->host = *host;
     p->cfg = cfg;
     p->mem_max = (size_t)cfg->lua_max_memory;
     p->budget = (int64_t)cfg->lua_max_instructions;
@@ -1066,9 +1065,10 @@ int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *err
     return 0;
 }
 
-struct hub_policy *hub_policy_new(struct hub_server *srv, struct hub_config_errors *errs)
+struct hub_policy *hub_policy_new(const struct hub_policy_host *host,
+                                  struct hub_config_errors *errs)
 {
-    struct hub_policy *p = build(srv, srv->cfg, errs, 1);
+    struct hub_policy *p = build(host, host->cfg, errs, 1);
     if (!p)
         return NULL;
     hub_lua_timers_start(p);
@@ -1092,7 +1092,7 @@ void hub_policy_free(struct hub_policy *p)
     if (!p)
         return;
     int had_timers = p->ntimers > 0;
-    uv_loop_t *loop = p->srv ? p->srv->loop : NULL;
+    uv_loop_t *loop = p->host.loop;
     destroy(p);
     /* Called after the loop has drained: let the timers' close callbacks
      * run so that uv_loop_close() finds no handle. */
@@ -1100,14 +1100,20 @@ void hub_policy_free(struct hub_policy *p)
         uv_run(loop, UV_RUN_NOWAIT);
 }
 
-int hub_policy_reload(struct hub_server *srv, struct hub_config_errors *errs)
+static void forget_lua_object(void *arg, struct hub_policy_conn *c)
+{
+    (void)arg;
+    c->lua_ref = 0;
+}
+
+int hub_policy_reload(struct hub_policy **policy, struct hub_config_errors *errs)
 {
     struct hub_config_errors local = {0};
     struct hub_config_errors *e = errs ? errs : &local;
-    struct hub_policy *old = srv->policy;
+    struct hub_policy *old = *policy;
     unsigned first = e->n;
 
-    struct hub_policy *np = build(srv, srv->cfg, e, 1);
+    struct hub_policy *np = build(&old->host, old->cfg, e, 1);
     if (!np) {
         if (old)
             old->st.reloads_failed++;
@@ -1121,12 +1127,11 @@ int hub_policy_reload(struct hub_server *srv, struct hub_config_errors *errs)
     if (old) {
         np->st = old->st;
         /* the old state's conn objects die with it */
-        for (struct hub_conn *c = srv->conns; c; c = c->next)
-            c->lua_ref = 0;
+        old->host.ops->each_conn(old->host.ud, forget_lua_object, NULL);
         destroy(old);
     }
     np->st.reloads_ok++;
-    srv->policy = np;
+    *policy = np;
     hub_lua_timers_start(np);
     hub_log(HUB_LOG_INFO, "policy reloaded from %s", np->source_name);
     return 0;

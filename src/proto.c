@@ -8,6 +8,7 @@
  * it, because the whole message is given to one yajl_parse() call: that is
  * what makes the spans exact. */
 #include "luahub/proto.h"
+#include "luahub/hash.h"
 
 #include <stdarg.h>
 #include <stdint.h>
@@ -307,11 +308,14 @@ struct val {
     size_t end;
 };
 
-/* Dedup table for /api/broadcast: offsets of the names kept so far in
- * req->names, and an open-addressing hash of their indexes (+1; 0 = free). */
+/* Dedup table for /api/broadcast: the names kept so far, by the offset of
+ * each in req->names. */
 struct dedup {
-    uint32_t off[HUB_API_MAX_CHANNELS];
-    uint16_t slot[2 * HUB_API_MAX_CHANNELS];
+    struct dnode {
+        struct hub_hnode node;
+        uint32_t off;
+    } n[HUB_API_MAX_CHANNELS];
+    struct hub_htable t;
 };
 
 struct parse {
@@ -383,14 +387,6 @@ static int stop(struct parse *p)
     return 0;
 }
 
-static uint32_t hash(const char *s, size_t n)
-{
-    uint32_t h = 2166136261u;   /* FNV-1a */
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ (unsigned char)s[i]) * 16777619u;
-    return h;
-}
-
 /* One entry of "channels": validate, drop duplicates, keep. */
 static void entry(struct parse *p, int type, const char *s, size_t n)
 {
@@ -408,20 +404,18 @@ static void entry(struct parse *p, int type, const char *s, size_t n)
         return;
     }
     struct hub_buf *names = &p->req->names;
-    size_t mask = 2 * HUB_API_MAX_CHANNELS - 1;
-    for (size_t j = hash(s, n) & mask;; j = (j + 1) & mask) {
-        unsigned k = p->dd->slot[j];
-        if (k == 0) {
-            p->dd->slot[j] = (uint16_t)(p->kept + 1);
-            p->dd->off[p->kept++] = (uint32_t)names->len;
-            hub_buf_append(names, s, n);
-            hub_buf_append(names, "", 1);   /* NUL-terminated, back to back */
-            return;
-        }
-        const char *q = names->p + p->dd->off[k - 1];
-        if (strncmp(q, s, n) == 0 && q[n] == '\0')   /* q may be shorter */
+    uint64_t h = hub_hash64(s, n);
+    for (struct hub_hnode *e = hub_htable_chain(&p->dd->t, h); e; e = e->next) {
+        const char *q = names->p + hub_container_of(e, struct dnode, node)->off;
+        if (e->hash == h && strncmp(q, s, n) == 0 && q[n] == '\0') /* q may be shorter */
             return; /* the same name again: deliver once */
     }
+    struct dnode *d = &p->dd->n[p->kept++];
+    d->node.hash = h;
+    d->off = (uint32_t)names->len;
+    hub_htable_insert(&p->dd->t, &d->node);
+    hub_buf_append(names, s, n);
+    hub_buf_append(names, "", 1);   /* NUL-terminated, back to back */
 }
 
 /* A scalar value, or the start of an array or object (`type`). */
@@ -852,6 +846,8 @@ out:
         req->nchannels = 0;
         hub_buf_reset(&req->names);
     }
+    if (dd)
+        hub_htable_free(&dd->t);
     free(dd);
     return rc;
 }

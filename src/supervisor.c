@@ -29,11 +29,6 @@ struct worker {
     unsigned backoff_ms;
 };
 
-static uint64_t now_ms(void)
-{
-    return hub_now_ns() / 1000000u;
-}
-
 static pid_t spawn(unsigned i, hub_worker_fn fn, void *ud, const sigset_t *handled)
 {
     pid_t pid = fork();
@@ -77,19 +72,19 @@ int hub_supervise(unsigned n, hub_worker_fn fn, void *ud, unsigned stop_timeout_
                     strerror(errno));
             forward(w, n, SIGTERM);
             stopping = 1;
-            stop_by = now_ms() + stop_timeout_ms;
+            stop_by = hub_now_ms() + stop_timeout_ms;
             rc = 1;
             w[i].pid = 0;
             continue;
         }
-        w[i].started_ms = now_ms();
+        w[i].started_ms = hub_now_ms();
         w[i].backoff_ms = BACKOFF_MIN_MS;
         running++;
     }
 
     while (running || (!stopping)) {
         /* Sleep until a signal or the next scheduled restart. */
-        uint64_t now = now_ms(), next = 0;
+        uint64_t now = hub_now_ms(), next = 0;
         for (unsigned i = 0; i < n; i++)
             if (!w[i].pid && w[i].restart_at_ms && (!next || w[i].restart_at_ms < next))
                 next = w[i].restart_at_ms;
@@ -108,7 +103,7 @@ int hub_supervise(unsigned n, hub_worker_fn fn, void *ud, unsigned stop_timeout_
             if (!stopping) {
                 hub_log(HUB_LOG_INFO, "supervisor: %s, stopping %u workers",
                         sig == SIGTERM ? "SIGTERM" : "SIGINT", running);
-                stop_by = now_ms() + stop_timeout_ms;
+                stop_by = hub_now_ms() + stop_timeout_ms;
             }
             stopping = 1;
             forward(w, n, sig); /* a second one makes workers stop at once */
@@ -128,7 +123,7 @@ int hub_supervise(unsigned n, hub_worker_fn fn, void *ud, unsigned stop_timeout_
                 running--;
                 if (stopping)
                     break;
-                uint64_t t = now_ms();
+                uint64_t t = hub_now_ms();
                 if (t - w[i].started_ms >= STABLE_MS)
                     w[i].backoff_ms = BACKOFF_MIN_MS;
                 w[i].restart_at_ms = t + w[i].backoff_ms;
@@ -149,7 +144,7 @@ int hub_supervise(unsigned n, hub_worker_fn fn, void *ud, unsigned stop_timeout_
         if (stopping) {
             /* A worker that has not exited by now will not: its loop is
              * stuck, or it ignores the signal. */
-            if (running && !killed && now_ms() >= stop_by) {
+            if (running && !killed && hub_now_ms() >= stop_by) {
                 for (unsigned i = 0; i < n; i++)
                     if (w[i].pid > 0)
                         hub_log(HUB_LOG_ERROR, "supervisor: worker %u (pid %d) still "
@@ -161,7 +156,7 @@ int hub_supervise(unsigned n, hub_worker_fn fn, void *ud, unsigned stop_timeout_
             }
             continue;
         }
-        now = now_ms();
+        now = hub_now_ms();
         for (unsigned i = 0; i < n; i++) {
             if (w[i].pid || !w[i].restart_at_ms || w[i].restart_at_ms > now)
                 continue;

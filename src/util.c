@@ -145,3 +145,8 @@ uint64_t hub_now_ns(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
+
+uint64_t hub_now_ms(void)
+{
+    return hub_now_ns() / 1000000u;
+}

@@ -96,6 +96,9 @@ typedef void (*hub_broker_control_fn)(void *ud, const char *msg, size_t len);
 
 struct hub_broker_ops {
     const char *name;
+    /* 1 when deliveries reach this process only (memory): the hub then
+     * skips encoding a publish nobody here listens to. */
+    int local;
     /* Publishes a sealed delivery frame (borrowed) to `channel`. Returns 0
      * and calls `cb` exactly once, or returns HUB_BROKER_UNAVAILABLE without
      * calling it (fail fast: not connected, or the pending output is over

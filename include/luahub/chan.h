@@ -1,12 +1,15 @@
 /* Channel registry: channel name -> subscribers, and subscriber -> channels.
  * A channel exists while it has at least one subscriber. Pure: subscribers
- * are opaque owner pointers; the registry never calls into them except
- * through the first/last callbacks (used to notify the broker). */
+ * are opaque owner pointers that the registry never calls into; the owner
+ * of the registry (hub.c) hears of a channel losing its last subscriber
+ * through `on_last`. Loop thread only; nothing here does I/O. */
 #ifndef LUAHUB_CHAN_H
 #define LUAHUB_CHAN_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "luahub/hash.h"
 
 struct hub_chan;
 
@@ -19,8 +22,7 @@ struct hub_sub {
 };
 
 struct hub_chan {
-    struct hub_chan *next;  /* hash bucket chain */
-    uint32_t hash;
+    struct hub_hnode node;  /* in the registry, hash of the name */
     uint32_t nsubs;
     uint32_t cap;
     uint32_t name_len;
@@ -28,28 +30,32 @@ struct hub_chan {
     char name[];            /* NUL-terminated */
 };
 
-/* Called when a channel gets its first subscriber / loses its last one (the
- * channel is freed right after on_last returns). Either may be NULL. */
+/* Called when a channel loses its last subscriber; the channel is freed
+ * right after it returns. It must not call back into the registry. */
 typedef void (*hub_chan_event_cb)(void *ud, const char *name, size_t len);
 
 struct hub_chan_registry {
-    struct hub_chan **buckets;
-    uint32_t nbuckets;      /* a power of two */
-    uint32_t nchans;
+    struct hub_htable chans;
     uint64_t nsubs;         /* subscriptions over all channels */
-    hub_chan_event_cb on_first;
-    hub_chan_event_cb on_last;
+    hub_chan_event_cb on_last;  /* may be NULL */
     void *ud;
 };
 
+/* Zeroes `r`; set on_last and ud afterwards if needed. */
 void hub_chan_registry_init(struct hub_chan_registry *r);
 /* Frees every channel and subscription (owners' lists become dangling:
- * call only when the owners are gone too). */
+ * call only when the owners are gone too). on_last is not called. */
 void hub_chan_registry_free(struct hub_chan_registry *r);
 
 /* The channel called `name`, or NULL. Borrowed. */
 struct hub_chan *hub_chan_find(const struct hub_chan_registry *r,
                                const char *name, size_t len);
+
+/* Channels with at least one subscriber. */
+static inline size_t hub_chan_count_channels(const struct hub_chan_registry *r)
+{
+    return r->chans.n;
+}
 
 /* Subscribes `owner`, whose subscription list head is `*list`. Returns 1 if
  * it was subscribed now, 0 if it already was (nothing changes). */
@@ -62,6 +68,10 @@ int hub_chan_unsubscribe(struct hub_chan_registry *r, struct hub_sub **list,
 
 /* Leaves every channel of the list in one step; `*list` becomes NULL. */
 void hub_chan_unsubscribe_all(struct hub_chan_registry *r, struct hub_sub **list);
+
+/* 1 if the list holds a subscription to `name`. */
+int hub_chan_in_list(const struct hub_chan_registry *r, const struct hub_sub *list,
+                     const char *name, size_t len);
 
 /* Number of subscriptions in a list. */
 unsigned hub_chan_count(const struct hub_sub *list);

@@ -63,8 +63,9 @@ void hub_http_stop(struct hub_http *hs);
 /* Frees it after hub_http_stop(), once the loop has drained. */
 void hub_http_free(struct hub_http *hs);
 
-/* Open plain HTTP connections (a gauge). */
-size_t hub_http_connections(const struct hub_http *hs);
+/* Appends the HTTP metrics (requests, open connections, timeouts). `hs`
+ * may be NULL (zeros). */
+void hub_http_metrics(const struct hub_http *hs, struct hub_buf *b);
 
 #define HUB_HTTP_CLOSE 0x1  /* close the connection after this response */
 

@@ -7,12 +7,11 @@
 
 #include <stddef.h>
 
+#include "luahub/util.h"
+
 struct hub_list {
     struct hub_list *prev, *next;
 };
-
-#define hub_container_of(ptr, type, member) \
-    ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
 
 /* An empty list head, or a node that is in no list. */
 static inline void hub_list_init(struct hub_list *l)

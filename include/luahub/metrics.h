@@ -1,35 +1,57 @@
-/* Process-wide counters and their Prometheus text form. One loop, one
- * thread: plain integers, no atomics. */
+/* Metrics in the Prometheus text format (version 0.0.4): one registry of
+ * sources rendered in turn, one writer for every family's # HELP / # TYPE
+ * lines and samples, one histogram type. Counters live in the modules that
+ * count; gauges are read from their owners when /metrics is rendered,
+ * never copied on each change. One loop, one thread: plain integers. */
 #ifndef LUAHUB_METRICS_H
 #define LUAHUB_METRICS_H
 
 #include <stdint.h>
-#include "luahub/proto.h"
+
 #include "luahub/util.h"
 
-struct hub_metrics {
-    uint64_t connections;           /* gauge: open WebSocket connections */
-    uint64_t connections_total;     /* accepted upgrades */
-    uint64_t connections_refused;   /* upgrades refused (limit, path, shutdown) */
-    uint64_t accept_pauses;         /* accepting paused: out of fds or memory */
-    uint64_t subscriptions;         /* gauge */
-    uint64_t channels;              /* gauge */
-    uint64_t published;             /* messages published (per channel) */
-    uint64_t deliveries;            /* frames queued to subscribers */
-    uint64_t bytes_out;             /* bytes handed to sockets */
-    uint64_t writes;                /* socket writes on WebSocket connections */
-    uint64_t flushes;               /* passes writing every connection with frames */
-    uint64_t flushes_paused;        /* ... of them after a write pause */
-    uint64_t slow_consumer_closes;
-    uint64_t http_requests;
-    uint64_t http_connections;      /* gauge: open plain HTTP connections */
-    uint64_t http_timeouts;         /* HTTP connections closed by a deadline */
-    uint64_t protocol_errors[HUB_PERR__COUNT];
+/* Renders a source's families into `b`. */
+typedef void (*hub_metrics_fn)(void *ud, struct hub_buf *b);
+
+/* Adds / removes a source (rendered in the order added). `ud` is
+ * borrowed: remove the source before freeing it. */
+void hub_metrics_add(hub_metrics_fn fn, void *ud);
+void hub_metrics_remove(hub_metrics_fn fn, void *ud);
+
+/* Appends every source's families to `b`. */
+void hub_metrics_render(struct hub_buf *b);
+
+/* "# HELP name help" and "# TYPE name type" (type: "counter", "gauge",
+ * "histogram"). */
+void hub_metric_family(struct hub_buf *b, const char *name, const char *type,
+                       const char *help);
+/* One sample: "name{labels} v" (labels NULL: none), e.g. labels
+ * "hook=\"on_publish\"". */
+void hub_metric_value(struct hub_buf *b, const char *name, const char *labels, uint64_t v);
+/* A family with one unlabelled sample. */
+void hub_metric_one(struct hub_buf *b, const char *name, const char *type, const char *help,
+                    uint64_t v);
+
+#define HUB_HIST_MAX 16
+
+/* A histogram of durations in nanoseconds over fixed bucket bounds. */
+struct hub_hist {
+    const uint64_t *bounds_ns;      /* ascending, n entries; static */
+    unsigned n;
+    uint64_t count[HUB_HIST_MAX + 1]; /* per bucket, not cumulative; last: +Inf */
+    uint64_t sum_ns;
+    uint64_t total;
 };
 
-extern struct hub_metrics hub_metrics;
+/* Bounds: 1 us .. 1 s (in-process calls), 100 us .. 5 s (network round trips). */
+extern const uint64_t hub_hist_bounds_call[15];
+extern const uint64_t hub_hist_bounds_rtt[15];
 
-/* Appends the Prometheus exposition of hub_metrics to `b`. */
-void hub_metrics_render(struct hub_buf *b);
+void hub_hist_init(struct hub_hist *h, const uint64_t *bounds_ns, unsigned n);
+void hub_hist_observe(struct hub_hist *h, uint64_t ns);
+/* The samples of a histogram family `name` (in seconds): _bucket{le=...},
+ * _sum and _count, each with `labels` (NULL: none) before le. */
+void hub_metric_hist(struct hub_buf *b, const char *name, const char *labels,
+                     const struct hub_hist *h);
 
 #endif

@@ -3,6 +3,12 @@
  * cap for the whole state; hook dispatch; reload (build aside, verify,
  * swap). Loop thread only.
  *
+ * The policy knows no transport: connections are struct hub_policy_conn
+ * (part of the host's session) and what it may do to them and to channels
+ * goes through the host interface below, which the sessions implement
+ * (session.c). Hooks are not re-entered: a host op called from a hook must
+ * not run another hook.
+ *
  * Decisions fall back to deny: a hook that raises, runs out of budget or
  * returns something unexpected refuses the action with `internal`. */
 #ifndef LUAHUB_POLICY_H
@@ -11,13 +17,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <uv.h>
+
 #include "luahub/config.h"
 #include "luahub/proto.h"
 #include "luahub/request.h"
 #include "luahub/util.h"
-
-struct hub_server;
-struct hub_conn;
 
 enum hub_hook {
     HUB_HOOK_CONNECT = 0,
@@ -38,25 +43,81 @@ enum hub_verdict {
 
 struct hub_policy;
 
+/* A connection as the policy sees it: part of the host's session, valid
+ * while the connection is open (until hub_policy_conn_gone). The policy
+ * reads `id`, replaces `user` and `info_json` (malloc'd strings; the host
+ * frees what is left when the connection closes) and caches its Lua object
+ * in `lua_ref` (0: none). */
+struct hub_policy_conn {
+    uint64_t id;
+    char *user;             /* conn.user, or NULL */
+    char *info_json;        /* conn.info as JSON, or NULL */
+    int lua_ref;
+};
+
+/* What the policy may ask of its host. Connections are named by id; an op
+ * on a connection that is closing does nothing and says so. */
+struct hub_policy_host_ops {
+    /* The open connection with this id / client name, or NULL. */
+    struct hub_policy_conn *(*conn)(void *ud, uint64_t id);
+    struct hub_policy_conn *(*conn_named)(void *ud, const char *client);
+    /* Writes the client name of `id` ("<instance>-<n>") into out[0..n). */
+    void (*conn_name)(void *ud, uint64_t id, char *out, size_t n);
+    /* Writes the peer address of an open connection into out[0..n). */
+    void (*conn_addr)(void *ud, const struct hub_policy_conn *c, char *out, size_t n);
+    /* 1 once a close frame is queued (no more sends). */
+    int (*conn_closing)(void *ud, const struct hub_policy_conn *c);
+    /* {"op":"push","data":json}; `json` valid, borrowed. */
+    void (*conn_send)(void *ud, struct hub_policy_conn *c, const char *json, size_t len);
+    /* A close frame with `code` and `reason` (copied). */
+    void (*conn_close)(void *ud, struct hub_policy_conn *c, unsigned code, const char *reason);
+    /* Server-side (un)subscription, no hook runs: subscribe returns 1 when
+     * subscribed now, 0 if it already was, -1 at max_channels_per_conn;
+     * unsubscribe 0, or -1 if it was not subscribed. */
+    int (*conn_subscribe)(void *ud, struct hub_policy_conn *c, const char *ch, size_t len);
+    int (*conn_unsubscribe)(void *ud, struct hub_policy_conn *c, const char *ch, size_t len);
+    /* Calls fn for each channel of the connection. */
+    void (*conn_channels)(void *ud, const struct hub_policy_conn *c,
+                          void (*fn)(void *arg, const char *ch, size_t len), void *arg);
+    /* Calls fn for every open connection (a reload drops their Lua objects). */
+    void (*each_conn)(void *ud, void (*fn)(void *arg, struct hub_policy_conn *c), void *arg);
+    /* Publishes (fire and forget): the number of local subscribers, 0 if the
+     * broker refused. */
+    size_t (*publish)(void *ud, const char *ch, size_t len, const char *data, size_t dlen);
+    /* Local subscribers of a channel. */
+    size_t (*subscribers)(void *ud, const char *ch, size_t len);
+    /* 1 once shutdown has begun. */
+    int (*shutting_down)(void *ud);
+};
+
+struct hub_policy_host {
+    const struct hub_policy_host_ops *ops;
+    void *ud;
+    uv_loop_t *loop;                /* for timers */
+    const struct hub_config *cfg;   /* borrowed; outlives the policy */
+};
+
 /* For --check: loads the policy file of `cfg` (or the built-in one) in a
  * scratch state, runs its main chunk under the budgets and verifies that
  * every hook it defines is a function. Appends "FILE:LINE: message" to
  * `errs`. Returns 0 or -1. No loop, no server. */
 int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *errs);
 
-/* Builds the policy for `srv` from srv->cfg (policy file or the built-in
- * one). Returns a new policy, or NULL with every problem appended to `errs`. */
-struct hub_policy *hub_policy_new(struct hub_server *srv, struct hub_config_errors *errs);
+/* Builds the policy from host->cfg (policy file or the built-in one) for
+ * `host` (copied; its ud and cfg must outlive the policy). Returns a new
+ * policy, or NULL with every problem appended to `errs`. */
+struct hub_policy *hub_policy_new(const struct hub_policy_host *host,
+                                  struct hub_config_errors *errs);
 
 /* Frees a policy (and its lua_State). Pending timers are cancelled. */
 void hub_policy_free(struct hub_policy *p);
 
-/* Reload (SIGHUP, POST /api/reload): builds a new policy from the conf's
- * policy file aside; on success swaps srv->policy and frees the old one,
- * on failure keeps the old one and logs every error. Returns 0 or -1; on -1
- * `errs` (may be NULL) receives the problems. Connections stay; conn.user
- * and conn.info survive (they live in C). */
-int hub_policy_reload(struct hub_server *srv, struct hub_config_errors *errs);
+/* Reload (SIGHUP, POST /api/reload): builds a new policy for the same
+ * host aside; on success swaps *policy and frees the old one, on failure
+ * keeps the old one and logs every error. Returns 0 or -1; on -1 `errs`
+ * (may be NULL) receives the problems. Connections stay; conn.user and
+ * conn.info survive (they live in the host). */
+int hub_policy_reload(struct hub_policy **policy, struct hub_config_errors *errs);
 
 /* 1 if the script defines the hook. Call sites skip hooks that are absent,
  * so a policy without hooks costs nothing. */
@@ -83,7 +144,7 @@ enum hub_verdict hub_policy_on_connect(struct hub_policy *p, const struct hub_re
  * holds the effective channel (the same one, or the valid name the hook
  * rewrote it to) and *out_len its length. `reason` gets the refusal or the
  * failure text. */
-enum hub_verdict hub_policy_on_subscribe(struct hub_policy *p, struct hub_conn *c,
+enum hub_verdict hub_policy_on_subscribe(struct hub_policy *p, struct hub_policy_conn *c,
                                          const char *channel, size_t len,
                                          char *out, size_t *out_len,
                                          char *reason, size_t reason_len);
@@ -97,7 +158,7 @@ typedef void (*hub_emit_fn)(void *ud, const char *channel, size_t channel_len,
  * message the hook let through or produced (once with the original bytes
  * when the hook returned true). Emits happen only on ALLOW, after the hook
  * returned, so a failing hook publishes nothing. */
-enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_conn *c,
+enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_policy_conn *c,
                                        const char *channel, size_t channel_len,
                                        const char *data, size_t data_len,
                                        hub_emit_fn emit, void *ud,
@@ -105,21 +166,21 @@ enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_conn *c,
 
 /* on_rpc(conn, method, data): on ALLOW, `result` holds the JSON of the
  * returned value (null if none); on DENY `reason` is the rpc_error text. */
-enum hub_verdict hub_policy_on_rpc(struct hub_policy *p, struct hub_conn *c,
+enum hub_verdict hub_policy_on_rpc(struct hub_policy *p, struct hub_policy_conn *c,
                                    const char *method, size_t method_len,
                                    const char *data, size_t data_len,
                                    struct hub_buf *result,
                                    char *reason, size_t reason_len);
 
 /* Notifications; return values of the hooks are ignored. */
-void hub_policy_on_unsubscribe(struct hub_policy *p, struct hub_conn *c,
+void hub_policy_on_unsubscribe(struct hub_policy *p, struct hub_policy_conn *c,
                                const char *channel, size_t len);
-void hub_policy_on_disconnect(struct hub_policy *p, struct hub_conn *c,
+void hub_policy_on_disconnect(struct hub_policy *p, struct hub_policy_conn *c,
                               unsigned code, const char *reason);
 
 /* A connection is going away: drops its Lua object (called from CLOSED,
  * after on_disconnect). */
-void hub_policy_conn_gone(struct hub_policy *p, struct hub_conn *c);
+void hub_policy_conn_gone(struct hub_policy *p, struct hub_policy_conn *c);
 
 /* Appends per-hook metrics (calls, errors, budget kills, latency
  * histogram) in Prometheus text. */

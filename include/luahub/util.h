@@ -6,6 +6,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The struct of type `type` whose field `member` is at `ptr`. */
+#define hub_container_of(ptr, type, member) \
+    ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+
 /* Out of memory at allocation is fatal: these never return NULL. */
 void *hub_xmalloc(size_t n);
 void *hub_xcalloc(size_t n, size_t size);
@@ -35,5 +39,6 @@ void hub_buf_free(struct hub_buf *b);
 
 /* Monotonic clock in nanoseconds / milliseconds. */
 uint64_t hub_now_ns(void);
+uint64_t hub_now_ms(void);
 
 #endif

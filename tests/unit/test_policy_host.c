@@ -1,6 +1,6 @@
 /* Unit suite: the Lua policy host (src/policy.c, src/lua_api.c) without a
- * server. The few server functions the API calls are stubbed below and
- * record what they were asked; connections are plain structs. Covers the
+ * server: the policy's host interface is a fake that records what it was
+ * asked; the connection is a plain struct hub_policy_conn. Covers the
  * sandbox, both budgets, return forms, the zero-copy path of on_publish,
  * failures that leave the state usable, --check messages and the crypto
  * helpers. The integration suite (tests/integration/test_policy.c) runs the
@@ -11,69 +11,127 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "luahub/conn.h"
 #include "luahub/log.h"
 #include "luahub/policy.h"
-#include "luahub/server.h"
 
-/* ---- stubs of the server side ---------------------------------------- */
+/* ---- a fake host: records what the policy asked of it ------------------- */
 
 static char pushed[1024];
 static int publishes;
+static struct hub_policy_conn conn;
 
-void hub_conn_client_id(const struct hub_conn *c, char *out, size_t n)
+static struct hub_policy_conn *h_conn(void *ud, uint64_t id)
 {
-    snprintf(out, n, "test-%llu", (unsigned long long)c->id);
+    (void)ud;
+    return id == conn.id ? &conn : NULL;
 }
-struct hub_conn *hub_server_find_conn(struct hub_server *s, const char *id)
+static struct hub_policy_conn *h_conn_named(void *ud, const char *client)
 {
-    (void)s;
-    (void)id;
-    return NULL;
+    (void)ud;
+    return !strcmp(client, "test-7") ? &conn : NULL;
 }
-int hub_conn_subscribe(struct hub_conn *c, const char *n, size_t l)
+static void h_conn_name(void *ud, uint64_t id, char *out, size_t n)
 {
+    (void)ud;
+    snprintf(out, n, "test-%llu", (unsigned long long)id);
+}
+static void h_conn_addr(void *ud, const struct hub_policy_conn *c, char *out, size_t n)
+{
+    (void)ud;
     (void)c;
-    (void)n;
-    (void)l;
-    return 1;
+    snprintf(out, n, "127.0.0.1");
 }
-int hub_conn_unsubscribe(struct hub_conn *c, const char *n, size_t l)
+static int h_conn_closing(void *ud, const struct hub_policy_conn *c)
 {
+    (void)ud;
     (void)c;
-    (void)n;
-    (void)l;
     return 0;
 }
-void hub_conn_push(struct hub_conn *c, const char *json, size_t len)
+static void h_conn_send(void *ud, struct hub_policy_conn *c, const char *json, size_t len)
 {
+    (void)ud;
     (void)c;
     snprintf(pushed, sizeof pushed, "%.*s", (int)len, json);
 }
-void hub_conn_close(struct hub_conn *c, uint16_t code, const char *r, int d)
+static void h_conn_close(void *ud, struct hub_policy_conn *c, unsigned code, const char *r)
 {
+    (void)ud;
     (void)c;
     (void)code;
     (void)r;
-    (void)d;
 }
-size_t hub_server_publish(struct hub_server *s, const char *c, size_t cl, const char *d,
-                          size_t dl)
+static int h_conn_subscribe(void *ud, struct hub_policy_conn *c, const char *ch, size_t len)
 {
-    (void)s;
+    (void)ud;
     (void)c;
-    (void)cl;
-    (void)d;
-    (void)dl;
+    (void)ch;
+    (void)len;
+    return 1;
+}
+static int h_conn_unsubscribe(void *ud, struct hub_policy_conn *c, const char *ch, size_t len)
+{
+    (void)ud;
+    (void)c;
+    (void)ch;
+    (void)len;
+    return 0;
+}
+static void h_conn_channels(void *ud, const struct hub_policy_conn *c,
+                            void (*fn)(void *arg, const char *ch, size_t len), void *arg)
+{
+    (void)ud;
+    (void)c;
+    fn(arg, "room", 4);
+}
+static void h_each_conn(void *ud, void (*fn)(void *arg, struct hub_policy_conn *c), void *arg)
+{
+    (void)ud;
+    fn(arg, &conn);
+}
+static size_t h_publish(void *ud, const char *ch, size_t len, const char *data, size_t dlen)
+{
+    (void)ud;
+    (void)ch;
+    (void)len;
+    (void)data;
+    (void)dlen;
     publishes++;
     return 0;
 }
+static size_t h_subscribers(void *ud, const char *ch, size_t len)
+{
+    (void)ud;
+    (void)ch;
+    (void)len;
+    return 0;
+}
+static int h_shutting_down(void *ud)
+{
+    (void)ud;
+    return 0;
+}
+
+static const struct hub_policy_host_ops host_ops = {
+    .conn = h_conn,
+    .conn_named = h_conn_named,
+    .conn_name = h_conn_name,
+    .conn_addr = h_conn_addr,
+    .conn_closing = h_conn_closing,
+    .conn_send = h_conn_send,
+    .conn_close = h_conn_close,
+    .conn_subscribe = h_conn_subscribe,
+    .conn_unsubscribe = h_conn_unsubscribe,
+    .conn_channels = h_conn_channels,
+    .each_conn = h_each_conn,
+    .publish = h_publish,
+    .subscribers = h_subscribers,
+    .shutting_down = h_shutting_down,
+};
 
 /* ---- fixture ----------------------------------------------------------- */
 
 static struct hub_config cfg;
-static struct hub_server srv;
-static struct hub_conn conn;
+static struct hub_policy_host host;
 static char *path;
 
 static void write_policy(const char *lua)
@@ -93,10 +151,8 @@ static void setup(void)
 {
     hub_log_set_level(HUB_LOG_ERROR);
     hub_config_defaults(&cfg);
-    memset(&srv, 0, sizeof srv);
-    srv.cfg = &cfg;
+    host = (struct hub_policy_host){.ops = &host_ops, .cfg = &cfg};
     memset(&conn, 0, sizeof conn);
-    conn.srv = &srv;
     conn.id = 7;
     pushed[0] = '\0';
     publishes = 0;
@@ -116,7 +172,7 @@ static struct hub_policy *load(const char *lua)
 {
     struct hub_config_errors errs = {0};
     write_policy(lua);
-    struct hub_policy *p = hub_policy_new(&srv, &errs);
+    struct hub_policy *p = hub_policy_new(&host, &errs);
     ck_assert_msg(p != NULL, "policy did not load: %s", errs.n ? errs.v[0] : "?");
     return p;
 }
@@ -408,8 +464,8 @@ START_TEST(conn_object_is_cached_and_dies_with_the_connection)
     ck_assert_int_eq(conn.lua_ref, 0);
     free(conn.user);
     conn.user = NULL;
-    struct hub_conn other = {.srv = &srv, .id = 8};
-    struct hub_conn saved = conn;
+    struct hub_policy_conn other = {.id = 8};
+    struct hub_policy_conn saved = conn;
     conn = other;
     ck_assert_int_eq(rpc(p, "send", "1", out, sizeof out), HUB_FAIL); /* connection closed */
     ck_assert_int_eq(rpc(p, "id", NULL, out, sizeof out), HUB_ALLOW);

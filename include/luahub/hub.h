@@ -1,0 +1,145 @@
+/* The hub core: publish (the delivery frame encoded once, handed to the
+ * broker), fan-out of what the broker delivers to the local subscribers,
+ * the channel registry, whose subscriptions drive the broker's (a
+ * subscribe for each new subscription, an unsubscribe when a channel
+ * loses its last subscriber: one path, here), and the client-id table.
+ *
+ * Transport-free: a client is anything that embeds struct hub_client and
+ * can take a delivery (a WebSocket session; a test's fake sink). No lws,
+ * no Lua, no sockets; the loop is the broker's business. Loop thread only.
+ *
+ * Ownership: the hub borrows its clients (the embedder frees them after
+ * hub_client_remove) and the broker (the embedder stops and frees it after
+ * the hub). A delivery frame handed to a client is borrowed: the client
+ * takes a reference to keep it. */
+#ifndef LUAHUB_HUB_H
+#define LUAHUB_HUB_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "luahub/broker.h"
+#include "luahub/chan.h"
+#include "luahub/hash.h"
+#include "luahub/msg.h"
+
+struct hub_client;
+
+struct hub_client_ops {
+    /* Queue `m` (borrowed) for the client. Returns 0, or -1 when the client
+     * cannot take it (its queue is over its bound): the hub then culls the
+     * client once the fan-out loop is over. Must not call into the hub. */
+    int (*deliver)(struct hub_client *c, struct hub_msg *m);
+    /* The hub culled the client: it has left every channel; the transport
+     * closes it (4001). May call into the hub. */
+    void (*culled)(struct hub_client *c);
+};
+
+/* Embed in the client. The fields are the hub's: read them through the
+ * functions below. */
+struct hub_client {
+    const struct hub_client_ops *ops;
+    struct hub_hnode node;          /* the id table; node.hash of the id */
+    uint64_t id;
+    struct hub_sub *subs;           /* its subscriptions */
+    uint32_t nsubs;
+    uint32_t culling;               /* on the cull list */
+    struct hub_client *cull_next;
+};
+
+struct hub {
+    struct hub_broker *broker;      /* borrowed */
+    struct hub_chan_registry chans;
+    struct hub_htable clients;      /* id -> client */
+    struct hub_client *culls;       /* clients to cull after a fan-out */
+    uint32_t max_channels;          /* subscriptions per client */
+    uint64_t next_id;
+    char instance[17];              /* this process's id, in client names */
+    uint64_t published;             /* messages handed to the broker (per channel) */
+    uint64_t deliveries;            /* frames queued to subscribers */
+    uint64_t culled;                /* clients culled */
+};
+
+/* Sets up `h` over `broker` (borrowed; created with hub_deliver and `h` as
+ * its deliver callback). `instance` (copied, at most 16 bytes) names this
+ * process in client names; `max_channels` bounds subscriptions per client. */
+void hub_init(struct hub *h, struct hub_broker *broker, const char *instance,
+              uint32_t max_channels);
+
+/* Frees the channel registry and the id table. Clients must be gone. */
+void hub_free(struct hub *h);
+
+/* The broker's deliver callback (`ud` is the hub): fans `m` out to the
+ * local subscribers of `channel`, then culls the clients that could not
+ * take it. A channel without local subscribers costs a lookup. */
+void hub_deliver(void *ud, const char *channel, size_t len, struct hub_msg *m);
+
+/* A new id for a client (process-unique, from 1). */
+uint64_t hub_next_id(struct hub *h);
+
+/* Adds a client (borrowed until hub_client_remove) with its id. */
+void hub_client_add(struct hub *h, struct hub_client *c, const struct hub_client_ops *ops,
+                    uint64_t id);
+
+/* Removes a client: it leaves every channel (a channel left empty is
+ * unsubscribed from the broker), the id table and the cull list. */
+void hub_client_remove(struct hub *h, struct hub_client *c);
+
+/* The client with this id, or NULL. */
+struct hub_client *hub_client_by_id(const struct hub *h, uint64_t id);
+
+/* The client named `name` ("<instance>-<id>", as hub_client_name writes
+ * it), or NULL: clients of other processes are not here. */
+struct hub_client *hub_client_by_name(const struct hub *h, const char *name);
+
+/* Writes "<instance>-<id>" into out[0..n). */
+void hub_client_name(const struct hub *h, uint64_t id, char *out, size_t n);
+
+/* Subscribes `c` to `channel` (valid name, borrowed). Returns 1 when
+ * subscribed now: the broker is told, and `cb` (may be NULL) fires exactly
+ * once when delivery is guaranteed (possibly before this returns); 0 when
+ * it already was (no callback); -1 when it is at max_channels (no
+ * callback). */
+int hub_subscribe(struct hub *h, struct hub_client *c, const char *channel, size_t len,
+                  hub_broker_subscribe_cb cb, void *ud);
+
+/* Unsubscribes. Returns 0, or -1 if `c` was not subscribed. */
+int hub_unsubscribe(struct hub *h, struct hub_client *c, const char *channel, size_t len);
+
+/* 1 if `c` is subscribed to `channel`. */
+int hub_subscribed(const struct hub *h, const struct hub_client *c, const char *channel,
+                   size_t len);
+
+/* Local subscribers of `channel`. */
+size_t hub_subscribers(const struct hub *h, const char *channel, size_t len);
+
+/* Publishes `data` (valid JSON, borrowed) to `channel` (valid name): the
+ * delivery frame is encoded once and handed to the broker. Returns 0 and
+ * calls `cb` (may be NULL) exactly once, or a negative broker status
+ * without calling it (the broker is unavailable). */
+int hub_publish(struct hub *h, const char *channel, size_t len, const char *data,
+                size_t data_len, hub_broker_publish_cb cb, void *ud);
+
+/* Puts `c` on the cull list (a reply it could not take); hub_cull_now()
+ * culls it. Idempotent. */
+void hub_cull(struct hub *h, struct hub_client *c);
+
+/* Culls the clients on the cull list: each leaves every channel, then its
+ * ops->culled runs. Called after every fan-out loop (hub_deliver does). */
+void hub_cull_now(struct hub *h);
+
+/* Gauges. */
+static inline size_t hub_clients(const struct hub *h)
+{
+    return h->clients.n;
+}
+static inline size_t hub_channels(const struct hub *h)
+{
+    return hub_chan_count_channels(&h->chans);
+}
+static inline uint64_t hub_subscriptions(const struct hub *h)
+{
+    return h->chans.nsubs;
+}
+
+#endif

@@ -1,0 +1,712 @@
+/* WebSocket sessions (include/luahub/session.h): receive, dispatch,
+ * pending replies, the protocol error budget, and the policy's host
+ * interface. */
+#include "luahub/session.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "luahub/config.h"
+#include "luahub/log.h"
+#include "luahub/metrics.h"
+#include "luahub/proto.h"
+#include "luahub/registry.h"
+
+#define PROTO_ERROR_WINDOW_MS 10000
+
+static struct hub_session *of_client(struct hub_client *c)
+{
+    return hub_container_of(c, struct hub_session, client);
+}
+
+static struct hub_session *of_pc(const struct hub_policy_conn *c)
+{
+    return hub_container_of(c, struct hub_session, pc);
+}
+
+static struct hub_policy *policy(const struct hub_session *s)
+{
+    return *s->ss->policy;
+}
+
+static int has_hook(const struct hub_session *s, enum hub_hook h)
+{
+    return hub_policy_has(policy(s), h);
+}
+
+/* ---- frames out --------------------------------------------------------- */
+
+static void close_with(struct hub_session *s, uint16_t code, const char *reason, int drop)
+{
+    if (hub_writer_closing(&s->wc))
+        return;
+    s->close_code = code;
+    free(s->close_reason);
+    s->close_reason = hub_xstrdup(reason);
+    hub_writer_close(&s->wc, code, s->close_reason, drop);
+}
+
+/* Queues the reply encoded in ss->scratch and resets it. A client whose
+ * queue cannot take it is culled (with the slow consumers). */
+static void send_scratch(struct hub_session *s)
+{
+    struct hub_sessions *ss = s->ss;
+    struct hub_msg *m = hub_msg_text(ss->scratch.p, ss->scratch.len);
+    if (hub_writer_reply(&s->wc, m) < 0)
+        hub_cull(ss->hub, &s->client);
+    hub_msg_unref(m);
+    hub_buf_reset(&ss->scratch);
+}
+
+static int on_deliver(struct hub_client *c, struct hub_msg *m)
+{
+    return hub_writer_send(&of_client(c)->wc, m);
+}
+
+static void on_culled(struct hub_client *c)
+{
+    struct hub_session *s = of_client(c);
+    s->ss->slow_consumer_closes++;
+    hub_log(HUB_LOG_WARN,
+            "[conn %llu] slow consumer: queue over max_queue_bytes (%llu), closing with 4001",
+            (unsigned long long)c->id, (unsigned long long)s->ss->cfg->max_queue_bytes);
+    close_with(s, 4001, "slow consumer", 1);
+}
+
+static const struct hub_client_ops client_ops = {
+    .deliver = on_deliver,
+    .culled = on_culled,
+};
+
+/* ---- errors ------------------------------------------------------------- */
+
+/* Answers a command with an error. Garbage (malformed or unknown commands)
+ * counts against max_protocol_errors per window; past it the connection is
+ * closed with 4008. */
+static void proto_error(struct hub_session *s, struct hub_span id, int code,
+                        const char *message)
+{
+    struct hub_sessions *ss = s->ss;
+
+    ss->protocol_errors[code]++;
+    hub_proto_encode_error(&ss->scratch, id, code, message);
+    send_scratch(s);
+
+    if (code != HUB_PERR_BAD_REQUEST && code != HUB_PERR_UNKNOWN_OP &&
+        code != HUB_PERR_INVALID_CHANNEL)
+        return;
+    /* A leaky bucket: each garbage error adds 1000 milli-errors, the bucket
+     * drains max_protocol_errors per PROTO_ERROR_WINDOW_MS, and going over
+     * max_protocol_errors closes. A burst of more than max errors closes at
+     * once; a client that errs now and then never does. O(1) state. */
+    uint64_t now = hub_now_ms(), max = ss->cfg->max_protocol_errors;
+    uint64_t leak = (now - s->proto_window_ms) * max * 1000 / PROTO_ERROR_WINDOW_MS;
+    s->proto_errors = leak >= s->proto_errors ? 0 : s->proto_errors - (uint32_t)leak;
+    s->proto_window_ms = now;
+    s->proto_errors += 1000;
+    if (s->proto_errors > max * 1000) {
+        hub_log(HUB_LOG_WARN,
+                "[conn %llu] more than %u protocol errors in %d s, closing with 4008",
+                (unsigned long long)s->client.id, ss->cfg->max_protocol_errors,
+                PROTO_ERROR_WINDOW_MS / 1000);
+        close_with(s, 4008, "too many protocol errors", 0);
+    }
+}
+
+/* Maps a policy verdict that is not ALLOW to the error reply. */
+static void policy_refused(struct hub_session *s, struct hub_span id, enum hub_verdict v,
+                           const char *reason, int deny_code)
+{
+    if (v == HUB_DENY)
+        proto_error(s, id, deny_code, reason[0] ? reason : "refused by policy");
+    else
+        proto_error(s, id, HUB_PERR_INTERNAL, "the policy failed; the action was refused");
+}
+
+/* ---- replies that wait for the broker ------------------------------------ */
+
+/* A command whose reply waits for the broker (subscribe: the SUBSCRIBE is
+ * confirmed; publish: every message was accepted). It names the session
+ * by id, never by pointer: the connection may be gone when it completes. */
+struct pending {
+    struct hub_sessions *ss;
+    uint64_t conn_id;
+    int remaining;          /* completions still to come (+1 while emitting) */
+    int failed;
+    uint32_t id_len;
+    uint32_t channel_len;
+    char id[160];           /* raw JSON id: at most 128 bytes (proto.c) */
+    char channel[HUB_CHANNEL_MAX + 1];
+};
+
+static struct pending *pending_new(struct hub_session *s, struct hub_span id,
+                                   const char *channel, size_t channel_len)
+{
+    struct pending *op = hub_xmalloc(sizeof(*op));
+    op->ss = s->ss;
+    op->conn_id = s->client.id;
+    op->remaining = 1;
+    op->failed = 0;
+    op->id_len = id.len < sizeof(op->id) ? (uint32_t)id.len : 0;
+    if (op->id_len) /* an absent id has p == NULL */
+        memcpy(op->id, id.p, op->id_len);
+    op->channel_len = (uint32_t)channel_len;
+    memcpy(op->channel, channel, channel_len);
+    op->channel[channel_len] = '\0';
+    return op;
+}
+
+/* The session a pending reply is for, if it is still open. */
+static struct hub_session *pending_session(const struct pending *op)
+{
+    struct hub_client *c = hub_client_by_id(op->ss->hub, op->conn_id);
+    if (!c)
+        return NULL;
+    struct hub_session *s = of_client(c);
+    return hub_writer_closing(&s->wc) ? NULL : s;
+}
+
+static void on_subscribed(void *ud, int status)
+{
+    struct pending *op = ud;
+    struct hub_session *s = pending_session(op);
+    struct hub_span id = {op->id, op->id_len};
+
+    /* CANCELED: the client unsubscribed before Redis confirmed: the
+     * subscribe did happen (and was undone), so it is answered ok, before
+     * the unsubscribe's own reply. */
+    if (s && (status == HUB_BROKER_OK || status == HUB_BROKER_CANCELED)) {
+        hub_proto_encode_ok(&op->ss->scratch, id, op->channel, op->channel_len);
+        send_scratch(s);
+    } else if (s) {
+        hub_unsubscribe(s->ss->hub, &s->client, op->channel, op->channel_len);
+        proto_error(s, id, HUB_PERR_UNAVAILABLE,
+                    "the broker is unavailable: not subscribed, try again later");
+    }
+    free(op);
+}
+
+static void do_subscribe(struct hub_session *s, const struct hub_cmd *cmd)
+{
+    struct hub_sessions *ss = s->ss;
+    const char *name = cmd->channel;
+    size_t len = cmd->channel_len;
+    char eff[HUB_CHANNEL_MAX + 1], reason[256];
+
+    if (has_hook(s, HUB_HOOK_SUBSCRIBE)) {
+        enum hub_verdict v = hub_policy_on_subscribe(policy(s), &s->pc, name, len, eff, &len,
+                                                     reason, sizeof(reason));
+        if (v != HUB_ALLOW) {
+            policy_refused(s, cmd->id, v, reason, HUB_PERR_FORBIDDEN);
+            return;
+        }
+        name = eff;
+    }
+    struct pending *op = pending_new(s, cmd->id, name, len);
+    int r = hub_subscribe(ss->hub, &s->client, name, len, on_subscribed, op);
+    if (r == 1)
+        return; /* on_subscribed replies */
+    free(op);
+    if (r < 0) {
+        char msg[128];
+        snprintf(msg, sizeof(msg),
+                 "at most %u channels per connection (max_channels_per_conn)",
+                 ss->cfg->max_channels_per_conn);
+        proto_error(s, cmd->id, HUB_PERR_LIMIT_EXCEEDED, msg);
+        return;
+    }
+    hub_proto_encode_ok(&ss->scratch, cmd->id, name, len);
+    send_scratch(s);
+}
+
+static void do_unsubscribe(struct hub_session *s, const struct hub_cmd *cmd)
+{
+    struct hub_sessions *ss = s->ss;
+
+    if (hub_unsubscribe(ss->hub, &s->client, cmd->channel, cmd->channel_len) < 0) {
+        char msg[HUB_CHANNEL_MAX + 32];
+        snprintf(msg, sizeof(msg), "not subscribed to '%s'", cmd->channel);
+        proto_error(s, cmd->id, HUB_PERR_NOT_SUBSCRIBED, msg);
+        return;
+    }
+    hub_proto_encode_ok(&ss->scratch, cmd->id, NULL, 0);
+    send_scratch(s);
+    if (has_hook(s, HUB_HOOK_UNSUBSCRIBE))
+        hub_policy_on_unsubscribe(policy(s), &s->pc, cmd->channel, cmd->channel_len);
+}
+
+/* One message of a publish was accepted or refused by the broker; the
+ * reply goes out with the last one. */
+static void on_published(void *ud, int status, uint64_t offset)
+{
+    struct pending *op = ud;
+    (void)offset;
+
+    if (status != HUB_BROKER_OK)
+        op->failed = 1;
+    if (--op->remaining > 0)
+        return;
+    struct hub_session *s = pending_session(op);
+    struct hub_span id = {op->id, op->id_len};
+    if (s && !op->failed) {
+        hub_proto_encode_ok(&op->ss->scratch, id, NULL, 0);
+        send_scratch(s);
+    } else if (s) {
+        proto_error(s, id, HUB_PERR_UNAVAILABLE,
+                    "the broker is unavailable: the message was not published");
+    }
+    free(op);
+}
+
+static void emit_publish(void *ud, const char *channel, size_t channel_len,
+                         const char *data, size_t data_len)
+{
+    struct pending *op = ud;
+    op->remaining++;
+    if (hub_publish(op->ss->hub, channel, channel_len, data, data_len, on_published, op) < 0) {
+        op->remaining--;
+        op->failed = 1;
+    }
+}
+
+static void do_publish(struct hub_session *s, const struct hub_cmd *cmd)
+{
+    struct pending *op = pending_new(s, cmd->id, cmd->channel, cmd->channel_len);
+    char reason[256];
+
+    if (has_hook(s, HUB_HOOK_PUBLISH)) {
+        enum hub_verdict v = hub_policy_on_publish(policy(s), &s->pc, cmd->channel,
+                                                   cmd->channel_len, cmd->data.p,
+                                                   cmd->data.len, emit_publish, op,
+                                                   reason, sizeof(reason));
+        if (v != HUB_ALLOW) {
+            /* Emits happen only on ALLOW, so nothing is in flight. */
+            free(op);
+            policy_refused(s, cmd->id, v, reason, HUB_PERR_FORBIDDEN);
+            return;
+        }
+    } else {
+        emit_publish(op, cmd->channel, cmd->channel_len, cmd->data.p, cmd->data.len);
+    }
+    on_published(op, HUB_BROKER_OK, 0); /* drops the guard: replies if all are done */
+}
+
+static void do_rpc(struct hub_session *s, const struct hub_cmd *cmd)
+{
+    struct hub_sessions *ss = s->ss;
+    struct hub_buf result = {0};
+    char reason[256];
+
+    if (!has_hook(s, HUB_HOOK_RPC)) {
+        proto_error(s, cmd->id, HUB_PERR_UNKNOWN_OP,
+                    "op 'rpc' needs an on_rpc hook in the policy");
+        return;
+    }
+    enum hub_verdict v = hub_policy_on_rpc(policy(s), &s->pc, cmd->method, cmd->method_len,
+                                           cmd->data.p, cmd->data.len, &result, reason,
+                                           sizeof(reason));
+    if (v == HUB_ALLOW) {
+        struct hub_span data = {result.p, result.len};
+        hub_proto_encode_ok_data(&ss->scratch, cmd->id, data);
+        send_scratch(s);
+    } else {
+        policy_refused(s, cmd->id, v, reason, HUB_PERR_RPC_ERROR);
+    }
+    hub_buf_free(&result);
+}
+
+/* ---- receive ------------------------------------------------------------ */
+
+static void handle(struct hub_session *s, const char *p, size_t n, int binary)
+{
+    struct hub_cmd cmd;
+    struct hub_proto_error err;
+    static const struct hub_span no_id;
+
+    if (binary) {
+        proto_error(s, no_id, HUB_PERR_BAD_REQUEST,
+                    "binary frames are not supported: send each command as a JSON text frame");
+        return;
+    }
+    if (hub_proto_decode(p, n, &cmd, &err) < 0) {
+        if (err.invalid_utf8) {
+            /* Not a protocol error of ours: the frame itself is invalid
+             * (RFC 6455 §8.1): the connection fails with 1007. */
+            hub_log(HUB_LOG_INFO, "[conn %llu] text frame with invalid UTF-8: closing with 1007",
+                    (unsigned long long)s->client.id);
+            s->ss->protocol_errors[HUB_PERR_BAD_REQUEST]++;
+            s->flags |= HUB_SESS_RX_INVALID;
+            return;
+        }
+        proto_error(s, cmd.id, err.code, err.message);
+        return;
+    }
+    switch (cmd.op) {
+    case HUB_OP_SUBSCRIBE:
+        do_subscribe(s, &cmd);
+        break;
+    case HUB_OP_UNSUBSCRIBE:
+        do_unsubscribe(s, &cmd);
+        break;
+    case HUB_OP_PUBLISH:
+        do_publish(s, &cmd);
+        break;
+    case HUB_OP_PING:
+        hub_proto_encode_ok(&s->ss->scratch, cmd.id, NULL, 0);
+        send_scratch(s);
+        break;
+    case HUB_OP_RPC:
+        do_rpc(s, &cmd);
+        break;
+    default:
+        proto_error(s, cmd.id, HUB_PERR_INTERNAL, "unhandled op");
+        break;
+    }
+}
+
+/* After a message: culls what it made slow, and says whether its text was
+ * not UTF-8 (-1, close 1007). */
+static int after_message(struct hub_session *s, uint16_t *close_code, const char **reason)
+{
+    hub_cull_now(s->ss->hub);
+    if (!(s->flags & HUB_SESS_RX_INVALID))
+        return 0;
+    s->close_code = 1007;
+    *close_code = 1007;
+    *reason = "invalid UTF-8";
+    hub_writer_abandon(&s->wc);
+    return -1;
+}
+
+int hub_session_receive(struct hub_session *s, const void *in, size_t len, int final,
+                        int binary, uint16_t *close_code, const char **close_reason)
+{
+    uint64_t max = s->ss->cfg->max_message_size;
+
+    if (hub_writer_closing(&s->wc))
+        return 0;
+    hub_writer_seen(&s->wc);
+
+    if (!(s->flags & HUB_SESS_RX_ACTIVE)) {
+        if (binary)
+            s->flags |= HUB_SESS_RX_BINARY;
+        else
+            s->flags &= ~HUB_SESS_RX_BINARY;
+        if (final && len <= max) {
+            /* Fast path: the whole message in one callback, no copy. */
+            handle(s, in, len, s->flags & HUB_SESS_RX_BINARY);
+            return after_message(s, close_code, close_reason);
+        }
+        s->flags |= HUB_SESS_RX_ACTIVE;
+        s->rx_len = 0;
+    }
+
+    if ((uint64_t)s->rx_len + len > max) {
+        hub_log(HUB_LOG_INFO, "[conn %llu] message over max_message_size (%llu), closing with 1009",
+                (unsigned long long)s->client.id, (unsigned long long)max);
+        free(s->rx);
+        s->rx = NULL;
+        s->rx_len = s->rx_cap = 0;
+        s->flags &= ~HUB_SESS_RX_ACTIVE;
+        s->close_code = 1009;
+        hub_writer_abandon(&s->wc);
+        *close_code = 1009;
+        *close_reason = "message too large";
+        return -1;
+    }
+    if (s->rx_len + len > s->rx_cap) {
+        size_t cap = s->rx_cap ? s->rx_cap : 1024;
+        while (cap < s->rx_len + len)
+            cap *= 2;
+        if (cap > max)
+            cap = max;
+        s->rx = hub_xrealloc(s->rx, cap);
+        s->rx_cap = (uint32_t)cap;
+    }
+    if (len) /* a zero-length fragment: s->rx may still be NULL */
+        memcpy(s->rx + s->rx_len, in, len);
+    s->rx_len += (uint32_t)len;
+    if (!final)
+        return 0;
+
+    s->flags &= ~HUB_SESS_RX_ACTIVE;
+    handle(s, (const char *)s->rx, s->rx_len, s->flags & HUB_SESS_RX_BINARY);
+    /* Reassembly is the rare path: give the buffer back between messages. */
+    free(s->rx);
+    s->rx = NULL;
+    s->rx_len = s->rx_cap = 0;
+    return after_message(s, close_code, close_reason);
+}
+
+/* ---- lifetime ------------------------------------------------------------ */
+
+void hub_session_open(struct hub_session *s, struct hub_sessions *ss, struct lws *wsi,
+                      struct hub_conn_pending *pending)
+{
+    char client[64];
+    uint64_t id = pending ? pending->id : hub_next_id(ss->hub);
+
+    s->ss = ss;
+    s->close_code = 1006; /* until a close frame says otherwise */
+    hub_client_add(ss->hub, &s->client, &client_ops, id);
+    hub_writer_open(ss->writer, &s->wc, wsi, id);
+    s->pc.id = id;
+    if (pending) {
+        s->pc.user = pending->user;
+        s->pc.info_json = pending->info_json;
+        free(pending);
+    }
+    s->flags = HUB_SESS_OPEN;
+    ss->connections_total++;
+
+    if (hub_log_enabled(HUB_LOG_DEBUG)) {
+        char peer[64];
+        hub_writer_peer(&s->wc, peer, sizeof(peer));
+        hub_log(HUB_LOG_DEBUG, "[conn %llu] connected from %s%s%s", (unsigned long long)id,
+                peer, s->pc.user ? " as " : "", s->pc.user ? s->pc.user : "");
+    }
+    hub_client_name(ss->hub, id, client, sizeof(client));
+    if (ss->registry && hub_registry_conn_open(ss->registry, client, s->pc.user,
+                                               s->pc.user ? strlen(s->pc.user) : 0))
+        s->flags |= HUB_SESS_REGISTERED;
+    hub_proto_encode_welcome(&ss->scratch, client, HUB_VERSION, ss->cfg->ping_interval);
+    send_scratch(s);
+}
+
+void hub_session_closed(struct hub_session *s)
+{
+    struct hub_sessions *ss = s->ss;
+
+    if (!ss || !(s->flags & HUB_SESS_OPEN)) /* never reached ESTABLISHED */
+        return;
+    /* Nothing may be queued from here on: leaving the channels below can
+     * complete pending subscribes, whose replies must not queue anything. */
+    hub_writer_closed(&s->wc);
+    if (ss->registry) {
+        char client[64];
+        hub_client_name(ss->hub, s->client.id, client, sizeof(client));
+        hub_registry_conn_close(ss->registry, client, s->flags & HUB_SESS_REGISTERED);
+    }
+    if (has_hook(s, HUB_HOOK_DISCONNECT))
+        hub_policy_on_disconnect(policy(s), &s->pc, s->close_code,
+                                 s->close_reason ? s->close_reason : "");
+    if (policy(s))
+        hub_policy_conn_gone(policy(s), &s->pc);
+    hub_client_remove(ss->hub, &s->client);
+    free(s->rx);
+    free(s->pc.user);
+    free(s->pc.info_json);
+    free(s->close_reason);
+    s->rx = NULL;
+    s->pc.user = s->pc.info_json = s->close_reason = NULL;
+    s->flags = 0;
+    hub_log(HUB_LOG_DEBUG, "[conn %llu] closed", (unsigned long long)s->client.id);
+    if (ss->shutting_down && !hub_clients(ss->hub) && ss->all_gone)
+        ss->all_gone(ss->ud);
+}
+
+/* A close code a peer may send (RFC 6455 §7.4.1-2, the rule lws 4.1.6
+ * applies too). 1005, 1006 and 1015 are never sent on the wire. */
+static int close_code_valid(unsigned code)
+{
+    return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1011) ||
+           (code >= 3000 && code <= 4999);
+}
+
+int hub_session_peer_closed(struct hub_session *s, const void *payload, size_t len)
+{
+    const unsigned char *p = payload;
+    static const unsigned char protocol_error[2] = {1002 >> 8, 1002 & 0xff};
+
+    if (hub_writer_closing(&s->wc))
+        return -1; /* the answer to our close: the handshake is complete */
+    s->close_code = len >= 2 ? (uint16_t)(p[0] << 8 | p[1]) : 1005;
+    /* A 1-byte payload, a code nobody may send, or a reason that is not
+     * UTF-8 (RFC 6455 §5.5.1, §7.4, §8.1): answered with 1002, not echoed. */
+    if (len == 1 || (len >= 2 && (!close_code_valid(s->close_code) ||
+                                  !hub_proto_utf8_valid((const char *)p + 2, len - 2)))) {
+        hub_log(HUB_LOG_DEBUG, "[conn %llu] invalid close frame (%zu bytes, code %u): "
+                "closing with 1002", (unsigned long long)s->client.id, len,
+                len >= 2 ? (unsigned)s->close_code : 0u);
+        s->close_code = 1002;
+        free(s->close_reason);
+        s->close_reason = hub_xstrdup("invalid close frame");
+        return hub_writer_echo_close(&s->wc, protocol_error);
+    }
+    return hub_writer_echo_close(&s->wc, len >= 2 ? p : NULL);
+}
+
+void hub_session_close(struct hub_session *s, uint16_t code, const char *reason)
+{
+    close_with(s, code, reason, 0);
+}
+
+/* Every open session, for the rare walks (shutdown, an API disconnect, a
+ * reload): the hub's id table holds them all. */
+static void each_session(struct hub_sessions *ss, void (*fn)(struct hub_session *, void *),
+                         void *arg)
+{
+    const struct hub_htable *t = &ss->hub->clients;
+    for (size_t b = 0; b < t->nb; b++)
+        for (struct hub_hnode *n = t->b[b]; n; n = n->next)
+            fn(of_client(hub_container_of(n, struct hub_client, node)), arg);
+}
+
+static void close_1001(struct hub_session *s, void *arg)
+{
+    (void)arg;
+    hub_session_close(s, 1001, "server shutting down");
+}
+
+void hub_sessions_shutdown(struct hub_sessions *ss)
+{
+    ss->shutting_down = 1;
+    hub_writer_no_pause(ss->writer);
+    each_session(ss, close_1001, NULL);
+    if (!hub_clients(ss->hub) && ss->all_gone)
+        ss->all_gone(ss->ud);
+}
+
+struct user_arg {
+    const char *user;
+    size_t len;
+};
+
+static void close_user(struct hub_session *s, void *arg)
+{
+    const struct user_arg *u = arg;
+    if (s->pc.user && strlen(s->pc.user) == u->len && !memcmp(s->pc.user, u->user, u->len))
+        hub_session_close(s, 4003, "disconnected by the API");
+}
+
+void hub_sessions_disconnect_user(struct hub_sessions *ss, const char *user, size_t len)
+{
+    struct user_arg u = {user, len};
+    each_session(ss, close_user, &u); /* closing is asynchronous: the table stays */
+}
+
+/* ---- the policy's host interface ------------------------------------------ */
+
+static struct hub_policy_conn *h_conn(void *ud, uint64_t id)
+{
+    struct hub_sessions *ss = ud;
+    struct hub_client *c = hub_client_by_id(ss->hub, id);
+    return c ? &of_client(c)->pc : NULL;
+}
+
+static struct hub_policy_conn *h_conn_named(void *ud, const char *client)
+{
+    struct hub_sessions *ss = ud;
+    struct hub_client *c = hub_client_by_name(ss->hub, client);
+    return c ? &of_client(c)->pc : NULL;
+}
+
+static void h_conn_name(void *ud, uint64_t id, char *out, size_t n)
+{
+    struct hub_sessions *ss = ud;
+    hub_client_name(ss->hub, id, out, n);
+}
+
+static void h_conn_addr(void *ud, const struct hub_policy_conn *c, char *out, size_t n)
+{
+    (void)ud;
+    hub_writer_peer(&of_pc(c)->wc, out, n);
+}
+
+static int h_conn_closing(void *ud, const struct hub_policy_conn *c)
+{
+    (void)ud;
+    return hub_writer_closing(&of_pc(c)->wc);
+}
+
+static void h_conn_send(void *ud, struct hub_policy_conn *c, const char *json, size_t len)
+{
+    struct hub_sessions *ss = ud;
+    struct hub_session *s = of_pc(c);
+    hub_buf_appends(&ss->scratch, "{\"op\":\"push\",\"data\":");
+    hub_buf_append(&ss->scratch, json, len);
+    hub_buf_appends(&ss->scratch, "}");
+    send_scratch(s);
+}
+
+static void h_conn_close(void *ud, struct hub_policy_conn *c, unsigned code, const char *reason)
+{
+    (void)ud;
+    hub_session_close(of_pc(c), (uint16_t)code, reason);
+}
+
+static int h_conn_subscribe(void *ud, struct hub_policy_conn *c, const char *ch, size_t len)
+{
+    struct hub_sessions *ss = ud;
+    return hub_subscribe(ss->hub, &of_pc(c)->client, ch, len, NULL, NULL);
+}
+
+static int h_conn_unsubscribe(void *ud, struct hub_policy_conn *c, const char *ch, size_t len)
+{
+    struct hub_sessions *ss = ud;
+    return hub_unsubscribe(ss->hub, &of_pc(c)->client, ch, len);
+}
+
+static void h_conn_channels(void *ud, const struct hub_policy_conn *c,
+                            void (*fn)(void *arg, const char *ch, size_t len), void *arg)
+{
+    (void)ud;
+    for (const struct hub_sub *sub = of_pc(c)->client.subs; sub; sub = sub->next)
+        fn(arg, sub->chan->name, sub->chan->name_len);
+}
+
+struct each_arg {
+    void (*fn)(void *arg, struct hub_policy_conn *c);
+    void *arg;
+};
+
+static void each_pc(struct hub_session *s, void *arg)
+{
+    struct each_arg *a = arg;
+    a->fn(a->arg, &s->pc);
+}
+
+static void h_each_conn(void *ud, void (*fn)(void *arg, struct hub_policy_conn *c), void *arg)
+{
+    struct each_arg a = {fn, arg};
+    each_session(ud, each_pc, &a);
+}
+
+static size_t h_publish(void *ud, const char *ch, size_t len, const char *data, size_t dlen)
+{
+    struct hub_sessions *ss = ud;
+    size_t n = hub_subscribers(ss->hub, ch, len);
+    if (hub_publish(ss->hub, ch, len, data, dlen, NULL, NULL) < 0)
+        return 0;
+    return n;
+}
+
+static size_t h_subscribers(void *ud, const char *ch, size_t len)
+{
+    struct hub_sessions *ss = ud;
+    return hub_subscribers(ss->hub, ch, len);
+}
+
+static int h_shutting_down(void *ud)
+{
+    struct hub_sessions *ss = ud;
+    return ss->shutting_down;
+}
+
+const struct hub_policy_host_ops hub_session_policy_ops = {
+    .conn = h_conn,
+    .conn_named = h_conn_named,
+    .conn_name = h_conn_name,
+    .conn_addr = h_conn_addr,
+    .conn_closing = h_conn_closing,
+    .conn_send = h_conn_send,
+    .conn_close = h_conn_close,
+    .conn_subscribe = h_conn_subscribe,
+    .conn_unsubscribe = h_conn_unsubscribe,
+    .conn_channels = h_conn_channels,
+    .each_conn = h_each_conn,
+    .publish = h_publish,
+    .subscribers = h_subscribers,
+    .shutting_down = h_shutting_down,
+};
