@@ -538,73 +538,39 @@ END_TEST
 /* Bad requests                                                         */
 /* ------------------------------------------------------------------ */
 
-/* POSTs `body` to `path` and requires `status` with `code`. */
-static void bad_body(const char *path, const char *body, int status, const char *code)
+/* Bad API bodies, all against one hub: each gets its status with the
+ * protocol's error object, nothing is published, and the hub keeps
+ * serving (a subscriber gets nothing from it, then a good publish). */
+static const struct {
+    const char *body;
+    const char *code;
+} bad_bodies[] = {
+    {"channel=room&data=1", "bad_request"},                             /* not JSON */
+    {"{\"channel\":\"room\",\"data\":", "bad_request"},                   /* truncated */
+    {"[{\"channel\":\"room\",\"data\":1}]", "bad_request"},               /* an array */
+    {"", "bad_request"},                                                /* empty */
+    {"{\"channel\":\"room 1\",\"data\":1}", "invalid_channel"},
+    {"{\"channel\":\"room\"}", "bad_request"},                            /* no data */
+    {"{\"channels\":[\"room\"],\"data\":1}", "bad_request"},              /* broadcast's */
+    {"{\"channel\":\"room\",\"data\":1,\"id\":1}", "bad_request"},          /* no op, no id */
+    {"{\"channel\":\"room\",\"data\":1,\"channel\":\"admin\"}", "bad_request"}, /* crafted */
+};
+
+START_TEST(bad_bodies_publish_nothing)
 {
     struct fx f;
     fx_start(&f, NULL, NULL);
-    struct http_resp r;
-    api(f.h->port, "POST", path, NULL, body, &r);
-    http_expect_error(&r, status, code);
-    http_resp_free(&r);
-    ck_assert_int_eq(hub_metric(f.h, "luahub_messages_published_total"), 0);
-    still_serves(&f);
+    for (size_t i = 0; i < sizeof bad_bodies / sizeof *bad_bodies; i++) {
+        struct http_resp r;
+        api(f.h->port, "POST", "/api/publish", NULL, bad_bodies[i].body, &r);
+        ck_assert_msg(r.status == 400, "body %zu (%s): status %d", i, bad_bodies[i].body,
+                      r.status);
+        http_expect_error(&r, 400, bad_bodies[i].code);
+        http_resp_free(&r);
+        ck_assert_int_eq(hub_metric(f.h, "luahub_messages_published_total"), (long long)i);
+        still_serves(&f); /* publishes one good message */
+    }
     fx_stop(&f);
-}
-
-START_TEST(bad_body_not_json)
-{
-    bad_body("/api/publish", "channel=room&data=1", 400, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_body_truncated_json)
-{
-    bad_body("/api/publish", "{\"channel\":\"room\",\"data\":", 400, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_body_array)
-{
-    bad_body("/api/publish", "[{\"channel\":\"room\",\"data\":1}]", 400, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_body_empty)
-{
-    bad_body("/api/publish", "", 400, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_body_invalid_channel)
-{
-    bad_body("/api/publish", "{\"channel\":\"room 1\",\"data\":1}", 400, "invalid_channel");
-}
-END_TEST
-
-START_TEST(bad_body_missing_data)
-{
-    bad_body("/api/publish", "{\"channel\":\"room\"}", 400, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_body_extra_member)
-{
-    /* the API body has no op and no id */
-    bad_body("/api/publish", "{\"channel\":\"room\",\"data\":1,\"id\":1}", 400, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_body_crafted_envelope)
-{
-    bad_body("/api/publish", "{\"channel\":\"room\",\"data\":1,\"channel\":\"admin\"}", 400,
-             "bad_request");
-}
-END_TEST
-
-START_TEST(bad_body_channels_on_publish)
-{
-    bad_body("/api/publish", "{\"channels\":[\"room\"],\"data\":1}", 400, "bad_request");
 }
 END_TEST
 
@@ -1415,15 +1381,7 @@ static Suite *http_suite(void)
     suite_add_tcase(s, tc);
 
     tc = tcase_create("bad_request");
-    tcase_add_test(tc, bad_body_not_json);
-    tcase_add_test(tc, bad_body_truncated_json);
-    tcase_add_test(tc, bad_body_array);
-    tcase_add_test(tc, bad_body_empty);
-    tcase_add_test(tc, bad_body_invalid_channel);
-    tcase_add_test(tc, bad_body_missing_data);
-    tcase_add_test(tc, bad_body_extra_member);
-    tcase_add_test(tc, bad_body_crafted_envelope);
-    tcase_add_test(tc, bad_body_channels_on_publish);
+    tcase_add_test(tc, bad_bodies_publish_nothing);
     tcase_add_test(tc, no_content_length_is_empty_body);
     tcase_add_test(tc, chunked_body_411_and_closed);
     tcase_add_test(tc, chunked_headers_only_answered_at_once);

@@ -304,123 +304,50 @@ END_TEST
 /* Bad input: each gets a clear error and changes nothing else          */
 /* ------------------------------------------------------------------ */
 
-START_TEST(bad_invalid_json)
-{
-    bad_input("{\"op\":\"ping\",\"id\":1", NULL, "bad_request");
-}
-END_TEST
+/* Bad commands: each gets a clear error and changes nothing else. */
+static const struct {
+    const char *msg;
+    const char *id_json;    /* the reply's id as raw JSON, or NULL for none */
+    const char *code;
+} bad_inputs[] = {
+    {"{\"op\":\"ping\",\"id\":1", NULL, "bad_request"}, /* invalid_json */
+    {"", NULL, "bad_request"}, /* empty_message */
+    {"{\"op\":\"ping\",\"id\":1} x", NULL, "bad_request"}, /* trailing_garbage */
+    {"{\"op\":\"ping\",\"id\":1}{\"op\":\"ping\",\"id\":2}", NULL, "bad_request"}, /* two_objects */
+    {"[{\"op\":\"ping\",\"id\":1}]", NULL, "bad_request"}, /* array_instead_of_object */
+    {"\"ping\"", NULL, "bad_request"}, /* string_instead_of_object */
+    {"42", NULL, "bad_request"}, /* number_instead_of_object */
+    {"{\"op\":\"dance\",\"id\":5}", "5", "unknown_op"}, /* unknown_op */
+    {"{\"channel\":\"room\",\"id\":6}", "6", "bad_request"}, /* missing_op */
+    {"{\"op\":1,\"id\":7}", "7", "bad_request"}, /* op_wrong_type */
+    {"{\"op\":\"subscribe\",\"id\":8}", "8", "bad_request"}, /* missing_channel */
+    {"{\"op\":\"ping\",\"id\":9,\"x\":1}", "9", "bad_request"}, /* extra_field */
+    {"{\"op\":\"subscribe\",\"channel\":\"room\",\"data\":1,\"id\":10}", "10", "bad_request"}, /* extra_field_data_on_subscribe */
+    {"{\"op\":\"subscribe\",\"channel\":[\"room\"],\"id\":11}", "11", "bad_request"}, /* channel_wrong_type */
+    {"{\"op\":\"ping\",\"op\":\"ping\",\"id\":12}", "12", "bad_request"}, /* duplicate_field */
+    {"{\"op\":\"ping\",\"id\":{\"a\":1}}", NULL, "bad_request"}, /* id_object */
+    {"{\"op\":\"ping\",\"id\":[1]}", NULL, "bad_request"}, /* id_array */
+    {"{\"op\":\"ping\",\"id\":1.5}", NULL, "bad_request"}, /* id_float */
+    {"{\"op\":\"ping\",\"id\":true}", NULL, "bad_request"}, /* id_bool */
+    {"{\"op\":\"subscribe\",\"channel\":\"\",\"id\":13}", "13", "invalid_channel"}, /* channel_empty */
+    {"{\"op\":\"subscribe\",\"channel\":\"room 1\",\"id\":15}", "15", "invalid_channel"}, /* channel_space */
+    {"{\"op\":\"subscribe\",\"channel\":\"room\\u0001\",\"id\":16}", "16", "invalid_channel"}, /* channel_control_byte_escaped */
+    {"{\"op\":\"subscribe\",\"channel\":\"room\\u0000x\",\"id\":17}", "17", "invalid_channel"}, /* channel_nul_escaped */
+    {"{\"op\":\"subscribe\",\"channel\":\"caf\xc3\xa9\",\"id\":18}", "18", "invalid_channel"}, /* channel_non_ascii */
+    {"{\"op\":\"subscribe\",\"channel\":\"room\x01\",\"id\":19}", NULL, "bad_request"}, /* channel_raw_control_byte */
+    {"{\"op\":\"publish\",\"channel\":\"room\",\"id\":21}", "21", "bad_request"}, /* data_missing */
+    {"{\"op\":\"publish\",\"channel\":\"room\",\"data\":{\"x\":},\"id\":22}", NULL, "bad_request"}, /* data_malformed */
+    {"{\"op\":\"publish\",\"channel\":\"room\",\"data\":1 2,\"id\":23}", NULL, "bad_request"}, /* data_two_values */
+    {"{\"op\":\"publish\",\"channel\":\"room\",\"data\":{\"x\":1", NULL, "bad_request"}, /* data_unterminated */
+    {"{\"op\":\"ping\",\"data\":1,\"id\":24}", "24", "bad_request"}, /* data_on_ping */
+    /* \v is not JSON whitespace but is UTF-8: an error reply, not 1007 */
+    {"{\"op\":\"ping\",\x0b\"id\":1}", NULL, "bad_request"},
+};
+#define NBAD_INPUTS ((int)(sizeof bad_inputs / sizeof *bad_inputs))
 
-START_TEST(bad_empty_message)
+START_TEST(bad_command)
 {
-    bad_input("", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_trailing_garbage)
-{
-    bad_input("{\"op\":\"ping\",\"id\":1} x", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_two_objects)
-{
-    bad_input("{\"op\":\"ping\",\"id\":1}{\"op\":\"ping\",\"id\":2}", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_array_instead_of_object)
-{
-    bad_input("[{\"op\":\"ping\",\"id\":1}]", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_string_instead_of_object)
-{
-    bad_input("\"ping\"", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_number_instead_of_object)
-{
-    bad_input("42", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_unknown_op)
-{
-    bad_input("{\"op\":\"dance\",\"id\":5}", "5", "unknown_op");
-}
-END_TEST
-
-START_TEST(bad_missing_op)
-{
-    bad_input("{\"channel\":\"room\",\"id\":6}", "6", "bad_request");
-}
-END_TEST
-
-START_TEST(bad_op_wrong_type)
-{
-    bad_input("{\"op\":1,\"id\":7}", "7", "bad_request");
-}
-END_TEST
-
-START_TEST(bad_missing_channel)
-{
-    bad_input("{\"op\":\"subscribe\",\"id\":8}", "8", "bad_request");
-}
-END_TEST
-
-START_TEST(bad_extra_field)
-{
-    bad_input("{\"op\":\"ping\",\"id\":9,\"x\":1}", "9", "bad_request");
-}
-END_TEST
-
-START_TEST(bad_extra_field_data_on_subscribe)
-{
-    bad_input("{\"op\":\"subscribe\",\"channel\":\"room\",\"data\":1,\"id\":10}", "10", "bad_request");
-}
-END_TEST
-
-START_TEST(bad_channel_wrong_type)
-{
-    bad_input("{\"op\":\"subscribe\",\"channel\":[\"room\"],\"id\":11}", "11", "bad_request");
-}
-END_TEST
-
-START_TEST(bad_duplicate_field)
-{
-    bad_input("{\"op\":\"ping\",\"op\":\"ping\",\"id\":12}", "12", "bad_request");
-}
-END_TEST
-
-START_TEST(bad_id_object)
-{
-    bad_input("{\"op\":\"ping\",\"id\":{\"a\":1}}", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_id_array)
-{
-    bad_input("{\"op\":\"ping\",\"id\":[1]}", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_id_float)
-{
-    bad_input("{\"op\":\"ping\",\"id\":1.5}", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_id_bool)
-{
-    bad_input("{\"op\":\"ping\",\"id\":true}", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_channel_empty)
-{
-    bad_input("{\"op\":\"subscribe\",\"channel\":\"\",\"id\":13}", "13", "invalid_channel");
+    bad_input(bad_inputs[_i].msg, bad_inputs[_i].id_json, bad_inputs[_i].code);
 }
 END_TEST
 
@@ -431,69 +358,6 @@ START_TEST(bad_channel_256_bytes)
     name[256] = '\0';
     snprintf(msg, sizeof msg, "{\"op\":\"subscribe\",\"channel\":\"%s\",\"id\":14}", name);
     bad_input(msg, "14", "invalid_channel");
-}
-END_TEST
-
-START_TEST(bad_channel_space)
-{
-    bad_input("{\"op\":\"subscribe\",\"channel\":\"room 1\",\"id\":15}", "15", "invalid_channel");
-}
-END_TEST
-
-START_TEST(bad_channel_control_byte_escaped)
-{
-    bad_input("{\"op\":\"subscribe\",\"channel\":\"room\\u0001\",\"id\":16}", "16", "invalid_channel");
-}
-END_TEST
-
-START_TEST(bad_channel_nul_escaped)
-{
-    /* a C string compare would see "room" */
-    bad_input("{\"op\":\"subscribe\",\"channel\":\"room\\u0000x\",\"id\":17}", "17", "invalid_channel");
-}
-END_TEST
-
-START_TEST(bad_channel_non_ascii)
-{
-    /* valid UTF-8 (\xc3\xa9 = e acute), but not in the channel alphabet */
-    bad_input("{\"op\":\"subscribe\",\"channel\":\"caf\xc3\xa9\",\"id\":18}", "18", "invalid_channel");
-}
-END_TEST
-
-START_TEST(bad_channel_raw_control_byte)
-{
-    /* an unescaped control byte inside a string is not JSON (RFC 8259 7) */
-    bad_input("{\"op\":\"subscribe\",\"channel\":\"room\x01\",\"id\":19}", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_data_missing)
-{
-    bad_input("{\"op\":\"publish\",\"channel\":\"room\",\"id\":21}", "21", "bad_request");
-}
-END_TEST
-
-START_TEST(bad_data_malformed)
-{
-    bad_input("{\"op\":\"publish\",\"channel\":\"room\",\"data\":{\"x\":},\"id\":22}", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_data_two_values)
-{
-    bad_input("{\"op\":\"publish\",\"channel\":\"room\",\"data\":1 2,\"id\":23}", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_data_unterminated)
-{
-    bad_input("{\"op\":\"publish\",\"channel\":\"room\",\"data\":{\"x\":1", NULL, "bad_request");
-}
-END_TEST
-
-START_TEST(bad_data_on_ping)
-{
-    bad_input("{\"op\":\"ping\",\"data\":1,\"id\":24}", "24", "bad_request");
 }
 END_TEST
 
@@ -1312,14 +1176,16 @@ START_TEST(ordering_many_subscribers_and_publishers)
 }
 END_TEST
 
-/* Sparse traffic is written at once: the adaptive write pause only starts
- * when a flush takes over a millisecond, and a single subscriber never
- * does. */
-START_TEST(light_load_never_pauses)
+/* Sparse traffic: a publish whose delivery arrives before the next one is
+ * written alone: one socket write per delivery, counted. (That it is also
+ * written at once, without a pause, is a latency property: bench/ measures
+ * it, in the pacing and flow-controlled scenarios.) */
+START_TEST(sparse_traffic_one_write_per_delivery)
 {
     struct hub *h = start();
     struct ws *sub = ws_connect(h->port);
     ws_subscribe(sub, "pace");
+    long long writes = hub_metric(h, "luahub_writes_total");
     for (int i = 0; i < 20; i++) {
         char data[32], *want;
         snprintf(data, sizeof data, "{\"n\":%d}", i);
@@ -1328,37 +1194,37 @@ START_TEST(light_load_never_pauses)
         ws_expect(sub, want);
         free(want);
     }
-    ck_assert_int_eq(hub_metric(h, "luahub_flushes_paused_total"), 0);
-    ck_assert_int_ge(hub_metric(h, "luahub_flushes_total"), 20);
+    ck_assert_int_eq(hub_metric(h, "luahub_writes_total") - writes, 20);
     ws_free(sub);
     stop(h);
 }
 END_TEST
 
 /* write_delay = N: after a flush, the next waits until N ms have passed,
- * and what gathered meanwhile leaves together, in order. The first
- * delivery after a quiet spell is not delayed. */
-START_TEST(write_delay_paces_flushes)
+ * and what gathered meanwhile leaves together, in order: three deliveries
+ * published within the delay go out in one socket write (counted), after
+ * a paused flush. The first delivery after a quiet spell is written at
+ * once, alone. */
+START_TEST(write_delay_gathers_deliveries)
 {
     struct hub *h = hub_start(BASE_CONF "write_delay = 1000\n");
-    struct ws *sub = ws_connect(h->port), *pub = ws_connect(h->port);
+    struct ws *sub = ws_connect(h->port);
     char *want;
 
     ws_subscribe(sub, "pace");
+    long long writes = hub_metric(h, "luahub_writes_total");
     ck_assert_int_eq(http_publish(h->port, "pace", "1"), 200);
     want = ws_delivery("pace", "1");
-    ws_expect(sub, want); /* the hub was idle: written at once */
+    ws_expect(sub, want);
     free(want);
+    ck_assert_int_eq(hub_metric(h, "luahub_writes_total") - writes, 1);
 
-    /* Published less than a second after that flush: held until it is a
-     * second old. Replies are not held (ws_publish waits for its own). */
-    int64_t t0 = ht_now_ms();
+    long long paused = hub_metric(h, "luahub_flushes_paused_total");
     for (int i = 2; i <= 4; i++) {
         char data[8];
         snprintf(data, sizeof data, "%d", i);
         ck_assert_int_eq(http_publish(h->port, "pace", data), 200);
     }
-    ws_publish(pub, "other", "0");
     for (int i = 2; i <= 4; i++) {
         char data[8];
         snprintf(data, sizeof data, "%d", i);
@@ -1366,12 +1232,9 @@ START_TEST(write_delay_paces_flushes)
         ws_expect(sub, want);
         free(want);
     }
-    int64_t waited = ht_now_ms() - t0;
-    ck_assert_msg(waited >= 500, "delivered %lld ms after the publish, before the write delay",
-                  (long long)waited);
-    ck_assert_int_ge(hub_metric(h, "luahub_flushes_paused_total"), 1);
+    ck_assert_int_eq(hub_metric(h, "luahub_writes_total") - writes, 2);
+    ck_assert_int_eq(hub_metric(h, "luahub_flushes_paused_total") - paused, 1);
     ws_free(sub);
-    ws_free(pub);
     stop(h);
 }
 END_TEST
@@ -1516,13 +1379,6 @@ START_TEST(invalid_utf8_closes_1007)
 }
 END_TEST
 
-/* \v is not JSON whitespace but is UTF-8: an error reply, no close. */
-START_TEST(vertical_tab_is_bad_request_not_1007)
-{
-    bad_input("{\"op\":\"ping\",\x0b\"id\":1}", NULL, "bad_request");
-}
-END_TEST
-
 /* Close frames: a valid one is echoed with its code; a 1-byte payload, a
  * code nobody may send, or a reason that is not UTF-8 get 1002. */
 static const struct {
@@ -1625,44 +1481,14 @@ static Suite *ws_suite(void)
     suite_add_tcase(s, tc);
 
     tc = tcase_create("bad_input");
-    tcase_add_test(tc, bad_invalid_json);
-    tcase_add_test(tc, bad_empty_message);
-    tcase_add_test(tc, bad_trailing_garbage);
-    tcase_add_test(tc, bad_two_objects);
-    tcase_add_test(tc, bad_array_instead_of_object);
-    tcase_add_test(tc, bad_string_instead_of_object);
-    tcase_add_test(tc, bad_number_instead_of_object);
-    tcase_add_test(tc, bad_unknown_op);
-    tcase_add_test(tc, bad_missing_op);
-    tcase_add_test(tc, bad_op_wrong_type);
-    tcase_add_test(tc, bad_missing_channel);
-    tcase_add_test(tc, bad_extra_field);
-    tcase_add_test(tc, bad_extra_field_data_on_subscribe);
-    tcase_add_test(tc, bad_channel_wrong_type);
-    tcase_add_test(tc, bad_duplicate_field);
-    tcase_add_test(tc, bad_id_object);
-    tcase_add_test(tc, bad_id_array);
-    tcase_add_test(tc, bad_id_float);
-    tcase_add_test(tc, bad_id_bool);
-    tcase_add_test(tc, bad_channel_empty);
+    tcase_add_loop_test(tc, bad_command, 0, NBAD_INPUTS);
     tcase_add_test(tc, bad_channel_256_bytes);
-    tcase_add_test(tc, bad_channel_space);
-    tcase_add_test(tc, bad_channel_control_byte_escaped);
-    tcase_add_test(tc, bad_channel_nul_escaped);
-    tcase_add_test(tc, bad_channel_non_ascii);
-    tcase_add_test(tc, bad_channel_raw_control_byte);
-    tcase_add_test(tc, bad_data_missing);
-    tcase_add_test(tc, bad_data_malformed);
-    tcase_add_test(tc, bad_data_two_values);
-    tcase_add_test(tc, bad_data_unterminated);
-    tcase_add_test(tc, bad_data_on_ping);
     tcase_add_test(tc, bad_binary_frame);
     tcase_add_test(tc, bad_data_crafted_envelope);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("rfc6455");
     tcase_add_loop_test(tc, invalid_utf8_closes_1007, 0, 2 * NBAD_UTF8);
-    tcase_add_test(tc, vertical_tab_is_bad_request_not_1007);
     tcase_add_loop_test(tc, close_frames_checked, 0, (int)(sizeof closes / sizeof *closes));
     tcase_add_test(tc, zero_length_fragments);
     suite_add_tcase(s, tc);
@@ -1696,8 +1522,8 @@ static Suite *ws_suite(void)
 
     tc = tcase_create("fanout");
     tcase_add_test(tc, ordering_many_subscribers_and_publishers);
-    tcase_add_test(tc, light_load_never_pauses);
-    tcase_add_test(tc, write_delay_paces_flushes);
+    tcase_add_test(tc, sparse_traffic_one_write_per_delivery);
+    tcase_add_test(tc, write_delay_gathers_deliveries);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("lifecycle");
