@@ -11,16 +11,25 @@ all: build
 deps:
 	@bash scripts/install-deps.sh
 
+# Quiet builds: compiler warnings and errors only (the suites print the rest).
+QUIET = -- --no-print-directory -s
+
 build: deps
-	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHUB_WERROR=ON >/dev/null
-	@cmake --build $(BUILD) -j $(JOBS)
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHUB_WERROR=ON \
+		-DCMAKE_RULE_MESSAGES=OFF -DCMAKE_TARGET_MESSAGES=OFF >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS) $(QUIET)
 
 build-asan: deps
-	@cmake -S . -B $(BUILD_ASAN) -DCMAKE_BUILD_TYPE=Debug -DHUB_ASAN=ON -DHUB_UBSAN=ON -DHUB_WERROR=ON >/dev/null
-	@cmake --build $(BUILD_ASAN) -j $(JOBS)
+	@cmake -S . -B $(BUILD_ASAN) -DCMAKE_BUILD_TYPE=Debug -DHUB_ASAN=ON -DHUB_UBSAN=ON \
+		-DHUB_WERROR=ON -DCMAKE_RULE_MESSAGES=OFF -DCMAKE_TARGET_MESSAGES=OFF >/dev/null
+	@cmake --build $(BUILD_ASAN) -j $(JOBS) $(QUIET)
 
-run: build
-	./$(BUILD)/luahub -c $(CONF)
+# `make run` builds the hub alone (not the suites) and runs it.
+run: deps
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHUB_WERROR=ON \
+		-DCMAKE_RULE_MESSAGES=OFF -DCMAKE_TARGET_MESSAGES=OFF >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS) --target luahub $(QUIET)
+	@./$(BUILD)/luahub -c $(CONF)
 
 check: build
 	./$(BUILD)/luahub -c $(CONF) --check

@@ -236,6 +236,18 @@ void hub_http_respond_file(struct hub_http_conn *c, unsigned status, const char 
     start_write(c);
 }
 
+void hub_http_respond_raw(struct hub_http_conn *c, const void *bytes, size_t len)
+{
+    if (c->state == S_CLOSED)
+        return;
+    hub_buf_reset(&c->out);
+    c->out_off = 0;
+    hub_buf_append(&c->out, bytes, len);
+    c->close_after = 1;
+    c->hs->requests++;
+    start_write(c);
+}
+
 void hub_http_respond_error(struct hub_http_conn *c, unsigned status, const char *code,
                             const char *message, unsigned flags)
 {

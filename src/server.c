@@ -15,6 +15,9 @@
 #include <sys/random.h>
 #include <unistd.h>
 
+#include <openssl/evp.h>
+#include <openssl/sha.h>
+
 #include "luahub/http_api.h"
 #include "luahub/log.h"
 #include "luahub/metrics.h"
@@ -59,6 +62,70 @@ static void refuse(struct hub_server *srv, struct hub_http_conn *c, unsigned sta
                      HUB_HTTP_CLOSE);
 }
 
+/* `reason` cut to at most `max` bytes of valid UTF-8: a byte that does not
+ * start a valid sequence becomes '?', and a character that would not fit
+ * whole is left out. Returns the length written to out (>= max + 1 bytes). */
+static size_t utf8_cut(const char *reason, size_t max, char *out)
+{
+    size_t n = 0, len = strlen(reason);
+    for (size_t i = 0; i < len;) {
+        size_t k = 1;
+        while (k <= 4 && i + k <= len && !hub_proto_utf8_valid(reason + i, k))
+            k++;
+        if (k > 4 || i + k > len) { /* not UTF-8 here */
+            if (n + 1 > max)
+                break;
+            out[n++] = '?';
+            i++;
+            continue;
+        }
+        if (n + k > max)
+            break;
+        memcpy(out + n, reason + i, k);
+        n += k;
+        i += k;
+    }
+    out[n] = '\0';
+    return n;
+}
+
+static int subprotocol_offered(const struct hub_request *r);
+
+/* A refusal a browser page can read: browsers never expose the HTTP
+ * status of a failed upgrade (the page sees 1006), so for a request from a
+ * page (it has an Origin) the upgrade completes and a close frame with
+ * 4000 + status and the reason follows at once (docs/protocol.md,
+ * "Refusals"). */
+static void refuse_ws(struct hub_server *srv, struct hub_http_conn *c,
+                      const struct hub_request *r, unsigned status, const char *why)
+{
+    static const char guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    size_t kl;
+    const char *key = hub_request_header(r, "sec-websocket-key", &kl);
+    unsigned char digest[SHA_DIGEST_LENGTH], accept[32];
+    char reason[124];
+    struct hub_buf b = {0};
+
+    srv->connections_refused++;
+    hub_buf_append(&b, key, kl);
+    hub_buf_append(&b, guid, sizeof(guid) - 1);
+    SHA1((const unsigned char *)b.p, b.len, digest);
+    EVP_EncodeBlock(accept, digest, sizeof(digest));
+    hub_buf_reset(&b);
+    hub_buf_printf(&b, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                   "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n",
+                   (const char *)accept,
+                   subprotocol_offered(r) ? "Sec-WebSocket-Protocol: luahub\r\n" : "");
+    size_t n = utf8_cut(why, sizeof(reason) - 1, reason);
+    unsigned code = 4000 + status;
+    unsigned char frame[4] = {0x88, (unsigned char)(2 + n), (unsigned char)(code >> 8),
+                              (unsigned char)(code & 0xff)};
+    hub_buf_append(&b, frame, sizeof(frame));
+    hub_buf_append(&b, reason, n);
+    hub_http_respond_raw(c, b.p, b.len);
+    hub_buf_free(&b);
+}
+
 /* A Sec-WebSocket-Key is 16 random bytes in base64: 24 characters, the
  * last two "==" (RFC 6455 §4.1). */
 static int ws_key_valid(const char *k, size_t n)
@@ -72,12 +139,32 @@ static int ws_key_valid(const char *k, size_t n)
     return 1;
 }
 
+/* 1 if the comma-separated list v[0..n) holds `token` exactly
+ * (subprotocol names are case-sensitive, RFC 6455 §4.1). */
+static int has_subprotocol(const char *v, size_t n, const char *token)
+{
+    size_t tl = strlen(token), i = 0;
+    while (i < n) {
+        while (i < n && (v[i] == ' ' || v[i] == '\t' || v[i] == ','))
+            i++;
+        size_t s = i;
+        while (i < n && v[i] != ',' && v[i] != ' ' && v[i] != '\t')
+            i++;
+        if (i - s == tl && !memcmp(v + s, token, tl))
+            return 1;
+        while (i < n && v[i] != ',')
+            i++;
+    }
+    return 0;
+}
+
 /* The subprotocols the client offered (all Sec-WebSocket-Protocol
  * headers, comma-separated): 1 when "luahub" is among them or none was
  * offered; else 0, with the offer (shortened) in `offer`. */
 static int subprotocol_ok(const struct hub_request *r, int *offered, char *offer, size_t olen)
 {
     size_t used = 0;
+    int luahub = 0;
 
     *offered = 0;
     offer[0] = '\0';
@@ -86,14 +173,20 @@ static int subprotocol_ok(const struct hub_request *r, int *offered, char *offer
         if (strcmp(h->name, "sec-websocket-protocol") != 0)
             continue;
         *offered = 1;
-        if (hub_request_has_token(r, "sec-websocket-protocol", "luahub"))
-            return 1;
+        luahub |= has_subprotocol(h->value, h->value_len, "luahub");
         int w = snprintf(offer + used, olen - used, "%s%.*s", used ? ", " : "",
                          (int)(h->value_len > 64 ? 64 : h->value_len), h->value);
         if (w > 0 && (size_t)w < olen - used)
             used += (size_t)w;
     }
-    return !*offered;
+    return luahub || !*offered;
+}
+
+static int subprotocol_offered(const struct hub_request *r)
+{
+    int offered;
+    char offer[8];
+    return subprotocol_ok(r, &offered, offer, sizeof(offer)) && offered;
 }
 
 /* A complete WebSocket upgrade request (http.c): the checks and on_connect
@@ -151,11 +244,13 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
         if (v != HUB_ALLOW) {
             free(res.user);
             free(res.info_json);
-            if (v == HUB_FAIL)
-                refuse(srv, c, 500, "internal error: the connect policy failed", NULL);
+            unsigned status = v == HUB_FAIL ? 500 : res.status ? res.status : 403;
+            const char *why = v == HUB_FAIL ? "internal error: the connect policy failed"
+                              : res.reason[0] ? res.reason : "forbidden";
+            if (hub_request_header(r, "origin", NULL))
+                refuse_ws(srv, c, r, status, why);
             else
-                refuse(srv, c, res.status ? res.status : 403,
-                       res.reason[0] ? res.reason : "forbidden", NULL);
+                refuse(srv, c, status, why, NULL);
             return;
         }
     }

@@ -81,6 +81,11 @@ void hub_http_respond(struct hub_http_conn *c, unsigned status, const char *ctyp
 void hub_http_respond_file(struct hub_http_conn *c, unsigned status, const char *ctype,
                            const char *extra, int file_fd, uint64_t size, unsigned flags);
 
+/* Writes `bytes` (copied) as they are, then closes the connection: for an
+ * answer that is not a plain HTTP response (a WebSocket handshake that
+ * ends in a close frame at once). */
+void hub_http_respond_raw(struct hub_http_conn *c, const void *bytes, size_t len);
+
 /* {"ok":false,"error":{"code":CODE,"message":MESSAGE}} with status. */
 void hub_http_respond_error(struct hub_http_conn *c, unsigned status, const char *code,
                             const char *message, unsigned flags);

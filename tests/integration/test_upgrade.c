@@ -1,0 +1,233 @@
+/* Integration suite: the WebSocket upgrade as browsers and other clients
+ * see it (docs/protocol.md "Connecting"): refusals a page can read (close
+ * 4000 + status with the reason), subprotocols, and what answers a request
+ * that is not an upgrade on the WebSocket path. Real binary, real sockets.
+ *
+ * Every test stops its hub with SIGTERM and asserts exit status 0: the
+ * ASan build exits non-zero on a leak. */
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "hubtest.h"
+
+#define ORIGIN "Origin: http://app.example\r\n"
+
+/* on_connect refuses with the status and reason given in the query:
+ * ?status=429&reason=... ; ?fail=1 raises (an internal failure). */
+static const char refusing_policy[] =
+    "function on_connect(conn, req)\n"
+    "  if req.query.fail then error('boom') end\n"
+    "  if req.query.status then\n"
+    "    return false, req.query.reason or 'no', tonumber(req.query.status)\n"
+    "  end\n"
+    "  return true\n"
+    "end\n";
+
+static struct hub *start_refusing(void)
+{
+    char *path = ht_tmpfile(refusing_policy);
+    char *conf = ht_asprintf("policy = \"%s\"\nshutdown_timeout = 2\n", path);
+    struct hub *h = hub_start(conf);
+    free(conf);
+    free(path);
+    return h;
+}
+
+/* Sends an upgrade to `path` with `headers`; requires 101 and, at once, a
+ * close frame with `code` and `reason`, then the TCP close. */
+static void expect_refusal_close(int port, const char *path, const char *headers, int code,
+                                 const char *reason)
+{
+    struct ws *c;
+    struct http_resp r;
+    struct ws_opts o = {.path = path, .headers = headers, .no_welcome = 1};
+    int st = ws_handshake(port, &o, &c, &r);
+    ck_assert_msg(st == 101, "%s: status %d, expected 101 then a close", path, st);
+    http_resp_free(&r);
+    struct ws_frame f;
+    int got = ws_recv_frame(c, &f, HT_WAIT_MS);
+    ck_assert_msg(got == 1 && f.opcode == WS_CLOSE, "%s: no close frame (got %d, opcode %d)",
+                  path, got, got == 1 ? f.opcode : -1);
+    ck_assert_msg(f.close_code == code && !strcmp(f.close_reason, reason),
+                  "%s: close %d \"%s\", expected %d \"%s\"", path, f.close_code, f.close_reason,
+                  code, reason);
+    ws_frame_free(&f);
+    ck_assert_msg(tcp_wait_closed(c->fd, HT_WAIT_MS), "%s: still open after the close", path);
+    ws_free(c);
+}
+
+/* A page (its request has an Origin) learns why it was refused: 101 and a
+ * close 4000 + status with the reason; a non-browser client keeps the HTTP
+ * status. Nothing is counted as a connection. */
+START_TEST(refusal_visible_to_pages)
+{
+    struct hub *h = start_refusing();
+    expect_refusal_close(h->port, "/ws?status=401&reason=log%20in%20again", ORIGIN, 4401,
+                         "log in again");
+    expect_refusal_close(h->port, "/ws?status=403", ORIGIN, 4403, "no");
+    expect_refusal_close(h->port, "/ws?status=429&reason=slow%20down", ORIGIN, 4429,
+                         "slow down");
+    expect_refusal_close(h->port, "/ws?fail=1", ORIGIN, 4500,
+                         "internal error: the connect policy failed");
+    /* without Origin: the HTTP status */
+    struct ws *c;
+    struct http_resp r;
+    struct ws_opts o = {.path = "/ws?status=401&reason=log%20in%20again"};
+    ck_assert_int_eq(ws_handshake(h->port, &o, &c, &r), 401);
+    ck_assert_ptr_null(c);
+    ck_assert_str_eq(r.body, "log in again");
+    http_resp_free(&r);
+    ck_assert_int_eq(hub_metric(h, "luahub_connections_refused_total"), 5);
+    ck_assert_int_eq(hub_metric(h, "luahub_connections_total"), 0);
+    /* an accepted page connects as usual */
+    struct ws_opts ok = {.headers = ORIGIN};
+    ck_assert_int_eq(ws_handshake(h->port, &ok, &c, &r), 101);
+    http_resp_free(&r);
+    ws_subscribe(c, "room");
+    ws_free(c);
+    ck_assert_int_eq(hub_stop(h), 0);
+}
+END_TEST
+
+/* Reasons are cut to the 123 bytes a close frame holds, on a UTF-8
+ * boundary, and bytes that are not UTF-8 become '?'. */
+START_TEST(refusal_reason_cut_and_cleaned)
+{
+    struct hub *h = start_refusing();
+    char path[1024], want[200];
+    /* 150 x "é" (2 bytes each): 61 fit in 123 bytes */
+    size_t n = (size_t)snprintf(path, sizeof path, "/ws?status=403&reason=");
+    for (int i = 0; i < 150; i++)
+        n += (size_t)snprintf(path + n, sizeof path - n, "%%C3%%A9");
+    size_t w = 0;
+    for (int i = 0; i < 61; i++) {
+        want[w++] = (char)0xc3;
+        want[w++] = (char)0xa9;
+    }
+    want[w] = '\0';
+    expect_refusal_close(h->port, path, ORIGIN, 4403, want);
+    /* "a", 0xff, "b", a lone continuation byte, a truncated 3-byte sequence */
+    expect_refusal_close(h->port, "/ws?status=403&reason=a%FFb%80c%E2%82", ORIGIN, 4403,
+                         "a?b?c??");
+    /* 124 ASCII bytes: one too many */
+    snprintf(path, sizeof path, "/ws?status=403&reason=%0124d", 0);
+    char cut[124];
+    memset(cut, '0', 123);
+    cut[123] = '\0';
+    expect_refusal_close(h->port, path, ORIGIN, 4403, cut);
+    ck_assert_int_eq(hub_stop(h), 0);
+}
+END_TEST
+
+/* Subprotocols: "luahub" is echoed when offered, alone or in a list (a
+ * token riding along as a second subprotocol is a common browser pattern);
+ * an offer of others only is refused with 400 naming them, in the body and
+ * the log; no offer at all is fine. */
+static const struct {
+    const char *headers;
+    int status;
+    const char *echo;           /* expected Sec-WebSocket-Protocol, NULL: none */
+    const char *body_has;       /* 400: text the body must contain */
+} subprotocols[] = {
+    {"", 101, NULL, NULL},
+    {"Sec-WebSocket-Protocol: luahub\r\n", 101, "luahub", NULL},
+    {"Sec-WebSocket-Protocol: token.abc, luahub\r\n", 101, "luahub", NULL},
+    {"Sec-WebSocket-Protocol: token.abc\r\nSec-WebSocket-Protocol: luahub\r\n", 101, "luahub",
+     NULL},
+    {"Sec-WebSocket-Protocol: foo\r\n", 400, NULL, "foo"},
+    {"Sec-WebSocket-Protocol: foo, bar\r\n", 400, NULL, "foo, bar"},
+    {"Sec-WebSocket-Protocol: \r\n", 400, NULL, "luahub"},
+    {"Sec-WebSocket-Protocol: ,,, ;;; ===\r\n", 400, NULL, ",,, ;;; ==="},
+    {"Sec-WebSocket-Protocol: LUAHUB\r\n", 400, NULL, "LUAHUB"},
+};
+
+START_TEST(subprotocol_offers)
+{
+    struct hub *h = hub_start("shutdown_timeout = 2\n");
+    struct ws *c;
+    struct http_resp r;
+    struct ws_opts o = {.headers = subprotocols[_i].headers};
+    int st = ws_handshake(h->port, &o, &c, &r);
+    ck_assert_msg(st == subprotocols[_i].status, "offer %d: status %d, expected %d", _i, st,
+                  subprotocols[_i].status);
+    char *echo = http_resp_header(&r, "Sec-WebSocket-Protocol");
+    if (subprotocols[_i].echo)
+        ck_assert_msg(echo && !strcmp(echo, subprotocols[_i].echo), "offer %d: echo %s", _i,
+                      echo ? echo : "(none)");
+    else
+        ck_assert_msg(!echo, "offer %d: unexpected echo %s", _i, echo);
+    free(echo);
+    if (st == 101) {
+        ws_subscribe(c, "room");
+        ws_free(c);
+    } else {
+        ck_assert_msg(strstr(r.body, subprotocols[_i].body_has) && strstr(r.body, "luahub"),
+                      "offer %d: body: %s", _i, r.body);
+        hub_log_wait(h, "subprotocols offered", HT_WAIT_MS);
+    }
+    http_resp_free(&r);
+    ck_assert_int_eq(hub_stop(h), 0);
+}
+END_TEST
+
+/* 50 subprotocols with "luahub" last: accepted; 50 without: refused. */
+START_TEST(subprotocol_long_lists)
+{
+    struct hub *h = hub_start("shutdown_timeout = 2\n");
+    struct hub_buf_s { char p[2048]; size_t n; } b = {{0}, 0};
+    b.n = (size_t)snprintf(b.p, sizeof b.p, "Sec-WebSocket-Protocol: ");
+    for (int i = 0; i < 49; i++)
+        b.n += (size_t)snprintf(b.p + b.n, sizeof b.p - b.n, "p%d, ", i);
+    char *with = ht_asprintf("%sluahub\r\n", b.p), *without = ht_asprintf("%sp49\r\n", b.p);
+    struct ws *c;
+    struct http_resp r;
+    struct ws_opts o = {.headers = with};
+    ck_assert_int_eq(ws_handshake(h->port, &o, &c, &r), 101);
+    http_resp_free(&r);
+    ws_free(c);
+    o.headers = without;
+    ck_assert_int_eq(ws_handshake(h->port, &o, &c, &r), 400);
+    http_resp_free(&r);
+    free(with);
+    free(without);
+    ck_assert_int_eq(hub_stop(h), 0);
+}
+END_TEST
+
+/* A GET on the WebSocket path without an upgrade says what is wrong. */
+START_TEST(plain_get_on_ws_path_426)
+{
+    struct hub *h = hub_start("shutdown_timeout = 2\n");
+    struct http_resp r;
+    http_request(h->port, "GET", "/ws", NULL, NULL, &r);
+    http_expect_error(&r, 426, "upgrade_required");
+    http_resp_free(&r);
+    ck_assert_int_eq(hub_stop(h), 0);
+}
+END_TEST
+
+static Suite *upgrade_suite(void)
+{
+    Suite *s = suite_create("upgrade");
+    TCase *tc = tcase_create("upgrade");
+    tcase_add_test(tc, refusal_visible_to_pages);
+    tcase_add_test(tc, refusal_reason_cut_and_cleaned);
+    tcase_add_loop_test(tc, subprotocol_offers, 0,
+                        (int)(sizeof subprotocols / sizeof *subprotocols));
+    tcase_add_test(tc, subprotocol_long_lists);
+    tcase_add_test(tc, plain_get_on_ws_path_426);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(upgrade_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
