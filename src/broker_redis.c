@@ -13,8 +13,9 @@
  * One uv timer per connection is its retry timer (IDLE), its connect
  * deadline (RESOLVING..HANDSHAKE) or the deadline of its oldest outstanding
  * command (SYNCING, UP). hiredis 0.14.1 has no timeouts of its own
- * (NOTES-stack.md §4.1): a command that is not answered in time drops the
- * whole connection, which makes hiredis fail every pending callback once.
+ * (docs/internals.md, "Redis: what an acknowledged publish means"): a
+ * command that is not answered in time drops the whole connection, which
+ * makes hiredis fail every pending callback once.
  *
  * Channels: each shard keeps a table of channels it has heard of. `want` is
  * what the hub asked for (subscribe/unsubscribe), `sent` what the last
@@ -26,6 +27,23 @@
  * waiter fires when `confirmed` reaches the number it needs. Redis answers
  * in order, so that is exact even for subscribe/unsubscribe/subscribe
  * pipelined before any answer.
+ *
+ * Acknowledged publishes (docs/internals.md): a publish is refused unless
+ * both connections of its shard are up, the sub one with every wanted
+ * channel subscribed. Every sub connection also subscribes a probe channel
+ * of its own ("<prefix>!probe:<random>"). A PUBLISH to a channel this
+ * broker has subscribed (and confirmed) is OK only once a probe PUBLISHed
+ * after it on the same cmd connection has come back on the sub connection
+ * that was up when it was sent: Redis runs one connection's commands in
+ * order and writes one subscriber's messages in order, so our own copy
+ * came before the probe. The probe goes out once per loop iteration for
+ * all the publishes of that iteration (the uv_idle handle), pipelined
+ * behind them: no extra round trip. Losing the sub connection fails what
+ * waits for an echo. A PUBLISH or probe answered 0 while we were
+ * subscribed means the sub connection is gone before its socket said so:
+ * it is dropped at once. A timer sends a probe every second when nothing
+ * is in flight (a PING on cmd while sub is down), so a Redis that stopped
+ * answering is noticed without traffic.
  *
  * Re-entrancy: user callbacks (publish/subscribe completions, deliver,
  * health) may call back into the broker, including stop(). Code that fires
@@ -57,6 +75,7 @@
 #define HUB_REDIS_BATCH 500             /* names per SUBSCRIBE / UNSUBSCRIBE */
 #define BACKOFF_MIN_MS 100u
 #define BACKOFF_MAX_MS 5000u
+#define PROBE_INTERVAL_MS 1000u         /* liveness probe when nothing is in flight */
 
 enum cstate {
     C_IDLE,         /* no context; the timer is the retry timer */
@@ -73,21 +92,30 @@ enum role { ROLE_CMD, ROLE_SUB };
 struct shard;
 struct rbroker;
 
-/* Something we wait an answer for on a connection, oldest first. */
-enum { P_PUBLISH, P_BATCH, P_COMMAND };
+/* Something we wait an answer for on a connection, oldest first. On cmd:
+ * P_PUBLISH, P_COMMAND, P_PROBE (the hiredis privdata of the command); on
+ * sub: P_BATCH and P_ECHO (ours only: hiredis has no per-command callback
+ * for (UN)SUBSCRIBE and messages; everything comes to on_sub_reply). */
+enum { P_PUBLISH, P_BATCH, P_COMMAND, P_PROBE, P_ECHO };
 struct pending {
     struct pending *prev, *next;
     struct rconn *rc;
     uint64_t deadline_ms;
     int kind;
-    /* P_PUBLISH, P_COMMAND (the hiredis privdata of the command) */
+    /* P_PUBLISH, P_COMMAND */
     hub_broker_publish_cb cb;
     hub_broker_reply_cb rcb;    /* P_COMMAND */
     void *ud;
     uint64_t t0_ns;
     size_t bytes;
-    /* P_BATCH (ours only: hiredis has no per-command callback for
-     * (UN)SUBSCRIBE; every name's answer comes to on_sub_reply) */
+    /* P_PUBLISH: `self` when the channel was subscribed and confirmed here
+     * at send time; `seq` the probe whose echo completes it (0: none, OK on
+     * the reply). P_PROBE: `seq` its number (0: a PING); P_ECHO: the number
+     * of the probe it waits for. `gen`: the shard's sub_gen at send time. */
+    int self;
+    uint64_t seq;
+    uint64_t gen;
+    /* P_BATCH */
     unsigned left;      /* confirmations still expected */
     int sync;           /* part of the re-subscribe after a connect */
 };
@@ -131,6 +159,7 @@ struct rchan {
     unsigned sent : 1;          /* the last command sent was SUBSCRIBE */
     unsigned dirty : 1;
     unsigned control : 1;       /* the control channel: messages go to control_fn */
+    unsigned probe : 1;         /* our probe channel: messages are probe echoes */
     char name[];
 };
 
@@ -143,7 +172,23 @@ struct shard {
     struct hub_bset chans;
     struct rchan *dirty_head, *dirty_tail;
     int up;
+    /* acknowledged publishes (see the top of this file) */
+    uint64_t sub_gen;           /* +1 each time the sub connection is lost */
+    uint64_t probe_sent;        /* number of the last probe sent */
+    uint64_t probe_seen;        /* highest probe number echoed on sub */
+    int probe_due;              /* a publish of this iteration waits for a probe */
+    struct pending *ack_head, *ack_tail;    /* answered, waiting for their probe */
+    unsigned echoes;            /* P_ECHO records on sub */
 };
+
+/* Why a publish was refused or failed (luahub_broker_publish_refused_total). */
+enum { REF_DOWN, REF_PUBSUB_DOWN, REF_OVER_CAP, REF_NOT_RECEIVED, REF_N };
+static const char *const ref_name[REF_N] = {"down", "pubsub_down", "over_cap",
+                                             "not_received"};
+
+/* Why an established connection was lost (luahub_broker_link_lost_total). */
+enum { LOST_CLOSED, LOST_TIMEOUT, LOST_NOT_SUBSCRIBED, LOST_N };
+static const char *const lost_name[LOST_N] = {"closed", "timeout", "not_subscribed"};
 
 #define RTT_BUCKETS 15
 static const double rtt_le[RTT_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025,
@@ -158,6 +203,9 @@ struct rbroker {
     size_t plen;
     uv_idle_t idle;
     int idle_active;
+    uv_timer_t live;            /* liveness probes */
+    char probe[32];             /* "!probe:<16 hex digits>", after the prefix */
+    size_t probe_len;
     int stopped;
     int up;
     unsigned open_handles;      /* timers + idle not yet closed, resolves in flight */
@@ -178,6 +226,9 @@ struct rbroker {
     uint64_t subscribe_cmds;    /* SUBSCRIBE / UNSUBSCRIBE commands sent */
     uint64_t commands;          /* command(): answered by Redis */
     uint64_t command_errors;    /* command(): refused, lost, timed out */
+    uint64_t refused[REF_N];
+    uint64_t lost[2][LOST_N];   /* [role] */
+    uint64_t probes;            /* probe PUBLISHes sent */
     hub_broker_control_fn control_fn;
     void *control_ud;
     uint64_t rtt_count[RTT_BUCKETS + 1];
@@ -186,9 +237,12 @@ struct rbroker {
 };
 
 static void conn_start(struct rconn *rc);
-static void conn_fail(struct rconn *rc, const char *why, int level);
+static void conn_fail(struct rconn *rc, const char *why, int level, int cause);
+static void conn_drop(struct rconn *rc, const char *why, int level, int cause);
 static void flush_shard(struct shard *sh);
 static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata);
+static void probe_send(struct shard *sh, int ping);
+static int links_up(const struct shard *sh);
 
 static const char *role_name(const struct rconn *rc)
 {
@@ -387,19 +441,77 @@ static void pending_unlink(struct rconn *rc, struct pending *p)
     p->prev = p->next = NULL;
 }
 
-/* Drops our own batch records (sub connection gone). */
-static void batches_clear(struct rconn *rc)
+/* Drops our own records of the sub connection (batches, probe echoes):
+ * it is gone. */
+static void sub_pending_clear(struct rconn *rc)
 {
     struct pending *p = rc->head;
     while (p) {
         struct pending *next = p->next;
-        if (p->kind == P_BATCH) {
-            pending_unlink(rc, p);
-            free(p);
-        }
+        pending_unlink(rc, p);
+        free(p);
         p = next;
     }
     rc->sync_left = 0;
+    rc->sh->echoes = 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Publishes waiting for the echo of their probe                       */
+/* ------------------------------------------------------------------ */
+
+static void ack_append(struct shard *sh, struct pending *p)
+{
+    p->next = NULL;
+    p->prev = sh->ack_tail;
+    if (sh->ack_tail)
+        sh->ack_tail->next = p;
+    else
+        sh->ack_head = p;
+    sh->ack_tail = p;
+}
+
+/* Detaches the waiting publishes whose probe number is <= `seq` (all of
+ * them: UINT64_MAX) into a list linked by `next`, oldest first. They are
+ * in probe order: one cmd connection answers in order and probe numbers
+ * only grow. */
+static struct pending *acks_take(struct shard *sh, uint64_t seq)
+{
+    struct pending *head = sh->ack_head, *last = NULL;
+    for (struct pending *p = head; p && p->seq <= seq; p = p->next)
+        last = p;
+    if (!last)
+        return NULL;
+    sh->ack_head = last->next;
+    if (sh->ack_head)
+        sh->ack_head->prev = NULL;
+    else
+        sh->ack_tail = NULL;
+    last->next = NULL;
+    return head;
+}
+
+/* Completes a list from acks_take. Touches nothing of the broker after the
+ * first callback (which may stop it). */
+static void acks_fire(struct rbroker *b, struct pending *p, int status)
+{
+    for (struct pending *q = p; q; q = q->next) {
+        if (status == HUB_BROKER_OK) {
+            b->publishes++;
+        } else {
+            b->publish_errors++;
+            b->refused[REF_NOT_RECEIVED]++;
+        }
+    }
+    while (p) {
+        struct pending *next = p->next;
+        hub_broker_publish_cb cb = p->cb;
+        void *ud = p->ud;
+        free(p);
+        if (cb)
+            cb(ud, status, 0);
+        p = next;
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -409,7 +521,7 @@ static void batches_clear(struct rconn *rc)
 /* Gives up the context we hold: hiredis fails its pending callbacks (NULL
  * reply) synchronously, or right after the hiredis callback we are in
  * returns. Then the connection goes IDLE with a retry. */
-static void conn_drop(struct rconn *rc, const char *why, int level)
+static void conn_drop(struct rconn *rc, const char *why, int level, int cause)
 {
     redisAsyncContext *ac = rc->ac;
     rc->ac = NULL;
@@ -417,7 +529,7 @@ static void conn_drop(struct rconn *rc, const char *why, int level)
         ac->data = NULL;
         redisAsyncFree(ac);
     }
-    conn_fail(rc, why, level);
+    conn_fail(rc, why, level, cause);
 }
 
 static unsigned next_delay(struct rconn *rc)
@@ -433,8 +545,10 @@ static unsigned next_delay(struct rconn *rc)
 }
 
 /* The connection (or the attempt) is over and rc->ac is already NULL:
- * reset, schedule the retry, log, then tell the user (health, waiters). */
-static void conn_fail(struct rconn *rc, const char *why, int level)
+ * reset, schedule the retry, log, then tell the user (health, waiters,
+ * publishes that waited for their echo on a lost sub connection). `cause`
+ * (LOST_*) is counted when the connection had been established. */
+static void conn_fail(struct rconn *rc, const char *why, int level, int cause)
 {
     struct shard *sh = rc->sh;
     struct rbroker *b = sh->b;
@@ -442,6 +556,7 @@ static void conn_fail(struct rconn *rc, const char *why, int level)
         return;
     int was = rc->state;
     struct waiter *failed = NULL;
+    struct pending *unacked = NULL;
 
     if (rc->gai_active && was == C_RESOLVING) {
         rc->gai_stale = 1;
@@ -449,21 +564,36 @@ static void conn_fail(struct rconn *rc, const char *why, int level)
     }
     rc->state = C_IDLE;
     if (rc->role == ROLE_SUB) {
-        batches_clear(rc);
+        /* What was sent while this connection was up can no longer be
+         * proven received: publishes in flight see the new generation on
+         * their reply, those already answered fail now. */
+        sh->sub_gen++;
+        unacked = acks_take(sh, UINT64_MAX);
+        sub_pending_clear(rc);
         chans_reset(sh, &failed);
     }
     rc->failures++;
+    /* The first retry after losing an established connection is not
+     * jittered: when Redis drops every hub at once (restart, CLIENT KILL),
+     * they all come back together, so the time in which one hub has
+     * resubscribed and another not yet (and misses what the first one
+     * publishes) stays short. Later retries spread out. */
     unsigned delay = next_delay(rc);
+    if (was == C_UP || was == C_SYNCING)
+        delay = BACKOFF_MIN_MS;
     timer_arm(rc, delay);
 
-    if (was == C_UP || was == C_SYNCING)
+    if (was == C_UP || was == C_SYNCING) {
+        b->lost[rc->role][cause]++;
         hub_log(level, "%s (%s): connection lost: %s; reconnecting in %u ms", sh->tag,
                 role_name(rc), why, delay);
-    else
+    } else {
         hub_log(level, "%s (%s): %s, retrying in %u ms", sh->tag, role_name(rc), why, delay);
+    }
 
     health_update(b);
     waiters_fire(failed, HUB_BROKER_UNAVAILABLE);
+    acks_fire(b, unacked, HUB_BROKER_UNAVAILABLE);
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
@@ -478,7 +608,7 @@ static void on_disconnect(const redisAsyncContext *ac, int status)
         snprintf(why, sizeof(why), "closed");
     else
         snprintf(why, sizeof(why), "%s", ac->errstr ? ac->errstr : ac->c.errstr);
-    conn_fail(rc, why, HUB_LOG_WARN);
+    conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
 }
 
 static void keepalive(int fd)
@@ -532,7 +662,7 @@ static void on_handshake_reply(redisAsyncContext *ac, void *reply, void *privdat
         else
             snprintf(why, sizeof(why), "%s failed: %s", cmd, r->str);
         /* Inside a hiredis callback: the free is deferred until we return. */
-        conn_drop(rc, why, HUB_LOG_ERROR);
+        conn_drop(rc, why, HUB_LOG_ERROR, LOST_CLOSED);
         return;
     }
     if (++rc->hs_i == rc->hs_n)
@@ -552,7 +682,7 @@ static void on_connect(const redisAsyncContext *cac, int status)
         char why[160];
         snprintf(why, sizeof(why), "%s", ac->c.errstr[0] ? ac->c.errstr : "connect failed");
         why[0] = (char)((why[0] >= 'A' && why[0] <= 'Z') ? why[0] + 32 : why[0]);
-        conn_fail(rc, why, HUB_LOG_WARN);
+        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
         return;
     }
     struct hub_redis_url *u = &rc->sh->url;
@@ -589,21 +719,22 @@ static void connect_to(struct rconn *rc, const char *ip)
     char why[200];
     redisAsyncContext *ac = redisAsyncConnect(ip, u->port);
     if (!ac) {
-        conn_fail(rc, "out of memory creating the hiredis context", HUB_LOG_ERROR);
+        conn_fail(rc, "out of memory creating the hiredis context", HUB_LOG_ERROR,
+                  LOST_CLOSED);
         return;
     }
     if (ac->err) {
         snprintf(why, sizeof(why), "%s", ac->errstr);
         why[0] = (char)((why[0] >= 'A' && why[0] <= 'Z') ? why[0] + 32 : why[0]);
         redisAsyncFree(ac);
-        conn_fail(rc, why, HUB_LOG_WARN);
+        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
         return;
     }
     int r = hub_redis_uv_attach(ac, b->base.loop);
     if (r < 0) {
         snprintf(why, sizeof(why), "cannot poll the socket: %s", uv_strerror(r));
         redisAsyncFree(ac);
-        conn_fail(rc, why, HUB_LOG_ERROR);
+        conn_fail(rc, why, HUB_LOG_ERROR, LOST_CLOSED);
         return;
     }
     ac->data = rc;
@@ -631,7 +762,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
         snprintf(why, sizeof(why), "cannot resolve \"%s\": %s", rc->sh->url.host,
                  uv_strerror(status));
         uv_freeaddrinfo(res);
-        conn_fail(rc, why, HUB_LOG_WARN);
+        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
         return;
     }
     /* IPv4 first (Redis binds 127.0.0.1 by default while "localhost" often
@@ -650,7 +781,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     if (n == 0) {
         char why[200];
         snprintf(why, sizeof(why), "\"%s\" has no IPv4/IPv6 address", rc->sh->url.host);
-        conn_fail(rc, why, HUB_LOG_WARN);
+        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
         return;
     }
     connect_to(rc, addrs[rc->failures % (unsigned)n]);
@@ -693,7 +824,7 @@ static void conn_start(struct rconn *rc)
         snprintf(why, sizeof(why), "cannot resolve \"%s\": %s", rc->sh->url.host,
                  uv_strerror(r));
         rc->state = C_IDLE;
-        conn_fail(rc, why, HUB_LOG_WARN);
+        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
         return;
     }
     rc->gai_active = 1;
@@ -716,8 +847,8 @@ static void on_timer(uv_timer_t *t)
                  : rc->state == C_CONNECTING ? "connect" : "handshake (AUTH/SELECT/PING)",
                  rc->sh->url.connect_timeout_ms);
         /* A context that never connected gets no callback from hiredis:
-         * freeing it is the only way out (NOTES-stack.md §4.1). */
-        conn_drop(rc, why, HUB_LOG_WARN);
+         * freeing it is the only way out (docs/internals.md). */
+        conn_drop(rc, why, HUB_LOG_WARN, LOST_TIMEOUT);
         break;
     case C_SYNCING:
     case C_UP: {
@@ -729,12 +860,15 @@ static void on_timer(uv_timer_t *t)
             timer_arm(rc, p->deadline_ms - now);
             break;
         }
-        snprintf(why, sizeof(why), "%s not answered within %u ms",
-                 p->kind == P_PUBLISH   ? "PUBLISH"
-                 : p->kind == P_COMMAND ? "command"
-                                        : "SUBSCRIBE/UNSUBSCRIBE",
+        snprintf(why, sizeof(why), "%s within %u ms",
+                 p->kind == P_PUBLISH   ? "PUBLISH not answered"
+                 : p->kind == P_COMMAND ? "command not answered"
+                 : p->kind == P_PROBE   ? (p->seq ? "probe PUBLISH not answered"
+                                                  : "PING not answered")
+                 : p->kind == P_ECHO    ? "probe message not received"
+                                        : "SUBSCRIBE/UNSUBSCRIBE not answered",
                  rc->sh->url.command_timeout_ms);
-        conn_drop(rc, why, HUB_LOG_WARN);
+        conn_drop(rc, why, HUB_LOG_WARN, LOST_TIMEOUT);
         break;
     }
     default:
@@ -859,9 +993,18 @@ static void on_idle(uv_idle_t *h)
     struct rbroker *b = h->data;
     uv_idle_stop(h);
     b->idle_active = 0;
-    for (uint32_t i = 0; i < b->n; i++)
-        if (b->shards[i].dirty_head)
-            flush_shard(&b->shards[i]);
+    for (uint32_t i = 0; i < b->n; i++) {
+        struct shard *sh = &b->shards[i];
+        if (sh->dirty_head)
+            flush_shard(sh);
+        /* The probe behind this iteration's publishes (if a connection went
+         * down since, those publishes fail on their own). */
+        if (sh->probe_due) {
+            sh->probe_due = 0;
+            if (links_up(sh))
+                probe_send(sh, 0);
+        }
+    }
 }
 
 static void schedule_flush(struct rbroker *b)
@@ -900,11 +1043,43 @@ static void sync_start(struct rconn *rc)
         rc->state = C_UP;
 }
 
-/* One (un)subscribe confirmation: counts it against the oldest batch. */
+/* The probe `s` (its number in decimal) came back on the current sub
+ * connection: every publish that waited for it, or for an earlier one, was
+ * received by this broker (docs/internals.md). Inside a hiredis callback
+ * of sub; fires publish callbacks last. */
+static void probe_echo(struct shard *sh, const char *s, size_t len)
+{
+    uint64_t seq = 0;
+    for (size_t i = 0; i < len && i < 20 && s[i] >= '0' && s[i] <= '9'; i++)
+        seq = seq * 10 + (uint64_t)(s[i] - '0');
+    /* A smaller number is a probe from before a reconnect, executed late:
+     * nothing waits for it any more (numbers only grow). */
+    if (seq <= sh->probe_seen)
+        return;
+    sh->probe_seen = seq;
+    struct rconn *rc = &sh->sub;
+    for (struct pending *p = rc->head, *next; p; p = next) {
+        next = p->next;
+        if (p->kind != P_ECHO)
+            continue;
+        if (p->seq > seq)
+            break;
+        pending_unlink(rc, p);
+        free(p);
+        sh->echoes--;
+    }
+    acks_fire(sh->b, acks_take(sh, seq), HUB_BROKER_OK);
+}
+
+/* One (un)subscribe confirmation: counts it against the oldest batch
+ * (probe echoes may sit before it in the list: they complete in their own
+ * order). */
 static void batch_ack(struct rconn *rc)
 {
     struct pending *p = rc->head;
-    if (!p || p->kind != P_BATCH)
+    while (p && p->kind != P_BATCH)
+        p = p->next;
+    if (!p)
         return;
     if (--p->left > 0)
         return;
@@ -941,6 +1116,10 @@ static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata)
         if (c->control) {
             if (b->control_fn)
                 b->control_fn(b->control_ud, r->element[2]->str, r->element[2]->len);
+            return;
+        }
+        if (c->probe) {
+            probe_echo(sh, r->element[2]->str, r->element[2]->len);
             return;
         }
         b->received++;
@@ -1012,31 +1191,62 @@ static struct pending *pending_finish(void *privdata)
     return p;
 }
 
+/* Rate-limited (once a second per connection) warning. */
+static void warn_limited(struct rconn *rc, const char *what, const char *err)
+{
+    uint64_t now = now_ms();
+    if (now - rc->last_overload_log_ms >= 1000) {
+        rc->last_overload_log_ms = now;
+        hub_log(HUB_LOG_WARN, "%s: %s failed: %s", rc->sh->tag, what, err);
+    }
+}
+
+/* The sub connection that was up when `gen` was current is still ours and
+ * up: a PUBLISH answered 0 means Redis no longer has it subscribed. */
+static int sub_believed_up(const struct shard *sh, uint64_t gen)
+{
+    return gen == sh->sub_gen && sh->sub.ac && sh->sub.state == C_UP;
+}
+
 static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
     (void)ac;
     struct pending *p = pending_finish(privdata);
     struct rconn *rc = p->rc;
-    struct rbroker *b = rc->sh->b;
+    struct shard *sh = rc->sh;
+    struct rbroker *b = sh->b;
     redisReply *r = reply;
-    int status = HUB_BROKER_UNAVAILABLE;
+    int status = HUB_BROKER_UNAVAILABLE, gone = 0;
     if (r && r->type != REDIS_REPLY_ERROR) {
-        status = HUB_BROKER_OK;
-        b->publishes++;
         rtt_observe(b, hub_now_ns() - p->t0_ns);
-    } else {
-        b->publish_errors++;
-        if (r) {
-            uint64_t now = now_ms();
-            if (now - rc->last_overload_log_ms >= 1000) {
-                rc->last_overload_log_ms = now;
-                hub_log(HUB_LOG_WARN, "%s: PUBLISH failed: %s", rc->sh->tag, r->str);
-            }
+        if (p->self && (r->type != REDIS_REPLY_INTEGER || r->integer < 1)) {
+            /* Nobody received it, not even our own subscription: the sub
+             * connection is gone although its socket has not said so. */
+            b->refused[REF_NOT_RECEIVED]++;
+            gone = sub_believed_up(sh, p->gen);
+        } else if (p->seq && (p->gen != sh->sub_gen || p->seq > sh->probe_sent)) {
+            /* The sub connection was lost since (or the probe never went
+             * out): our copy may not have come back. */
+            b->refused[REF_NOT_RECEIVED]++;
+        } else if (p->seq && sh->probe_seen < p->seq) {
+            ack_append(sh, p);      /* completed by probe_echo or conn_fail */
+            return;
+        } else {
+            status = HUB_BROKER_OK;
         }
+    } else if (r) {
+        warn_limited(rc, "PUBLISH", r->str);
     }
+    if (status == HUB_BROKER_OK)
+        b->publishes++;
+    else
+        b->publish_errors++;
     hub_broker_publish_cb cb = p->cb;
     void *ud = p->ud;
     free(p);
+    if (gone)
+        conn_drop(&sh->sub, "a PUBLISH to a channel it has subscribed reached no subscriber",
+                  HUB_LOG_WARN, LOST_NOT_SUBSCRIBED);
     if (cb)
         cb(ud, status, 0);
 }
@@ -1067,25 +1277,30 @@ static int over_cap(struct shard *sh, struct rconn *rc, size_t bytes)
     return 1;
 }
 
+static int refuse(struct rbroker *b, int reason)
+{
+    b->publish_errors++;
+    b->refused[reason]++;
+    return HUB_BROKER_UNAVAILABLE;
+}
+
 static int r_publish(struct hub_broker *hb, const char *channel, size_t len, struct hub_msg *m,
                      hub_broker_publish_cb cb, void *ud)
 {
     struct rbroker *b = (struct rbroker *)hb;
-    if (b->stopped) {
-        b->publish_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
+    if (b->stopped)
+        return refuse(b, REF_DOWN);
     struct shard *sh = shard_of(b, channel, len);
     struct rconn *rc = &sh->cmd;
-    if (rc->state != C_UP || !rc->ac) {
-        b->publish_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
+    if (rc->state != C_UP || !rc->ac)
+        return refuse(b, REF_DOWN);
+    /* Not subscribed (lost, or re-subscribing): our subscribers would miss
+     * it, and so would, likely, every hub that lost Redis with us. */
+    if (sh->sub.state != C_UP || !sh->sub.ac)
+        return refuse(b, REF_PUBSUB_DOWN);
     size_t bytes = (size_t)m->payload_len + b->plen + len;
-    if (over_cap(sh, rc, bytes)) {
-        b->publish_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
+    if (over_cap(sh, rc, bytes))
+        return refuse(b, REF_OVER_CAP);
 
     hub_buf_reset(&b->key);
     hub_buf_append(&b->key, b->prefix, b->plen);
@@ -1093,6 +1308,7 @@ static int r_publish(struct hub_broker *hb, const char *channel, size_t len, str
     const char *argv[3] = {"PUBLISH", b->key.p, (const char *)hub_msg_payload(m)};
     size_t argl[3] = {7, b->key.len, m->payload_len};
 
+    struct rchan *c = chan_find(sh, channel, len, hub_broker_hash64(channel, len));
     struct pending *p = hub_xcalloc(1, sizeof(*p));
     p->kind = P_PUBLISH;
     p->cb = cb;
@@ -1100,21 +1316,124 @@ static int r_publish(struct hub_broker *hb, const char *channel, size_t len, str
     p->bytes = bytes;
     p->t0_ns = hub_now_ns();
     p->deadline_ms = p->t0_ns / 1000000u + sh->url.command_timeout_ms;
+    p->gen = sh->sub_gen;
+    /* Local subscribers with a confirmed subscription: our own copy must
+     * come back before this is OK (the probe of this iteration proves it). */
+    p->self = c && c->want && c->sent && c->subs_confirmed >= c->subs_sent;
+    if (p->self && cb)
+        p->seq = sh->probe_sent + 1;
     if (redisAsyncCommandArgv(rc->ac, on_publish_reply, p, 3, argv, argl) != REDIS_OK) {
         free(p);
-        b->publish_errors++;
-        return HUB_BROKER_UNAVAILABLE;
+        return refuse(b, REF_DOWN);
     }
     rc->npending++;
     rc->pending_bytes += bytes;
     pending_push(rc, p);
+    if (p->seq && !sh->probe_due) {
+        sh->probe_due = 1;
+        schedule_flush(b);
+    }
     return 0;
 }
 
-/* subscribe() on shard `sh`; `control`: the control channel (not counted
- * in the channels metric, its messages go to control_fn). */
+/* ------------------------------------------------------------------ */
+/* Probes                                                              */
+/* ------------------------------------------------------------------ */
+
+static void on_probe_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    (void)ac;
+    struct pending *p = privdata;
+    struct rconn *rc = p->rc;
+    struct shard *sh = rc->sh;
+    redisReply *r = reply;
+    int gone = 0;
+    pending_unlink(rc, p);
+    if (r && p->seq) {
+        if (r->type == REDIS_REPLY_ERROR)
+            warn_limited(rc, "probe PUBLISH", r->str);
+        else if (r->type == REDIS_REPLY_INTEGER && r->integer < 1)
+            gone = sub_believed_up(sh, p->gen);
+    }
+    free(p);
+    if (gone)
+        conn_drop(&sh->sub, "the probe PUBLISH reached no subscriber", HUB_LOG_WARN,
+                  LOST_NOT_SUBSCRIBED);
+}
+
+/* Sends probe number probe_sent + 1 (PUBLISH on cmd, its echo awaited on
+ * sub, both under command_timeout_ms), or with `ping` a PING on cmd only.
+ * Both connections (cmd only for a PING) must be up. */
+static void probe_send(struct shard *sh, int ping)
+{
+    struct rbroker *b = sh->b;
+    struct rconn *cmd = &sh->cmd;
+    struct pending *p = hub_xcalloc(1, sizeof(*p));
+    p->kind = P_PROBE;
+    p->gen = sh->sub_gen;
+    p->deadline_ms = now_ms() + sh->url.command_timeout_ms;
+    int rv;
+    if (ping) {
+        rv = redisAsyncCommand(cmd->ac, on_probe_reply, p, "PING");
+    } else {
+        char num[24];
+        p->seq = sh->probe_sent + 1;
+        int nl = snprintf(num, sizeof(num), "%llu", (unsigned long long)p->seq);
+        hub_buf_reset(&b->key);
+        hub_buf_append(&b->key, b->prefix, b->plen);
+        hub_buf_append(&b->key, b->probe, b->probe_len);
+        const char *argv[3] = {"PUBLISH", b->key.p, num};
+        size_t argl[3] = {7, b->key.len, (size_t)nl};
+        rv = redisAsyncCommandArgv(cmd->ac, on_probe_reply, p, 3, argv, argl);
+    }
+    if (rv != REDIS_OK) {
+        free(p);                /* the context is going away */
+        return;
+    }
+    pending_push(cmd, p);
+    if (ping)
+        return;
+    sh->probe_sent = p->seq;
+    b->probes++;
+    struct pending *e = hub_xcalloc(1, sizeof(*e));
+    e->kind = P_ECHO;
+    e->seq = p->seq;
+    e->deadline_ms = p->deadline_ms;
+    pending_push(&sh->sub, e);
+    sh->echoes++;
+}
+
+static int links_up(const struct shard *sh)
+{
+    return sh->cmd.state == C_UP && sh->cmd.ac && sh->sub.state == C_UP && sh->sub.ac;
+}
+
+/* Every PROBE_INTERVAL_MS: a Redis that stopped answering (SIGSTOP, a
+ * network partition) is noticed even without traffic, within the interval
+ * plus command_timeout_ms. One probe in flight per shard at most; when sub
+ * is down, a PING keeps watching cmd. */
+static void on_live(uv_timer_t *t)
+{
+    struct rbroker *b = t->data;
+    for (uint32_t i = 0; i < b->n && !b->stopped; i++) {
+        struct shard *sh = &b->shards[i];
+        if (links_up(sh)) {
+            if (sh->echoes == 0)
+                probe_send(sh, 0);
+        } else if (sh->cmd.state == C_UP && sh->cmd.ac && !sh->cmd.head) {
+            probe_send(sh, 1);
+        }
+    }
+}
+
+/* What a channel of the table is: a hub channel, or one of ours (not
+ * counted in the channels metric): the control channel (messages go to
+ * control_fn) or the probe channel (messages are probe echoes). */
+enum { CH_HUB, CH_CONTROL, CH_PROBE };
+
+/* subscribe() on shard `sh` for a channel of kind CH_*. */
 static void subscribe_on(struct rbroker *b, struct shard *sh, const char *channel, size_t len,
-                         int control, hub_broker_subscribe_cb cb, void *ud)
+                         int kind, hub_broker_subscribe_cb cb, void *ud)
 {
     if (b->stopped) {
         if (cb)
@@ -1124,8 +1443,9 @@ static void subscribe_on(struct rbroker *b, struct shard *sh, const char *channe
     struct rchan *c = chan_get(sh, channel, len, hub_broker_hash64(channel, len));
     if (!c->want) {
         c->want = 1;
-        c->control = (unsigned)control;
-        if (!control)
+        c->control = kind == CH_CONTROL;
+        c->probe = kind == CH_PROBE;
+        if (kind == CH_HUB)
             b->wanted++;
     }
     if (!c->sent)
@@ -1160,7 +1480,7 @@ static void r_subscribe(struct hub_broker *hb, const char *channel, size_t len,
                         hub_broker_subscribe_cb cb, void *ud)
 {
     struct rbroker *b = (struct rbroker *)hb;
-    subscribe_on(b, shard_of(b, channel, len), channel, len, 0, cb, ud);
+    subscribe_on(b, shard_of(b, channel, len), channel, len, CH_HUB, cb, ud);
 }
 
 static void unsubscribe_on(struct rbroker *b, struct shard *sh, const char *channel, size_t len)
@@ -1171,7 +1491,7 @@ static void unsubscribe_on(struct rbroker *b, struct shard *sh, const char *chan
     if (!c || !c->want)
         return;
     c->want = 0;
-    if (!c->control)
+    if (!c->control && !c->probe)
         b->wanted--;
     struct waiter *canceled = NULL;
     waiters_take(c, &canceled);
@@ -1194,7 +1514,7 @@ static void r_control(struct hub_broker *hb, hub_broker_control_fn fn, void *ud)
     b->control_fn = fn;
     b->control_ud = ud;
     if (fn)
-        subscribe_on(b, &b->shards[0], name, sizeof(name) - 1, 1, NULL, NULL);
+        subscribe_on(b, &b->shards[0], name, sizeof(name) - 1, CH_CONTROL, NULL, NULL);
     else
         unsubscribe_on(b, &b->shards[0], name, sizeof(name) - 1);
 }
@@ -1338,6 +1658,32 @@ static void r_metrics(const struct hub_broker *hb, struct hub_buf *out)
         pending += sh->cmd.npending;
     }
     hub_buf_printf(out,
+                   "# HELP luahub_broker_publish_refused_total Publishes answered unavailable "
+                   "by this hub's rules: down (command connection not ready), pubsub_down "
+                   "(subscriber connection not subscribed), over_cap, not_received (Redis "
+                   "took it but this hub's own subscription did not get it back).\n"
+                   "# TYPE luahub_broker_publish_refused_total counter\n");
+    for (int i = 0; i < REF_N; i++)
+        hub_buf_printf(out, "luahub_broker_publish_refused_total{reason=\"%s\"} %llu\n",
+                       ref_name[i], (unsigned long long)b->refused[i]);
+    hub_buf_printf(out,
+                   "# HELP luahub_broker_link_lost_total Established Redis connections lost: "
+                   "closed (by Redis or the network), timeout (a command, subscription or "
+                   "probe not answered in time), not_subscribed (a PUBLISH or probe reached "
+                   "no subscriber while this hub was subscribed).\n"
+                   "# TYPE luahub_broker_link_lost_total counter\n");
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < LOST_N; i++)
+            hub_buf_printf(out, "luahub_broker_link_lost_total{link=\"%s\",cause=\"%s\"} %llu\n",
+                           k == ROLE_CMD ? "cmd" : "pubsub", lost_name[i],
+                           (unsigned long long)b->lost[k][i]);
+    hub_buf_printf(out,
+                   "# HELP luahub_broker_probes_total Probe PUBLISHes sent (acknowledgement "
+                   "and liveness).\n"
+                   "# TYPE luahub_broker_probes_total counter\n"
+                   "luahub_broker_probes_total %llu\n",
+                   (unsigned long long)b->probes);
+    hub_buf_printf(out,
                    "# HELP luahub_broker_reconnects_total Redis connections re-established "
                    "after a loss.\n"
                    "# TYPE luahub_broker_reconnects_total counter\n"
@@ -1413,10 +1759,16 @@ static void r_stop(struct hub_broker *hb)
     b->idle.data = b;
     uv_close((uv_handle_t *)&b->idle, on_handle_closed);
     b->idle_active = 0;
+    b->live.data = b;
+    uv_close((uv_handle_t *)&b->live, on_handle_closed);
 
     struct waiter *failed = NULL;
+    struct pending *unacked = NULL, **utail = &unacked;
     for (uint32_t i = 0; i < b->n; i++) {
         struct shard *sh = &b->shards[i];
+        *utail = acks_take(sh, UINT64_MAX);
+        while (*utail)
+            utail = &(*utail)->next;
         struct rconn *rcs[2] = {&sh->cmd, &sh->sub};
         for (int k = 0; k < 2; k++) {
             struct rconn *rc = rcs[k];
@@ -1427,7 +1779,7 @@ static void r_stop(struct hub_broker *hb)
                 uv_cancel((uv_req_t *)&rc->gai);
             }
             if (rc->role == ROLE_SUB)
-                batches_clear(rc);
+                sub_pending_clear(rc);
             rc->state = C_STOPPED;
         }
         chans_reset(sh, &failed);
@@ -1448,6 +1800,7 @@ static void r_stop(struct hub_broker *hb)
         }
     }
     waiters_fire(failed, HUB_BROKER_UNAVAILABLE);
+    acks_fire(b, unacked, HUB_BROKER_UNAVAILABLE);
 }
 
 static void r_free(struct hub_broker *hb)
@@ -1535,6 +1888,15 @@ struct hub_broker *hub_broker_redis_new(uv_loop_t *loop, struct hub_redis_url *u
     uv_idle_init(loop, &b->idle);
     b->idle.data = b;
     b->open_handles++;
+    uv_timer_init(loop, &b->live);
+    b->live.data = b;
+    b->open_handles++;
+    uv_timer_start(&b->live, on_live, PROBE_INTERVAL_MS, PROBE_INTERVAL_MS);
+    /* Our probe channel: '!' cannot occur in hub channel names, and the
+     * random part keeps other processes' probes out. */
+    int pl = snprintf(b->probe, sizeof(b->probe), "!probe:%016llx",
+                      (unsigned long long)rnd(b));
+    b->probe_len = (size_t)pl;
     for (size_t i = 0; i < n; i++) {
         struct shard *sh = &b->shards[i];
         sh->b = b;
@@ -1545,6 +1907,7 @@ struct hub_broker *hub_broker_redis_new(uv_loop_t *loop, struct hub_redis_url *u
         snprintf(sh->tag, sizeof(sh->tag), "redis %s", sh->label);
         rconn_init(b, sh, &sh->cmd, ROLE_CMD);
         rconn_init(b, sh, &sh->sub, ROLE_SUB);
+        subscribe_on(b, sh, b->probe, b->probe_len, CH_PROBE, NULL, NULL);
     }
     free(urls);                     /* the array only */
     return &b->base;
