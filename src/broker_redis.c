@@ -1,4 +1,7 @@
-/* The Redis broker: hiredis 0.14.1 async on the hub's libuv loop.
+/* The Redis broker: hiredis 0.14.1 async on the hub's libuv loop. This
+ * file: connections, subscriptions, stop and free; broker_redis_pub.c:
+ * publishing, probes and acknowledgements, commands, metrics; their shared
+ * state: broker_redis.h.
  *
  * Per Redis server (a "shard") two connections: `cmd` for PUBLISH, `sub` for
  * SUBSCRIBE/UNSUBSCRIBE. Each connection is a small state machine:
@@ -66,192 +69,20 @@
 #include <hiredis/hiredis.h>
 #include <hiredis/sds.h>
 
-#include "broker_impl.h"
+#include "broker_redis.h"
 #include "luahub/log.h"
 #include "luahub/msg.h"
 #include "luahub/util.h"
 #include "redis_uv.h"
 
-#define HUB_REDIS_BATCH 500             /* names per SUBSCRIBE / UNSUBSCRIBE */
-#define BACKOFF_MIN_MS 100u
-#define BACKOFF_MAX_MS 5000u
-#define PROBE_INTERVAL_MS 1000u         /* liveness probe when nothing is in flight */
-
-enum cstate {
-    C_IDLE,         /* no context; the timer is the retry timer */
-    C_RESOLVING,    /* uv_getaddrinfo in flight */
-    C_CONNECTING,   /* context created, TCP connect in progress */
-    C_HANDSHAKE,    /* connected; AUTH/SELECT/PING in flight */
-    C_SYNCING,      /* sub: re-subscribing the wanted channels */
-    C_UP,
-    C_STOPPED,
-};
-
-enum role { ROLE_CMD, ROLE_SUB };
-
-struct shard;
-struct rbroker;
-
-/* Something we wait an answer for on a connection, oldest first. On cmd:
- * P_PUBLISH, P_COMMAND, P_PROBE (the hiredis privdata of the command); on
- * sub: P_BATCH and P_ECHO (ours only: hiredis has no per-command callback
- * for (UN)SUBSCRIBE and messages; everything comes to on_sub_reply). */
-enum { P_PUBLISH, P_BATCH, P_COMMAND, P_PROBE, P_ECHO };
-struct pending {
-    struct pending *prev, *next;
-    struct rconn *rc;
-    uint64_t deadline_ms;
-    int kind;
-    /* P_PUBLISH, P_COMMAND */
-    hub_broker_publish_cb cb;
-    hub_broker_reply_cb rcb;    /* P_COMMAND */
-    void *ud;
-    uint64_t t0_ns;
-    size_t bytes;
-    /* P_PUBLISH: `self` when the channel was subscribed and confirmed here
-     * at send time; `seq` the probe whose echo completes it (0: none, OK on
-     * the reply). P_PROBE: `seq` its number (0: a PING); P_ECHO: the number
-     * of the probe it waits for. `gen`: the shard's sub_gen at send time. */
-    int self;
-    uint64_t seq;
-    uint64_t gen;
-    /* P_BATCH */
-    unsigned left;      /* confirmations still expected */
-    int sync;           /* part of the re-subscribe after a connect */
-};
-
-struct rconn {
-    struct shard *sh;
-    int role;
-    int state;
-    redisAsyncContext *ac;
-    uv_timer_t timer;
-    uv_getaddrinfo_t gai;
-    int gai_active;             /* the request has not called back yet */
-    int gai_stale;              /* ... and we no longer want its answer */
-    unsigned backoff_ms;
-    unsigned failures;          /* consecutive failed attempts */
-    int ever_up;                /* reached UP once (for the reconnect count) */
-    int hs_n, hs_i;             /* handshake replies expected / received */
-    const char *hs_cmd[3];
-    struct pending *head, *tail;
-    unsigned npending;          /* cmd: PUBLISHes and commands awaiting a reply */
-    size_t pending_bytes;
-    unsigned sync_left;         /* sub: sync batches not yet confirmed */
-    uint64_t last_overload_log_ms;
-};
-
-struct waiter {
-    struct waiter *next;
-    hub_broker_subscribe_cb cb;
-    void *ud;
-    uint32_t target;            /* fires when subs_confirmed >= target */
-};
-
-struct rchan {
-    struct hub_bnode node;      /* first: a node pointer is the entry */
-    struct rchan *dnext;        /* dirty list / scratch list */
-    struct waiter *wh, *wt;
-    uint32_t subs_sent;         /* SUBSCRIBEs sent on the current sub context */
-    uint32_t subs_confirmed;
-    uint32_t outstanding;       /* (un)subscribe confirmations to come */
-    unsigned want : 1;
-    unsigned sent : 1;          /* the last command sent was SUBSCRIBE */
-    unsigned dirty : 1;
-    unsigned control : 1;       /* the control channel: messages go to control_fn */
-    unsigned probe : 1;         /* our probe channel: messages are probe echoes */
-    char name[];
-};
-
-struct shard {
-    struct rbroker *b;
-    struct hub_redis_url url;
-    char tag[300];              /* "redis HOST:PORT" for logs */
-    char label[280];            /* "HOST:PORT" for metric labels */
-    struct rconn cmd, sub;
-    struct hub_bset chans;
-    struct rchan *dirty_head, *dirty_tail;
-    int up;
-    /* acknowledged publishes (see the top of this file) */
-    uint64_t sub_gen;           /* +1 each time the sub connection is lost */
-    uint64_t probe_sent;        /* number of the last probe sent */
-    uint64_t probe_seen;        /* highest probe number echoed on sub */
-    int probe_due;              /* a publish of this iteration waits for a probe */
-    struct pending *ack_head, *ack_tail;    /* answered, waiting for their probe */
-    unsigned echoes;            /* P_ECHO records on sub */
-};
-
-/* Why a publish was refused or failed (luahub_broker_publish_refused_total). */
-enum { REF_DOWN, REF_PUBSUB_DOWN, REF_OVER_CAP, REF_NOT_RECEIVED, REF_N };
-static const char *const ref_name[REF_N] = {"down", "pubsub_down", "over_cap",
-                                             "not_received"};
-
-/* Why an established connection was lost (luahub_broker_link_lost_total). */
-enum { LOST_CLOSED, LOST_TIMEOUT, LOST_NOT_SUBSCRIBED, LOST_N };
-static const char *const lost_name[LOST_N] = {"closed", "timeout", "not_subscribed"};
-
-#define RTT_BUCKETS 15
-static const double rtt_le[RTT_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025,
-                                           0.005,  0.01,    0.025,  0.05,  0.1,
-                                           0.25,   0.5,     1,      2.5,   5};
-
-struct rbroker {
-    struct hub_broker base;     /* first: the ops receive &base */
-    struct shard *shards;
-    uint32_t n;
-    char *prefix;
-    size_t plen;
-    uv_idle_t idle;
-    int idle_active;
-    uv_timer_t live;            /* liveness probes */
-    char probe[32];             /* "!probe:<16 hex digits>", after the prefix */
-    size_t probe_len;
-    int stopped;
-    int up;
-    unsigned open_handles;      /* timers + idle not yet closed, resolves in flight */
-    uint64_t rng;
-    struct hub_buf key;         /* scratch: prefix + channel */
-    /* scratch for one batch */
-    struct hub_buf names;
-    size_t name_off[HUB_REDIS_BATCH];
-    struct rchan *batch[HUB_REDIS_BATCH];
-    const char *argv[HUB_REDIS_BATCH + 1];
-    size_t argl[HUB_REDIS_BATCH + 1];
-    /* metrics */
-    uint64_t wanted;            /* channels with local subscribers */
-    uint64_t reconnects;
-    uint64_t publishes;         /* accepted by Redis */
-    uint64_t publish_errors;
-    uint64_t received;          /* messages from the subscriber connections */
-    uint64_t subscribe_cmds;    /* SUBSCRIBE / UNSUBSCRIBE commands sent */
-    uint64_t commands;          /* command(): answered by Redis */
-    uint64_t command_errors;    /* command(): refused, lost, timed out */
-    uint64_t refused[REF_N];
-    uint64_t lost[2][LOST_N];   /* [role] */
-    uint64_t probes;            /* probe PUBLISHes sent */
-    hub_broker_control_fn control_fn;
-    void *control_ud;
-    uint64_t rtt_count[RTT_BUCKETS + 1];
-    uint64_t rtt_sum_ns;
-    uint64_t rtt_n;
-};
-
 static void conn_start(struct rconn *rc);
 static void conn_fail(struct rconn *rc, const char *why, int level, int cause);
-static void conn_drop(struct rconn *rc, const char *why, int level, int cause);
 static void flush_shard(struct shard *sh);
 static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata);
-static void probe_send(struct shard *sh, int ping);
-static int links_up(const struct shard *sh);
 
 static const char *role_name(const struct rconn *rc)
 {
     return rc->role == ROLE_CMD ? "cmd" : "pubsub";
-}
-
-static uint64_t now_ms(void)
-{
-    return uv_hrtime() / 1000000u;
 }
 
 static uint64_t rnd(struct rbroker *b)
@@ -354,8 +185,6 @@ static void chan_maybe_free(struct shard *sh, struct rchan *c)
         chan_free(sh, c);
 }
 
-static void schedule_flush(struct rbroker *b);
-
 static void chan_mark_dirty(struct shard *sh, struct rchan *c)
 {
     if (c->dirty)
@@ -367,7 +196,7 @@ static void chan_mark_dirty(struct shard *sh, struct rchan *c)
     else
         sh->dirty_head = c;
     sh->dirty_tail = c;
-    schedule_flush(sh->b);
+    hub_rbroker_schedule_flush(sh->b);
 }
 
 /* The subscriber connection is gone: nothing is subscribed any more. Takes
@@ -409,7 +238,7 @@ static void timer_arm(struct rconn *rc, uint64_t delay_ms)
     uv_timer_start(&rc->timer, on_timer, delay_ms, 0);
 }
 
-static void pending_push(struct rconn *rc, struct pending *p)
+void hub_rbroker_pending_push(struct rconn *rc, struct pending *p)
 {
     p->rc = rc;
     p->next = NULL;
@@ -428,7 +257,7 @@ static void pending_push(struct rconn *rc, struct pending *p)
     }
 }
 
-static void pending_unlink(struct rconn *rc, struct pending *p)
+void hub_rbroker_pending_unlink(struct rconn *rc, struct pending *p)
 {
     if (p->prev)
         p->prev->next = p->next;
@@ -448,70 +277,12 @@ static void sub_pending_clear(struct rconn *rc)
     struct pending *p = rc->head;
     while (p) {
         struct pending *next = p->next;
-        pending_unlink(rc, p);
+        hub_rbroker_pending_unlink(rc, p);
         free(p);
         p = next;
     }
     rc->sync_left = 0;
     rc->sh->echoes = 0;
-}
-
-/* ------------------------------------------------------------------ */
-/* Publishes waiting for the echo of their probe                       */
-/* ------------------------------------------------------------------ */
-
-static void ack_append(struct shard *sh, struct pending *p)
-{
-    p->next = NULL;
-    p->prev = sh->ack_tail;
-    if (sh->ack_tail)
-        sh->ack_tail->next = p;
-    else
-        sh->ack_head = p;
-    sh->ack_tail = p;
-}
-
-/* Detaches the waiting publishes whose probe number is <= `seq` (all of
- * them: UINT64_MAX) into a list linked by `next`, oldest first. They are
- * in probe order: one cmd connection answers in order and probe numbers
- * only grow. */
-static struct pending *acks_take(struct shard *sh, uint64_t seq)
-{
-    struct pending *head = sh->ack_head, *last = NULL;
-    for (struct pending *p = head; p && p->seq <= seq; p = p->next)
-        last = p;
-    if (!last)
-        return NULL;
-    sh->ack_head = last->next;
-    if (sh->ack_head)
-        sh->ack_head->prev = NULL;
-    else
-        sh->ack_tail = NULL;
-    last->next = NULL;
-    return head;
-}
-
-/* Completes a list from acks_take. Touches nothing of the broker after the
- * first callback (which may stop it). */
-static void acks_fire(struct rbroker *b, struct pending *p, int status)
-{
-    for (struct pending *q = p; q; q = q->next) {
-        if (status == HUB_BROKER_OK) {
-            b->publishes++;
-        } else {
-            b->publish_errors++;
-            b->refused[REF_NOT_RECEIVED]++;
-        }
-    }
-    while (p) {
-        struct pending *next = p->next;
-        hub_broker_publish_cb cb = p->cb;
-        void *ud = p->ud;
-        free(p);
-        if (cb)
-            cb(ud, status, 0);
-        p = next;
-    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -521,7 +292,7 @@ static void acks_fire(struct rbroker *b, struct pending *p, int status)
 /* Gives up the context we hold: hiredis fails its pending callbacks (NULL
  * reply) synchronously, or right after the hiredis callback we are in
  * returns. Then the connection goes IDLE with a retry. */
-static void conn_drop(struct rconn *rc, const char *why, int level, int cause)
+void hub_rbroker_conn_drop(struct rconn *rc, const char *why, int level, int cause)
 {
     redisAsyncContext *ac = rc->ac;
     rc->ac = NULL;
@@ -568,7 +339,7 @@ static void conn_fail(struct rconn *rc, const char *why, int level, int cause)
          * proven received: publishes in flight see the new generation on
          * their reply, those already answered fail now. */
         sh->sub_gen++;
-        unacked = acks_take(sh, UINT64_MAX);
+        unacked = hub_rbroker_acks_take(sh, UINT64_MAX);
         sub_pending_clear(rc);
         chans_reset(sh, &failed);
     }
@@ -593,7 +364,7 @@ static void conn_fail(struct rconn *rc, const char *why, int level, int cause)
 
     health_update(b);
     waiters_fire(failed, HUB_BROKER_UNAVAILABLE);
-    acks_fire(b, unacked, HUB_BROKER_UNAVAILABLE);
+    hub_rbroker_acks_fire(b, unacked, HUB_BROKER_UNAVAILABLE);
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
@@ -662,7 +433,7 @@ static void on_handshake_reply(redisAsyncContext *ac, void *reply, void *privdat
         else
             snprintf(why, sizeof(why), "%s failed: %s", cmd, r->str);
         /* Inside a hiredis callback: the free is deferred until we return. */
-        conn_drop(rc, why, HUB_LOG_ERROR, LOST_CLOSED);
+        hub_rbroker_conn_drop(rc, why, HUB_LOG_ERROR, LOST_CLOSED);
         return;
     }
     if (++rc->hs_i == rc->hs_n)
@@ -848,7 +619,7 @@ static void on_timer(uv_timer_t *t)
                  rc->sh->url.connect_timeout_ms);
         /* A context that never connected gets no callback from hiredis:
          * freeing it is the only way out (docs/internals.md). */
-        conn_drop(rc, why, HUB_LOG_WARN, LOST_TIMEOUT);
+        hub_rbroker_conn_drop(rc, why, HUB_LOG_WARN, LOST_TIMEOUT);
         break;
     case C_SYNCING:
     case C_UP: {
@@ -868,7 +639,7 @@ static void on_timer(uv_timer_t *t)
                  : p->kind == P_ECHO    ? "probe message not received"
                                         : "SUBSCRIBE/UNSUBSCRIBE not answered",
                  rc->sh->url.command_timeout_ms);
-        conn_drop(rc, why, HUB_LOG_WARN, LOST_TIMEOUT);
+        hub_rbroker_conn_drop(rc, why, HUB_LOG_WARN, LOST_TIMEOUT);
         break;
     }
     default:
@@ -913,7 +684,7 @@ static int batch_send(struct rconn *rc, int subscribe, size_t n, int sync)
     p->left = (unsigned)n;
     p->sync = sync;
     p->deadline_ms = now_ms() + rc->sh->url.command_timeout_ms;
-    pending_push(rc, p);
+    hub_rbroker_pending_push(rc, p);
     if (sync)
         rc->sync_left++;
     return 0;
@@ -1002,12 +773,12 @@ static void on_idle(uv_idle_t *h)
         if (sh->probe_due) {
             sh->probe_due = 0;
             if (links_up(sh))
-                probe_send(sh, 0);
+                hub_rbroker_probe_send(sh, 0);
         }
     }
 }
 
-static void schedule_flush(struct rbroker *b)
+void hub_rbroker_schedule_flush(struct rbroker *b)
 {
     /* An idle handle runs once per loop iteration and keeps the poll from
      * blocking, so everything changed in this iteration (or in this timer
@@ -1043,34 +814,6 @@ static void sync_start(struct rconn *rc)
         rc->state = C_UP;
 }
 
-/* The probe `s` (its number in decimal) came back on the current sub
- * connection: every publish that waited for it, or for an earlier one, was
- * received by this broker (docs/internals.md). Inside a hiredis callback
- * of sub; fires publish callbacks last. */
-static void probe_echo(struct shard *sh, const char *s, size_t len)
-{
-    uint64_t seq = 0;
-    for (size_t i = 0; i < len && i < 20 && s[i] >= '0' && s[i] <= '9'; i++)
-        seq = seq * 10 + (uint64_t)(s[i] - '0');
-    /* A smaller number is a probe from before a reconnect, executed late:
-     * nothing waits for it any more (numbers only grow). */
-    if (seq <= sh->probe_seen)
-        return;
-    sh->probe_seen = seq;
-    struct rconn *rc = &sh->sub;
-    for (struct pending *p = rc->head, *next; p; p = next) {
-        next = p->next;
-        if (p->kind != P_ECHO)
-            continue;
-        if (p->seq > seq)
-            break;
-        pending_unlink(rc, p);
-        free(p);
-        sh->echoes--;
-    }
-    acks_fire(sh->b, acks_take(sh, seq), HUB_BROKER_OK);
-}
-
 /* One (un)subscribe confirmation: counts it against the oldest batch
  * (probe echoes may sit before it in the list: they complete in their own
  * order). */
@@ -1083,7 +826,7 @@ static void batch_ack(struct rconn *rc)
         return;
     if (--p->left > 0)
         return;
-    pending_unlink(rc, p);
+    hub_rbroker_pending_unlink(rc, p);
     if (p->sync && rc->sync_left > 0 && --rc->sync_left == 0 && rc->state == C_SYNCING)
         rc->state = C_UP;
     free(p);
@@ -1119,7 +862,7 @@ static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata)
             return;
         }
         if (c->probe) {
-            probe_echo(sh, r->element[2]->str, r->element[2]->len);
+            hub_rbroker_probe_echo(sh, r->element[2]->str, r->element[2]->len);
             return;
         }
         b->received++;
@@ -1165,266 +908,8 @@ static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata)
 }
 
 /* ------------------------------------------------------------------ */
-/* Publishing                                                          */
+/* subscribe, unsubscribe, control                                     */
 /* ------------------------------------------------------------------ */
-
-static void rtt_observe(struct rbroker *b, uint64_t ns)
-{
-    double s = (double)ns / 1e9;
-    int i = 0;
-    while (i < RTT_BUCKETS && s > rtt_le[i])
-        i++;
-    b->rtt_count[i]++;
-    b->rtt_sum_ns += ns;
-    b->rtt_n++;
-}
-
-/* A reply (or NULL: the connection went away) for a pending PUBLISH or
- * command: takes it off its connection's books. The caller frees it. */
-static struct pending *pending_finish(void *privdata)
-{
-    struct pending *p = privdata;
-    struct rconn *rc = p->rc;
-    pending_unlink(rc, p);
-    rc->npending--;
-    rc->pending_bytes -= p->bytes;
-    return p;
-}
-
-/* Rate-limited (once a second per connection) warning. */
-static void warn_limited(struct rconn *rc, const char *what, const char *err)
-{
-    uint64_t now = now_ms();
-    if (now - rc->last_overload_log_ms >= 1000) {
-        rc->last_overload_log_ms = now;
-        hub_log(HUB_LOG_WARN, "%s: %s failed: %s", rc->sh->tag, what, err);
-    }
-}
-
-/* The sub connection that was up when `gen` was current is still ours and
- * up: a PUBLISH answered 0 means Redis no longer has it subscribed. */
-static int sub_believed_up(const struct shard *sh, uint64_t gen)
-{
-    return gen == sh->sub_gen && sh->sub.ac && sh->sub.state == C_UP;
-}
-
-static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
-{
-    (void)ac;
-    struct pending *p = pending_finish(privdata);
-    struct rconn *rc = p->rc;
-    struct shard *sh = rc->sh;
-    struct rbroker *b = sh->b;
-    redisReply *r = reply;
-    int status = HUB_BROKER_UNAVAILABLE, gone = 0;
-    if (r && r->type != REDIS_REPLY_ERROR) {
-        rtt_observe(b, hub_now_ns() - p->t0_ns);
-        if (p->self && (r->type != REDIS_REPLY_INTEGER || r->integer < 1)) {
-            /* Nobody received it, not even our own subscription: the sub
-             * connection is gone although its socket has not said so. */
-            b->refused[REF_NOT_RECEIVED]++;
-            gone = sub_believed_up(sh, p->gen);
-        } else if (p->seq && (p->gen != sh->sub_gen || p->seq > sh->probe_sent)) {
-            /* The sub connection was lost since (or the probe never went
-             * out): our copy may not have come back. */
-            b->refused[REF_NOT_RECEIVED]++;
-        } else if (p->seq && sh->probe_seen < p->seq) {
-            ack_append(sh, p);      /* completed by probe_echo or conn_fail */
-            return;
-        } else {
-            status = HUB_BROKER_OK;
-        }
-    } else if (r) {
-        warn_limited(rc, "PUBLISH", r->str);
-    }
-    if (status == HUB_BROKER_OK)
-        b->publishes++;
-    else
-        b->publish_errors++;
-    hub_broker_publish_cb cb = p->cb;
-    void *ud = p->ud;
-    free(p);
-    if (gone)
-        conn_drop(&sh->sub, "a PUBLISH to a channel it has subscribed reached no subscriber",
-                  HUB_LOG_WARN, LOST_NOT_SUBSCRIBED);
-    if (cb)
-        cb(ud, status, 0);
-}
-
-static struct shard *shard_of(struct rbroker *b, const char *channel, size_t len)
-{
-    return &b->shards[hub_broker_shard(channel, len, b->n)];
-}
-
-/* Bounded: what waits for Redis (replies, and bytes hiredis could not
- * write yet) has a cap; past it we fail fast rather than queue. Returns 1
- * (and logs, at most once a second) when `bytes` more would pass it. */
-static int over_cap(struct shard *sh, struct rconn *rc, size_t bytes)
-{
-    size_t obuf = rc->ac->c.obuf ? sdslen((sds)rc->ac->c.obuf) : 0;
-    if (rc->npending < sh->url.max_pending &&
-        rc->pending_bytes + bytes <= sh->url.max_pending_bytes &&
-        obuf + bytes <= sh->url.max_pending_bytes)
-        return 0;
-    uint64_t now = now_ms();
-    if (now - rc->last_overload_log_ms >= 1000) {
-        rc->last_overload_log_ms = now;
-        hub_log(HUB_LOG_WARN,
-                "%s: %u PUBLISHes and commands (%zu bytes) await Redis, over the cap: "
-                "failing fast",
-                sh->tag, rc->npending, rc->pending_bytes);
-    }
-    return 1;
-}
-
-static int refuse(struct rbroker *b, int reason)
-{
-    b->publish_errors++;
-    b->refused[reason]++;
-    return HUB_BROKER_UNAVAILABLE;
-}
-
-static int r_publish(struct hub_broker *hb, const char *channel, size_t len, struct hub_msg *m,
-                     hub_broker_publish_cb cb, void *ud)
-{
-    struct rbroker *b = (struct rbroker *)hb;
-    if (b->stopped)
-        return refuse(b, REF_DOWN);
-    struct shard *sh = shard_of(b, channel, len);
-    struct rconn *rc = &sh->cmd;
-    if (rc->state != C_UP || !rc->ac)
-        return refuse(b, REF_DOWN);
-    /* Not subscribed (lost, or re-subscribing): our subscribers would miss
-     * it, and so would, likely, every hub that lost Redis with us. */
-    if (sh->sub.state != C_UP || !sh->sub.ac)
-        return refuse(b, REF_PUBSUB_DOWN);
-    size_t bytes = (size_t)m->payload_len + b->plen + len;
-    if (over_cap(sh, rc, bytes))
-        return refuse(b, REF_OVER_CAP);
-
-    hub_buf_reset(&b->key);
-    hub_buf_append(&b->key, b->prefix, b->plen);
-    hub_buf_append(&b->key, channel, len);
-    const char *argv[3] = {"PUBLISH", b->key.p, (const char *)hub_msg_payload(m)};
-    size_t argl[3] = {7, b->key.len, m->payload_len};
-
-    struct rchan *c = chan_find(sh, channel, len, hub_broker_hash64(channel, len));
-    struct pending *p = hub_xcalloc(1, sizeof(*p));
-    p->kind = P_PUBLISH;
-    p->cb = cb;
-    p->ud = ud;
-    p->bytes = bytes;
-    p->t0_ns = hub_now_ns();
-    p->deadline_ms = p->t0_ns / 1000000u + sh->url.command_timeout_ms;
-    p->gen = sh->sub_gen;
-    /* Local subscribers with a confirmed subscription: our own copy must
-     * come back before this is OK (the probe of this iteration proves it). */
-    p->self = c && c->want && c->sent && c->subs_confirmed >= c->subs_sent;
-    if (p->self && cb)
-        p->seq = sh->probe_sent + 1;
-    if (redisAsyncCommandArgv(rc->ac, on_publish_reply, p, 3, argv, argl) != REDIS_OK) {
-        free(p);
-        return refuse(b, REF_DOWN);
-    }
-    rc->npending++;
-    rc->pending_bytes += bytes;
-    pending_push(rc, p);
-    if (p->seq && !sh->probe_due) {
-        sh->probe_due = 1;
-        schedule_flush(b);
-    }
-    return 0;
-}
-
-/* ------------------------------------------------------------------ */
-/* Probes                                                              */
-/* ------------------------------------------------------------------ */
-
-static void on_probe_reply(redisAsyncContext *ac, void *reply, void *privdata)
-{
-    (void)ac;
-    struct pending *p = privdata;
-    struct rconn *rc = p->rc;
-    struct shard *sh = rc->sh;
-    redisReply *r = reply;
-    int gone = 0;
-    pending_unlink(rc, p);
-    if (r && p->seq) {
-        if (r->type == REDIS_REPLY_ERROR)
-            warn_limited(rc, "probe PUBLISH", r->str);
-        else if (r->type == REDIS_REPLY_INTEGER && r->integer < 1)
-            gone = sub_believed_up(sh, p->gen);
-    }
-    free(p);
-    if (gone)
-        conn_drop(&sh->sub, "the probe PUBLISH reached no subscriber", HUB_LOG_WARN,
-                  LOST_NOT_SUBSCRIBED);
-}
-
-/* Sends probe number probe_sent + 1 (PUBLISH on cmd, its echo awaited on
- * sub, both under command_timeout_ms), or with `ping` a PING on cmd only.
- * Both connections (cmd only for a PING) must be up. */
-static void probe_send(struct shard *sh, int ping)
-{
-    struct rbroker *b = sh->b;
-    struct rconn *cmd = &sh->cmd;
-    struct pending *p = hub_xcalloc(1, sizeof(*p));
-    p->kind = P_PROBE;
-    p->gen = sh->sub_gen;
-    p->deadline_ms = now_ms() + sh->url.command_timeout_ms;
-    int rv;
-    if (ping) {
-        rv = redisAsyncCommand(cmd->ac, on_probe_reply, p, "PING");
-    } else {
-        char num[24];
-        p->seq = sh->probe_sent + 1;
-        int nl = snprintf(num, sizeof(num), "%llu", (unsigned long long)p->seq);
-        hub_buf_reset(&b->key);
-        hub_buf_append(&b->key, b->prefix, b->plen);
-        hub_buf_append(&b->key, b->probe, b->probe_len);
-        const char *argv[3] = {"PUBLISH", b->key.p, num};
-        size_t argl[3] = {7, b->key.len, (size_t)nl};
-        rv = redisAsyncCommandArgv(cmd->ac, on_probe_reply, p, 3, argv, argl);
-    }
-    if (rv != REDIS_OK) {
-        free(p);                /* the context is going away */
-        return;
-    }
-    pending_push(cmd, p);
-    if (ping)
-        return;
-    sh->probe_sent = p->seq;
-    b->probes++;
-    struct pending *e = hub_xcalloc(1, sizeof(*e));
-    e->kind = P_ECHO;
-    e->seq = p->seq;
-    e->deadline_ms = p->deadline_ms;
-    pending_push(&sh->sub, e);
-    sh->echoes++;
-}
-
-static int links_up(const struct shard *sh)
-{
-    return sh->cmd.state == C_UP && sh->cmd.ac && sh->sub.state == C_UP && sh->sub.ac;
-}
-
-/* Every PROBE_INTERVAL_MS: a Redis that stopped answering (SIGSTOP, a
- * network partition) is noticed even without traffic, within the interval
- * plus command_timeout_ms. One probe in flight per shard at most; when sub
- * is down, a PING keeps watching cmd. */
-static void on_live(uv_timer_t *t)
-{
-    struct rbroker *b = t->data;
-    for (uint32_t i = 0; i < b->n && !b->stopped; i++) {
-        struct shard *sh = &b->shards[i];
-        if (links_up(sh)) {
-            if (sh->echoes == 0)
-                probe_send(sh, 0);
-        } else if (sh->cmd.state == C_UP && sh->cmd.ac && !sh->cmd.head) {
-            probe_send(sh, 1);
-        }
-    }
-}
 
 /* What a channel of the table is: a hub channel, or one of ours (not
  * counted in the channels metric): the control channel (messages go to
@@ -1520,228 +1005,14 @@ static void r_control(struct hub_broker *hb, hub_broker_control_fn fn, void *ud)
 }
 
 /* ------------------------------------------------------------------ */
-/* Generic commands (registry; later history and presence)             */
+/* up, stop and free                                                   */
 /* ------------------------------------------------------------------ */
-
-/* Copies a hiredis reply into `out` (nested arrays get their own
- * allocations; free with reply_free). */
-static void reply_conv(const redisReply *r, struct hub_broker_reply *out)
-{
-    memset(out, 0, sizeof(*out));
-    switch (r->type) {
-    case REDIS_REPLY_INTEGER:
-        out->type = HUB_REPLY_INTEGER;
-        out->integer = r->integer;
-        break;
-    case REDIS_REPLY_STRING:
-    case REDIS_REPLY_STATUS:
-    case REDIS_REPLY_ERROR:
-        out->type = r->type == REDIS_REPLY_STRING   ? HUB_REPLY_STRING
-                    : r->type == REDIS_REPLY_STATUS ? HUB_REPLY_STATUS
-                                                    : HUB_REPLY_ERROR;
-        out->str = r->str;      /* lives as long as the hiredis reply */
-        out->len = r->len;
-        break;
-    case REDIS_REPLY_ARRAY: {
-        out->type = HUB_REPLY_ARRAY;
-        out->n = r->elements;
-        if (r->elements) {
-            struct hub_broker_reply *e = hub_xcalloc(r->elements, sizeof(*e));
-            for (size_t i = 0; i < r->elements; i++)
-                reply_conv(r->element[i], &e[i]);
-            out->elem = e;
-        }
-        break;
-    }
-    default:
-        out->type = HUB_REPLY_NIL;
-        break;
-    }
-}
-
-static void reply_free(struct hub_broker_reply *r)
-{
-    if (r->type != HUB_REPLY_ARRAY || !r->elem)
-        return;
-    struct hub_broker_reply *e = (struct hub_broker_reply *)r->elem;
-    for (size_t i = 0; i < r->n; i++)
-        reply_free(&e[i]);
-    free(e);
-}
-
-static void on_command_reply(redisAsyncContext *ac, void *reply, void *privdata)
-{
-    (void)ac;
-    struct pending *p = pending_finish(privdata);
-    struct rbroker *b = p->rc->sh->b;
-    redisReply *r = reply;
-    hub_broker_reply_cb cb = p->rcb;
-    void *ud = p->ud;
-    free(p);
-    if (!r) {
-        b->command_errors++;
-        if (cb)
-            cb(ud, HUB_BROKER_UNAVAILABLE, NULL);
-        return;
-    }
-    b->commands++;
-    if (!cb)
-        return;
-    struct hub_broker_reply out;
-    reply_conv(r, &out);
-    cb(ud, HUB_BROKER_OK, &out);
-    reply_free(&out);
-}
-
-static int r_command(struct hub_broker *hb, int argc, const char **argv, const size_t *lens,
-                     hub_broker_reply_cb cb, void *ud)
-{
-    struct rbroker *b = (struct rbroker *)hb;
-    if (b->stopped || argc < 1) {
-        b->command_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
-    struct shard *sh = &b->shards[0];
-    struct rconn *rc = &sh->cmd;
-    if (rc->state != C_UP || !rc->ac) {
-        b->command_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
-    size_t bytes = 0;
-    for (int i = 0; i < argc; i++)
-        bytes += lens[i] + 16;          /* + RESP framing */
-    if (over_cap(sh, rc, bytes)) {
-        b->command_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
-    struct pending *p = hub_xcalloc(1, sizeof(*p));
-    p->kind = P_COMMAND;
-    p->rcb = cb;
-    p->ud = ud;
-    p->bytes = bytes;
-    p->t0_ns = hub_now_ns();
-    p->deadline_ms = p->t0_ns / 1000000u + sh->url.command_timeout_ms;
-    if (redisAsyncCommandArgv(rc->ac, on_command_reply, p, argc, argv, lens) != REDIS_OK) {
-        free(p);
-        b->command_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
-    rc->npending++;
-    rc->pending_bytes += bytes;
-    pending_push(rc, p);
-    return 0;
-}
 
 static int r_up(const struct hub_broker *hb)
 {
     const struct rbroker *b = (const struct rbroker *)hb;
     return !b->stopped && b->up;
 }
-
-static void r_metrics(const struct hub_broker *hb, struct hub_buf *out)
-{
-    const struct rbroker *b = (const struct rbroker *)hb;
-    unsigned pending = 0;
-    hub_buf_printf(out,
-                   "# HELP luahub_broker_up 1 when every Redis server is connected and "
-                   "subscribed.\n"
-                   "# TYPE luahub_broker_up gauge\n"
-                   "luahub_broker_up %d\n"
-                   "# HELP luahub_broker_server_up 1 when both connections to this Redis "
-                   "server are ready.\n"
-                   "# TYPE luahub_broker_server_up gauge\n",
-                   r_up(hb));
-    for (uint32_t i = 0; i < b->n; i++) {
-        const struct shard *sh = &b->shards[i];
-        hub_buf_printf(out, "luahub_broker_server_up{server=\"%s\"} %d\n", sh->label,
-                       !b->stopped && sh->up);
-        pending += sh->cmd.npending;
-    }
-    hub_buf_printf(out,
-                   "# HELP luahub_broker_publish_refused_total Publishes answered unavailable "
-                   "by this hub's rules: down (command connection not ready), pubsub_down "
-                   "(subscriber connection not subscribed), over_cap, not_received (Redis "
-                   "took it but this hub's own subscription did not get it back).\n"
-                   "# TYPE luahub_broker_publish_refused_total counter\n");
-    for (int i = 0; i < REF_N; i++)
-        hub_buf_printf(out, "luahub_broker_publish_refused_total{reason=\"%s\"} %llu\n",
-                       ref_name[i], (unsigned long long)b->refused[i]);
-    hub_buf_printf(out,
-                   "# HELP luahub_broker_link_lost_total Established Redis connections lost: "
-                   "closed (by Redis or the network), timeout (a command, subscription or "
-                   "probe not answered in time), not_subscribed (a PUBLISH or probe reached "
-                   "no subscriber while this hub was subscribed).\n"
-                   "# TYPE luahub_broker_link_lost_total counter\n");
-    for (int k = 0; k < 2; k++)
-        for (int i = 0; i < LOST_N; i++)
-            hub_buf_printf(out, "luahub_broker_link_lost_total{link=\"%s\",cause=\"%s\"} %llu\n",
-                           k == ROLE_CMD ? "cmd" : "pubsub", lost_name[i],
-                           (unsigned long long)b->lost[k][i]);
-    hub_buf_printf(out,
-                   "# HELP luahub_broker_probes_total Probe PUBLISHes sent (acknowledgement "
-                   "and liveness).\n"
-                   "# TYPE luahub_broker_probes_total counter\n"
-                   "luahub_broker_probes_total %llu\n",
-                   (unsigned long long)b->probes);
-    hub_buf_printf(out,
-                   "# HELP luahub_broker_reconnects_total Redis connections re-established "
-                   "after a loss.\n"
-                   "# TYPE luahub_broker_reconnects_total counter\n"
-                   "luahub_broker_reconnects_total %llu\n"
-                   "# HELP luahub_broker_publishes_total PUBLISHes accepted by Redis.\n"
-                   "# TYPE luahub_broker_publishes_total counter\n"
-                   "luahub_broker_publishes_total %llu\n"
-                   "# HELP luahub_broker_publish_errors_total Publishes that failed "
-                   "(unavailable, over the cap, timed out, Redis error).\n"
-                   "# TYPE luahub_broker_publish_errors_total counter\n"
-                   "luahub_broker_publish_errors_total %llu\n"
-                   "# HELP luahub_broker_pending_publishes PUBLISHes (and registry commands) "
-                   "awaiting a reply.\n"
-                   "# TYPE luahub_broker_pending_publishes gauge\n"
-                   "luahub_broker_pending_publishes %u\n"
-                   "# HELP luahub_broker_channels Channels subscribed through the broker.\n"
-                   "# TYPE luahub_broker_channels gauge\n"
-                   "luahub_broker_channels %llu\n"
-                   "# HELP luahub_broker_received_total Messages received from Redis.\n"
-                   "# TYPE luahub_broker_received_total counter\n"
-                   "luahub_broker_received_total %llu\n"
-                   "# HELP luahub_broker_subscribe_commands_total SUBSCRIBE and UNSUBSCRIBE "
-                   "commands sent (each carries up to 500 channels).\n"
-                   "# TYPE luahub_broker_subscribe_commands_total counter\n"
-                   "luahub_broker_subscribe_commands_total %llu\n"
-                   "# HELP luahub_broker_commands_total Other commands (registry) answered by "
-                   "Redis.\n"
-                   "# TYPE luahub_broker_commands_total counter\n"
-                   "luahub_broker_commands_total %llu\n"
-                   "# HELP luahub_broker_command_errors_total Other commands that failed "
-                   "(unavailable, over the cap, timed out).\n"
-                   "# TYPE luahub_broker_command_errors_total counter\n"
-                   "luahub_broker_command_errors_total %llu\n"
-                   "# HELP luahub_broker_redis_rtt_seconds PUBLISH round trip (queued to "
-                   "reply).\n"
-                   "# TYPE luahub_broker_redis_rtt_seconds histogram\n",
-                   (unsigned long long)b->reconnects, (unsigned long long)b->publishes,
-                   (unsigned long long)b->publish_errors, pending,
-                   (unsigned long long)b->wanted, (unsigned long long)b->received,
-                   (unsigned long long)b->subscribe_cmds, (unsigned long long)b->commands,
-                   (unsigned long long)b->command_errors);
-    uint64_t cum = 0;
-    for (int i = 0; i < RTT_BUCKETS; i++) {
-        cum += b->rtt_count[i];
-        hub_buf_printf(out, "luahub_broker_redis_rtt_seconds_bucket{le=\"%g\"} %llu\n",
-                       rtt_le[i], (unsigned long long)cum);
-    }
-    hub_buf_printf(out,
-                   "luahub_broker_redis_rtt_seconds_bucket{le=\"+Inf\"} %llu\n"
-                   "luahub_broker_redis_rtt_seconds_sum %.9f\n"
-                   "luahub_broker_redis_rtt_seconds_count %llu\n",
-                   (unsigned long long)b->rtt_n, (double)b->rtt_sum_ns / 1e9,
-                   (unsigned long long)b->rtt_n);
-}
-
-/* ------------------------------------------------------------------ */
-/* Stop and free                                                       */
-/* ------------------------------------------------------------------ */
 
 static void on_handle_closed(uv_handle_t *h)
 {
@@ -1766,7 +1037,7 @@ static void r_stop(struct hub_broker *hb)
     struct pending *unacked = NULL, **utail = &unacked;
     for (uint32_t i = 0; i < b->n; i++) {
         struct shard *sh = &b->shards[i];
-        *utail = acks_take(sh, UINT64_MAX);
+        *utail = hub_rbroker_acks_take(sh, UINT64_MAX);
         while (*utail)
             utail = &(*utail)->next;
         struct rconn *rcs[2] = {&sh->cmd, &sh->sub};
@@ -1800,7 +1071,7 @@ static void r_stop(struct hub_broker *hb)
         }
     }
     waiters_fire(failed, HUB_BROKER_UNAVAILABLE);
-    acks_fire(b, unacked, HUB_BROKER_UNAVAILABLE);
+    hub_rbroker_acks_fire(b, unacked, HUB_BROKER_UNAVAILABLE);
 }
 
 static void r_free(struct hub_broker *hb)
@@ -1843,14 +1114,14 @@ static void r_free(struct hub_broker *hb)
 
 static const struct hub_broker_ops redis_ops = {
     .name = "redis",
-    .publish = r_publish,
+    .publish = hub_rbroker_publish,
     .subscribe = r_subscribe,
     .unsubscribe = r_unsubscribe,
     .up = r_up,
-    .metrics = r_metrics,
+    .metrics = hub_rbroker_metrics,
     .stop = r_stop,
     .free = r_free,
-    .command = r_command,
+    .command = hub_rbroker_command,
     .control = r_control,
 };
 
@@ -1891,7 +1162,7 @@ struct hub_broker *hub_broker_redis_new(uv_loop_t *loop, struct hub_redis_url *u
     uv_timer_init(loop, &b->live);
     b->live.data = b;
     b->open_handles++;
-    uv_timer_start(&b->live, on_live, PROBE_INTERVAL_MS, PROBE_INTERVAL_MS);
+    uv_timer_start(&b->live, hub_rbroker_on_live, PROBE_INTERVAL_MS, PROBE_INTERVAL_MS);
     /* Our probe channel: '!' cannot occur in hub channel names, and the
      * random part keeps other processes' probes out. */
     int pl = snprintf(b->probe, sizeof(b->probe), "!probe:%016llx",
