@@ -893,14 +893,16 @@ static void *k_reader(void *arg)
     return NULL;
 }
 
-/* Waits (bounded) until `pred` holds; called and evaluated under K.mu. */
-static void k_wait(int (*pred)(void *), void *ud, const char *what)
+/* Waits (bounded by LONG_WAIT_MS) until `pred(ud)` holds; `pred` runs
+ * with `mu` held, woken by `cv` or every 50 ms. */
+static void cv_wait(pthread_mutex_t *mu, pthread_cond_t *cv, int (*pred)(void *), void *ud,
+                    const char *what)
 {
     int64_t dl = ht_now_ms() + LONG_WAIT_MS;
-    pthread_mutex_lock(&K.mu);
+    pthread_mutex_lock(mu);
     while (!pred(ud)) {
         if (ht_now_ms() >= dl) {
-            pthread_mutex_unlock(&K.mu);
+            pthread_mutex_unlock(mu);
             ck_abort_msg("timed out waiting for %s", what);
         }
         struct timespec ts;
@@ -910,9 +912,14 @@ static void k_wait(int (*pred)(void *), void *ud, const char *what)
             ts.tv_sec++;
             ts.tv_nsec -= 1000000000L;
         }
-        pthread_cond_timedwait(&K.cv, &K.mu, &ts);
+        pthread_cond_timedwait(cv, mu, &ts);
     }
-    pthread_mutex_unlock(&K.mu);
+    pthread_mutex_unlock(mu);
+}
+
+static void k_wait(int (*pred)(void *), void *ud, const char *what)
+{
+    cv_wait(&K.mu, &K.cv, pred, ud, what);
 }
 
 static struct kpub kp[K_NPUB];
@@ -1456,9 +1463,13 @@ static void *a_reader(void *arg)
 
 static pthread_t a_tp[2], a_ts[A_NSUB];
 
-/* Two hubs on `r`, healthy; subscribers subscribed; the streams running. */
+static void a_more_ok(int more);
+
+/* A Redis of its own in `r`, two hubs on it, healthy; subscribers
+ * subscribed; the streams running, 100 publishes answered 200 on each. */
 static void a_start(struct srv *r, struct hub *hub[2])
 {
+    srv_start(r, 0, NULL);
     hub[0] = start_hub(r);
     hub[1] = start_hub(r);
     wait_healthz(hub[0], 200, HT_WAIT_MS);
@@ -1483,6 +1494,17 @@ static void a_start(struct srv *r, struct hub *hub[2])
         ap[p].st = calloc(A_MAXN, 1);
         ck_assert_int_eq(pthread_create(&a_tp[p], NULL, a_publisher, &ap[p]), 0);
     }
+    a_more_ok(100);
+}
+
+/* Every running publisher has had at least want[p] answers 200. */
+static int a_pred_ok(void *ud)
+{
+    const int *want = ud;
+    for (int p = 0; p < 2; p++)
+        if (!A.pause[p] && ap[p].nok < want[p] && ap[p].n < A_MAXN)
+            return 0;
+    return 1;
 }
 
 /* Waits (bounded) until every running publisher has `more` more 200s. */
@@ -1492,28 +1514,13 @@ static void a_more_ok(int more)
     pthread_mutex_lock(&A.mu);
     for (int p = 0; p < 2; p++)
         want[p] = ap[p].nok + more;
-    int64_t dl = ht_now_ms() + LONG_WAIT_MS;
-    for (;;) {
-        int done = 1;
-        for (int p = 0; p < 2; p++)
-            done &= A.pause[p] || ap[p].nok >= want[p] || ap[p].n >= A_MAXN;
-        if (done)
-            break;
-        if (ht_now_ms() >= dl) {
-            pthread_mutex_unlock(&A.mu);
-            ck_abort_msg("publishers: %d/%d and %d/%d answered 200, waited %d ms", ap[0].nok,
-                         want[0], ap[1].nok, want[1], LONG_WAIT_MS);
-        }
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 50 * 1000000L;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
-        pthread_cond_timedwait(&A.cv, &A.mu, &ts);
-    }
     pthread_mutex_unlock(&A.mu);
+    cv_wait(&A.mu, &A.cv, a_pred_ok, want, "more publishes answered 200");
+}
+
+static int a_pred_parked(void *ud)
+{
+    return ((struct apub *)ud)->parked;
 }
 
 /* Pauses (1) or resumes (0) publisher p; a pause returns once it is idle. */
@@ -1522,21 +1529,15 @@ static void a_pause(int p, int on)
     pthread_mutex_lock(&A.mu);
     A.pause[p] = on;
     pthread_cond_broadcast(&A.cv);
-    int64_t dl = ht_now_ms() + LONG_WAIT_MS;
-    while (on && !ap[p].parked && ht_now_ms() < dl) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec++;
-        pthread_cond_timedwait(&A.cv, &A.mu, &ts);
-    }
-    int parked = ap[p].parked;
     pthread_mutex_unlock(&A.mu);
-    ck_assert_msg(!on || parked, "publisher %d did not pause", p);
+    if (on)
+        cv_wait(&A.mu, &A.cv, a_pred_parked, &ap[p], "the publisher to pause");
 }
 
 /* Stops the streams, sends the sentinels, waits for the subscribers, checks
- * acknowledged => delivered on the publisher's hub, frees everything. */
-static void a_finish(struct hub *hub[2], const char *what)
+ * acknowledged => delivered on the publisher's hub, stops and frees
+ * everything. */
+static void a_finish(struct srv *r, struct hub *hub[2], const char *what)
 {
     pthread_mutex_lock(&A.mu);
     A.stop = 1;
@@ -1580,15 +1581,14 @@ static void a_finish(struct hub *hub[2], const char *what)
         free(ap[p].st);
     stop_hub(hub[0]);
     stop_hub(hub[1]);
+    srv_stop(r);
 }
 
 START_TEST(ack_client_kill_pubsub_three_times)
 {
     struct srv r = {0};
-    srv_start(&r, 0, NULL);
     struct hub *hub[2];
     a_start(&r, hub);
-    a_more_ok(100);
     for (int k = 1; k <= 3; k++) {
         redisReply *kr = srv_cmd(&r, "CLIENT KILL TYPE pubsub");
         ck_assert_int_eq(kr->type, REDIS_REPLY_INTEGER);
@@ -1606,19 +1606,16 @@ START_TEST(ack_client_kill_pubsub_three_times)
         }
         a_more_ok(100);
     }
-    a_finish(hub, "CLIENT KILL TYPE pubsub x3");
-    srv_stop(&r);
+    a_finish(&r, hub, "CLIENT KILL TYPE pubsub x3");
 }
 END_TEST
 
 START_TEST(ack_redis_restarted_three_times)
 {
     struct srv r = {0};
-    srv_start(&r, 0, NULL);
-    int port = r.port;
     struct hub *hub[2];
     a_start(&r, hub);
-    a_more_ok(100);
+    int port = r.port;
     for (int k = 0; k < 3; k++) {
         srv_kill(&r);
         srv_start(&r, port, NULL);
@@ -1626,8 +1623,7 @@ START_TEST(ack_redis_restarted_three_times)
         wait_healthz(hub[1], 200, LONG_WAIT_MS);
         a_more_ok(100);
     }
-    a_finish(hub, "Redis killed and restarted on its port x3");
-    srv_stop(&r);
+    a_finish(&r, hub, "Redis killed and restarted on its port x3");
 }
 END_TEST
 
@@ -1636,14 +1632,12 @@ START_TEST(ack_redis_sigstop_5s)
     /* Default timeouts. Hub 1's publisher pauses during the stop: a hub
      * without traffic must notice too. */
     struct srv r = {0};
-    srv_start(&r, 0, NULL);
     struct hub *hub[2];
     a_start(&r, hub);
-    a_more_ok(100);
     a_pause(1, 1);
-    /* The registry's heartbeat (every 10 s once it has worked) is a Redis
-     * command too: stop Redis right after it, so that hub 1 sends nothing
-     * at all while Redis is stopped. */
+    /* The registry's heartbeat (every 10 s once it has worked, about 0.5 s
+     * after the start) is a Redis command too: stop Redis soon after it has
+     * worked, so that hub 1 sends nothing at all while Redis is stopped. */
     for (int h = 0; h < 2; h++)
         hub_metric_wait(hub[h], "luahub_registry_heartbeat_up", 1, HT_WAIT_MS);
     kill(r.pid, SIGSTOP);
@@ -1673,8 +1667,7 @@ START_TEST(ack_redis_sigstop_5s)
     printf("[measure] SIGSTOP 5 s, default timeouts: /healthz 503 after %lld ms (publishing "
            "hub) and %lld ms (idle hub); both 200 %lld ms after SIGCONT\n",
            (long long)t_down[0], (long long)t_down[1], (long long)t_up);
-    a_finish(hub, "SIGSTOP 5 s");
-    srv_stop(&r);
+    a_finish(&r, hub, "SIGSTOP 5 s");
 }
 END_TEST
 
