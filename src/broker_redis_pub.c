@@ -58,8 +58,8 @@ struct pending *hub_rbroker_acks_take(struct shard *sh, uint64_t seq)
     return head;
 }
 
-/* Completes a list from hub_rbroker_acks_take. Touches nothing of the broker after the
- * first callback (which may stop it). */
+/* Completes a list from hub_rbroker_acks_take. Touches nothing of the
+ * broker after the first callback (which may stop it). */
 void hub_rbroker_acks_fire(struct rbroker *b, struct pending *p, int status)
 {
     for (struct pending *q = p; q; q = q->next) {
@@ -174,7 +174,7 @@ static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
              * out): our copy may not have come back. */
             b->refused[REF_NOT_RECEIVED]++;
         } else if (p->seq && sh->probe_seen < p->seq) {
-            ack_append(sh, p);      /* completed by hub_rbroker_probe_echo or conn_fail */
+            ack_append(sh, p);      /* completed by the echo or by conn_fail */
             return;
         } else {
             status = HUB_BROKER_OK;
@@ -249,8 +249,8 @@ int hub_rbroker_publish(struct hub_broker *hb, const char *channel, size_t len,
     const char *argv[3] = {"PUBLISH", b->key.p, (const char *)hub_msg_payload(m)};
     size_t argl[3] = {7, b->key.len, m->payload_len};
 
-    struct rchan *c =
-        (struct rchan *)hub_bset_find(&sh->chans, channel, len, hub_broker_hash64(channel, len));
+    uint64_t h = hub_broker_hash64(channel, len);
+    struct rchan *c = (struct rchan *)hub_bset_find(&sh->chans, channel, len, h);
     struct pending *p = hub_xcalloc(1, sizeof(*p));
     p->kind = P_PUBLISH;
     p->cb = cb;
