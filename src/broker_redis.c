@@ -1,4 +1,7 @@
-/* The Redis broker: hiredis 0.14.1 async on the hub's libuv loop.
+/* The Redis broker: hiredis 0.14.1 async on the hub's libuv loop. This
+ * file: connections, subscriptions, stop and free; broker_redis_pub.c:
+ * publishing, probes and acknowledgements, commands, metrics; their shared
+ * state: broker_redis.h.
  *
  * Per Redis server (a "shard") two connections: `cmd` for PUBLISH, `sub` for
  * SUBSCRIBE/UNSUBSCRIBE. Each connection is a small state machine:
@@ -13,8 +16,9 @@
  * One uv timer per connection is its retry timer (IDLE), its connect
  * deadline (RESOLVING..HANDSHAKE) or the deadline of its oldest outstanding
  * command (SYNCING, UP). hiredis 0.14.1 has no timeouts of its own
- * (NOTES-stack.md §4.1): a command that is not answered in time drops the
- * whole connection, which makes hiredis fail every pending callback once.
+ * (docs/internals.md, "Redis: what an acknowledged publish means"): a
+ * command that is not answered in time drops the whole connection, which
+ * makes hiredis fail every pending callback once.
  *
  * Channels: each shard keeps a table of channels it has heard of. `want` is
  * what the hub asked for (subscribe/unsubscribe), `sent` what the last
@@ -26,6 +30,23 @@
  * waiter fires when `confirmed` reaches the number it needs. Redis answers
  * in order, so that is exact even for subscribe/unsubscribe/subscribe
  * pipelined before any answer.
+ *
+ * Acknowledged publishes (docs/internals.md): a publish is refused unless
+ * both connections of its shard are up, the sub one with every wanted
+ * channel subscribed. Every sub connection also subscribes a probe channel
+ * of its own ("<prefix>!probe:<random>"). A PUBLISH to a channel this
+ * broker has subscribed (and confirmed) is OK only once a probe PUBLISHed
+ * after it on the same cmd connection has come back on the sub connection
+ * that was up when it was sent: Redis runs one connection's commands in
+ * order and writes one subscriber's messages in order, so our own copy
+ * came before the probe. The probe goes out once per loop iteration for
+ * all the publishes of that iteration (the uv_idle handle), pipelined
+ * behind them: no extra round trip. Losing the sub connection fails what
+ * waits for an echo. A PUBLISH or probe answered 0 while we were
+ * subscribed means the sub connection is gone before its socket said so:
+ * it is dropped at once. A timer sends a probe every second when nothing
+ * is in flight (a PING on cmd while sub is down), so a Redis that stopped
+ * answering is noticed without traffic.
  *
  * Re-entrancy: user callbacks (publish/subscribe completions, deliver,
  * health) may call back into the broker, including stop(). Code that fires
@@ -48,156 +69,20 @@
 #include <hiredis/hiredis.h>
 #include <hiredis/sds.h>
 
-#include "broker_impl.h"
+#include "broker_redis.h"
 #include "luahub/log.h"
 #include "luahub/msg.h"
 #include "luahub/util.h"
 #include "redis_uv.h"
 
-#define HUB_REDIS_BATCH 500             /* names per SUBSCRIBE / UNSUBSCRIBE */
-#define BACKOFF_MIN_MS 100u
-#define BACKOFF_MAX_MS 5000u
-
-enum cstate {
-    C_IDLE,         /* no context; the timer is the retry timer */
-    C_RESOLVING,    /* uv_getaddrinfo in flight */
-    C_CONNECTING,   /* context created, TCP connect in progress */
-    C_HANDSHAKE,    /* connected; AUTH/SELECT/PING in flight */
-    C_SYNCING,      /* sub: re-subscribing the wanted channels */
-    C_UP,
-    C_STOPPED,
-};
-
-enum role { ROLE_CMD, ROLE_SUB };
-
-struct shard;
-struct rbroker;
-
-/* Something we wait an answer for on a connection, oldest first. */
-enum { P_PUBLISH, P_BATCH, P_COMMAND };
-struct pending {
-    struct pending *prev, *next;
-    struct rconn *rc;
-    uint64_t deadline_ms;
-    int kind;
-    /* P_PUBLISH, P_COMMAND (the hiredis privdata of the command) */
-    hub_broker_publish_cb cb;
-    hub_broker_reply_cb rcb;    /* P_COMMAND */
-    void *ud;
-    uint64_t t0_ns;
-    size_t bytes;
-    /* P_BATCH (ours only: hiredis has no per-command callback for
-     * (UN)SUBSCRIBE; every name's answer comes to on_sub_reply) */
-    unsigned left;      /* confirmations still expected */
-    int sync;           /* part of the re-subscribe after a connect */
-};
-
-struct rconn {
-    struct shard *sh;
-    int role;
-    int state;
-    redisAsyncContext *ac;
-    uv_timer_t timer;
-    uv_getaddrinfo_t gai;
-    int gai_active;             /* the request has not called back yet */
-    int gai_stale;              /* ... and we no longer want its answer */
-    unsigned backoff_ms;
-    unsigned failures;          /* consecutive failed attempts */
-    int ever_up;                /* reached UP once (for the reconnect count) */
-    int hs_n, hs_i;             /* handshake replies expected / received */
-    const char *hs_cmd[3];
-    struct pending *head, *tail;
-    unsigned npending;          /* cmd: PUBLISHes and commands awaiting a reply */
-    size_t pending_bytes;
-    unsigned sync_left;         /* sub: sync batches not yet confirmed */
-    uint64_t last_overload_log_ms;
-};
-
-struct waiter {
-    struct waiter *next;
-    hub_broker_subscribe_cb cb;
-    void *ud;
-    uint32_t target;            /* fires when subs_confirmed >= target */
-};
-
-struct rchan {
-    struct hub_bnode node;      /* first: a node pointer is the entry */
-    struct rchan *dnext;        /* dirty list / scratch list */
-    struct waiter *wh, *wt;
-    uint32_t subs_sent;         /* SUBSCRIBEs sent on the current sub context */
-    uint32_t subs_confirmed;
-    uint32_t outstanding;       /* (un)subscribe confirmations to come */
-    unsigned want : 1;
-    unsigned sent : 1;          /* the last command sent was SUBSCRIBE */
-    unsigned dirty : 1;
-    unsigned control : 1;       /* the control channel: messages go to control_fn */
-    char name[];
-};
-
-struct shard {
-    struct rbroker *b;
-    struct hub_redis_url url;
-    char tag[300];              /* "redis HOST:PORT" for logs */
-    char label[280];            /* "HOST:PORT" for metric labels */
-    struct rconn cmd, sub;
-    struct hub_bset chans;
-    struct rchan *dirty_head, *dirty_tail;
-    int up;
-};
-
-#define RTT_BUCKETS 15
-static const double rtt_le[RTT_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025,
-                                           0.005,  0.01,    0.025,  0.05,  0.1,
-                                           0.25,   0.5,     1,      2.5,   5};
-
-struct rbroker {
-    struct hub_broker base;     /* first: the ops receive &base */
-    struct shard *shards;
-    uint32_t n;
-    char *prefix;
-    size_t plen;
-    uv_idle_t idle;
-    int idle_active;
-    int stopped;
-    int up;
-    unsigned open_handles;      /* timers + idle not yet closed, resolves in flight */
-    uint64_t rng;
-    struct hub_buf key;         /* scratch: prefix + channel */
-    /* scratch for one batch */
-    struct hub_buf names;
-    size_t name_off[HUB_REDIS_BATCH];
-    struct rchan *batch[HUB_REDIS_BATCH];
-    const char *argv[HUB_REDIS_BATCH + 1];
-    size_t argl[HUB_REDIS_BATCH + 1];
-    /* metrics */
-    uint64_t wanted;            /* channels with local subscribers */
-    uint64_t reconnects;
-    uint64_t publishes;         /* accepted by Redis */
-    uint64_t publish_errors;
-    uint64_t received;          /* messages from the subscriber connections */
-    uint64_t subscribe_cmds;    /* SUBSCRIBE / UNSUBSCRIBE commands sent */
-    uint64_t commands;          /* command(): answered by Redis */
-    uint64_t command_errors;    /* command(): refused, lost, timed out */
-    hub_broker_control_fn control_fn;
-    void *control_ud;
-    uint64_t rtt_count[RTT_BUCKETS + 1];
-    uint64_t rtt_sum_ns;
-    uint64_t rtt_n;
-};
-
 static void conn_start(struct rconn *rc);
-static void conn_fail(struct rconn *rc, const char *why, int level);
+static void conn_fail(struct rconn *rc, const char *why, int level, int cause);
 static void flush_shard(struct shard *sh);
 static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata);
 
 static const char *role_name(const struct rconn *rc)
 {
     return rc->role == ROLE_CMD ? "cmd" : "pubsub";
-}
-
-static uint64_t now_ms(void)
-{
-    return uv_hrtime() / 1000000u;
 }
 
 static uint64_t rnd(struct rbroker *b)
@@ -300,8 +185,6 @@ static void chan_maybe_free(struct shard *sh, struct rchan *c)
         chan_free(sh, c);
 }
 
-static void schedule_flush(struct rbroker *b);
-
 static void chan_mark_dirty(struct shard *sh, struct rchan *c)
 {
     if (c->dirty)
@@ -313,7 +196,7 @@ static void chan_mark_dirty(struct shard *sh, struct rchan *c)
     else
         sh->dirty_head = c;
     sh->dirty_tail = c;
-    schedule_flush(sh->b);
+    hub_rbroker_schedule_flush(sh->b);
 }
 
 /* The subscriber connection is gone: nothing is subscribed any more. Takes
@@ -355,7 +238,7 @@ static void timer_arm(struct rconn *rc, uint64_t delay_ms)
     uv_timer_start(&rc->timer, on_timer, delay_ms, 0);
 }
 
-static void pending_push(struct rconn *rc, struct pending *p)
+void hub_rbroker_pending_push(struct rconn *rc, struct pending *p)
 {
     p->rc = rc;
     p->next = NULL;
@@ -374,7 +257,7 @@ static void pending_push(struct rconn *rc, struct pending *p)
     }
 }
 
-static void pending_unlink(struct rconn *rc, struct pending *p)
+void hub_rbroker_pending_unlink(struct rconn *rc, struct pending *p)
 {
     if (p->prev)
         p->prev->next = p->next;
@@ -387,19 +270,19 @@ static void pending_unlink(struct rconn *rc, struct pending *p)
     p->prev = p->next = NULL;
 }
 
-/* Drops our own batch records (sub connection gone). */
-static void batches_clear(struct rconn *rc)
+/* Drops our own records of the sub connection (batches, probe echoes):
+ * it is gone. */
+static void sub_pending_clear(struct rconn *rc)
 {
     struct pending *p = rc->head;
     while (p) {
         struct pending *next = p->next;
-        if (p->kind == P_BATCH) {
-            pending_unlink(rc, p);
-            free(p);
-        }
+        hub_rbroker_pending_unlink(rc, p);
+        free(p);
         p = next;
     }
     rc->sync_left = 0;
+    rc->sh->echoes = 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -409,7 +292,7 @@ static void batches_clear(struct rconn *rc)
 /* Gives up the context we hold: hiredis fails its pending callbacks (NULL
  * reply) synchronously, or right after the hiredis callback we are in
  * returns. Then the connection goes IDLE with a retry. */
-static void conn_drop(struct rconn *rc, const char *why, int level)
+void hub_rbroker_conn_drop(struct rconn *rc, const char *why, int level, int cause)
 {
     redisAsyncContext *ac = rc->ac;
     rc->ac = NULL;
@@ -417,7 +300,7 @@ static void conn_drop(struct rconn *rc, const char *why, int level)
         ac->data = NULL;
         redisAsyncFree(ac);
     }
-    conn_fail(rc, why, level);
+    conn_fail(rc, why, level, cause);
 }
 
 static unsigned next_delay(struct rconn *rc)
@@ -433,8 +316,10 @@ static unsigned next_delay(struct rconn *rc)
 }
 
 /* The connection (or the attempt) is over and rc->ac is already NULL:
- * reset, schedule the retry, log, then tell the user (health, waiters). */
-static void conn_fail(struct rconn *rc, const char *why, int level)
+ * reset, schedule the retry, log, then tell the user (health, waiters,
+ * publishes that waited for their echo on a lost sub connection). `cause`
+ * (LOST_*) is counted when the connection had been established. */
+static void conn_fail(struct rconn *rc, const char *why, int level, int cause)
 {
     struct shard *sh = rc->sh;
     struct rbroker *b = sh->b;
@@ -442,6 +327,7 @@ static void conn_fail(struct rconn *rc, const char *why, int level)
         return;
     int was = rc->state;
     struct waiter *failed = NULL;
+    struct pending *unacked = NULL;
 
     if (rc->gai_active && was == C_RESOLVING) {
         rc->gai_stale = 1;
@@ -449,21 +335,36 @@ static void conn_fail(struct rconn *rc, const char *why, int level)
     }
     rc->state = C_IDLE;
     if (rc->role == ROLE_SUB) {
-        batches_clear(rc);
+        /* What was sent while this connection was up can no longer be
+         * proven received: publishes in flight see the new generation on
+         * their reply, those already answered fail now. */
+        sh->sub_gen++;
+        unacked = hub_rbroker_acks_take(sh, UINT64_MAX);
+        sub_pending_clear(rc);
         chans_reset(sh, &failed);
     }
     rc->failures++;
+    /* The first retry after losing an established connection is not
+     * jittered: when Redis drops every hub at once (restart, CLIENT KILL),
+     * they all come back together, so the time in which one hub has
+     * resubscribed and another not yet (and misses what the first one
+     * publishes) stays short. Later retries spread out. */
     unsigned delay = next_delay(rc);
+    if (was == C_UP || was == C_SYNCING)
+        delay = BACKOFF_MIN_MS;
     timer_arm(rc, delay);
 
-    if (was == C_UP || was == C_SYNCING)
+    if (was == C_UP || was == C_SYNCING) {
+        b->lost[rc->role][cause]++;
         hub_log(level, "%s (%s): connection lost: %s; reconnecting in %u ms", sh->tag,
                 role_name(rc), why, delay);
-    else
+    } else {
         hub_log(level, "%s (%s): %s, retrying in %u ms", sh->tag, role_name(rc), why, delay);
+    }
 
     health_update(b);
     waiters_fire(failed, HUB_BROKER_UNAVAILABLE);
+    hub_rbroker_acks_fire(b, unacked, HUB_BROKER_UNAVAILABLE);
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
@@ -478,7 +379,7 @@ static void on_disconnect(const redisAsyncContext *ac, int status)
         snprintf(why, sizeof(why), "closed");
     else
         snprintf(why, sizeof(why), "%s", ac->errstr ? ac->errstr : ac->c.errstr);
-    conn_fail(rc, why, HUB_LOG_WARN);
+    conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
 }
 
 static void keepalive(int fd)
@@ -532,7 +433,7 @@ static void on_handshake_reply(redisAsyncContext *ac, void *reply, void *privdat
         else
             snprintf(why, sizeof(why), "%s failed: %s", cmd, r->str);
         /* Inside a hiredis callback: the free is deferred until we return. */
-        conn_drop(rc, why, HUB_LOG_ERROR);
+        hub_rbroker_conn_drop(rc, why, HUB_LOG_ERROR, LOST_CLOSED);
         return;
     }
     if (++rc->hs_i == rc->hs_n)
@@ -552,7 +453,7 @@ static void on_connect(const redisAsyncContext *cac, int status)
         char why[160];
         snprintf(why, sizeof(why), "%s", ac->c.errstr[0] ? ac->c.errstr : "connect failed");
         why[0] = (char)((why[0] >= 'A' && why[0] <= 'Z') ? why[0] + 32 : why[0]);
-        conn_fail(rc, why, HUB_LOG_WARN);
+        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
         return;
     }
     struct hub_redis_url *u = &rc->sh->url;
@@ -589,21 +490,22 @@ static void connect_to(struct rconn *rc, const char *ip)
     char why[200];
     redisAsyncContext *ac = redisAsyncConnect(ip, u->port);
     if (!ac) {
-        conn_fail(rc, "out of memory creating the hiredis context", HUB_LOG_ERROR);
+        conn_fail(rc, "out of memory creating the hiredis context", HUB_LOG_ERROR,
+                  LOST_CLOSED);
         return;
     }
     if (ac->err) {
         snprintf(why, sizeof(why), "%s", ac->errstr);
         why[0] = (char)((why[0] >= 'A' && why[0] <= 'Z') ? why[0] + 32 : why[0]);
         redisAsyncFree(ac);
-        conn_fail(rc, why, HUB_LOG_WARN);
+        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
         return;
     }
     int r = hub_redis_uv_attach(ac, b->base.loop);
     if (r < 0) {
         snprintf(why, sizeof(why), "cannot poll the socket: %s", uv_strerror(r));
         redisAsyncFree(ac);
-        conn_fail(rc, why, HUB_LOG_ERROR);
+        conn_fail(rc, why, HUB_LOG_ERROR, LOST_CLOSED);
         return;
     }
     ac->data = rc;
@@ -631,7 +533,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
         snprintf(why, sizeof(why), "cannot resolve \"%s\": %s", rc->sh->url.host,
                  uv_strerror(status));
         uv_freeaddrinfo(res);
-        conn_fail(rc, why, HUB_LOG_WARN);
+        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
         return;
     }
     /* IPv4 first (Redis binds 127.0.0.1 by default while "localhost" often
@@ -650,7 +552,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     if (n == 0) {
         char why[200];
         snprintf(why, sizeof(why), "\"%s\" has no IPv4/IPv6 address", rc->sh->url.host);
-        conn_fail(rc, why, HUB_LOG_WARN);
+        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
         return;
     }
     connect_to(rc, addrs[rc->failures % (unsigned)n]);
@@ -693,7 +595,7 @@ static void conn_start(struct rconn *rc)
         snprintf(why, sizeof(why), "cannot resolve \"%s\": %s", rc->sh->url.host,
                  uv_strerror(r));
         rc->state = C_IDLE;
-        conn_fail(rc, why, HUB_LOG_WARN);
+        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
         return;
     }
     rc->gai_active = 1;
@@ -716,8 +618,8 @@ static void on_timer(uv_timer_t *t)
                  : rc->state == C_CONNECTING ? "connect" : "handshake (AUTH/SELECT/PING)",
                  rc->sh->url.connect_timeout_ms);
         /* A context that never connected gets no callback from hiredis:
-         * freeing it is the only way out (NOTES-stack.md §4.1). */
-        conn_drop(rc, why, HUB_LOG_WARN);
+         * freeing it is the only way out (docs/internals.md). */
+        hub_rbroker_conn_drop(rc, why, HUB_LOG_WARN, LOST_TIMEOUT);
         break;
     case C_SYNCING:
     case C_UP: {
@@ -729,12 +631,15 @@ static void on_timer(uv_timer_t *t)
             timer_arm(rc, p->deadline_ms - now);
             break;
         }
-        snprintf(why, sizeof(why), "%s not answered within %u ms",
-                 p->kind == P_PUBLISH   ? "PUBLISH"
-                 : p->kind == P_COMMAND ? "command"
-                                        : "SUBSCRIBE/UNSUBSCRIBE",
+        snprintf(why, sizeof(why), "%s within %u ms",
+                 p->kind == P_PUBLISH   ? "PUBLISH not answered"
+                 : p->kind == P_COMMAND ? "command not answered"
+                 : p->kind == P_PROBE   ? (p->seq ? "probe PUBLISH not answered"
+                                                  : "PING not answered")
+                 : p->kind == P_ECHO    ? "probe message not received"
+                                        : "SUBSCRIBE/UNSUBSCRIBE not answered",
                  rc->sh->url.command_timeout_ms);
-        conn_drop(rc, why, HUB_LOG_WARN);
+        hub_rbroker_conn_drop(rc, why, HUB_LOG_WARN, LOST_TIMEOUT);
         break;
     }
     default:
@@ -779,7 +684,7 @@ static int batch_send(struct rconn *rc, int subscribe, size_t n, int sync)
     p->left = (unsigned)n;
     p->sync = sync;
     p->deadline_ms = now_ms() + rc->sh->url.command_timeout_ms;
-    pending_push(rc, p);
+    hub_rbroker_pending_push(rc, p);
     if (sync)
         rc->sync_left++;
     return 0;
@@ -859,12 +764,21 @@ static void on_idle(uv_idle_t *h)
     struct rbroker *b = h->data;
     uv_idle_stop(h);
     b->idle_active = 0;
-    for (uint32_t i = 0; i < b->n; i++)
-        if (b->shards[i].dirty_head)
-            flush_shard(&b->shards[i]);
+    for (uint32_t i = 0; i < b->n; i++) {
+        struct shard *sh = &b->shards[i];
+        if (sh->dirty_head)
+            flush_shard(sh);
+        /* The probe behind this iteration's publishes (if a connection went
+         * down since, those publishes fail on their own). */
+        if (sh->probe_due) {
+            sh->probe_due = 0;
+            if (links_up(sh))
+                hub_rbroker_probe_send(sh, 0);
+        }
+    }
 }
 
-static void schedule_flush(struct rbroker *b)
+void hub_rbroker_schedule_flush(struct rbroker *b)
 {
     /* An idle handle runs once per loop iteration and keeps the poll from
      * blocking, so everything changed in this iteration (or in this timer
@@ -900,15 +814,19 @@ static void sync_start(struct rconn *rc)
         rc->state = C_UP;
 }
 
-/* One (un)subscribe confirmation: counts it against the oldest batch. */
+/* One (un)subscribe confirmation: counts it against the oldest batch
+ * (probe echoes may sit before it in the list: they complete in their own
+ * order). */
 static void batch_ack(struct rconn *rc)
 {
     struct pending *p = rc->head;
-    if (!p || p->kind != P_BATCH)
+    while (p && p->kind != P_BATCH)
+        p = p->next;
+    if (!p)
         return;
     if (--p->left > 0)
         return;
-    pending_unlink(rc, p);
+    hub_rbroker_pending_unlink(rc, p);
     if (p->sync && rc->sync_left > 0 && --rc->sync_left == 0 && rc->state == C_SYNCING)
         rc->state = C_UP;
     free(p);
@@ -941,6 +859,10 @@ static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata)
         if (c->control) {
             if (b->control_fn)
                 b->control_fn(b->control_ud, r->element[2]->str, r->element[2]->len);
+            return;
+        }
+        if (c->probe) {
+            hub_rbroker_probe_echo(sh, r->element[2]->str, r->element[2]->len);
             return;
         }
         b->received++;
@@ -986,135 +908,17 @@ static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata)
 }
 
 /* ------------------------------------------------------------------ */
-/* Publishing                                                          */
+/* subscribe, unsubscribe, control                                     */
 /* ------------------------------------------------------------------ */
 
-static void rtt_observe(struct rbroker *b, uint64_t ns)
-{
-    double s = (double)ns / 1e9;
-    int i = 0;
-    while (i < RTT_BUCKETS && s > rtt_le[i])
-        i++;
-    b->rtt_count[i]++;
-    b->rtt_sum_ns += ns;
-    b->rtt_n++;
-}
+/* What a channel of the table is: a hub channel, or one of ours (not
+ * counted in the channels metric): the control channel (messages go to
+ * control_fn) or the probe channel (messages are probe echoes). */
+enum { CH_HUB, CH_CONTROL, CH_PROBE };
 
-/* A reply (or NULL: the connection went away) for a pending PUBLISH or
- * command: takes it off its connection's books. The caller frees it. */
-static struct pending *pending_finish(void *privdata)
-{
-    struct pending *p = privdata;
-    struct rconn *rc = p->rc;
-    pending_unlink(rc, p);
-    rc->npending--;
-    rc->pending_bytes -= p->bytes;
-    return p;
-}
-
-static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
-{
-    (void)ac;
-    struct pending *p = pending_finish(privdata);
-    struct rconn *rc = p->rc;
-    struct rbroker *b = rc->sh->b;
-    redisReply *r = reply;
-    int status = HUB_BROKER_UNAVAILABLE;
-    if (r && r->type != REDIS_REPLY_ERROR) {
-        status = HUB_BROKER_OK;
-        b->publishes++;
-        rtt_observe(b, hub_now_ns() - p->t0_ns);
-    } else {
-        b->publish_errors++;
-        if (r) {
-            uint64_t now = now_ms();
-            if (now - rc->last_overload_log_ms >= 1000) {
-                rc->last_overload_log_ms = now;
-                hub_log(HUB_LOG_WARN, "%s: PUBLISH failed: %s", rc->sh->tag, r->str);
-            }
-        }
-    }
-    hub_broker_publish_cb cb = p->cb;
-    void *ud = p->ud;
-    free(p);
-    if (cb)
-        cb(ud, status, 0);
-}
-
-static struct shard *shard_of(struct rbroker *b, const char *channel, size_t len)
-{
-    return &b->shards[hub_broker_shard(channel, len, b->n)];
-}
-
-/* Bounded: what waits for Redis (replies, and bytes hiredis could not
- * write yet) has a cap; past it we fail fast rather than queue. Returns 1
- * (and logs, at most once a second) when `bytes` more would pass it. */
-static int over_cap(struct shard *sh, struct rconn *rc, size_t bytes)
-{
-    size_t obuf = rc->ac->c.obuf ? sdslen((sds)rc->ac->c.obuf) : 0;
-    if (rc->npending < sh->url.max_pending &&
-        rc->pending_bytes + bytes <= sh->url.max_pending_bytes &&
-        obuf + bytes <= sh->url.max_pending_bytes)
-        return 0;
-    uint64_t now = now_ms();
-    if (now - rc->last_overload_log_ms >= 1000) {
-        rc->last_overload_log_ms = now;
-        hub_log(HUB_LOG_WARN,
-                "%s: %u PUBLISHes and commands (%zu bytes) await Redis, over the cap: "
-                "failing fast",
-                sh->tag, rc->npending, rc->pending_bytes);
-    }
-    return 1;
-}
-
-static int r_publish(struct hub_broker *hb, const char *channel, size_t len, struct hub_msg *m,
-                     hub_broker_publish_cb cb, void *ud)
-{
-    struct rbroker *b = (struct rbroker *)hb;
-    if (b->stopped) {
-        b->publish_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
-    struct shard *sh = shard_of(b, channel, len);
-    struct rconn *rc = &sh->cmd;
-    if (rc->state != C_UP || !rc->ac) {
-        b->publish_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
-    size_t bytes = (size_t)m->payload_len + b->plen + len;
-    if (over_cap(sh, rc, bytes)) {
-        b->publish_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
-
-    hub_buf_reset(&b->key);
-    hub_buf_append(&b->key, b->prefix, b->plen);
-    hub_buf_append(&b->key, channel, len);
-    const char *argv[3] = {"PUBLISH", b->key.p, (const char *)hub_msg_payload(m)};
-    size_t argl[3] = {7, b->key.len, m->payload_len};
-
-    struct pending *p = hub_xcalloc(1, sizeof(*p));
-    p->kind = P_PUBLISH;
-    p->cb = cb;
-    p->ud = ud;
-    p->bytes = bytes;
-    p->t0_ns = hub_now_ns();
-    p->deadline_ms = p->t0_ns / 1000000u + sh->url.command_timeout_ms;
-    if (redisAsyncCommandArgv(rc->ac, on_publish_reply, p, 3, argv, argl) != REDIS_OK) {
-        free(p);
-        b->publish_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
-    rc->npending++;
-    rc->pending_bytes += bytes;
-    pending_push(rc, p);
-    return 0;
-}
-
-/* subscribe() on shard `sh`; `control`: the control channel (not counted
- * in the channels metric, its messages go to control_fn). */
+/* subscribe() on shard `sh` for a channel of kind CH_*. */
 static void subscribe_on(struct rbroker *b, struct shard *sh, const char *channel, size_t len,
-                         int control, hub_broker_subscribe_cb cb, void *ud)
+                         int kind, hub_broker_subscribe_cb cb, void *ud)
 {
     if (b->stopped) {
         if (cb)
@@ -1124,8 +928,9 @@ static void subscribe_on(struct rbroker *b, struct shard *sh, const char *channe
     struct rchan *c = chan_get(sh, channel, len, hub_broker_hash64(channel, len));
     if (!c->want) {
         c->want = 1;
-        c->control = (unsigned)control;
-        if (!control)
+        c->control = kind == CH_CONTROL;
+        c->probe = kind == CH_PROBE;
+        if (kind == CH_HUB)
             b->wanted++;
     }
     if (!c->sent)
@@ -1160,7 +965,7 @@ static void r_subscribe(struct hub_broker *hb, const char *channel, size_t len,
                         hub_broker_subscribe_cb cb, void *ud)
 {
     struct rbroker *b = (struct rbroker *)hb;
-    subscribe_on(b, shard_of(b, channel, len), channel, len, 0, cb, ud);
+    subscribe_on(b, shard_of(b, channel, len), channel, len, CH_HUB, cb, ud);
 }
 
 static void unsubscribe_on(struct rbroker *b, struct shard *sh, const char *channel, size_t len)
@@ -1171,7 +976,7 @@ static void unsubscribe_on(struct rbroker *b, struct shard *sh, const char *chan
     if (!c || !c->want)
         return;
     c->want = 0;
-    if (!c->control)
+    if (!c->control && !c->probe)
         b->wanted--;
     struct waiter *canceled = NULL;
     waiters_take(c, &canceled);
@@ -1194,208 +999,20 @@ static void r_control(struct hub_broker *hb, hub_broker_control_fn fn, void *ud)
     b->control_fn = fn;
     b->control_ud = ud;
     if (fn)
-        subscribe_on(b, &b->shards[0], name, sizeof(name) - 1, 1, NULL, NULL);
+        subscribe_on(b, &b->shards[0], name, sizeof(name) - 1, CH_CONTROL, NULL, NULL);
     else
         unsubscribe_on(b, &b->shards[0], name, sizeof(name) - 1);
 }
 
 /* ------------------------------------------------------------------ */
-/* Generic commands (registry; later history and presence)             */
+/* up, stop and free                                                   */
 /* ------------------------------------------------------------------ */
-
-/* Copies a hiredis reply into `out` (nested arrays get their own
- * allocations; free with reply_free). */
-static void reply_conv(const redisReply *r, struct hub_broker_reply *out)
-{
-    memset(out, 0, sizeof(*out));
-    switch (r->type) {
-    case REDIS_REPLY_INTEGER:
-        out->type = HUB_REPLY_INTEGER;
-        out->integer = r->integer;
-        break;
-    case REDIS_REPLY_STRING:
-    case REDIS_REPLY_STATUS:
-    case REDIS_REPLY_ERROR:
-        out->type = r->type == REDIS_REPLY_STRING   ? HUB_REPLY_STRING
-                    : r->type == REDIS_REPLY_STATUS ? HUB_REPLY_STATUS
-                                                    : HUB_REPLY_ERROR;
-        out->str = r->str;      /* lives as long as the hiredis reply */
-        out->len = r->len;
-        break;
-    case REDIS_REPLY_ARRAY: {
-        out->type = HUB_REPLY_ARRAY;
-        out->n = r->elements;
-        if (r->elements) {
-            struct hub_broker_reply *e = hub_xcalloc(r->elements, sizeof(*e));
-            for (size_t i = 0; i < r->elements; i++)
-                reply_conv(r->element[i], &e[i]);
-            out->elem = e;
-        }
-        break;
-    }
-    default:
-        out->type = HUB_REPLY_NIL;
-        break;
-    }
-}
-
-static void reply_free(struct hub_broker_reply *r)
-{
-    if (r->type != HUB_REPLY_ARRAY || !r->elem)
-        return;
-    struct hub_broker_reply *e = (struct hub_broker_reply *)r->elem;
-    for (size_t i = 0; i < r->n; i++)
-        reply_free(&e[i]);
-    free(e);
-}
-
-static void on_command_reply(redisAsyncContext *ac, void *reply, void *privdata)
-{
-    (void)ac;
-    struct pending *p = pending_finish(privdata);
-    struct rbroker *b = p->rc->sh->b;
-    redisReply *r = reply;
-    hub_broker_reply_cb cb = p->rcb;
-    void *ud = p->ud;
-    free(p);
-    if (!r) {
-        b->command_errors++;
-        if (cb)
-            cb(ud, HUB_BROKER_UNAVAILABLE, NULL);
-        return;
-    }
-    b->commands++;
-    if (!cb)
-        return;
-    struct hub_broker_reply out;
-    reply_conv(r, &out);
-    cb(ud, HUB_BROKER_OK, &out);
-    reply_free(&out);
-}
-
-static int r_command(struct hub_broker *hb, int argc, const char **argv, const size_t *lens,
-                     hub_broker_reply_cb cb, void *ud)
-{
-    struct rbroker *b = (struct rbroker *)hb;
-    if (b->stopped || argc < 1) {
-        b->command_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
-    struct shard *sh = &b->shards[0];
-    struct rconn *rc = &sh->cmd;
-    if (rc->state != C_UP || !rc->ac) {
-        b->command_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
-    size_t bytes = 0;
-    for (int i = 0; i < argc; i++)
-        bytes += lens[i] + 16;          /* + RESP framing */
-    if (over_cap(sh, rc, bytes)) {
-        b->command_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
-    struct pending *p = hub_xcalloc(1, sizeof(*p));
-    p->kind = P_COMMAND;
-    p->rcb = cb;
-    p->ud = ud;
-    p->bytes = bytes;
-    p->t0_ns = hub_now_ns();
-    p->deadline_ms = p->t0_ns / 1000000u + sh->url.command_timeout_ms;
-    if (redisAsyncCommandArgv(rc->ac, on_command_reply, p, argc, argv, lens) != REDIS_OK) {
-        free(p);
-        b->command_errors++;
-        return HUB_BROKER_UNAVAILABLE;
-    }
-    rc->npending++;
-    rc->pending_bytes += bytes;
-    pending_push(rc, p);
-    return 0;
-}
 
 static int r_up(const struct hub_broker *hb)
 {
     const struct rbroker *b = (const struct rbroker *)hb;
     return !b->stopped && b->up;
 }
-
-static void r_metrics(const struct hub_broker *hb, struct hub_buf *out)
-{
-    const struct rbroker *b = (const struct rbroker *)hb;
-    unsigned pending = 0;
-    hub_buf_printf(out,
-                   "# HELP luahub_broker_up 1 when every Redis server is connected and "
-                   "subscribed.\n"
-                   "# TYPE luahub_broker_up gauge\n"
-                   "luahub_broker_up %d\n"
-                   "# HELP luahub_broker_server_up 1 when both connections to this Redis "
-                   "server are ready.\n"
-                   "# TYPE luahub_broker_server_up gauge\n",
-                   r_up(hb));
-    for (uint32_t i = 0; i < b->n; i++) {
-        const struct shard *sh = &b->shards[i];
-        hub_buf_printf(out, "luahub_broker_server_up{server=\"%s\"} %d\n", sh->label,
-                       !b->stopped && sh->up);
-        pending += sh->cmd.npending;
-    }
-    hub_buf_printf(out,
-                   "# HELP luahub_broker_reconnects_total Redis connections re-established "
-                   "after a loss.\n"
-                   "# TYPE luahub_broker_reconnects_total counter\n"
-                   "luahub_broker_reconnects_total %llu\n"
-                   "# HELP luahub_broker_publishes_total PUBLISHes accepted by Redis.\n"
-                   "# TYPE luahub_broker_publishes_total counter\n"
-                   "luahub_broker_publishes_total %llu\n"
-                   "# HELP luahub_broker_publish_errors_total Publishes that failed "
-                   "(unavailable, over the cap, timed out, Redis error).\n"
-                   "# TYPE luahub_broker_publish_errors_total counter\n"
-                   "luahub_broker_publish_errors_total %llu\n"
-                   "# HELP luahub_broker_pending_publishes PUBLISHes (and registry commands) "
-                   "awaiting a reply.\n"
-                   "# TYPE luahub_broker_pending_publishes gauge\n"
-                   "luahub_broker_pending_publishes %u\n"
-                   "# HELP luahub_broker_channels Channels subscribed through the broker.\n"
-                   "# TYPE luahub_broker_channels gauge\n"
-                   "luahub_broker_channels %llu\n"
-                   "# HELP luahub_broker_received_total Messages received from Redis.\n"
-                   "# TYPE luahub_broker_received_total counter\n"
-                   "luahub_broker_received_total %llu\n"
-                   "# HELP luahub_broker_subscribe_commands_total SUBSCRIBE and UNSUBSCRIBE "
-                   "commands sent (each carries up to 500 channels).\n"
-                   "# TYPE luahub_broker_subscribe_commands_total counter\n"
-                   "luahub_broker_subscribe_commands_total %llu\n"
-                   "# HELP luahub_broker_commands_total Other commands (registry) answered by "
-                   "Redis.\n"
-                   "# TYPE luahub_broker_commands_total counter\n"
-                   "luahub_broker_commands_total %llu\n"
-                   "# HELP luahub_broker_command_errors_total Other commands that failed "
-                   "(unavailable, over the cap, timed out).\n"
-                   "# TYPE luahub_broker_command_errors_total counter\n"
-                   "luahub_broker_command_errors_total %llu\n"
-                   "# HELP luahub_broker_redis_rtt_seconds PUBLISH round trip (queued to "
-                   "reply).\n"
-                   "# TYPE luahub_broker_redis_rtt_seconds histogram\n",
-                   (unsigned long long)b->reconnects, (unsigned long long)b->publishes,
-                   (unsigned long long)b->publish_errors, pending,
-                   (unsigned long long)b->wanted, (unsigned long long)b->received,
-                   (unsigned long long)b->subscribe_cmds, (unsigned long long)b->commands,
-                   (unsigned long long)b->command_errors);
-    uint64_t cum = 0;
-    for (int i = 0; i < RTT_BUCKETS; i++) {
-        cum += b->rtt_count[i];
-        hub_buf_printf(out, "luahub_broker_redis_rtt_seconds_bucket{le=\"%g\"} %llu\n",
-                       rtt_le[i], (unsigned long long)cum);
-    }
-    hub_buf_printf(out,
-                   "luahub_broker_redis_rtt_seconds_bucket{le=\"+Inf\"} %llu\n"
-                   "luahub_broker_redis_rtt_seconds_sum %.9f\n"
-                   "luahub_broker_redis_rtt_seconds_count %llu\n",
-                   (unsigned long long)b->rtt_n, (double)b->rtt_sum_ns / 1e9,
-                   (unsigned long long)b->rtt_n);
-}
-
-/* ------------------------------------------------------------------ */
-/* Stop and free                                                       */
-/* ------------------------------------------------------------------ */
 
 static void on_handle_closed(uv_handle_t *h)
 {
@@ -1413,10 +1030,16 @@ static void r_stop(struct hub_broker *hb)
     b->idle.data = b;
     uv_close((uv_handle_t *)&b->idle, on_handle_closed);
     b->idle_active = 0;
+    b->live.data = b;
+    uv_close((uv_handle_t *)&b->live, on_handle_closed);
 
     struct waiter *failed = NULL;
+    struct pending *unacked = NULL, **utail = &unacked;
     for (uint32_t i = 0; i < b->n; i++) {
         struct shard *sh = &b->shards[i];
+        *utail = hub_rbroker_acks_take(sh, UINT64_MAX);
+        while (*utail)
+            utail = &(*utail)->next;
         struct rconn *rcs[2] = {&sh->cmd, &sh->sub};
         for (int k = 0; k < 2; k++) {
             struct rconn *rc = rcs[k];
@@ -1427,7 +1050,7 @@ static void r_stop(struct hub_broker *hb)
                 uv_cancel((uv_req_t *)&rc->gai);
             }
             if (rc->role == ROLE_SUB)
-                batches_clear(rc);
+                sub_pending_clear(rc);
             rc->state = C_STOPPED;
         }
         chans_reset(sh, &failed);
@@ -1448,6 +1071,7 @@ static void r_stop(struct hub_broker *hb)
         }
     }
     waiters_fire(failed, HUB_BROKER_UNAVAILABLE);
+    hub_rbroker_acks_fire(b, unacked, HUB_BROKER_UNAVAILABLE);
 }
 
 static void r_free(struct hub_broker *hb)
@@ -1490,14 +1114,14 @@ static void r_free(struct hub_broker *hb)
 
 static const struct hub_broker_ops redis_ops = {
     .name = "redis",
-    .publish = r_publish,
+    .publish = hub_rbroker_publish,
     .subscribe = r_subscribe,
     .unsubscribe = r_unsubscribe,
     .up = r_up,
-    .metrics = r_metrics,
+    .metrics = hub_rbroker_metrics,
     .stop = r_stop,
     .free = r_free,
-    .command = r_command,
+    .command = hub_rbroker_command,
     .control = r_control,
 };
 
@@ -1535,6 +1159,15 @@ struct hub_broker *hub_broker_redis_new(uv_loop_t *loop, struct hub_redis_url *u
     uv_idle_init(loop, &b->idle);
     b->idle.data = b;
     b->open_handles++;
+    uv_timer_init(loop, &b->live);
+    b->live.data = b;
+    b->open_handles++;
+    uv_timer_start(&b->live, hub_rbroker_on_live, PROBE_INTERVAL_MS, PROBE_INTERVAL_MS);
+    /* Our probe channel: '!' cannot occur in hub channel names, and the
+     * random part keeps other processes' probes out. */
+    int pl = snprintf(b->probe, sizeof(b->probe), "!probe:%016llx",
+                      (unsigned long long)rnd(b));
+    b->probe_len = (size_t)pl;
     for (size_t i = 0; i < n; i++) {
         struct shard *sh = &b->shards[i];
         sh->b = b;
@@ -1545,6 +1178,7 @@ struct hub_broker *hub_broker_redis_new(uv_loop_t *loop, struct hub_redis_url *u
         snprintf(sh->tag, sizeof(sh->tag), "redis %s", sh->label);
         rconn_init(b, sh, &sh->cmd, ROLE_CMD);
         rconn_init(b, sh, &sh->sub, ROLE_SUB);
+        subscribe_on(b, sh, b->probe, b->probe_len, CH_PROBE, NULL, NULL);
     }
     free(urls);                     /* the array only */
     return &b->base;

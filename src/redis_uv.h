@@ -6,9 +6,9 @@
  * non-blocking connect, a reset socket) exactly that way, after stopping the
  * poll handle. hiredis then never reads or writes again, so it never learns
  * about the error: no connect callback, no disconnect callback, the context
- * hangs forever (NOTES-stack.md §4.1). It also leaks its struct when
- * uv_poll_init fails and installs its hooks before it has any data, so
- * redisAsyncFree() after a failed attach calls cleanup(NULL).
+ * hangs forever (docs/broker.md, "Our libuv adapter"). It also leaks its
+ * struct when uv_poll_init fails and installs its hooks before it has any
+ * data, so redisAsyncFree() after a failed attach calls cleanup(NULL).
  *
  * This adapter, like hiredis 1.0's, hands the events it was waiting for to
  * hiredis even when the status is an error: hiredis then reads or writes,

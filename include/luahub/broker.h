@@ -31,10 +31,13 @@ enum hub_broker_status {
 };
 
 /* Completion of a publish: `status` is HUB_BROKER_OK once the message was
- * accepted (memory: delivered locally; redis: Redis replied to PUBLISH),
- * else HUB_BROKER_UNAVAILABLE. `offset` is a per-channel sequence when the
- * broker keeps one (0 otherwise; room for history). Called exactly once,
- * possibly before publish() returns (memory). */
+ * accepted (memory: handed to `deliver`; redis: Redis executed the PUBLISH
+ * while this broker's connections to the channel's server were up and, if
+ * this broker has the channel subscribed, the message came back to it and
+ * went to `deliver`; see docs/internals.md, "Redis: what an acknowledged
+ * publish means"), else HUB_BROKER_UNAVAILABLE. `offset` is a per-channel
+ * sequence when the broker keeps one (0 otherwise; room for history).
+ * Called exactly once, possibly before publish() returns (memory). */
 typedef void (*hub_broker_publish_cb)(void *ud, int status, uint64_t offset);
 
 /* Completion of a subscribe: HUB_BROKER_OK once messages published from
@@ -56,7 +59,9 @@ typedef void (*hub_broker_deliver_fn)(void *ud, const char *channel, size_t len,
 /* Called when the broker's health changes (up = 1 connected, 0 down); not
  * at creation: memory starts up, redis starts down. Redis is up when, for
  * every server, the command connection is ready and the subscriber
- * connection has (re)subscribed every channel with local subscribers. */
+ * connection has (re)subscribed every channel with local subscribers; a
+ * server that stops answering (probed every second) is down within a
+ * second plus command_timeout_ms, with or without traffic. */
 typedef void (*hub_broker_health_fn)(void *ud, int up);
 
 /* A Redis reply to command(), converted from hiredis so that callers need
@@ -101,8 +106,9 @@ struct hub_broker_ops {
     int local;
     /* Publishes a sealed delivery frame (borrowed) to `channel`. Returns 0
      * and calls `cb` exactly once, or returns HUB_BROKER_UNAVAILABLE without
-     * calling it (fail fast: not connected, or the pending output is over
-     * its cap). `cb` may be NULL (fire and forget). */
+     * calling it (fail fast: redis: either connection to the channel's
+     * server not ready, the subscriber one not (re)subscribed, or the
+     * pending output over its cap). `cb` may be NULL (fire and forget). */
     int (*publish)(struct hub_broker *b, const char *channel, size_t len,
                    struct hub_msg *m, hub_broker_publish_cb cb, void *ud);
     /* A local subscriber joins `channel` (call it for the first one; more

@@ -85,6 +85,17 @@ static long long numsub(const struct srv *s, const char *channel)
     return v;
 }
 
+/* Channels subscribed in Redis, not counting the brokers' own probe
+ * channels (one per broker and server: "luahub:!probe:<random>"). */
+static long long hub_channels(const struct srv *s)
+{
+    redisReply *r = srv_cmd(s, "PUBSUB CHANNELS luahub:!probe:*");
+    ck_assert_int_eq(r->type, REDIS_REPLY_ARRAY);
+    long long probes = (long long)r->elements;
+    freeReplyObject(r);
+    return srv_info(s, "stats", "pubsub_channels") - probes;
+}
+
 /* ------------------------------------------------------------------ */
 /* The loop, the brokers, what they deliver                            */
 /* ------------------------------------------------------------------ */
@@ -793,23 +804,34 @@ END_TEST
 
 START_TEST(t_redis_rtt_sequential)
 {
-    /* One PUBLISH at a time: the latency a lone publisher sees. */
+    /* One PUBLISH at a time: the latency a lone publisher sees, to a
+     * channel nobody here subscribed, then to one this broker subscribed
+     * (OK waits for the probe behind it to come back: docs/internals.md). */
     env_init();
     srv_start(&T.srv[0], 0, NULL);
     mk(0, url_of(&T.srv[0], NULL));
     wait_up(0);
+    sub_ok(0, "rtt-self");
     enum { N = 2000 };
-    int64_t t0 = now_ms();
-    uint64_t ns0 = uv_hrtime();
-    for (int i = 0; i < N; i++) {
-        struct pres r = {0};
-        ck_assert_int_eq(pub(0, "rtt", "{\"n\":1}", &r), 0);
-        ck_assert(WAIT(r.calls, WAIT_MS));
-        ck_assert_int_eq(r.status, HUB_BROKER_OK);
+    const char *chans[2] = {"rtt", "rtt-self"};
+    for (int k = 0; k < 2; k++) {
+        long long probes0 = metric(0, "luahub_broker_probes_total");
+        int64_t t0 = now_ms();
+        uint64_t ns0 = uv_hrtime();
+        for (int i = 0; i < N; i++) {
+            struct pres r = {0};
+            ck_assert_int_eq(pub(0, chans[k], "{\"n\":1}", &r), 0);
+            ck_assert(WAIT(r.calls, WAIT_MS));
+            ck_assert_int_eq(r.status, HUB_BROKER_OK);
+        }
+        uint64_t ns = uv_hrtime() - ns0;
+        printf("[measure] sequential PUBLISH round trip, %s: %.1f us mean over %d (%lld ms "
+               "total, %lld probes)\n",
+               k ? "subscribed here (waits for the probe)" : "not subscribed here",
+               (double)ns / N / 1e3, N, (long long)(now_ms() - t0),
+               metric(0, "luahub_broker_probes_total") - probes0);
     }
-    uint64_t ns = uv_hrtime() - ns0;
-    printf("[measure] sequential PUBLISH round trip: %.1f us mean over %d (%lld ms total)\n",
-           (double)ns / N / 1e3, N, (long long)(now_ms() - t0));
+    ck_assert(WAIT(count(0, "rtt-self", NULL) == N, WAIT_MS));
     env_finish();
 }
 END_TEST
@@ -1041,6 +1063,138 @@ START_TEST(t_redis_sigstop)
 }
 END_TEST
 
+/* The id of the subscriber connection with the most subscriptions
+ * (CLIENT LIST TYPE pubsub); it must be the only one with that many. */
+static long long busiest_sub_client(const struct srv *s)
+{
+    redisReply *r = srv_cmd(s, "CLIENT LIST TYPE pubsub");
+    ck_assert_int_eq(r->type, REDIS_REPLY_STRING);
+    long long id = -1;
+    int best = -1, ties = 0;
+    for (char *line = r->str; line && *line;) {
+        char *nl = strchr(line, '\n');
+        if (nl)
+            *nl = '\0';
+        const char *sp = strstr(line, " sub=");
+        if (sp && strncmp(line, "id=", 3) == 0) {
+            int n = atoi(sp + 5);
+            if (n > best) {
+                best = n;
+                ties = 0;
+                id = strtoll(line + 3, NULL, 10);
+            } else if (n == best) {
+                ties++;
+            }
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+    freeReplyObject(r);
+    ck_assert_msg(id >= 0 && ties == 0, "no single busiest subscriber connection");
+    return id;
+}
+
+START_TEST(t_redis_ok_means_own_copy_received)
+{
+    /* Two brokers on one Redis, both subscribed to "x". Twice Redis
+     * answers broker 0's PUBLISH with a count >= 1 while broker 0's own
+     * subscriber connection never gets the message: that publish must not
+     * be OK (docs/internals.md). */
+    env_init();
+    log_capture();
+    struct srv *s = &T.srv[0];
+    srv_start(s, 0, NULL);
+    mk(0, url_of(s, NULL));
+    mk(1, url_of(s, NULL));
+    wait_up(0);
+    wait_up(1);
+    const char *mine[] = {"x", "a1", "a2", "a3"};
+    for (int i = 0; i < 4; i++)
+        sub_ok(0, mine[i]);
+    sub_ok(1, "x");
+    pub_ok(0, "x", "\"before\"");
+    ck_assert(WAIT(count(0, "x", "\"before\"") == 1 && count(1, "x", "\"before\"") == 1,
+                   WAIT_MS));
+
+    /* 1. Broker 0's subscriber connection is killed (broker 1's stays) and
+     * broker 0 publishes before its loop has seen the EOF: Redis answers 1
+     * (broker 1). */
+    long long id = busiest_sub_client(s);   /* broker 0's: x a1 a2 a3 */
+    redisReply *k = srv_cmd(s, "CLIENT KILL ID %lld", id);
+    ck_assert_int_eq(k->type, REDIS_REPLY_INTEGER);
+    ck_assert_int_eq(k->integer, 1);
+    freeReplyObject(k);
+    struct pres r = {0};
+    ck_assert_int_eq(pub(0, "x", "\"lost\"", &r), 0);
+    ck_assert(WAIT(r.calls == 1 && count(1, "x", "\"lost\"") == 1, WAIT_MS));
+    ck_assert_msg(r.status == HUB_BROKER_UNAVAILABLE,
+                  "publish OK although this broker's subscription was gone (delivered here "
+                  "%d times)", count(0, "x", "\"lost\""));
+    ck_assert_int_eq(count(0, "x", "\"lost\""), 0);
+
+    /* 2. Redis counts both subscribers, then closes them for their output
+     * buffer limit without writing the message (a reply over the client's
+     * 16 KB buffer goes to its list, which the limit counts). */
+    wait_up(0);
+    wait_up(1);
+    freeReplyObject(srv_cmd(s, "CONFIG SET client-output-buffer-limit %s", "pubsub 1024 0 0"));
+    static char big[65536];
+    memset(big, 'b', sizeof(big) - 1);
+    big[0] = big[sizeof(big) - 2] = '"';
+    big[sizeof(big) - 1] = '\0';
+    memset(&r, 0, sizeof(r));
+    ck_assert_int_eq(pub(0, "x", big, &r), 0);
+    ck_assert(WAIT(r.calls == 1, WAIT_MS));
+    ck_assert_msg(r.status == HUB_BROKER_UNAVAILABLE,
+                  "publish OK although Redis closed this broker's subscription before "
+                  "writing the message (delivered here %d times)", count(0, "x", big));
+    ck_assert_int_eq(count(0, "x", big), 0);
+    freeReplyObject(srv_cmd(s, "CONFIG SET client-output-buffer-limit %s",
+                            "pubsub 33554432 8388608 60"));
+
+    /* both recover by themselves and deliver again */
+    ck_assert(WAIT(T.b[0]->ops->up(T.b[0]) && T.b[1]->ops->up(T.b[1]), WAIT_MS));
+    pub_ok(0, "x", "\"after\"");
+    ck_assert(WAIT(count(0, "x", "\"after\"") == 1 && count(1, "x", "\"after\"") == 1,
+                   WAIT_MS));
+    ck_assert_int_ge(metric(0, "luahub_broker_publish_refused_total{reason=\"not_received\"}"),
+                     2);
+    log_release();
+    env_finish();
+}
+END_TEST
+
+START_TEST(t_redis_sigstop_noticed_without_traffic)
+{
+    /* Nothing published, nothing subscribed or unsubscribed: the liveness
+     * probe still notices a Redis that stopped answering (TCP stays up). */
+    env_init();
+    log_capture();
+    struct srv *s = &T.srv[0];
+    srv_start(s, 0, NULL);
+    mk(0, url_of(s, "?command_timeout_ms=300&connect_timeout_ms=300"));
+    wait_up(0);
+    sub_ok(0, "idle");
+    kill(s->pid, SIGSTOP);
+    int64_t dl = now_ms() + 2000;
+    while (proc_state(s->pid) != 'T' && now_ms() < dl)
+        sleep_ms(1);
+    ck_assert_int_eq(proc_state(s->pid), 'T');
+    ck_assert_msg(WAIT(!T.b[0]->ops->up(T.b[0]), 5000),
+                  "still up 5 s after Redis stopped answering:\n%s", log_tail());
+    ck_assert_int_eq(T.sink[0].downs, 1);
+    ck_assert_msg(log_count("within 300 ms") >= 1, "log:\n%s", log_tail());
+    struct pres r = {0};
+    ck_assert_int_eq(pub(0, "idle", "1", &r), HUB_BROKER_UNAVAILABLE);
+    kill(s->pid, SIGCONT);
+    ck_assert_msg(WAIT(T.b[0]->ops->up(T.b[0]), WAIT_MS), "not up after SIGCONT:\n%s",
+                  log_tail());
+    pub_ok(0, "idle", "2");
+    ck_assert(WAIT(count(0, "idle", "2") == 1, WAIT_MS));
+    log_release();
+    env_finish();
+}
+END_TEST
+
 START_TEST(t_redis_client_kill_pubsub)
 {
     env_init();
@@ -1070,7 +1224,7 @@ START_TEST(t_redis_client_kill_pubsub)
     sync_to(0, 0);
     for (int c = 0; c < NCH; c++)
         ck_assert_int_eq(count(0, name[c], "\"again\""), 1);
-    ck_assert_int_eq(srv_info(s, "stats", "pubsub_channels"), NCH + 1);
+    ck_assert_int_eq(hub_channels(s), NCH + 1);
     ck_assert_msg(log_count("(pubsub): connection lost") == 1, "log:\n%s", log_tail());
     log_release();
     env_finish();
@@ -1139,7 +1293,7 @@ START_TEST(t_redis_10k_channels)
         ck_assert_int_eq(sr[i].status, HUB_BROKER_OK);
     }
     long long subs = cmd_calls(s, "subscribe");
-    ck_assert_int_eq(srv_info(s, "stats", "pubsub_channels"), N);
+    ck_assert_int_eq(hub_channels(s), N);
     ck_assert_msg(subs > 0 && subs <= N / 500 + 2, "%lld SUBSCRIBE commands for %d channels",
                   subs, N);
     /* every one delivers */
@@ -1155,7 +1309,7 @@ START_TEST(t_redis_10k_channels)
         snprintf(name, sizeof(name), "room:%d", i);
         unsub(0, name);
     }
-    ck_assert(WAIT(srv_info(s, "stats", "pubsub_channels") == 0, WAIT_MS));
+    ck_assert(WAIT(hub_channels(s) == 0, WAIT_MS));
     uint64_t t3 = uv_hrtime();
     long long unsubs = cmd_calls(s, "unsubscribe");
     ck_assert_msg(unsubs > 0 && unsubs <= N / 500 + 2, "%lld UNSUBSCRIBE commands", unsubs);
@@ -1186,14 +1340,11 @@ START_TEST(t_redis_sharding)
         per[hub_broker_shard(name[i], strlen(name[i]), 2)]++;
         sub(0, name[i], NULL);
     }
-    ck_assert(WAIT(srv_info(&T.srv[0], "stats", "pubsub_channels") +
-                           srv_info(&T.srv[1], "stats", "pubsub_channels") ==
-                       N,
-                   WAIT_MS));
+    ck_assert(WAIT(hub_channels(&T.srv[0]) + hub_channels(&T.srv[1]) == N, WAIT_MS));
     ck_assert_int_gt(per[0], N / 4);
     ck_assert_int_gt(per[1], N / 4);
     for (int k = 0; k < 2; k++)
-        ck_assert_int_eq(srv_info(&T.srv[k], "stats", "pubsub_channels"), per[k]);
+        ck_assert_int_eq(hub_channels(&T.srv[k]), per[k]);
     for (int i = 0; i < N; i++) {
         char full[32];
         snprintf(full, sizeof(full), "luahub:%.15s", name[i]);
@@ -1208,8 +1359,12 @@ START_TEST(t_redis_sharding)
     ck_assert(WAIT(T.sink[0].n == 2 * N, WAIT_MS));
     for (int i = 0; i < N; i++)
         ck_assert_int_eq(count(0, name[i], "1"), 2);
-    for (int k = 0; k < 2; k++)
-        ck_assert_int_eq(cmd_calls(&T.srv[k], "publish"), 2 * per[k]);
+    /* (plus the probes that acknowledge them, on both servers) */
+    long long probes = metric(0, "luahub_broker_probes_total");
+    for (int k = 0; k < 2; k++) {
+        ck_assert_int_ge(cmd_calls(&T.srv[k], "publish"), 2 * per[k]);
+        ck_assert_int_le(cmd_calls(&T.srv[k], "publish"), 2 * per[k] + probes);
+    }
     /* one shard down: only its channels fail; health is down */
     srv_kill(&T.srv[1]);
     ck_assert(WAIT(T.sink[0].downs == 1, WAIT_MS));
@@ -1574,6 +1729,8 @@ static Suite *broker_suite(void)
     tcase_add_test(tc, t_redis_killed_and_restarted);
     tcase_add_test(tc, t_redis_sigstop);
     tcase_add_test(tc, t_redis_client_kill_pubsub);
+    tcase_add_test(tc, t_redis_ok_means_own_copy_received);
+    tcase_add_test(tc, t_redis_sigstop_noticed_without_traffic);
     tcase_add_test(tc, t_redis_wrong_password);
     tcase_add_test(tc, t_redis_10k_channels);
     tcase_add_test(tc, t_redis_sharding);

@@ -893,14 +893,16 @@ static void *k_reader(void *arg)
     return NULL;
 }
 
-/* Waits (bounded) until `pred` holds; called and evaluated under K.mu. */
-static void k_wait(int (*pred)(void *), void *ud, const char *what)
+/* Waits (bounded by LONG_WAIT_MS) until `pred(ud)` holds; `pred` runs
+ * with `mu` held, woken by `cv` or every 50 ms. */
+static void cv_wait(pthread_mutex_t *mu, pthread_cond_t *cv, int (*pred)(void *), void *ud,
+                    const char *what)
 {
     int64_t dl = ht_now_ms() + LONG_WAIT_MS;
-    pthread_mutex_lock(&K.mu);
+    pthread_mutex_lock(mu);
     while (!pred(ud)) {
         if (ht_now_ms() >= dl) {
-            pthread_mutex_unlock(&K.mu);
+            pthread_mutex_unlock(mu);
             ck_abort_msg("timed out waiting for %s", what);
         }
         struct timespec ts;
@@ -910,9 +912,14 @@ static void k_wait(int (*pred)(void *), void *ud, const char *what)
             ts.tv_sec++;
             ts.tv_nsec -= 1000000000L;
         }
-        pthread_cond_timedwait(&K.cv, &K.mu, &ts);
+        pthread_cond_timedwait(cv, mu, &ts);
     }
-    pthread_mutex_unlock(&K.mu);
+    pthread_mutex_unlock(mu);
+}
+
+static void k_wait(int (*pred)(void *), void *ud, const char *what)
+{
+    cv_wait(&K.mu, &K.cv, pred, ud, what);
 }
 
 static struct kpub kp[K_NPUB];
@@ -1338,6 +1345,329 @@ START_TEST(client_kill_pubsub_resubscribes)
     stop_hub(hub[0]);
     stop_hub(hub[1]);
     srv_stop(&r);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* What a 200 means: acknowledged => delivered on the publisher's hub   */
+/* ------------------------------------------------------------------ */
+
+/* docs/internals.md, "Redis: what an acknowledged publish means": a 200
+ * from POST /api/publish on a hub with subscribers on the channel means
+ * those subscribers get the message. Two hubs, two subscribers on each, one
+ * HTTP publisher per hub posting a steady stream of {"p":P,"s":SEQ} to
+ * "ack", one request after the other, while Redis is hurt. Refusals (503
+ * unavailable) are allowed, any other answer is not. At the end each
+ * publisher posts a sentinel {"p":P,"s":-1} (retried until 200, with both
+ * hubs healthy) and each subscriber reads until it has both sentinels. Then
+ * every message a hub answered 200 must have reached each subscriber of
+ * that hub. Messages of the other hub that a subscriber missed are counted
+ * and printed, not asserted: a hub whose subscription is down misses what
+ * the other hub's subscribers still get (docs/internals.md says so). */
+enum { A_NSUB = 4, A_MAXN = 200000 };
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int stop;
+    int pause[2];
+} A = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, {0, 0}};
+
+struct apub {
+    struct hub *hub;
+    int p;
+    signed char *st;        /* per seq: 1 answered 200, -1 503 unavailable */
+    int n, nok, nfail;      /* under A.mu */
+    int parked;             /* under A.mu: waiting while paused */
+};
+
+struct asub {
+    struct ws *c;
+    int hub;
+    unsigned char *got[2];  /* per publisher, per seq */
+    int last[2];
+    int ends;
+};
+
+static struct apub ap[2];
+static struct asub as[A_NSUB];
+
+static void *a_publisher(void *arg)
+{
+    struct apub *p = arg;
+    char data[64];
+    for (;;) {
+        pthread_mutex_lock(&A.mu);
+        while (A.pause[p->p] && !A.stop) {
+            p->parked = 1;
+            pthread_cond_broadcast(&A.cv);
+            pthread_cond_wait(&A.cv, &A.mu);
+        }
+        p->parked = 0;
+        int stop = A.stop || p->n >= A_MAXN;
+        pthread_mutex_unlock(&A.mu);
+        if (stop)
+            break;
+        int seq = p->n;
+        snprintf(data, sizeof data, "{\"p\":%d,\"s\":%d}", p->p, seq);
+        char *code = NULL;
+        int st = api_publish(p->hub, "ack", data, &code);
+        ck_assert_msg(st == 200 || (st == 503 && code && strcmp(code, "unavailable") == 0),
+                      "hub %d: POST /api/publish answered %d %s", p->p, st, code ? code : "");
+        free(code);
+        pthread_mutex_lock(&A.mu);
+        p->st[seq] = st == 200 ? 1 : -1;
+        p->n++;
+        if (st == 200)
+            p->nok++;
+        else
+            p->nfail++;
+        pthread_cond_broadcast(&A.cv);
+        pthread_mutex_unlock(&A.mu);
+    }
+    return NULL;
+}
+
+/* Reads until both sentinels came; each publisher's messages in order, at
+ * most once. */
+static void *a_reader(void *arg)
+{
+    struct asub *s = arg;
+    while (s->ends < 2) {
+        struct ws_frame f;
+        int r = ws_recv_msg(s->c, &f, LONG_WAIT_MS);
+        ck_assert_msg(r == 1 && f.opcode == WS_TEXT,
+                      "subscriber on hub %d: no message (%d), %d sentinels so far", s->hub, r,
+                      s->ends);
+        int p, q, n = 0;
+        ck_assert_msg(sscanf(f.data, "{\"op\":\"message\",\"channel\":\"ack\",\"data\":{\"p\":%d,"
+                                     "\"s\":%d}}%n", &p, &q, &n) == 2 &&
+                          (size_t)n == f.len && p >= 0 && p < 2,
+                      "subscriber on hub %d: unexpected %s", s->hub, f.data);
+        ck_assert_msg(s->last[p] != -2, "subscriber on hub %d: %s after the sentinel", s->hub,
+                      f.data);
+        if (q == -1) {
+            s->last[p] = -2;
+            s->ends++;
+        } else {
+            ck_assert_msg(q > s->last[p] && q < A_MAXN,
+                          "subscriber on hub %d: publisher %d seq %d after %d (out of order or "
+                          "twice)", s->hub, p, q, s->last[p]);
+            s->last[p] = q;
+            s->got[p][q] = 1;
+        }
+        ws_frame_free(&f);
+    }
+    return NULL;
+}
+
+static pthread_t a_tp[2], a_ts[A_NSUB];
+
+static void a_more_ok(int more);
+
+/* A Redis of its own in `r`, two hubs on it, healthy; subscribers
+ * subscribed; the streams running, 100 publishes answered 200 on each. */
+static void a_start(struct srv *r, struct hub *hub[2])
+{
+    srv_start(r, 0, NULL);
+    hub[0] = start_hub(r);
+    hub[1] = start_hub(r);
+    wait_healthz(hub[0], 200, HT_WAIT_MS);
+    wait_healthz(hub[1], 200, HT_WAIT_MS);
+    A.stop = 0;
+    A.pause[0] = A.pause[1] = 0;
+    for (int i = 0; i < A_NSUB; i++) {
+        memset(&as[i], 0, sizeof as[i]);
+        as[i].hub = i % 2;
+        as[i].c = ws_connect(hub[i % 2]->port);
+        ws_subscribe(as[i].c, "ack");
+        for (int p = 0; p < 2; p++) {
+            as[i].got[p] = calloc(A_MAXN, 1);
+            as[i].last[p] = -1;
+        }
+        ck_assert_int_eq(pthread_create(&a_ts[i], NULL, a_reader, &as[i]), 0);
+    }
+    for (int p = 0; p < 2; p++) {
+        memset(&ap[p], 0, sizeof ap[p]);
+        ap[p].hub = hub[p];
+        ap[p].p = p;
+        ap[p].st = calloc(A_MAXN, 1);
+        ck_assert_int_eq(pthread_create(&a_tp[p], NULL, a_publisher, &ap[p]), 0);
+    }
+    a_more_ok(100);
+}
+
+/* Every running publisher has had at least want[p] answers 200. */
+static int a_pred_ok(void *ud)
+{
+    const int *want = ud;
+    for (int p = 0; p < 2; p++)
+        if (!A.pause[p] && ap[p].nok < want[p] && ap[p].n < A_MAXN)
+            return 0;
+    return 1;
+}
+
+/* Waits (bounded) until every running publisher has `more` more 200s. */
+static void a_more_ok(int more)
+{
+    int want[2];
+    pthread_mutex_lock(&A.mu);
+    for (int p = 0; p < 2; p++)
+        want[p] = ap[p].nok + more;
+    pthread_mutex_unlock(&A.mu);
+    cv_wait(&A.mu, &A.cv, a_pred_ok, want, "more publishes answered 200");
+}
+
+static int a_pred_parked(void *ud)
+{
+    return ((struct apub *)ud)->parked;
+}
+
+/* Pauses (1) or resumes (0) publisher p; a pause returns once it is idle. */
+static void a_pause(int p, int on)
+{
+    pthread_mutex_lock(&A.mu);
+    A.pause[p] = on;
+    pthread_cond_broadcast(&A.cv);
+    pthread_mutex_unlock(&A.mu);
+    if (on)
+        cv_wait(&A.mu, &A.cv, a_pred_parked, &ap[p], "the publisher to pause");
+}
+
+/* Stops the streams, sends the sentinels, waits for the subscribers, checks
+ * acknowledged => delivered on the publisher's hub, stops and frees
+ * everything. */
+static void a_finish(struct srv *r, struct hub *hub[2], const char *what)
+{
+    pthread_mutex_lock(&A.mu);
+    A.stop = 1;
+    pthread_cond_broadcast(&A.cv);
+    pthread_mutex_unlock(&A.mu);
+    for (int p = 0; p < 2; p++)
+        ck_assert_int_eq(pthread_join(a_tp[p], NULL), 0);
+    wait_healthz(hub[0], 200, LONG_WAIT_MS);
+    wait_healthz(hub[1], 200, LONG_WAIT_MS);
+    for (int p = 0; p < 2; p++) {
+        char data[32];
+        snprintf(data, sizeof data, "{\"p\":%d,\"s\":-1}", p);
+        int st = 0;
+        for (int k = 0; k < 500 && (st = api_publish(hub[p], "ack", data, NULL)) != 200; k++)
+            sleep_ms(10);
+        ck_assert_msg(st == 200, "hub %d: sentinel answered %d", p, st);
+    }
+    for (int i = 0; i < A_NSUB; i++)
+        ck_assert_int_eq(pthread_join(a_ts[i], NULL), 0);
+
+    int missed_other = 0;
+    for (int i = 0; i < A_NSUB; i++) {
+        int h = as[i].hub;
+        for (int s = 0; s < ap[h].n; s++)
+            ck_assert_msg(ap[h].st[s] != 1 || as[i].got[h][s],
+                          "%s: subscriber %d on hub %d never got message %d that its hub "
+                          "answered 200 (%d answered 200, %d unavailable)", what, i, h, s,
+                          ap[h].nok, ap[h].nfail);
+        for (int s = 0; s < ap[1 - h].n; s++)
+            missed_other += ap[1 - h].st[s] == 1 && !as[i].got[1 - h][s];
+    }
+    printf("[measure] %s: hub 0 answered %d x 200 and %d x 503, hub 1 %d x 200 and %d x 503; "
+           "every 200 reached its hub's subscribers; %d deliveries of the other hub's 200s "
+           "missed\n", what, ap[0].nok, ap[0].nfail, ap[1].nok, ap[1].nfail, missed_other);
+    for (int i = 0; i < A_NSUB; i++) {
+        ws_free(as[i].c);
+        for (int p = 0; p < 2; p++)
+            free(as[i].got[p]);
+    }
+    for (int p = 0; p < 2; p++)
+        free(ap[p].st);
+    stop_hub(hub[0]);
+    stop_hub(hub[1]);
+    srv_stop(r);
+}
+
+START_TEST(ack_client_kill_pubsub_three_times)
+{
+    struct srv r = {0};
+    struct hub *hub[2];
+    a_start(&r, hub);
+    for (int k = 1; k <= 3; k++) {
+        redisReply *kr = srv_cmd(&r, "CLIENT KILL TYPE pubsub");
+        ck_assert_int_eq(kr->type, REDIS_REPLY_INTEGER);
+        ck_assert_int_eq(kr->integer, 2);
+        freeReplyObject(kr);
+        /* both hubs lost their link, their health went down (what
+         * /healthz answers: the server logs "broker down") and came back */
+        for (int h = 0; h < 2; h++) {
+            int64_t dl = ht_now_ms() + HT_WAIT_MS;
+            while (hub_log_count(hub[h], "broker down") < k && ht_now_ms() < dl)
+                sleep_ms(5);
+            ck_assert_int_ge(hub_log_count(hub[h], "(pubsub): connection lost"), k);
+            ck_assert_int_ge(hub_log_count(hub[h], "broker down"), k);
+            wait_healthz(hub[h], 200, HT_WAIT_MS);
+        }
+        a_more_ok(100);
+    }
+    a_finish(&r, hub, "CLIENT KILL TYPE pubsub x3");
+}
+END_TEST
+
+START_TEST(ack_redis_restarted_three_times)
+{
+    struct srv r = {0};
+    struct hub *hub[2];
+    a_start(&r, hub);
+    int port = r.port;
+    for (int k = 0; k < 3; k++) {
+        srv_kill(&r);
+        srv_start(&r, port, NULL);
+        wait_healthz(hub[0], 200, LONG_WAIT_MS);
+        wait_healthz(hub[1], 200, LONG_WAIT_MS);
+        a_more_ok(100);
+    }
+    a_finish(&r, hub, "Redis killed and restarted on its port x3");
+}
+END_TEST
+
+START_TEST(ack_redis_sigstop_5s)
+{
+    /* Default timeouts. Hub 1's publisher pauses during the stop: a hub
+     * without traffic must notice too. */
+    struct srv r = {0};
+    struct hub *hub[2];
+    a_start(&r, hub);
+    a_pause(1, 1);
+    /* The registry's heartbeat (every 10 s once it has worked, about 0.5 s
+     * after the start) is a Redis command too: stop Redis soon after it has
+     * worked, so that hub 1 sends nothing at all while Redis is stopped. */
+    for (int h = 0; h < 2; h++)
+        hub_metric_wait(hub[h], "luahub_registry_heartbeat_up", 1, HT_WAIT_MS);
+    kill(r.pid, SIGSTOP);
+    int64_t dl = ht_now_ms() + 2000;
+    while (proc_state(r.pid) != 'T' && ht_now_ms() < dl)
+        sleep_ms(1);
+    ck_assert_int_eq(proc_state(r.pid), 'T');
+    int64_t t_stop = ht_now_ms();
+    int64_t t_down[2] = {-1, -1};
+    while (ht_now_ms() - t_stop < 5000) {
+        for (int h = 0; h < 2; h++)
+            if (t_down[h] < 0 && healthz(hub[h], NULL) == 503)
+                t_down[h] = ht_now_ms() - t_stop;
+        sleep_ms(20);
+    }
+    for (int h = 0; h < 2; h++)
+        ck_assert_msg(t_down[h] >= 0, "hub %d: /healthz stayed 200 for the 5 s Redis was "
+                                      "stopped (%s)", h, h ? "no traffic" : "publishing");
+    ck_assert_int_eq(proc_state(r.pid), 'T');
+    kill(r.pid, SIGCONT);
+    int64_t t_cont = ht_now_ms();
+    wait_healthz(hub[0], 200, LONG_WAIT_MS);
+    wait_healthz(hub[1], 200, LONG_WAIT_MS);
+    int64_t t_up = ht_now_ms() - t_cont;
+    a_pause(1, 0);
+    a_more_ok(100);
+    printf("[measure] SIGSTOP 5 s, default timeouts: /healthz 503 after %lld ms (publishing "
+           "hub) and %lld ms (idle hub); both 200 %lld ms after SIGCONT\n",
+           (long long)t_down[0], (long long)t_down[1], (long long)t_up);
+    a_finish(&r, hub, "SIGSTOP 5 s");
 }
 END_TEST
 
@@ -1979,6 +2309,13 @@ static Suite *scaleout_suite(void)
     tcase_add_test(tc, client_kill_pubsub_resubscribes);
     tcase_add_test(tc, wrong_password_degraded_with_clear_log);
     tcase_add_test(tc, check_rejects_bad_broker_urls);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("ack");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, ack_client_kill_pubsub_three_times);
+    tcase_add_test(tc, ack_redis_restarted_three_times);
+    tcase_add_test(tc, ack_redis_sigstop_5s);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("scale");

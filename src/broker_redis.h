@@ -1,0 +1,234 @@
+/* Private to the Redis broker (broker_redis.c: connections and
+ * subscriptions; broker_redis_pub.c: publishing, what an OK means, probes,
+ * commands, metrics). The broker's state, shared by both files; see the top
+ * of broker_redis.c for how it works. Loop thread only. Not a contract. */
+#ifndef LUAHUB_BROKER_REDIS_H
+#define LUAHUB_BROKER_REDIS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include <hiredis/async.h>
+
+#include "broker_impl.h"
+#include "luahub/broker.h"
+#include "luahub/util.h"
+
+#define HUB_REDIS_BATCH 500             /* names per SUBSCRIBE / UNSUBSCRIBE */
+#define BACKOFF_MIN_MS 100u
+#define BACKOFF_MAX_MS 5000u
+#define PROBE_INTERVAL_MS 1000u         /* liveness probe when nothing is in flight */
+
+enum cstate {
+    C_IDLE,         /* no context; the timer is the retry timer */
+    C_RESOLVING,    /* uv_getaddrinfo in flight */
+    C_CONNECTING,   /* context created, TCP connect in progress */
+    C_HANDSHAKE,    /* connected; AUTH/SELECT/PING in flight */
+    C_SYNCING,      /* sub: re-subscribing the wanted channels */
+    C_UP,
+    C_STOPPED,
+};
+
+enum role { ROLE_CMD, ROLE_SUB };
+
+struct shard;
+struct rbroker;
+
+/* Something we wait an answer for on a connection, oldest first. On cmd:
+ * P_PUBLISH, P_COMMAND, P_PROBE (the hiredis privdata of the command); on
+ * sub: P_BATCH and P_ECHO (ours only: hiredis has no per-command callback
+ * for (UN)SUBSCRIBE and messages; everything comes to on_sub_reply). */
+enum { P_PUBLISH, P_BATCH, P_COMMAND, P_PROBE, P_ECHO };
+struct pending {
+    struct pending *prev, *next;
+    struct rconn *rc;
+    uint64_t deadline_ms;
+    int kind;
+    /* P_PUBLISH, P_COMMAND */
+    hub_broker_publish_cb cb;
+    hub_broker_reply_cb rcb;    /* P_COMMAND */
+    void *ud;
+    uint64_t t0_ns;
+    size_t bytes;
+    /* P_PUBLISH: `self` when the channel was subscribed and confirmed here
+     * at send time; `seq` the probe whose echo completes it (0: none, OK on
+     * the reply). P_PROBE: `seq` its number (0: a PING); P_ECHO: the number
+     * of the probe it waits for. `gen`: the shard's sub_gen at send time. */
+    int self;
+    uint64_t seq;
+    uint64_t gen;
+    /* P_BATCH */
+    unsigned left;      /* confirmations still expected */
+    int sync;           /* part of the re-subscribe after a connect */
+};
+
+struct rconn {
+    struct shard *sh;
+    int role;
+    int state;
+    redisAsyncContext *ac;
+    uv_timer_t timer;
+    uv_getaddrinfo_t gai;
+    int gai_active;             /* the request has not called back yet */
+    int gai_stale;              /* ... and we no longer want its answer */
+    unsigned backoff_ms;
+    unsigned failures;          /* consecutive failed attempts */
+    int ever_up;                /* reached UP once (for the reconnect count) */
+    int hs_n, hs_i;             /* handshake replies expected / received */
+    const char *hs_cmd[3];
+    struct pending *head, *tail;
+    unsigned npending;          /* cmd: PUBLISHes and commands awaiting a reply */
+    size_t pending_bytes;
+    unsigned sync_left;         /* sub: sync batches not yet confirmed */
+    uint64_t last_overload_log_ms;
+};
+
+struct waiter {
+    struct waiter *next;
+    hub_broker_subscribe_cb cb;
+    void *ud;
+    uint32_t target;            /* fires when subs_confirmed >= target */
+};
+
+struct rchan {
+    struct hub_bnode node;      /* first: a node pointer is the entry */
+    struct rchan *dnext;        /* dirty list / scratch list */
+    struct waiter *wh, *wt;
+    uint32_t subs_sent;         /* SUBSCRIBEs sent on the current sub context */
+    uint32_t subs_confirmed;
+    uint32_t outstanding;       /* (un)subscribe confirmations to come */
+    unsigned want : 1;
+    unsigned sent : 1;          /* the last command sent was SUBSCRIBE */
+    unsigned dirty : 1;
+    unsigned control : 1;       /* the control channel: messages go to control_fn */
+    unsigned probe : 1;         /* our probe channel: messages are probe echoes */
+    char name[];
+};
+
+struct shard {
+    struct rbroker *b;
+    struct hub_redis_url url;
+    char tag[300];              /* "redis HOST:PORT" for logs */
+    char label[280];            /* "HOST:PORT" for metric labels */
+    struct rconn cmd, sub;
+    struct hub_bset chans;
+    struct rchan *dirty_head, *dirty_tail;
+    int up;
+    /* acknowledged publishes (see the top of this file) */
+    uint64_t sub_gen;           /* +1 each time the sub connection is lost */
+    uint64_t probe_sent;        /* number of the last probe sent */
+    uint64_t probe_seen;        /* highest probe number echoed on sub */
+    int probe_due;              /* a publish of this iteration waits for a probe */
+    struct pending *ack_head, *ack_tail;    /* answered, waiting for their probe */
+    unsigned echoes;            /* P_ECHO records on sub */
+};
+
+/* Why a publish was refused or failed (luahub_broker_publish_refused_total). */
+enum { REF_DOWN, REF_PUBSUB_DOWN, REF_OVER_CAP, REF_NOT_RECEIVED, REF_N };
+
+/* Why an established connection was lost (luahub_broker_link_lost_total). */
+enum { LOST_CLOSED, LOST_TIMEOUT, LOST_NOT_SUBSCRIBED, LOST_N };
+
+#define RTT_BUCKETS 15
+
+struct rbroker {
+    struct hub_broker base;     /* first: the ops receive &base */
+    struct shard *shards;
+    uint32_t n;
+    char *prefix;
+    size_t plen;
+    uv_idle_t idle;
+    int idle_active;
+    uv_timer_t live;            /* liveness probes */
+    char probe[32];             /* "!probe:<16 hex digits>", after the prefix */
+    size_t probe_len;
+    int stopped;
+    int up;
+    unsigned open_handles;      /* timers + idle not yet closed, resolves in flight */
+    uint64_t rng;
+    struct hub_buf key;         /* scratch: prefix + channel */
+    /* scratch for one batch */
+    struct hub_buf names;
+    size_t name_off[HUB_REDIS_BATCH];
+    struct rchan *batch[HUB_REDIS_BATCH];
+    const char *argv[HUB_REDIS_BATCH + 1];
+    size_t argl[HUB_REDIS_BATCH + 1];
+    /* metrics */
+    uint64_t wanted;            /* channels with local subscribers */
+    uint64_t reconnects;
+    uint64_t publishes;         /* accepted by Redis */
+    uint64_t publish_errors;
+    uint64_t received;          /* messages from the subscriber connections */
+    uint64_t subscribe_cmds;    /* SUBSCRIBE / UNSUBSCRIBE commands sent */
+    uint64_t commands;          /* command(): answered by Redis */
+    uint64_t command_errors;    /* command(): refused, lost, timed out */
+    uint64_t refused[REF_N];
+    uint64_t lost[2][LOST_N];   /* [role] */
+    uint64_t probes;            /* probe PUBLISHes sent */
+    hub_broker_control_fn control_fn;
+    void *control_ud;
+    uint64_t rtt_count[RTT_BUCKETS + 1];
+    uint64_t rtt_sum_ns;
+    uint64_t rtt_n;
+};
+
+static inline uint64_t now_ms(void)
+{
+    return uv_hrtime() / 1000000u;
+}
+
+static inline struct shard *shard_of(struct rbroker *b, const char *channel, size_t len)
+{
+    return &b->shards[hub_broker_shard(channel, len, b->n)];
+}
+
+/* Both connections of the shard are up (sub: every wanted channel
+ * subscribed): what publishing to it needs. */
+static inline int links_up(const struct shard *sh)
+{
+    return sh->cmd.state == C_UP && sh->cmd.ac && sh->sub.state == C_UP && sh->sub.ac;
+}
+
+/* broker_redis.c */
+
+/* Appends `p` (owned by the list from now on) to the connection's list of
+ * what awaits an answer, oldest first; arms its deadline when it is the
+ * head. */
+void hub_rbroker_pending_push(struct rconn *rc, struct pending *p);
+/* Takes `p` off the list (the caller owns it again). */
+void hub_rbroker_pending_unlink(struct rconn *rc, struct pending *p);
+/* Gives up the connection (cause LOST_*): hiredis fails its pending
+ * callbacks, synchronously or right after the hiredis callback we are in;
+ * health and waiters are told; a retry is scheduled. May fire user
+ * callbacks. */
+void hub_rbroker_conn_drop(struct rconn *rc, const char *why, int level, int cause);
+/* Runs the uv_idle flush (dirty channels, due probes) in this loop
+ * iteration. */
+void hub_rbroker_schedule_flush(struct rbroker *b);
+
+/* broker_redis_pub.c */
+
+/* The ops of that file (see struct hub_broker_ops). */
+int hub_rbroker_publish(struct hub_broker *hb, const char *channel, size_t len,
+                        struct hub_msg *m, hub_broker_publish_cb cb, void *ud);
+int hub_rbroker_command(struct hub_broker *hb, int argc, const char **argv,
+                        const size_t *lens, hub_broker_reply_cb cb, void *ud);
+void hub_rbroker_metrics(const struct hub_broker *hb, struct hub_buf *out);
+/* Sends the next probe (PUBLISH on cmd, echo awaited on sub), or with
+ * `ping` a PING on cmd only. The connections it uses must be up. */
+void hub_rbroker_probe_send(struct shard *sh, int ping);
+/* The probe numbered by the decimal `s` came back on the current sub
+ * connection: completes the publishes that waited for it. Inside a hiredis
+ * callback of sub; fires user callbacks last. */
+void hub_rbroker_probe_echo(struct shard *sh, const char *s, size_t len);
+/* Detaches the publishes waiting for a probe numbered <= `seq` (all:
+ * UINT64_MAX), oldest first, linked by `next`; completes them with
+ * `status` (fires user callbacks; touches nothing of the broker after the
+ * first). */
+struct pending *hub_rbroker_acks_take(struct shard *sh, uint64_t seq);
+void hub_rbroker_acks_fire(struct rbroker *b, struct pending *p, int status);
+/* The liveness timer's callback (data: the broker). */
+void hub_rbroker_on_live(uv_timer_t *t);
+
+#endif

@@ -1,0 +1,582 @@
+/* The Redis broker, second half: publishing and what an OK means (probes,
+ * publishes waiting for their probe's echo, liveness), generic commands,
+ * metrics. The first half (connections, subscriptions, stop and free) is
+ * broker_redis.c, whose top comment explains both; what a publish OK
+ * promises is docs/internals.md, "Redis: what an acknowledged publish
+ * means". Loop thread only. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <hiredis/sds.h>
+
+#include "broker_redis.h"
+#include "luahub/log.h"
+#include "luahub/msg.h"
+
+static const char *const ref_name[REF_N] = {"down", "pubsub_down", "over_cap",
+                                             "not_received"};
+static const char *const lost_name[LOST_N] = {"closed", "timeout", "not_subscribed"};
+static const double rtt_le[RTT_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025,
+                                           0.005,  0.01,    0.025,  0.05,  0.1,
+                                           0.25,   0.5,     1,      2.5,   5};
+
+/* ------------------------------------------------------------------ */
+/* Publishes waiting for the echo of their probe                      */
+/* ------------------------------------------------------------------ */
+
+static void ack_append(struct shard *sh, struct pending *p)
+{
+    p->next = NULL;
+    p->prev = sh->ack_tail;
+    if (sh->ack_tail)
+        sh->ack_tail->next = p;
+    else
+        sh->ack_head = p;
+    sh->ack_tail = p;
+}
+
+/* Detaches the waiting publishes whose probe number is <= `seq` (all of
+ * them: UINT64_MAX) into a list linked by `next`, oldest first. They are
+ * in probe order: one cmd connection answers in order and probe numbers
+ * only grow. */
+struct pending *hub_rbroker_acks_take(struct shard *sh, uint64_t seq)
+{
+    struct pending *head = sh->ack_head, *last = NULL;
+    for (struct pending *p = head; p && p->seq <= seq; p = p->next)
+        last = p;
+    if (!last)
+        return NULL;
+    sh->ack_head = last->next;
+    if (sh->ack_head)
+        sh->ack_head->prev = NULL;
+    else
+        sh->ack_tail = NULL;
+    last->next = NULL;
+    return head;
+}
+
+/* Completes a list from hub_rbroker_acks_take. Touches nothing of the
+ * broker after the first callback (which may stop it). */
+void hub_rbroker_acks_fire(struct rbroker *b, struct pending *p, int status)
+{
+    for (struct pending *q = p; q; q = q->next) {
+        if (status == HUB_BROKER_OK) {
+            b->publishes++;
+        } else {
+            b->publish_errors++;
+            b->refused[REF_NOT_RECEIVED]++;
+        }
+    }
+    while (p) {
+        struct pending *next = p->next;
+        hub_broker_publish_cb cb = p->cb;
+        void *ud = p->ud;
+        free(p);
+        if (cb)
+            cb(ud, status, 0);
+        p = next;
+    }
+}
+
+/* The probe `s` (its number in decimal) came back on the current sub
+ * connection: every publish that waited for it, or for an earlier one, was
+ * received by this broker (docs/internals.md). Inside a hiredis callback
+ * of sub; fires publish callbacks last. */
+void hub_rbroker_probe_echo(struct shard *sh, const char *s, size_t len)
+{
+    uint64_t seq = 0;
+    for (size_t i = 0; i < len && i < 20 && s[i] >= '0' && s[i] <= '9'; i++)
+        seq = seq * 10 + (uint64_t)(s[i] - '0');
+    /* A smaller number is a probe from before a reconnect, executed late:
+     * nothing waits for it any more (numbers only grow). */
+    if (seq <= sh->probe_seen)
+        return;
+    sh->probe_seen = seq;
+    struct rconn *rc = &sh->sub;
+    for (struct pending *p = rc->head, *next; p; p = next) {
+        next = p->next;
+        if (p->kind != P_ECHO)
+            continue;
+        if (p->seq > seq)
+            break;
+        hub_rbroker_pending_unlink(rc, p);
+        free(p);
+        sh->echoes--;
+    }
+    hub_rbroker_acks_fire(sh->b, hub_rbroker_acks_take(sh, seq), HUB_BROKER_OK);
+}
+
+/* ------------------------------------------------------------------ */
+/* Publishing                                                         */
+/* ------------------------------------------------------------------ */
+
+static void rtt_observe(struct rbroker *b, uint64_t ns)
+{
+    double s = (double)ns / 1e9;
+    int i = 0;
+    while (i < RTT_BUCKETS && s > rtt_le[i])
+        i++;
+    b->rtt_count[i]++;
+    b->rtt_sum_ns += ns;
+    b->rtt_n++;
+}
+
+/* A reply (or NULL: the connection went away) for a pending PUBLISH or
+ * command: takes it off its connection's books. The caller frees it. */
+static struct pending *pending_finish(void *privdata)
+{
+    struct pending *p = privdata;
+    struct rconn *rc = p->rc;
+    hub_rbroker_pending_unlink(rc, p);
+    rc->npending--;
+    rc->pending_bytes -= p->bytes;
+    return p;
+}
+
+/* Rate-limited (once a second per connection) warning. */
+static void warn_limited(struct rconn *rc, const char *what, const char *err)
+{
+    uint64_t now = now_ms();
+    if (now - rc->last_overload_log_ms >= 1000) {
+        rc->last_overload_log_ms = now;
+        hub_log(HUB_LOG_WARN, "%s: %s failed: %s", rc->sh->tag, what, err);
+    }
+}
+
+/* The sub connection that was up when `gen` was current is still ours and
+ * up: a PUBLISH answered 0 means Redis no longer has it subscribed. */
+static int sub_believed_up(const struct shard *sh, uint64_t gen)
+{
+    return gen == sh->sub_gen && sh->sub.ac && sh->sub.state == C_UP;
+}
+
+static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    (void)ac;
+    struct pending *p = pending_finish(privdata);
+    struct rconn *rc = p->rc;
+    struct shard *sh = rc->sh;
+    struct rbroker *b = sh->b;
+    redisReply *r = reply;
+    int status = HUB_BROKER_UNAVAILABLE, gone = 0;
+    if (r && r->type != REDIS_REPLY_ERROR) {
+        rtt_observe(b, hub_now_ns() - p->t0_ns);
+        if (p->self && (r->type != REDIS_REPLY_INTEGER || r->integer < 1)) {
+            /* Nobody received it, not even our own subscription: the sub
+             * connection is gone although its socket has not said so. */
+            b->refused[REF_NOT_RECEIVED]++;
+            gone = sub_believed_up(sh, p->gen);
+        } else if (p->seq && (p->gen != sh->sub_gen || p->seq > sh->probe_sent)) {
+            /* The sub connection was lost since (or the probe never went
+             * out): our copy may not have come back. */
+            b->refused[REF_NOT_RECEIVED]++;
+        } else if (p->seq && sh->probe_seen < p->seq) {
+            ack_append(sh, p);      /* completed by the echo or by conn_fail */
+            return;
+        } else {
+            status = HUB_BROKER_OK;
+        }
+    } else if (r) {
+        warn_limited(rc, "PUBLISH", r->str);
+    }
+    if (status == HUB_BROKER_OK)
+        b->publishes++;
+    else
+        b->publish_errors++;
+    hub_broker_publish_cb cb = p->cb;
+    void *ud = p->ud;
+    free(p);
+    if (gone)
+        hub_rbroker_conn_drop(&sh->sub,
+                              "a PUBLISH to a channel it has subscribed reached no subscriber",
+                              HUB_LOG_WARN, LOST_NOT_SUBSCRIBED);
+    if (cb)
+        cb(ud, status, 0);
+}
+
+/* Bounded: what waits for Redis (replies, and bytes hiredis could not
+ * write yet) has a cap; past it we fail fast rather than queue. Returns 1
+ * (and logs, at most once a second) when `bytes` more would pass it. */
+static int over_cap(struct shard *sh, struct rconn *rc, size_t bytes)
+{
+    size_t obuf = rc->ac->c.obuf ? sdslen((sds)rc->ac->c.obuf) : 0;
+    if (rc->npending < sh->url.max_pending &&
+        rc->pending_bytes + bytes <= sh->url.max_pending_bytes &&
+        obuf + bytes <= sh->url.max_pending_bytes)
+        return 0;
+    uint64_t now = now_ms();
+    if (now - rc->last_overload_log_ms >= 1000) {
+        rc->last_overload_log_ms = now;
+        hub_log(HUB_LOG_WARN,
+                "%s: %u PUBLISHes and commands (%zu bytes) await Redis, over the cap: "
+                "failing fast",
+                sh->tag, rc->npending, rc->pending_bytes);
+    }
+    return 1;
+}
+
+static int refuse(struct rbroker *b, int reason)
+{
+    b->publish_errors++;
+    b->refused[reason]++;
+    return HUB_BROKER_UNAVAILABLE;
+}
+
+int hub_rbroker_publish(struct hub_broker *hb, const char *channel, size_t len,
+                        struct hub_msg *m, hub_broker_publish_cb cb, void *ud)
+{
+    struct rbroker *b = (struct rbroker *)hb;
+    if (b->stopped)
+        return refuse(b, REF_DOWN);
+    struct shard *sh = shard_of(b, channel, len);
+    struct rconn *rc = &sh->cmd;
+    if (rc->state != C_UP || !rc->ac)
+        return refuse(b, REF_DOWN);
+    /* Not subscribed (lost, or re-subscribing): our subscribers would miss
+     * it, and so would, likely, every hub that lost Redis with us. */
+    if (sh->sub.state != C_UP || !sh->sub.ac)
+        return refuse(b, REF_PUBSUB_DOWN);
+    size_t bytes = (size_t)m->payload_len + b->plen + len;
+    if (over_cap(sh, rc, bytes))
+        return refuse(b, REF_OVER_CAP);
+
+    hub_buf_reset(&b->key);
+    hub_buf_append(&b->key, b->prefix, b->plen);
+    hub_buf_append(&b->key, channel, len);
+    const char *argv[3] = {"PUBLISH", b->key.p, (const char *)hub_msg_payload(m)};
+    size_t argl[3] = {7, b->key.len, m->payload_len};
+
+    uint64_t h = hub_broker_hash64(channel, len);
+    struct rchan *c = (struct rchan *)hub_bset_find(&sh->chans, channel, len, h);
+    struct pending *p = hub_xcalloc(1, sizeof(*p));
+    p->kind = P_PUBLISH;
+    p->cb = cb;
+    p->ud = ud;
+    p->bytes = bytes;
+    p->t0_ns = hub_now_ns();
+    p->deadline_ms = p->t0_ns / 1000000u + sh->url.command_timeout_ms;
+    p->gen = sh->sub_gen;
+    /* Local subscribers with a confirmed subscription: our own copy must
+     * come back before this is OK (the probe of this iteration proves it). */
+    p->self = c && c->want && c->sent && c->subs_confirmed >= c->subs_sent;
+    if (p->self && cb)
+        p->seq = sh->probe_sent + 1;
+    if (redisAsyncCommandArgv(rc->ac, on_publish_reply, p, 3, argv, argl) != REDIS_OK) {
+        free(p);
+        return refuse(b, REF_DOWN);
+    }
+    rc->npending++;
+    rc->pending_bytes += bytes;
+    hub_rbroker_pending_push(rc, p);
+    if (p->seq && !sh->probe_due) {
+        sh->probe_due = 1;
+        hub_rbroker_schedule_flush(b);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Probes                                                             */
+/* ------------------------------------------------------------------ */
+
+static void on_probe_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    (void)ac;
+    struct pending *p = privdata;
+    struct rconn *rc = p->rc;
+    struct shard *sh = rc->sh;
+    redisReply *r = reply;
+    int gone = 0;
+    hub_rbroker_pending_unlink(rc, p);
+    if (r && p->seq) {
+        if (r->type == REDIS_REPLY_ERROR)
+            warn_limited(rc, "probe PUBLISH", r->str);
+        else if (r->type == REDIS_REPLY_INTEGER && r->integer < 1)
+            gone = sub_believed_up(sh, p->gen);
+    }
+    free(p);
+    if (gone)
+        hub_rbroker_conn_drop(&sh->sub, "the probe PUBLISH reached no subscriber",
+                              HUB_LOG_WARN, LOST_NOT_SUBSCRIBED);
+}
+
+/* Sends probe number probe_sent + 1 (PUBLISH on cmd, its echo awaited on
+ * sub, both under command_timeout_ms), or with `ping` a PING on cmd only.
+ * Both connections (cmd only for a PING) must be up. */
+void hub_rbroker_probe_send(struct shard *sh, int ping)
+{
+    struct rbroker *b = sh->b;
+    struct rconn *cmd = &sh->cmd;
+    struct pending *p = hub_xcalloc(1, sizeof(*p));
+    p->kind = P_PROBE;
+    p->gen = sh->sub_gen;
+    p->deadline_ms = now_ms() + sh->url.command_timeout_ms;
+    int rv;
+    if (ping) {
+        rv = redisAsyncCommand(cmd->ac, on_probe_reply, p, "PING");
+    } else {
+        char num[24];
+        p->seq = sh->probe_sent + 1;
+        int nl = snprintf(num, sizeof(num), "%llu", (unsigned long long)p->seq);
+        hub_buf_reset(&b->key);
+        hub_buf_append(&b->key, b->prefix, b->plen);
+        hub_buf_append(&b->key, b->probe, b->probe_len);
+        const char *argv[3] = {"PUBLISH", b->key.p, num};
+        size_t argl[3] = {7, b->key.len, (size_t)nl};
+        rv = redisAsyncCommandArgv(cmd->ac, on_probe_reply, p, 3, argv, argl);
+    }
+    if (rv != REDIS_OK) {
+        free(p);                /* the context is going away */
+        return;
+    }
+    hub_rbroker_pending_push(cmd, p);
+    if (ping)
+        return;
+    sh->probe_sent = p->seq;
+    b->probes++;
+    struct pending *e = hub_xcalloc(1, sizeof(*e));
+    e->kind = P_ECHO;
+    e->seq = p->seq;
+    e->deadline_ms = p->deadline_ms;
+    hub_rbroker_pending_push(&sh->sub, e);
+    sh->echoes++;
+}
+
+/* Every PROBE_INTERVAL_MS: a Redis that stopped answering (SIGSTOP, a
+ * network partition) is noticed even without traffic, within the interval
+ * plus command_timeout_ms. One probe in flight per shard at most; when sub
+ * is down, a PING keeps watching cmd. */
+void hub_rbroker_on_live(uv_timer_t *t)
+{
+    struct rbroker *b = t->data;
+    for (uint32_t i = 0; i < b->n && !b->stopped; i++) {
+        struct shard *sh = &b->shards[i];
+        if (links_up(sh)) {
+            if (sh->echoes == 0)
+                hub_rbroker_probe_send(sh, 0);
+        } else if (sh->cmd.state == C_UP && sh->cmd.ac && !sh->cmd.head) {
+            hub_rbroker_probe_send(sh, 1);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Generic commands (registry; later history and presence)            */
+/* ------------------------------------------------------------------ */
+
+/* Copies a hiredis reply into `out` (nested arrays get their own
+ * allocations; free with reply_free). */
+static void reply_conv(const redisReply *r, struct hub_broker_reply *out)
+{
+    memset(out, 0, sizeof(*out));
+    switch (r->type) {
+    case REDIS_REPLY_INTEGER:
+        out->type = HUB_REPLY_INTEGER;
+        out->integer = r->integer;
+        break;
+    case REDIS_REPLY_STRING:
+    case REDIS_REPLY_STATUS:
+    case REDIS_REPLY_ERROR:
+        out->type = r->type == REDIS_REPLY_STRING   ? HUB_REPLY_STRING
+                    : r->type == REDIS_REPLY_STATUS ? HUB_REPLY_STATUS
+                                                    : HUB_REPLY_ERROR;
+        out->str = r->str;      /* lives as long as the hiredis reply */
+        out->len = r->len;
+        break;
+    case REDIS_REPLY_ARRAY: {
+        out->type = HUB_REPLY_ARRAY;
+        out->n = r->elements;
+        if (r->elements) {
+            struct hub_broker_reply *e = hub_xcalloc(r->elements, sizeof(*e));
+            for (size_t i = 0; i < r->elements; i++)
+                reply_conv(r->element[i], &e[i]);
+            out->elem = e;
+        }
+        break;
+    }
+    default:
+        out->type = HUB_REPLY_NIL;
+        break;
+    }
+}
+
+static void reply_free(struct hub_broker_reply *r)
+{
+    if (r->type != HUB_REPLY_ARRAY || !r->elem)
+        return;
+    struct hub_broker_reply *e = (struct hub_broker_reply *)r->elem;
+    for (size_t i = 0; i < r->n; i++)
+        reply_free(&e[i]);
+    free(e);
+}
+
+static void on_command_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    (void)ac;
+    struct pending *p = pending_finish(privdata);
+    struct rbroker *b = p->rc->sh->b;
+    redisReply *r = reply;
+    hub_broker_reply_cb cb = p->rcb;
+    void *ud = p->ud;
+    free(p);
+    if (!r) {
+        b->command_errors++;
+        if (cb)
+            cb(ud, HUB_BROKER_UNAVAILABLE, NULL);
+        return;
+    }
+    b->commands++;
+    if (!cb)
+        return;
+    struct hub_broker_reply out;
+    reply_conv(r, &out);
+    cb(ud, HUB_BROKER_OK, &out);
+    reply_free(&out);
+}
+
+int hub_rbroker_command(struct hub_broker *hb, int argc, const char **argv,
+                        const size_t *lens, hub_broker_reply_cb cb, void *ud)
+{
+    struct rbroker *b = (struct rbroker *)hb;
+    if (b->stopped || argc < 1) {
+        b->command_errors++;
+        return HUB_BROKER_UNAVAILABLE;
+    }
+    struct shard *sh = &b->shards[0];
+    struct rconn *rc = &sh->cmd;
+    if (rc->state != C_UP || !rc->ac) {
+        b->command_errors++;
+        return HUB_BROKER_UNAVAILABLE;
+    }
+    size_t bytes = 0;
+    for (int i = 0; i < argc; i++)
+        bytes += lens[i] + 16;          /* + RESP framing */
+    if (over_cap(sh, rc, bytes)) {
+        b->command_errors++;
+        return HUB_BROKER_UNAVAILABLE;
+    }
+    struct pending *p = hub_xcalloc(1, sizeof(*p));
+    p->kind = P_COMMAND;
+    p->rcb = cb;
+    p->ud = ud;
+    p->bytes = bytes;
+    p->t0_ns = hub_now_ns();
+    p->deadline_ms = p->t0_ns / 1000000u + sh->url.command_timeout_ms;
+    if (redisAsyncCommandArgv(rc->ac, on_command_reply, p, argc, argv, lens) != REDIS_OK) {
+        free(p);
+        b->command_errors++;
+        return HUB_BROKER_UNAVAILABLE;
+    }
+    rc->npending++;
+    rc->pending_bytes += bytes;
+    hub_rbroker_pending_push(rc, p);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Metrics                                                            */
+/* ------------------------------------------------------------------ */
+
+void hub_rbroker_metrics(const struct hub_broker *hb, struct hub_buf *out)
+{
+    const struct rbroker *b = (const struct rbroker *)hb;
+    unsigned pending = 0;
+    hub_buf_printf(out,
+                   "# HELP luahub_broker_up 1 when every Redis server is connected and "
+                   "subscribed.\n"
+                   "# TYPE luahub_broker_up gauge\n"
+                   "luahub_broker_up %d\n"
+                   "# HELP luahub_broker_server_up 1 when both connections to this Redis "
+                   "server are ready.\n"
+                   "# TYPE luahub_broker_server_up gauge\n",
+                   !b->stopped && b->up);
+    for (uint32_t i = 0; i < b->n; i++) {
+        const struct shard *sh = &b->shards[i];
+        hub_buf_printf(out, "luahub_broker_server_up{server=\"%s\"} %d\n", sh->label,
+                       !b->stopped && sh->up);
+        pending += sh->cmd.npending;
+    }
+    hub_buf_printf(out,
+                   "# HELP luahub_broker_publish_refused_total Publishes answered unavailable "
+                   "by this hub's rules: down (command connection not ready), pubsub_down "
+                   "(subscriber connection not subscribed), over_cap, not_received (Redis "
+                   "took it but this hub's own subscription did not get it back).\n"
+                   "# TYPE luahub_broker_publish_refused_total counter\n");
+    for (int i = 0; i < REF_N; i++)
+        hub_buf_printf(out, "luahub_broker_publish_refused_total{reason=\"%s\"} %llu\n",
+                       ref_name[i], (unsigned long long)b->refused[i]);
+    hub_buf_printf(out,
+                   "# HELP luahub_broker_link_lost_total Established Redis connections lost: "
+                   "closed (by Redis or the network), timeout (a command, subscription or "
+                   "probe not answered in time), not_subscribed (a PUBLISH or probe reached "
+                   "no subscriber while this hub was subscribed).\n"
+                   "# TYPE luahub_broker_link_lost_total counter\n");
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < LOST_N; i++)
+            hub_buf_printf(out, "luahub_broker_link_lost_total{link=\"%s\",cause=\"%s\"} %llu\n",
+                           k == ROLE_CMD ? "cmd" : "pubsub", lost_name[i],
+                           (unsigned long long)b->lost[k][i]);
+    hub_buf_printf(out,
+                   "# HELP luahub_broker_probes_total Probe PUBLISHes sent (acknowledgement "
+                   "and liveness).\n"
+                   "# TYPE luahub_broker_probes_total counter\n"
+                   "luahub_broker_probes_total %llu\n",
+                   (unsigned long long)b->probes);
+    hub_buf_printf(out,
+                   "# HELP luahub_broker_reconnects_total Redis connections re-established "
+                   "after a loss.\n"
+                   "# TYPE luahub_broker_reconnects_total counter\n"
+                   "luahub_broker_reconnects_total %llu\n"
+                   "# HELP luahub_broker_publishes_total PUBLISHes accepted by Redis.\n"
+                   "# TYPE luahub_broker_publishes_total counter\n"
+                   "luahub_broker_publishes_total %llu\n"
+                   "# HELP luahub_broker_publish_errors_total Publishes that failed "
+                   "(unavailable, over the cap, timed out, Redis error).\n"
+                   "# TYPE luahub_broker_publish_errors_total counter\n"
+                   "luahub_broker_publish_errors_total %llu\n"
+                   "# HELP luahub_broker_pending_publishes PUBLISHes (and registry commands) "
+                   "awaiting a reply.\n"
+                   "# TYPE luahub_broker_pending_publishes gauge\n"
+                   "luahub_broker_pending_publishes %u\n"
+                   "# HELP luahub_broker_channels Channels subscribed through the broker.\n"
+                   "# TYPE luahub_broker_channels gauge\n"
+                   "luahub_broker_channels %llu\n"
+                   "# HELP luahub_broker_received_total Messages received from Redis.\n"
+                   "# TYPE luahub_broker_received_total counter\n"
+                   "luahub_broker_received_total %llu\n"
+                   "# HELP luahub_broker_subscribe_commands_total SUBSCRIBE and UNSUBSCRIBE "
+                   "commands sent (each carries up to 500 channels).\n"
+                   "# TYPE luahub_broker_subscribe_commands_total counter\n"
+                   "luahub_broker_subscribe_commands_total %llu\n"
+                   "# HELP luahub_broker_commands_total Other commands (registry) answered by "
+                   "Redis.\n"
+                   "# TYPE luahub_broker_commands_total counter\n"
+                   "luahub_broker_commands_total %llu\n"
+                   "# HELP luahub_broker_command_errors_total Other commands that failed "
+                   "(unavailable, over the cap, timed out).\n"
+                   "# TYPE luahub_broker_command_errors_total counter\n"
+                   "luahub_broker_command_errors_total %llu\n"
+                   "# HELP luahub_broker_redis_rtt_seconds PUBLISH round trip (queued to "
+                   "reply).\n"
+                   "# TYPE luahub_broker_redis_rtt_seconds histogram\n",
+                   (unsigned long long)b->reconnects, (unsigned long long)b->publishes,
+                   (unsigned long long)b->publish_errors, pending,
+                   (unsigned long long)b->wanted, (unsigned long long)b->received,
+                   (unsigned long long)b->subscribe_cmds, (unsigned long long)b->commands,
+                   (unsigned long long)b->command_errors);
+    uint64_t cum = 0;
+    for (int i = 0; i < RTT_BUCKETS; i++) {
+        cum += b->rtt_count[i];
+        hub_buf_printf(out, "luahub_broker_redis_rtt_seconds_bucket{le=\"%g\"} %llu\n",
+                       rtt_le[i], (unsigned long long)cum);
+    }
+    hub_buf_printf(out,
+                   "luahub_broker_redis_rtt_seconds_bucket{le=\"+Inf\"} %llu\n"
+                   "luahub_broker_redis_rtt_seconds_sum %.9f\n"
+                   "luahub_broker_redis_rtt_seconds_count %llu\n",
+                   (unsigned long long)b->rtt_n, (double)b->rtt_sum_ns / 1e9,
+                   (unsigned long long)b->rtt_n);
+}
