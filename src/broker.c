@@ -1,5 +1,5 @@
-/* The broker front: URL parsing, the choice of implementation, the shard
- * function, and the small hash set both implementations use. */
+/* The broker front: URL parsing, the choice of implementation and the shard
+ * function. */
 #include "luahub/broker.h"
 
 #include <ctype.h>
@@ -11,36 +11,20 @@
 #include <string.h>
 
 #include "broker_impl.h"
+#include "luahub/hash.h"
 #include "luahub/util.h"
 
 /* ------------------------------------------------------------------ */
 /* Hashing and sharding                                                */
 /* ------------------------------------------------------------------ */
 
-uint64_t hub_broker_hash64(const char *p, size_t len)
-{
-    uint64_t h = 0xcbf29ce484222325ull;            /* FNV-1a 64 */
-    for (size_t i = 0; i < len; i++) {
-        h ^= (unsigned char)p[i];
-        h *= 0x100000001b3ull;
-    }
-    /* FNV's low bits mix poorly; jump hash consumes all 64 bits through
-     * its LCG, but the finaliser makes short names spread well too. */
-    h ^= h >> 33;
-    h *= 0xff51afd7ed558ccdull;
-    h ^= h >> 33;
-    h *= 0xc4ceb9fe1a85ec53ull;
-    h ^= h >> 33;
-    return h;
-}
-
 /* Jump consistent hash, Lamping & Veach 2014 ("A Fast, Minimal Memory,
- * Consistent Hash Algorithm"), on hub_broker_hash64 of the name. */
+ * Consistent Hash Algorithm"), on hub_hash64 of the name. */
 uint32_t hub_broker_shard(const char *channel, size_t len, uint32_t n)
 {
     if (n <= 1)
         return 0;
-    uint64_t key = hub_broker_hash64(channel, len);
+    uint64_t key = hub_hash64(channel, len);
     int64_t b = -1, j = 0;
     while (j < (int64_t)n) {
         b = j;
@@ -48,71 +32,6 @@ uint32_t hub_broker_shard(const char *channel, size_t len, uint32_t n)
         j = (int64_t)((double)(b + 1) * ((double)(1ll << 31) / (double)((key >> 33) + 1)));
     }
     return (uint32_t)b;
-}
-
-/* ------------------------------------------------------------------ */
-/* Intrusive hash set                                                  */
-/* ------------------------------------------------------------------ */
-
-struct hub_bnode *hub_bset_find(const struct hub_bset *s, const char *name, size_t len,
-                                uint64_t hash)
-{
-    if (s->nb == 0)
-        return NULL;
-    for (struct hub_bnode *n = s->b[hash & (s->nb - 1)]; n; n = n->next)
-        if (n->hash == hash && n->len == len && memcmp(n->name, name, len) == 0)
-            return n;
-    return NULL;
-}
-
-static void bset_resize(struct hub_bset *s, size_t nb)
-{
-    struct hub_bnode **b = hub_xcalloc(nb, sizeof(*b));
-    for (size_t i = 0; i < s->nb; i++) {
-        struct hub_bnode *n = s->b[i], *next;
-        for (; n; n = next) {
-            next = n->next;
-            size_t k = n->hash & (nb - 1);
-            n->next = b[k];
-            b[k] = n;
-        }
-    }
-    free(s->b);
-    s->b = b;
-    s->nb = nb;
-}
-
-void hub_bset_insert(struct hub_bset *s, struct hub_bnode *node)
-{
-    if (s->n + 1 > s->nb)
-        bset_resize(s, s->nb ? s->nb * 2 : 16);
-    size_t k = node->hash & (s->nb - 1);
-    node->next = s->b[k];
-    s->b[k] = node;
-    s->n++;
-}
-
-void hub_bset_remove(struct hub_bset *s, struct hub_bnode *node)
-{
-    struct hub_bnode **pp = &s->b[node->hash & (s->nb - 1)];
-    while (*pp && *pp != node)
-        pp = &(*pp)->next;
-    if (*pp) {
-        *pp = node->next;
-        s->n--;
-    }
-    /* Shrink when mostly empty so 10,000 channels that came and went do
-     * not pin their bucket array. */
-    if (s->nb > 64 && s->n < s->nb / 8)
-        bset_resize(s, s->nb / 4);
-}
-
-void hub_bset_free(struct hub_bset *s)
-{
-    free(s->b);
-    s->b = NULL;
-    s->nb = 0;
-    s->n = 0;
 }
 
 /* ------------------------------------------------------------------ */

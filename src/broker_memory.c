@@ -1,24 +1,18 @@
 /* The in-process broker: one process, no upstream. publish() hands the very
- * frame it was given to `deliver` (no copy) when the channel is subscribed,
- * then completes. It keeps the set of subscribed channels only so that both
- * implementations honour the same contract (deliver is called for subscribed
- * channels only); that is one hash lookup per publish. */
+ * frame it was given to `deliver` (no copy), then completes. It keeps no
+ * copy of the channel registry: the hub finds (or does not find) the
+ * channel's subscribers itself. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "broker_impl.h"
+#include "luahub/metrics.h"
 #include "luahub/util.h"
-
-struct mchan {
-    struct hub_bnode node;
-    char name[];
-};
+#include "registry_impl.h"
 
 struct mbroker {
     struct hub_broker base;     /* first: the ops receive &base */
-    struct hub_bset chans;
     int stopped;
-    uint64_t published;
 };
 
 static int m_publish(struct hub_broker *hb, const char *channel, size_t len, struct hub_msg *m,
@@ -26,14 +20,10 @@ static int m_publish(struct hub_broker *hb, const char *channel, size_t len, str
 {
     struct mbroker *b = (struct mbroker *)hb;
     if (b->stopped)
-        return HUB_BROKER_UNAVAILABLE;
-    b->published++;
-    /* The set may change inside deliver (a cull unsubscribes): nothing of
-     * it is used afterwards. */
-    if (hub_bset_find(&b->chans, channel, len, hub_broker_hash64(channel, len)))
-        hb->deliver(hb->ud, channel, len, m);
+        return HUB_EUNAVAILABLE;
+    hb->deliver(hb->ud, channel, len, m);
     if (cb)
-        cb(ud, HUB_BROKER_OK, 0);
+        cb(ud, HUB_OK, 0);
     return 0;
 }
 
@@ -41,33 +31,17 @@ static void m_subscribe(struct hub_broker *hb, const char *channel, size_t len,
                         hub_broker_subscribe_cb cb, void *ud)
 {
     struct mbroker *b = (struct mbroker *)hb;
-    if (b->stopped) {
-        if (cb)
-            cb(ud, HUB_BROKER_UNAVAILABLE);
-        return;
-    }
-    uint64_t h = hub_broker_hash64(channel, len);
-    if (!hub_bset_find(&b->chans, channel, len, h)) {
-        struct mchan *c = hub_xmalloc(sizeof(*c) + len + 1);
-        memcpy(c->name, channel, len);
-        c->name[len] = '\0';
-        c->node.hash = h;
-        c->node.name = c->name;
-        c->node.len = len;
-        hub_bset_insert(&b->chans, &c->node);
-    }
+    (void)channel;
+    (void)len;
     if (cb)
-        cb(ud, HUB_BROKER_OK);
+        cb(ud, b->stopped ? HUB_EUNAVAILABLE : HUB_OK);
 }
 
 static void m_unsubscribe(struct hub_broker *hb, const char *channel, size_t len)
 {
-    struct mbroker *b = (struct mbroker *)hb;
-    struct hub_bnode *n = hub_bset_find(&b->chans, channel, len, hub_broker_hash64(channel, len));
-    if (n) {
-        hub_bset_remove(&b->chans, n);
-        free(n); /* node is the first member of struct mchan */
-    }
+    (void)hb;
+    (void)channel;
+    (void)len;
 }
 
 static int m_up(const struct hub_broker *hb)
@@ -78,16 +52,9 @@ static int m_up(const struct hub_broker *hb)
 
 static void m_metrics(const struct hub_broker *hb, struct hub_buf *out)
 {
-    const struct mbroker *b = (const struct mbroker *)hb;
-    hub_buf_appends(out,
-                    "# HELP luahub_broker_up 1 when the broker is connected (memory: always).\n"
-                    "# TYPE luahub_broker_up gauge\n"
-                    "luahub_broker_up 1\n");
-    hub_buf_printf(out,
-                   "# HELP luahub_broker_channels Channels subscribed through the broker.\n"
-                   "# TYPE luahub_broker_channels gauge\n"
-                   "luahub_broker_channels %zu\n",
-                   b->chans.n);
+    (void)hb;
+    hub_metric_one(out, "luahub_broker_up", "gauge",
+                   "1 when the broker is connected (memory: always).", 1);
 }
 
 static void m_stop(struct hub_broker *hb)
@@ -97,18 +64,13 @@ static void m_stop(struct hub_broker *hb)
 
 static void m_free(struct hub_broker *hb)
 {
-    struct mbroker *b = (struct mbroker *)hb;
-    if (!b)
-        return;
-    for (size_t i = 0; i < b->chans.nb; i++) {
-        struct hub_bnode *n = b->chans.b[i], *next;
-        for (; n; n = next) {
-            next = n->next;
-            free(n);
-        }
-    }
-    hub_bset_free(&b->chans);
-    free(b);
+    free(hb);
+}
+
+static struct hub_registry *m_registry_new(struct hub_broker *hb,
+                                           const struct hub_registry_options *o)
+{
+    return hub_registry_local_new(hb->loop, o);
 }
 
 static const struct hub_broker_ops memory_ops = {
@@ -121,10 +83,7 @@ static const struct hub_broker_ops memory_ops = {
     .metrics = m_metrics,
     .stop = m_stop,
     .free = m_free,
-    /* One process, no shared store: no command(), no control channel (the
-     * registry works locally; see registry.h). */
-    .command = NULL,
-    .control = NULL,
+    .registry_new = m_registry_new,
 };
 
 struct hub_broker *hub_broker_memory_new(uv_loop_t *loop, hub_broker_deliver_fn deliver,

@@ -70,6 +70,7 @@
 #include <hiredis/sds.h>
 
 #include "broker_redis.h"
+#include "registry_impl.h"
 #include "luahub/log.h"
 #include "luahub/msg.h"
 #include "luahub/util.h"
@@ -152,10 +153,17 @@ static void health_update(struct rbroker *b)
 /* Channel table                                                       */
 /* ------------------------------------------------------------------ */
 
-static struct rchan *chan_find(struct shard *sh, const char *name, size_t len, uint64_t h)
+struct rchan *hub_rbroker_chan_find(struct shard *sh, const char *name, size_t len, uint64_t h)
 {
-    return (struct rchan *)hub_bset_find(&sh->chans, name, len, h);
+    for (struct hub_hnode *n = hub_htable_chain(&sh->chans, h); n; n = n->next) {
+        struct rchan *c = hub_container_of(n, struct rchan, node);
+        if (n->hash == h && c->len == len && !memcmp(c->name, name, len))
+            return c;
+    }
+    return NULL;
 }
+
+#define chan_find hub_rbroker_chan_find
 
 static struct rchan *chan_get(struct shard *sh, const char *name, size_t len, uint64_t h)
 {
@@ -166,15 +174,14 @@ static struct rchan *chan_get(struct shard *sh, const char *name, size_t len, ui
     memcpy(c->name, name, len);
     c->name[len] = '\0';
     c->node.hash = h;
-    c->node.name = c->name;
-    c->node.len = len;
-    hub_bset_insert(&sh->chans, &c->node);
+    c->len = len;
+    hub_htable_insert(&sh->chans, &c->node);
     return c;
 }
 
 static void chan_free(struct shard *sh, struct rchan *c)
 {
-    hub_bset_remove(&sh->chans, &c->node);
+    hub_htable_remove(&sh->chans, &c->node);
     free(c);
 }
 
@@ -206,8 +213,8 @@ static void chans_reset(struct shard *sh, struct waiter **out)
 {
     struct rchan *dead = NULL;
     for (size_t i = 0; i < sh->chans.nb; i++) {
-        for (struct hub_bnode *n = sh->chans.b[i]; n; n = n->next) {
-            struct rchan *c = (struct rchan *)n;
+        for (struct hub_hnode *n = sh->chans.b[i]; n; n = n->next) {
+            struct rchan *c = hub_container_of(n, struct rchan, node);
             waiters_take(c, out);
             c->sent = 0;
             c->dirty = 0;
@@ -363,8 +370,8 @@ static void conn_fail(struct rconn *rc, const char *why, int level, int cause)
     }
 
     health_update(b);
-    waiters_fire(failed, HUB_BROKER_UNAVAILABLE);
-    hub_rbroker_acks_fire(b, unacked, HUB_BROKER_UNAVAILABLE);
+    waiters_fire(failed, HUB_EUNAVAILABLE);
+    hub_rbroker_acks_fire(b, unacked, HUB_EUNAVAILABLE);
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
@@ -661,7 +668,7 @@ static int batch_send(struct rconn *rc, int subscribe, size_t n, int sync)
     b->argl[0] = subscribe ? 9 : 11;
     for (size_t i = 0; i < n; i++) {
         b->argv[i + 1] = b->names.p + b->name_off[i];
-        b->argl[i + 1] = b->plen + b->batch[i]->node.len;
+        b->argl[i + 1] = b->plen + b->batch[i]->len;
     }
     /* hiredis keeps one callback per channel for SUBSCRIBE (confirmation,
      * messages, and the UNSUBSCRIBE confirmation); UNSUBSCRIBE ignores it. */
@@ -700,7 +707,7 @@ static void flush_dir(struct shard *sh, struct rchan *list, int subscribe, int s
     for (struct rchan *c = list; c; c = c->dnext) {
         b->name_off[n] = b->names.len;
         hub_buf_append(&b->names, b->prefix, b->plen);
-        hub_buf_append(&b->names, c->name, c->node.len);
+        hub_buf_append(&b->names, c->name, c->len);
         b->batch[n++] = c;
         if (n == HUB_REDIS_BATCH || !c->dnext) {
             if (batch_send(rc, subscribe, n, sync) < 0)
@@ -797,8 +804,8 @@ static void sync_start(struct rconn *rc)
     rc->state = C_SYNCING;
     rc->sync_left = 0;
     for (size_t i = 0; i < sh->chans.nb; i++)
-        for (struct hub_bnode *n = sh->chans.b[i]; n; n = n->next) {
-            struct rchan *c = (struct rchan *)n;
+        for (struct hub_hnode *n = sh->chans.b[i]; n; n = n->next) {
+            struct rchan *c = hub_container_of(n, struct rchan, node);
             if (c->want && !c->dirty) {
                 c->dirty = 1;
                 c->dnext = NULL;
@@ -850,7 +857,7 @@ static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata)
     if (nlen >= b->plen && memcmp(name, b->prefix, b->plen) == 0) {
         name += b->plen;
         nlen -= b->plen;
-        c = chan_find(sh, name, nlen, hub_broker_hash64(name, nlen));
+        c = chan_find(sh, name, nlen, hub_hash64(name, nlen));
     }
 
     if (strcmp(kind, "message") == 0) {
@@ -904,7 +911,7 @@ static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata)
     }
     if (!was_up && rc->state == C_UP)
         health_update(b);
-    waiters_fire(ready, HUB_BROKER_OK);
+    waiters_fire(ready, HUB_OK);
 }
 
 /* ------------------------------------------------------------------ */
@@ -922,10 +929,10 @@ static void subscribe_on(struct rbroker *b, struct shard *sh, const char *channe
 {
     if (b->stopped) {
         if (cb)
-            cb(ud, HUB_BROKER_UNAVAILABLE);
+            cb(ud, HUB_EUNAVAILABLE);
         return;
     }
-    struct rchan *c = chan_get(sh, channel, len, hub_broker_hash64(channel, len));
+    struct rchan *c = chan_get(sh, channel, len, hub_hash64(channel, len));
     if (!c->want) {
         c->want = 1;
         c->control = kind == CH_CONTROL;
@@ -941,12 +948,12 @@ static void subscribe_on(struct rbroker *b, struct shard *sh, const char *channe
     if (!rc->ac || (rc->state != C_SYNCING && rc->state != C_UP)) {
         /* Fail fast; the channel stays wanted and the next sync subscribes
          * it. */
-        cb(ud, HUB_BROKER_UNAVAILABLE);
+        cb(ud, HUB_EUNAVAILABLE);
         return;
     }
     uint32_t target = c->sent ? c->subs_sent : c->subs_sent + 1;
     if (c->sent && c->subs_confirmed >= target) {
-        cb(ud, HUB_BROKER_OK);
+        cb(ud, HUB_OK);
         return;
     }
     struct waiter *w = hub_xmalloc(sizeof(*w));
@@ -972,7 +979,7 @@ static void unsubscribe_on(struct rbroker *b, struct shard *sh, const char *chan
 {
     if (b->stopped)
         return;
-    struct rchan *c = chan_find(sh, channel, len, hub_broker_hash64(channel, len));
+    struct rchan *c = chan_find(sh, channel, len, hub_hash64(channel, len));
     if (!c || !c->want)
         return;
     c->want = 0;
@@ -983,7 +990,7 @@ static void unsubscribe_on(struct rbroker *b, struct shard *sh, const char *chan
     /* The flush sends UNSUBSCRIBE if a SUBSCRIBE went out, else forgets
      * the entry once no confirmation is outstanding. */
     chan_mark_dirty(sh, c);
-    waiters_fire(canceled, HUB_BROKER_CANCELED);
+    waiters_fire(canceled, HUB_ECANCELED);
 }
 
 static void r_unsubscribe(struct hub_broker *hb, const char *channel, size_t len)
@@ -992,7 +999,7 @@ static void r_unsubscribe(struct hub_broker *hb, const char *channel, size_t len
     unsubscribe_on(b, shard_of(b, channel, len), channel, len);
 }
 
-static void r_control(struct hub_broker *hb, hub_broker_control_fn fn, void *ud)
+void hub_rbroker_control(struct hub_broker *hb, hub_broker_control_fn fn, void *ud)
 {
     struct rbroker *b = (struct rbroker *)hb;
     static const char name[] = HUB_BROKER_CONTROL_CHANNEL;
@@ -1070,8 +1077,8 @@ static void r_stop(struct hub_broker *hb)
             }
         }
     }
-    waiters_fire(failed, HUB_BROKER_UNAVAILABLE);
-    hub_rbroker_acks_fire(b, unacked, HUB_BROKER_UNAVAILABLE);
+    waiters_fire(failed, HUB_EUNAVAILABLE);
+    hub_rbroker_acks_fire(b, unacked, HUB_EUNAVAILABLE);
 }
 
 static void r_free(struct hub_broker *hb)
@@ -1093,14 +1100,10 @@ static void r_free(struct hub_broker *hb)
     }
     for (uint32_t i = 0; i < b->n; i++) {
         struct shard *sh = &b->shards[i];
-        for (size_t k = 0; k < sh->chans.nb; k++) {
-            struct hub_bnode *n = sh->chans.b[k], *next;
-            for (; n; n = next) {
-                next = n->next;
-                free(n);
-            }
-        }
-        hub_bset_free(&sh->chans);
+        struct hub_hnode *n;
+        while ((n = hub_htable_pop(&sh->chans)))
+            free(hub_container_of(n, struct rchan, node));
+        hub_htable_free(&sh->chans);
         free(sh->url.host);
         free(sh->url.user);
         free(sh->url.password);
@@ -1121,8 +1124,7 @@ static const struct hub_broker_ops redis_ops = {
     .metrics = hub_rbroker_metrics,
     .stop = r_stop,
     .free = r_free,
-    .command = hub_rbroker_command,
-    .control = r_control,
+    .registry_new = hub_registry_redis_new,
 };
 
 static void rconn_init(struct rbroker *b, struct shard *sh, struct rconn *rc, int role)

@@ -13,7 +13,44 @@
 
 #include "broker_impl.h"
 #include "luahub/broker.h"
+#include "luahub/hash.h"
 #include "luahub/util.h"
+
+/* A Redis reply to hub_rbroker_command(), converted from hiredis so that
+ * callers need no hiredis header. Strings are `len` bytes followed by a NUL. */
+enum hub_broker_reply_type {
+    HUB_REPLY_NIL = 0,
+    HUB_REPLY_INTEGER,
+    HUB_REPLY_STRING,
+    HUB_REPLY_STATUS,      /* "+OK" */
+    HUB_REPLY_ERROR,       /* Redis answered with an error ("-ERR ...") */
+    HUB_REPLY_ARRAY,
+};
+
+struct hub_broker_reply {
+    int type;                               /* enum hub_broker_reply_type */
+    long long integer;                      /* INTEGER */
+    const char *str;                        /* STRING, STATUS, ERROR */
+    size_t len;
+    size_t n;                               /* ARRAY: number of elements */
+    const struct hub_broker_reply *elem;    /* ARRAY: n elements */
+};
+
+/* Completion of hub_rbroker_command(): HUB_OK with the reply (borrowed: valid
+ * during the call only; it may be of type HUB_REPLY_ERROR), or
+ * HUB_EUNAVAILABLE with reply NULL (connection lost or timed out
+ * before the answer, or stop()). Called exactly once. */
+typedef void (*hub_broker_reply_cb)(void *ud, int status, const struct hub_broker_reply *reply);
+
+/* Receives each message published on the control channel (see
+ * hub_rbroker_control()):
+ * `msg` is borrowed, valid during the call. Called from the loop. */
+typedef void (*hub_broker_control_fn)(void *ud, const char *msg, size_t len);
+
+/* The control channel's Redis name is the broker prefix followed by this
+ * ("luahub:!control" by default). '!' is not allowed in hub channel names,
+ * so no hub channel can collide with it. */
+#define HUB_BROKER_CONTROL_CHANNEL "!control"
 
 #define HUB_REDIS_BATCH 500             /* names per SUBSCRIBE / UNSUBSCRIBE */
 #define BACKOFF_MIN_MS 100u
@@ -92,7 +129,8 @@ struct waiter {
 };
 
 struct rchan {
-    struct hub_bnode node;      /* first: a node pointer is the entry */
+    struct hub_hnode node;      /* the shard's table, hash of the name */
+    size_t len;                 /* of the name */
     struct rchan *dnext;        /* dirty list / scratch list */
     struct waiter *wh, *wt;
     uint32_t subs_sent;         /* SUBSCRIBEs sent on the current sub context */
@@ -112,7 +150,7 @@ struct shard {
     char tag[300];              /* "redis HOST:PORT" for logs */
     char label[280];            /* "HOST:PORT" for metric labels */
     struct rconn cmd, sub;
-    struct hub_bset chans;
+    struct hub_htable chans;    /* struct rchan by name */
     struct rchan *dirty_head, *dirty_tail;
     int up;
     /* acknowledged publishes (see the top of this file) */
@@ -207,13 +245,31 @@ void hub_rbroker_conn_drop(struct rconn *rc, const char *why, int level, int cau
  * iteration. */
 void hub_rbroker_schedule_flush(struct rbroker *b);
 
+/* The shard's entry of `name` (hash h = hub_hash64 of it), or NULL. */
+struct rchan *hub_rbroker_chan_find(struct shard *sh, const char *name, size_t len, uint64_t h);
+
 /* broker_redis_pub.c */
 
 /* The ops of that file (see struct hub_broker_ops). */
 int hub_rbroker_publish(struct hub_broker *hb, const char *channel, size_t len,
                         struct hub_msg *m, hub_broker_publish_cb cb, void *ud);
+/* Sends one Redis command (argv[0..argc) with byte lengths `lens`, all
+ * borrowed until it returns) on the command connection of the FIRST server
+ * of the list (the registry's keys live there). Same rules as publish:
+ * returns 0 and calls `cb` (may be NULL) exactly once, never synchronously;
+ * or returns HUB_EUNAVAILABLE without calling it when that connection is
+ * not up or the pending cap (max_pending, max_pending_bytes, shared with
+ * PUBLISH) is reached. An answer not received within command_timeout_ms
+ * drops the connection and fails every pending command. Never use
+ * (P)SUBSCRIBE or blocking commands. `hb` must be a redis broker. */
 int hub_rbroker_command(struct hub_broker *hb, int argc, const char **argv,
                         const size_t *lens, hub_broker_reply_cb cb, void *ud);
+/* Subscribes the control channel (prefix + HUB_BROKER_CONTROL_CHANNEL, on
+ * the first server) and hands its messages to `fn` instead of `deliver`;
+ * the subscription is kept across reconnects (health counts it like any
+ * channel). fn == NULL unsubscribes it. Messages published while the
+ * subscriber connection is down are lost (pub/sub is at-most-once). */
+void hub_rbroker_control(struct hub_broker *hb, hub_broker_control_fn fn, void *ud);
 void hub_rbroker_metrics(const struct hub_broker *hb, struct hub_buf *out);
 /* Sends the next probe (PUBLISH on cmd, echo awaited on sub), or with
  * `ping` a PING on cmd only. The connections it uses must be up. */

@@ -63,7 +63,7 @@ struct pending *hub_rbroker_acks_take(struct shard *sh, uint64_t seq)
 void hub_rbroker_acks_fire(struct rbroker *b, struct pending *p, int status)
 {
     for (struct pending *q = p; q; q = q->next) {
-        if (status == HUB_BROKER_OK) {
+        if (status == HUB_OK) {
             b->publishes++;
         } else {
             b->publish_errors++;
@@ -106,7 +106,7 @@ void hub_rbroker_probe_echo(struct shard *sh, const char *s, size_t len)
         free(p);
         sh->echoes--;
     }
-    hub_rbroker_acks_fire(sh->b, hub_rbroker_acks_take(sh, seq), HUB_BROKER_OK);
+    hub_rbroker_acks_fire(sh->b, hub_rbroker_acks_take(sh, seq), HUB_OK);
 }
 
 /* ------------------------------------------------------------------ */
@@ -161,7 +161,7 @@ static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
     struct shard *sh = rc->sh;
     struct rbroker *b = sh->b;
     redisReply *r = reply;
-    int status = HUB_BROKER_UNAVAILABLE, gone = 0;
+    int status = HUB_EUNAVAILABLE, gone = 0;
     if (r && r->type != REDIS_REPLY_ERROR) {
         rtt_observe(b, hub_now_ns() - p->t0_ns);
         if (p->self && (r->type != REDIS_REPLY_INTEGER || r->integer < 1)) {
@@ -177,12 +177,12 @@ static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
             ack_append(sh, p);      /* completed by the echo or by conn_fail */
             return;
         } else {
-            status = HUB_BROKER_OK;
+            status = HUB_OK;
         }
     } else if (r) {
         warn_limited(rc, "PUBLISH", r->str);
     }
-    if (status == HUB_BROKER_OK)
+    if (status == HUB_OK)
         b->publishes++;
     else
         b->publish_errors++;
@@ -222,7 +222,7 @@ static int refuse(struct rbroker *b, int reason)
 {
     b->publish_errors++;
     b->refused[reason]++;
-    return HUB_BROKER_UNAVAILABLE;
+    return HUB_EUNAVAILABLE;
 }
 
 int hub_rbroker_publish(struct hub_broker *hb, const char *channel, size_t len,
@@ -249,8 +249,8 @@ int hub_rbroker_publish(struct hub_broker *hb, const char *channel, size_t len,
     const char *argv[3] = {"PUBLISH", b->key.p, (const char *)hub_msg_payload(m)};
     size_t argl[3] = {7, b->key.len, m->payload_len};
 
-    uint64_t h = hub_broker_hash64(channel, len);
-    struct rchan *c = (struct rchan *)hub_bset_find(&sh->chans, channel, len, h);
+    uint64_t h = hub_hash64(channel, len);
+    struct rchan *c = hub_rbroker_chan_find(sh, channel, len, h);
     struct pending *p = hub_xcalloc(1, sizeof(*p));
     p->kind = P_PUBLISH;
     p->cb = cb;
@@ -425,7 +425,7 @@ static void on_command_reply(redisAsyncContext *ac, void *reply, void *privdata)
     if (!r) {
         b->command_errors++;
         if (cb)
-            cb(ud, HUB_BROKER_UNAVAILABLE, NULL);
+            cb(ud, HUB_EUNAVAILABLE, NULL);
         return;
     }
     b->commands++;
@@ -433,7 +433,7 @@ static void on_command_reply(redisAsyncContext *ac, void *reply, void *privdata)
         return;
     struct hub_broker_reply out;
     reply_conv(r, &out);
-    cb(ud, HUB_BROKER_OK, &out);
+    cb(ud, HUB_OK, &out);
     reply_free(&out);
 }
 
@@ -443,20 +443,20 @@ int hub_rbroker_command(struct hub_broker *hb, int argc, const char **argv,
     struct rbroker *b = (struct rbroker *)hb;
     if (b->stopped || argc < 1) {
         b->command_errors++;
-        return HUB_BROKER_UNAVAILABLE;
+        return HUB_EUNAVAILABLE;
     }
     struct shard *sh = &b->shards[0];
     struct rconn *rc = &sh->cmd;
     if (rc->state != C_UP || !rc->ac) {
         b->command_errors++;
-        return HUB_BROKER_UNAVAILABLE;
+        return HUB_EUNAVAILABLE;
     }
     size_t bytes = 0;
     for (int i = 0; i < argc; i++)
         bytes += lens[i] + 16;          /* + RESP framing */
     if (over_cap(sh, rc, bytes)) {
         b->command_errors++;
-        return HUB_BROKER_UNAVAILABLE;
+        return HUB_EUNAVAILABLE;
     }
     struct pending *p = hub_xcalloc(1, sizeof(*p));
     p->kind = P_COMMAND;
@@ -468,7 +468,7 @@ int hub_rbroker_command(struct hub_broker *hb, int argc, const char **argv,
     if (redisAsyncCommandArgv(rc->ac, on_command_reply, p, argc, argv, lens) != REDIS_OK) {
         free(p);
         b->command_errors++;
-        return HUB_BROKER_UNAVAILABLE;
+        return HUB_EUNAVAILABLE;
     }
     rc->npending++;
     rc->pending_bytes += bytes;

@@ -122,7 +122,7 @@ int hub_chan_unsubscribe(struct hub_chan_registry *r, struct hub_sub **list,
 {
     struct hub_chan *c = hub_chan_find(r, name, len);
     if (!c)
-        return -1;
+        return HUB_ENOTFOUND;
     for (struct hub_sub **pp = list; *pp; pp = &(*pp)->next) {
         if ((*pp)->chan == c) {
             struct hub_sub *s = *pp;
@@ -131,7 +131,7 @@ int hub_chan_unsubscribe(struct hub_chan_registry *r, struct hub_sub **list,
             return 0;
         }
     }
-    return -1;
+    return HUB_ENOTFOUND;
 }
 
 void hub_chan_unsubscribe_all(struct hub_chan_registry *r, struct hub_sub **list)

@@ -156,7 +156,7 @@ static void op_complete(struct api_op *op, int ok)
 static void on_api_published(void *ud, int status, uint64_t offset)
 {
     (void)offset;
-    op_complete(ud, status == HUB_BROKER_OK);
+    op_complete(ud, status == HUB_OK);
 }
 
 static void on_connections(void *ud, int status, const char *json, size_t len)

@@ -101,7 +101,7 @@ int hub_subscribe(struct hub *h, struct hub_client *c, const char *channel, size
                   hub_broker_subscribe_cb cb, void *ud)
 {
     if (c->nsubs >= h->max_channels)
-        return hub_chan_in_list(&h->chans, c->subs, channel, len) ? 0 : -1;
+        return hub_chan_in_list(&h->chans, c->subs, channel, len) ? 0 : HUB_ELIMIT;
     if (!hub_chan_subscribe(&h->chans, &c->subs, c, channel, len))
         return 0;
     c->nsubs++;
@@ -115,7 +115,7 @@ int hub_subscribe(struct hub *h, struct hub_client *c, const char *channel, size
 int hub_unsubscribe(struct hub *h, struct hub_client *c, const char *channel, size_t len)
 {
     if (hub_chan_unsubscribe(&h->chans, &c->subs, channel, len) < 0)
-        return -1;
+        return HUB_ENOTFOUND;
     c->nsubs--;
     return 0;
 }
@@ -140,7 +140,7 @@ int hub_publish(struct hub *h, const char *channel, size_t len, const char *data
      * listens to costs nothing (no frame is encoded). */
     if (h->broker->ops->local && !hub_chan_find(&h->chans, channel, len)) {
         if (cb)
-            cb(ud, HUB_BROKER_OK, 0);
+            cb(ud, HUB_OK, 0);
         return 0;
     }
     struct hub_msg *m = hub_msg_delivery(channel, len, data, data_len);

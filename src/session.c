@@ -176,7 +176,7 @@ static void on_subscribed(void *ud, int status)
     /* CANCELED: the client unsubscribed before Redis confirmed: the
      * subscribe did happen (and was undone), so it is answered ok, before
      * the unsubscribe's own reply. */
-    if (s && (status == HUB_BROKER_OK || status == HUB_BROKER_CANCELED)) {
+    if (s && (status == HUB_OK || status == HUB_ECANCELED)) {
         hub_proto_encode_ok(&op->ss->scratch, id, op->channel, op->channel_len);
         send_scratch(s);
     } else if (s) {
@@ -243,7 +243,7 @@ static void on_published(void *ud, int status, uint64_t offset)
     struct pending *op = ud;
     (void)offset;
 
-    if (status != HUB_BROKER_OK)
+    if (status != HUB_OK)
         op->failed = 1;
     if (--op->remaining > 0)
         return;
@@ -289,7 +289,7 @@ static void do_publish(struct hub_session *s, const struct hub_cmd *cmd)
     } else {
         emit_publish(op, cmd->channel, cmd->channel_len, cmd->data.p, cmd->data.len);
     }
-    on_published(op, HUB_BROKER_OK, 0); /* drops the guard: replies if all are done */
+    on_published(op, HUB_OK, 0); /* drops the guard: replies if all are done */
 }
 
 static void do_rpc(struct hub_session *s, const struct hub_cmd *cmd)

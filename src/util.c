@@ -1,6 +1,8 @@
 /* Checked allocation, growable buffers, JSON string escaping, clocks. */
 #include "luahub/util.h"
 
+#include "luahub/error.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -149,4 +151,32 @@ uint64_t hub_now_ns(void)
 uint64_t hub_now_ms(void)
 {
     return hub_now_ns() / 1000000u;
+}
+
+const char *hub_err_name(int err)
+{
+    switch (err) {
+    case HUB_OK:
+        return "ok";
+#define HUB_X(name, value, str, text) \
+    case HUB_E##name:                 \
+        return str;
+        HUB_ERRNO_MAP(HUB_X)
+#undef HUB_X
+    }
+    return "unknown";
+}
+
+const char *hub_strerror(int err)
+{
+    switch (err) {
+    case HUB_OK:
+        return "success";
+#define HUB_X(name, value, str, text) \
+    case HUB_E##name:                 \
+        return text;
+        HUB_ERRNO_MAP(HUB_X)
+#undef HUB_X
+    }
+    return "unknown error";
 }

@@ -18,40 +18,41 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "luahub/error.h"
 #include "luahub/msg.h"
 #include "luahub/util.h"
 
 struct hub_broker;
+struct hub_registry;
+struct hub_registry_options;
 
-enum hub_broker_status {
-    HUB_BROKER_OK = 0,
-    HUB_BROKER_UNAVAILABLE = -1,    /* not connected, too much pending, timed out, stopped */
-    HUB_BROKER_CANCELED = -2,       /* subscribe only: unsubscribe() came before the
-                                     * confirmation (libuv's UV_ECANCELED) */
-};
+/* Statuses are the HUB_E* codes of error.h: HUB_OK; HUB_EUNAVAILABLE (not
+ * connected, too much pending, timed out, stopped); HUB_ECANCELED
+ * (subscribe only: unsubscribe() came before the confirmation). */
 
-/* Completion of a publish: `status` is HUB_BROKER_OK once the message was
+/* Completion of a publish: `status` is HUB_OK once the message was
  * accepted (memory: handed to `deliver`; redis: Redis executed the PUBLISH
  * while this broker's connections to the channel's server were up and, if
  * this broker has the channel subscribed, the message came back to it and
  * went to `deliver`; see docs/internals.md, "Redis: what an acknowledged
- * publish means"), else HUB_BROKER_UNAVAILABLE. `offset` is a per-channel
+ * publish means"), else HUB_EUNAVAILABLE. `offset` is a per-channel
  * sequence when the broker keeps one (0 otherwise; room for history).
  * Called exactly once, possibly before publish() returns (memory). */
 typedef void (*hub_broker_publish_cb)(void *ud, int status, uint64_t offset);
 
-/* Completion of a subscribe: HUB_BROKER_OK once messages published from
+/* Completion of a subscribe: HUB_OK once messages published from
  * now on will be delivered (redis: SUBSCRIBE confirmed); else
- * HUB_BROKER_UNAVAILABLE (redis: the subscriber connection is down, or went
+ * HUB_EUNAVAILABLE (redis: the subscriber connection is down, or went
  * down or timed out before the confirmation, or stop() was called), or
- * HUB_BROKER_CANCELED (unsubscribe() of the channel came first). Called
+ * HUB_ECANCELED (unsubscribe() of the channel came first). Called
  * exactly once, possibly synchronously. */
 typedef void (*hub_broker_subscribe_cb)(void *ud, int status);
 
 /* Where a broker hands a frame for local fan-out: `m` is a sealed delivery
- * frame for `channel` (borrowed; take a reference to keep it). Called only
- * for channels that are subscribed (subscribe() called, unsubscribe() not
- * since), once per message, from the loop (memory: inside publish()). It
+ * frame for `channel` (borrowed; take a reference to keep it). Called once
+ * per message, from the loop (memory: inside publish()), for the channels
+ * subscribed (redis) or for every publish (memory: the hub looks the
+ * channel up itself; the broker keeps no copy of the channel registry). It
  * may call the broker (publish, subscribe, unsubscribe, stop; not free). */
 typedef void (*hub_broker_deliver_fn)(void *ud, const char *channel, size_t len,
                                       struct hub_msg *m);
@@ -64,48 +65,13 @@ typedef void (*hub_broker_deliver_fn)(void *ud, const char *channel, size_t len,
  * second plus command_timeout_ms, with or without traffic. */
 typedef void (*hub_broker_health_fn)(void *ud, int up);
 
-/* A Redis reply to command(), converted from hiredis so that callers need
- * no hiredis header. Strings are `len` bytes followed by a NUL. */
-enum hub_broker_reply_type {
-    HUB_REPLY_NIL = 0,
-    HUB_REPLY_INTEGER,
-    HUB_REPLY_STRING,
-    HUB_REPLY_STATUS,      /* "+OK" */
-    HUB_REPLY_ERROR,       /* Redis answered with an error ("-ERR ...") */
-    HUB_REPLY_ARRAY,
-};
-
-struct hub_broker_reply {
-    int type;                               /* enum hub_broker_reply_type */
-    long long integer;                      /* INTEGER */
-    const char *str;                        /* STRING, STATUS, ERROR */
-    size_t len;
-    size_t n;                               /* ARRAY: number of elements */
-    const struct hub_broker_reply *elem;    /* ARRAY: n elements */
-};
-
-/* Completion of command(): HUB_BROKER_OK with the reply (borrowed: valid
- * during the call only; it may be of type HUB_REPLY_ERROR), or
- * HUB_BROKER_UNAVAILABLE with reply NULL (connection lost or timed out
- * before the answer, or stop()). Called exactly once. */
-typedef void (*hub_broker_reply_cb)(void *ud, int status, const struct hub_broker_reply *reply);
-
-/* Receives each message published on the control channel (see control()):
- * `msg` is borrowed, valid during the call. Called from the loop. */
-typedef void (*hub_broker_control_fn)(void *ud, const char *msg, size_t len);
-
-/* The control channel's Redis name is the broker prefix followed by this
- * ("luahub:!control" by default). '!' is not allowed in hub channel names,
- * so no hub channel can collide with it. */
-#define HUB_BROKER_CONTROL_CHANNEL "!control"
-
 struct hub_broker_ops {
     const char *name;
     /* 1 when deliveries reach this process only (memory): the hub then
      * skips encoding a publish nobody here listens to. */
     int local;
     /* Publishes a sealed delivery frame (borrowed) to `channel`. Returns 0
-     * and calls `cb` exactly once, or returns HUB_BROKER_UNAVAILABLE without
+     * and calls `cb` exactly once, or returns HUB_EUNAVAILABLE without
      * calling it (fail fast: redis: either connection to the channel's
      * server not ready, the subscriber one not (re)subscribed, or the
      * pending output over its cap). `cb` may be NULL (fire and forget). */
@@ -139,26 +105,11 @@ struct hub_broker_ops {
      * returned with no active handles). */
     void (*free)(struct hub_broker *b);
 
-    /* Optional (NULL in the memory broker: there is no shared store).
-     *
-     * command: sends one Redis command (argv[0..argc) with byte lengths
-     * `lens`, all borrowed until it returns) on the command connection of
-     * the FIRST server of the list (the registry's keys live there). Same
-     * rules as publish: returns 0 and calls `cb` (may be NULL) exactly once,
-     * never synchronously; or returns HUB_BROKER_UNAVAILABLE without calling
-     * it when that connection is not up or the pending cap (max_pending,
-     * max_pending_bytes, shared with PUBLISH) is reached. An answer not
-     * received within command_timeout_ms drops the connection and fails
-     * every pending command. Never use (P)SUBSCRIBE or blocking commands. */
-    int (*command)(struct hub_broker *b, int argc, const char **argv, const size_t *lens,
-                   hub_broker_reply_cb cb, void *ud);
-    /* control: subscribes the control channel (prefix +
-     * HUB_BROKER_CONTROL_CHANNEL, on the first server) and hands its
-     * messages to `fn` instead of `deliver`; the subscription is kept across
-     * reconnects (health counts it like any channel). fn == NULL
-     * unsubscribes it. Messages published while the subscriber connection
-     * is down are lost (pub/sub is at-most-once). */
-    void (*control)(struct hub_broker *b, hub_broker_control_fn fn, void *ud);
+    /* The connection registry that fits this broker (registry.h): memory,
+     * this process's table; redis, the table plus Redis with the instance
+     * heartbeat and the control channel. Never NULL. */
+    struct hub_registry *(*registry_new)(struct hub_broker *b,
+                                         const struct hub_registry_options *o);
 };
 
 struct hub_broker {

@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "luahub/error.h"
 #include "luahub/hash.h"
 
 struct hub_chan;
@@ -62,7 +63,7 @@ static inline size_t hub_chan_count_channels(const struct hub_chan_registry *r)
 int hub_chan_subscribe(struct hub_chan_registry *r, struct hub_sub **list,
                        void *owner, const char *name, size_t len);
 
-/* Unsubscribes. Returns 0, or -1 if the owner was not subscribed. */
+/* Unsubscribes. Returns 0, or HUB_ENOTFOUND if the owner was not subscribed. */
 int hub_chan_unsubscribe(struct hub_chan_registry *r, struct hub_sub **list,
                          const char *name, size_t len);
 

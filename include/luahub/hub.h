@@ -98,12 +98,12 @@ void hub_client_name(const struct hub *h, uint64_t id, char *out, size_t n);
 /* Subscribes `c` to `channel` (valid name, borrowed). Returns 1 when
  * subscribed now: the broker is told, and `cb` (may be NULL) fires exactly
  * once when delivery is guaranteed (possibly before this returns); 0 when
- * it already was (no callback); -1 when it is at max_channels (no
+ * it already was (no callback); HUB_ELIMIT when it is at max_channels (no
  * callback). */
 int hub_subscribe(struct hub *h, struct hub_client *c, const char *channel, size_t len,
                   hub_broker_subscribe_cb cb, void *ud);
 
-/* Unsubscribes. Returns 0, or -1 if `c` was not subscribed. */
+/* Unsubscribes. Returns 0, or HUB_ENOTFOUND if `c` was not subscribed. */
 int hub_unsubscribe(struct hub *h, struct hub_client *c, const char *channel, size_t len);
 
 /* 1 if `c` is subscribed to `channel`. */

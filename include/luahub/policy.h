@@ -72,8 +72,9 @@ struct hub_policy_host_ops {
     /* A close frame with `code` and `reason` (copied). */
     void (*conn_close)(void *ud, struct hub_policy_conn *c, unsigned code, const char *reason);
     /* Server-side (un)subscription, no hook runs: subscribe returns 1 when
-     * subscribed now, 0 if it already was, -1 at max_channels_per_conn;
-     * unsubscribe 0, or -1 if it was not subscribed. */
+     * subscribed now, 0 if it already was, HUB_ELIMIT at
+     * max_channels_per_conn; unsubscribe 0, or HUB_ENOTFOUND if it was not
+     * subscribed. */
     int (*conn_subscribe)(void *ud, struct hub_policy_conn *c, const char *ch, size_t len);
     int (*conn_unsubscribe)(void *ud, struct hub_policy_conn *c, const char *ch, size_t len);
     /* Calls fn for each channel of the connection. */

@@ -1,25 +1,27 @@
-/* The connection registry and the instance heartbeat (multi-instance).
+/* The connection registry and the instance heartbeat (multi-instance): one
+ * interface, two implementations, made by the broker that fits
+ * (hub_broker_ops.registry_new): registry_local.c and registry_redis.c.
  *
  * With the redis broker, every process ("instance") keeps in Redis, on the
- * FIRST server of the broker list, through the broker's command() op:
+ * FIRST server of the broker list, through the broker's command
+ * connection:
  *
  *   PREFIX instance:ID   hash {connections, started, address, pid}
  *   PREFIX conn:CLIENT   hash {user, instance, connected}   (connections with a user)
  *   PREFIX user:USER     set of CLIENT ids                  (index by user)
  *
  * all with a TTL (30 s) refreshed every 10 s, so the entries of an
- * instance killed with -9 vanish within the TTL. The control channel (see
- * hub_broker_ops.control) carries {"op":"disconnect","user":...} to every
+ * instance killed with -9 vanish within the TTL. The control channel
+ * (PREFIX !control) carries {"op":"disconnect","user":...} to every
  * instance, the sender included.
  *
- * With the memory broker (no command() op) the same API works on this
- * process's connections only: the server does not need to know which
- * broker it runs on.
+ * With the memory broker the same API works on this process's connections
+ * only: the server does not need to know which broker it runs on.
  *
  * Loop thread only. Every function that takes a callback follows libuv's
  * contract: it returns 0 and calls the callback exactly once (possibly
  * before it returns, with the memory broker), or returns a negative
- * HUB_BROKER_* status and never calls it. */
+ * HUB_E* code and never calls it. */
 #ifndef LUAHUB_REGISTRY_H
 #define LUAHUB_REGISTRY_H
 
@@ -39,19 +41,19 @@ struct hub_registry;
  * later). */
 typedef void (*hub_registry_disconnect_fn)(void *ud, const char *user, size_t len);
 
-/* Result of hub_registry_connections: status HUB_BROKER_OK with `json`
+/* Result of hub_registry_connections: status HUB_OK with `json`
  * (borrowed, valid during the call), a JSON object
  *   {"user":U,"count":N,"connections":[{"client":C,"user":U,"instance":I,
  *    "connected":UNIX_S}, ...]}
- * or HUB_BROKER_UNAVAILABLE with json NULL (Redis lost, timed out,
+ * or HUB_EUNAVAILABLE with json NULL (Redis lost, timed out,
  * stopped, or answered with an error). */
 typedef void (*hub_registry_list_cb)(void *ud, int status, const char *json, size_t len);
 
-/* Result of hub_registry_disconnect: HUB_BROKER_OK once the control
+/* Result of hub_registry_disconnect: HUB_OK once the control
  * message was handed to every instance listening (redis: PUBLISH answered;
  * `instances` is the number of instances that received it; memory: the
  * local connections were told to close, instances = 1), or
- * HUB_BROKER_UNAVAILABLE (instances 0). */
+ * HUB_EUNAVAILABLE (instances 0). */
 typedef void (*hub_registry_done_cb)(void *ud, int status, long long instances);
 
 /* Completion of hub_registry_shutdown. */
@@ -70,11 +72,10 @@ struct hub_registry_options {
     void *ud;                   /* for disconnect_user */
 };
 
-/* Creates the registry on `loop` over `broker` (borrowed: it must outlive
- * the registry, and be stopped after hub_registry_stop). With a broker
- * that has command() and control() (redis) it subscribes the control
- * channel and starts the heartbeat at once (it retries until Redis is
- * there). Never NULL. */
+/* Creates the registry that fits `broker` (borrowed: it must outlive the
+ * registry, and be stopped after hub_registry_stop). The Redis one
+ * subscribes the control channel and starts the heartbeat at once (it
+ * retries until Redis is there). Never NULL. */
 struct hub_registry *hub_registry_new(uv_loop_t *loop, struct hub_broker *broker,
                                       const struct hub_registry_options *opt);
 
@@ -99,7 +100,7 @@ void hub_registry_conn_close(struct hub_registry *reg, const char *client_id,
 /* The connections of `user` (user[0..len), borrowed) on every instance
  * (memory: on this one), as JSON (see hub_registry_list_cb). Redis: one
  * round trip; ids whose conn key expired (a dead instance) are left out
- * and removed from the user's set. Fails fast with HUB_BROKER_UNAVAILABLE
+ * and removed from the user's set. Fails fast with HUB_EUNAVAILABLE
  * when Redis is not connected or over the broker's cap. */
 int hub_registry_connections(struct hub_registry *reg, const char *user, size_t len,
                              hub_registry_list_cb cb, void *ud);
@@ -123,7 +124,7 @@ void hub_registry_shutdown(struct hub_registry *reg, hub_registry_shutdown_cb cb
  * first for a clean exit), detaches from the control channel and closes
  * the timers (the loop drains them). Call it BEFORE the broker's stop():
  * the broker then fails the registry's pending commands, and their user
- * callbacks fire with HUB_BROKER_UNAVAILABLE. Idempotent; NULL is fine. */
+ * callbacks fire with HUB_EUNAVAILABLE. Idempotent; NULL is fine. */
 void hub_registry_stop(struct hub_registry *reg);
 
 /* Frees it after hub_registry_stop, once the loop has drained (and after

@@ -106,10 +106,10 @@ START_TEST(t_unsubscribe_not_subscribed)
     struct hub_sub *a = NULL, *b = NULL;
     int oa, ob;
 
-    ck_assert_int_eq(hub_chan_unsubscribe(&reg, &a, "nope", 4), -1);
+    ck_assert_int_eq(hub_chan_unsubscribe(&reg, &a, "nope", 4), HUB_ENOTFOUND);
     hub_chan_subscribe(&reg, &a, &oa, "c", 1);
     /* The channel exists but b is not in it. */
-    ck_assert_int_eq(hub_chan_unsubscribe(&reg, &b, "c", 1), -1);
+    ck_assert_int_eq(hub_chan_unsubscribe(&reg, &b, "c", 1), HUB_ENOTFOUND);
     ck_assert_uint_eq(hub_chan_find(&reg, "c", 1)->nsubs, 1);
     hub_chan_unsubscribe_all(&reg, &a);
     (void)ob;

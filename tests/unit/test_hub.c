@@ -27,7 +27,7 @@ static int rb_publish(struct hub_broker *b, const char *ch, size_t len, struct h
     r->publishes++;
     b->deliver(b->ud, ch, len, m);
     if (cb)
-        cb(ud, HUB_BROKER_OK, 0);
+        cb(ud, HUB_OK, 0);
     return 0;
 }
 
@@ -38,7 +38,7 @@ static void rb_subscribe(struct hub_broker *b, const char *ch, size_t len,
     (void)len;
     ((struct rec_broker *)b)->subscribes++;
     if (cb)
-        cb(ud, HUB_BROKER_OK);
+        cb(ud, HUB_OK);
 }
 
 static void rb_unsubscribe(struct hub_broker *b, const char *ch, size_t len)
@@ -171,7 +171,7 @@ START_TEST(first_and_last_drive_the_broker)
     ck_assert_int_eq(broker.subscribes, 3);
     ck_assert_uint_eq(hub_subscribers(&hub, "a", 1), 3);
     ck_assert_int_eq(hub_unsubscribe(&hub, &sinks[0].client, "a", 1), 0);
-    ck_assert_int_eq(hub_unsubscribe(&hub, &sinks[0].client, "a", 1), -1);
+    ck_assert_int_eq(hub_unsubscribe(&hub, &sinks[0].client, "a", 1), HUB_ENOTFOUND);
     ck_assert_int_eq(hub_unsubscribe(&hub, &sinks[1].client, "a", 1), 0);
     ck_assert_int_eq(broker.unsubscribes, 0);
     /* the last one leaves by going away */
@@ -233,7 +233,7 @@ START_TEST(subscription_limit)
     ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "a", 1, NULL, NULL), 1);
     ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "b", 1, NULL, NULL), 1);
     ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "c", 1, NULL, NULL), 1);
-    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "d", 1, NULL, NULL), -1);
+    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "d", 1, NULL, NULL), HUB_ELIMIT);
     ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "b", 1, NULL, NULL), 0);
     ck_assert(hub_subscribed(&hub, &sinks[0].client, "c", 1));
     ck_assert(!hub_subscribed(&hub, &sinks[0].client, "d", 1));
