@@ -1,7 +1,7 @@
 /* The Redis broker: hiredis 0.14.1 async on the hub's libuv loop. This
- * file: connections, subscriptions, stop and free; broker_redis_pub.c:
- * publishing, probes and acknowledgements, commands, metrics; their shared
- * state: broker_redis.h.
+ * file: channels and subscriptions, stop and free; redis_conn.c: the
+ * connections' state machine; broker_redis_pub.c: publishing, probes and
+ * acknowledgements, commands, metrics; their shared state: broker_redis.h.
  *
  * Per Redis server (a "shard") two connections: `cmd` for PUBLISH, `sub` for
  * SUBSCRIBE/UNSUBSCRIBE. Each connection is a small state machine:
@@ -76,17 +76,13 @@
 #include "luahub/util.h"
 #include "redis_uv.h"
 
-static void conn_start(struct rconn *rc);
-static void conn_fail(struct rconn *rc, const char *why, int level, int cause);
-static void flush_shard(struct shard *sh);
-static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata);
 
-static const char *role_name(const struct rconn *rc)
+const char *hub_rbroker_role_name(const struct rconn *rc)
 {
     return rc->role == ROLE_CMD ? "cmd" : "pubsub";
 }
 
-static uint64_t rnd(struct rbroker *b)
+uint64_t hub_rbroker_rnd(struct rbroker *b)
 {
     /* xorshift64*: jitter only. */
     uint64_t x = b->rng;
@@ -101,7 +97,7 @@ static uint64_t rnd(struct rbroker *b)
 /* Waiters and health                                                   */
 /* ------------------------------------------------------------------ */
 
-static void waiters_fire(struct waiter *w, int status)
+void hub_rbroker_waiters_fire(struct waiter *w, int status)
 {
     while (w) {
         struct waiter *next = w->next;
@@ -114,7 +110,7 @@ static void waiters_fire(struct waiter *w, int status)
 }
 
 /* Moves every waiter of `c` to the front of the list `*out`. */
-static void waiters_take(struct rchan *c, struct waiter **out)
+void hub_rbroker_waiters_take(struct rchan *c, struct waiter **out)
 {
     if (!c->wh)
         return;
@@ -125,7 +121,7 @@ static void waiters_take(struct rchan *c, struct waiter **out)
 
 /* Re-evaluates the broker's health; calls the user back on a change. May
  * re-enter: call it after the caller's own bookkeeping. */
-static void health_update(struct rbroker *b)
+void hub_rbroker_health_update(struct rbroker *b)
 {
     if (b->stopped)
         return;
@@ -186,7 +182,7 @@ static void chan_free(struct shard *sh, struct rchan *c)
 }
 
 /* Frees the entry when nothing refers to it any more. */
-static void chan_maybe_free(struct shard *sh, struct rchan *c)
+void hub_rbroker_chan_maybe_free(struct shard *sh, struct rchan *c)
 {
     if (!c->want && !c->sent && !c->dirty && c->outstanding == 0 && !c->wh)
         chan_free(sh, c);
@@ -209,13 +205,13 @@ static void chan_mark_dirty(struct shard *sh, struct rchan *c)
 /* The subscriber connection is gone: nothing is subscribed any more. Takes
  * every waiter into `*out` (to fail them) and forgets channels nobody
  * wants. The wanted ones are re-subscribed by the next sync. */
-static void chans_reset(struct shard *sh, struct waiter **out)
+void hub_rbroker_chans_reset(struct shard *sh, struct waiter **out)
 {
     struct rchan *dead = NULL;
     for (size_t i = 0; i < sh->chans.nb; i++) {
         for (struct hub_hnode *n = sh->chans.b[i]; n; n = n->next) {
             struct rchan *c = hub_container_of(n, struct rchan, node);
-            waiters_take(c, out);
+            hub_rbroker_waiters_take(c, out);
             c->sent = 0;
             c->dirty = 0;
             c->subs_sent = c->subs_confirmed = c->outstanding = 0;
@@ -231,426 +227,6 @@ static void chans_reset(struct shard *sh, struct waiter **out)
         struct rchan *next = dead->dnext;
         chan_free(sh, dead);
         dead = next;
-    }
-}
-
-/* ------------------------------------------------------------------ */
-/* Pending list                                                        */
-/* ------------------------------------------------------------------ */
-
-static void on_timer(uv_timer_t *t);
-
-static void timer_arm(struct rconn *rc, uint64_t delay_ms)
-{
-    uv_timer_start(&rc->timer, on_timer, delay_ms, 0);
-}
-
-void hub_rbroker_pending_push(struct rconn *rc, struct pending *p)
-{
-    p->rc = rc;
-    p->next = NULL;
-    p->prev = rc->tail;
-    if (rc->tail)
-        rc->tail->next = p;
-    else
-        rc->head = p;
-    rc->tail = p;
-    /* Deadlines grow with the list (one timeout per connection), so only
-     * the head's matters; when the head leaves early the timer fires
-     * harmlessly and re-arms for the new head. */
-    if (rc->head == p && (rc->state == C_SYNCING || rc->state == C_UP)) {
-        uint64_t now = now_ms();
-        timer_arm(rc, p->deadline_ms > now ? p->deadline_ms - now : 0);
-    }
-}
-
-void hub_rbroker_pending_unlink(struct rconn *rc, struct pending *p)
-{
-    if (p->prev)
-        p->prev->next = p->next;
-    else
-        rc->head = p->next;
-    if (p->next)
-        p->next->prev = p->prev;
-    else
-        rc->tail = p->prev;
-    p->prev = p->next = NULL;
-}
-
-/* Drops our own records of the sub connection (batches, probe echoes):
- * it is gone. */
-static void sub_pending_clear(struct rconn *rc)
-{
-    struct pending *p = rc->head;
-    while (p) {
-        struct pending *next = p->next;
-        hub_rbroker_pending_unlink(rc, p);
-        free(p);
-        p = next;
-    }
-    rc->sync_left = 0;
-    rc->sh->echoes = 0;
-}
-
-/* ------------------------------------------------------------------ */
-/* Connection lifecycle                                                */
-/* ------------------------------------------------------------------ */
-
-/* Gives up the context we hold: hiredis fails its pending callbacks (NULL
- * reply) synchronously, or right after the hiredis callback we are in
- * returns. Then the connection goes IDLE with a retry. */
-void hub_rbroker_conn_drop(struct rconn *rc, const char *why, int level, int cause)
-{
-    redisAsyncContext *ac = rc->ac;
-    rc->ac = NULL;
-    if (ac) {
-        ac->data = NULL;
-        redisAsyncFree(ac);
-    }
-    conn_fail(rc, why, level, cause);
-}
-
-static unsigned next_delay(struct rconn *rc)
-{
-    struct rbroker *b = rc->sh->b;
-    unsigned base = rc->backoff_ms;
-    unsigned spread = base * 2 / 5;
-    unsigned d = base - base / 5 + (unsigned)(rnd(b) % (spread + 1));
-    if (d > BACKOFF_MAX_MS)
-        d = BACKOFF_MAX_MS;
-    rc->backoff_ms = base * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : base * 2;
-    return d;
-}
-
-/* The connection (or the attempt) is over and rc->ac is already NULL:
- * reset, schedule the retry, log, then tell the user (health, waiters,
- * publishes that waited for their echo on a lost sub connection). `cause`
- * (LOST_*) is counted when the connection had been established. */
-static void conn_fail(struct rconn *rc, const char *why, int level, int cause)
-{
-    struct shard *sh = rc->sh;
-    struct rbroker *b = sh->b;
-    if (b->stopped)
-        return;
-    int was = rc->state;
-    struct waiter *failed = NULL;
-    struct pending *unacked = NULL;
-
-    if (rc->gai_active && was == C_RESOLVING) {
-        rc->gai_stale = 1;
-        uv_cancel((uv_req_t *)&rc->gai);
-    }
-    rc->state = C_IDLE;
-    if (rc->role == ROLE_SUB) {
-        /* What was sent while this connection was up can no longer be
-         * proven received: publishes in flight see the new generation on
-         * their reply, those already answered fail now. */
-        sh->sub_gen++;
-        unacked = hub_rbroker_acks_take(sh, UINT64_MAX);
-        sub_pending_clear(rc);
-        chans_reset(sh, &failed);
-    }
-    rc->failures++;
-    /* The first retry after losing an established connection is not
-     * jittered: when Redis drops every hub at once (restart, CLIENT KILL),
-     * they all come back together, so the time in which one hub has
-     * resubscribed and another not yet (and misses what the first one
-     * publishes) stays short. Later retries spread out. */
-    unsigned delay = next_delay(rc);
-    if (was == C_UP || was == C_SYNCING)
-        delay = BACKOFF_MIN_MS;
-    timer_arm(rc, delay);
-
-    if (was == C_UP || was == C_SYNCING) {
-        b->lost[rc->role][cause]++;
-        hub_log(level, "%s (%s): connection lost: %s; reconnecting in %u ms", sh->tag,
-                role_name(rc), why, delay);
-    } else {
-        hub_log(level, "%s (%s): %s, retrying in %u ms", sh->tag, role_name(rc), why, delay);
-    }
-
-    health_update(b);
-    waiters_fire(failed, HUB_EUNAVAILABLE);
-    hub_rbroker_acks_fire(b, unacked, HUB_EUNAVAILABLE);
-}
-
-static void on_disconnect(const redisAsyncContext *ac, int status)
-{
-    struct rconn *rc = ac->data;
-    if (!rc || rc->ac != ac)
-        return;
-    /* hiredis frees the context when we return. */
-    rc->ac = NULL;
-    char why[160];
-    if (status == REDIS_OK)
-        snprintf(why, sizeof(why), "closed");
-    else
-        snprintf(why, sizeof(why), "%s", ac->errstr ? ac->errstr : ac->c.errstr);
-    conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
-}
-
-static void keepalive(int fd)
-{
-    /* Detects a peer that vanished (no RST) on an idle connection, in
-     * about 15 + 3 * 5 s; hiredis' own helper sets c->err on failure,
-     * which we do not want on an async context. */
-    int on = 1, idle = 15, intvl = 5, cnt = 3;
-    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on));
-    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
-    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
-    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
-}
-
-static void sync_start(struct rconn *rc);
-
-static void handshake_done(struct rconn *rc)
-{
-    struct rbroker *b = rc->sh->b;
-    uv_timer_stop(&rc->timer);
-    rc->backoff_ms = BACKOFF_MIN_MS;
-    rc->failures = 0;
-    if (rc->ever_up)
-        b->reconnects++;
-    rc->ever_up = 1;
-    hub_log(HUB_LOG_DEBUG, "%s (%s): ready", rc->sh->tag, role_name(rc));
-    if (rc->role == ROLE_CMD)
-        rc->state = C_UP;
-    else
-        sync_start(rc);
-    health_update(b);
-}
-
-static void on_handshake_reply(redisAsyncContext *ac, void *reply, void *privdata)
-{
-    struct rconn *rc = privdata;
-    redisReply *r = reply;
-    /* NULL: the context is going away; on_disconnect (or whoever freed it)
-     * handles that. Another context: stale. */
-    if (rc->ac != ac || !r)
-        return;
-    if (r->type == REDIS_REPLY_ERROR) {
-        char why[300];
-        const char *cmd = rc->hs_cmd[rc->hs_i];
-        if (strncmp(r->str, "NOAUTH", 6) == 0)
-            snprintf(why, sizeof(why), "%s refused: %s (the server needs a password: "
-                                       "redis://:PASSWORD@host:port)", cmd, r->str);
-        else if (strcmp(cmd, "AUTH") == 0)
-            snprintf(why, sizeof(why), "AUTH failed (wrong password in the broker URL?): %s",
-                     r->str);
-        else
-            snprintf(why, sizeof(why), "%s failed: %s", cmd, r->str);
-        /* Inside a hiredis callback: the free is deferred until we return. */
-        hub_rbroker_conn_drop(rc, why, HUB_LOG_ERROR, LOST_CLOSED);
-        return;
-    }
-    if (++rc->hs_i == rc->hs_n)
-        handshake_done(rc);
-}
-
-static void on_connect(const redisAsyncContext *cac, int status)
-{
-    struct rconn *rc = cac->data;
-    if (!rc || rc->ac != cac)
-        return;
-    redisAsyncContext *ac = rc->ac;
-    if (status != REDIS_OK) {
-        /* hiredis frees the context when we return: never free it here
-         * (nor on success: hiredis keeps using it after this call). */
-        rc->ac = NULL;
-        char why[160];
-        snprintf(why, sizeof(why), "%s", ac->c.errstr[0] ? ac->c.errstr : "connect failed");
-        why[0] = (char)((why[0] >= 'A' && why[0] <= 'Z') ? why[0] + 32 : why[0]);
-        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
-        return;
-    }
-    struct hub_redis_url *u = &rc->sh->url;
-    rc->state = C_HANDSHAKE;
-    keepalive(ac->c.fd);
-    rc->hs_n = rc->hs_i = 0;
-    if (u->password) {
-        const char *argv[3] = {"AUTH", u->user ? u->user : u->password, u->password};
-        size_t argl[3] = {4, strlen(argv[1]), strlen(u->password)};
-        redisAsyncCommandArgv(ac, on_handshake_reply, rc, u->user ? 3 : 2, argv, argl);
-        rc->hs_cmd[rc->hs_n++] = "AUTH";
-    }
-    if (u->db > 0 && rc->role == ROLE_CMD) {
-        /* Pub/sub ignores the database: only the command connection (for
-         * the history and presence to come) selects it. */
-        char db[16];
-        snprintf(db, sizeof(db), "%d", u->db);
-        const char *argv[2] = {"SELECT", db};
-        size_t argl[2] = {6, strlen(db)};
-        redisAsyncCommandArgv(ac, on_handshake_reply, rc, 2, argv, argl);
-        rc->hs_cmd[rc->hs_n++] = "SELECT";
-    }
-    /* PING last: its answer proves the server is serving us (a SIGSTOPped
-     * Redis still completes TCP handshakes from its listen backlog). */
-    redisAsyncCommand(ac, on_handshake_reply, rc, "PING");
-    rc->hs_cmd[rc->hs_n++] = "PING";
-    /* The connect deadline keeps running until the PING answer. */
-}
-
-static void connect_to(struct rconn *rc, const char *ip)
-{
-    struct hub_redis_url *u = &rc->sh->url;
-    struct rbroker *b = rc->sh->b;
-    char why[200];
-    redisAsyncContext *ac = redisAsyncConnect(ip, u->port);
-    if (!ac) {
-        conn_fail(rc, "out of memory creating the hiredis context", HUB_LOG_ERROR,
-                  LOST_CLOSED);
-        return;
-    }
-    if (ac->err) {
-        snprintf(why, sizeof(why), "%s", ac->errstr);
-        why[0] = (char)((why[0] >= 'A' && why[0] <= 'Z') ? why[0] + 32 : why[0]);
-        redisAsyncFree(ac);
-        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
-        return;
-    }
-    int r = hub_redis_uv_attach(ac, b->base.loop);
-    if (r < 0) {
-        snprintf(why, sizeof(why), "cannot poll the socket: %s", uv_strerror(r));
-        redisAsyncFree(ac);
-        conn_fail(rc, why, HUB_LOG_ERROR, LOST_CLOSED);
-        return;
-    }
-    ac->data = rc;
-    rc->ac = ac;
-    rc->state = C_CONNECTING;
-    /* After the attach: setting the connect callback arms the first write
-     * watcher (connect completion is detected on writability). */
-    redisAsyncSetConnectCallback(ac, on_connect);
-    redisAsyncSetDisconnectCallback(ac, on_disconnect);
-}
-
-static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
-{
-    struct rconn *rc = req->data;
-    struct rbroker *b = rc->sh->b;
-    rc->gai_active = 0;
-    b->open_handles--;
-    if (rc->gai_stale || b->stopped || rc->state != C_RESOLVING) {
-        rc->gai_stale = 0;
-        uv_freeaddrinfo(res);
-        return;
-    }
-    if (status < 0 || !res) {
-        char why[200];
-        snprintf(why, sizeof(why), "cannot resolve \"%s\": %s", rc->sh->url.host,
-                 uv_strerror(status));
-        uv_freeaddrinfo(res);
-        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
-        return;
-    }
-    /* IPv4 first (Redis binds 127.0.0.1 by default while "localhost" often
-     * lists ::1 first), then rotate through the addresses on failures. */
-    char addrs[8][INET6_ADDRSTRLEN];
-    int n = 0;
-    for (int pass = 0; pass < 2; pass++) {
-        for (struct addrinfo *ai = res; ai && n < 8; ai = ai->ai_next) {
-            if (pass == 0 && ai->ai_family == AF_INET)
-                uv_ip4_name((struct sockaddr_in *)ai->ai_addr, addrs[n++], INET6_ADDRSTRLEN);
-            else if (pass == 1 && ai->ai_family == AF_INET6)
-                uv_ip6_name((struct sockaddr_in6 *)ai->ai_addr, addrs[n++], INET6_ADDRSTRLEN);
-        }
-    }
-    uv_freeaddrinfo(res);
-    if (n == 0) {
-        char why[200];
-        snprintf(why, sizeof(why), "\"%s\" has no IPv4/IPv6 address", rc->sh->url.host);
-        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
-        return;
-    }
-    connect_to(rc, addrs[rc->failures % (unsigned)n]);
-}
-
-static int is_numeric_host(const char *h)
-{
-    unsigned char buf[sizeof(struct in6_addr)];
-    return inet_pton(AF_INET, h, buf) == 1 || inet_pton(AF_INET6, h, buf) == 1;
-}
-
-static void conn_start(struct rconn *rc)
-{
-    struct rbroker *b = rc->sh->b;
-    if (b->stopped)
-        return;
-    if (rc->gai_active) {
-        /* An abandoned lookup is still running in the threadpool (slow
-         * DNS): the request struct is busy, try again later. */
-        timer_arm(rc, next_delay(rc));
-        return;
-    }
-    /* One deadline for resolve + connect + handshake. */
-    timer_arm(rc, rc->sh->url.connect_timeout_ms);
-    if (is_numeric_host(rc->sh->url.host)) {
-        connect_to(rc, rc->sh->url.host);
-        return;
-    }
-    /* hiredis would call getaddrinfo() itself, blocking the loop: resolve
-     * in libuv's threadpool and hand hiredis a numeric address. */
-    struct addrinfo hints;
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    rc->gai.data = rc;
-    rc->state = C_RESOLVING;
-    int r = uv_getaddrinfo(b->base.loop, &rc->gai, on_resolved, rc->sh->url.host, NULL, &hints);
-    if (r < 0) {
-        char why[200];
-        snprintf(why, sizeof(why), "cannot resolve \"%s\": %s", rc->sh->url.host,
-                 uv_strerror(r));
-        rc->state = C_IDLE;
-        conn_fail(rc, why, HUB_LOG_WARN, LOST_CLOSED);
-        return;
-    }
-    rc->gai_active = 1;
-    b->open_handles++;
-}
-
-static void on_timer(uv_timer_t *t)
-{
-    struct rconn *rc = t->data;
-    char why[200];
-    switch (rc->state) {
-    case C_IDLE:
-        conn_start(rc);
-        break;
-    case C_RESOLVING:
-    case C_CONNECTING:
-    case C_HANDSHAKE:
-        snprintf(why, sizeof(why), "%s timed out after %u ms",
-                 rc->state == C_RESOLVING ? "name lookup"
-                 : rc->state == C_CONNECTING ? "connect" : "handshake (AUTH/SELECT/PING)",
-                 rc->sh->url.connect_timeout_ms);
-        /* A context that never connected gets no callback from hiredis:
-         * freeing it is the only way out (docs/internals.md). */
-        hub_rbroker_conn_drop(rc, why, HUB_LOG_WARN, LOST_TIMEOUT);
-        break;
-    case C_SYNCING:
-    case C_UP: {
-        struct pending *p = rc->head;
-        if (!p)
-            break;
-        uint64_t now = now_ms();
-        if (p->deadline_ms > now) {
-            timer_arm(rc, p->deadline_ms - now);
-            break;
-        }
-        snprintf(why, sizeof(why), "%s within %u ms",
-                 p->kind == P_PUBLISH   ? "PUBLISH not answered"
-                 : p->kind == P_COMMAND ? "command not answered"
-                 : p->kind == P_PROBE   ? (p->seq ? "probe PUBLISH not answered"
-                                                  : "PING not answered")
-                 : p->kind == P_ECHO    ? "probe message not received"
-                                        : "SUBSCRIBE/UNSUBSCRIBE not answered",
-                 rc->sh->url.command_timeout_ms);
-        hub_rbroker_conn_drop(rc, why, HUB_LOG_WARN, LOST_TIMEOUT);
-        break;
-    }
-    default:
-        break;
     }
 }
 
@@ -672,7 +248,7 @@ static int batch_send(struct rconn *rc, int subscribe, size_t n, int sync)
     }
     /* hiredis keeps one callback per channel for SUBSCRIBE (confirmation,
      * messages, and the UNSUBSCRIBE confirmation); UNSUBSCRIBE ignores it. */
-    if (redisAsyncCommandArgv(rc->ac, on_sub_reply, rc, (int)n + 1, b->argv, b->argl) !=
+    if (redisAsyncCommandArgv(rc->ac, hub_rbroker_on_sub_reply, rc, (int)n + 1, b->argv, b->argl) !=
         REDIS_OK)
         return -1;
     b->subscribe_cmds++;
@@ -752,7 +328,7 @@ static void flush_shard_sync(struct shard *sh, int sync)
     }
     while (dead) {
         struct rchan *next = dead->dnext;
-        chan_maybe_free(sh, dead);
+        hub_rbroker_chan_maybe_free(sh, dead);
         dead = next;
     }
     if (unsubs)
@@ -761,7 +337,7 @@ static void flush_shard_sync(struct shard *sh, int sync)
         flush_dir(sh, subs, 1, sync);
 }
 
-static void flush_shard(struct shard *sh)
+void hub_rbroker_flush_shard(struct shard *sh)
 {
     flush_shard_sync(sh, 0);
 }
@@ -774,7 +350,7 @@ static void on_idle(uv_idle_t *h)
     for (uint32_t i = 0; i < b->n; i++) {
         struct shard *sh = &b->shards[i];
         if (sh->dirty_head)
-            flush_shard(sh);
+            hub_rbroker_flush_shard(sh);
         /* The probe behind this iteration's publishes (if a connection went
          * down since, those publishes fail on their own). */
         if (sh->probe_due) {
@@ -798,7 +374,7 @@ void hub_rbroker_schedule_flush(struct rbroker *b)
 
 /* Called on the connected subscriber connection: subscribe every wanted
  * channel again, then go UP when all of it is confirmed. */
-static void sync_start(struct rconn *rc)
+void hub_rbroker_sync_start(struct rconn *rc)
 {
     struct shard *sh = rc->sh;
     rc->state = C_SYNCING;
@@ -824,7 +400,7 @@ static void sync_start(struct rconn *rc)
 /* One (un)subscribe confirmation: counts it against the oldest batch
  * (probe echoes may sit before it in the list: they complete in their own
  * order). */
-static void batch_ack(struct rconn *rc)
+void hub_rbroker_batch_ack(struct rconn *rc)
 {
     struct pending *p = rc->head;
     while (p && p->kind != P_BATCH)
@@ -839,7 +415,7 @@ static void batch_ack(struct rconn *rc)
     free(p);
 }
 
-static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata)
+void hub_rbroker_on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
     struct rconn *rc = privdata;
     redisReply *r = reply;
@@ -884,7 +460,7 @@ static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata)
     int was_up = rc->state == C_UP;
     struct waiter *ready = NULL, **tail = &ready;
     if (strcmp(kind, "subscribe") == 0) {
-        batch_ack(rc);
+        hub_rbroker_batch_ack(rc);
         if (c) {
             c->subs_confirmed++;
             if (c->outstanding)
@@ -900,18 +476,18 @@ static void on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata)
             }
         }
     } else if (strcmp(kind, "unsubscribe") == 0) {
-        batch_ack(rc);
+        hub_rbroker_batch_ack(rc);
         if (c) {
             if (c->outstanding)
                 c->outstanding--;
-            chan_maybe_free(sh, c);
+            hub_rbroker_chan_maybe_free(sh, c);
         }
     } else {
         return;
     }
     if (!was_up && rc->state == C_UP)
-        health_update(b);
-    waiters_fire(ready, HUB_OK);
+        hub_rbroker_health_update(b);
+    hub_rbroker_waiters_fire(ready, HUB_OK);
 }
 
 /* ------------------------------------------------------------------ */
@@ -986,11 +562,11 @@ static void unsubscribe_on(struct rbroker *b, struct shard *sh, const char *chan
     if (!c->control && !c->probe)
         b->wanted--;
     struct waiter *canceled = NULL;
-    waiters_take(c, &canceled);
+    hub_rbroker_waiters_take(c, &canceled);
     /* The flush sends UNSUBSCRIBE if a SUBSCRIBE went out, else forgets
      * the entry once no confirmation is outstanding. */
     chan_mark_dirty(sh, c);
-    waiters_fire(canceled, HUB_ECANCELED);
+    hub_rbroker_waiters_fire(canceled, HUB_ECANCELED);
 }
 
 static void r_unsubscribe(struct hub_broker *hb, const char *channel, size_t len)
@@ -1057,10 +633,10 @@ static void r_stop(struct hub_broker *hb)
                 uv_cancel((uv_req_t *)&rc->gai);
             }
             if (rc->role == ROLE_SUB)
-                sub_pending_clear(rc);
+                hub_rbroker_sub_pending_clear(rc);
             rc->state = C_STOPPED;
         }
-        chans_reset(sh, &failed);
+        hub_rbroker_chans_reset(sh, &failed);
     }
     /* Free the contexts last: their pending PUBLISH callbacks run now (or
      * right after the hiredis callback we are in) with UNAVAILABLE, and
@@ -1077,7 +653,7 @@ static void r_stop(struct hub_broker *hb)
             }
         }
     }
-    waiters_fire(failed, HUB_EUNAVAILABLE);
+    hub_rbroker_waiters_fire(failed, HUB_EUNAVAILABLE);
     hub_rbroker_acks_fire(b, unacked, HUB_EUNAVAILABLE);
 }
 
@@ -1138,7 +714,7 @@ static void rconn_init(struct rbroker *b, struct shard *sh, struct rconn *rc, in
     b->open_handles++;
     /* First attempt on the first loop iteration, not inside the
      * constructor. */
-    timer_arm(rc, 0);
+    hub_rbroker_timer_arm(rc, 0);
 }
 
 struct hub_broker *hub_broker_redis_new(uv_loop_t *loop, struct hub_redis_url *urls, size_t n,
@@ -1168,7 +744,7 @@ struct hub_broker *hub_broker_redis_new(uv_loop_t *loop, struct hub_redis_url *u
     /* Our probe channel: '!' cannot occur in hub channel names, and the
      * random part keeps other processes' probes out. */
     int pl = snprintf(b->probe, sizeof(b->probe), "!probe:%016llx",
-                      (unsigned long long)rnd(b));
+                      (unsigned long long)hub_rbroker_rnd(b));
     b->probe_len = (size_t)pl;
     for (size_t i = 0; i < n; i++) {
         struct shard *sh = &b->shards[i];

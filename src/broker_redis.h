@@ -248,6 +248,25 @@ void hub_rbroker_schedule_flush(struct rbroker *b);
 /* The shard's entry of `name` (hash h = hub_hash64 of it), or NULL. */
 struct rchan *hub_rbroker_chan_find(struct shard *sh, const char *name, size_t len, uint64_t h);
 
+/* redis_conn.c: one connection's state machine */
+void hub_rbroker_conn_start(struct rconn *rc);
+void hub_rbroker_conn_fail(struct rconn *rc, const char *why, int level, int cause);
+void hub_rbroker_timer_arm(struct rconn *rc, uint64_t delay_ms);
+void hub_rbroker_sub_pending_clear(struct rconn *rc);
+
+/* broker_redis.c: channels, subscriptions, health */
+const char *hub_rbroker_role_name(const struct rconn *rc);
+uint64_t hub_rbroker_rnd(struct rbroker *b);
+void hub_rbroker_waiters_fire(struct waiter *w, int status);
+void hub_rbroker_waiters_take(struct rchan *c, struct waiter **out);
+void hub_rbroker_health_update(struct rbroker *b);
+void hub_rbroker_chans_reset(struct shard *sh, struct waiter **out);
+void hub_rbroker_chan_maybe_free(struct shard *sh, struct rchan *c);
+void hub_rbroker_flush_shard(struct shard *sh);
+void hub_rbroker_sync_start(struct rconn *rc);
+void hub_rbroker_batch_ack(struct rconn *rc);
+void hub_rbroker_on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata);
+
 /* broker_redis_pub.c */
 
 /* The ops of that file (see struct hub_broker_ops). */
