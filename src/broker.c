@@ -401,3 +401,9 @@ struct hub_broker *hub_broker_new(uv_loop_t *loop, const char *url, const char *
         return hub_broker_memory_new(loop, deliver, health, ud);
     return hub_broker_redis_new(loop, u, n, prefix ? prefix : "luahub:", deliver, health, ud);
 }
+
+struct hub_registry *hub_broker_registry_new(struct hub_broker *b,
+                                             const struct hub_registry_options *opt)
+{
+    return b->ops->registry_new(b, opt);
+}

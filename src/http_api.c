@@ -16,13 +16,13 @@
 #include <unistd.h>
 #include <yajl/yajl_tree.h>
 
-#include "luahub/http.h"
+#include "luahub/http_api.h"
 #include "luahub/log.h"
 #include "luahub/metrics.h"
 #include "luahub/policy.h"
 #include "luahub/proto.h"
 #include "luahub/registry.h"
-#include "luahub/server.h"
+#include "luahub/session.h"
 
 #define JSON "application/json"
 
@@ -69,10 +69,10 @@ static int same_origin(const struct hub_request *r)
 }
 
 /* Returns 1 if the request may use the API; else answers and returns 0. */
-static int authorized(struct hub_server *srv, struct hub_http_conn *c,
+static int authorized(struct hub_http_api *api, struct hub_http_conn *c,
                       const struct hub_request *r)
 {
-    const char *key = srv->cfg->api_key;
+    const char *key = api->cfg->api_key;
     size_t n;
     const char *auth = hub_request_header(r, "authorization", &n);
 
@@ -187,7 +187,7 @@ static int user_valid(const char *u, size_t n)
 }
 
 /* POST /api/publish, POST /api/broadcast */
-static void api_publish(struct hub_server *srv, struct hub_http_conn *c,
+static void api_publish(struct hub_http_api *api, struct hub_http_conn *c,
                         const struct hub_request *r, int broadcast)
 {
     struct hub_api_req req;
@@ -196,7 +196,7 @@ static void api_publish(struct hub_server *srv, struct hub_http_conn *c,
     memset(&req, 0, sizeof(req));
     if (hub_proto_decode_api(r->body ? r->body : "", r->body_len, broadcast, &req, &err) < 0) {
         hub_buf_free(&req.names);
-        srv->sessions.protocol_errors[err.code]++;
+        api->sessions->protocol_errors[err.code]++;
         hub_http_respond_error(c, 400, hub_proto_code_name(err.code), err.message, 0);
         return;
     }
@@ -205,7 +205,7 @@ static void api_publish(struct hub_server *srv, struct hub_http_conn *c,
     for (unsigned i = 0; i < req.nchannels; i++) {
         size_t len = strlen(name);
         op->remaining++;
-        if (hub_publish(&srv->hub, name, len, req.data.p, req.data.len, on_api_published,
+        if (hub_publish(api->hub, name, len, req.data.p, req.data.len, on_api_published,
                         op) < 0) {
             op->remaining--;
             op->failed = 1;
@@ -218,12 +218,12 @@ static void api_publish(struct hub_server *srv, struct hub_http_conn *c,
 
 /* POST /api/reload: build the policy aside, swap on success. The body is
  * ignored; the answer lists every problem when the reload fails. */
-static void api_reload(struct hub_server *srv, struct hub_http_conn *c)
+static void api_reload(struct hub_http_api *api, struct hub_http_conn *c)
 {
     struct hub_config_errors errs = {0};
     struct hub_buf msg = {0};
 
-    if (hub_server_reload_policy(srv, &errs) == 0) {
+    if (api->reload(api->ud, &errs) == 0) {
         respond_json(c, 200, "{\"ok\":true}");
         return;
     }
@@ -237,7 +237,7 @@ static void api_reload(struct hub_server *srv, struct hub_http_conn *c)
 
 /* POST /api/disconnect {"user":"U"}: close the user's connections on every
  * instance (a control message through the broker). */
-static void api_disconnect(struct hub_server *srv, struct hub_http_conn *c,
+static void api_disconnect(struct hub_http_api *api, struct hub_http_conn *c,
                            const struct hub_request *r)
 {
     char err[128];
@@ -262,7 +262,7 @@ static void api_disconnect(struct hub_server *srv, struct hub_http_conn *c,
     struct api_op *op = op_new(c, "the broker is unavailable: nobody was disconnected, try "
                                   "again later");
     op->remaining++;
-    if (hub_registry_disconnect(srv->registry, user, strlen(user), on_disconnected, op) < 0) {
+    if (hub_registry_disconnect(api->sessions->registry, user, strlen(user), on_disconnected, op) < 0) {
         op->remaining--;
         op->failed = 1;
     }
@@ -287,7 +287,7 @@ static int find_user_arg(void *ud, const char *name, size_t nl, const char *valu
 }
 
 /* GET /api/connections?user=U: the user's connections on every instance. */
-static void api_connections(struct hub_server *srv, struct hub_http_conn *c,
+static void api_connections(struct hub_http_api *api, struct hub_http_conn *c,
                             const struct hub_request *r)
 {
     struct user_arg a = {{0}, 0};
@@ -302,7 +302,7 @@ static void api_connections(struct hub_server *srv, struct hub_http_conn *c,
     }
     struct api_op *op = op_new(c, "the registry is unavailable: try again later");
     op->remaining++;
-    if (hub_registry_connections(srv->registry, a.v.p, a.v.len, on_connections, op) < 0) {
+    if (hub_registry_connections(api->sessions->registry, a.v.p, a.v.len, on_connections, op) < 0) {
         op->remaining--;
         op->failed = 1;
     }
@@ -310,20 +310,20 @@ static void api_connections(struct hub_server *srv, struct hub_http_conn *c,
     op_complete(op, 1);
 }
 
-static void healthz(struct hub_server *srv, struct hub_http_conn *c)
+static void healthz(struct hub_http_api *api, struct hub_http_conn *c)
 {
-    if (srv->shutting_down)
+    if (api->sessions->shutting_down)
         respond_json(c, 503, "{\"status\":\"shutting_down\"}");
-    else if (!srv->broker->ops->up(srv->broker))
+    else if (!api->hub->broker->ops->up(api->hub->broker))
         respond_json(c, 503, "{\"status\":\"degraded\",\"broker\":\"down\"}");
     else
         respond_json(c, 200, "{\"status\":\"ok\"}");
 }
 
-static void metrics(struct hub_server *srv, struct hub_http_conn *c)
+static void metrics(struct hub_http_api *api, struct hub_http_conn *c)
 {
     struct hub_buf b = {0};
-    (void)srv;
+    (void)api;
     hub_metrics_render(&b);
     hub_http_respond(c, 200, "text/plain; version=0.0.4", NULL, b.p, b.len, 0);
     hub_buf_free(&b);
@@ -396,25 +396,25 @@ static int open_beneath(int root, const char *rel)
     return (int)syscall(SYS_openat2, root, rel, &how, sizeof(how));
 }
 
-static void serve_static(struct hub_server *srv, struct hub_http_conn *c,
+static void serve_static(struct hub_http_api *api, struct hub_http_conn *c,
                          const struct hub_request *r)
 {
     struct hub_buf rel = {0};
     struct stat st;
     int fd = -1;
 
-    if (srv->static_fd < 0 || !is_get(r) || !static_path_ok(r->path, r->path_len)) {
+    if (api->static_fd < 0 || !is_get(r) || !static_path_ok(r->path, r->path_len)) {
         hub_http_respond_error(c, 404, "not_found", "no such route", 0);
         return;
     }
     hub_buf_append(&rel, r->path + 1, r->path_len - 1);
     if (!rel.len || rel.p[rel.len - 1] == '/')
         hub_buf_appends(&rel, "index.html");
-    fd = open_beneath(srv->static_fd, rel.p);
+    fd = open_beneath(api->static_fd, rel.p);
     if (fd >= 0 && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
         close(fd);
         hub_buf_appends(&rel, "/index.html");
-        fd = open_beneath(srv->static_fd, rel.p);
+        fd = open_beneath(api->static_fd, rel.p);
     }
     if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
         if (fd >= 0)
@@ -428,15 +428,27 @@ static void serve_static(struct hub_server *srv, struct hub_http_conn *c,
     hub_buf_free(&rel);
 }
 
-int hub_http_api_static_open(const char *dir)
+void hub_http_api_init(struct hub_http_api *api, const struct hub_config *cfg,
+                       struct hub *hub, struct hub_sessions *sessions,
+                       int (*reload)(void *ud, struct hub_config_errors *errs), void *ud)
 {
-    if (!dir)
-        return -1;
-    int fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        hub_log(HUB_LOG_WARN, "static_dir %s: %s: static files are not served", dir,
-                strerror(errno));
-    return fd;
+    *api = (struct hub_http_api){
+        .cfg = cfg, .hub = hub, .sessions = sessions,
+        .static_fd = -1, .reload = reload, .ud = ud,
+    };
+    if (!cfg->static_dir)
+        return;
+    api->static_fd = open(cfg->static_dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (api->static_fd < 0)
+        hub_log(HUB_LOG_WARN, "static_dir %s: %s: static files are not served",
+                cfg->static_dir, strerror(errno));
+}
+
+void hub_http_api_free(struct hub_http_api *api)
+{
+    if (api->static_fd >= 0)
+        close(api->static_fd);
+    api->static_fd = -1;
 }
 
 /* ---- routing --------------------------------------------------------------- */
@@ -456,7 +468,7 @@ static void method_not_allowed(struct hub_http_conn *c, const char *allow)
 
 void hub_http_api_request(void *ud, struct hub_http_conn *c, const struct hub_request *r)
 {
-    struct hub_server *srv = ud;
+    struct hub_http_api *api = ud;
     const char *path = r->path;
 
     if (!strncmp(path, "/api/", 5) && r->path_len == strlen(path)) {
@@ -464,24 +476,24 @@ void hub_http_api_request(void *ud, struct hub_http_conn *c, const struct hub_re
         if (!strcmp(path, "/api/connections")) {
             if (!is_get(r))
                 method_not_allowed(c, "GET");
-            else if (authorized(srv, c, r))
-                api_connections(srv, c, r);
+            else if (authorized(api, c, r))
+                api_connections(api, c, r);
             return;
         }
         if (!strcmp(path, "/api/publish") || !strcmp(path, "/api/broadcast") ||
             !strcmp(path, "/api/reload") || !strcmp(path, "/api/disconnect")) {
             if (!post)
                 method_not_allowed(c, "POST");
-            else if (!authorized(srv, c, r))
+            else if (!authorized(api, c, r))
                 ;
             else if (!strcmp(path, "/api/publish"))
-                api_publish(srv, c, r, 0);
+                api_publish(api, c, r, 0);
             else if (!strcmp(path, "/api/broadcast"))
-                api_publish(srv, c, r, 1);
+                api_publish(api, c, r, 1);
             else if (!strcmp(path, "/api/reload"))
-                api_reload(srv, c);
+                api_reload(api, c);
             else
-                api_disconnect(srv, c, r);
+                api_disconnect(api, c, r);
             return;
         }
         hub_http_respond_error(c, 404, "not_found", "no such API route", 0);
@@ -491,22 +503,22 @@ void hub_http_api_request(void *ud, struct hub_http_conn *c, const struct hub_re
         if (!is_get(r))
             method_not_allowed(c, "GET");
         else
-            healthz(srv, c);
+            healthz(api, c);
         return;
     }
     if (!strcmp(path, "/metrics")) {
         if (!is_get(r))
             method_not_allowed(c, "GET");
-        else if (authorized(srv, c, r))
-            metrics(srv, c);
+        else if (authorized(api, c, r))
+            metrics(api, c);
         return;
     }
-    if (!strcmp(path, srv->cfg->websocket_path)) {
+    if (!strcmp(path, api->cfg->websocket_path)) {
         hub_http_respond_error(c, 426, "upgrade_required",
                                "this is the WebSocket endpoint: connect with a WebSocket "
                                "client (Upgrade: websocket)",
                                0);
         return;
     }
-    serve_static(srv, c, r);
+    serve_static(api, c, r);
 }

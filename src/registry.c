@@ -2,7 +2,8 @@
  * both implementations share: this process's table of connections with a
  * user, the connection count, listings as JSON. The local implementation is
  * registry_local.c (memory broker), the Redis one registry_redis.c; the
- * broker creates the one that fits it (hub_broker_ops.registry_new). */
+ * broker creates the one that fits it (hub_broker_registry_new): they are
+ * the brokers' files, this one knows no broker. */
 #include "registry_impl.h"
 
 #include <stdio.h>
@@ -29,13 +30,6 @@ void hub_registry_base_init(struct hub_registry *reg, const struct hub_registry_
     reg->ud = opt->ud;
     reg->started = (long long)time(NULL);
     hub_list_init(&reg->all);
-}
-
-struct hub_registry *hub_registry_new(uv_loop_t *loop, struct hub_broker *broker,
-                                      const struct hub_registry_options *opt)
-{
-    (void)loop;
-    return broker->ops->registry_new(broker, opt);
 }
 
 static struct rentry *find(const struct hub_registry *reg, const char *id, size_t idlen)

@@ -9,6 +9,8 @@
 #include "luahub/list.h"
 #include "luahub/registry.h"
 
+struct hub_broker;
+
 /* A connection with a user, in this process. */
 struct rentry {
     struct hub_hnode node;          /* the table, keyed by client id */

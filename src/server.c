@@ -298,8 +298,19 @@ static struct hub_conn_pending *take_pending(struct hub_server *srv, struct lws 
     return p;
 }
 
+static void on_request(void *ud, struct hub_http_conn *c, const struct hub_request *r)
+{
+    struct hub_server *srv = ud;
+    hub_http_api_request(&srv->api, c, r);
+}
+
+static int reload_policy(void *ud, struct hub_config_errors *errs)
+{
+    return hub_server_reload_policy(ud, errs);
+}
+
 static const struct hub_http_routes routes = {
-    .request = hub_http_api_request,
+    .request = on_request,
     .upgrade = on_upgrade,
 };
 
@@ -477,8 +488,8 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
     memset(srv, 0, sizeof(*srv));
     srv->loop = loop;
     srv->cfg = cfg;
-    srv->static_fd = hub_http_api_static_open(cfg->static_dir);
     make_instance_id(srv->instance, sizeof(srv->instance));
+    hub_http_api_init(&srv->api, cfg, &srv->hub, &srv->sessions, reload_policy, srv);
     uv_timer_init(loop, &srv->shutdown_timer);
     srv->shutdown_timer.data = srv;
     uv_timer_init(loop, &srv->listen_timer);
@@ -603,7 +614,7 @@ int hub_server_start(struct hub_server *srv)
     /* The registry advertises the bound address, so it starts now. */
     char address[320];
     snprintf(address, sizeof(address), "%s:%d", cfg->listen_host, srv->listener.port);
-    srv->registry = hub_registry_new(srv->loop, srv->broker, &(struct hub_registry_options){
+    srv->registry = hub_broker_registry_new(srv->broker, &(struct hub_registry_options){
         .instance = srv->instance,
         .address = address,
         .prefix = cfg->redis_prefix,
@@ -685,9 +696,7 @@ void hub_server_free(struct hub_server *srv)
     srv->registry = NULL;
     hub_http_free(srv->http);
     srv->http = NULL;
-    if (srv->static_fd >= 0)
-        close(srv->static_fd);
-    srv->static_fd = -1;
+    hub_http_api_free(&srv->api);
     hub_free(&srv->hub);
     if (srv->broker)
         srv->broker->ops->free(srv->broker);

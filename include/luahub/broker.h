@@ -130,6 +130,14 @@ struct hub_broker {
  * (NULL: "luahub:"; borrowed). The redis broker starts connecting at once
  * (down until connected). Returns NULL with a message in `err` if the URL
  * does not parse. */
+/* Creates the connection registry that fits `b` (registry.h; `b` is
+ * borrowed: it must outlive the registry, and be stopped after
+ * hub_registry_stop). The Redis one subscribes the control channel and
+ * starts the heartbeat at once (it retries until Redis is there). Never
+ * NULL. */
+struct hub_registry *hub_broker_registry_new(struct hub_broker *b,
+                                             const struct hub_registry_options *opt);
+
 struct hub_broker *hub_broker_new(uv_loop_t *loop, const char *url, const char *prefix,
                                   hub_broker_deliver_fn deliver,
                                   hub_broker_health_fn health, void *ud,

@@ -1,6 +1,8 @@
 /* The connection registry and the instance heartbeat (multi-instance): one
  * interface, two implementations, made by the broker that fits
- * (hub_broker_ops.registry_new): registry_local.c and registry_redis.c.
+ * (hub_broker_registry_new in broker.h): registry_local.c and
+ * registry_redis.c, which belong to the brokers; this header and
+ * registry.c know no broker.
  *
  * With the redis broker, every process ("instance") keeps in Redis, on the
  * FIRST server of the broker list, through the broker's command
@@ -28,7 +30,7 @@
 #include <stddef.h>
 #include <uv.h>
 
-#include "luahub/broker.h"
+#include "luahub/error.h"
 #include "luahub/util.h"
 
 struct hub_registry;
@@ -71,13 +73,6 @@ struct hub_registry_options {
     hub_registry_disconnect_fn disconnect_user;    /* may be NULL */
     void *ud;                   /* for disconnect_user */
 };
-
-/* Creates the registry that fits `broker` (borrowed: it must outlive the
- * registry, and be stopped after hub_registry_stop). The Redis one
- * subscribes the control channel and starts the heartbeat at once (it
- * retries until Redis is there). Never NULL. */
-struct hub_registry *hub_registry_new(uv_loop_t *loop, struct hub_broker *broker,
-                                      const struct hub_registry_options *opt);
 
 /* A connection opened (call it from ESTABLISHED, for every connection):
  * `client_id` ("<instance>-<n>", NUL-terminated, copied) and `user`

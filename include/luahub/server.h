@@ -17,6 +17,7 @@
 #include "luahub/broker.h"
 #include "luahub/config.h"
 #include "luahub/http.h"
+#include "luahub/http_api.h"
 #include "luahub/hub.h"
 #include "luahub/listener.h"
 #include "luahub/policy.h"
@@ -35,7 +36,7 @@ struct hub_server {
     /* the data path, in order */
     struct hub_listener listener;
     struct hub_http *http;          /* plain HTTP and upgrade requests */
-    int static_fd;                  /* static_dir, opened O_PATH; -1: none */
+    struct hub_http_api api;        /* its plain requests: API, /healthz, /metrics, files */
     struct lws_context *ctx;
     struct lws_vhost *vhost;
     lws_retry_bo_t retry;           /* the vhost keeps a pointer to it */

@@ -110,7 +110,7 @@ static struct inst *mk(int i, const char *url, unsigned ttl_ms, unsigned refresh
         .disconnect_user = on_disconnect_user,
         .ud = in,
     };
-    in->reg = hub_registry_new(&T.loop, in->b, &o);
+    in->reg = hub_broker_registry_new(in->b, &o);
     return in;
 }
 
@@ -570,7 +570,7 @@ static pid_t spawn_instance(int port, unsigned ttl, unsigned refresh)
         _exit(126);
     struct hub_registry_options o = {.instance = "child0000009", .address = "127.0.0.1:9",
                                      .ttl_ms = ttl, .refresh_ms = refresh};
-    struct hub_registry *reg = hub_registry_new(&loop, b, &o);
+    struct hub_registry *reg = hub_broker_registry_new(b, &o);
     hub_registry_conn_open(reg, "child0000009-1", "gina", 4);
     hub_registry_conn_open(reg, "child0000009-2", "shared", 6);
     uv_run(&loop, UV_RUN_DEFAULT);     /* until SIGKILL */
