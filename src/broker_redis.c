@@ -266,7 +266,7 @@ static int batch_send(struct rconn *rc, int subscribe, size_t n, int sync)
     p->kind = P_BATCH;
     p->left = (unsigned)n;
     p->sync = sync;
-    p->deadline_ms = now_ms() + rc->sh->url.command_timeout_ms;
+    p->deadline_ms = hub_now_ms() + rc->sh->url.command_timeout_ms;
     hub_rbroker_pending_push(rc, p);
     if (sync)
         rc->sync_left++;
@@ -729,6 +729,7 @@ struct hub_broker *hub_broker_redis_new(uv_loop_t *loop, struct hub_redis_url *u
     b->base.ud = ud;
     b->prefix = hub_xstrdup(prefix);
     b->plen = strlen(prefix);
+    hub_hist_init(&b->rtt, hub_hist_bounds_rtt, hub_countof(hub_hist_bounds_rtt));
     b->rng = hub_now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)b;
     if (!b->rng)
         b->rng = 1;

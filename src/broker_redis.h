@@ -14,6 +14,7 @@
 #include "broker_impl.h"
 #include "luahub/broker.h"
 #include "luahub/hash.h"
+#include "luahub/metrics.h"
 #include "luahub/util.h"
 
 /* A Redis reply to hub_rbroker_command(), converted from hiredis so that
@@ -168,8 +169,6 @@ enum { REF_DOWN, REF_PUBSUB_DOWN, REF_OVER_CAP, REF_NOT_RECEIVED, REF_N };
 /* Why an established connection was lost (luahub_broker_link_lost_total). */
 enum { LOST_CLOSED, LOST_TIMEOUT, LOST_NOT_SUBSCRIBED, LOST_N };
 
-#define RTT_BUCKETS 15
-
 struct rbroker {
     struct hub_broker base;     /* first: the ops receive &base */
     struct shard *shards;
@@ -206,15 +205,8 @@ struct rbroker {
     uint64_t probes;            /* probe PUBLISHes sent */
     hub_broker_control_fn control_fn;
     void *control_ud;
-    uint64_t rtt_count[RTT_BUCKETS + 1];
-    uint64_t rtt_sum_ns;
-    uint64_t rtt_n;
+    struct hub_hist rtt;        /* PUBLISH queued to reply */
 };
-
-static inline uint64_t now_ms(void)
-{
-    return uv_hrtime() / 1000000u;
-}
 
 static inline struct shard *shard_of(struct rbroker *b, const char *channel, size_t len)
 {

@@ -19,9 +19,6 @@
 static const char *const ref_name[REF_N] = {"down", "pubsub_down", "over_cap",
                                              "not_received"};
 static const char *const lost_name[LOST_N] = {"closed", "timeout", "not_subscribed"};
-static const double rtt_le[RTT_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025,
-                                           0.005,  0.01,    0.025,  0.05,  0.1,
-                                           0.25,   0.5,     1,      2.5,   5};
 
 /* ------------------------------------------------------------------ */
 /* Publishes waiting for the echo of their probe                      */
@@ -113,17 +110,6 @@ void hub_rbroker_probe_echo(struct shard *sh, const char *s, size_t len)
 /* Publishing                                                         */
 /* ------------------------------------------------------------------ */
 
-static void rtt_observe(struct rbroker *b, uint64_t ns)
-{
-    double s = (double)ns / 1e9;
-    int i = 0;
-    while (i < RTT_BUCKETS && s > rtt_le[i])
-        i++;
-    b->rtt_count[i]++;
-    b->rtt_sum_ns += ns;
-    b->rtt_n++;
-}
-
 /* A reply (or NULL: the connection went away) for a pending PUBLISH or
  * command: takes it off its connection's books. The caller frees it. */
 static struct pending *pending_finish(void *privdata)
@@ -139,7 +125,7 @@ static struct pending *pending_finish(void *privdata)
 /* Rate-limited (once a second per connection) warning. */
 static void warn_limited(struct rconn *rc, const char *what, const char *err)
 {
-    uint64_t now = now_ms();
+    uint64_t now = hub_now_ms();
     if (now - rc->last_overload_log_ms >= 1000) {
         rc->last_overload_log_ms = now;
         hub_log(HUB_LOG_WARN, "%s: %s failed: %s", rc->sh->tag, what, err);
@@ -163,7 +149,7 @@ static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
     redisReply *r = reply;
     int status = HUB_EUNAVAILABLE, gone = 0;
     if (r && r->type != REDIS_REPLY_ERROR) {
-        rtt_observe(b, hub_now_ns() - p->t0_ns);
+        hub_hist_observe(&b->rtt, hub_now_ns() - p->t0_ns);
         if (p->self && (r->type != REDIS_REPLY_INTEGER || r->integer < 1)) {
             /* Nobody received it, not even our own subscription: the sub
              * connection is gone although its socket has not said so. */
@@ -207,7 +193,7 @@ static int over_cap(struct shard *sh, struct rconn *rc, size_t bytes)
         rc->pending_bytes + bytes <= sh->url.max_pending_bytes &&
         obuf + bytes <= sh->url.max_pending_bytes)
         return 0;
-    uint64_t now = now_ms();
+    uint64_t now = hub_now_ms();
     if (now - rc->last_overload_log_ms >= 1000) {
         rc->last_overload_log_ms = now;
         hub_log(HUB_LOG_WARN,
@@ -313,7 +299,7 @@ void hub_rbroker_probe_send(struct shard *sh, int ping)
     struct pending *p = hub_xcalloc(1, sizeof(*p));
     p->kind = P_PROBE;
     p->gen = sh->sub_gen;
-    p->deadline_ms = now_ms() + sh->url.command_timeout_ms;
+    p->deadline_ms = hub_now_ms() + sh->url.command_timeout_ms;
     int rv;
     if (ping) {
         rv = redisAsyncCommand(cmd->ac, on_probe_reply, p, "PING");
@@ -483,100 +469,64 @@ int hub_rbroker_command(struct hub_broker *hb, int argc, const char **argv,
 void hub_rbroker_metrics(const struct hub_broker *hb, struct hub_buf *out)
 {
     const struct rbroker *b = (const struct rbroker *)hb;
+    char labels[320];           /* a server label is host:port, up to 280 bytes */
     unsigned pending = 0;
-    hub_buf_printf(out,
-                   "# HELP luahub_broker_up 1 when every Redis server is connected and "
-                   "subscribed.\n"
-                   "# TYPE luahub_broker_up gauge\n"
-                   "luahub_broker_up %d\n"
-                   "# HELP luahub_broker_server_up 1 when both connections to this Redis "
-                   "server are ready.\n"
-                   "# TYPE luahub_broker_server_up gauge\n",
+
+    hub_metric_one(out, "luahub_broker_up", "gauge",
+                   "1 when every Redis server is connected and subscribed.",
                    !b->stopped && b->up);
+    hub_metric_family(out, "luahub_broker_server_up", "gauge",
+                      "1 when both connections to this Redis server are ready.");
     for (uint32_t i = 0; i < b->n; i++) {
         const struct shard *sh = &b->shards[i];
-        hub_buf_printf(out, "luahub_broker_server_up{server=\"%s\"} %d\n", sh->label,
-                       !b->stopped && sh->up);
+        snprintf(labels, sizeof(labels), "server=\"%s\"", sh->label);
+        hub_metric_value(out, "luahub_broker_server_up", labels, !b->stopped && sh->up);
         pending += sh->cmd.npending;
     }
-    hub_buf_printf(out,
-                   "# HELP luahub_broker_publish_refused_total Publishes answered unavailable "
-                   "by this hub's rules: down (command connection not ready), pubsub_down "
-                   "(subscriber connection not subscribed), over_cap, not_received (Redis "
-                   "took it but this hub's own subscription did not get it back).\n"
-                   "# TYPE luahub_broker_publish_refused_total counter\n");
-    for (int i = 0; i < REF_N; i++)
-        hub_buf_printf(out, "luahub_broker_publish_refused_total{reason=\"%s\"} %llu\n",
-                       ref_name[i], (unsigned long long)b->refused[i]);
-    hub_buf_printf(out,
-                   "# HELP luahub_broker_link_lost_total Established Redis connections lost: "
-                   "closed (by Redis or the network), timeout (a command, subscription or "
-                   "probe not answered in time), not_subscribed (a PUBLISH or probe reached "
-                   "no subscriber while this hub was subscribed).\n"
-                   "# TYPE luahub_broker_link_lost_total counter\n");
-    for (int k = 0; k < 2; k++)
-        for (int i = 0; i < LOST_N; i++)
-            hub_buf_printf(out, "luahub_broker_link_lost_total{link=\"%s\",cause=\"%s\"} %llu\n",
-                           k == ROLE_CMD ? "cmd" : "pubsub", lost_name[i],
-                           (unsigned long long)b->lost[k][i]);
-    hub_buf_printf(out,
-                   "# HELP luahub_broker_probes_total Probe PUBLISHes sent (acknowledgement "
-                   "and liveness).\n"
-                   "# TYPE luahub_broker_probes_total counter\n"
-                   "luahub_broker_probes_total %llu\n",
-                   (unsigned long long)b->probes);
-    hub_buf_printf(out,
-                   "# HELP luahub_broker_reconnects_total Redis connections re-established "
-                   "after a loss.\n"
-                   "# TYPE luahub_broker_reconnects_total counter\n"
-                   "luahub_broker_reconnects_total %llu\n"
-                   "# HELP luahub_broker_publishes_total PUBLISHes accepted by Redis.\n"
-                   "# TYPE luahub_broker_publishes_total counter\n"
-                   "luahub_broker_publishes_total %llu\n"
-                   "# HELP luahub_broker_publish_errors_total Publishes that failed "
-                   "(unavailable, over the cap, timed out, Redis error).\n"
-                   "# TYPE luahub_broker_publish_errors_total counter\n"
-                   "luahub_broker_publish_errors_total %llu\n"
-                   "# HELP luahub_broker_pending_publishes PUBLISHes (and registry commands) "
-                   "awaiting a reply.\n"
-                   "# TYPE luahub_broker_pending_publishes gauge\n"
-                   "luahub_broker_pending_publishes %u\n"
-                   "# HELP luahub_broker_channels Channels subscribed through the broker.\n"
-                   "# TYPE luahub_broker_channels gauge\n"
-                   "luahub_broker_channels %llu\n"
-                   "# HELP luahub_broker_received_total Messages received from Redis.\n"
-                   "# TYPE luahub_broker_received_total counter\n"
-                   "luahub_broker_received_total %llu\n"
-                   "# HELP luahub_broker_subscribe_commands_total SUBSCRIBE and UNSUBSCRIBE "
-                   "commands sent (each carries up to 500 channels).\n"
-                   "# TYPE luahub_broker_subscribe_commands_total counter\n"
-                   "luahub_broker_subscribe_commands_total %llu\n"
-                   "# HELP luahub_broker_commands_total Other commands (registry) answered by "
-                   "Redis.\n"
-                   "# TYPE luahub_broker_commands_total counter\n"
-                   "luahub_broker_commands_total %llu\n"
-                   "# HELP luahub_broker_command_errors_total Other commands that failed "
-                   "(unavailable, over the cap, timed out).\n"
-                   "# TYPE luahub_broker_command_errors_total counter\n"
-                   "luahub_broker_command_errors_total %llu\n"
-                   "# HELP luahub_broker_redis_rtt_seconds PUBLISH round trip (queued to "
-                   "reply).\n"
-                   "# TYPE luahub_broker_redis_rtt_seconds histogram\n",
-                   (unsigned long long)b->reconnects, (unsigned long long)b->publishes,
-                   (unsigned long long)b->publish_errors, pending,
-                   (unsigned long long)b->wanted, (unsigned long long)b->received,
-                   (unsigned long long)b->subscribe_cmds, (unsigned long long)b->commands,
-                   (unsigned long long)b->command_errors);
-    uint64_t cum = 0;
-    for (int i = 0; i < RTT_BUCKETS; i++) {
-        cum += b->rtt_count[i];
-        hub_buf_printf(out, "luahub_broker_redis_rtt_seconds_bucket{le=\"%g\"} %llu\n",
-                       rtt_le[i], (unsigned long long)cum);
+    hub_metric_family(out, "luahub_broker_publish_refused_total", "counter",
+                      "Publishes answered unavailable by this hub's rules: down (command "
+                      "connection not ready), pubsub_down (subscriber connection not "
+                      "subscribed), over_cap, not_received (Redis took it but this hub's own "
+                      "subscription did not get it back).");
+    for (int i = 0; i < REF_N; i++) {
+        snprintf(labels, sizeof(labels), "reason=\"%s\"", ref_name[i]);
+        hub_metric_value(out, "luahub_broker_publish_refused_total", labels, b->refused[i]);
     }
-    hub_buf_printf(out,
-                   "luahub_broker_redis_rtt_seconds_bucket{le=\"+Inf\"} %llu\n"
-                   "luahub_broker_redis_rtt_seconds_sum %.9f\n"
-                   "luahub_broker_redis_rtt_seconds_count %llu\n",
-                   (unsigned long long)b->rtt_n, (double)b->rtt_sum_ns / 1e9,
-                   (unsigned long long)b->rtt_n);
+    hub_metric_family(out, "luahub_broker_link_lost_total", "counter",
+                      "Established Redis connections lost: closed (by Redis or the network), "
+                      "timeout (a command, subscription or probe not answered in time), "
+                      "not_subscribed (a PUBLISH or probe reached no subscriber while this "
+                      "hub was subscribed).");
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < LOST_N; i++) {
+            snprintf(labels, sizeof(labels), "link=\"%s\",cause=\"%s\"",
+                     k == ROLE_CMD ? "cmd" : "pubsub", lost_name[i]);
+            hub_metric_value(out, "luahub_broker_link_lost_total", labels, b->lost[k][i]);
+        }
+    hub_metric_one(out, "luahub_broker_probes_total", "counter",
+                   "Probe PUBLISHes sent (acknowledgement and liveness).", b->probes);
+    hub_metric_one(out, "luahub_broker_reconnects_total", "counter",
+                   "Redis connections re-established after a loss.", b->reconnects);
+    hub_metric_one(out, "luahub_broker_publishes_total", "counter",
+                   "PUBLISHes accepted by Redis.", b->publishes);
+    hub_metric_one(out, "luahub_broker_publish_errors_total", "counter",
+                   "Publishes that failed (unavailable, over the cap, timed out, Redis error).",
+                   b->publish_errors);
+    hub_metric_one(out, "luahub_broker_pending_publishes", "gauge",
+                   "PUBLISHes (and registry commands) awaiting a reply.", pending);
+    hub_metric_one(out, "luahub_broker_channels", "gauge",
+                   "Channels subscribed through the broker.", b->wanted);
+    hub_metric_one(out, "luahub_broker_received_total", "counter",
+                   "Messages received from Redis.", b->received);
+    hub_metric_one(out, "luahub_broker_subscribe_commands_total", "counter",
+                   "SUBSCRIBE and UNSUBSCRIBE commands sent (each carries up to 500 "
+                   "channels).", b->subscribe_cmds);
+    hub_metric_one(out, "luahub_broker_commands_total", "counter",
+                   "Other commands (registry) answered by Redis.", b->commands);
+    hub_metric_one(out, "luahub_broker_command_errors_total", "counter",
+                   "Other commands that failed (unavailable, over the cap, timed out).",
+                   b->command_errors);
+    hub_metric_family(out, "luahub_broker_redis_rtt_seconds", "histogram",
+                      "PUBLISH round trip (queued to reply).");
+    hub_metric_hist(out, "luahub_broker_redis_rtt_seconds", NULL, &b->rtt);
 }

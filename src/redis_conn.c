@@ -46,7 +46,7 @@ void hub_rbroker_pending_push(struct rconn *rc, struct pending *p)
      * the head's matters; when the head leaves early the timer fires
      * harmlessly and re-arms for the new head. */
     if (rc->head == p && (rc->state == C_SYNCING || rc->state == C_UP)) {
-        uint64_t now = now_ms();
+        uint64_t now = hub_now_ms();
         hub_rbroker_timer_arm(rc, p->deadline_ms > now ? p->deadline_ms - now : 0);
     }
 }
@@ -419,7 +419,7 @@ static void on_timer(uv_timer_t *t)
         struct pending *p = rc->head;
         if (!p)
             break;
-        uint64_t now = now_ms();
+        uint64_t now = hub_now_ms();
         if (p->deadline_ms > now) {
             hub_rbroker_timer_arm(rc, p->deadline_ms - now);
             break;

@@ -10,6 +10,9 @@
 #define hub_container_of(ptr, type, member) \
     ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
 
+/* The number of elements of array `a` (an array, not a pointer). */
+#define hub_countof(a) (sizeof(a) / sizeof((a)[0]))
+
 /* Out of memory at allocation is fatal: these never return NULL. */
 void *hub_xmalloc(size_t n);
 void *hub_xcalloc(size_t n, size_t size);
