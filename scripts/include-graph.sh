@@ -30,7 +30,7 @@ graph() {
     for f in include/luahub/*.h src/*.h src/*.c; do
         deps=$({ grep -oE '^#include "[^"]+"' "$f" || true; } |
                sed -E 's/#include "(luahub\/)?([^"]+)\.h"/\2/' | sort -u | tr '\n' ' ')
-        printf '%-28s %s\n' "${f#*/}" "${deps% }"
+        printf '%-28s %s\n' "${f#*/}" "${deps% }" | sed 's/ *$//'
     done
 }
 
