@@ -10,7 +10,12 @@
  *           message twice.
  *
  * The broker never touches connections: it hands frames to `deliver`, and
- * the server fans them out to local subscribers. Loop thread only. */
+ * the server fans them out to local subscribers. Loop thread only.
+ *
+ * Ownership: hub_broker_new()'s caller owns the broker: ops->stop(), then
+ * ops->free() once the loop has drained. Frames handed to `deliver` are
+ * borrowed. Re-entrancy: every callback below says what it may call; none
+ * may free the broker. */
 #ifndef LUAHUB_BROKER_H
 #define LUAHUB_BROKER_H
 

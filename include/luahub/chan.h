@@ -2,7 +2,12 @@
  * A channel exists while it has at least one subscriber. Pure: subscribers
  * are opaque owner pointers that the registry never calls into; the owner
  * of the registry (hub.c) hears of a channel losing its last subscriber
- * through `on_last`. Loop thread only; nothing here does I/O. */
+ * through `on_last`. Loop thread only; nothing here does I/O.
+ *
+ * Ownership: the registry allocates and frees the channels and the
+ * subscription nodes (struct hub_sub); a subscriber's list head belongs to
+ * the subscriber, which must unsubscribe_all before it goes away. Names
+ * are copied. */
 #ifndef LUAHUB_CHAN_H
 #define LUAHUB_CHAN_H
 

@@ -1,7 +1,11 @@
 /* The conf file: Lua syntax evaluated in an empty sandbox (no libraries, an
  * instruction budget and a memory cap), made only of assignments of known
  * keys. Every problem is reported as "FILE:LINE: message". Loading does
- * file I/O and nothing else; no loop, no logging. */
+ * file I/O and nothing else; no loop, no logging.
+ *
+ * Ownership: a struct hub_config owns its strings (hub_config_free); a
+ * struct hub_config_errors owns its messages (hub_config_errors_free). No
+ * callbacks. */
 #ifndef LUAHUB_CONFIG_H
 #define LUAHUB_CONFIG_H
 

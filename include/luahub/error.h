@@ -6,7 +6,9 @@
  * system call are not remapped: those functions return -errno and say so.
  *
  * A function that takes a callback and returns an error never calls the
- * callback; one that returns 0 calls it exactly once. */
+ * callback; one that returns 0 calls it exactly once.
+ *
+ * No state, no ownership: names and texts are static strings. */
 #ifndef LUAHUB_ERROR_H
 #define LUAHUB_ERROR_H
 

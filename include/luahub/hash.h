@@ -2,7 +2,10 @@
  * that looks things up by name or id: channels (chan.c), the broker's
  * channel sets, the connection-id table (hub.c) and duplicate channel
  * names in an API broadcast (proto.c). Nothing here allocates nodes; the
- * table allocates only its bucket array. */
+ * table allocates only its bucket array.
+ *
+ * Ownership: nodes are embedded in the caller's objects and belong to
+ * it; removing a node never frees it. No callbacks. */
 #ifndef LUAHUB_HASH_H
 #define LUAHUB_HASH_H
 

@@ -1,7 +1,10 @@
 /* One intrusive circular doubly linked list, used by every module that
  * keeps objects in a list (connections, HTTP connections, timers, Redis
  * commands awaiting replies). Embed a struct hub_list in the object; the
- * list head is a struct hub_list of its own. Nothing here allocates. */
+ * list head is a struct hub_list of its own. Nothing here allocates.
+ *
+ * Ownership: the objects are the caller's; unlinking never frees. No
+ * callbacks. */
 #ifndef LUAHUB_LIST_H
 #define LUAHUB_LIST_H
 

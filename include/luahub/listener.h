@@ -1,7 +1,11 @@
 /* The listening socket: the hub listens itself (accept4 until EAGAIN,
  * SO_REUSEPORT for workers) and hands each accepted socket on; see
  * docs/internals.md, "Listener", for why not lws's listener. Loop thread
- * only. */
+ * only.
+ *
+ * Ownership: the listener owns the listen socket and its handles; each
+ * accepted socket passes to the accept callback, which owns it from then
+ * on. The accept callback may pause or resume the listener, not close it. */
 #ifndef LUAHUB_LISTENER_H
 #define LUAHUB_LISTENER_H
 

@@ -1,5 +1,8 @@
 /* Levelled logging to stderr: one line per event, "TIME LEVEL message".
- * Objects are named by stable tags such as "[conn 42]", never by pointer. */
+ * Objects are named by stable tags such as "[conn 42]", never by pointer.
+ *
+ * No ownership: messages are formatted and written at once. Safe from
+ * any code on the loop thread, not from signal handlers. */
 #ifndef LUAHUB_LOG_H
 #define LUAHUB_LOG_H
 

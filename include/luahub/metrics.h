@@ -2,7 +2,11 @@
  * sources rendered in turn, one writer for every family's # HELP / # TYPE
  * lines and samples, one histogram type. Counters live in the modules that
  * count; gauges are read from their owners when /metrics is rendered,
- * never copied on each change. One loop, one thread: plain integers. */
+ * never copied on each change. One loop, one thread: plain integers.
+ *
+ * Ownership: a source's `ud` is borrowed (remove the source before freeing
+ * it). A render function appends to the caller's buffer and must not add
+ * or remove sources. */
 #ifndef LUAHUB_METRICS_H
 #define LUAHUB_METRICS_H
 

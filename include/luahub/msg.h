@@ -4,7 +4,11 @@
  * payload. The server frame header (unmasked, FIN) is written once, right
  * before the payload, so the bytes [frame, frame + frame_len) can be handed
  * to the socket as they are, shared by every subscriber that queues a
- * reference. Nobody writes into a sealed message. */
+ * reference. Nobody writes into a sealed message.
+ *
+ * Ownership: reference counted, single thread. Whoever holds a pointer
+ * from hub_msg_new()/hub_msg_ref() or one of the constructors owns one
+ * reference and drops it with hub_msg_unref(); the last one frees it. */
 #ifndef LUAHUB_MSG_H
 #define LUAHUB_MSG_H
 

@@ -1,6 +1,10 @@
 /* Protocol v1 codec: decodes client commands and HTTP API bodies, encodes
  * replies, errors and deliveries. Pure: no I/O, no logging, no loop.
- * The wire format is documented in docs/protocol.md. */
+ * The wire format is documented in docs/protocol.md.
+ *
+ * Ownership: decoded spans point into the caller's input and are valid as
+ * long as it is; encoders append to a struct hub_buf the caller owns.
+ * No callbacks. */
 #ifndef LUAHUB_PROTO_H
 #define LUAHUB_PROTO_H
 

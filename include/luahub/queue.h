@@ -1,5 +1,8 @@
 /* A connection's outbound queue: a ring of message references, bounded in
- * bytes by its owner. Pure. */
+ * bytes by its owner. Pure.
+ *
+ * Ownership: the queue holds one reference per message it contains and
+ * owns its ring; hub_queue_clear() drops them all. No callbacks. */
 #ifndef LUAHUB_QUEUE_H
 #define LUAHUB_QUEUE_H
 

@@ -5,7 +5,11 @@
  * of accepted upgrades, and the protocol callback that turns lws events
  * into session calls. Also graceful shutdown. One per process; loop thread
  * only. The lws 4.1.6 facts it depends on are in docs/internals.md, "lws
- * on a foreign loop". */
+ * on a foreign loop".
+ *
+ * Ownership: the server creates and frees every module it holds (the
+ * config is borrowed). Re-entrancy: `done` of hub_server_shutdown() is
+ * called once, from the loop, and may call hub_server_stop(). */
 #ifndef LUAHUB_SERVER_H
 #define LUAHUB_SERVER_H
 

@@ -11,7 +11,13 @@
  * into the calls below. The session knows no lws types: frame flags come
  * as arguments, and what touches the socket is the writer's.
  *
- * Loop thread only. */
+ * Loop thread only.
+ *
+ * Ownership: a session's memory is lws's per-session data; what it
+ * allocates (reassembly buffer, pending replies, user, info) it frees in
+ * hub_session_closed(). struct hub_sessions borrows every module it points
+ * to from the embedder. Re-entrancy: replies completed by the broker or the
+ * policy find their session by id, never by pointer. */
 #ifndef LUAHUB_SESSION_H
 #define LUAHUB_SESSION_H
 

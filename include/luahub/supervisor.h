@@ -2,7 +2,10 @@
  * that share the listen port (SO_REUSEPORT), restarts one that dies (with
  * backoff if it keeps dying), forwards SIGHUP to all, and on SIGTERM/SIGINT
  * forwards it and waits for every worker to exit. It runs no loop, holds no
- * connection and loads no policy: each worker is a full hub. */
+ * connection and loads no policy: each worker is a full hub.
+ *
+ * Ownership: the worker processes are the supervisor's; it reaps them and
+ * exits with the status of the whole. Runs no callbacks of anyone else. */
 #ifndef LUAHUB_SUPERVISOR_H
 #define LUAHUB_SUPERVISOR_H
 

@@ -1,5 +1,8 @@
 /* Small helpers shared by every module: checked allocation, growable byte
- * buffers and JSON string escaping. */
+ * buffers and JSON string escaping.
+ *
+ * Ownership: a struct hub_buf owns its bytes until hub_buf_free(); the
+ * allocation helpers return memory the caller frees. No callbacks. */
 #ifndef LUAHUB_UTIL_H
 #define LUAHUB_UTIL_H
 
