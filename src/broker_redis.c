@@ -188,10 +188,9 @@ void hub_rbroker_chan_maybe_free(struct shard *sh, struct rchan *c)
         chan_free(sh, c);
 }
 
-static void chan_mark_dirty(struct shard *sh, struct rchan *c)
+/* Appends `c` to the shard's channels to (un)subscribe, once. */
+static void dirty_push(struct shard *sh, struct rchan *c)
 {
-    if (c->dirty)
-        return;
     c->dirty = 1;
     c->dnext = NULL;
     if (sh->dirty_tail)
@@ -199,6 +198,13 @@ static void chan_mark_dirty(struct shard *sh, struct rchan *c)
     else
         sh->dirty_head = c;
     sh->dirty_tail = c;
+}
+
+static void chan_mark_dirty(struct shard *sh, struct rchan *c)
+{
+    if (c->dirty)
+        return;
+    dirty_push(sh, c);
     hub_rbroker_schedule_flush(sh->b);
 }
 
@@ -262,11 +268,9 @@ static int batch_send(struct rconn *rc, int subscribe, size_t n, int sync)
         }
         c->outstanding++;
     }
-    struct pending *p = hub_xcalloc(1, sizeof(*p));
-    p->kind = P_BATCH;
+    struct pending *p = hub_rbroker_pending_new(rc->sh, P_BATCH, 0);
     p->left = (unsigned)n;
     p->sync = sync;
-    p->deadline_ms = hub_now_ms() + rc->sh->url.command_timeout_ms;
     hub_rbroker_pending_push(rc, p);
     if (sync)
         rc->sync_left++;
@@ -382,15 +386,8 @@ void hub_rbroker_sync_start(struct rconn *rc)
     for (size_t i = 0; i < sh->chans.nb; i++)
         for (struct hub_hnode *n = sh->chans.b[i]; n; n = n->next) {
             struct rchan *c = hub_container_of(n, struct rchan, node);
-            if (c->want && !c->dirty) {
-                c->dirty = 1;
-                c->dnext = NULL;
-                if (sh->dirty_tail)
-                    sh->dirty_tail->dnext = c;
-                else
-                    sh->dirty_head = c;
-                sh->dirty_tail = c;
-            }
+            if (c->want && !c->dirty)
+                dirty_push(sh, c);
         }
     flush_shard_sync(sh, 1);
     if (rc->sync_left == 0)
@@ -402,14 +399,16 @@ void hub_rbroker_sync_start(struct rconn *rc)
  * order). */
 void hub_rbroker_batch_ack(struct rconn *rc)
 {
-    struct pending *p = rc->head;
-    while (p && p->kind != P_BATCH)
-        p = p->next;
+    struct pending *p = NULL;
+    struct hub_list *n;
+    for (n = rc->pending.next; n != &rc->pending && !p; n = n->next)
+        if (hub_container_of(n, struct pending, link)->kind == P_BATCH)
+            p = hub_container_of(n, struct pending, link);
     if (!p)
         return;
     if (--p->left > 0)
         return;
-    hub_rbroker_pending_unlink(rc, p);
+    hub_list_remove(&p->link);
     if (p->sync && rc->sync_left > 0 && --rc->sync_left == 0 && rc->state == C_SYNCING)
         rc->state = C_UP;
     free(p);
@@ -617,12 +616,11 @@ static void r_stop(struct hub_broker *hb)
     uv_close((uv_handle_t *)&b->live, on_handle_closed);
 
     struct waiter *failed = NULL;
-    struct pending *unacked = NULL, **utail = &unacked;
+    struct hub_list unacked;
+    hub_list_init(&unacked);
     for (uint32_t i = 0; i < b->n; i++) {
         struct shard *sh = &b->shards[i];
-        *utail = hub_rbroker_acks_take(sh, UINT64_MAX);
-        while (*utail)
-            utail = &(*utail)->next;
+        hub_rbroker_acks_take(sh, UINT64_MAX, &unacked);
         struct rconn *rcs[2] = {&sh->cmd, &sh->sub};
         for (int k = 0; k < 2; k++) {
             struct rconn *rc = rcs[k];
@@ -654,7 +652,7 @@ static void r_stop(struct hub_broker *hb)
         }
     }
     hub_rbroker_waiters_fire(failed, HUB_EUNAVAILABLE);
-    hub_rbroker_acks_fire(b, unacked, HUB_EUNAVAILABLE);
+    hub_rbroker_acks_fire(b, &unacked, HUB_EUNAVAILABLE);
 }
 
 static void r_free(struct hub_broker *hb)
@@ -709,6 +707,7 @@ static void rconn_init(struct rbroker *b, struct shard *sh, struct rconn *rc, in
     rc->role = role;
     rc->state = C_IDLE;
     rc->backoff_ms = BACKOFF_MIN_MS;
+    hub_list_init(&rc->pending);
     uv_timer_init(b->base.loop, &rc->timer);
     rc->timer.data = rc;
     b->open_handles++;
@@ -750,6 +749,7 @@ struct hub_broker *hub_broker_redis_new(uv_loop_t *loop, struct hub_redis_url *u
     for (size_t i = 0; i < n; i++) {
         struct shard *sh = &b->shards[i];
         sh->b = b;
+        hub_list_init(&sh->acks);
         sh->url = urls[i];          /* takes the strings */
         int v6 = strchr(sh->url.host, ':') != NULL;
         snprintf(sh->label, sizeof(sh->label), "%s%s%s:%d", v6 ? "[" : "", sh->url.host,

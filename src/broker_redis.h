@@ -14,6 +14,7 @@
 #include "broker_impl.h"
 #include "luahub/broker.h"
 #include "luahub/hash.h"
+#include "luahub/list.h"
 #include "luahub/metrics.h"
 #include "luahub/util.h"
 
@@ -79,7 +80,7 @@ struct rbroker;
  * for (UN)SUBSCRIBE and messages; everything comes to on_sub_reply). */
 enum { P_PUBLISH, P_BATCH, P_COMMAND, P_PROBE, P_ECHO };
 struct pending {
-    struct pending *prev, *next;
+    struct hub_list link;       /* rc->pending, or the shard's acks */
     struct rconn *rc;
     uint64_t deadline_ms;
     int kind;
@@ -115,7 +116,7 @@ struct rconn {
     int ever_up;                /* reached UP once (for the reconnect count) */
     int hs_n, hs_i;             /* handshake replies expected / received */
     const char *hs_cmd[3];
-    struct pending *head, *tail;
+    struct hub_list pending;    /* struct pending, in send order */
     unsigned npending;          /* cmd: PUBLISHes and commands awaiting a reply */
     size_t pending_bytes;
     unsigned sync_left;         /* sub: sync batches not yet confirmed */
@@ -159,7 +160,7 @@ struct shard {
     uint64_t probe_sent;        /* number of the last probe sent */
     uint64_t probe_seen;        /* highest probe number echoed on sub */
     int probe_due;              /* a publish of this iteration waits for a probe */
-    struct pending *ack_head, *ack_tail;    /* answered, waiting for their probe */
+    struct hub_list acks;       /* publishes answered, waiting for their probe */
     unsigned echoes;            /* P_ECHO records on sub */
 };
 
@@ -208,6 +209,13 @@ struct rbroker {
     struct hub_hist rtt;        /* PUBLISH queued to reply */
 };
 
+/* The oldest record of `l` (rc->pending or a shard's acks), or NULL. */
+static inline struct pending *hub_rbroker_pending_first(const struct hub_list *l)
+{
+    struct hub_list *n = hub_list_first(l);
+    return n ? hub_container_of(n, struct pending, link) : NULL;
+}
+
 static inline struct shard *shard_of(struct rbroker *b, const char *channel, size_t len)
 {
     return &b->shards[hub_broker_shard(channel, len, b->n)];
@@ -226,8 +234,10 @@ static inline int links_up(const struct shard *sh)
  * what awaits an answer, oldest first; arms its deadline when it is the
  * head. */
 void hub_rbroker_pending_push(struct rconn *rc, struct pending *p);
-/* Takes `p` off the list (the caller owns it again). */
-void hub_rbroker_pending_unlink(struct rconn *rc, struct pending *p);
+/* A new record of `kind` for shard `sh`: sent now (t0_ns), due within the
+ * shard's command_timeout_ms, of the current sub generation. Take it off
+ * its list with hub_list_remove(&p->link); the owner frees it. */
+struct pending *hub_rbroker_pending_new(struct shard *sh, int kind, size_t bytes);
 /* Gives up the connection (cause LOST_*): hiredis fails its pending
  * callbacks, synchronously or right after the hiredis callback we are in;
  * health and waiters are told; a retry is scheduled. May fire user
@@ -293,8 +303,8 @@ void hub_rbroker_probe_echo(struct shard *sh, const char *s, size_t len);
  * UINT64_MAX), oldest first, linked by `next`; completes them with
  * `status` (fires user callbacks; touches nothing of the broker after the
  * first). */
-struct pending *hub_rbroker_acks_take(struct shard *sh, uint64_t seq);
-void hub_rbroker_acks_fire(struct rbroker *b, struct pending *p, int status);
+void hub_rbroker_acks_take(struct shard *sh, uint64_t seq, struct hub_list *out);
+void hub_rbroker_acks_fire(struct rbroker *b, struct hub_list *list, int status);
 /* The liveness timer's callback (data: the broker). */
 void hub_rbroker_on_live(uv_timer_t *t);
 

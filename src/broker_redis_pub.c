@@ -24,42 +24,23 @@ static const char *const lost_name[LOST_N] = {"closed", "timeout", "not_subscrib
 /* Publishes waiting for the echo of their probe                      */
 /* ------------------------------------------------------------------ */
 
-static void ack_append(struct shard *sh, struct pending *p)
+/* Moves the waiting publishes whose probe number is <= `seq` (all of them:
+ * UINT64_MAX) to the tail of `out`, oldest first. They are in probe order:
+ * one cmd connection answers in order and probe numbers only grow. */
+void hub_rbroker_acks_take(struct shard *sh, uint64_t seq, struct hub_list *out)
 {
-    p->next = NULL;
-    p->prev = sh->ack_tail;
-    if (sh->ack_tail)
-        sh->ack_tail->next = p;
-    else
-        sh->ack_head = p;
-    sh->ack_tail = p;
+    struct pending *p;
+    while ((p = hub_rbroker_pending_first(&sh->acks)) && p->seq <= seq)
+        hub_list_move_tail(out, &p->link);
 }
 
-/* Detaches the waiting publishes whose probe number is <= `seq` (all of
- * them: UINT64_MAX) into a list linked by `next`, oldest first. They are
- * in probe order: one cmd connection answers in order and probe numbers
- * only grow. */
-struct pending *hub_rbroker_acks_take(struct shard *sh, uint64_t seq)
+/* Completes the records of `list` (from hub_rbroker_acks_take; a list head
+ * of the caller's, in no broker structure). Touches nothing of the broker
+ * after the first callback (which may stop it). */
+void hub_rbroker_acks_fire(struct rbroker *b, struct hub_list *list, int status)
 {
-    struct pending *head = sh->ack_head, *last = NULL;
-    for (struct pending *p = head; p && p->seq <= seq; p = p->next)
-        last = p;
-    if (!last)
-        return NULL;
-    sh->ack_head = last->next;
-    if (sh->ack_head)
-        sh->ack_head->prev = NULL;
-    else
-        sh->ack_tail = NULL;
-    last->next = NULL;
-    return head;
-}
-
-/* Completes a list from hub_rbroker_acks_take. Touches nothing of the
- * broker after the first callback (which may stop it). */
-void hub_rbroker_acks_fire(struct rbroker *b, struct pending *p, int status)
-{
-    for (struct pending *q = p; q; q = q->next) {
+    struct hub_list *n, *tmp;
+    hub_list_foreach_safe(n, tmp, list) {
         if (status == HUB_OK) {
             b->publishes++;
         } else {
@@ -67,14 +48,14 @@ void hub_rbroker_acks_fire(struct rbroker *b, struct pending *p, int status)
             b->refused[REF_NOT_RECEIVED]++;
         }
     }
-    while (p) {
-        struct pending *next = p->next;
+    struct pending *p;
+    while ((p = hub_rbroker_pending_first(list))) {
         hub_broker_publish_cb cb = p->cb;
         void *ud = p->ud;
+        hub_list_remove(&p->link);
         free(p);
         if (cb)
             cb(ud, status, 0);
-        p = next;
     }
 }
 
@@ -93,17 +74,20 @@ void hub_rbroker_probe_echo(struct shard *sh, const char *s, size_t len)
         return;
     sh->probe_seen = seq;
     struct rconn *rc = &sh->sub;
-    for (struct pending *p = rc->head, *next; p; p = next) {
-        next = p->next;
+    struct hub_list *n, *tmp, done;
+    hub_list_foreach_safe(n, tmp, &rc->pending) {
+        struct pending *p = hub_container_of(n, struct pending, link);
         if (p->kind != P_ECHO)
             continue;
         if (p->seq > seq)
             break;
-        hub_rbroker_pending_unlink(rc, p);
+        hub_list_remove(&p->link);
         free(p);
         sh->echoes--;
     }
-    hub_rbroker_acks_fire(sh->b, hub_rbroker_acks_take(sh, seq), HUB_OK);
+    hub_list_init(&done);
+    hub_rbroker_acks_take(sh, seq, &done);
+    hub_rbroker_acks_fire(sh->b, &done, HUB_OK);
 }
 
 /* ------------------------------------------------------------------ */
@@ -116,7 +100,7 @@ static struct pending *pending_finish(void *privdata)
 {
     struct pending *p = privdata;
     struct rconn *rc = p->rc;
-    hub_rbroker_pending_unlink(rc, p);
+    hub_list_remove(&p->link);
     rc->npending--;
     rc->pending_bytes -= p->bytes;
     return p;
@@ -160,7 +144,7 @@ static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
              * out): our copy may not have come back. */
             b->refused[REF_NOT_RECEIVED]++;
         } else if (p->seq && sh->probe_seen < p->seq) {
-            ack_append(sh, p);      /* completed by the echo or by conn_fail */
+            hub_list_push_tail(&sh->acks, &p->link); /* completed by the echo or conn_fail */
             return;
         } else {
             status = HUB_OK;
@@ -237,14 +221,9 @@ int hub_rbroker_publish(struct hub_broker *hb, const char *channel, size_t len,
 
     uint64_t h = hub_hash64(channel, len);
     struct rchan *c = hub_rbroker_chan_find(sh, channel, len, h);
-    struct pending *p = hub_xcalloc(1, sizeof(*p));
-    p->kind = P_PUBLISH;
+    struct pending *p = hub_rbroker_pending_new(sh, P_PUBLISH, bytes);
     p->cb = cb;
     p->ud = ud;
-    p->bytes = bytes;
-    p->t0_ns = hub_now_ns();
-    p->deadline_ms = p->t0_ns / 1000000u + sh->url.command_timeout_ms;
-    p->gen = sh->sub_gen;
     /* Local subscribers with a confirmed subscription: our own copy must
      * come back before this is OK (the probe of this iteration proves it). */
     p->self = c && c->want && c->sent && c->subs_confirmed >= c->subs_sent;
@@ -276,7 +255,7 @@ static void on_probe_reply(redisAsyncContext *ac, void *reply, void *privdata)
     struct shard *sh = rc->sh;
     redisReply *r = reply;
     int gone = 0;
-    hub_rbroker_pending_unlink(rc, p);
+    hub_list_remove(&p->link);
     if (r && p->seq) {
         if (r->type == REDIS_REPLY_ERROR)
             warn_limited(rc, "probe PUBLISH", r->str);
@@ -296,10 +275,7 @@ void hub_rbroker_probe_send(struct shard *sh, int ping)
 {
     struct rbroker *b = sh->b;
     struct rconn *cmd = &sh->cmd;
-    struct pending *p = hub_xcalloc(1, sizeof(*p));
-    p->kind = P_PROBE;
-    p->gen = sh->sub_gen;
-    p->deadline_ms = hub_now_ms() + sh->url.command_timeout_ms;
+    struct pending *p = hub_rbroker_pending_new(sh, P_PROBE, 0);
     int rv;
     if (ping) {
         rv = redisAsyncCommand(cmd->ac, on_probe_reply, p, "PING");
@@ -323,8 +299,7 @@ void hub_rbroker_probe_send(struct shard *sh, int ping)
         return;
     sh->probe_sent = p->seq;
     b->probes++;
-    struct pending *e = hub_xcalloc(1, sizeof(*e));
-    e->kind = P_ECHO;
+    struct pending *e = hub_rbroker_pending_new(sh, P_ECHO, 0);
     e->seq = p->seq;
     e->deadline_ms = p->deadline_ms;
     hub_rbroker_pending_push(&sh->sub, e);
@@ -343,7 +318,7 @@ void hub_rbroker_on_live(uv_timer_t *t)
         if (links_up(sh)) {
             if (sh->echoes == 0)
                 hub_rbroker_probe_send(sh, 0);
-        } else if (sh->cmd.state == C_UP && sh->cmd.ac && !sh->cmd.head) {
+        } else if (sh->cmd.state == C_UP && sh->cmd.ac && hub_list_empty(&sh->cmd.pending)) {
             hub_rbroker_probe_send(sh, 1);
         }
     }
@@ -444,13 +419,9 @@ int hub_rbroker_command(struct hub_broker *hb, int argc, const char **argv,
         b->command_errors++;
         return HUB_EUNAVAILABLE;
     }
-    struct pending *p = hub_xcalloc(1, sizeof(*p));
-    p->kind = P_COMMAND;
+    struct pending *p = hub_rbroker_pending_new(sh, P_COMMAND, bytes);
     p->rcb = cb;
     p->ud = ud;
-    p->bytes = bytes;
-    p->t0_ns = hub_now_ns();
-    p->deadline_ms = p->t0_ns / 1000000u + sh->url.command_timeout_ms;
     if (redisAsyncCommandArgv(rc->ac, on_command_reply, p, argc, argv, lens) != REDIS_OK) {
         free(p);
         b->command_errors++;

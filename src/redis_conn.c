@@ -32,48 +32,38 @@ void hub_rbroker_timer_arm(struct rconn *rc, uint64_t delay_ms)
     uv_timer_start(&rc->timer, on_timer, delay_ms, 0);
 }
 
+struct pending *hub_rbroker_pending_new(struct shard *sh, int kind, size_t bytes)
+{
+    struct pending *p = hub_xcalloc(1, sizeof(*p));
+    p->kind = kind;
+    p->bytes = bytes;
+    p->t0_ns = hub_now_ns();
+    p->deadline_ms = p->t0_ns / 1000000u + sh->url.command_timeout_ms;
+    p->gen = sh->sub_gen;
+    return p;
+}
+
 void hub_rbroker_pending_push(struct rconn *rc, struct pending *p)
 {
     p->rc = rc;
-    p->next = NULL;
-    p->prev = rc->tail;
-    if (rc->tail)
-        rc->tail->next = p;
-    else
-        rc->head = p;
-    rc->tail = p;
+    hub_list_push_tail(&rc->pending, &p->link);
     /* Deadlines grow with the list (one timeout per connection), so only
      * the head's matters; when the head leaves early the timer fires
      * harmlessly and re-arms for the new head. */
-    if (rc->head == p && (rc->state == C_SYNCING || rc->state == C_UP)) {
+    if (rc->pending.next == &p->link && (rc->state == C_SYNCING || rc->state == C_UP)) {
         uint64_t now = hub_now_ms();
         hub_rbroker_timer_arm(rc, p->deadline_ms > now ? p->deadline_ms - now : 0);
     }
-}
-
-void hub_rbroker_pending_unlink(struct rconn *rc, struct pending *p)
-{
-    if (p->prev)
-        p->prev->next = p->next;
-    else
-        rc->head = p->next;
-    if (p->next)
-        p->next->prev = p->prev;
-    else
-        rc->tail = p->prev;
-    p->prev = p->next = NULL;
 }
 
 /* Drops our own records of the sub connection (batches, probe echoes):
  * it is gone. */
 void hub_rbroker_sub_pending_clear(struct rconn *rc)
 {
-    struct pending *p = rc->head;
-    while (p) {
-        struct pending *next = p->next;
-        hub_rbroker_pending_unlink(rc, p);
+    struct pending *p;
+    while ((p = hub_rbroker_pending_first(&rc->pending))) {
+        hub_list_remove(&p->link);
         free(p);
-        p = next;
     }
     rc->sync_left = 0;
     rc->sh->echoes = 0;
@@ -121,19 +111,20 @@ void hub_rbroker_conn_fail(struct rconn *rc, const char *why, int level, int cau
         return;
     int was = rc->state;
     struct waiter *failed = NULL;
-    struct pending *unacked = NULL;
+    struct hub_list unacked;
 
     if (rc->gai_active && was == C_RESOLVING) {
         rc->gai_stale = 1;
         uv_cancel((uv_req_t *)&rc->gai);
     }
     rc->state = C_IDLE;
+    hub_list_init(&unacked);
     if (rc->role == ROLE_SUB) {
         /* What was sent while this connection was up can no longer be
          * proven received: publishes in flight see the new generation on
          * their reply, those already answered fail now. */
         sh->sub_gen++;
-        unacked = hub_rbroker_acks_take(sh, UINT64_MAX);
+        hub_rbroker_acks_take(sh, UINT64_MAX, &unacked);
         hub_rbroker_sub_pending_clear(rc);
         hub_rbroker_chans_reset(sh, &failed);
     }
@@ -158,7 +149,7 @@ void hub_rbroker_conn_fail(struct rconn *rc, const char *why, int level, int cau
 
     hub_rbroker_health_update(b);
     hub_rbroker_waiters_fire(failed, HUB_EUNAVAILABLE);
-    hub_rbroker_acks_fire(b, unacked, HUB_EUNAVAILABLE);
+    hub_rbroker_acks_fire(b, &unacked, HUB_EUNAVAILABLE);
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
@@ -416,7 +407,7 @@ static void on_timer(uv_timer_t *t)
         break;
     case C_SYNCING:
     case C_UP: {
-        struct pending *p = rc->head;
+        struct pending *p = hub_rbroker_pending_first(&rc->pending);
         if (!p)
             break;
         uint64_t now = hub_now_ms();
