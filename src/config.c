@@ -53,6 +53,8 @@ struct load {
     int line[HUB_CONF_MAX_KEYS];               /* line of each key's assignment; 0 = not assigned */
     bool bad[HUB_CONF_MAX_KEYS];               /* its value was refused */
     char short_src[LUA_IDSIZE];    /* how Lua names the chunk in its messages */
+    const char *text;              /* the conf's source, for keys that scan it */
+    size_t text_len;
 
     lua_State *L;                  /* set once the state exists */
     size_t mem, mem_max;
@@ -175,44 +177,9 @@ static int caller_line(lua_State *L)
     return -1;
 }
 
-/* Edit distance, for "did you mean". Names longer than 63 bytes never match. */
-static unsigned distance(const char *a, const char *b)
+static void report(void *ud, int line, const char *msg)
 {
-    size_t la = strlen(a), lb = strlen(b);
-    unsigned row[64];
-    if (la > 63 || lb > 63)
-        return 99;
-    for (size_t j = 0; j <= lb; j++)
-        row[j] = (unsigned)j;
-    for (size_t i = 1; i <= la; i++) {
-        unsigned diag = row[0];
-        row[0] = (unsigned)i;
-        for (size_t j = 1; j <= lb; j++) {
-            unsigned up = row[j];
-            unsigned best = diag + (a[i - 1] != b[j - 1]);
-            if (up + 1 < best)
-                best = up + 1;
-            if (row[j - 1] + 1 < best)
-                best = row[j - 1] + 1;
-            row[j] = best;
-            diag = up;
-        }
-    }
-    return row[lb];
-}
-
-static const char *near_key(const char *name)
-{
-    const char *best = NULL;
-    unsigned bestd = 3; /* at most 2 edits ... */
-    for (size_t i = 0; i < NKEYS; i++) {
-        unsigned d = distance(name, keys[i].name);
-        if (d < bestd && d * 3 <= strlen(keys[i].name)) { /* ... and not most of the name */
-            best = keys[i].name;
-            bestd = d;
-        }
-    }
-    return best;
+    add_error_s(ud, line, msg);
 }
 
 /* _ENV.__newindex(env, name, value): every global assignment of the conf.
@@ -235,7 +202,8 @@ static int on_assign(lua_State *L)
     if (!k) {
         hub_buf_appends(&why, "unknown key ");
         hub_conf_append_q(&why, name, n, '\'');
-        const char *near = strlen(name) == n ? near_key(name) : NULL;
+        const char *near = strlen(name) == n ? hub_conf_near(name, &keys[0].name, NKEYS,
+                                                             sizeof(keys[0])) : NULL;
         if (near)
             hub_buf_printf(&why, " (did you mean '%s'?)", near);
         add_error_s(ld, line, why.p);
@@ -247,7 +215,11 @@ static int on_assign(lua_State *L)
         goto out;
     }
     ld->line[i] = line;
-    if (hub_conf_apply(ld->c, L, 3, k, &why) < 0) {
+    if (k->kind == K_CHANNELS) {
+        if (hub_conf_channels_apply(ld->c, L, 3, ld->text, ld->text_len, line, report,
+                                    ld) < 0)
+            ld->bad[i] = true;
+    } else if (hub_conf_apply(ld->c, L, 3, k, &why) < 0) {
         ld->bad[i] = true;
         add_error(ld, line, "%s: %s", k->name, why.p);
     }
@@ -384,6 +356,8 @@ static void run(struct load *ld, const char *text, size_t len)
     if (len >= 3 && memcmp(text, "\xEF\xBB\xBF", 3) == 0)
         text += 3, len -= 3;
 
+    ld->text = text;
+    ld->text_len = len;
     int st = luaL_loadbufferx(L, text, len, chunkname.p, "t");
     if (st == LUA_OK) {
         /* _ENV = setmetatable({}, {__newindex = on_assign, __index = on_read}) */

@@ -17,7 +17,7 @@
 #define GiB (1024 * MiB)
 #define SHOW_MAX 64                      /* bytes of a user string quoted in a message */
 
-enum kind { K_STRING, K_STRINGS, K_INT, K_SIZE, K_SECONDS, K_WORKERS, K_VARS };
+enum kind { K_STRING, K_STRINGS, K_INT, K_SIZE, K_SECONDS, K_WORKERS, K_VARS, K_CHANNELS };
 
 struct key;
 
@@ -50,6 +50,24 @@ const struct key *hub_conf_find_key(const char *name);
  * Returns 0, or -1 with the reason in `why`. */
 int hub_conf_apply(struct hub_config *c, lua_State *L, int idx, const struct key *k,
                    struct hub_buf *why);
+
+/* Where the checks of a table-valued key report each problem: `line` 0 =
+ * the file, else the line the problem is on. */
+typedef void (*hub_conf_report_fn)(void *ud, int line, const char *msg);
+
+/* Validates the `channels` table at `idx` and stores it in `c` (config_channels.c).
+ * `src` is the conf's text (scanned for the lines of patterns and options,
+ * and for patterns written twice); `line` is the assignment's. Returns 0,
+ * or -1 after reporting every problem through `fn`. Never raises. */
+int hub_conf_channels_apply(struct hub_config *c, lua_State *L, int idx, const char *src,
+                            size_t srclen, int line, hub_conf_report_fn fn, void *ud);
+void hub_config_channels_free(struct hub_config *c);
+
+/* The name among n[0], n[stride], ... (n entries; each a const char *
+ * at that byte offset, e.g. the name field of a table of structs) within
+ * two edits of `name` and not most of it, or NULL: "did you mean". */
+const char *hub_conf_near(const char *name, const char *const *names, size_t n,
+                          size_t stride);
 
 /* Appends a size in bytes the way the conf writes it ("64MiB", "1000"). */
 void hub_conf_append_size(struct hub_buf *b, int64_t v);

@@ -63,6 +63,10 @@ const struct key hub_conf_keys[] = {
     STR(redis_prefix, redis_prefix, "luahub:", set_prefix),
     {"workers", K_WORKERS, FIELD(workers), 1, 1024, 1, NULL, NULL},
     {"policy_vars", K_VARS, FIELD(policy_vars), 0, 0, 0, NULL, NULL},
+    {"channels", K_CHANNELS, 0, 0, 0, 0, 0, NULL, NULL},
+    NUM(recover_max, K_INT, 1, 100000, 300),
+    NUM(presence_max, K_INT, 1, 100000, 1000),
+    NUM(presence_ttl, K_SECONDS, 1, 3600, 60),
 };
 
 const size_t hub_conf_nkeys = sizeof(hub_conf_keys) / sizeof(hub_conf_keys[0]);
@@ -159,6 +163,7 @@ static const char *expected(enum kind kind)
     case K_STRINGS: return "expected a string or a list of strings";
     case K_WORKERS: return "expected a number of processes or \"auto\"";
     case K_VARS: return "expected a table of name = string, number or boolean";
+    case K_CHANNELS: return "expected a table of pattern = { options }";
     case K_INT: return "expected an integer";
     case K_SECONDS: return "expected a whole number of seconds";
     case K_SIZE: return "expected a size (integer bytes or a string like \"64KiB\")";
@@ -657,6 +662,50 @@ int hub_config_set_listen(struct hub_config *c, const char *s, char *err, size_t
     return 0;
 }
 
+/* ---- "did you mean" ---------------------------------------------------- */
+
+/* Edit distance, for "did you mean". Names longer than 63 bytes never match. */
+static unsigned distance(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    unsigned row[64];
+    if (la > 63 || lb > 63)
+        return 99;
+    for (size_t j = 0; j <= lb; j++)
+        row[j] = (unsigned)j;
+    for (size_t i = 1; i <= la; i++) {
+        unsigned diag = row[0];
+        row[0] = (unsigned)i;
+        for (size_t j = 1; j <= lb; j++) {
+            unsigned up = row[j];
+            unsigned best = diag + (a[i - 1] != b[j - 1]);
+            if (up + 1 < best)
+                best = up + 1;
+            if (row[j - 1] + 1 < best)
+                best = row[j - 1] + 1;
+            row[j] = best;
+            diag = up;
+        }
+    }
+    return row[lb];
+}
+
+const char *hub_conf_near(const char *name, const char *const *names, size_t n,
+                          size_t stride)
+{
+    const char *best = NULL;
+    unsigned bestd = 3; /* at most 2 edits ... */
+    for (size_t i = 0; i < n; i++) {
+        const char *cand = *(const char *const *)(const void *)((const char *)names + i * stride);
+        unsigned d = distance(name, cand);
+        if (d < bestd && d * 3 <= strlen(cand)) { /* ... and not most of the name */
+            best = cand;
+            bestd = d;
+        }
+    }
+    return best;
+}
+
 /* ---- defaults, free ---------------------------------------------------- */
 
 void hub_config_defaults(struct hub_config *c)
@@ -664,7 +713,7 @@ void hub_config_defaults(struct hub_config *c)
     memset(c, 0, sizeof(*c));
     for (size_t i = 0; i < NKEYS; i++) {
         const struct key *k = &keys[i];
-        if (k->kind == K_VARS) {
+        if (k->kind == K_VARS || k->kind == K_CHANNELS) {
             continue;
         } else if (k->kind != K_STRING && k->kind != K_STRINGS) {
             store_num(c, k, k->def);
@@ -690,6 +739,7 @@ void hub_config_free(struct hub_config *c)
     free(c->broker);
     free(c->redis_prefix);
     free(c->policy_vars);
+    hub_config_channels_free(c);
     memset(c, 0, sizeof(*c));
 }
 

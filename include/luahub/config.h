@@ -9,8 +9,23 @@
 #ifndef LUAHUB_CONFIG_H
 #define LUAHUB_CONFIG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/* Options of the channels matching one pattern of the conf's `channels`. */
+struct hub_channel_opts {
+    char *pattern;                  /* as written: "room:*", "lobby", "*" */
+    size_t len;                     /* bytes that must match (without the '*') */
+    bool prefix;                    /* ends with '*': a prefix of the name */
+    uint32_t history_size;          /* messages kept; 0 = no history (no offsets) */
+    uint32_t history_ttl;           /* seconds a message is kept, and the history
+                                     * after the last publish */
+    bool presence;                  /* who is subscribed can be asked */
+    bool join_leave;                /* subscribers get join and leave events */
+};
+
+#define HUB_HISTORY_TTL_DEFAULT 3600
 
 struct hub_config {
     char *path;                     /* the conf file read, or NULL (built-in defaults) */
@@ -45,6 +60,13 @@ struct hub_config {
     char *redis_prefix;             /* "luahub:" */
     uint32_t workers;               /* worker processes; 0 = one per core ("auto") */
     char *policy_vars;              /* JSON object the policy sees as hub.vars, or NULL */
+
+    struct hub_channel_opts *channels; /* the `channels` patterns; NULL: none */
+    size_t nchannels;
+    uint32_t recover_max;           /* messages one recovery, rewind or history call
+                                     * may return; 300 */
+    uint32_t presence_max;          /* clients one presence answer lists; 1000 */
+    uint32_t presence_ttl;          /* s: a presence entry not refreshed is gone; 60 */
 };
 
 /* Every problem found, as "FILE:LINE: message" strings. */
@@ -68,6 +90,12 @@ int hub_config_load(struct hub_config *c, const char *path,
  * -1 with a message in `err`. Used for the conf key and for --listen. */
 int hub_config_set_listen(struct hub_config *c, const char *s,
                           char *err, size_t errlen);
+
+/* The options of channel `name` (name[0..len)): its exact pattern, else
+ * the longest prefix pattern it starts with; NULL when none matches (no
+ * history, no presence). Borrowed from `c`. */
+const struct hub_channel_opts *hub_config_channel(const struct hub_config *c,
+                                                  const char *name, size_t len);
 
 void hub_config_free(struct hub_config *c);
 void hub_config_errors_free(struct hub_config_errors *e);

@@ -1116,6 +1116,79 @@ START_TEST(t_policy_vars_bad)
 }
 END_TEST
 
+START_TEST(t_channels)
+{
+    load_ok("-- channels = { [\"x\"] = {} } in a comment is not the key\n"
+            "local note = \"channels = { ['y'] = {} }\"\n"
+            "--[==[ channels = { ]==]\n"
+            "channels = {\n"
+            "  [\"room:*\"] = { history_size = 100, history_ttl = 600, presence = true,\n"
+            "                 join_leave = true },\n"
+            "  [\"room:vip:*\"] = { presence = true },\n"
+            "  [\"room:vip:lounge\"] = { history_size = 5 },\n"
+            "  feed = { history_size = 1000 },\n"
+            "  [\"*\"] = { presence = true },\n"
+            "}\n"
+            "recover_max = 50\npresence_max = 10\npresence_ttl = 5\n");
+    ck_assert_uint_eq(c.nchannels, 5);
+    ck_assert_uint_eq(c.recover_max, 50);
+    ck_assert_uint_eq(c.presence_max, 10);
+    ck_assert_uint_eq(c.presence_ttl, 5);
+
+    const struct hub_channel_opts *o = hub_config_channel(&c, "room:1", 6);
+    ck_assert_ptr_nonnull(o);
+    ck_assert_str_eq(o->pattern, "room:*");
+    ck_assert_uint_eq(o->history_size, 100);
+    ck_assert_uint_eq(o->history_ttl, 600);
+    ck_assert(o->presence && o->join_leave);
+    /* the longest prefix wins; an exact name beats every prefix */
+    o = hub_config_channel(&c, "room:vip:7", 10);
+    ck_assert_str_eq(o->pattern, "room:vip:*");
+    ck_assert_uint_eq(o->history_size, 0);
+    o = hub_config_channel(&c, "room:vip:lounge", 15);
+    ck_assert_str_eq(o->pattern, "room:vip:lounge");
+    ck_assert_uint_eq(o->history_ttl, HUB_HISTORY_TTL_DEFAULT);
+    ck_assert(!o->presence);
+    o = hub_config_channel(&c, "feed", 4);
+    ck_assert_str_eq(o->pattern, "feed");
+    /* "feed:1" is not "feed"; "room:" itself matches "room:*" */
+    ck_assert_str_eq(hub_config_channel(&c, "feed:1", 6)->pattern, "*");
+    ck_assert_str_eq(hub_config_channel(&c, "room:", 5)->pattern, "room:*");
+    ck_assert_str_eq(hub_config_channel(&c, "other", 5)->pattern, "*");
+}
+END_TEST
+
+START_TEST(t_channels_defaults)
+{
+    load_ok("listen = \"127.0.0.1:1\"\n");
+    ck_assert_uint_eq(c.nchannels, 0);
+    ck_assert_ptr_null(hub_config_channel(&c, "room:1", 6));
+    ck_assert_uint_eq(c.recover_max, 300);
+    ck_assert_uint_eq(c.presence_max, 1000);
+    ck_assert_uint_eq(c.presence_ttl, 60);
+}
+END_TEST
+
+/* Every problem of a bad channels table at once, in line order, and
+ * nothing of it kept. */
+START_TEST(t_channels_all_problems)
+{
+    ck_assert_int_eq(load("channels = {\n"
+                          "  [\"a:*\"] = { history_size = 0 },\n"
+                          "  [\"b:*\"] = { presence = \"yes\" },\n"
+                          "  [\"ok:*\"] = { presence = true },\n"
+                          "  [\"ok:*\"] = {},\n"
+                          "}\n"), -1);
+    if (e.n != 3)
+        dump_errors();
+    ck_assert_uint_eq(e.n, 3);
+    err_is(0, ":2: channels[\"a:*\"]: history_size: 0 is out of range (1..100000)");
+    err_is(1, ":3: channels[\"b:*\"]: presence: expected true or false, got string");
+    err_is(2, ":5: channels[\"ok:*\"]: this pattern is already set at line 4");
+    ck_assert_uint_eq(c.nchannels, 0);
+}
+END_TEST
+
 /* Confs that fail with exactly one error, and its text. */
 static const struct {
     const char *conf, *error;
@@ -1130,6 +1203,68 @@ static const struct {
      ":1: broker: broker URL \"redis://x:99999\": bad port \"99999\" (expected 1-65535)"}, /* broker_bad_url */
     {"workers = \"many\"\n",
      ":1: workers: expected a number of processes or \"auto\", got \"many\""}, /* workers_bad */
+    /* channels: every bad pattern, option and value names its line */
+    {"channels = 5\n",
+     ":1: channels: expected a table of pattern = { options }, got number"},
+    {"channels = {\n  [\"a*b\"] = {},\n}\n",
+     ":2: channels[\"a*b\"]: '*' may only end a pattern (\"room:*\")"},
+    {"channels = {\n  [\"**\"] = {},\n}\n",
+     ":2: channels[\"**\"]: '*' may only end a pattern (\"room:*\")"},
+    {"channels = { [\"\"] = {} }\n",
+     ":1: channels[\"\"]: an empty pattern matches no channel"},
+    {"channels = {\n\n  [\"room 1:*\"] = {},\n}\n",
+     ":3: channels[\"room 1:*\"]: a channel name has only the characters A-Z a-z 0-9 _ : . @ / "
+     "= # -"},
+    {"channels = { [string.rep(\"a\", 256)] = {} }\n",
+     ":1: unknown name 'string'"},
+    {"local long = \"\"\nfor i = 1, 32 do long = long .. \"abcdefgh\" end\n"
+     "channels = { [long] = {} }\n",
+     ":3: channels[\"abcdefghabcdefghabcdefghabcdefghabcdefghabcdefghabcdefghabcdefgh...\"]: "
+     "longer than 255 bytes"},
+    {"channels = { [1] = {} }\n",
+     ":1: channels: patterns must be strings, got a number key"},
+    {"channels = { \"room:*\" }\n",
+     ":1: channels: patterns must be strings, got a number key"},
+    {"channels = {\n  [\"room:*\"] = 100,\n}\n",
+     ":2: channels[\"room:*\"]: expected a table of options, got number"},
+    {"channels = {\n  [\"room:*\"] = {\n    history_sise = 5 },\n}\n",
+     ":3: channels[\"room:*\"]: unknown option 'history_sise' (did you mean 'history_size'?)"},
+    {"channels = {\n  [\"room:*\"] = { color = \"red\" },\n}\n",
+     ":2: channels[\"room:*\"]: unknown option 'color': the options are history_size, "
+     "history_ttl, presence, join_leave"},
+    {"channels = { [\"room:*\"] = { history_size = 0 } }\n",
+     ":1: channels[\"room:*\"]: history_size: 0 is out of range (1..100000)"},
+    {"channels = { [\"room:*\"] = { history_size = 100001 } }\n",
+     ":1: channels[\"room:*\"]: history_size: 100001 is out of range (1..100000)"},
+    {"channels = { [\"room:*\"] = { history_size = -1 } }\n",
+     ":1: channels[\"room:*\"]: history_size: -1 is out of range (1..100000)"},
+    {"channels = { [\"room:*\"] = { history_size = 1e300 } }\n",
+     ":1: channels[\"room:*\"]: history_size: 1e+300 is out of range (1..100000)"},
+    {"channels = { [\"room:*\"] = { history_size = 2.5 } }\n",
+     ":1: channels[\"room:*\"]: history_size: expected an integer, got 2.5"},
+    {"channels = { [\"room:*\"] = { history_size = \"100\" } }\n",
+     ":1: channels[\"room:*\"]: history_size: expected an integer, got string"},
+    {"channels = { [\"room:*\"] = { history_size = 10, history_ttl = 0 } }\n",
+     ":1: channels[\"room:*\"]: history_ttl: 0 is out of range (1..2592000)"},
+    {"channels = { [\"room:*\"] = { history_size = 10, history_ttl = 2592001 } }\n",
+     ":1: channels[\"room:*\"]: history_ttl: 2592001 is out of range (1..2592000)"},
+    {"channels = { [\"room:*\"] = { history_ttl = 60 } }\n",
+     ":1: channels[\"room:*\"]: history_ttl needs history_size (how many messages to keep)"},
+    {"channels = { [\"room:*\"] = { presence = 1 } }\n",
+     ":1: channels[\"room:*\"]: presence: expected true or false, got number"},
+    {"channels = { [\"room:*\"] = { join_leave = true } }\n",
+     ":1: channels[\"room:*\"]: join_leave needs presence = true"},
+    {"channels = {\n  [\"room:*\"] = {},\n  [\"room:*\"] = { presence = true },\n}\n",
+     ":3: channels[\"room:*\"]: this pattern is already set at line 2"},
+    {"channels = {\n  ['room:*'] = {},\n  [\"room:\\x2a\"] = {},\n}\n",
+     ":3: channels[\"room:*\"]: this pattern is already set at line 2"},
+    {"channels = {\n  lobby = {},\n  [ [[lobby]] ] = {},\n}\n",
+     ":3: channels[\"lobby\"]: this pattern is already set at line 2"},
+    {"channels = {}\nchannels = {}\n",
+     ":2: channels: already set at line 1"},
+    {"recover_max = 0\n", ":1: recover_max: 0 is out of range (1..100000)"},
+    {"presence_max = 100001\n", ":1: presence_max: 100001 is out of range (1..100000)"},
+    {"presence_ttl = 0\n", ":1: presence_ttl: 0 is out of range (1..3600)"},
 };
 
 START_TEST(t_one_error)
@@ -1159,6 +1294,9 @@ static Suite *config_suite(void)
     tcase_add_loop_test(tc, t_log_levels, 0, 4);
     tcase_add_test(tc, t_locals_and_arithmetic);
     tcase_add_test(tc, t_reload_same_struct);
+    tcase_add_test(tc, t_channels);
+    tcase_add_test(tc, t_channels_defaults);
+    tcase_add_test(tc, t_channels_all_problems);
 
     TC("file");
     tcase_add_test(tc, t_missing_file);
