@@ -138,6 +138,7 @@ void hub_lua_encode(struct hub_policy *p, lua_State *L, int idx, const char *wha
         luaL_error(L, "%s is too large to encode as JSON (about %I bytes; "
                       "lua_max_memory is %I)", what, (lua_Integer)g.acc,
                    (lua_Integer)p->mem_max);
+    hub_sandbox_charge(p, L, (int64_t)(g.acc / HUB_COST_JSON));
     lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_encode);
     lua_pushvalue(L, idx);
     int st = lua_pcall(L, 1, 1, 0);
@@ -160,6 +161,7 @@ void hub_lua_encode(struct hub_policy *p, lua_State *L, int idx, const char *wha
 static void decode(struct hub_policy *p, lua_State *L, int idx, const char *what)
 {
     idx = lua_absindex(L, idx);
+    hub_sandbox_charge(p, L, (int64_t)(lua_rawlen(L, idx) / HUB_COST_JSON) + 1);
     lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_decode);
     lua_pushvalue(L, idx);
     lua_call(L, 1, 2);
@@ -179,8 +181,10 @@ static int l_json_encode(lua_State *L)
 static int l_json_decode(lua_State *L)
 {
     struct hub_policy *p = policy_of(L);
-    luaL_checkstring(L, 1);
+    size_t n;
+    luaL_checklstring(L, 1, &n);
     lua_settop(L, 1);
+    hub_sandbox_charge(p, L, (int64_t)(n / HUB_COST_JSON) + 1);
     lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_decode);
     lua_pushvalue(L, 1);
     lua_call(L, 1, LUA_MULTRET);
@@ -196,6 +200,9 @@ static int l_publish(lua_State *L)
     const char *ch = check_channel(L, 1, "hub.publish", &clen);
     luaL_checkany(L, 2);
     hub_lua_encode(policy_of(L), L, 2, "hub.publish: data");
+    /* a delivery per local subscriber */
+    const struct hub_chan *c = hub_chan_find(&srv->chans, ch, clen);
+    hub_sandbox_charge(policy_of(L), L, 16 + (c ? c->nsubs : 0));
     const char *data = lua_tolstring(L, -1, &dlen);
     size_t n = hub_server_publish(srv, ch, clen, data, dlen);
     lua_pushinteger(L, (lua_Integer)n);
@@ -253,6 +260,7 @@ static int l_log(lua_State *L)
     luaL_pushresult(&b);
     size_t len;
     const char *msg = lua_tolstring(L, -1, &len);
+    hub_sandbox_charge(p, L, HUB_COST_LOG + (int64_t)(len / HUB_COST_COPY));
     if (len > LOG_MAX)
         len = LOG_MAX;
     if (p->cur_conn_id)
@@ -302,6 +310,7 @@ static int l_hmac_sha256(lua_State *L)
     const char *text = luaL_checklstring(L, 2, &tlen);
     unsigned char md[32];
     char out[65];
+    hub_sandbox_charge(policy_of(L), L, 64 + (int64_t)((klen + tlen) / HUB_COST_SCAN));
     if (hmac256(key, klen, text, tlen, md) < 0)
         luaL_error(L, "hub.hmac_sha256: HMAC failed");
     hex(md, sizeof(md), out);
@@ -895,6 +904,7 @@ static int conn_send(lua_State *L)
     luaL_checkany(L, 2);
     hub_lua_encode(policy_of(L), L, 2, "conn:send: data");
     const char *s = lua_tolstring(L, -1, &n);
+    hub_sandbox_charge(policy_of(L), L, 16 + (int64_t)(n / HUB_COST_COPY));
     if (c->flags & HUB_CONN_CLOSING) {
         lua_pushboolean(L, 0);
         return 1;

@@ -100,7 +100,13 @@ static void describe_failure(struct hub_policy *p, int status, const char *where
 {
     lua_State *L = p->L;
 
-    if (p->killed) {
+    if (p->killed == HUB_KILL_TIME) {
+        hub_buf_printf(out, "%s: time limit exceeded (%llu ms, from lua_max_instructions "
+                            "= %llu): slow calls in a loop?",
+                       p->kill_where[0] ? p->kill_where : where,
+                       (unsigned long long)hub_sandbox_time_limit_ms(p),
+                       (unsigned long long)p->budget);
+    } else if (p->killed) {
         hub_buf_printf(out, "%s: instruction limit exceeded (lua_max_instructions = "
                             "%llu): runaway loop?",
                        p->kill_where[0] ? p->kill_where : where,

@@ -1295,6 +1295,113 @@ START_TEST(bad_sandbox_escape)
 }
 END_TEST
 
+/* Calls that work in C, where the count hook does not see them (issue 9,
+ * item 6): one library call that runs for ever without allocating, or a
+ * cheap-looking call repeated in a loop. Each must be stopped like a loop
+ * (the client gets `internal`), within the call's budget, and the hub must
+ * go on serving. Before the fix the hub hung: the reply never came. */
+static const struct {
+    const char *body, *needle;
+} c_bombs[] = {
+    /* a single call that never ends */
+    {"return string.rep('', 2^62)", "instruction limit exceeded"},
+    {"return ('').rep('', math.maxinteger, '')", "instruction limit exceeded"},
+    {"return table.move({}, 1, 2^62, 1, {})", "instruction limit exceeded"},
+    {"return table.move({}, math.mininteger + 1, -1, 1)", "instruction limit exceeded"},
+    {"local t = setmetatable({}, {__len = function() return 2^62 end}) table.insert(t, 1, 'x')",
+     "instruction limit exceeded"},
+    {"local t = setmetatable({}, {__len = function() return math.maxinteger end}) "
+     "return table.remove(t, 1)", "instruction limit exceeded"},
+    /* backtracking patterns: exponential on 30 bytes, polynomial on 64 KB */
+    {"return string.find(('a'):rep(30), ('a*'):rep(30) .. 'b')", "instruction limit exceeded"},
+    {"return ('a'):rep(10):match(('a*'):rep(10) .. 'b')", "instruction limit exceeded"},
+    {"for _ in ('a'):rep(30):gmatch(('a-'):rep(30) .. 'b') do end", "instruction limit exceeded"},
+    {"return (('a'):rep(30)):gsub(('a?'):rep(30) .. ('a'):rep(30), '')",
+     "instruction limit exceeded"},
+    {"return ('a'):rep(65536):find('(.-)x(.-)y')", "instruction limit exceeded"},
+    {"return ('a'):rep(65536):find('.*.*x')", "instruction limit exceeded"},
+    {"return (('a'):rep(65536) .. 'b'):match('^(.-)a*$')", "instruction limit exceeded"},
+    {"return ('a'):rep(65536):gsub('a-b', '')", "instruction limit exceeded"},
+    {"return ('('):rep(65536):find('%b()')", "instruction limit exceeded"},
+    {"return ('a'):rep(65536):find(('[' .. ('a'):rep(4000) .. ']*'):rep(2) .. 'b')",
+     "instruction limit exceeded"},
+    /* linear work per call, in a loop */
+    {"for i = 1, 1e9 do local _ = table.unpack({}, 1, 999999) end", "instruction limit exceeded"},
+    {"local t = {} for i = 1, 2e5 do t[i] = '' end "
+     "for i = 1, 1e9 do local _ = table.concat(t) end", "instruction limit exceeded"},
+    {"local t = {} for i = 1, 3e4 do t[i] = i end for i = 1, 1e9 do table.insert(t, 1, i) end",
+     "instruction limit exceeded"},
+    {"local t = {} for i = 1, 3e4 do t[i] = i end for i = 1, 1e9 do table.remove(t, 1) "
+     "t[#t + 1] = i end", "instruction limit exceeded"},
+    {"local t = {} for i = 1, 2e4 do t[i] = -i end for i = 1, 1e9 do table.sort(t) end",
+     "instruction limit exceeded"},
+    {"local s = ('x'):rep(1e6) for i = 1, 1e9 do local _ = s:upper() end",
+     "instruction limit exceeded"},
+    {"local s = ('x'):rep(5e5) for i = 1, 1e9 do local _ = s:byte(1, -1) end",
+     "instruction limit exceeded"},
+    {"local s = ('x'):rep(5e5) for i = 1, 1e9 do local _ = string.format('%s%s', s, s) end",
+     "instruction limit exceeded"},
+    {"local s = ('a'):rep(1e6) for i = 1, 1e9 do local _ = s:find('b', 1, true) end",
+     "instruction limit exceeded"},
+    {"local s = ('\\u{e9}'):rep(3e5) for i = 1, 1e9 do local _ = utf8.len(s) end",
+     "instruction limit exceeded"},
+    {"local f, s = utf8.codes('a' .. ('\\x80'):rep(1e6)) for i = 1, 1e9 do f(s, 1) end",
+     "instruction limit exceeded"},
+    {"local s = ' ' .. ('0'):rep(1e6) for i = 1, 1e9 do local _ = tonumber(s) end",
+     "instruction limit exceeded"},
+    {"local s = ('0'):rep(1e6) for i = 1, 1e9 do local _ = s + 0 end",
+     "instruction limit exceeded"},
+    {"local s = hub.json.encode({('x'):rep(5e5)}) for i = 1, 1e9 do local _ = hub.json.decode(s) end",
+     "instruction limit exceeded"},
+    {"local s = ('x'):rep(5e5) for i = 1, 1e9 do local _ = hub.hmac_sha256('k', s) end",
+     "instruction limit exceeded"},
+    /* single VM instructions that work on long strings, and next() over a
+     * table emptied after it grew: no count sees them, the time limit does */
+    {"local a = 'x' for i = 1, 23 do a = a .. a end local b = a:sub(1, -2) .. 'y' "
+     "while a ~= b do end", "time limit exceeded"},
+    {"local t = {} for i = 1, 1.5e5 do t[i] = true end for i = 1, 1.5e5 do t[i] = nil end "
+     "while true do local _ = next(t) end", "time limit exceeded"},
+};
+
+START_TEST(bad_c_call)
+{
+    bad_case(c_bombs[_i].body, H_RPC, c_bombs[_i].needle, "instructions", NULL);
+}
+END_TEST
+
+/* A pattern a policy runs on what clients send: a 60 KB message. */
+static const char *const big_message_patterns[] = {
+    "(.-)x(.-)y", ".-.-.-x", "^(.-)a*z", "(%a*)(%a*)(%a*)z", "a-a-a-a-b",
+};
+
+START_TEST(bad_pattern_on_big_message)
+{
+    char lua[512];
+    snprintf(lua, sizeof lua,
+             "function on_publish(conn, ch, msg)\n"
+             "  if ch == 'scan' then return msg.raw:match('%s') ~= nil end\n"
+             "  return true\n"
+             "end\n", big_message_patterns[_i]);
+    struct hub *h = start_policy(lua, NULL);
+    struct ws *p = ws_connect(h->port), *o = ws_connect(h->port);
+    size_t n = 60000;
+    char *cmd = malloc(n + 64);
+    int k = snprintf(cmd, n + 64, "{\"op\":\"publish\",\"channel\":\"scan\",\"id\":1,\"data\":\"");
+    memset(cmd + k, 'a', n);
+    strcpy(cmd + k + n, "\"}");
+    ws_send_text(p, cmd);
+    free(cmd);
+    free(ws_expect_error(p, "1", "internal"));
+    expect_failure_line(h, "on_publish", "instruction limit exceeded", 1);
+    ck_assert_int_eq(kills_of(h, "on_publish", "instructions"), 1);
+    ws_sync(o);
+    ws_free(p);
+    ws_free(o);
+    healthy(h);
+    stop(h);
+}
+END_TEST
+
 START_TEST(bad_send_on_closed_connection)
 {
     struct hub *h = start_policy(
@@ -1661,6 +1768,9 @@ static Suite *policy_suite(void)
     tcase_add_test(bad, bad_memory_bomb_in_c);
     tcase_add_loop_test(bad, bad_recursion_bomb, 0, H__COUNT);
     tcase_add_loop_test(bad, bad_sandbox_escape, 0, (int)(sizeof escapes / sizeof *escapes));
+    tcase_add_loop_test(bad, bad_c_call, 0, (int)(sizeof c_bombs / sizeof *c_bombs));
+    tcase_add_loop_test(bad, bad_pattern_on_big_message, 0,
+                        (int)(sizeof big_message_patterns / sizeof *big_message_patterns));
     tcase_add_test(bad, bad_send_on_closed_connection);
     tcase_add_test(bad, bad_timer_callback);
     suite_add_tcase(s, bad);

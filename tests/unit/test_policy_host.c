@@ -11,6 +11,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
 #include "luahub/conn.h"
 #include "luahub/log.h"
 #include "luahub/policy.h"
@@ -469,6 +473,104 @@ START_TEST(absent_hooks_allow)
 }
 END_TEST
 
+/* ---- compatibility of the bounded library with Lua's own ----------------------- */
+
+static char *read_file(const char *rel, size_t *len)
+{
+    const char *src = getenv("LUAHUB_SRC");
+    char full[1024];
+    ck_assert_msg(src != NULL, "LUAHUB_SRC is not set");
+    snprintf(full, sizeof full, "%s/%s", src, rel);
+    FILE *f = fopen(full, "rb");
+    ck_assert_msg(f != NULL, "cannot read %s", full);
+    struct hub_buf b = {0};
+    char tmp[65536];
+    size_t n;
+    while ((n = fread(tmp, 1, sizeof tmp, f)) > 0)
+        hub_buf_append(&b, tmp, n);
+    fclose(f);
+    *len = b.len;
+    return b.p;
+}
+
+/* Splits "k=result#k=result#..." at '#' into lines[]; returns the count. */
+static int split(char *text, char **lines, int max)
+{
+    int n = 0;
+    for (char *s = strtok(text, "#"); s && n < max; s = strtok(NULL, "#"))
+        lines[n++] = s;
+    return n;
+}
+
+/* tests/unit/lua_compat_cases.lua runs in a stock Lua state and as the
+ * policy's main chunk; each case's result (values or error message) must be
+ * the same: string.find/match/gmatch/gsub (our matcher, against Lua's on a
+ * table of patterns and on random ones), and every function lua_stdlib.c
+ * wraps or replaces. */
+START_TEST(bounded_library_matches_lua)
+{
+    size_t len;
+    char *cases = read_file("tests/unit/lua_compat_cases.lua", &len);
+
+    lua_State *L = luaL_newstate();
+    luaL_openlibs(L);
+    ck_assert_msg(luaL_loadbuffer(L, cases, len, "=cases") == LUA_OK && lua_pcall(L, 0, 0, 0) == LUA_OK,
+                  "stock: %s", lua_tostring(L, -1));
+    lua_getglobal(L, "ncases");
+    int ncases = (int)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    ck_assert_int_gt(ncases, 10000);
+
+    /* the random patterns may backtrack a lot: a budget for them */
+    cfg.lua_max_instructions = INT64_C(10000000000);
+    struct hub_buf src = {0};
+    hub_buf_append(&src, cases, len);
+    hub_buf_appends(&src, "\nfunction on_rpc(conn, method, data)\n"
+                          "  return run_range(math.tointeger(data[1]), math.tointeger(data[2]))\n"
+                          "end\n");
+    struct hub_policy *p = load(src.p);
+    hub_buf_free(&src);
+
+    enum { BATCH = 200 };
+    int mismatches = 0;
+    for (int i = 1; i <= ncases; i += BATCH) {
+        char range[64], reason[256];
+        struct hub_buf res = {0};
+        snprintf(range, sizeof range, "[%d,%d]", i, i + BATCH - 1);
+        enum hub_verdict v = hub_policy_on_rpc(p, &conn, "range", 5, range, strlen(range), &res,
+                                               reason, sizeof reason);
+        ck_assert_msg(v == HUB_ALLOW, "cases %s failed in the sandbox: %s", range, reason);
+        /* the result is a JSON string; the serialiser emits no character
+         * that JSON escapes */
+        ck_assert_msg(res.len >= 2 && res.p[0] == '"' && res.p[res.len - 1] == '"', "%s", res.p);
+        res.p[res.len - 1] = '\0';
+        char *ours = res.p + 1;
+
+        lua_getglobal(L, "run_range");
+        lua_pushinteger(L, i);
+        lua_pushinteger(L, i + BATCH - 1);
+        ck_assert_msg(lua_pcall(L, 2, 1, 0) == LUA_OK, "stock: %s", lua_tostring(L, -1));
+        char *theirs = strdup(lua_tostring(L, -1));
+        lua_pop(L, 1);
+
+        static char *a[BATCH], *b[BATCH];
+        int na = split(ours, a, BATCH), nb = split(theirs, b, BATCH);
+        ck_assert_int_eq(na, nb);
+        for (int k = 0; k < na; k++) {
+            if (strcmp(a[k], b[k]) != 0 && mismatches++ < 20)
+                fprintf(stderr, "case %s\n   lua: %s\n   hub: %s\n", b[k], b[k], a[k]);
+        }
+        free(theirs);
+        hub_buf_free(&res);
+    }
+    ck_assert_msg(mismatches == 0, "%d of %d cases differ from Lua's own (see above)",
+                  mismatches, ncases);
+    unload(p);
+    lua_close(L);
+    free(cases);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("policy_host");
@@ -486,6 +588,7 @@ static Suite *suite(void)
     tcase_add_test(tc, conn_object_is_cached_and_dies_with_the_connection);
     tcase_add_test(tc, crypto_helpers);
     tcase_add_test(tc, absent_hooks_allow);
+    tcase_add_test(tc, bounded_library_matches_lua);
     suite_add_tcase(s, tc);
     return s;
 }
