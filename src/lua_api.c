@@ -51,6 +51,7 @@
 #define TIMERS_MAX 65536            /* pending hub.after timers */
 #define TIMER_MAX_S (366.0 * 86400) /* longest hub.after delay */
 #define JWT_MAX 16384               /* bytes of a token */
+#define JWT_LEEWAY_MAX (366 * 86400) /* seconds */
 #define JSON_DEPTH_MAX 1000         /* cjson's own encode limit */
 
 static struct hub_policy *policy_of(lua_State *L)
@@ -368,13 +369,18 @@ static int fail2(lua_State *L, const char *why)
     return 2;
 }
 
-/* Decodes the base64url JSON object s[0..len) and pushes it; returns 0, or
- * -1 with nothing pushed. */
+/* Decodes the base64url JSON object s[0..len) and pushes it (as a table);
+ * returns 0, or -1 with nothing pushed. An array, a string, a number or
+ * null is not an object (cjson decodes [] to a table as well: the text
+ * decides). */
 static int jwt_part(struct hub_policy *p, lua_State *L, const char *s, size_t len)
 {
     unsigned char *buf = lua_newuserdatauv(L, len + 1, 0);
     long n = b64url_decode(s, len, buf);
-    if (n < 0) {
+    long i = 0;
+    while (i < n && (buf[i] == ' ' || buf[i] == '\t' || buf[i] == '\n' || buf[i] == '\r'))
+        i++;
+    if (n < 0 || i == n || buf[i] != '{') {
         lua_pop(L, 1);
         return -1;
     }
@@ -389,16 +395,35 @@ static int jwt_part(struct hub_policy *p, lua_State *L, const char *s, size_t le
     return 0;
 }
 
+/* Claim `name` of the table at `t`: 0 if absent, 1 with a finite number in
+ * *out, -1 if it is not a number, -2 if it is NaN or infinite (cjson
+ * decodes NaN and Infinity). */
 static int claim_number(lua_State *L, int t, const char *name, double *out)
 {
     lua_getfield(L, t, name);
-    int type = lua_type(L, -1);
-    if (type == LUA_TNUMBER)
+    int type = lua_type(L, -1), r = 0;
+    if (type == LUA_TNUMBER) {
         *out = lua_tonumber(L, -1);
+        r = isfinite(*out) ? 1 : -2;
+    } else if (type != LUA_TNIL) {
+        r = -1;
+    }
     lua_pop(L, 1);
-    if (type == LUA_TNIL)
-        return 0;
-    return type == LUA_TNUMBER ? 1 : -1;
+    return r;
+}
+
+/* Pushes "unsupported alg '<alg>' (only HS256)" with the bytes of alg that
+ * are not printable ASCII shown as '?' (it may hold a NUL). */
+static int unsupported_alg(lua_State *L, const char *alg, size_t len)
+{
+    char show[40];
+    size_t n = len < sizeof(show) - 1 ? len : sizeof(show) - 1;
+    for (size_t i = 0; i < n; i++)
+        show[i] = alg[i] >= 0x20 && alg[i] < 0x7f ? alg[i] : '?';
+    show[n] = '\0';
+    lua_pushnil(L);
+    lua_pushfstring(L, "unsupported alg '%s%s' (only HS256)", show, n < len ? "..." : "");
+    return 2;
 }
 
 /* hub.jwt_verify(token, secret [, leeway]): HS256 only. Checks the
@@ -412,11 +437,17 @@ static int l_jwt_verify(lua_State *L)
     double leeway = luaL_optnumber(L, 3, 0);
     if (slen == 0)
         luaL_error(L, "hub.jwt_verify: the secret is empty");
+    /* NaN or infinity would make every exp and nbf comparison pass */
+    if (!(leeway >= 0 && leeway <= JWT_LEEWAY_MAX))
+        luaL_error(L, "hub.jwt_verify: leeway must be 0 to %d seconds (got %s)",
+                   JWT_LEEWAY_MAX, lua_tostring(L, 3));
     if (lua_type(L, 1) != LUA_TSTRING)
         return fail2(L, "no token");
     const char *tok = lua_tolstring(L, 1, &tlen);
     if (tlen > JWT_MAX)
         return fail2(L, "token too long");
+    /* base64, HMAC and JSON over the token */
+    hub_sandbox_charge(p, L, 256 + (int64_t)(tlen / HUB_COST_JSON) + (int64_t)slen);
 
     const char *d1 = memchr(tok, '.', tlen);
     const char *d2 = d1 ? memchr(d1 + 1, '.', tlen - (size_t)(d1 + 1 - tok)) : NULL;
@@ -426,16 +457,15 @@ static int l_jwt_verify(lua_State *L)
     size_t siglen = tlen - (size_t)(d2 + 1 - tok);
 
     if (jwt_part(p, L, tok, hlen) < 0)
-        return fail2(L, "malformed token: the header is not base64url JSON");
+        return fail2(L, "malformed token: the header is not a base64url JSON object");
     lua_getfield(L, -1, "alg");
     if (lua_type(L, -1) != LUA_TSTRING)
         return fail2(L, "malformed token: the header has no alg");
-    if (strcmp(lua_tostring(L, -1), "HS256") != 0) {
-        lua_pushfstring(L, "unsupported alg '%s' (only HS256)", lua_tostring(L, -1));
-        lua_pushnil(L);
-        lua_insert(L, -2);
-        return 2;
-    }
+    /* exactly these 5 bytes: a Lua string may hold a NUL ("HS256\u0000x") */
+    size_t alen;
+    const char *alg = lua_tolstring(L, -1, &alen);
+    if (alen != 5 || memcmp(alg, "HS256", 5) != 0)
+        return unsupported_alg(L, alg, alen);
     lua_pop(L, 2);
 
     unsigned char want[32], got[JWT_MAX];
@@ -453,13 +483,17 @@ static int l_jwt_verify(lua_State *L)
     clock_gettime(CLOCK_REALTIME, &ts);
     double now = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9, exp, nbf;
     int r = claim_number(L, claims, "exp", &exp);
-    if (r < 0)
+    if (r == -1)
         return fail2(L, "claim exp is not a number");
+    if (r == -2)
+        return fail2(L, "claim exp is not a finite number");
     if (r > 0 && now >= exp + leeway)
         return fail2(L, "token expired");
     r = claim_number(L, claims, "nbf", &nbf);
-    if (r < 0)
+    if (r == -1)
         return fail2(L, "claim nbf is not a number");
+    if (r == -2)
+        return fail2(L, "claim nbf is not a finite number");
     if (r > 0 && now + leeway < nbf)
         return fail2(L, "token not valid yet (nbf)");
     lua_settop(L, claims);

@@ -26,6 +26,27 @@
 #define JWT_NBF "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsIm5iZiI6NDEwMjQ0NDgwMH0.XJW5_sbo4WEobHA7v3WFM1HyQDbXTmAOES2MgltdQFw"
 #define JWT_OTHER "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6NDEwMjQ0NDgwMH0.fPw0KZ8fXdhrDdnu63iJGI8SoRas3g-yuFFl-qnhfIY"
 #define JWT_NONE "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6NDEwMjQ0NDgwMH0.C_Zoy2A-5lvhHvK2wSW5_HTMJ5TiTohyme6oFCJc_Pg"
+/* Signed with SECRET as well (Python's hmac): headers whose alg is almost
+ * HS256 ("HS256\u0000x" is "HS256" to strcmp), a header that is an array,
+ * payloads that are not objects, and exp/nbf that are NaN or infinite
+ * (lua-cjson decodes NaN and Infinity); sub alice, exp 2100 unless said. */
+#define JWT_ALG_NUL_X "eyJhbGciOiJIUzI1Nlx1MDAwMHgiLCJ0eXAiOiJKV1QifQ.eyJzdWIiOiJhbGljZSIsImV4cCI6NDEwMjQ0NDgwMH0.Oyh6QN4G_5MdX_DShjFVJc-8QxJt5LgD3dfxsyX8MZ0"
+#define JWT_ALG_NUL "eyJhbGciOiJIUzI1Nlx1MDAwMCIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6NDEwMjQ0NDgwMH0.IddhPm2XfD65-XB3JD_pgn7xBwxaeNlCVQ2WOlfLJoQ"
+#define JWT_ALG_LOWER "eyJhbGciOiJoczI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6NDEwMjQ0NDgwMH0.E2fNaxvHEttzRCR0tITvYDEE_w7onoZnCkRlBV8BNf4"
+#define JWT_ALG_SPACE "eyJhbGciOiJIUzI1NiAiLCJ0eXAiOiJKV1QifQ.eyJzdWIiOiJhbGljZSIsImV4cCI6NDEwMjQ0NDgwMH0.E_qkxBCy71M_VPtnJRQGIGRm_bucLYD_4fo9MoQvyZg"
+#define JWT_ALG_PREFIX "eyJhbGciOiJIUzIiLCJ0eXAiOiJKV1QifQ.eyJzdWIiOiJhbGljZSIsImV4cCI6NDEwMjQ0NDgwMH0.MawlPbYj2RGLkOREzjjEL2ehOXWkBENhgqPP6o2Xlc0"
+#define JWT_HDR_ARRAY "WyJIUzI1NiJd.eyJzdWIiOiJhbGljZSIsImV4cCI6NDEwMjQ0NDgwMH0.E8m-HFtJSVKd5Pu75K_UTSrORpON3W7He01pJlMj5_g"
+#define JWT_CLAIMS_ARRAY "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.W10.oBYWRM_j6VPJtxu5kxOOGul8EFX5UpMQ2Ruo4s4ZejU"
+#define JWT_CLAIMS_ARRAY2 "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.IFsiYWxpY2UiXQ.d7Sy4mYRg54Lr4p-n1fyY72QHb6QukS5HGcC2TRB9BM"
+#define JWT_CLAIMS_STRING "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.Ingi.jNITm0dPIRZbl9L6io9oCgVBPCJj5HQVuZbtVI0pWp4"
+#define JWT_CLAIMS_NUMBER "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.MQ.w99oYCodClI-OP0lPVgkvrY5QSXlFe8nEmAlz0Kgqjo"
+#define JWT_CLAIMS_NULL "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.bnVsbA.ooDS-1ADVTyn1uMhiX372oT5GdxBUx580XkP2dItTdE"
+#define JWT_EXP_NAN "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6TmFOfQ.3lKf7l3QoCboo-CfYkivgd-CPnZNxGeySuuHMzWsZOE"
+#define JWT_EXP_INF "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6SW5maW5pdHl9.87cCOZNhRZKL-Uvvoe2TowrdJ9DpWOFak32AE6VxgEw"
+#define JWT_NBF_NINF "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsIm5iZiI6LUluZmluaXR5fQ.z2HzMLKwR1f0VW6uU05D6sauzB7stuWIxG1i2AZ6elA"
+#define JWT_NBF_NAN "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsIm5iZiI6bmFufQ.U0N8wZr82LzHUb7yzCmgaKODKYaf33K8kvmMt4VEYyo"
+/* whitespace before the payload object: still an object */
+#define JWT_WS_OBJECT "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.IAp7InN1YiI6ImFsaWNlIiwiZXhwIjo0MTAyNDQ0ODAwfQ.6jXMaoIuu0k7LjzOhhPqkTs2YrkfGXFX-QJXdCBkV0s"
 
 static const char *const hook_names[] = {
     "on_connect", "on_subscribe", "on_unsubscribe", "on_publish", "on_rpc",
@@ -712,6 +733,83 @@ START_TEST(hub_functions)
     free(want);
     ws_free(c);
     ws_free(s);
+    stop(h);
+}
+END_TEST
+
+/* hub.jwt_verify takes exactly HS256, an object as claims, finite exp and
+ * nbf, and a leeway from 0 to 366 days (issue 9, item 10): before, alg was
+ * compared with strcmp, an array passed as claims, and a NaN leeway
+ * accepted expired and not-yet-valid tokens. */
+static const char *JWT_POLICY =
+    "local leeways = {0/0, -(0/0), math.huge, -math.huge, -1, -1e-9, 1e300, 366 * 86400 + 1}\n"
+    "function on_rpc(conn, method, data)\n"
+    "  if method == 'jwt' then\n"
+    "    local claims, why = hub.jwt_verify(data, '" SECRET "')\n"
+    "    if claims then return claims.sub end\n"
+    "    return nil, why\n"
+    "  end\n"
+    "  if method == 'expired' or method == 'nbf' then\n"
+    "    local t = method == 'expired' and '" JWT_EXPIRED "' or '" JWT_NBF "'\n"
+    "    local claims, why = hub.jwt_verify(t, '" SECRET "', leeways[data])\n"
+    "    return claims and claims.sub or why\n"
+    "  end\n"
+    "  if method == 'leeway' then\n"
+    "    local claims, why = hub.jwt_verify('" JWT_ALICE "', '" SECRET "', data)\n"
+    "    return claims and claims.sub or why\n"
+    "  end\n"
+    "end\n";
+
+START_TEST(jwt_verify_is_strict)
+{
+    struct hub *h = start_policy(JWT_POLICY, NULL);
+    struct ws *c = ws_connect(h->port);
+    static const struct {
+        const char *token, *why;
+    } bad[] = {
+        {JWT_ALG_NUL_X, "unsupported alg 'HS256?x' (only HS256)"},
+        {JWT_ALG_NUL, "unsupported alg 'HS256?' (only HS256)"},
+        {JWT_ALG_LOWER, "unsupported alg 'hs256' (only HS256)"},
+        {JWT_ALG_SPACE, "unsupported alg 'HS256 ' (only HS256)"},
+        {JWT_ALG_PREFIX, "unsupported alg 'HS2' (only HS256)"},
+        {JWT_HDR_ARRAY, "malformed token: the header is not a base64url JSON object"},
+        {JWT_CLAIMS_ARRAY, "malformed token: the payload is not a base64url JSON object"},
+        {JWT_CLAIMS_ARRAY2, "malformed token: the payload is not a base64url JSON object"},
+        {JWT_CLAIMS_STRING, "malformed token: the payload is not a base64url JSON object"},
+        {JWT_CLAIMS_NUMBER, "malformed token: the payload is not a base64url JSON object"},
+        {JWT_CLAIMS_NULL, "malformed token: the payload is not a base64url JSON object"},
+        {JWT_EXP_NAN, "claim exp is not a finite number"},
+        {JWT_EXP_INF, "claim exp is not a finite number"},
+        {JWT_NBF_NINF, "claim nbf is not a finite number"},
+        {JWT_NBF_NAN, "claim nbf is not a finite number"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        char arg[600];
+        snprintf(arg, sizeof arg, "\"%s\"", bad[i].token);
+        char *t = rpc_error(c, "jwt", arg, "rpc_error");
+        expect_contains(t, bad[i].why);
+        free(t);
+    }
+    rpc_expect(c, "jwt", "\"" JWT_WS_OBJECT "\"", "\"alice\"");
+    rpc_expect(c, "jwt", "\"" JWT_ALICE "\"", "\"alice\"");
+
+    /* a leeway that is not 0 to 366 days raises: the hook fails */
+    for (int i = 1; i <= 8; i++) {
+        char arg[16];
+        snprintf(arg, sizeof arg, "%d", i);
+        free(rpc_error(c, "expired", arg, "internal"));
+        free(rpc_error(c, "nbf", arg, "internal"));
+    }
+    ck_assert_int_ge(hub_log_count(h, "hub.jwt_verify: leeway must be 0 to 31622400 seconds "
+                                      "(got nan)"), 1);
+    ck_assert_int_ge(hub_log_count(h, "hub.jwt_verify: leeway must be 0 to 31622400 seconds "
+                                      "(got inf)"), 1);
+    rpc_expect(c, "leeway", "0", "\"alice\"");
+    rpc_expect(c, "leeway", "60.5", "\"alice\"");
+    rpc_expect(c, "leeway", "\"30\"", "\"alice\"");
+    rpc_expect(c, "leeway", "31622400", "\"alice\"");
+    ck_assert_int_eq(errors_of(h, "on_rpc"), 16);
+    ws_free(c);
     stop(h);
 }
 END_TEST
@@ -1739,6 +1837,7 @@ static Suite *policy_suite(void)
     tcase_add_test(tc, unsubscribe_and_disconnect_notify);
     tcase_add_test(tc, conn_methods);
     tcase_add_test(tc, hub_functions);
+    tcase_add_test(tc, jwt_verify_is_strict);
     tcase_add_test(tc, timers);
     tcase_add_test(tc, sandbox);
     tcase_add_test(tc, binary_chunk_refused);
