@@ -48,8 +48,10 @@
 
 #define USER_MAX 1024               /* bytes of conn.user */
 #define LOG_MAX 4000                /* bytes of one hub.log line */
-#define TIMERS_MAX 65536            /* pending hub.after timers */
+#define TIMERS_MAX 65536            /* hub.after timers pending or being released */
 #define TIMER_MAX_S (366.0 * 86400) /* longest hub.after delay */
+#define TIMER_MIN_MS 1              /* shortest hub.after delay (see l_after) */
+#define TIMER_MIN_COST 1000         /* instructions a timer callback counts at least */
 #define JWT_MAX 16384               /* bytes of a token */
 #define JWT_LEEWAY_MAX (366 * 86400) /* seconds */
 #define JSON_DEPTH_MAX 1000         /* cjson's own encode limit */
@@ -515,8 +517,15 @@ struct ltimer {
     struct hub_ptimer *t;           /* NULL once fired or cancelled */
 };
 
+/* Timer handles closed but not freed yet: their close callbacks run when
+ * the loop next turns. Process-wide (one loop per process); counted in
+ * TIMERS_MAX so that what is allocated outside the Lua state stays bounded
+ * even before the loop turns. */
+static unsigned timers_closing;
+
 static void free_timer(uv_handle_t *h)
 {
+    timers_closing--;
     free(h); /* h is &t->t, the start of the allocation */
 }
 
@@ -534,6 +543,7 @@ static void detach_timer(struct hub_ptimer *t)
     if (t->next)
         t->next->prev = t->prev;
     p->ntimers--;
+    p->mem_used -= sizeof(*t); /* charged to lua_max_memory while pending */
     lua_rawgeti(L, LUA_REGISTRYINDEX, t->obj_ref);
     struct ltimer *u = lua_touserdata(L, -1);
     if (u)
@@ -542,10 +552,28 @@ static void detach_timer(struct hub_ptimer *t)
     luaL_unref(L, LUA_REGISTRYINDEX, t->obj_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, t->fn_ref);
     t->p = NULL;
-    if (t->started)
+    if (t->started) {
+        timers_closing++;
         uv_close((uv_handle_t *)&t->t, free_timer);
-    else
+    } else {
         free(t);
+    }
+}
+
+/* Timer callbacks due in one loop iteration share one budget: once they
+ * have used lua_max_instructions together (each counts at least
+ * TIMER_MIN_COST), the rest wait for a later iteration, so that a burst of
+ * timers (a callback may arm thousands) cannot keep the loop from its I/O
+ * for more than about one hook's budget. An iteration is told by the
+ * loop's cached time, which only moves between iterations. */
+static int timer_pass_full(struct hub_policy *p, uv_loop_t *loop)
+{
+    uint64_t now = uv_now(loop);
+    if (now != p->timer_pass_ms) {
+        p->timer_pass_ms = now;
+        p->timer_pass_used = 0;
+    }
+    return p->timer_pass_used >= p->budget;
 }
 
 static void on_timer(uv_timer_t *h)
@@ -554,10 +582,16 @@ static void on_timer(uv_timer_t *h)
     struct hub_policy *p = t->p;
     lua_State *L = p->L;
 
+    if (timer_pass_full(p, h->loop)) {
+        uv_timer_start(&t->t, on_timer, TIMER_MIN_MS, 0);
+        return;
+    }
     lua_rawgeti(L, LUA_REGISTRYINDEX, t->fn_ref);
     detach_timer(t);
     if (hub_policy_pcall(p, HUB_PHASE_TIMER, NULL, 0, 0, 0) == 0)
         lua_settop(L, HUB_LUA_BASE);
+    int64_t used = p->budget - p->budget_left;
+    p->timer_pass_used += used > TIMER_MIN_COST ? used : TIMER_MIN_COST;
 }
 
 static void start_timer(struct hub_policy *p, struct hub_ptimer *t)
@@ -593,16 +627,27 @@ static int l_after(lua_State *L)
         luaL_error(L, "hub.after: the delay must be 0 to %d seconds", (int)TIMER_MAX_S);
     if (p->srv && p->srv->shutting_down)
         luaL_error(L, "hub.after: the hub is shutting down");
-    if (p->ntimers >= TIMERS_MAX)
-        luaL_error(L, "hub.after: too many pending timers (%d)", TIMERS_MAX);
+    if (p->ntimers + timers_closing >= TIMERS_MAX)
+        luaL_error(L, "hub.after: too many timers (%d pending or being released)",
+                   TIMERS_MAX);
+    /* the C side of a timer counts against lua_max_memory */
+    if (p->cap_on && p->mem_used + sizeof(struct hub_ptimer) > p->mem_max)
+        hub_sandbox_oom(p, L);
 
     struct ltimer *u = lua_newuserdatauv(L, sizeof(*u), 0);
     u->t = NULL;
     luaL_setmetatable(L, TIMER_MT);
     struct hub_ptimer *t = hub_xcalloc(1, sizeof(*t));
+    p->mem_used += sizeof(*t);
     t->t.data = t;
     t->p = p;
+    /* At least 1 ms: libuv 1.44 runs a timer of timeout 0 armed from a timer
+     * callback in the same pass over the timers (docs/internals.md), so a
+     * callback re-arming itself with hub.after(0, f) would never let the
+     * loop reach its I/O. 1 ms is due at the next iteration at the earliest. */
     t->ms = (uint64_t)llround(s * 1000.0);
+    if (t->ms < TIMER_MIN_MS)
+        t->ms = TIMER_MIN_MS;
     lua_pushvalue(L, 2);
     t->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushvalue(L, -1);
