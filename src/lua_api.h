@@ -229,8 +229,8 @@ void hub_sandbox_charge(struct hub_policy *p, lua_State *L, int64_t n);
  * allocator (a timer's C side). Does not return. */
 void hub_sandbox_oom(struct hub_policy *p, lua_State *L);
 
-/* The time limit of a call of `p`, in ms. */
-uint64_t hub_sandbox_time_limit_ms(const struct hub_policy *p);
+/* The time limit of a call with an instruction budget of `budget`, in ms. */
+uint64_t hub_sandbox_time_limit_ms(int64_t budget);
 
 /* ---- lua_stdlib.c, lua_pattern.c ------------------------------------------ */
 

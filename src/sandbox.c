@@ -197,9 +197,9 @@ void hub_sandbox_oom(struct hub_policy *p, lua_State *L)
     lua_error(L);
 }
 
-uint64_t hub_sandbox_time_limit_ms(const struct hub_policy *p)
+uint64_t hub_sandbox_time_limit_ms(int64_t budget)
 {
-    uint64_t ms = (uint64_t)p->budget / (1000000u / HUB_LUA_NS_PER_INSTR);
+    uint64_t ms = (uint64_t)budget / (1000000u / HUB_LUA_NS_PER_INSTR);
     return ms < HUB_LUA_TIME_MIN_MS ? HUB_LUA_TIME_MIN_MS : ms;
 }
 
@@ -533,7 +533,7 @@ void hub_sandbox_arm(struct hub_policy *p)
 {
     p->budget_left = p->budget;
     p->alloc_bytes = 0;
-    p->deadline_ns = coarse_ns() + hub_sandbox_time_limit_ms(p) * 1000000u;
+    p->deadline_ns = coarse_ns() + hub_sandbox_time_limit_ms(p->budget) * 1000000u;
     p->pace_ns = hub_now_ns();
     p->pace_count = 0;
     if (lua_gethookcount(p->L) != HUB_LUA_TICK)

@@ -48,6 +48,10 @@ int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *err
  * one). Returns a new policy, or NULL with every problem appended to `errs`. */
 struct hub_policy *hub_policy_new(struct hub_server *srv, struct hub_config_errors *errs);
 
+/* How long one call of a policy built from `cfg` may run before it is
+ * stopped, in ms: its instruction budget as time (docs/lua.md, "Budgets"). */
+uint64_t hub_policy_time_limit_ms(const struct hub_config *cfg);
+
 /* Frees a policy (and its lua_State). Pending timers are cancelled. */
 void hub_policy_free(struct hub_policy *p);
 

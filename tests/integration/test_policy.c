@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "hubtest.h"
@@ -1704,6 +1705,40 @@ START_TEST(timers_are_bounded)
 END_TEST
 
 /* ------------------------------------------------------------------ */
+/* The watchdog                                                         */
+/* ------------------------------------------------------------------ */
+
+/* A loop that stops turning is aborted, so that the supervisor (or the
+ * service manager) restarts the hub (docs/internals.md). Policy calls
+ * cannot block the loop any more; a blocking system call still can: a
+ * reload whose policy path has become a FIFO blocks in open() until a
+ * writer comes, which is the stall used here. The supervisor's restart of
+ * a worker killed by a signal is tested in test_scaleout. */
+START_TEST(watchdog_aborts_a_stuck_loop)
+{
+    struct hub *h = start_policy("function on_rpc() return 'served' end\n", NULL);
+    struct ws *c = ws_connect(h->port);
+    rpc_expect(c, "x", NULL, "\"served\"");
+    char aside[600];
+    snprintf(aside, sizeof aside, "%s.aside", policy_path);
+    ck_assert_int_eq(rename(policy_path, aside), 0);
+    ck_assert_int_eq(mkfifo(policy_path, 0600), 0);
+    hub_signal(h, SIGHUP);
+    hub_log_wait(h, "SIGHUP: reloading the policy", HT_WAIT_MS);
+    /* stuck: no answer while the watchdog waits (10 s) */
+    ws_send_text(c, "{\"op\":\"ping\",\"id\":\"p\"}");
+    ck_assert_int_eq(hub_wait_exit(h, 60000), 128 + SIGABRT);
+    hub_log_wait(h, "ERROR watchdog: the event loop has not turned for 10 s", HT_WAIT_MS);
+    ws_free(c);
+    ck_assert_int_eq(hub_stop(h), 128 + SIGABRT);
+    unlink(policy_path);
+    unlink(aside);
+    free(policy_path);
+    policy_path = NULL;
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
 /* Examples                                                             */
 /* ------------------------------------------------------------------ */
 
@@ -2023,6 +2058,11 @@ static Suite *policy_suite(void)
     tcase_add_test(bad, bad_timer_callback);
     tcase_add_test(bad, timers_are_bounded);
     suite_add_tcase(s, bad);
+
+    TCase *wd = tcase_create("watchdog");
+    tcase_set_timeout(wd, 120);
+    tcase_add_test(wd, watchdog_aborts_a_stuck_loop);
+    suite_add_tcase(s, wd);
 
     TCase *ex = tcase_create("examples");
     tcase_set_timeout(ex, 120);
