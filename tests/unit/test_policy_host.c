@@ -15,6 +15,7 @@
 #include <lua.h>
 #include <lualib.h>
 
+#include "lua_api.h"
 #include "luahub/conn.h"
 #include "luahub/log.h"
 #include "luahub/policy.h"
@@ -571,6 +572,91 @@ START_TEST(bounded_library_matches_lua)
 }
 END_TEST
 
+/* Calls whose work is in C (issue 9, item 6) are stopped by the budget
+ * like a loop, and the state stays usable: each entry of BAD must fail the
+ * call with an instruction stop. Before the fix each of them ran for
+ * minutes or for ever in the hub's loop. */
+static const char *const BAD =
+    "local bad = {\n"
+    "  function() return string.rep('', 2^62) end,\n"
+    "  function() return ('x'):rep(1e9, '') end,\n"            /* too big: memory */
+    "  function() return table.move({}, 1, 2^62, 1, {}) end,\n"
+    "  function() return table.move({}, -2^61, 2^61, 1) end,\n"
+    "  function() local t = setmetatable({}, {__len = function() return 2^62 end})\n"
+    "             table.insert(t, 1, 'x') end,\n"
+    "  function() local t = setmetatable({}, {__len = function() return 2^62 end})\n"
+    "             return table.remove(t, 1) end,\n"
+    "  function() return string.find(('a'):rep(30), ('a*'):rep(30) .. 'b') end,\n"
+    "  function() return string.match(('a'):rep(25), ('a?'):rep(25) .. ('a'):rep(25) .. 'b') end,\n"
+    "  function() for _ in ('a'):rep(30):gmatch(('a-'):rep(30) .. 'b') do end end,\n"
+    "  function() return ('a'):rep(30):gsub(('.-'):rep(30) .. 'b', 'x') end,\n"
+    "  function() return ('a'):rep(65536):find('(.-)x(.-)y') end,\n"
+    "  function() return ('ab'):rep(32768):match('(.*)(.*)(.*)c') end,\n"
+    "  function() return ('('):rep(65536):gsub('%b()', '') end,\n"
+    "  function() return ('a'):rep(65536):find('%f[%w]%w-%w-z') end,\n"
+    "  function() local s, n = ('a'):rep(65536), ('a'):rep(60000) .. 'b'\n"
+    "             for i = 1, 1e9 do s:find(n, 1, true) end end,\n"
+    "  function() local s = ('x'):rep(2^19) for i = 1, 1e9 do s:upper() end end,\n"
+    "  function() for i = 1, 1e9 do table.unpack({}, 1, 999999) end end,\n"
+    "  function() local s = ('x'):rep(2^19) for i = 1, 1e9 do s:byte(1, -1) end end,\n"
+    "  function() local s = ('\\u{20AC}'):rep(2^17) for i = 1, 1e9 do utf8.len(s) end end,\n"
+    "  function() local s = ('0'):rep(2^19) for i = 1, 1e9 do local _ = s + 1 end end,\n"
+    "  function() local t = {} for i = 1, 2^15 do t[i] = i end\n"
+    "             for i = 1, 1e9 do table.insert(t, 1, i) end end,\n"
+    "  function() local t = {} for i = 1, 2^14 do t[i] = -i end\n"
+    "             for i = 1, 1e9 do table.sort(t) end end,\n"
+    "  function() local t = {} for i = 1, 2^16 do t[i] = 'x' end\n"
+    "             for i = 1, 1e9 do table.concat(t, ',') end end,\n"
+    "}\n"
+    "nbad = #bad\n"
+    "function on_rpc(conn, method, data)\n"
+    "  if method == 'bad' then return bad[math.tointeger(data)]() end\n"
+    "  return ('abc'):gsub('b', 'B')\n"
+    "end\n";
+
+START_TEST(c_work_is_charged)
+{
+    struct hub_policy *p = load(BAD);
+    struct hub_hook_stats *st = &p->st.hook[HUB_HOOK_RPC];
+    char out[256], arg[16];
+
+    lua_rawgeti(p->L, LUA_REGISTRYINDEX, p->ref_env);
+    lua_getfield(p->L, -1, "nbad");
+    int n = (int)lua_tointeger(p->L, -1);
+    lua_settop(p->L, HUB_LUA_BASE);
+    ck_assert_int_gt(n, 20);
+    for (int i = 1; i <= n; i++) {
+        uint64_t kills = st->kills_instructions + st->kills_memory;
+        snprintf(arg, sizeof arg, "%d", i);
+        ck_assert_msg(rpc(p, "bad", arg, out, sizeof out) == HUB_FAIL, "bad[%d] was not stopped", i);
+        ck_assert_msg(st->kills_instructions + st->kills_memory == kills + 1,
+                      "bad[%d] failed but was not stopped by a budget", i);
+        ck_assert_msg(i == 2 ? st->kills_memory == 1 : 1, "bad[2] is a memory stop");
+        /* and the state still works */
+        ck_assert_int_eq(rpc(p, "ok", NULL, out, sizeof out), HUB_ALLOW);
+        ck_assert_str_eq(out, "\"aBc\"");
+    }
+    unload(p);
+}
+END_TEST
+
+/* Single VM instructions that work on long strings (~= on two 8 MB
+ * strings) are past the count's reach: the time limit (1 s for the
+ * default budget) stops them long before the budget is used up. */
+START_TEST(time_limit_stops_slow_instructions)
+{
+    struct hub_policy *p = load(
+        "local a = 'x' for i = 1, 23 do a = a .. a end\n"
+        "local b = a:sub(1, -2) .. 'y'\n"
+        "function on_rpc(conn, method) while a ~= b do end end\n");
+    char out[256];
+    ck_assert_int_eq(rpc(p, "x", NULL, out, sizeof out), HUB_FAIL);
+    ck_assert_int_eq(p->killed, HUB_KILL_TIME);
+    ck_assert_int_eq(p->st.hook[HUB_HOOK_RPC].kills_instructions, 1);
+    unload(p);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("policy_host");
@@ -589,6 +675,8 @@ static Suite *suite(void)
     tcase_add_test(tc, crypto_helpers);
     tcase_add_test(tc, absent_hooks_allow);
     tcase_add_test(tc, bounded_library_matches_lua);
+    tcase_add_test(tc, c_work_is_charged);
+    tcase_add_test(tc, time_limit_stops_slow_instructions);
     suite_add_tcase(s, tc);
     return s;
 }
