@@ -81,8 +81,6 @@ static const char *find_conf(void)
     return NULL;
 }
 
-/* Runs one hub (the process itself, or a worker) until it has shut down.
- * Returns the exit status. */
 /* The watchdog's timeout: WATCHDOG_S, or twice the longest a policy call
  * may run if that is longer (a huge lua_max_instructions). */
 static unsigned watchdog_s(const struct hub_config *cfg)
@@ -91,6 +89,8 @@ static unsigned watchdog_s(const struct hub_config *cfg)
     return call_s * 2 > WATCHDOG_S ? (unsigned)(call_s * 2) : WATCHDOG_S;
 }
 
+/* Runs one hub (the process itself, or a worker) until it has shut down.
+ * Returns the exit status. */
 static int run_hub(struct hub_config *cfg, int worker)
 {
     struct hub_config_errors errs = {0};

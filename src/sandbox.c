@@ -178,7 +178,8 @@ void hub_sandbox_charge(struct hub_policy *p, lua_State *L, int64_t n)
     if (!p->cap_on)
         return;
     if (!p->killed) {
-        p->budget_left -= n;
+        /* n may be up to INT64_MAX (a size of 2^62 times a cost) */
+        p->budget_left = n >= p->budget_left ? 0 : p->budget_left - n;
         if (!(p->killed = over(p)))
             return;
         where_of(L, 1, p->kill_where, sizeof(p->kill_where));
