@@ -569,6 +569,7 @@ static void add_string(struct matcher *m, luaL_Buffer *b, const char *s, const c
 
     step(m, (unsigned)(l / HUB_COST_COPY));
     while ((q = memchr(r, '%', (size_t)(end - r))) != NULL) {
+        step(m, 1); /* an escape: a capture pushed or copied */
         luaL_addlstring(b, r, (size_t)(q - r));
         q++;
         if (q < end && *q == '%') {
