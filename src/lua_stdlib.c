@@ -520,18 +520,50 @@ static int w_clock(lua_State *L)
 
 /* ---- installing ---------------------------------------------------------------- */
 
-/* Replaces t[name] (t at `t`, a C function) by `w` with the original as
- * upvalue 1. */
-static void wrap(lua_State *L, int t, const char *name, lua_CFunction w)
-{
-    lua_getfield(L, t, name);
-    lua_pushcclosure(L, w, 1);
-    lua_setfield(L, t, name);
-}
+/* What replaces what: in library `lib` (NULL: the globals), `name` becomes
+ * `fn`, a closure over Lua's own function (upvalue 1) when `wraps`. */
+static const struct {
+    const char *lib, *name;
+    lua_CFunction fn;
+    int wraps;
+} bounded[] = {
+    {LUA_STRLIBNAME, "byte", w_byte, 1},
+    {LUA_STRLIBNAME, "char", w_per_arg, 1},
+    {LUA_STRLIBNAME, "format", w_format, 1},
+    {LUA_STRLIBNAME, "rep", w_rep, 1},
+    {LUA_STRLIBNAME, "reverse", w_scan1, 1},
+    {LUA_STRLIBNAME, "lower", w_scan1, 1},
+    {LUA_STRLIBNAME, "upper", w_scan1, 1},
+    {LUA_STRLIBNAME, "pack", w_pack, 1},
+    {LUA_STRLIBNAME, "packsize", w_scan1, 1},
+    {LUA_STRLIBNAME, "unpack", w_unpack, 1},
+    {LUA_TABLIBNAME, "insert", t_insert, 0},
+    {LUA_TABLIBNAME, "remove", t_remove, 0},
+    {LUA_TABLIBNAME, "concat", t_concat, 0},
+    {LUA_TABLIBNAME, "sort", t_sort, 0},
+    {LUA_TABLIBNAME, "move", w_move, 1},
+    {LUA_TABLIBNAME, "unpack", w_unpack_list, 1},
+    {LUA_TABLIBNAME, "pack", w_per_arg, 1},
+    {LUA_UTF8LIBNAME, "char", w_per_arg, 1},
+    {LUA_UTF8LIBNAME, "codepoint", w_codepoint, 1},
+    {LUA_UTF8LIBNAME, "len", w_utf8len, 1},
+    {LUA_UTF8LIBNAME, "offset", w_scan1, 1},
+    {LUA_UTF8LIBNAME, "codes", w_codes, 1},
+    {LUA_OSLIBNAME, "date", w_date, 1},
+    {LUA_OSLIBNAME, "time", w_time, 1},
+    {LUA_OSLIBNAME, "clock", w_clock, 1},
+    {NULL, "tonumber", w_scan1, 1},
+    {NULL, "rawequal", w_rawequal, 1},
+    {NULL, "warn", w_warn, 1},
+};
 
-static void set(lua_State *L, int t, const char *name, lua_CFunction f)
+/* Replaces t[name] (t at index `t`) by `fn`, with the original as upvalue
+ * 1 when `wraps`. */
+static void replace(lua_State *L, int t, const char *name, lua_CFunction fn, int wraps)
 {
-    lua_pushcfunction(L, f);
+    if (wraps)
+        lua_getfield(L, t, name);
+    lua_pushcclosure(L, fn, wraps);
     lua_setfield(L, t, name);
 }
 
@@ -540,59 +572,35 @@ void hub_lua_stdlib_bound(lua_State *L)
     static const char *const arith[] = {
         "__add", "__sub", "__mul", "__div", "__mod", "__pow", "__unm", "__idiv", NULL,
     };
-    int t;
 
+    for (size_t i = 0; i < sizeof(bounded) / sizeof(bounded[0]); i++) {
+        if (bounded[i].lib)
+            lua_getglobal(L, bounded[i].lib);
+        else
+            lua_pushglobaltable(L);
+        replace(L, lua_gettop(L), bounded[i].name, bounded[i].fn, bounded[i].wraps);
+        lua_pop(L, 1);
+    }
     lua_getglobal(L, LUA_STRLIBNAME);
-    t = lua_gettop(L);
-    wrap(L, t, "byte", w_byte);
-    wrap(L, t, "char", w_per_arg);
-    wrap(L, t, "format", w_format);
-    wrap(L, t, "rep", w_rep);
-    wrap(L, t, "reverse", w_scan1);
-    wrap(L, t, "lower", w_scan1);
-    wrap(L, t, "upper", w_scan1);
-    wrap(L, t, "pack", w_pack);
-    wrap(L, t, "packsize", w_scan1);
-    wrap(L, t, "unpack", w_unpack);
-    hub_lua_pattern_open(L, t);
+    hub_lua_pattern_open(L, -1);
     lua_pop(L, 1);
 
+    /* the string metatable's arithmetic */
     lua_pushliteral(L, "");
     lua_getmetatable(L, -1);
-    t = lua_gettop(L);
+    int t = lua_gettop(L);
     for (const char *const *n = arith; *n; n++) {
         int is_fn = lua_getfield(L, t, *n) == LUA_TFUNCTION;
         lua_pop(L, 1);
         if (is_fn)
-            wrap(L, t, *n, w_arith);
+            replace(L, t, *n, w_arith, 1);
     }
     lua_pop(L, 2);
 
-    lua_getglobal(L, LUA_TABLIBNAME);
-    t = lua_gettop(L);
-    set(L, t, "insert", t_insert);
-    set(L, t, "remove", t_remove);
-    set(L, t, "concat", t_concat);
-    set(L, t, "sort", t_sort);
-    wrap(L, t, "move", w_move);
-    wrap(L, t, "unpack", w_unpack_list);
-    wrap(L, t, "pack", w_per_arg);
-    lua_pop(L, 1);
-
-    lua_getglobal(L, LUA_UTF8LIBNAME);
-    t = lua_gettop(L);
-    wrap(L, t, "char", w_per_arg);
-    wrap(L, t, "codepoint", w_codepoint);
-    wrap(L, t, "len", w_utf8len);
-    wrap(L, t, "offset", w_scan1);
-    wrap(L, t, "codes", w_codes);
-    lua_pop(L, 1);
-
+    /* next, and pairs handing out our next: pairs' upvalues are Lua's
+     * pairs, Lua's next and our next */
     lua_pushglobaltable(L);
     t = lua_gettop(L);
-    wrap(L, t, "tonumber", w_scan1);
-    wrap(L, t, "rawequal", w_rawequal);
-    wrap(L, t, "warn", w_warn);
     lua_getfield(L, t, "pairs");
     lua_getfield(L, t, "next");
     lua_getfield(L, t, "next");
@@ -601,12 +609,5 @@ void hub_lua_stdlib_bound(lua_State *L)
     lua_setfield(L, t, "next");
     lua_pushcclosure(L, w_pairs, 3);
     lua_setfield(L, t, "pairs");
-    lua_pop(L, 1);
-
-    lua_getglobal(L, LUA_OSLIBNAME);
-    t = lua_gettop(L);
-    wrap(L, t, "date", w_date);
-    wrap(L, t, "time", w_time);
-    wrap(L, t, "clock", w_clock);
     lua_pop(L, 1);
 }
