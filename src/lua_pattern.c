@@ -86,7 +86,7 @@ static void reset(struct matcher *m)
 }
 
 static void begin(struct matcher *m, lua_State *L, const char *s, size_t ls,
-                 const char *pat, size_t lp)
+                  const char *pat, size_t lp)
 {
     m->L = L;
     m->p = policy_of(L);
