@@ -47,9 +47,12 @@
 
 #define USER_MAX 1024               /* bytes of conn.user */
 #define LOG_MAX 4000                /* bytes of one hub.log line */
-#define TIMERS_MAX 65536            /* pending hub.after timers */
+#define TIMERS_MAX 65536            /* hub.after timers pending or being released */
 #define TIMER_MAX_S (366.0 * 86400) /* longest hub.after delay */
+#define TIMER_MIN_MS 1              /* shortest hub.after delay (see l_after) */
+#define TIMER_MIN_COST 1000         /* instructions a timer callback counts at least */
 #define JWT_MAX 16384               /* bytes of a token */
+#define JWT_LEEWAY_MAX (366 * 86400) /* seconds */
 #define JSON_DEPTH_MAX 1000         /* cjson's own encode limit */
 
 static struct hub_policy *policy_of(lua_State *L)
@@ -137,6 +140,7 @@ void hub_lua_encode(struct hub_policy *p, lua_State *L, int idx, const char *wha
         luaL_error(L, "%s is too large to encode as JSON (about %I bytes; "
                       "lua_max_memory is %I)", what, (lua_Integer)g.acc,
                    (lua_Integer)p->mem_max);
+    hub_sandbox_charge(p, L, (int64_t)(g.acc / HUB_COST_JSON));
     lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_encode);
     lua_pushvalue(L, idx);
     int st = lua_pcall(L, 1, 1, 0);
@@ -159,6 +163,7 @@ void hub_lua_encode(struct hub_policy *p, lua_State *L, int idx, const char *wha
 static void decode(struct hub_policy *p, lua_State *L, int idx, const char *what)
 {
     idx = lua_absindex(L, idx);
+    hub_sandbox_charge(p, L, (int64_t)(lua_rawlen(L, idx) / HUB_COST_JSON) + 1);
     lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_decode);
     lua_pushvalue(L, idx);
     lua_call(L, 1, 2);
@@ -178,8 +183,10 @@ static int l_json_encode(lua_State *L)
 static int l_json_decode(lua_State *L)
 {
     struct hub_policy *p = policy_of(L);
-    luaL_checkstring(L, 1);
+    size_t n;
+    luaL_checklstring(L, 1, &n);
     lua_settop(L, 1);
+    hub_sandbox_charge(p, L, (int64_t)(n / HUB_COST_JSON) + 1);
     lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_decode);
     lua_pushvalue(L, 1);
     lua_call(L, 1, LUA_MULTRET);
@@ -195,6 +202,8 @@ static int l_publish(lua_State *L)
     const char *ch = check_channel(L, 1, "hub.publish", &clen);
     luaL_checkany(L, 2);
     hub_lua_encode(policy_of(L), L, 2, "hub.publish: data");
+    /* a delivery per local subscriber */
+    hub_sandbox_charge(policy_of(L), L, 16 + (int64_t)h->ops->subscribers(h->ud, ch, clen));
     const char *data = lua_tolstring(L, -1, &dlen);
     size_t n = h->ops->publish(h->ud, ch, clen, data, dlen);
     lua_pushinteger(L, (lua_Integer)n);
@@ -251,6 +260,7 @@ static int l_log(lua_State *L)
     luaL_pushresult(&b);
     size_t len;
     const char *msg = lua_tolstring(L, -1, &len);
+    hub_sandbox_charge(p, L, HUB_COST_LOG + (int64_t)(len / HUB_COST_COPY));
     if (len > LOG_MAX)
         len = LOG_MAX;
     if (p->cur_conn_id)
@@ -300,6 +310,7 @@ static int l_hmac_sha256(lua_State *L)
     const char *text = luaL_checklstring(L, 2, &tlen);
     unsigned char md[32];
     char out[65];
+    hub_sandbox_charge(policy_of(L), L, 64 + (int64_t)((klen + tlen) / HUB_COST_SCAN));
     if (hmac256(key, klen, text, tlen, md) < 0)
         luaL_error(L, "hub.hmac_sha256: HMAC failed");
     hex(md, sizeof(md), out);
@@ -357,13 +368,18 @@ static int fail2(lua_State *L, const char *why)
     return 2;
 }
 
-/* Decodes the base64url JSON object s[0..len) and pushes it; returns 0, or
- * -1 with nothing pushed. */
+/* Decodes the base64url JSON object s[0..len) and pushes it (as a table);
+ * returns 0, or -1 with nothing pushed. An array, a string, a number or
+ * null is not an object (cjson decodes [] to a table as well: the text
+ * decides). */
 static int jwt_part(struct hub_policy *p, lua_State *L, const char *s, size_t len)
 {
     unsigned char *buf = lua_newuserdatauv(L, len + 1, 0);
     long n = b64url_decode(s, len, buf);
-    if (n < 0) {
+    long i = 0;
+    while (i < n && (buf[i] == ' ' || buf[i] == '\t' || buf[i] == '\n' || buf[i] == '\r'))
+        i++;
+    if (n < 0 || i == n || buf[i] != '{') {
         lua_pop(L, 1);
         return -1;
     }
@@ -378,16 +394,35 @@ static int jwt_part(struct hub_policy *p, lua_State *L, const char *s, size_t le
     return 0;
 }
 
+/* Claim `name` of the table at `t`: 0 if absent, 1 with a finite number in
+ * *out, -1 if it is not a number, -2 if it is NaN or infinite (cjson
+ * decodes NaN and Infinity). */
 static int claim_number(lua_State *L, int t, const char *name, double *out)
 {
     lua_getfield(L, t, name);
-    int type = lua_type(L, -1);
-    if (type == LUA_TNUMBER)
+    int type = lua_type(L, -1), r = 0;
+    if (type == LUA_TNUMBER) {
         *out = lua_tonumber(L, -1);
+        r = isfinite(*out) ? 1 : -2;
+    } else if (type != LUA_TNIL) {
+        r = -1;
+    }
     lua_pop(L, 1);
-    if (type == LUA_TNIL)
-        return 0;
-    return type == LUA_TNUMBER ? 1 : -1;
+    return r;
+}
+
+/* Pushes "unsupported alg '<alg>' (only HS256)" with the bytes of alg that
+ * are not printable ASCII shown as '?' (it may hold a NUL). */
+static int unsupported_alg(lua_State *L, const char *alg, size_t len)
+{
+    char show[40];
+    size_t n = len < sizeof(show) - 1 ? len : sizeof(show) - 1;
+    for (size_t i = 0; i < n; i++)
+        show[i] = alg[i] >= 0x20 && alg[i] < 0x7f ? alg[i] : '?';
+    show[n] = '\0';
+    lua_pushnil(L);
+    lua_pushfstring(L, "unsupported alg '%s%s' (only HS256)", show, n < len ? "..." : "");
+    return 2;
 }
 
 /* hub.jwt_verify(token, secret [, leeway]): HS256 only. Checks the
@@ -401,11 +436,17 @@ static int l_jwt_verify(lua_State *L)
     double leeway = luaL_optnumber(L, 3, 0);
     if (slen == 0)
         luaL_error(L, "hub.jwt_verify: the secret is empty");
+    /* NaN or infinity would make every exp and nbf comparison pass */
+    if (!(leeway >= 0 && leeway <= JWT_LEEWAY_MAX))
+        luaL_error(L, "hub.jwt_verify: leeway must be 0 to %d seconds (got %s)",
+                   JWT_LEEWAY_MAX, lua_tostring(L, 3));
     if (lua_type(L, 1) != LUA_TSTRING)
         return fail2(L, "no token");
     const char *tok = lua_tolstring(L, 1, &tlen);
     if (tlen > JWT_MAX)
         return fail2(L, "token too long");
+    /* base64, HMAC and JSON over the token */
+    hub_sandbox_charge(p, L, 256 + (int64_t)(tlen / HUB_COST_JSON) + (int64_t)slen);
 
     const char *d1 = memchr(tok, '.', tlen);
     const char *d2 = d1 ? memchr(d1 + 1, '.', tlen - (size_t)(d1 + 1 - tok)) : NULL;
@@ -415,16 +456,15 @@ static int l_jwt_verify(lua_State *L)
     size_t siglen = tlen - (size_t)(d2 + 1 - tok);
 
     if (jwt_part(p, L, tok, hlen) < 0)
-        return fail2(L, "malformed token: the header is not base64url JSON");
+        return fail2(L, "malformed token: the header is not a base64url JSON object");
     lua_getfield(L, -1, "alg");
     if (lua_type(L, -1) != LUA_TSTRING)
         return fail2(L, "malformed token: the header has no alg");
-    if (strcmp(lua_tostring(L, -1), "HS256") != 0) {
-        lua_pushfstring(L, "unsupported alg '%s' (only HS256)", lua_tostring(L, -1));
-        lua_pushnil(L);
-        lua_insert(L, -2);
-        return 2;
-    }
+    /* exactly these 5 bytes: a Lua string may hold a NUL ("HS256\u0000x") */
+    size_t alen;
+    const char *alg = lua_tolstring(L, -1, &alen);
+    if (alen != 5 || memcmp(alg, "HS256", 5) != 0)
+        return unsupported_alg(L, alg, alen);
     lua_pop(L, 2);
 
     unsigned char want[32], got[JWT_MAX];
@@ -442,13 +482,17 @@ static int l_jwt_verify(lua_State *L)
     clock_gettime(CLOCK_REALTIME, &ts);
     double now = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9, exp, nbf;
     int r = claim_number(L, claims, "exp", &exp);
-    if (r < 0)
+    if (r == -1)
         return fail2(L, "claim exp is not a number");
+    if (r == -2)
+        return fail2(L, "claim exp is not a finite number");
     if (r > 0 && now >= exp + leeway)
         return fail2(L, "token expired");
     r = claim_number(L, claims, "nbf", &nbf);
-    if (r < 0)
+    if (r == -1)
         return fail2(L, "claim nbf is not a number");
+    if (r == -2)
+        return fail2(L, "claim nbf is not a finite number");
     if (r > 0 && now + leeway < nbf)
         return fail2(L, "token not valid yet (nbf)");
     lua_settop(L, claims);
@@ -470,8 +514,15 @@ struct ltimer {
     struct hub_ptimer *t;           /* NULL once fired or cancelled */
 };
 
+/* Timer handles closed but not freed yet: their close callbacks run when
+ * the loop next turns. Process-wide (one loop per process); counted in
+ * TIMERS_MAX so that what is allocated outside the Lua state stays bounded
+ * even before the loop turns. */
+static unsigned timers_closing;
+
 static void free_timer(uv_handle_t *h)
 {
+    timers_closing--;
     free(h); /* h is &t->t, the start of the allocation */
 }
 
@@ -489,6 +540,7 @@ static void detach_timer(struct hub_ptimer *t)
     if (t->next)
         t->next->prev = t->prev;
     p->ntimers--;
+    p->mem_used -= sizeof(*t); /* charged to lua_max_memory while pending */
     lua_rawgeti(L, LUA_REGISTRYINDEX, t->obj_ref);
     struct ltimer *u = lua_touserdata(L, -1);
     if (u)
@@ -497,10 +549,28 @@ static void detach_timer(struct hub_ptimer *t)
     luaL_unref(L, LUA_REGISTRYINDEX, t->obj_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, t->fn_ref);
     t->p = NULL;
-    if (t->started)
+    if (t->started) {
+        timers_closing++;
         uv_close((uv_handle_t *)&t->t, free_timer);
-    else
+    } else {
         free(t);
+    }
+}
+
+/* Timer callbacks due in one loop iteration share one budget: once they
+ * have used lua_max_instructions together (each counts at least
+ * TIMER_MIN_COST), the rest wait for a later iteration, so that a burst of
+ * timers (a callback may arm thousands) cannot keep the loop from its I/O
+ * for more than about one hook's budget. An iteration is told by the
+ * loop's cached time, which only moves between iterations. */
+static int timer_pass_full(struct hub_policy *p, uv_loop_t *loop)
+{
+    uint64_t now = uv_now(loop);
+    if (now != p->timer_pass_ms) {
+        p->timer_pass_ms = now;
+        p->timer_pass_used = 0;
+    }
+    return p->timer_pass_used >= p->budget;
 }
 
 static void on_timer(uv_timer_t *h)
@@ -509,10 +579,16 @@ static void on_timer(uv_timer_t *h)
     struct hub_policy *p = t->p;
     lua_State *L = p->L;
 
+    if (timer_pass_full(p, h->loop)) {
+        uv_timer_start(&t->t, on_timer, TIMER_MIN_MS, 0);
+        return;
+    }
     lua_rawgeti(L, LUA_REGISTRYINDEX, t->fn_ref);
     detach_timer(t);
     if (hub_policy_pcall(p, HUB_PHASE_TIMER, NULL, 0, 0, 0) == 0)
         lua_settop(L, HUB_LUA_BASE);
+    int64_t used = p->budget - p->budget_left;
+    p->timer_pass_used += used > TIMER_MIN_COST ? used : TIMER_MIN_COST;
 }
 
 static void start_timer(struct hub_policy *p, struct hub_ptimer *t)
@@ -548,16 +624,27 @@ static int l_after(lua_State *L)
         luaL_error(L, "hub.after: the delay must be 0 to %d seconds", (int)TIMER_MAX_S);
     if (p->host.ops && p->host.ops->shutting_down(p->host.ud))
         luaL_error(L, "hub.after: the hub is shutting down");
-    if (p->ntimers >= TIMERS_MAX)
-        luaL_error(L, "hub.after: too many pending timers (%d)", TIMERS_MAX);
+    if (p->ntimers + timers_closing >= TIMERS_MAX)
+        luaL_error(L, "hub.after: too many timers (%d pending or being released)",
+                   TIMERS_MAX);
+    /* the C side of a timer counts against lua_max_memory */
+    if (p->cap_on && p->mem_used + sizeof(struct hub_ptimer) > p->mem_max)
+        hub_sandbox_oom(p, L);
 
     struct ltimer *u = lua_newuserdatauv(L, sizeof(*u), 0);
     u->t = NULL;
     luaL_setmetatable(L, TIMER_MT);
     struct hub_ptimer *t = hub_xcalloc(1, sizeof(*t));
+    p->mem_used += sizeof(*t);
     t->t.data = t;
     t->p = p;
+    /* At least 1 ms: libuv 1.44 runs a timer of timeout 0 armed from a timer
+     * callback in the same pass over the timers (docs/internals.md), so a
+     * callback re-arming itself with hub.after(0, f) would never let the
+     * loop reach its I/O. 1 ms is due at the next iteration at the earliest. */
     t->ms = (uint64_t)llround(s * 1000.0);
+    if (t->ms < TIMER_MIN_MS)
+        t->ms = TIMER_MIN_MS;
     lua_pushvalue(L, 2);
     t->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushvalue(L, -1);
@@ -853,6 +940,7 @@ static int conn_send(lua_State *L)
     luaL_checkany(L, 2);
     hub_lua_encode(policy_of(L), L, 2, "conn:send: data");
     const char *s = lua_tolstring(L, -1, &n);
+    hub_sandbox_charge(policy_of(L), L, 16 + (int64_t)(n / HUB_COST_COPY));
     const struct hub_policy_host *h = &policy_of(L)->host;
     if (h->ops->conn_closing(h->ud, c)) {
         lua_pushboolean(L, 0);

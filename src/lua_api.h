@@ -78,7 +78,11 @@ struct hub_policy {
      * HUB_LUA_TICK instructions and takes them off budget_left */
     int64_t budget;
     int64_t budget_left;
-    int killed;                     /* budget exhausted in this call */
+    size_t alloc_bytes;             /* allocated, not charged yet (< HUB_COST_ALLOC) */
+    uint64_t deadline_ns;           /* the call's time limit (coarse monotonic clock) */
+    uint64_t pace_ns;               /* when the count hook last measured its speed */
+    int pace_count;                 /* instructions hooked since */
+    int killed;                     /* budget exhausted in this call: HUB_KILL_* */
     int mem_failed;                 /* an out-of-memory error was raised in this call */
     char kill_where[128];           /* "chunk:line" where the budget ran out */
     char oom_where[128];            /* "chunk:line" of the last refused allocation */
@@ -111,6 +115,8 @@ struct hub_policy {
     /* timers */
     struct hub_ptimer *timers;
     unsigned ntimers;
+    uint64_t timer_pass_ms;         /* loop time of the timer callbacks being run */
+    int64_t timer_pass_used;        /* instructions they have used */
     int in_service;                 /* timers may run (not --check, not being built) */
 
     /* load: lines where hooks were assigned, for messages about them */
@@ -126,6 +132,26 @@ struct hub_policy {
 };
 
 #define HUB_LUA_TICK 1000           /* instructions between count hook calls */
+
+/* Why a call was stopped (p->killed). */
+enum { HUB_KILL_INSTRUCTIONS = 1, HUB_KILL_TIME };
+
+/* Work done in C is charged to the instruction budget
+ * (docs/internals.md, "Lua: calls outside the instruction budget").
+ * Calibrated on the 2-core test machine, where a VM instruction takes
+ * about 7 ns: */
+#define HUB_COST_COPY 64            /* bytes per instruction: memcpy, memchr, memmem */
+#define HUB_COST_SCAN 4             /* bytes per instruction: a C loop over each byte */
+#define HUB_COST_JSON 1             /* bytes per instruction: JSON in or out */
+#define HUB_COST_ALLOC 64           /* bytes allocated per instruction */
+#define HUB_COST_ELEM 2             /* instructions per table element read or written from C */
+#define HUB_COST_LOG 500            /* instructions per line written to the log */
+/* The time limit of a call: this many ns per instruction of its budget (a
+ * VM instruction takes 100 times less), at least HUB_LUA_TIME_MIN_MS. It
+ * stops what no count sees: VM instructions that work on long strings
+ * (comparisons, numeric coercion) repeated in a loop. */
+#define HUB_LUA_NS_PER_INSTR 1000
+#define HUB_LUA_TIME_MIN_MS 100
 
 /* ---- lua_api.c ---------------------------------------------------------- */
 
@@ -189,8 +215,30 @@ void hub_sandbox_arm(struct hub_policy *p);
 
 /* Charges `n` instructions of C work (e.g. walking a value to encode) to
  * the budget of the call in progress; raises the budget stop when it runs
- * out. No-op outside calls. */
+ * out or the call is past its time limit. No-op outside calls. Call it
+ * before the work it pays for, or every few thousand instructions' worth
+ * of it, so that no C loop runs long between two checks. */
 void hub_sandbox_charge(struct hub_policy *p, lua_State *L, int64_t n);
+
+/* Fails the call in progress with an out-of-memory error (that pcall
+ * cannot catch, like the allocator's) for memory counted outside the
+ * allocator (a timer's C side). Does not return. */
+void hub_sandbox_oom(struct hub_policy *p, lua_State *L);
+
+/* The time limit of a call with an instruction budget of `budget`, in ms. */
+uint64_t hub_sandbox_time_limit_ms(int64_t budget);
+
+/* ---- lua_stdlib.c, lua_pattern.c ------------------------------------------ */
+
+/* Replaces, in the standard library tables of L (string, table, utf8, os,
+ * the globals and the string metatable), every function whose C work grows
+ * with its arguments by one that charges that work to the budget first
+ * (see lua_stdlib.c). Call before the sandbox copies the tables. */
+void hub_lua_stdlib_bound(lua_State *L);
+
+/* Sets find, match, gmatch and gsub of the string table at `strlib` to the
+ * step-counted matcher of lua_pattern.c. */
+void hub_lua_pattern_open(lua_State *L, int strlib);
 
 /* ---- policy.c ----------------------------------------------------------- */
 

@@ -12,9 +12,11 @@
 #include "luahub/registry.h"
 #include "luahub/server.h"
 #include "luahub/supervisor.h"
+#include "luahub/watchdog.h"
 
 #define DEFAULT_CONF_LOCAL "conf/luahub.conf"
 #define DEFAULT_CONF_SYSTEM "/etc/luahub/luahub.conf"
+#define WATCHDOG_S 10   /* docs/internals.md: a loop stuck this long is aborted */
 
 static struct hub_server server;
 static sigset_t startup_signals;    /* blocked until the loop handles them */
@@ -79,16 +81,24 @@ static const char *find_conf(void)
     return NULL;
 }
 
+/* The watchdog's timeout: WATCHDOG_S, or twice the longest a policy call
+ * may run if that is longer (a huge lua_max_instructions). */
+static unsigned watchdog_s(const struct hub_config *cfg)
+{
+    uint64_t call_s = (hub_policy_time_limit_ms(cfg) + 999) / 1000;
+    return call_s * 2 > WATCHDOG_S ? (unsigned)(call_s * 2) : WATCHDOG_S;
+}
+
 /* Runs one hub (the process itself, or a worker) until it has shut down.
  * Returns the exit status. */
 static int run_hub(struct hub_config *cfg, int worker)
 {
     struct hub_config_errors errs = {0};
     uv_loop_t loop;
+    char tag[32] = "";
     int rc = 0;
 
     if (worker) {
-        char tag[32];
         snprintf(tag, sizeof(tag), "worker %d", worker);
         hub_log_set_tag(tag);
     }
@@ -118,12 +128,17 @@ static int run_hub(struct hub_config *cfg, int worker)
         uv_signal_start(&sig_term, on_signal, SIGTERM);
         uv_signal_start(&sig_int, on_signal, SIGINT);
         uv_signal_start(&sig_hup, on_signal, SIGHUP);
+        int wr = hub_watchdog_start(&loop, watchdog_s(cfg), worker ? tag : NULL);
+        if (wr < 0)
+            hub_log(HUB_LOG_WARN, "cannot start the watchdog: %s", strerror(-wr));
     }
     /* Blocked since main() (or inherited blocked from the supervisor): a
      * signal that came during start-up is delivered now, to the loop. */
     sigprocmask(SIG_UNBLOCK, &startup_signals, NULL);
 
     uv_run(&loop, UV_RUN_DEFAULT);
+    hub_watchdog_stop();
+    uv_run(&loop, UV_RUN_NOWAIT); /* the watchdog timer's close */
     hub_server_free(&server);
     int lc = uv_loop_close(&loop);
     if (lc != 0) {

@@ -22,6 +22,7 @@
 
 #include "lua_api.h"
 #include "luahub/log.h"
+#include "luahub/watchdog.h"
 
 #define POLICY_MAX_FILE (16 * 1024 * 1024)
 #define LOG_PER_SECOND 10
@@ -97,7 +98,13 @@ static void describe_failure(struct hub_policy *p, int status, const char *where
 {
     lua_State *L = p->L;
 
-    if (p->killed) {
+    if (p->killed == HUB_KILL_TIME) {
+        hub_buf_printf(out, "%s: time limit exceeded (%llu ms, from lua_max_instructions "
+                            "= %llu): slow calls in a loop?",
+                       p->kill_where[0] ? p->kill_where : where,
+                       (unsigned long long)hub_sandbox_time_limit_ms(p->budget),
+                       (unsigned long long)p->budget);
+    } else if (p->killed) {
         hub_buf_printf(out, "%s: instruction limit exceeded (lua_max_instructions = "
                             "%llu): runaway loop?",
                        p->kill_where[0] ? p->kill_where : where,
@@ -122,6 +129,11 @@ static void describe_failure(struct hub_policy *p, int status, const char *where
         lua_pop(L, 1);
 }
 
+uint64_t hub_policy_time_limit_ms(const struct hub_config *cfg)
+{
+    return hub_sandbox_time_limit_ms((int64_t)cfg->lua_max_instructions);
+}
+
 /* Runs the function under `nargs` arguments with the budgets on. Returns
  * the lua_pcall status, LUA_ERRRUN also when the call ended normally after
  * its budget ran out (the results are then popped). */
@@ -136,6 +148,7 @@ static int call(struct hub_policy *p, int phase, int nargs, int nres)
     int st = lua_pcall(L, nargs, nres, HUB_LUA_MSGH);
     p->cap_on = 0;
     p->phase = saved;
+    hub_watchdog_beat(); /* a call ended: the loop is not stuck */
     if (st == LUA_OK && (p->killed || p->mem_failed)) {
         lua_pop(L, nres);
         lua_pushnil(L); /* an error object for describe_failure to pop */

@@ -2,7 +2,8 @@
  * instruction budget, the message handler, and the sandboxed environment the
  * script runs in. policy.c builds on it; lua_api.c provides `hub`.
  *
- * Budgets (NOTES-stack.md §5.2-5.3):
+ * Budgets (docs/lua.md "Budgets"; docs/internals.md "Lua: calls outside
+ * the instruction budget"):
  * - A count hook fires every HUB_LUA_TICK instructions and takes them off
  *   the call's budget; when it runs out it raises a sentinel (a light
  *   userdata) and keeps raising it at every tick, so a loop that catches
@@ -10,6 +11,14 @@
  *   coroutine.resume/wrap are replaced by versions that re-raise the
  *   sentinel and out-of-memory errors instead of returning them, and
  *   policy.c fails a call that ends "normally" after its budget ran out.
+ * - Work in C is charged to the same budget: the library functions whose
+ *   work grows with their arguments (lua_stdlib.c, lua_pattern.c) and the
+ *   hub API (lua_api.c) call hub_sandbox_charge() before that work, and
+ *   the allocator charges every byte allocated in a call.
+ * - A call also has a time limit (HUB_LUA_NS_PER_INSTR per instruction of
+ *   budget), checked at each tick and each charge: the backstop for work
+ *   inside single VM instructions (comparing two long strings); a thread
+ *   whose instructions are that slow is hooked at every instruction.
  * - The allocator counts every byte and refuses growth past lua_max_memory
  *   while Lua code runs (cap_on). Lua turns that into an out-of-memory
  *   error in the hook. Between calls the cap is off, so what C pushes as
@@ -17,13 +26,14 @@
  * - __gc metamethods are refused by setmetatable: Lua runs finalizers with
  *   hooks disabled, outside any budget.
  *
- * Sandbox (NOTES-stack.md §5.4): base without load/loadfile/dofile/require/
- * collectgarbage/print, string without dump, table, math, utf8, coroutine,
- * os.time/clock/date, and `hub`; copies of the library tables; the string
- * metatable protected; reading an undeclared global raises. */
+ * Sandbox (docs/lua.md "Sandbox"): base without load/loadfile/dofile/
+ * require/collectgarbage/print, string without dump, table, math, utf8,
+ * coroutine, os.time/clock/date, and `hub`; copies of the library tables;
+ * the string metatable protected; reading an undeclared global raises. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -35,6 +45,8 @@
 
 /* lua-cjson's shared library exports it; its header does not declare it. */
 int luaopen_cjson_safe(lua_State *L);
+
+#define WARN_MAX 4000 /* bytes of one warn() line */
 
 static char kill_sentinel; /* its address is the budget stop's error object */
 
@@ -78,6 +90,15 @@ static void *l_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     if (!q)
         return NULL;
     p->mem_used = p->mem_used - old + nsize;
+    /* Allocating is work (a copy, a GC step): charged to the budget. The
+     * allocator cannot raise; the count hook raises at its next tick. */
+    if (p->cap_on && nsize > old) {
+        p->alloc_bytes += nsize - old;
+        if (p->alloc_bytes >= HUB_COST_ALLOC) {
+            p->budget_left -= (int64_t)(p->alloc_bytes / HUB_COST_ALLOC);
+            p->alloc_bytes %= HUB_COST_ALLOC;
+        }
+    }
     return q;
 }
 
@@ -90,14 +111,58 @@ static int on_panic(lua_State *L)
     abort();
 }
 
+/* A clock for time limits: a few ns to read, 1-4 ms resolution. */
+static uint64_t coarse_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* HUB_KILL_* if the call in progress is out of instructions or time. */
+static int over(struct hub_policy *p)
+{
+    if (p->budget_left <= 0)
+        return HUB_KILL_INSTRUCTIONS;
+    if (coarse_ns() > p->deadline_ns)
+        return HUB_KILL_TIME;
+    return 0;
+}
+
+/* Instructions that are slow one by one (== or < on two strings of tens
+ * of MB: one instruction, a memcmp) would let a tick of HUB_LUA_TICK of
+ * them run for seconds before the time limit is looked at again. A tick
+ * slower than SLOW_TICK_NS switches the thread to a hook at every
+ * instruction; a tick at a sane speed switches it back. */
+#define SLOW_TICK_NS 10000000u /* for HUB_LUA_TICK instructions: 1000 times the norm */
+
+static void count_hook(lua_State *L, lua_Debug *ar);
+
+static void pace(struct hub_policy *p, lua_State *L, int every)
+{
+    if ((p->pace_count += every) < HUB_LUA_TICK)
+        return;
+    uint64_t now = hub_now_ns();
+    int slow = now - p->pace_ns > SLOW_TICK_NS;
+    p->pace_ns = now;
+    p->pace_count = 0;
+    if (slow != (every == 1))
+        lua_sethook(L, count_hook, LUA_MASKCOUNT, slow ? 1 : HUB_LUA_TICK);
+}
+
 static void count_hook(lua_State *L, lua_Debug *ar)
 {
     struct hub_policy *p = policy_of(L);
+    int every = lua_gethookcount(L);
 
     if (!p->killed) {
-        if ((p->budget_left -= HUB_LUA_TICK) > 0 || p->phase == HUB_PHASE_IDLE)
+        p->budget_left -= every;
+        if (p->phase == HUB_PHASE_IDLE)
             return;
-        p->killed = 1;
+        if (!(p->killed = over(p))) {
+            pace(p, L, every);
+            return;
+        }
         if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0)
             snprintf(p->kill_where, sizeof(p->kill_where), "%s:%d", ar->short_src,
                      ar->currentline);
@@ -110,14 +175,33 @@ static void count_hook(lua_State *L, lua_Debug *ar)
 
 void hub_sandbox_charge(struct hub_policy *p, lua_State *L, int64_t n)
 {
-    if (!p->cap_on || p->killed)
+    if (!p->cap_on)
         return;
-    if ((p->budget_left -= n) > 0)
-        return;
-    p->killed = 1;
-    where_of(L, 1, p->kill_where, sizeof(p->kill_where));
+    if (!p->killed) {
+        /* n may be up to INT64_MAX (a size of 2^62 times a cost) */
+        p->budget_left = n >= p->budget_left ? 0 : p->budget_left - n;
+        if (!(p->killed = over(p)))
+            return;
+        where_of(L, 1, p->kill_where, sizeof(p->kill_where));
+    }
+    /* stopped already (e.g. C code that went on after a callback was
+     * stopped): stop again */
     lua_pushlightuserdata(L, &kill_sentinel);
     lua_error(L);
+}
+
+void hub_sandbox_oom(struct hub_policy *p, lua_State *L)
+{
+    p->mem_failed = 1;
+    where_of(L, 0, p->oom_where, sizeof(p->oom_where));
+    lua_pushliteral(L, "not enough memory");
+    lua_error(L);
+}
+
+uint64_t hub_sandbox_time_limit_ms(int64_t budget)
+{
+    uint64_t ms = (uint64_t)budget / (1000000u / HUB_LUA_NS_PER_INSTR);
+    return ms < HUB_LUA_TIME_MIN_MS ? HUB_LUA_TIME_MIN_MS : ms;
 }
 
 /* Message handler of every call: records where the error was raised (and a
@@ -143,7 +227,12 @@ static void warnf(void *ud, const char *msg, int tocont)
 
     if (!p->warn.len && !tocont && msg[0] == '@')
         return; /* control message ("@on", "@off") */
-    hub_buf_appends(&p->warn, msg);
+    /* one log line: the pieces past WARN_MAX bytes are dropped (the buffer
+     * is outside the memory cap) */
+    if (p->warn.len < WARN_MAX) {
+        size_t n = strlen(msg);
+        hub_buf_append(&p->warn, msg, n < WARN_MAX - p->warn.len ? n : WARN_MAX - p->warn.len);
+    }
     if (tocont)
         return;
     hub_log(HUB_LOG_WARN, "policy: warning: %s", p->warn.p);
@@ -381,6 +470,9 @@ static void setup(struct hub_policy *p)
     lua_pushnil(L);
     lua_setfield(L, -2, "dump");
     lua_pop(L, 1);
+    /* C functions whose work grows with their arguments: charged (before
+     * the copies below, and in the real string table methods use) */
+    hub_lua_stdlib_bound(L);
     lua_pushliteral(L, "");
     lua_getmetatable(L, -1);
     lua_pushboolean(L, 0);
@@ -441,6 +533,12 @@ static void setup(struct hub_policy *p)
 void hub_sandbox_arm(struct hub_policy *p)
 {
     p->budget_left = p->budget;
+    p->alloc_bytes = 0;
+    p->deadline_ns = coarse_ns() + hub_sandbox_time_limit_ms(p->budget) * 1000000u;
+    p->pace_ns = hub_now_ns();
+    p->pace_count = 0;
+    if (lua_gethookcount(p->L) != HUB_LUA_TICK)
+        lua_sethook(p->L, count_hook, LUA_MASKCOUNT, HUB_LUA_TICK);
     p->killed = p->mem_failed = 0;
     p->err_where[0] = p->kill_where[0] = p->oom_where[0] = '\0';
 }

@@ -394,9 +394,10 @@ static void on_listen_timer(uv_timer_t *t)
         hub_listener_resume(&srv->listener);
 }
 
+/* `ud` is the hub: the broker's deliver and health share it. */
 static void on_broker_health(void *ud, int up)
 {
-    struct hub_server *srv = ud;
+    struct hub_server *srv = hub_container_of(ud, struct hub_server, hub);
     hub_log(up ? HUB_LOG_INFO : HUB_LOG_WARN, "broker %s", up ? "up" : "down");
     if (up && uv_is_active((uv_handle_t *)&srv->listen_timer)) {
         uv_timer_stop(&srv->listen_timer);

@@ -110,6 +110,10 @@ int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *err
 struct hub_policy *hub_policy_new(const struct hub_policy_host *host,
                                   struct hub_config_errors *errs);
 
+/* How long one call of a policy built from `cfg` may run before it is
+ * stopped, in ms: its instruction budget as time (docs/lua.md, "Budgets"). */
+uint64_t hub_policy_time_limit_ms(const struct hub_config *cfg);
+
 /* Frees a policy (and its lua_State). Pending timers are cancelled. */
 void hub_policy_free(struct hub_policy *p);
 

@@ -11,6 +11,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
+#include "lua_api.h" /* white-box: the policy's private state */
 #include "luahub/log.h"
 #include "luahub/policy.h"
 
@@ -525,6 +530,189 @@ START_TEST(absent_hooks_allow)
 }
 END_TEST
 
+/* ---- compatibility of the bounded library with Lua's own ----------------------- */
+
+static char *read_file(const char *rel, size_t *len)
+{
+    const char *src = getenv("LUAHUB_SRC");
+    char full[1024];
+    ck_assert_msg(src != NULL, "LUAHUB_SRC is not set");
+    snprintf(full, sizeof full, "%s/%s", src, rel);
+    FILE *f = fopen(full, "rb");
+    ck_assert_msg(f != NULL, "cannot read %s", full);
+    struct hub_buf b = {0};
+    char tmp[65536];
+    size_t n;
+    while ((n = fread(tmp, 1, sizeof tmp, f)) > 0)
+        hub_buf_append(&b, tmp, n);
+    fclose(f);
+    *len = b.len;
+    return b.p;
+}
+
+/* Splits "k=result#k=result#..." at '#' into lines[]; returns the count. */
+static int split(char *text, char **lines, int max)
+{
+    int n = 0;
+    for (char *s = strtok(text, "#"); s && n < max; s = strtok(NULL, "#"))
+        lines[n++] = s;
+    return n;
+}
+
+/* tests/unit/lua_compat_cases.lua runs in a stock Lua state and as the
+ * policy's main chunk; each case's result (values or error message) must be
+ * the same: string.find/match/gmatch/gsub (our matcher, against Lua's on a
+ * table of patterns and on random ones), and every function lua_stdlib.c
+ * wraps or replaces. */
+START_TEST(bounded_library_matches_lua)
+{
+    size_t len;
+    char *cases = read_file("tests/unit/lua_compat_cases.lua", &len);
+
+    lua_State *L = luaL_newstate();
+    luaL_openlibs(L);
+    ck_assert_msg(luaL_loadbuffer(L, cases, len, "=cases") == LUA_OK && lua_pcall(L, 0, 0, 0) == LUA_OK,
+                  "stock: %s", lua_tostring(L, -1));
+    lua_getglobal(L, "ncases");
+    int ncases = (int)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    ck_assert_int_gt(ncases, 10000);
+
+    /* the random patterns may backtrack a lot: a budget for them */
+    cfg.lua_max_instructions = INT64_C(10000000000);
+    struct hub_buf src = {0};
+    hub_buf_append(&src, cases, len);
+    hub_buf_appends(&src, "\nfunction on_rpc(conn, method, data)\n"
+                          "  return run_range(math.tointeger(data[1]), math.tointeger(data[2]))\n"
+                          "end\n");
+    struct hub_policy *p = load(src.p);
+    hub_buf_free(&src);
+
+    enum { BATCH = 200 };
+    int mismatches = 0;
+    for (int i = 1; i <= ncases; i += BATCH) {
+        char range[64], reason[256];
+        struct hub_buf res = {0};
+        snprintf(range, sizeof range, "[%d,%d]", i, i + BATCH - 1);
+        enum hub_verdict v = hub_policy_on_rpc(p, &conn, "range", 5, range, strlen(range), &res,
+                                               reason, sizeof reason);
+        ck_assert_msg(v == HUB_ALLOW, "cases %s failed in the sandbox: %s", range, reason);
+        /* the result is a JSON string; the serialiser emits no character
+         * that JSON escapes */
+        ck_assert_msg(res.len >= 2 && res.p[0] == '"' && res.p[res.len - 1] == '"', "%s", res.p);
+        res.p[res.len - 1] = '\0';
+        char *ours = res.p + 1;
+
+        lua_getglobal(L, "run_range");
+        lua_pushinteger(L, i);
+        lua_pushinteger(L, i + BATCH - 1);
+        ck_assert_msg(lua_pcall(L, 2, 1, 0) == LUA_OK, "stock: %s", lua_tostring(L, -1));
+        char *theirs = strdup(lua_tostring(L, -1));
+        lua_pop(L, 1);
+
+        static char *a[BATCH], *b[BATCH];
+        int na = split(ours, a, BATCH), nb = split(theirs, b, BATCH);
+        ck_assert_int_eq(na, nb);
+        for (int k = 0; k < na; k++) {
+            if (strcmp(a[k], b[k]) != 0 && mismatches++ < 20)
+                fprintf(stderr, "case %s\n   lua: %s\n   hub: %s\n", b[k], b[k], a[k]);
+        }
+        free(theirs);
+        hub_buf_free(&res);
+    }
+    ck_assert_msg(mismatches == 0, "%d of %d cases differ from Lua's own (see above)",
+                  mismatches, ncases);
+    unload(p);
+    lua_close(L);
+    free(cases);
+}
+END_TEST
+
+/* Calls whose work is in C (issue 9, item 6) are stopped by the budget
+ * like a loop, and the state stays usable: each entry of BAD must fail the
+ * call with an instruction stop. Before the fix each of them ran for
+ * minutes or for ever in the hub's loop. */
+static const char *const BAD =
+    "local bad = {\n"
+    "  function() return string.rep('', 2^62) end,\n"
+    "  function() return ('x'):rep(1e9, '') end,\n"            /* too big: memory */
+    "  function() return table.move({}, 1, 2^62, 1, {}) end,\n"
+    "  function() return table.move({}, -2^61, 2^61, 1) end,\n"
+    "  function() local t = setmetatable({}, {__len = function() return 2^62 end})\n"
+    "             table.insert(t, 1, 'x') end,\n"
+    "  function() local t = setmetatable({}, {__len = function() return 2^62 end})\n"
+    "             return table.remove(t, 1) end,\n"
+    "  function() return string.find(('a'):rep(30), ('a*'):rep(30) .. 'b') end,\n"
+    "  function() return string.match(('a'):rep(25), ('a?'):rep(25) .. ('a'):rep(25) .. 'b') end,\n"
+    "  function() for _ in ('a'):rep(30):gmatch(('a-'):rep(30) .. 'b') do end end,\n"
+    "  function() return ('a'):rep(30):gsub(('.-'):rep(30) .. 'b', 'x') end,\n"
+    "  function() return ('a'):rep(65536):find('(.-)x(.-)y') end,\n"
+    "  function() return ('ab'):rep(32768):match('(.*)(.*)(.*)c') end,\n"
+    "  function() return ('('):rep(65536):gsub('%b()', '') end,\n"
+    "  function() return ('a'):rep(65536):find('%f[%w]%w-%w-z') end,\n"
+    "  function() local s, n = ('a'):rep(65536), ('a'):rep(60000) .. 'b'\n"
+    "             for i = 1, 1e9 do s:find(n, 1, true) end end,\n"
+    "  function() local s = ('x'):rep(2^19) for i = 1, 1e9 do s:upper() end end,\n"
+    "  function() for i = 1, 1e9 do table.unpack({}, 1, 999999) end end,\n"
+    "  function() local s = ('x'):rep(2^19) for i = 1, 1e9 do s:byte(1, -1) end end,\n"
+    "  function() local s = ('\\u{20AC}'):rep(2^17) for i = 1, 1e9 do utf8.len(s) end end,\n"
+    "  function() local s = ('0'):rep(2^19) for i = 1, 1e9 do local _ = s + 1 end end,\n"
+    "  function() local t = {} for i = 1, 2^15 do t[i] = i end\n"
+    "             for i = 1, 1e9 do table.insert(t, 1, i) end end,\n"
+    "  function() local t = {} for i = 1, 2^14 do t[i] = -i end\n"
+    "             for i = 1, 1e9 do table.sort(t) end end,\n"
+    "  function() local t = {} for i = 1, 2^16 do t[i] = 'x' end\n"
+    "             for i = 1, 1e9 do table.concat(t, ',') end end,\n"
+    "}\n"
+    "nbad = #bad\n"
+    "function on_rpc(conn, method, data)\n"
+    "  if method == 'bad' then return bad[math.tointeger(data)]() end\n"
+    "  return ('abc'):gsub('b', 'B')\n"
+    "end\n";
+
+START_TEST(c_work_is_charged)
+{
+    struct hub_policy *p = load(BAD);
+    struct hub_hook_stats *st = &p->st.hook[HUB_HOOK_RPC];
+    char out[256], arg[16];
+
+    lua_rawgeti(p->L, LUA_REGISTRYINDEX, p->ref_env);
+    lua_getfield(p->L, -1, "nbad");
+    int n = (int)lua_tointeger(p->L, -1);
+    lua_settop(p->L, HUB_LUA_BASE);
+    ck_assert_int_gt(n, 20);
+    for (int i = 1; i <= n; i++) {
+        uint64_t kills = st->kills_instructions + st->kills_memory;
+        snprintf(arg, sizeof arg, "%d", i);
+        ck_assert_msg(rpc(p, "bad", arg, out, sizeof out) == HUB_FAIL, "bad[%d] was not stopped", i);
+        ck_assert_msg(st->kills_instructions + st->kills_memory == kills + 1,
+                      "bad[%d] failed but was not stopped by a budget", i);
+        ck_assert_msg(i == 2 ? st->kills_memory == 1 : 1, "bad[2] is a memory stop");
+        /* and the state still works */
+        ck_assert_int_eq(rpc(p, "ok", NULL, out, sizeof out), HUB_ALLOW);
+        ck_assert_str_eq(out, "\"aBc\"");
+    }
+    unload(p);
+}
+END_TEST
+
+/* Single VM instructions that work on long strings (~= on two 8 MB
+ * strings) are past the count's reach: the time limit (1 s for the
+ * default budget) stops them long before the budget is used up. */
+START_TEST(time_limit_stops_slow_instructions)
+{
+    struct hub_policy *p = load(
+        "local a = 'x' for i = 1, 23 do a = a .. a end\n"
+        "local b = a:sub(1, -2) .. 'y'\n"
+        "function on_rpc(conn, method) while a ~= b do end end\n");
+    char out[256];
+    ck_assert_int_eq(rpc(p, "x", NULL, out, sizeof out), HUB_FAIL);
+    ck_assert_int_eq(p->killed, HUB_KILL_TIME);
+    ck_assert_int_eq(p->st.hook[HUB_HOOK_RPC].kills_instructions, 1);
+    unload(p);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("policy_host");
@@ -542,6 +730,9 @@ static Suite *suite(void)
     tcase_add_test(tc, conn_object_is_cached_and_dies_with_the_connection);
     tcase_add_test(tc, crypto_helpers);
     tcase_add_test(tc, absent_hooks_allow);
+    tcase_add_test(tc, bounded_library_matches_lua);
+    tcase_add_test(tc, c_work_is_charged);
+    tcase_add_test(tc, time_limit_stops_slow_instructions);
     suite_add_tcase(s, tc);
     return s;
 }
