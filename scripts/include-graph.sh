@@ -19,7 +19,7 @@ module() {
     *_impl) m=${m%_impl} ;;
     broker_memory | broker_redis | broker_redis_pub | redis_conn) m=broker ;;
     registry_local | registry_redis) m=broker ;; # the brokers' registries
-    config_keys) m=config ;;
+    config_keys | config_channels | config_lookup) m=config ;;
     lua_* | sandbox) m=policy ;;
     esac
     echo "$m"

@@ -451,7 +451,7 @@ void hub_rbroker_on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata
         struct hub_msg *m = hub_msg_text(r->element[2]->str, r->element[2]->len);
         /* `name` lives in the reply, not in the entry: deliver may make the
          * entry go away (a culled subscriber unsubscribes). */
-        b->base.deliver(b->base.ud, name, nlen, m);
+        b->base.deliver(b->base.ud, name, nlen, m, NULL);
         hub_msg_unref(m);
         return;
     }
@@ -692,6 +692,10 @@ static void r_free(struct hub_broker *hb)
 static const struct hub_broker_ops redis_ops = {
     .name = "redis",
     .publish = hub_rbroker_publish,
+    .history = hub_rbroker_history,
+    .presence_add = hub_rbroker_presence_add,
+    .presence_remove = hub_rbroker_presence_remove,
+    .presence = hub_rbroker_presence,
     .subscribe = r_subscribe,
     .unsubscribe = r_unsubscribe,
     .up = r_up,

@@ -273,7 +273,25 @@ void hub_rbroker_on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata
 
 /* The ops of that file (see struct hub_broker_ops). */
 int hub_rbroker_publish(struct hub_broker *hb, const char *channel, size_t len,
-                        struct hub_msg *m, hub_broker_publish_cb cb, void *ud);
+                        struct hub_msg *m, const struct hub_channel_opts *o,
+                        hub_broker_publish_cb cb, void *ud);
+
+/* broker_redis_stream.c: history and presence in Redis. */
+int hub_rbroker_stream_publish(struct rbroker *b, const char *channel, size_t len,
+                               struct hub_msg *m, const struct hub_channel_opts *o,
+                               hub_broker_publish_cb cb, void *ud);
+int hub_rbroker_history(struct hub_broker *hb, const char *channel, size_t len,
+                        const struct hub_channel_opts *o, const struct hub_history_query *q,
+                        hub_broker_history_cb cb, void *ud);
+void hub_rbroker_presence_add(struct hub_broker *hb, const char *channel, size_t len,
+                              const struct hub_channel_opts *o, const char *client,
+                              const char *user, size_t user_len, const char *entry,
+                              size_t entry_len);
+void hub_rbroker_presence_remove(struct hub_broker *hb, const char *channel, size_t len,
+                                 const struct hub_channel_opts *o, const char *client);
+int hub_rbroker_presence(struct hub_broker *hb, const char *channel, size_t len,
+                         const struct hub_channel_opts *o, uint32_t max,
+                         hub_broker_presence_cb cb, void *ud);
 /* Sends one Redis command (argv[0..argc) with byte lengths `lens`, all
  * borrowed until it returns) on the command connection of the FIRST server
  * of the list (the registry's keys live there). Same rules as publish:

@@ -55,7 +55,7 @@ void hub_rbroker_acks_fire(struct rbroker *b, struct hub_list *list, int status)
         hub_list_remove(&p->link);
         free(p);
         if (cb)
-            cb(ud, status, 0);
+            cb(ud, status, NULL);
     }
 }
 
@@ -164,7 +164,7 @@ static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
                               "a PUBLISH to a channel it has subscribed reached no subscriber",
                               HUB_LOG_WARN, LOST_NOT_SUBSCRIBED);
     if (cb)
-        cb(ud, status, 0);
+        cb(ud, status, NULL);
 }
 
 /* Bounded: what waits for Redis (replies, and bytes hiredis could not
@@ -196,11 +196,14 @@ static int refuse(struct rbroker *b, int reason)
 }
 
 int hub_rbroker_publish(struct hub_broker *hb, const char *channel, size_t len,
-                        struct hub_msg *m, hub_broker_publish_cb cb, void *ud)
+                        struct hub_msg *m, const struct hub_channel_opts *o,
+                        hub_broker_publish_cb cb, void *ud)
 {
     struct rbroker *b = (struct rbroker *)hb;
     if (b->stopped)
         return refuse(b, REF_DOWN);
+    if (o && o->history_size)
+        return hub_rbroker_stream_publish(b, channel, len, m, o, cb, ud);
     struct shard *sh = shard_of(b, channel, len);
     struct rconn *rc = &sh->cmd;
     if (rc->state != C_UP || !rc->ac)

@@ -92,6 +92,7 @@ int hub_chan_subscribe(struct hub_chan_registry *r, struct hub_sub **list,
     s->chan = c;
     s->owner = owner;
     s->idx = c->nsubs;
+    s->hold = 0;
     s->next = *list;
     *list = s;
     c->subs[c->nsubs++] = s;
@@ -112,7 +113,7 @@ static void drop_sub(struct hub_chan_registry *r, struct hub_sub *s)
     if (c->nsubs)
         return;
     if (r->on_last)
-        r->on_last(r->ud, c->name, c->name_len);
+        r->on_last(r->ud, c);
     hub_htable_remove(&r->chans, &c->node);
     free_chan(c);
 }

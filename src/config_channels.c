@@ -676,7 +676,8 @@ int hub_conf_channels_apply(struct hub_config *c, lua_State *L, int idx, const c
     }
 out:
     scan_free(&cx.sc);
-    qsort(cx.v, cx.errors, sizeof(*cx.v), by_line);
+    if (cx.errors)
+        qsort(cx.v, cx.errors, sizeof(*cx.v), by_line);
     for (size_t i = 0; i < cx.errors; i++) {
         fn(ud, cx.v[i].line, cx.v[i].msg);
         free(cx.v[i].msg);
@@ -701,21 +702,4 @@ void hub_config_channels_free(struct hub_config *c)
     free(c->channels);
     c->channels = NULL;
     c->nchannels = 0;
-}
-
-const struct hub_channel_opts *hub_config_channel(const struct hub_config *c,
-                                                  const char *name, size_t len)
-{
-    const struct hub_channel_opts *best = NULL;
-    for (size_t i = 0; i < c->nchannels; i++) {
-        const struct hub_channel_opts *o = &c->channels[i];
-        if (!o->prefix) {
-            if (o->len == len && !memcmp(o->pattern, name, len))
-                return o;               /* exact beats any prefix */
-            continue;
-        }
-        if (o->len <= len && !memcmp(o->pattern, name, o->len) && (!best || o->len > best->len))
-            best = o;
-    }
-    return best;
 }

@@ -153,9 +153,9 @@ static void op_complete(struct api_op *op, int ok)
     free(op);
 }
 
-static void on_api_published(void *ud, int status, uint64_t offset)
+static void on_api_published(void *ud, int status, const struct hub_stream_pos *pos)
 {
-    (void)offset;
+    (void)pos;
     op_complete(ud, status == HUB_OK);
 }
 

@@ -1,6 +1,7 @@
 /* Refcounted, pre-framed WebSocket messages (see include/luahub/msg.h). */
 #include "luahub/msg.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,6 +12,7 @@ struct hub_msg *hub_msg_new(size_t payload_len)
 {
     struct hub_msg *m = hub_xmalloc(sizeof(*m) + HUB_MSG_HEADROOM + payload_len);
     m->refs = 1;
+    m->offset = 0;
     m->payload_len = (uint32_t)payload_len;
     m->frame_off = HUB_MSG_HEADROOM;
     m->frame_len = (uint32_t)payload_len;
@@ -89,4 +91,49 @@ struct hub_msg *hub_msg_delivery(const char *channel, size_t channel_len,
                              data, data_len);
     hub_msg_seal(m, HUB_WS_TEXT);
     return m;
+}
+
+struct hub_msg *hub_msg_delivery_open(const char *channel, size_t channel_len,
+                                      const char *data, size_t data_len)
+{
+    size_t n = hub_proto_delivery_len(channel_len, data_len);
+    struct hub_msg *m = hub_msg_new(n + HUB_MSG_OFFSET_ROOM);
+    hub_proto_write_delivery((char *)hub_msg_payload(m), channel, channel_len,
+                             data, data_len);
+    m->payload_len = (uint32_t)(n - 1); /* without the closing brace */
+    return m;
+}
+
+void hub_msg_delivery_close(struct hub_msg *m, uint64_t offset)
+{
+    char *end = (char *)hub_msg_payload(m) + m->payload_len;
+    int k = snprintf(end, HUB_MSG_OFFSET_ROOM, ",\"offset\":%llu}", (unsigned long long)offset);
+    m->payload_len += (uint32_t)k;
+    m->offset = offset;
+    hub_msg_seal(m, HUB_WS_TEXT);
+}
+
+int hub_msg_delivery_data(const char *p, size_t n, const char **data, size_t *len)
+{
+    static const char head[] = "{\"op\":\"message\",\"channel\":\"";
+    static const char mid[] = "\",\"data\":";
+    static const char off[] = ",\"offset\":";
+    size_t hl = sizeof(head) - 1, ml = sizeof(mid) - 1, ol = sizeof(off) - 1;
+
+    if (n < hl + ml + 2 || memcmp(p, head, hl) || p[n - 1] != '}')
+        return -1;
+    /* Channel names need no escaping: the name ends at the first quote. */
+    const char *q = memchr(p + hl, '"', n - hl);
+    if (!q || (size_t)(p + n - q) < ml + 2 || memcmp(q, mid, ml))
+        return -1;
+    const char *d = q + ml, *e = p + n - 1;
+    /* With an offset the payload ends ,"offset":DIGITS} */
+    const char *t = e;
+    while (t > d && t[-1] >= '0' && t[-1] <= '9')
+        t--;
+    if (t < e && (size_t)(t - d) > ol && !memcmp(t - ol, off, ol))
+        e = t - ol;
+    *data = d;
+    *len = (size_t)(e - d);
+    return 0;
 }

@@ -288,11 +288,13 @@ static void *a_realloc(void *ctx, void *p, size_t sz)
 
 /* ---- the parse ---- */
 
-enum field { F_OP, F_ID, F_CHANNEL, F_CHANNELS, F_DATA, F_METHOD, F__COUNT };
+enum field { F_OP, F_ID, F_CHANNEL, F_CHANNELS, F_DATA, F_METHOD, F_RECOVER, F_REWIND,
+             F_LIMIT, F_SINCE, F_REVERSE, F__COUNT };
 #define BIT(f) (1u << (f))
 
 static const char *const field_names[F__COUNT] = {
-    "op", "id", "channel", "channels", "data", "method",
+    "op", "id", "channel", "channels", "data", "method", "recover", "rewind",
+    "limit", "since", "reverse",
 };
 
 enum vtype { T_NONE, T_STRING, T_INT, T_NUMBER, T_BOOL, T_NULL, T_OBJECT, T_ARRAY };
@@ -340,6 +342,18 @@ struct parse {
     char *method;       /* "method" decoded: HUB_METHOD_MAX + 1 bytes */
     size_t method_len;
     int id_ok;          /* "id" is within its length limit */
+
+    /* "recover" or "since" (an op has one of them): its members */
+    struct {
+        int key;        /* member being read: 0 offset, 1 epoch, -1 other */
+        unsigned seen;  /* bit 0 offset, bit 1 epoch */
+        int dup, other; /* a member twice; an unknown member */
+        char other_name[SHOW_MAX + 4];
+        int otype, etype;
+        size_t ostart, oend;
+        char epoch[HUB_EPOCH_MAX + 1];
+        size_t elen;
+    } pos;
 
     /* /api/broadcast */
     struct hub_api_req *req;
@@ -429,6 +443,22 @@ static int value(struct parse *p, int type, const char *s, size_t n)
     }
     if (p->depth == 2 && p->cur == F_CHANNELS && p->v[F_CHANNELS].type == T_ARRAY) {
         entry(p, type, s, n);
+        return 1;
+    }
+    if (p->depth == 2 && (p->cur == F_RECOVER || p->cur == F_SINCE) &&
+        p->v[p->cur].type == T_OBJECT) {
+        if (p->pos.key == 0) {
+            p->pos.otype = type;
+            p->pos.oend = yajl_get_bytes_consumed(p->h);
+        } else if (p->pos.key == 1) {
+            p->pos.etype = type;
+            p->pos.elen = n;
+            if (type == T_STRING && n <= HUB_EPOCH_MAX) {
+                memcpy(p->pos.epoch, s, n);
+                p->pos.epoch[n] = '\0';
+            }
+        }
+        p->pos.key = -1;
         return 1;
     }
     if (p->depth != 1 || p->cur < 0)
@@ -529,6 +559,24 @@ static int on_end(void *c)
 static int on_key(void *c, const unsigned char *k, size_t n)
 {
     struct parse *p = c;
+    if (p->depth == 2 && (p->cur == F_RECOVER || p->cur == F_SINCE) &&
+        p->v[p->cur].type == T_OBJECT) {
+        int key = n == 6 && !memcmp(k, "offset", 6) ? 0 : n == 5 && !memcmp(k, "epoch", 5) ? 1 : -1;
+        if (key < 0) {
+            if (!p->pos.other)
+                show(p->pos.other_name, (const char *)k, n);
+            p->pos.other = 1;
+        } else if (p->pos.seen & (1u << key)) {
+            p->pos.dup = 1;
+            key = -1;
+        } else {
+            p->pos.seen |= 1u << key;
+            if (key == 0)
+                p->pos.ostart = value_start(p);
+        }
+        p->pos.key = key;
+        return 1;
+    }
     if (p->depth != 1)
         return 1;   /* a key inside a value */
     int f = field_of(k, n);
@@ -640,6 +688,7 @@ static void parse_init(struct parse *p, const char *buf, size_t len,
     p->max_depth = MAX_DEPTH + 1;
     p->cur = -1;
     p->dup = -1;
+    p->pos.key = -1;
     p->err = err;
     err->invalid_utf8 = 0;
 }
@@ -686,7 +735,8 @@ static const struct {
     const char *name;
     unsigned allowed, required;
 } ops[] = {
-    [HUB_OP_SUBSCRIBE] = {"subscribe", BIT(F_OP) | BIT(F_ID) | BIT(F_CHANNEL),
+    [HUB_OP_SUBSCRIBE] = {"subscribe",
+                          BIT(F_OP) | BIT(F_ID) | BIT(F_CHANNEL) | BIT(F_RECOVER) | BIT(F_REWIND),
                           BIT(F_CHANNEL)},
     [HUB_OP_UNSUBSCRIBE] = {"unsubscribe", BIT(F_OP) | BIT(F_ID) | BIT(F_CHANNEL),
                             BIT(F_CHANNEL)},
@@ -696,17 +746,93 @@ static const struct {
     [HUB_OP_PING] = {"ping", BIT(F_OP) | BIT(F_ID), 0},
     [HUB_OP_RPC] = {"rpc", BIT(F_OP) | BIT(F_ID) | BIT(F_METHOD) | BIT(F_DATA),
                     BIT(F_METHOD)},
+    [HUB_OP_HISTORY] = {"history",
+                        BIT(F_OP) | BIT(F_ID) | BIT(F_CHANNEL) | BIT(F_LIMIT) | BIT(F_SINCE) |
+                            BIT(F_REVERSE),
+                        BIT(F_CHANNEL)},
+    [HUB_OP_PRESENCE] = {"presence", BIT(F_OP) | BIT(F_ID) | BIT(F_CHANNEL), BIT(F_CHANNEL)},
+    [HUB_OP_PRESENCE_STATS] = {"presence_stats", BIT(F_OP) | BIT(F_ID) | BIT(F_CHANNEL),
+                               BIT(F_CHANNEL)},
 };
 
-#define CMD_MEMBERS \
-    (BIT(F_OP) | BIT(F_ID) | BIT(F_CHANNEL) | BIT(F_DATA) | BIT(F_METHOD))
+#define CMD_MEMBERS                                                                   \
+    (BIT(F_OP) | BIT(F_ID) | BIT(F_CHANNEL) | BIT(F_DATA) | BIT(F_METHOD) | BIT(F_RECOVER) | \
+     BIT(F_REWIND) | BIT(F_LIMIT) | BIT(F_SINCE) | BIT(F_REVERSE))
 
 static int op_of(const char *s, size_t n)
 {
-    for (int op = HUB_OP_SUBSCRIBE; op <= HUB_OP_RPC; op++)
+    for (int op = HUB_OP_SUBSCRIBE; op <= HUB_OP_PRESENCE_STATS; op++)
         if (strlen(ops[op].name) == n && memcmp(ops[op].name, s, n) == 0)
             return op;
     return HUB_OP_NONE;
+}
+
+/* An offset as a client writes it: an integer 0..HUB_OFFSET_MAX. */
+static int parse_offset(const char *s, size_t n, uint64_t *out)
+{
+    uint64_t v = 0;
+    if (!n || n > 19)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return -1;
+        v = v * 10 + (uint64_t)(s[i] - '0');
+    }
+    if (v > (uint64_t)HUB_OFFSET_MAX)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* "recover" / "since": {"offset":N,"epoch":"E"}. */
+static int decode_pos(const struct parse *p, int f, struct hub_cmd_pos *pos,
+                      struct hub_proto_error *err)
+{
+    const char *name = field_names[f];
+    if (p->v[f].type != T_OBJECT)
+        return fail(err, HUB_PERR_BAD_REQUEST,
+                    "field '%s' must be an object {\"offset\":N,\"epoch\":\"E\"}", name);
+    if (p->pos.other)
+        return fail(err, HUB_PERR_BAD_REQUEST, "unknown field '%s' in '%s'",
+                    p->pos.other_name, name);
+    if (p->pos.dup)
+        return fail(err, HUB_PERR_BAD_REQUEST, "duplicate field in '%s'", name);
+    if (!(p->pos.seen & 1))
+        return fail(err, HUB_PERR_BAD_REQUEST, "missing field 'offset' in '%s'", name);
+    if (p->pos.otype != T_INT ||
+        parse_offset(p->buf + p->pos.ostart, p->pos.oend - p->pos.ostart, &pos->offset) < 0)
+        return fail(err, HUB_PERR_BAD_REQUEST,
+                    "'%s.offset' must be an integer from 0 to %lld", name,
+                    (long long)HUB_OFFSET_MAX);
+    if (p->pos.seen & 2) {
+        if (p->pos.etype != T_STRING)
+            return fail(err, HUB_PERR_BAD_REQUEST, "'%s.epoch' must be a string", name);
+        if (p->pos.elen > HUB_EPOCH_MAX)
+            return fail(err, HUB_PERR_BAD_REQUEST,
+                        "'%s.epoch' is too long (at most %d bytes)", name, HUB_EPOCH_MAX);
+        memcpy(pos->epoch, p->pos.epoch, p->pos.elen + 1);
+        pos->has_epoch = 1;
+    } else if (f == F_SINCE) {
+        return fail(err, HUB_PERR_BAD_REQUEST,
+                    "missing field 'epoch' in 'since': an offset names a message only "
+                    "with its epoch");
+    }
+    pos->set = 1;
+    return 0;
+}
+
+/* "rewind" / "limit": a count 1..2^31 (the session checks recover_max). */
+static int decode_count(const struct parse *p, int f, uint32_t *out,
+                        struct hub_proto_error *err)
+{
+    uint64_t v;
+    const struct val *x = &p->v[f];
+    if (x->type != T_INT || parse_offset(p->buf + x->start, x->end - x->start, &v) < 0 ||
+        v < 1 || v > INT32_MAX)
+        return fail(err, HUB_PERR_BAD_REQUEST, "field '%s' must be a positive integer",
+                    field_names[f]);
+    *out = (uint32_t)v;
+    return 0;
 }
 
 int hub_proto_decode(const char *buf, size_t len, struct hub_cmd *cmd,
@@ -724,6 +850,10 @@ int hub_proto_decode(const char *buf, size_t len, struct hub_cmd *cmd,
     cmd->data.len = 0;
     cmd->method[0] = '\0';
     cmd->method_len = 0;
+    memset(&cmd->recover, 0, sizeof(cmd->recover));
+    memset(&cmd->since, 0, sizeof(cmd->since));
+    cmd->rewind = cmd->limit = 0;
+    cmd->reverse = 0;
 
     parse_init(&p, buf, len, CMD_MEMBERS, err);
     p.chan = cmd->channel;
@@ -784,6 +914,23 @@ int hub_proto_decode(const char *buf, size_t len, struct hub_cmd *cmd,
         cmd->channel_len = p.chan_len;
     if (p.seen & BIT(F_DATA))
         cmd->data = span_of(&p, F_DATA);
+    if ((p.seen & BIT(F_RECOVER)) && decode_pos(&p, F_RECOVER, &cmd->recover, err) < 0)
+        return -1;
+    if ((p.seen & BIT(F_SINCE)) && decode_pos(&p, F_SINCE, &cmd->since, err) < 0)
+        return -1;
+    if ((p.seen & BIT(F_REWIND)) && decode_count(&p, F_REWIND, &cmd->rewind, err) < 0)
+        return -1;
+    if ((p.seen & BIT(F_LIMIT)) && decode_count(&p, F_LIMIT, &cmd->limit, err) < 0)
+        return -1;
+    if ((p.seen & BIT(F_RECOVER)) && (p.seen & BIT(F_REWIND)))
+        return fail(err, HUB_PERR_BAD_REQUEST,
+                    "'recover' and 'rewind' do not go together: recover continues from "
+                    "an offset, rewind starts from the last N messages");
+    if (p.seen & BIT(F_REVERSE)) {
+        if (p.v[F_REVERSE].type != T_BOOL)
+            return fail(err, HUB_PERR_BAD_REQUEST, "field 'reverse' must be true or false");
+        cmd->reverse = p.buf[p.v[F_REVERSE].start] == 't';
+    }
     cmd->op = op;
     return 0;
 }
@@ -911,6 +1058,21 @@ void hub_proto_encode_ok(struct hub_buf *b, struct hub_span id,
         PUT(b, ",\"channel\":");
         hub_buf_append_json_string(b, channel, channel_len);
     }
+    PUT(b, "}");
+}
+
+void hub_proto_encode_ok_pos(struct hub_buf *b, struct hub_span id, const char *channel,
+                             size_t channel_len, uint64_t offset, const char *epoch,
+                             int recovered, int64_t missed)
+{
+    hub_proto_encode_ok(b, id, channel, channel_len);
+    b->len--;                           /* reopen the object */
+    if (recovered >= 0)
+        hub_buf_printf(b, ",\"recovered\":%s", recovered ? "true" : "false");
+    hub_buf_printf(b, ",\"offset\":%llu,\"epoch\":", (unsigned long long)offset);
+    hub_buf_append_json_string(b, epoch, strlen(epoch));
+    if (missed >= 0)
+        hub_buf_printf(b, ",\"missed\":%lld", (long long)missed);
     PUT(b, "}");
 }
 

@@ -368,17 +368,6 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
     return lws_callback_http_dummy(wsi, reason, user, in, len);
 }
 
-static void make_instance_id(char *out, size_t outlen)
-{
-    unsigned char r[6];
-    if (getrandom(r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
-        uint64_t t = hub_now_ns() ^ ((uint64_t)getpid() << 32);
-        memcpy(r, &t, sizeof(r));
-    }
-    for (size_t i = 0; i < sizeof(r) && 2 * i + 2 < outlen; i++)
-        snprintf(out + 2 * i, 3, "%02x", r[i]);
-}
-
 static void on_accept(void *ud, int fd)
 {
     struct hub_server *srv = ud;
@@ -399,6 +388,7 @@ static void on_broker_health(void *ud, int up)
 {
     struct hub_server *srv = hub_container_of(ud, struct hub_server, hub);
     hub_log(up ? HUB_LOG_INFO : HUB_LOG_WARN, "broker %s", up ? "up" : "down");
+    hub_broker_health(&srv->hub, up);
     if (up && uv_is_active((uv_handle_t *)&srv->listen_timer)) {
         uv_timer_stop(&srv->listen_timer);
         if (!srv->shutting_down)
@@ -489,7 +479,7 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
     memset(srv, 0, sizeof(*srv));
     srv->loop = loop;
     srv->cfg = cfg;
-    make_instance_id(srv->instance, sizeof(srv->instance));
+    hub_random_hex(srv->instance, 6);
     hub_http_api_init(&srv->api, cfg, &srv->hub, &srv->sessions, reload_policy, srv);
     uv_timer_init(loop, &srv->shutdown_timer);
     srv->shutdown_timer.data = srv;
@@ -521,7 +511,8 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
         hub_log(HUB_LOG_ERROR, "broker: %s", err);
         return -1;
     }
-    hub_init(&srv->hub, srv->broker, srv->instance, cfg->max_channels_per_conn);
+    srv->broker->presence_ttl = cfg->presence_ttl;
+    hub_init(&srv->hub, srv->broker, srv->instance, cfg);
     hub_metrics_add(render_metrics, srv);
     return 0;
 }

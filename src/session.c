@@ -134,6 +134,10 @@ struct pending {
     uint64_t conn_id;
     int remaining;          /* completions still to come (+1 while emitting) */
     int failed;
+    int rewind;             /* subscribe: with "rewind" */
+    int stats;              /* presence: the counts only */
+    int since;              /* history: the answer's epoch must be since_epoch */
+    char since_epoch[HUB_EPOCH_MAX + 1];
     uint32_t id_len;
     uint32_t channel_len;
     char id[160];           /* raw JSON id: at most 128 bytes (proto.c) */
@@ -148,6 +152,7 @@ static struct pending *pending_new(struct hub_session *s, struct hub_span id,
     op->conn_id = s->client.id;
     op->remaining = 1;
     op->failed = 0;
+    op->rewind = op->stats = op->since = 0;
     op->id_len = id.len < sizeof(op->id) ? (uint32_t)id.len : 0;
     if (op->id_len) /* an absent id has p == NULL */
         memcpy(op->id, id.p, op->id_len);
@@ -167,16 +172,22 @@ static struct hub_session *pending_session(const struct pending *op)
     return hub_writer_closing(&s->wc) ? NULL : s;
 }
 
-static void on_subscribed(void *ud, int status)
+static void on_subscribed(void *ud, const struct hub_sub_result *r)
 {
     struct pending *op = ud;
     struct hub_session *s = pending_session(op);
     struct hub_span id = {op->id, op->id_len};
+    int status = r->status;
 
     /* CANCELED: the client unsubscribed before Redis confirmed: the
      * subscribe did happen (and was undone), so it is answered ok, before
      * the unsubscribe's own reply. */
-    if (s && (status == HUB_OK || status == HUB_ECANCELED)) {
+    if (s && status == HUB_OK && r->history) {
+        hub_proto_encode_ok_pos(&op->ss->scratch, id, op->channel, op->channel_len,
+                                r->pos.offset, r->pos.epoch, r->recover ? r->recovered : -1,
+                                op->rewind || r->recover ? (int64_t)r->missed : -1);
+        send_scratch(s);
+    } else if (s && (status == HUB_OK || status == HUB_ECANCELED)) {
         hub_proto_encode_ok(&op->ss->scratch, id, op->channel, op->channel_len);
         send_scratch(s);
     } else if (s) {
@@ -187,6 +198,19 @@ static void on_subscribed(void *ud, int status)
     free(op);
 }
 
+/* A count a client asked for (rewind, limit) within recover_max; else
+ * answers bad_request and returns 0. */
+static int count_ok(struct hub_session *s, struct hub_span id, const char *field, uint32_t n)
+{
+    uint32_t max = s->ss->cfg->recover_max;
+    if (n <= max)
+        return 1;
+    char msg[128];
+    snprintf(msg, sizeof(msg), "field '%s' must be at most %u (recover_max)", field, max);
+    proto_error(s, id, HUB_PERR_BAD_REQUEST, msg);
+    return 0;
+}
+
 static void do_subscribe(struct hub_session *s, const struct hub_cmd *cmd)
 {
     struct hub_sessions *ss = s->ss;
@@ -194,6 +218,8 @@ static void do_subscribe(struct hub_session *s, const struct hub_cmd *cmd)
     size_t len = cmd->channel_len;
     char eff[HUB_CHANNEL_MAX + 1], reason[256];
 
+    if (cmd->rewind && !count_ok(s, cmd->id, "rewind", cmd->rewind))
+        return;
     if (has_hook(s, HUB_HOOK_SUBSCRIBE)) {
         enum hub_verdict v = hub_policy_on_subscribe(policy(s), &s->pc, name, len, eff, &len,
                                                      reason, sizeof(reason));
@@ -203,8 +229,18 @@ static void do_subscribe(struct hub_session *s, const struct hub_cmd *cmd)
         }
         name = eff;
     }
+    struct hub_sub_req req = {.mode = HUB_SUB_PLAIN};
+    if (cmd->recover.set) {
+        req.mode = HUB_SUB_RECOVER;
+        req.offset = cmd->recover.offset;
+        memcpy(req.epoch, cmd->recover.epoch, sizeof(req.epoch));
+    } else if (cmd->rewind) {
+        req.mode = HUB_SUB_REWIND;
+        req.rewind = cmd->rewind;
+    }
     struct pending *op = pending_new(s, cmd->id, name, len);
-    int r = hub_subscribe(ss->hub, &s->client, name, len, on_subscribed, op);
+    op->rewind = cmd->rewind != 0;
+    int r = hub_subscribe(ss->hub, &s->client, name, len, &req, on_subscribed, op);
     if (r == 1)
         return; /* on_subscribed replies */
     free(op);
@@ -238,10 +274,10 @@ static void do_unsubscribe(struct hub_session *s, const struct hub_cmd *cmd)
 
 /* One message of a publish was accepted or refused by the broker; the
  * reply goes out with the last one. */
-static void on_published(void *ud, int status, uint64_t offset)
+static void on_published(void *ud, int status, const struct hub_stream_pos *pos)
 {
     struct pending *op = ud;
-    (void)offset;
+    (void)pos;
 
     if (status != HUB_OK)
         op->failed = 1;
@@ -289,7 +325,135 @@ static void do_publish(struct hub_session *s, const struct hub_cmd *cmd)
     } else {
         emit_publish(op, cmd->channel, cmd->channel_len, cmd->data.p, cmd->data.len);
     }
-    on_published(op, HUB_OK, 0); /* drops the guard: replies if all are done */
+    on_published(op, HUB_OK, NULL); /* drops the guard: replies if all are done */
+}
+
+/* history and presence read a channel the client is subscribed to (by the
+ * name its subscribe reply gave: after on_subscribe's rewrite). */
+static int subscribed_or_error(struct hub_session *s, const struct hub_cmd *cmd)
+{
+    if (hub_subscribed(s->ss->hub, &s->client, cmd->channel, cmd->channel_len))
+        return 1;
+    char msg[HUB_CHANNEL_MAX + 64];
+    snprintf(msg, sizeof(msg), "not subscribed to '%s': subscribe first", cmd->channel);
+    proto_error(s, cmd->id, HUB_PERR_NOT_SUBSCRIBED, msg);
+    return 0;
+}
+
+static void not_available(struct hub_session *s, const struct hub_cmd *cmd, const char *what)
+{
+    char msg[HUB_CHANNEL_MAX + 128];
+    snprintf(msg, sizeof(msg), "channel '%s' has no %s (see the conf's channels)",
+             cmd->channel, what);
+    proto_error(s, cmd->id, HUB_PERR_NOT_AVAILABLE, msg);
+}
+
+static void on_history(void *ud, int status, const struct hub_history_result *r)
+{
+    struct pending *op = ud;
+    struct hub_session *s = pending_session(op);
+    struct hub_span id = {op->id, op->id_len};
+
+    if (s && status == HUB_OK && op->since && strcmp(op->since_epoch, r->top.epoch)) {
+        /* since named another epoch: the stream was reset */
+        char msg[192];
+        snprintf(msg, sizeof(msg), "'since' names epoch of another stream: the history was "
+                 "reset (now epoch \"%s\"); read it without 'since'", r->top.epoch);
+        proto_error(s, id, HUB_PERR_BAD_REQUEST, msg);
+    } else if (s && status == HUB_OK) {
+        struct hub_buf *b = &op->ss->scratch;
+        hub_proto_encode_ok_pos(b, id, op->channel, op->channel_len, r->top.offset,
+                                r->top.epoch, -1, -1);
+        b->len--;                       /* reopen the object */
+        hub_buf_appends(b, ",\"messages\":[");
+        for (size_t i = 0; i < r->n; i++) {
+            const char *d;
+            size_t dl;
+            struct hub_msg *m = r->msgs[i];
+            if (hub_msg_delivery_data((const char *)hub_msg_payload(m), m->payload_len, &d,
+                                      &dl) < 0)
+                continue;
+            hub_buf_printf(b, "%s{\"offset\":%llu,\"data\":", i ? "," : "",
+                           (unsigned long long)m->offset);
+            hub_buf_append(b, d, dl);
+            hub_buf_appends(b, "}");
+        }
+        hub_buf_appends(b, "]}");
+        send_scratch(s);
+    } else if (s) {
+        proto_error(s, id, HUB_PERR_UNAVAILABLE,
+                    "the broker is unavailable: history not read, try again later");
+    }
+    free(op);
+}
+
+static void do_history(struct hub_session *s, const struct hub_cmd *cmd)
+{
+    struct hub_history_query q = {.limit = s->ss->cfg->recover_max, .reverse = cmd->reverse};
+    if (cmd->limit && !count_ok(s, cmd->id, "limit", cmd->limit))
+        return;
+    if (!subscribed_or_error(s, cmd))
+        return;
+    if (cmd->limit)
+        q.limit = cmd->limit;
+    struct pending *op = pending_new(s, cmd->id, cmd->channel, cmd->channel_len);
+    if (cmd->since.set) {
+        /* The epoch it names must be the stream's: checked on the answer. */
+        q.since = cmd->since.offset;
+        op->since = 1;
+        memcpy(op->since_epoch, cmd->since.epoch, sizeof(op->since_epoch));
+    }
+    int r = hub_history(s->ss->hub, cmd->channel, cmd->channel_len, &q, on_history, op);
+    if (r == 0)
+        return;
+    free(op);
+    if (r == HUB_ENOTAVAIL)
+        not_available(s, cmd, "history");
+    else
+        proto_error(s, cmd->id, HUB_PERR_UNAVAILABLE,
+                    "the broker is unavailable: history not read, try again later");
+}
+
+static void on_presence(void *ud, int status, const struct hub_presence_result *r)
+{
+    struct pending *op = ud;
+    struct hub_session *s = pending_session(op);
+    struct hub_span id = {op->id, op->id_len};
+
+    if (s && status == HUB_OK) {
+        struct hub_buf *b = &op->ss->scratch;
+        hub_proto_encode_ok(b, id, op->channel, op->channel_len);
+        b->len--;                       /* reopen the object */
+        if (op->stats)
+            hub_buf_printf(b, ",\"clients\":%llu,\"users\":%llu}",
+                           (unsigned long long)r->clients, (unsigned long long)r->users);
+        else
+            hub_buf_printf(b, ",\"clients\":%s,\"truncated\":%s}", r->list->p,
+                           r->truncated ? "true" : "false");
+        send_scratch(s);
+    } else if (s) {
+        proto_error(s, id, HUB_PERR_UNAVAILABLE,
+                    "the broker is unavailable: presence not read, try again later");
+    }
+    free(op);
+}
+
+static void do_presence(struct hub_session *s, const struct hub_cmd *cmd, int stats)
+{
+    if (!subscribed_or_error(s, cmd))
+        return;
+    struct pending *op = pending_new(s, cmd->id, cmd->channel, cmd->channel_len);
+    op->stats = stats;
+    int r = hub_presence(s->ss->hub, cmd->channel, cmd->channel_len,
+                         stats ? 0 : s->ss->cfg->presence_max, on_presence, op);
+    if (r == 0)
+        return;
+    free(op);
+    if (r == HUB_ENOTAVAIL)
+        not_available(s, cmd, "presence");
+    else
+        proto_error(s, cmd->id, HUB_PERR_UNAVAILABLE,
+                    "the broker is unavailable: presence not read, try again later");
 }
 
 static void do_rpc(struct hub_session *s, const struct hub_cmd *cmd)
@@ -358,6 +522,13 @@ static void handle(struct hub_session *s, const char *p, size_t n, int binary)
         break;
     case HUB_OP_RPC:
         do_rpc(s, &cmd);
+        break;
+    case HUB_OP_HISTORY:
+        do_history(s, &cmd);
+        break;
+    case HUB_OP_PRESENCE:
+    case HUB_OP_PRESENCE_STATS:
+        do_presence(s, &cmd, cmd.op == HUB_OP_PRESENCE_STATS);
         break;
     default:
         proto_error(s, cmd.id, HUB_PERR_INTERNAL, "unhandled op");
@@ -441,6 +612,27 @@ int hub_session_receive(struct hub_session *s, const void *in, size_t len, int f
 
 /* ---- lifetime ------------------------------------------------------------ */
 
+/* What presence shows of this client: its name, user and info. */
+static void presence_entry(struct hub_session *s, const char *client)
+{
+    struct hub_buf e = {0};
+    hub_buf_appends(&e, "\"client\":");
+    hub_buf_append_json_string(&e, client, strlen(client));
+    if (s->pc.user) {
+        hub_buf_appends(&e, ",\"user\":");
+        hub_buf_append_json_string(&e, s->pc.user, strlen(s->pc.user));
+        s->client.user = s->pc.user;
+        s->client.user_len = strlen(s->pc.user);
+    }
+    if (s->pc.info_json) {
+        hub_buf_appends(&e, ",\"info\":");
+        hub_buf_appends(&e, s->pc.info_json);
+    }
+    s->entry = e.p;
+    s->client.entry = e.p;
+    s->client.entry_len = e.len;
+}
+
 void hub_session_open(struct hub_session *s, struct hub_sessions *ss, struct lws *wsi,
                       struct hub_conn_pending *pending)
 {
@@ -467,6 +659,7 @@ void hub_session_open(struct hub_session *s, struct hub_sessions *ss, struct lws
                 peer, s->pc.user ? " as " : "", s->pc.user ? s->pc.user : "");
     }
     hub_client_name(ss->hub, id, client, sizeof(client));
+    presence_entry(s, client);
     if (ss->registry && hub_registry_conn_open(ss->registry, client, s->pc.user,
                                                s->pc.user ? strlen(s->pc.user) : 0))
         s->flags |= HUB_SESS_REGISTERED;
@@ -498,8 +691,9 @@ void hub_session_closed(struct hub_session *s)
     free(s->pc.user);
     free(s->pc.info_json);
     free(s->close_reason);
+    free(s->entry);
     s->rx = NULL;
-    s->pc.user = s->pc.info_json = s->close_reason = NULL;
+    s->pc.user = s->pc.info_json = s->close_reason = s->entry = NULL;
     s->flags = 0;
     hub_log(HUB_LOG_DEBUG, "[conn %llu] closed", (unsigned long long)s->client.id);
     if (ss->shutting_down && !hub_clients(ss->hub) && ss->all_gone)
@@ -639,7 +833,7 @@ static void h_conn_close(void *ud, struct hub_policy_conn *c, unsigned code, con
 static int h_conn_subscribe(void *ud, struct hub_policy_conn *c, const char *ch, size_t len)
 {
     struct hub_sessions *ss = ud;
-    return hub_subscribe(ss->hub, &of_pc(c)->client, ch, len, NULL, NULL);
+    return hub_subscribe(ss->hub, &of_pc(c)->client, ch, len, NULL, NULL, NULL);
 }
 
 static int h_conn_unsubscribe(void *ud, struct hub_policy_conn *c, const char *ch, size_t len)

@@ -7,7 +7,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
+#include <unistd.h>
 
 static void oom(size_t n)
 {
@@ -139,6 +141,24 @@ void hub_buf_free(struct hub_buf *b)
     free(b->p);
     b->p = NULL;
     b->len = b->cap = 0;
+}
+
+void hub_random_hex(char *out, size_t nbytes)
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char r[64];
+    if (nbytes > sizeof(r))
+        nbytes = sizeof(r);
+    if (getrandom(r, nbytes, 0) != (ssize_t)nbytes) {
+        uint64_t t = hub_now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)out;
+        for (size_t i = 0; i < nbytes; i++, t = t * 6364136223846793005u + 1442695040888963407u)
+            r[i] = (unsigned char)(t >> 56);
+    }
+    for (size_t i = 0; i < nbytes; i++) {
+        out[2 * i] = hex[r[i] >> 4];
+        out[2 * i + 1] = hex[r[i] & 15];
+    }
+    out[2 * nbytes] = '\0';
 }
 
 uint64_t hub_now_ns(void)

@@ -23,8 +23,10 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "luahub/chanopt.h"
 #include "luahub/error.h"
 #include "luahub/msg.h"
+#include "luahub/proto.h"
 #include "luahub/util.h"
 
 struct hub_broker;
@@ -35,15 +37,76 @@ struct hub_registry_options;
  * connected, too much pending, timed out, stopped); HUB_ECANCELED
  * (subscribe only: unsubscribe() came before the confirmation). */
 
+/* ---- history and presence (channels the conf's `channels` names) ------
+ *
+ * A channel whose options (struct hub_channel_opts) have history_size > 0
+ * has a stream: every message published to it gets the next offset (1, 2,
+ * ...; the same on every process), the last history_size messages are
+ * kept, and the stream has an epoch, a random string fixed when it is
+ * created. A stream that was lost (a memory broker's restart, Redis losing
+ * its data, the stream expiring) comes back with a new epoch, so an
+ * (offset, epoch) pair names one message for ever. The messages are kept
+ * history_ttl seconds after the channel's last publish; the position
+ * (offset and epoch) max(history_ttl, HUB_STREAM_META_TTL) seconds. */
+
+#define HUB_STREAM_META_TTL (7 * 86400) /* s: the least a position is kept */
+
+/* Where a stream stands: the offset of its last message (0: none yet) and
+ * its epoch (never empty). */
+struct hub_stream_pos {
+    uint64_t offset;
+    char epoch[HUB_EPOCH_MAX + 1];
+};
+
+/* What a history read asks for. */
+struct hub_history_query {
+    uint64_t since;     /* only messages with offset > since */
+    uint32_t limit;     /* at most this many; 0: the position only */
+    int reverse;        /* the newest `limit` of them, newest first */
+};
+
+/* What a history read found: the stream's position (a stream is created,
+ * with a new epoch, when it did not exist), the oldest offset it still
+ * keeps (top.offset + 1 when it keeps none), and the messages asked for:
+ * sealed delivery frames (hub_msg_delivery_close, m->offset set) in the
+ * order asked, borrowed for the duration of the callback. */
+struct hub_history_result {
+    struct hub_stream_pos top;
+    uint64_t oldest;
+    struct hub_msg *const *msgs;
+    size_t n;
+};
+
+/* Completion of a history read: HUB_OK with `r`, or HUB_EUNAVAILABLE (r
+ * NULL). Called exactly once, possibly before history() returns. */
+typedef void (*hub_broker_history_cb)(void *ud, int status, const struct hub_history_result *r);
+
+/* Who is subscribed to a presence channel, on every process: each client
+ * once, by its id, with its entry: the members of a JSON object without the
+ * braces, "client":"<id>","user":"<user>","info":<info> (user and info only
+ * when the client has them). The hub builds it; the broker stores and
+ * returns it as it is. */
+struct hub_presence_result {
+    uint64_t clients;   /* clients in the channel */
+    uint64_t users;     /* distinct users among them */
+    struct hub_buf *list; /* with presence(): "[{entry},...]", at most `max`; borrowed */
+    int truncated;      /* the list was cut at `max` */
+};
+
+/* Completion of a presence read: HUB_OK with `r`, or HUB_EUNAVAILABLE. */
+typedef void (*hub_broker_presence_cb)(void *ud, int status,
+                                       const struct hub_presence_result *r);
+
 /* Completion of a publish: `status` is HUB_OK once the message was
  * accepted (memory: handed to `deliver`; redis: Redis executed the PUBLISH
  * while this broker's connections to the channel's server were up and, if
  * this broker has the channel subscribed, the message came back to it and
  * went to `deliver`; see docs/internals.md, "Redis: what an acknowledged
- * publish means"), else HUB_EUNAVAILABLE. `offset` is a per-channel
- * sequence when the broker keeps one (0 otherwise; room for history).
- * Called exactly once, possibly before publish() returns (memory). */
-typedef void (*hub_broker_publish_cb)(void *ud, int status, uint64_t offset);
+ * publish means"), else HUB_EUNAVAILABLE. On a history channel `pos` is
+ * the message's offset and its stream's epoch (NULL otherwise, and on
+ * failure). Called exactly once, possibly before publish() returns
+ * (memory). */
+typedef void (*hub_broker_publish_cb)(void *ud, int status, const struct hub_stream_pos *pos);
 
 /* Completion of a subscribe: HUB_OK once messages published from
  * now on will be delivered (redis: SUBSCRIBE confirmed); else
@@ -53,14 +116,17 @@ typedef void (*hub_broker_publish_cb)(void *ud, int status, uint64_t offset);
  * exactly once, possibly synchronously. */
 typedef void (*hub_broker_subscribe_cb)(void *ud, int status);
 
-/* Where a broker hands a frame for local fan-out: `m` is a sealed delivery
- * frame for `channel` (borrowed; take a reference to keep it). Called once
+/* Where a broker hands a frame for local fan-out: `m` is a sealed frame
+ * for `channel` (borrowed; take a reference to keep it): a delivery, or a
+ * join/leave event of a presence channel. A delivery on a history channel
+ * has m->offset set and `epoch` its stream's (NULL otherwise). Called once
  * per message, from the loop (memory: inside publish()), for the channels
  * subscribed (redis) or for every publish (memory: the hub looks the
  * channel up itself; the broker keeps no copy of the channel registry). It
- * may call the broker (publish, subscribe, unsubscribe, stop; not free). */
+ * may call the broker (publish, subscribe, unsubscribe, history, presence,
+ * stop; not free). */
 typedef void (*hub_broker_deliver_fn)(void *ud, const char *channel, size_t len,
-                                      struct hub_msg *m);
+                                      struct hub_msg *m, const char *epoch);
 
 /* Called when the broker's health changes (up = 1 connected, 0 down); not
  * at creation: memory starts up, redis starts down. Redis is up when, for
@@ -75,13 +141,51 @@ struct hub_broker_ops {
     /* 1 when deliveries reach this process only (memory): the hub then
      * skips encoding a publish nobody here listens to. */
     int local;
-    /* Publishes a sealed delivery frame (borrowed) to `channel`. Returns 0
-     * and calls `cb` exactly once, or returns HUB_EUNAVAILABLE without
-     * calling it (fail fast: redis: either connection to the channel's
-     * server not ready, the subscriber one not (re)subscribed, or the
-     * pending output over its cap). `cb` may be NULL (fire and forget). */
+    /* Publishes a delivery frame (borrowed) to `channel`. Without history
+     * (`o` NULL or o->history_size 0) `m` is sealed. With history `m` is
+     * open (hub_msg_delivery_open): the broker gives it the stream's next
+     * offset, closes it (hub_msg_delivery_close, or the same bytes built
+     * elsewhere), keeps it and delivers it, as one step (redis: one
+     * script). Returns 0 and calls `cb` exactly once, or returns
+     * HUB_EUNAVAILABLE without calling it (fail fast: redis: either
+     * connection to the channel's server not ready, the subscriber one not
+     * (re)subscribed, or the pending output over its cap). `cb` may be NULL
+     * (fire and forget). */
     int (*publish)(struct hub_broker *b, const char *channel, size_t len,
-                   struct hub_msg *m, hub_broker_publish_cb cb, void *ud);
+                   struct hub_msg *m, const struct hub_channel_opts *o,
+                   hub_broker_publish_cb cb, void *ud);
+    /* Reads the stream of history channel `channel` (o->history_size > 0).
+     * Returns 0 and calls `cb` exactly once, or HUB_EUNAVAILABLE without
+     * calling it. A read that Redis does not answer within the broker's
+     * command_timeout_ms calls back HUB_EUNAVAILABLE. */
+    int (*history)(struct hub_broker *b, const char *channel, size_t len,
+                   const struct hub_channel_opts *o, const struct hub_history_query *q,
+                   hub_broker_history_cb cb, void *ud);
+    /* Presence (o->presence). A client of this process entered `channel`:
+     * `entry` as in struct hub_presence_result (copied), `user` NULL for an
+     * anonymous client. Idempotent: a client added twice is there once.
+     * With o->join_leave the broker delivers, to the channel's subscribers
+     * on every process, {"op":"join","channel":C,<entry>} when the client
+     * is anonymous or the first of its user in the channel. Redis: the
+     * entry is kept presence_ttl (the conf's) and refreshed by this
+     * process while the client stays, so the clients of a process that
+     * died leave within presence_ttl, with their leave events; while Redis
+     * is unreachable the entry is added once it is back. */
+    void (*presence_add)(struct hub_broker *b, const char *channel, size_t len,
+                         const struct hub_channel_opts *o, const char *client,
+                         const char *user, size_t user_len, const char *entry,
+                         size_t entry_len);
+    /* The client left `channel` (unsubscribed or disconnected): removed,
+     * and with join_leave {"op":"leave",...} when it was anonymous or the
+     * last of its user. Unknown clients are ignored. */
+    void (*presence_remove)(struct hub_broker *b, const char *channel, size_t len,
+                            const struct hub_channel_opts *o, const char *client);
+    /* Who is in `channel` on every process: the counts, and with `max` > 0
+     * the list of at most `max` entries. Returns 0 and calls `cb` exactly
+     * once, or HUB_EUNAVAILABLE without calling it. */
+    int (*presence)(struct hub_broker *b, const char *channel, size_t len,
+                    const struct hub_channel_opts *o, uint32_t max,
+                    hub_broker_presence_cb cb, void *ud);
     /* A local subscriber joins `channel` (call it for the first one; more
      * calls are allowed, e.g. to wait for the confirmation, and are not
      * counted). The channel is then subscribed upstream until
@@ -123,6 +227,8 @@ struct hub_broker {
     hub_broker_deliver_fn deliver;
     hub_broker_health_fn health;
     void *ud;                       /* for deliver and health */
+    unsigned presence_ttl;          /* s (the conf's presence_ttl); 60 unless
+                                     * the embedder sets it after creation */
 };
 
 /* Creates the broker named by `url`: "memory", or one or more

@@ -25,6 +25,8 @@ struct hub_sub {
     void *owner;
     struct hub_sub *next;   /* the owner's next subscription */
     uint32_t idx;           /* position in chan->subs */
+    uint32_t hold;          /* the owner's: hub.c marks a subscription whose
+                             * deliveries wait (0: none) */
 };
 
 struct hub_chan {
@@ -33,12 +35,15 @@ struct hub_chan {
     uint32_t cap;
     uint32_t name_len;
     struct hub_sub **subs;  /* nsubs entries, in no particular order */
+    void *ext;              /* the owner's data about the channel (NULL: none);
+                             * the registry never touches it */
     char name[];            /* NUL-terminated */
 };
 
 /* Called when a channel loses its last subscriber; the channel is freed
- * right after it returns. It must not call back into the registry. */
-typedef void (*hub_chan_event_cb)(void *ud, const char *name, size_t len);
+ * right after it returns (free c->ext here). It must not call back into
+ * the registry. */
+typedef void (*hub_chan_event_cb)(void *ud, struct hub_chan *c);
 
 struct hub_chan_registry {
     struct hub_htable chans;

@@ -13,19 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Options of the channels matching one pattern of the conf's `channels`. */
-struct hub_channel_opts {
-    char *pattern;                  /* as written: "room:*", "lobby", "*" */
-    size_t len;                     /* bytes that must match (without the '*') */
-    bool prefix;                    /* ends with '*': a prefix of the name */
-    uint32_t history_size;          /* messages kept; 0 = no history (no offsets) */
-    uint32_t history_ttl;           /* seconds a message is kept, and the history
-                                     * after the last publish */
-    bool presence;                  /* who is subscribed can be asked */
-    bool join_leave;                /* subscribers get join and leave events */
-};
-
-#define HUB_HISTORY_TTL_DEFAULT 3600
+#include "luahub/chanopt.h"
 
 struct hub_config {
     char *path;                     /* the conf file read, or NULL (built-in defaults) */

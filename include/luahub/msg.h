@@ -32,6 +32,7 @@ struct hub_msg {
     uint32_t frame_off;     /* offset of the frame header in buf */
     uint32_t frame_len;     /* header + payload */
     uint32_t payload_len;
+    uint64_t offset;        /* a delivery on a history channel: its offset; else 0 */
     unsigned char buf[];    /* HUB_MSG_HEADROOM + payload_len */
 };
 
@@ -75,5 +76,23 @@ struct hub_msg *hub_msg_ping(void);
  * allocation, no intermediate copy. `data` must be valid JSON. New reference. */
 struct hub_msg *hub_msg_delivery(const char *channel, size_t channel_len,
                                  const char *data, size_t data_len);
+
+/* Room a delivery keeps at its end for ,"offset":N} (N up to 20 digits). */
+#define HUB_MSG_OFFSET_ROOM 32
+
+/* An open delivery: {"op":"message","channel":C,"data":D without its
+ * closing brace, and HUB_MSG_OFFSET_ROOM bytes to spare; not sealed. New
+ * reference. */
+struct hub_msg *hub_msg_delivery_open(const char *channel, size_t channel_len,
+                                      const char *data, size_t data_len);
+
+/* Closes an open delivery with ,"offset":N} and seals it; sets m->offset.
+ * Call it once, before anyone else holds a reference. */
+void hub_msg_delivery_close(struct hub_msg *m, uint64_t offset);
+
+/* The "data" value of a delivery frame's payload `p[0..n)` (sealed, with or
+ * without an offset): sets *data and *len and returns 0, or -1 when the
+ * payload is not a delivery. */
+int hub_msg_delivery_data(const char *p, size_t n, const char **data, size_t *len);
 
 #endif

@@ -9,11 +9,14 @@
 #define LUAHUB_PROTO_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include "luahub/util.h"
 
 #define HUB_CHANNEL_MAX 255     /* bytes in a channel name */
 #define HUB_METHOD_MAX 255      /* bytes in an rpc method name */
 #define HUB_API_MAX_CHANNELS 1024 /* channels in one /api/broadcast */
+#define HUB_EPOCH_MAX 32        /* bytes of a history stream's epoch */
+#define HUB_OFFSET_MAX INT64_MAX /* the largest offset a client may name */
 
 /* Error codes of the protocol: enum name, wire name. */
 #define HUB_PROTO_ERRORS(X)                  \
@@ -26,7 +29,8 @@
     X(LIMIT_EXCEEDED, "limit_exceeded")      \
     X(INTERNAL, "internal")                  \
     X(RPC_ERROR, "rpc_error")                \
-    X(UNAVAILABLE, "unavailable")
+    X(UNAVAILABLE, "unavailable")            \
+    X(NOT_AVAILABLE, "not_available")
 
 enum hub_proto_code {
 #define HUB_X(name, str) HUB_PERR_##name,
@@ -45,6 +49,17 @@ enum hub_op {
     HUB_OP_PUBLISH,
     HUB_OP_PING,
     HUB_OP_RPC,
+    HUB_OP_HISTORY,
+    HUB_OP_PRESENCE,
+    HUB_OP_PRESENCE_STATS,
+};
+
+/* A position in a history stream, as a client names it. */
+struct hub_cmd_pos {
+    int set;                            /* the member was there */
+    uint64_t offset;
+    int has_epoch;                      /* recover: epoch may be left out */
+    char epoch[HUB_EPOCH_MAX + 1];
 };
 
 /* A borrowed slice of someone else's bytes. */
@@ -62,6 +77,11 @@ struct hub_cmd {
     struct hub_span data;               /* raw JSON text of "data": exactly one value; publish (required), rpc (optional) */
     char method[HUB_METHOD_MAX + 1];    /* rpc only, NUL-terminated */
     size_t method_len;
+    struct hub_cmd_pos recover;         /* subscribe: "recover":{"offset":N,"epoch":E} */
+    uint32_t rewind;                    /* subscribe: "rewind":N (0: none) */
+    uint32_t limit;                     /* history: "limit":N (0: none) */
+    struct hub_cmd_pos since;           /* history: "since":{"offset":N,"epoch":E} */
+    int reverse;                        /* history: "reverse":true */
 };
 
 struct hub_proto_error {
@@ -114,6 +134,12 @@ int hub_proto_decode_api(const char *buf, size_t len, int broadcast,
 /* {"id":ID,"ok":true} or, with a channel, {"id":ID,"ok":true,"channel":"C"} */
 void hub_proto_encode_ok(struct hub_buf *b, struct hub_span id,
                          const char *channel, size_t channel_len);
+/* {"id":ID,"ok":true,"channel":"C"[,"recovered":B],"offset":N,"epoch":"E"
+ * [,"missed":M]}: a history channel's position; `recovered` < 0 and
+ * `missed` < 0 leave those out. */
+void hub_proto_encode_ok_pos(struct hub_buf *b, struct hub_span id, const char *channel,
+                             size_t channel_len, uint64_t offset, const char *epoch,
+                             int recovered, int64_t missed);
 /* {"id":ID,"ok":true,"data":DATA}; `data` is trusted valid JSON. */
 void hub_proto_encode_ok_data(struct hub_buf *b, struct hub_span id,
                               struct hub_span data);

@@ -79,6 +79,7 @@ struct hub_session {
     uint32_t proto_errors;          /* protocol error bucket, in milli-errors */
     uint32_t flags;                 /* HUB_SESS_* */
     char *close_reason;             /* our close's reason (owned), or NULL */
+    char *entry;                    /* presence: "client":..,"user":..,"info":.. (owned) */
     uint16_t close_code;            /* close code sent or received (1006 if none) */
 };
 

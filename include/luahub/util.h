@@ -16,6 +16,10 @@
 /* The number of elements of array `a` (an array, not a pointer). */
 #define hub_countof(a) (sizeof(a) / sizeof((a)[0]))
 
+/* Writes `nbytes` random bytes (getrandom; the clock and pid if that
+ * fails) as 2 * nbytes hex digits and a NUL into out. */
+void hub_random_hex(char *out, size_t nbytes);
+
 /* Out of memory at allocation is fatal: these never return NULL. */
 void *hub_xmalloc(size_t n);
 void *hub_xcalloc(size_t n, size_t size);

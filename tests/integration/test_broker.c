@@ -160,8 +160,10 @@ static void pump(int ms)
     (void)WAIT(0, ms);
 }
 
-static void on_deliver(void *ud, const char *channel, size_t len, struct hub_msg *m)
+static void on_deliver(void *ud, const char *channel, size_t len, struct hub_msg *m,
+                       const char *epoch)
 {
+    (void)epoch;
     struct sink *s = ud;
     if (!sink_find(s, channel, len)) {
         s->unsubscribed++;
@@ -362,9 +364,9 @@ struct pres {
     int64_t t_pub, t_cb;
 };
 
-static void on_pub(void *ud, int status, uint64_t offset)
+static void on_pub(void *ud, int status, const struct hub_stream_pos *pos)
 {
-    (void)offset;
+    (void)pos;
     struct pres *r = ud;
     r->calls++;
     r->status = status;
@@ -376,7 +378,7 @@ static int pub_n(int bi, const char *ch, const void *data, size_t len, struct pr
     struct hub_msg *m = hub_msg_text(data, len);
     if (r)
         r->t_pub = now_ms();
-    int rc = T.b[bi]->ops->publish(T.b[bi], ch, strlen(ch), m, r ? on_pub : NULL, r);
+    int rc = T.b[bi]->ops->publish(T.b[bi], ch, strlen(ch), m, NULL, r ? on_pub : NULL, r);
     hub_msg_unref(m);
     return rc;
 }
@@ -537,7 +539,7 @@ START_TEST(t_memory_delivers_same_frame)
     struct hub_msg *m = hub_msg_text("{\"x\":1}", 7);
     struct pres r = {0};
     /* Memory: delivered inside publish(), the very frame, then completed. */
-    ck_assert_int_eq(T.b[0]->ops->publish(T.b[0], "a", 1, m, on_pub, &r), 0);
+    ck_assert_int_eq(T.b[0]->ops->publish(T.b[0], "a", 1, m, NULL, on_pub, &r), 0);
     ck_assert_int_eq(r.calls, 1);
     ck_assert_int_eq(r.status, HUB_OK);
     ck_assert_uint_eq(T.sink[0].n, 1);
@@ -1446,9 +1448,9 @@ END_TEST
 static struct hub_broker *stop_me;
 static int stop_calls[2];
 
-static void on_pub_stop(void *ud, int status, uint64_t offset)
+static void on_pub_stop(void *ud, int status, const struct hub_stream_pos *pos)
 {
-    (void)offset;
+    (void)pos;
     struct pres *r = ud;
     r->calls++;
     r->status = status;
@@ -1499,7 +1501,7 @@ START_TEST(t_redis_stop_with_pending)
     stop_me = T.b[1];
     struct hub_msg *m = hub_msg_text("1", 1);
     for (int i = 0; i < 3; i++)
-        ck_assert_int_eq(T.b[1]->ops->publish(T.b[1], "z", 1, m, on_pub_stop, &q[i]), 0);
+        ck_assert_int_eq(T.b[1]->ops->publish(T.b[1], "z", 1, m, NULL, on_pub_stop, &q[i]), 0);
     hub_msg_unref(m);
     ck_assert(WAIT(q[0].calls && q[1].calls && q[2].calls, WAIT_MS));
     ck_assert_int_eq(q[0].status, HUB_OK);

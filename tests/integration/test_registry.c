@@ -68,8 +68,10 @@ static void pump(int ms)
     (void)WAIT(0, ms);
 }
 
-static void on_deliver(void *ud, const char *channel, size_t len, struct hub_msg *m)
+static void on_deliver(void *ud, const char *channel, size_t len, struct hub_msg *m,
+                       const char *epoch)
 {
+    (void)epoch;
     (void)ud, (void)channel, (void)len, (void)m;
 }
 

@@ -12,11 +12,11 @@ struct events {
     char last_name[64];
 };
 
-static void on_last(void *ud, const char *name, size_t len)
+static void on_last(void *ud, struct hub_chan *c)
 {
     struct events *e = ud;
     e->last++;
-    snprintf(e->last_name, sizeof(e->last_name), "-%.*s", (int)len, name);
+    snprintf(e->last_name, sizeof(e->last_name), "-%.*s", (int)c->name_len, c->name);
 }
 
 static struct hub_chan_registry reg;
@@ -209,10 +209,10 @@ END_TEST
  * channel up (as the broker will, to unsubscribe upstream) still finds it. */
 static struct hub_chan_registry *reenter_reg;
 static int reenter_seen;
-static void reenter_last(void *ud, const char *name, size_t len)
+static void reenter_last(void *ud, struct hub_chan *c)
 {
     (void)ud;
-    reenter_seen = hub_chan_find(reenter_reg, name, len) != NULL;
+    reenter_seen = hub_chan_find(reenter_reg, c->name, c->name_len) == c;
 }
 
 START_TEST(t_on_last_sees_channel)

@@ -21,13 +21,14 @@ struct rec_broker {
 };
 
 static int rb_publish(struct hub_broker *b, const char *ch, size_t len, struct hub_msg *m,
-                      hub_broker_publish_cb cb, void *ud)
+                      const struct hub_channel_opts *o, hub_broker_publish_cb cb, void *ud)
 {
     struct rec_broker *r = (struct rec_broker *)b;
+    (void)o;
     r->publishes++;
-    b->deliver(b->ud, ch, len, m);
+    b->deliver(b->ud, ch, len, m, NULL);
     if (cb)
-        cb(ud, HUB_OK, 0);
+        cb(ud, HUB_OK, NULL);
     return 0;
 }
 
@@ -106,6 +107,7 @@ static void sink_culled(struct hub_client *c)
 static const struct hub_client_ops sink_ops = {sink_deliver, sink_culled};
 
 static struct hub hub;
+static struct hub_config cfg;
 static struct rec_broker broker;
 static struct sink sinks[4];
 
@@ -116,7 +118,9 @@ static void setup(void)
     broker.base.ops = &rb_ops;
     broker.base.deliver = hub_deliver;
     broker.base.ud = &hub;
-    hub_init(&hub, &broker.base, "abc123", 3);
+    hub_config_defaults(&cfg);
+    cfg.max_channels_per_conn = 3;
+    hub_init(&hub, &broker.base, "abc123", &cfg);
     memset(sinks, 0, sizeof sinks);
     for (int i = 0; i < 4; i++) {
         sinks[i].refuse_after = -1;
@@ -132,6 +136,7 @@ static void teardown(void)
             hub_msg_unref(sinks[i].last);
     }
     hub_free(&hub);
+    hub_config_free(&cfg);
 }
 
 static void publish(const char *ch, const char *data)
@@ -142,8 +147,8 @@ static void publish(const char *ch, const char *data)
 START_TEST(fan_out_shares_one_frame)
 {
     for (int i = 0; i < 3; i++)
-        ck_assert_int_eq(hub_subscribe(&hub, &sinks[i].client, "a", 1, NULL, NULL), 1);
-    ck_assert_int_eq(hub_subscribe(&hub, &sinks[3].client, "b", 1, NULL, NULL), 1);
+        ck_assert_int_eq(hub_subscribe(&hub, &sinks[i].client, "a", 1, NULL, NULL, NULL), 1);
+    ck_assert_int_eq(hub_subscribe(&hub, &sinks[3].client, "b", 1, NULL, NULL, NULL), 1);
     publish("a", "1");
     for (int i = 0; i < 3; i++)
         ck_assert_int_eq(sinks[i].got, 1);
@@ -166,8 +171,8 @@ END_TEST
 START_TEST(first_and_last_drive_the_broker)
 {
     for (int i = 0; i < 3; i++)
-        hub_subscribe(&hub, &sinks[i].client, "a", 1, NULL, NULL);
-    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "a", 1, NULL, NULL), 0);
+        hub_subscribe(&hub, &sinks[i].client, "a", 1, NULL, NULL, NULL);
+    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "a", 1, NULL, NULL, NULL), 0);
     ck_assert_int_eq(broker.subscribes, 3);
     ck_assert_uint_eq(hub_subscribers(&hub, "a", 1), 3);
     ck_assert_int_eq(hub_unsubscribe(&hub, &sinks[0].client, "a", 1), 0);
@@ -189,8 +194,8 @@ END_TEST
 START_TEST(culling_after_the_loop)
 {
     for (int i = 0; i < 3; i++)
-        hub_subscribe(&hub, &sinks[i].client, "a", 1, NULL, NULL);
-    hub_subscribe(&hub, &sinks[1].client, "only1", 5, NULL, NULL);
+        hub_subscribe(&hub, &sinks[i].client, "a", 1, NULL, NULL, NULL);
+    hub_subscribe(&hub, &sinks[1].client, "only1", 5, NULL, NULL, NULL);
     sinks[1].refuse_after = 1;
     publish("a", "1");
     ck_assert_int_eq(sinks[1].culled, 0);
@@ -219,7 +224,7 @@ END_TEST
 /* A client removed while on the cull list is not culled afterwards. */
 START_TEST(removed_before_cull)
 {
-    hub_subscribe(&hub, &sinks[0].client, "a", 1, NULL, NULL);
+    hub_subscribe(&hub, &sinks[0].client, "a", 1, NULL, NULL, NULL);
     hub_cull(&hub, &sinks[0].client);
     hub_client_remove(&hub, &sinks[0].client);
     hub_cull_now(&hub);
@@ -230,11 +235,11 @@ END_TEST
 
 START_TEST(subscription_limit)
 {
-    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "a", 1, NULL, NULL), 1);
-    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "b", 1, NULL, NULL), 1);
-    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "c", 1, NULL, NULL), 1);
-    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "d", 1, NULL, NULL), HUB_ELIMIT);
-    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "b", 1, NULL, NULL), 0);
+    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "a", 1, NULL, NULL, NULL), 1);
+    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "b", 1, NULL, NULL, NULL), 1);
+    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "c", 1, NULL, NULL, NULL), 1);
+    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "d", 1, NULL, NULL, NULL), HUB_ELIMIT);
+    ck_assert_int_eq(hub_subscribe(&hub, &sinks[0].client, "b", 1, NULL, NULL, NULL), 0);
     ck_assert(hub_subscribed(&hub, &sinks[0].client, "c", 1));
     ck_assert(!hub_subscribed(&hub, &sinks[0].client, "d", 1));
     ck_assert_int_eq(broker.subscribes, 3);
@@ -276,7 +281,7 @@ START_TEST(local_broker_skips_empty_channels)
     rb_ops.local = 1;
     publish("nobody", "1");
     ck_assert_int_eq(broker.publishes, 0);
-    hub_subscribe(&hub, &sinks[0].client, "a", 1, NULL, NULL);
+    hub_subscribe(&hub, &sinks[0].client, "a", 1, NULL, NULL, NULL);
     publish("a", "1");
     ck_assert_int_eq(broker.publishes, 1);
     ck_assert_int_eq(sinks[0].got, 1);
