@@ -123,7 +123,15 @@ struct api_op {
     int failed;
     const char *fail_msg;   /* the 503's message */
     struct hub_buf result;  /* a 200's JSON body; empty: {"ok":true} */
+    int single;             /* POST /api/publish: one channel */
+    char *since_epoch;      /* GET /api/history: the epoch `since` is of */
+    unsigned err_status;    /* an answer other than 503: its status ... */
+    const char *err_code;   /* ... code ... */
+    struct hub_buf err_msg; /* ... and message */
 };
+
+/* Bytes of messages one GET /api/history answer carries at most. */
+#define HISTORY_ANSWER_MAX ((size_t)32 << 20)
 
 static struct api_op *op_new(struct hub_http_conn *c, const char *fail_msg)
 {
@@ -142,7 +150,9 @@ static void op_complete(struct api_op *op, int ok)
         op->failed = 1;
     if (--op->remaining > 0)
         return;
-    if (op->failed)
+    if (op->err_status)
+        hub_http_respond_error(op->c, op->err_status, op->err_code, op->err_msg.p, 0);
+    else if (op->failed)
         hub_http_respond_error(op->c, 503, "unavailable", op->fail_msg, 0);
     else if (op->result.len)
         hub_http_respond(op->c, 200, JSON, NULL, op->result.p, op->result.len, 0);
@@ -150,13 +160,22 @@ static void op_complete(struct api_op *op, int ok)
         respond_json(op->c, 200, "{\"ok\":true}");
     hub_http_release(op->c);
     hub_buf_free(&op->result);
+    hub_buf_free(&op->err_msg);
+    free(op->since_epoch);
     free(op);
 }
 
 static void on_api_published(void *ud, int status, const struct hub_stream_pos *pos)
 {
-    (void)pos;
-    op_complete(ud, status == HUB_OK);
+    struct api_op *op = ud;
+    /* POST /api/publish on a history channel: where the message is */
+    if (status == HUB_OK && pos && op->single) {
+        hub_buf_printf(&op->result, "{\"ok\":true,\"offset\":%llu,\"epoch\":",
+                       (unsigned long long)pos->offset);
+        hub_buf_append_json_string(&op->result, pos->epoch, strlen(pos->epoch));
+        hub_buf_appends(&op->result, "}");
+    }
+    op_complete(op, status == HUB_OK);
 }
 
 static void on_connections(void *ud, int status, const char *json, size_t len)
@@ -201,6 +220,7 @@ static void api_publish(struct hub_http_api *api, struct hub_http_conn *c,
         return;
     }
     struct api_op *op = op_new(c, "the broker is unavailable: the message was not published");
+    op->single = !broadcast;
     const char *name = req.names.p;
     for (unsigned i = 0; i < req.nchannels; i++) {
         size_t len = strlen(name);
@@ -270,31 +290,41 @@ static void api_disconnect(struct hub_http_api *api, struct hub_http_conn *c,
     op_complete(op, 1);
 }
 
-struct user_arg {
+/* Query parameters a route reads: an array ended by a NULL name. The last
+ * occurrence of a name wins. */
+struct qarg {
+    const char *name;
     struct hub_buf v;
     int found;
 };
 
-static int find_user_arg(void *ud, const char *name, size_t nl, const char *value, size_t vl)
+static int collect_arg(void *ud, const char *name, size_t nl, const char *value, size_t vl)
 {
-    struct user_arg *a = ud;
-    if (nl == 4 && !memcmp(name, "user", 4)) {
-        hub_buf_reset(&a->v);
-        hub_buf_append(&a->v, value, vl);
-        a->found = 1;
-    }
+    for (struct qarg *a = ud; a->name; a++)
+        if (strlen(a->name) == nl && !memcmp(a->name, name, nl)) {
+            hub_buf_reset(&a->v);
+            hub_buf_append(&a->v, value, vl);
+            a->found = 1;
+        }
     return 0;
+}
+
+static void args_free(struct qarg *a)
+{
+    for (; a->name; a++)
+        hub_buf_free(&a->v);
 }
 
 /* GET /api/connections?user=U: the user's connections on every instance. */
 static void api_connections(struct hub_http_api *api, struct hub_http_conn *c,
                             const struct hub_request *r)
 {
-    struct user_arg a = {{0}, 0};
+    struct qarg args[] = {{.name = "user"}, {.name = NULL}};
+    struct hub_buf *user = &args[0].v;
 
-    hub_request_query_each(r, find_user_arg, &a);
-    if (!a.found || !user_valid(a.v.p, a.v.len) || memchr(a.v.p, '\0', a.v.len)) {
-        hub_buf_free(&a.v);
+    hub_request_query_each(r, collect_arg, args);
+    if (!args[0].found || !user_valid(user->p, user->len) || memchr(user->p, '\0', user->len)) {
+        args_free(args);
         hub_http_respond_error(c, 400, "bad_request",
                                "query parameter 'user' is required: 1 to 255 bytes without "
                                "control characters", 0);
@@ -302,12 +332,178 @@ static void api_connections(struct hub_http_api *api, struct hub_http_conn *c,
     }
     struct api_op *op = op_new(c, "the registry is unavailable: try again later");
     op->remaining++;
-    if (hub_registry_connections(api->sessions->registry, a.v.p, a.v.len, on_connections, op) < 0) {
+    if (hub_registry_connections(api->sessions->registry, user->p, user->len, on_connections,
+                                 op) < 0) {
         op->remaining--;
         op->failed = 1;
     }
-    hub_buf_free(&a.v);
+    args_free(args);
     op_complete(op, 1);
+}
+
+/* The channel of a history or presence query: valid, or answered 400. */
+static int channel_arg(struct hub_http_conn *c, const struct qarg *a)
+{
+    if (a->found && hub_proto_channel_valid(a->v.p, a->v.len))
+        return 1;
+    hub_http_respond_error(c, 400, a->found ? "invalid_channel" : "bad_request",
+                           a->found ? "query parameter 'channel' is not a valid channel name: "
+                                      "1 to 255 bytes of A-Z a-z 0-9 _ : . @ / = # -"
+                                    : "query parameter 'channel' is required", 0);
+    return 0;
+}
+
+/* A count or offset argument: digits only, 0..max. */
+static int number_arg(const struct qarg *a, uint64_t max, uint64_t *out)
+{
+    uint64_t v = 0;
+    if (!a->v.len || a->v.len > 19)
+        return -1;
+    for (size_t i = 0; i < a->v.len; i++) {
+        if (a->v.p[i] < '0' || a->v.p[i] > '9')
+            return -1;
+        v = v * 10 + (uint64_t)(a->v.p[i] - '0');
+    }
+    if (v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static void on_api_history(void *ud, int status, const struct hub_history_result *hr)
+{
+    struct api_op *op = ud;
+    if (status == HUB_OK && op->since_epoch && strcmp(op->since_epoch, hr->top.epoch)) {
+        op->err_status = 400;
+        op->err_code = "bad_request";
+        hub_buf_printf(&op->err_msg, "'epoch' names another stream: the history was reset "
+                       "(now epoch \"%s\"); read it without 'since'", hr->top.epoch);
+    } else if (status == HUB_OK) {
+        struct hub_buf *b = &op->result;
+        size_t k = 0, put = 0;
+        hub_buf_printf(b, "{\"ok\":true,\"offset\":%llu,\"epoch\":",
+                       (unsigned long long)hr->top.offset);
+        hub_buf_append_json_string(b, hr->top.epoch, strlen(hr->top.epoch));
+        hub_buf_appends(b, ",\"messages\":[");
+        for (; k < hr->n; k++) {
+            const char *d;
+            size_t dl;
+            struct hub_msg *m = hr->msgs[k];
+            if (hub_msg_delivery_data((const char *)hub_msg_payload(m), m->payload_len, &d,
+                                      &dl) < 0)
+                continue;
+            if (b->len + dl + 48 > HISTORY_ANSWER_MAX)
+                break;
+            hub_buf_printf(b, "%s{\"offset\":%llu,\"data\":", put++ ? "," : "",
+                           (unsigned long long)m->offset);
+            hub_buf_append(b, d, dl);
+            hub_buf_appends(b, "}");
+        }
+        hub_buf_printf(b, "],\"truncated\":%s}", k < hr->n ? "true" : "false");
+    }
+    op_complete(op, status == HUB_OK);
+}
+
+/* GET /api/history?channel=C[&limit=N][&since=O&epoch=E][&reverse=true] */
+static void api_history(struct hub_http_api *api, struct hub_http_conn *c,
+                        const struct hub_request *r)
+{
+    struct qarg args[] = {{.name = "channel"}, {.name = "limit"}, {.name = "since"},
+                          {.name = "epoch"}, {.name = "reverse"}, {.name = NULL}};
+    struct hub_history_query q = {.limit = api->cfg->recover_max};
+    uint64_t v;
+    const char *bad = NULL;
+
+    hub_request_query_each(r, collect_arg, args);
+    if (!channel_arg(c, &args[0]))
+        goto out;
+    if (args[1].found) {
+        if (number_arg(&args[1], api->cfg->recover_max, &v) < 0 || v == 0)
+            bad = "query parameter 'limit' must be an integer from 1 to recover_max";
+        else
+            q.limit = (uint32_t)v;
+    }
+    if (!bad && args[2].found != args[3].found)
+        bad = "'since' and 'epoch' go together: an offset names a message only with its epoch";
+    if (!bad && args[2].found && number_arg(&args[2], (uint64_t)HUB_OFFSET_MAX, &q.since) < 0)
+        bad = "query parameter 'since' must be an offset (an integer from 0)";
+    if (!bad && args[4].found) {
+        if (!strcmp(args[4].v.p, "true") || !strcmp(args[4].v.p, "1"))
+            q.reverse = 1;
+        else if (strcmp(args[4].v.p, "false") && strcmp(args[4].v.p, "0"))
+            bad = "query parameter 'reverse' must be true or false";
+    }
+    if (bad) {
+        hub_http_respond_error(c, 400, "bad_request", bad, 0);
+        goto out;
+    }
+    struct api_op *op = op_new(c, "the broker is unavailable: history not read, try again "
+                                  "later");
+    if (args[3].found)
+        op->since_epoch = hub_xstrdup(args[3].v.p);
+    op->remaining++;
+    int rc = hub_history(api->hub, args[0].v.p, args[0].v.len, &q, on_api_history, op);
+    if (rc == HUB_ENOTAVAIL) {
+        op->remaining--;
+        op->err_status = 404;
+        op->err_code = "not_available";
+        hub_buf_printf(&op->err_msg, "channel '%s' has no history (see the conf's channels)",
+                       args[0].v.p);
+    } else if (rc < 0) {
+        op->remaining--;
+        op->failed = 1;
+    }
+    op_complete(op, 1);
+out:
+    args_free(args);
+}
+
+static void on_api_presence(void *ud, int status, const struct hub_presence_result *pr)
+{
+    struct api_op *op = ud;
+    if (status == HUB_OK) {
+        hub_buf_printf(&op->result, "{\"ok\":true,\"count\":%llu,\"users\":%llu",
+                       (unsigned long long)pr->clients, (unsigned long long)pr->users);
+        if (pr->list)
+            hub_buf_printf(&op->result, ",\"clients\":%s,\"truncated\":%s", pr->list->p,
+                           pr->truncated ? "true" : "false");
+        hub_buf_appends(&op->result, "}");
+    }
+    op_complete(op, status == HUB_OK);
+}
+
+/* GET /api/presence?channel=C[&stats=true] */
+static void api_presence(struct hub_http_api *api, struct hub_http_conn *c,
+                         const struct hub_request *r)
+{
+    struct qarg args[] = {{.name = "channel"}, {.name = "stats"}, {.name = NULL}};
+    hub_request_query_each(r, collect_arg, args);
+    if (!channel_arg(c, &args[0]))
+        goto out;
+    int stats = args[1].found && (!strcmp(args[1].v.p, "true") || !strcmp(args[1].v.p, "1"));
+    if (args[1].found && !stats && strcmp(args[1].v.p, "false") && strcmp(args[1].v.p, "0")) {
+        hub_http_respond_error(c, 400, "bad_request",
+                               "query parameter 'stats' must be true or false", 0);
+        goto out;
+    }
+    struct api_op *op = op_new(c, "the broker is unavailable: presence not read, try again "
+                                  "later");
+    op->remaining++;
+    int rc = hub_presence(api->hub, args[0].v.p, args[0].v.len,
+                          stats ? 0 : api->cfg->presence_max, on_api_presence, op);
+    if (rc == HUB_ENOTAVAIL) {
+        op->remaining--;
+        op->err_status = 404;
+        op->err_code = "not_available";
+        hub_buf_printf(&op->err_msg, "channel '%s' has no presence (see the conf's channels)",
+                       args[0].v.p);
+    } else if (rc < 0) {
+        op->remaining--;
+        op->failed = 1;
+    }
+    op_complete(op, 1);
+out:
+    args_free(args);
 }
 
 static void healthz(struct hub_http_api *api, struct hub_http_conn *c)
@@ -473,11 +669,18 @@ void hub_http_api_request(void *ud, struct hub_http_conn *c, const struct hub_re
 
     if (!strncmp(path, "/api/", 5) && r->path_len == strlen(path)) {
         int post = method_is(r, "POST");
-        if (!strcmp(path, "/api/connections")) {
+        if (!strcmp(path, "/api/connections") || !strcmp(path, "/api/history") ||
+            !strcmp(path, "/api/presence")) {
             if (!is_get(r))
                 method_not_allowed(c, "GET");
-            else if (authorized(api, c, r))
+            else if (!authorized(api, c, r))
+                ;
+            else if (path[5] == 'c')
                 api_connections(api, c, r);
+            else if (path[5] == 'h')
+                api_history(api, c, r);
+            else
+                api_presence(api, c, r);
             return;
         }
         if (!strcmp(path, "/api/publish") || !strcmp(path, "/api/broadcast") ||

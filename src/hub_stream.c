@@ -206,17 +206,23 @@ static void on_read(void *ud, int status, const struct hub_history_result *hr)
     struct hub_msg *const *msgs = hr->msgs;
     size_t n = hr->n;
     struct hub_msg **rev = NULL;
+    /* What is replayed must fit the client's queue with room to spare:
+     * more would cull it (4001), and it would come back for the same. */
+    size_t room = r->h->cfg->max_queue_bytes / 2, bytes = 0, fit = 0;
+    while (fit < n && (bytes += msgs[fit]->frame_len) <= room)
+        fit++;
     if (r->req.mode == HUB_SUB_RECOVER) {
         uint64_t since = r->req.offset, top = hr->top.offset;
         res.recover = 1;
         res.recovered = r->req.epoch[0] && !strcmp(r->req.epoch, hr->top.epoch) &&
                         since <= top && top - since <= r->h->cfg->recover_max &&
-                        hr->oldest <= since + 1 && n == top - since;
+                        hr->oldest <= since + 1 && n == top - since && fit == n;
         if (res.recovered)
             r->h->recovered++;
         else
             r->h->unrecovered++, n = 0;
     } else if (r->req.mode == HUB_SUB_REWIND && n) {
+        n = fit;                        /* the newest that fit */
         rev = hub_xmalloc(n * sizeof(*rev));   /* read newest first */
         for (size_t i = 0; i < n; i++)
             rev[i] = msgs[n - 1 - i];
