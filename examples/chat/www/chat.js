@@ -102,6 +102,7 @@ function joinRoom(name) {
   if (!convs.has(key)) {
     const c = conv(key)
     const sub = (c.sub = client.subscribe(key, { rewind: BACKLOG }))
+    sub.on('state', nav) // subscribing rooms are dimmed
     sub.on('subscribed', async (e) => {
       // A gap the hub could not fill (history gone, another epoch): start over from history.
       if (e.recovering && !e.recovered) await reload(c)
@@ -203,6 +204,7 @@ function nav() {
         .map((c) => {
           const el = document.createElement('li')
           el.dataset.key = c.key
+          if (c.sub) el.dataset.state = c.sub.state
           el.className = c.key == current ? 'current' : ''
           el.textContent = c.title
           if (c.unread) el.append(Object.assign(document.createElement('span'), { className: 'unread', textContent: c.unread }))
