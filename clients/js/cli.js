@@ -8,7 +8,7 @@ const USAGE = `usage: node clients/js/cli.js [--url URL] [--token TOKEN] COMMAND
   sub CHANNEL... [--rewind N]   print what arrives (one JSON frame a line) until Ctrl-C
   pub CHANNEL JSON              publish JSON (a string is '"text"')
   rpc METHOD [JSON]             call the policy's on_rpc; prints the result
-  history CHANNEL [--limit N]   print the channel's history, one message a line
+  history CHANNEL [--limit N]   print the channel's history (the last N), oldest first
   presence CHANNEL              print who is in the channel
 
   --url URL        default $LUAHUB_URL or ws://127.0.0.1:8080/ws
@@ -118,7 +118,8 @@ if (cmd == 'sub') {
     if (cmd == 'pub') out(await client.publish(ch, data).then(() => ({ ok: true })))
     if (cmd == 'rpc') out(await client.rpc(ch, data))
     if (cmd == 'presence') out(await client.presence(ch))
-    if (cmd == 'history') for (const m of (await client.history(ch, { limit })).messages) out(m)
+    // the last `limit` messages, oldest first
+    if (cmd == 'history') for (const m of (await client.history(ch, { limit, reverse: true })).messages.sort((a, b) => a.offset - b.offset)) out(m)
     client.disconnect()
     process.exit(0)
   } catch (e) {
