@@ -297,8 +297,8 @@ export class Client extends Emitter {
 
   // state connecting; a connection attempt after `delay` ms.
   _go(delay, ctx) {
+    this._timer = setTimeout(() => this._open(), delay) // before the listeners: they may disconnect()
     this._set('connecting', { ...ctx, delay })
-    this._timer = setTimeout(() => this._open(), delay)
     this._reset(ctx)
   }
 
@@ -314,6 +314,7 @@ export class Client extends Emitter {
   async _open() {
     const o = this.opts
     const gen = ++this._gen
+    if (this.state != 'connecting') return
     if (this._needToken) {
       let t
       try {

@@ -263,3 +263,21 @@ test('sessionStorage junk is ignored; a position kept for a channel without hist
   const cmds = s.conns[0].got.map((m) => [m.channel, !!m.recover])
   assert.deepEqual(cmds, [['a', false], ['b', false], ['c', true], ['c', false]])
 })
+
+test('listeners may call connect() and disconnect() from any event', async () => {
+  const s = await server((ws) => answerSubscribe(ws))
+  const c = client(s.url)
+  const once = (ev, fn) => c.on(ev, function f(e) {
+    c.off(ev, f)
+    fn(e)
+  })
+  once('connecting', () => c.disconnect())
+  c.connect() // disconnected from its own 'connecting' event: no attempt is left behind
+  assert.equal(c.state, 'disconnected')
+  once('connected', () => c.disconnect())
+  once('disconnected', () => c.connect()) // and connecting again from 'disconnected'
+  c.connect()
+  await until(() => s.conns.length == 2 && c.state == 'connected', 'connected on a second connection')
+  await until(() => s.conns[0].readyState == 3, 'the first connection closed')
+  assert.equal(s.conns.length, 2)
+})
