@@ -5,7 +5,7 @@ import { test as nodeTest, after } from 'node:test'
 import assert from 'node:assert/strict'
 import { join } from 'node:path'
 import { Client, LuahubError, backoff } from '../../../clients/js/luahub.js'
-import { ROOT, startHub, wsClass, next, record, until, sleep } from '../lib/hub.mjs'
+import { ROOT, startHub, startRedis, wsClass, next, record, until, sleep } from '../lib/hub.mjs'
 
 const POLICY = join(ROOT, 'tests/js/node/policy.lua')
 const BASE = `policy = ${JSON.stringify(POLICY)}\nlog_level = "warn"\n`
@@ -18,12 +18,14 @@ const test = (name, fn) => nodeTest(name, { timeout: 30000 }, fn)
 
 const hubs = []
 const clients = []
+const redises = []
 after(async () => {
   for (const c of clients) c.disconnect()
   for (const h of hubs) {
     await h.stop()
     h.cleanup()
   }
+  for (const r of redises) await r.stop()
 })
 
 async function hub(conf = BASE) {
@@ -178,8 +180,15 @@ test('getToken that throws, then hangs, then answers: bounded retries, then conn
   assert.equal((await c.rpc('whoami')).user, 'carol')
 })
 
-test('1,000 rapid subscribe/unsubscribe calls end in the state of the last call', async () => {
-  const h = await hub()
+for (const broker of ['memory', 'redis'])
+test(`1,000 rapid subscribe/unsubscribe calls end in the state of the last call (${broker} broker)`, async () => {
+  let conf = BASE
+  if (broker == 'redis') {
+    const r = await startRedis()
+    redises.push(r)
+    conf += `broker = "${r.url}"\n`
+  }
+  const h = await hub(conf)
   const c = client(h).connect()
   await c.ready()
   const s = c.subscribe('room:flip')

@@ -5,7 +5,7 @@ import { test as nodeTest, after } from 'node:test'
 import assert from 'node:assert/strict'
 import { WebSocketServer } from 'ws'
 import { Client } from '../../../clients/js/luahub.js'
-import { wsClass, next, record, until } from '../lib/hub.mjs'
+import { wsClass, next, record, until, sleep } from '../lib/hub.mjs'
 
 const test = (name, fn) => nodeTest(name, { timeout: 30000 }, fn)
 const servers = []
@@ -280,4 +280,38 @@ test('listeners may call connect() and disconnect() from any event', async () =>
   await until(() => s.conns.length == 2 && c.state == 'connected', 'connected on a second connection')
   await until(() => s.conns[0].readyState == 3, 'the first connection closed')
   assert.equal(s.conns.length, 2)
+})
+
+test('1,000 rapid subscribe/unsubscribe calls while subscribe replies come late: one command in flight, the last call wins', async () => {
+  // Like the redis broker: a subscribe is answered once Redis confirms (here 30 ms later),
+  // an unsubscribe at once; the server applies each command when it arrives.
+  const on = new Set()
+  const s = await server((ws) =>
+    ws.on('message', (d) => {
+      const m = JSON.parse(d)
+      if (m.op == 'subscribe') {
+        on.add(m.channel)
+        setTimeout(() => ws.send(JSON.stringify({ id: m.id, ok: true, channel: m.channel })), 30)
+      }
+      if (m.op == 'unsubscribe') {
+        on.delete(m.channel)
+        ws.send(JSON.stringify({ id: m.id, ok: true }))
+      }
+    }),
+  )
+  const c = client(s.url).connect()
+  await c.ready()
+  const a = c.subscribe('a')
+  const b = c.subscribe('b')
+  for (let i = 0; i < 1000; i++) {
+    a.unsubscribe().subscribe()
+    b.subscribe().unsubscribe()
+  }
+  await a.ready()
+  await until(() => !on.has('b') && on.has('a'), 'a subscribed, b not, on the server')
+  await sleep(100) // replies still on their way would show up here
+  assert.deepEqual([...on], ['a'])
+  assert.deepEqual([a.state, b.state], ['subscribed', 'unsubscribed'])
+  const sent = s.conns[0].got.filter((m) => m.op != 'ping')
+  assert.ok(sent.length <= 4, `${sent.length} commands for 4000 calls`)
 })
