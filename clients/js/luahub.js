@@ -49,6 +49,7 @@ class Emitter {
   _set(s, ctx = {}) {
     const prev = this.state
     this.state = s
+    this._ctx = ctx // why: what ready() rejects with after the fact
     if (prev != s) this._emit('state', { ...ctx, state: s, prev })
     this._emit(s, ctx)
   }
@@ -57,9 +58,10 @@ class Emitter {
   _wait(ok, bad) {
     return new Promise((res, rej) => {
       if (this.state == ok) return res(this)
-      if (this.state == bad) return rej(err(bad, 'the ' + this.constructor.name + ' is ' + bad))
+      const fail = (e) => rej(err(e.code || bad, e.reason || bad, e))
+      if (this.state == bad) return fail(this._ctx || {})
       const a = () => done() && res(this)
-      const b = (e) => done() && rej(err(e.code || bad, e.reason || bad, e))
+      const b = (e) => done() && fail(e)
       const done = () => this.off(ok, a).off(bad, b)
       this.on(ok, a).on(bad, b)
     })
