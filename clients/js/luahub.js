@@ -140,6 +140,7 @@ export class Subscription extends Emitter {
     else if (this.opts.rewind) cmd.rewind = this.opts.rewind
     c._cmd(cmd, (e, m) => {
       if (this._done(e, 1)) return
+      if (e && !this._want) return // refused, and no longer wanted anyway
       if (e) {
         if (recovering && e.code == 'not_available') {
           // a position kept for a channel that has no history (any more)
