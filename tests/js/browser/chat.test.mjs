@@ -3,27 +3,14 @@
 // beyond /luahub.js and the channels conf key, which every test here needs.
 import { test as nodeTest, before, after } from 'node:test'
 import assert from 'node:assert/strict'
-import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { ROOT, startHub, startRedis, until, sleep } from '../lib/hub.mjs'
+import { startHub, startRedis, shippedConf, until } from '../lib/hub.mjs'
 import { launch } from '../lib/browser.mjs'
 
 const test = (name, fn) => nodeTest(name, { timeout: 60000 }, fn)
-const CHAT = join(ROOT, 'examples/chat')
 const SHOTS = process.env.LUAHUB_SCREENSHOTS // a directory: screenshots of the pages go there
 
-// The example's conf as shipped, with its relative paths made absolute (the test writes the
-// conf elsewhere) and `set` keys replaced or added.
-function chatConf(file = 'luahub.conf', set = {}) {
-  let text = readFileSync(join(CHAT, file), 'utf8')
-    .replace('policy = "policy.lua"', `policy = ${JSON.stringify(join(CHAT, 'policy.lua'))}`)
-    .replace('static_dir = "www"', `static_dir = ${JSON.stringify(join(CHAT, 'www'))}`)
-  for (const [k, v] of Object.entries(set)) {
-    const re = new RegExp(`^${k} = .*$`, 'm')
-    text = re.test(text) ? text.replace(re, `${k} = ${v}`) : text + `\n${k} = ${v}\n`
-  }
-  return text
-}
+const chatConf = (file = 'luahub.conf', set) => shippedConf('examples/chat/' + file, set)
 
 let browser
 const cleanup = []

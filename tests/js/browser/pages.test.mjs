@@ -2,19 +2,12 @@
 // Debian's chromium against the real hub. Both need the hub to serve /luahub.js.
 import { test as nodeTest, before, after } from 'node:test'
 import assert from 'node:assert/strict'
-import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { ROOT, startHub, until } from '../lib/hub.mjs'
+import { startHub, shippedConf, until } from '../lib/hub.mjs'
 import { launch } from '../lib/browser.mjs'
 
 const test = (name, fn) => nodeTest(name, { timeout: 60000 }, fn)
 const SHOTS = process.env.LUAHUB_SCREENSHOTS
-
-// A shipped conf, its relative paths made absolute.
-function conf(file) {
-  const dir = join(ROOT, file, '..')
-  return readFileSync(join(ROOT, file), 'utf8').replace(/^(policy|static_dir) = "([^"]+)"/gm, (_, k, v) => `${k} = ${JSON.stringify(join(dir, v))}`)
-}
 
 let browser
 const hubs = []
@@ -30,7 +23,7 @@ after(async () => {
 })
 
 async function hub(file) {
-  const h = await startHub({ conf: conf(file) })
+  const h = await startHub({ conf: shippedConf(file) })
   hubs.push(h)
   return h
 }

@@ -2,7 +2,7 @@
 // kernel picks. Every process a test starts is ended by the test (and at exit, in case a
 // test failed half-way).
 import { spawn } from 'node:child_process'
-import { mkdtempSync, writeFileSync, rmSync } from 'node:fs'
+import { mkdtempSync, writeFileSync, rmSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve, dirname } from 'node:path'
 import { createServer, connect } from 'node:net'
@@ -17,6 +17,21 @@ const children = new Set()
 process.on('exit', () => {
   for (const c of children) c.kill('SIGKILL')
 })
+
+// A conf the repo ships (`file` relative to the repo), for a test to write elsewhere: its
+// relative policy and static_dir made absolute, the keys of `set` replaced or added.
+export function shippedConf(file, set = {}) {
+  const dir = dirname(join(ROOT, file))
+  let text = readFileSync(join(ROOT, file), 'utf8').replace(
+    /^(policy|static_dir) = "([^"]+)"/gm,
+    (_, k, v) => `${k} = ${JSON.stringify(resolve(dir, v))}`,
+  )
+  for (const [k, v] of Object.entries(set)) {
+    const re = new RegExp(`^${k} = .*$`, 'm')
+    text = re.test(text) ? text.replace(re, `${k} = ${v}`) : text + `\n${k} = ${v}\n`
+  }
+  return text
+}
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 
