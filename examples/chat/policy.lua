@@ -10,6 +10,10 @@
 --   * Every message is rebuilt by the hub: {from, text, ts[, to]}; text over
 --     2000 characters is refused, words of a list are masked.
 --   * A per-user publish rate limit (token bucket), kept in Lua.
+--   * Typing indicators on typing:<room> (a channel without history).
+--   * Dev mode (policy_vars.dev_tokens = true): a connection without a token
+--     is let in anonymously, and may only mint itself a token with the rpc
+--     dev_token. Never turn it on where strangers can connect.
 
 -- The HS256 secret shared with whatever issues the tokens. Keep it out of
 -- version control in production (see README.md).
@@ -25,6 +29,8 @@ local MASKED = {"darn", "heck", "frak"}
 
 local USER = "^[%w_.%-]+$"    -- user names: also valid in channel names
 local ROOM = "^room:[%w_%-]+$"
+local TYPING = "^typing:[%w_%-]+$"
+local DEV = hub.vars.dev_tokens == true
 
 -- "darn" -> "%f[%w][dD][aA][rR][nN]%f[%W]": whole words, any case.
 local patterns = {}
@@ -43,8 +49,24 @@ end
 
 -- ---- auth -------------------------------------------------------------
 
+-- The token: ?token=<JWT>, or a subprotocol token.<JWT> (browsers:
+-- new WebSocket(url, ["luahub", "token." + jwt]) keeps it out of URLs and logs).
+local function token_of(req)
+    for _, p in ipairs(req.protocols or {}) do
+        local t = p:match("^token%.(.+)$")
+        if t then
+            return t
+        end
+    end
+    return req.query.token
+end
+
 function on_connect(conn, req)
-    local claims, why = hub.jwt_verify(req.query.token, SECRET)
+    local token = token_of(req)
+    if DEV and token == nil then
+        return true -- anonymous: may only call the rpc dev_token
+    end
+    local claims, why = hub.jwt_verify(token, SECRET)
     if not claims then
         return false, "invalid token: " .. why, 401
     end
@@ -60,16 +82,19 @@ end
 -- ---- channels ---------------------------------------------------------
 
 function on_subscribe(conn, channel)
+    if not conn.user then
+        return false, "log in first"
+    end
     if channel == "inbox" then
         return "inbox:" .. conn.user
     end
-    if channel:match(ROOM) then
+    if channel:match(ROOM) or channel:match(TYPING) then
         return true
     end
     if channel:match("^inbox:") then
         return false, "subscribe to \"inbox\": it is your own inbox"
     end
-    return false, "no such channel: use room:<name> or inbox"
+    return false, "no such channel: use room:<name>, typing:<room> or inbox"
 end
 
 -- Tell a room who left: on unsubscribe, and for every room on disconnect.
@@ -120,6 +145,11 @@ local function sweep()
             buckets[user] = nil
         end
     end
+    for user, t in pairs(typing_at) do
+        if t < now * 1000 - 1000 then
+            typing_at[user] = nil
+        end
+    end
     hub.after(60, sweep)
 end
 hub.after(60, sweep)
@@ -151,11 +181,30 @@ local function dm_routes(conn, to, msg)
     return routes
 end
 
+-- "bob is typing" at most once a second per user; not stored (typing:<room>
+-- has no history in the conf) and not counted against the message rate.
+local typing_at = {}
+
+local function typing(conn, channel)
+    local now = hub.now()
+    if (typing_at[conn.user] or 0) > now - 1000 then
+        return false, "typing: at most once a second"
+    end
+    typing_at[conn.user] = now
+    return {channel = channel, data = {from = conn.user, ts = math.floor(now)}}
+end
+
 function on_publish(conn, channel, msg)
+    if not conn.user then
+        return false, "log in first"
+    end
+    if channel:match(TYPING) then
+        return typing(conn, channel)
+    end
     local room = channel:match(ROOM)
     local to = channel:match("^dm:(.+)$")
     if not room and not (to and #to <= 64 and to:match(USER)) then
-        return false, "publish to room:<name> or dm:<user>"
+        return false, "publish to room:<name>, typing:<room> or dm:<user>"
     end
     if not take_token(conn.user) then
         return false, "slow down: at most " .. RATE .. " messages per " .. PER .. " s"
@@ -200,10 +249,56 @@ function methods.dm(conn, data)
     return {sent = sent}
 end
 
+-- ---- dev tokens -----------------------------------------------------------
+
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+local function b64url(s)
+    local out = {}
+    for i = 1, #s, 3 do
+        local a, b, c = s:byte(i, i + 2)
+        local n = a * 65536 + (b or 0) * 256 + (c or 0)
+        local chars = #s - i + 2 -- 2, 3 or 4 (and more): output characters of this group
+        for k = 1, math.min(4, chars) do
+            local v = (n >> (6 * (4 - k))) & 63
+            out[#out + 1] = B64:sub(v + 1, v + 1)
+        end
+    end
+    return table.concat(out)
+end
+
+local function unhex(h)
+    return (h:gsub("..", function(x) return string.char(tonumber(x, 16)) end))
+end
+
+-- An HS256 JWT for `user`, valid 12 hours: what a login service would issue.
+local function mint(user, name)
+    local head = b64url(hub.json.encode({alg = "HS256", typ = "JWT"}))
+    local body = b64url(hub.json.encode({sub = user, name = name,
+                                         exp = math.floor(hub.now() / 1000) + 12 * 3600}))
+    local sig = b64url(unhex(hub.hmac_sha256(SECRET, head .. "." .. body)))
+    return head .. "." .. body .. "." .. sig
+end
+
+-- {"op":"rpc","method":"dev_token","data":{"user":"alice"}} -> "<JWT>" (dev mode only)
+function methods.dev_token(conn, data)
+    if not DEV then
+        return nil, "dev_token is off: set policy_vars.dev_tokens = true (never in production)"
+    end
+    local user = type(data) == "table" and data.user
+    if type(user) ~= "string" or #user > 64 or not user:match(USER) then
+        return nil, "send {\"user\": \"<name of letters, digits, _ . ->\"}"
+    end
+    return mint(user, type(data.name) == "string" and data.name:sub(1, 64) or user)
+end
+
 function on_rpc(conn, method, data)
     local m = methods[method]
     if not m then
-        return nil, "unknown method '" .. method .. "' (whoami, dm)"
+        return nil, "unknown method '" .. method .. "' (whoami, dm, dev_token)"
+    end
+    if not conn.user and method ~= "dev_token" then
+        return nil, "log in first"
     end
     return m(conn, data)
 end
