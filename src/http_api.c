@@ -647,6 +647,16 @@ void hub_http_api_free(struct hub_http_api *api)
     api->static_fd = -1;
 }
 
+/* The browser client, clients/js/luahub.js, built into the binary. */
+extern const char hub_client_js[];
+extern const size_t hub_client_js_len;
+
+static void client_js(struct hub_http_conn *c)
+{
+    hub_http_respond(c, 200, "text/javascript; charset=utf-8", "Cache-Control: no-cache\r\n",
+                     hub_client_js, hub_client_js_len, 0);
+}
+
 /* ---- routing --------------------------------------------------------------- */
 
 static void method_not_allowed(struct hub_http_conn *c, const char *allow)
@@ -714,6 +724,13 @@ void hub_http_api_request(void *ud, struct hub_http_conn *c, const struct hub_re
             method_not_allowed(c, "GET");
         else if (authorized(api, c, r))
             metrics(api, c);
+        return;
+    }
+    if (!strcmp(path, "/luahub.js")) {
+        if (!is_get(r))
+            method_not_allowed(c, "GET");
+        else
+            client_js(c);
         return;
     }
     if (!strcmp(path, api->cfg->websocket_path)) {

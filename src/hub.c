@@ -347,3 +347,42 @@ void hub_broker_health(struct hub *h, int up)
                 hub_stream_catch_up(h, ch, x);
         }
 }
+
+void hub_presence_local(struct hub *h, const char *channel, size_t len, uint64_t *clients,
+                        uint64_t *users)
+{
+    const struct hub_chan *ch = hub_chan_find(&h->chans, channel, len);
+    struct hub_htable seen = {0};
+    struct unode {
+        struct hub_hnode node;
+        const char *user;
+        size_t len;
+    } *v = ch ? hub_xmalloc(ch->nsubs * sizeof(*v)) : NULL;
+
+    *clients = ch ? ch->nsubs : 0;
+    *users = 0;
+    for (uint32_t i = 0; ch && i < ch->nsubs; i++) {
+        struct hub_client *c = ch->subs[i]->owner;
+        const char *user, *entry;
+        size_t ul, el;
+        c->ops->presence(c, &user, &ul, &entry, &el);
+        if (!user)
+            continue;
+        uint64_t hh = hub_hash64(user, ul);
+        struct hub_hnode *n = hub_htable_chain(&seen, hh);
+        for (; n; n = n->next) {
+            struct unode *u = hub_container_of(n, struct unode, node);
+            if (n->hash == hh && u->len == ul && !memcmp(u->user, user, ul))
+                break;
+        }
+        if (n)
+            continue;
+        struct unode *u = &v[(*users)++];
+        u->node.hash = hh;
+        u->user = user;
+        u->len = ul;
+        hub_htable_insert(&seen, &u->node);
+    }
+    hub_htable_free(&seen);
+    free(v);
+}

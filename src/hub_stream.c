@@ -109,9 +109,12 @@ static void presence_add(struct hub *h, struct hub_client *c, struct hub_chan *c
                          const struct hub_channel_opts *o)
 {
     char name[64];
+    const char *user, *entry;
+    size_t ul, el;
     hub_client_name(h, c->id, name, sizeof(name));
-    h->broker->ops->presence_add(h->broker, ch->name, ch->name_len, o, name, c->user,
-                                 c->user_len, c->entry ? c->entry : "", c->entry_len);
+    c->ops->presence(c, &user, &ul, &entry, &el);
+    h->broker->ops->presence_add(h->broker, ch->name, ch->name_len, o, name, user, ul, entry,
+                                 el);
 }
 
 void hub_stream_cancel(struct hub *h, struct hub_sub *s)

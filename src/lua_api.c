@@ -94,7 +94,35 @@ struct guard {
     size_t limit, acc;
     unsigned visits;
     int deep;
+    int fix;                /* stack index of the fix-up list (see array_fixups) */
+    int nfix;
+    int reserved;           /* a string equal to ARRAY_MARK was met */
 };
+
+/* cjson 2.1.0 writes every empty table as {}. An empty table marked by
+ * hub.json.array is swapped, during the encode, for this string, whose
+ * encoding ("\u0001...") then becomes [] in the text; the table goes
+ * back in place right after. */
+#define ARRAY_MARK "\001luahub.json.array\001"
+#define ARRAY_MARK_JSON "\"\\u0001luahub.json.array\\u0001\""
+
+/* 1 if the value at idx is an empty table marked by hub.json.array. */
+static int empty_array(struct hub_policy *p, lua_State *L, int idx)
+{
+    if (lua_type(L, idx) != LUA_TTABLE || !lua_getmetatable(L, idx))
+        return 0;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_array_mt);
+    int marked = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+    if (!marked)
+        return 0;
+    lua_pushnil(L);
+    if (lua_next(L, idx)) {
+        lua_pop(L, 2);
+        return 0;
+    }
+    return 1;
+}
 
 static void guard_walk(lua_State *L, struct guard *g, int idx, int depth)
 {
@@ -103,6 +131,9 @@ static void guard_walk(lua_State *L, struct guard *g, int idx, int depth)
     switch (lua_type(L, idx)) {
     case LUA_TSTRING:
         g->acc += lua_rawlen(L, idx) + 2;
+        if (lua_rawlen(L, idx) == sizeof(ARRAY_MARK) - 1 &&
+            !memcmp(lua_tostring(L, idx), ARRAY_MARK, sizeof(ARRAY_MARK) - 1))
+            g->reserved = 1;
         break;
     case LUA_TTABLE:
         if (depth >= JSON_DEPTH_MAX || !lua_checkstack(L, 4)) {
@@ -116,6 +147,15 @@ static void guard_walk(lua_State *L, struct guard *g, int idx, int depth)
             g->acc += 2;
             guard_walk(L, g, top - 1, depth + 1);
             guard_walk(L, g, top, depth + 1);
+            if (empty_array(g->p, L, top)) {
+                /* (table, key, value) to swap, appended to the list */
+                lua_pushvalue(L, idx);
+                lua_rawseti(L, g->fix, ++g->nfix);
+                lua_pushvalue(L, top - 1);
+                lua_rawseti(L, g->fix, ++g->nfix);
+                lua_pushvalue(L, top);
+                lua_rawseti(L, g->fix, ++g->nfix);
+            }
             lua_pop(L, 1);
             if (g->deep || g->acc > g->limit) {
                 lua_pop(L, 1);
@@ -129,21 +169,67 @@ static void guard_walk(lua_State *L, struct guard *g, int idx, int depth)
     }
 }
 
+/* Puts the marked empty tables of the fix-up list at `fix` back (`back`)
+ * or swaps them for ARRAY_MARK. */
+static void array_fixups(lua_State *L, int fix, int n, int back)
+{
+    for (int i = 1; i + 2 <= n; i += 3) {
+        lua_rawgeti(L, fix, i);
+        lua_rawgeti(L, fix, i + 1);
+        if (back)
+            lua_rawgeti(L, fix, i + 2);
+        else
+            lua_pushliteral(L, ARRAY_MARK);
+        lua_rawset(L, -3);
+        lua_pop(L, 1);
+    }
+}
+
+/* The encoded text on top with every ARRAY_MARK_JSON written as []. */
+static void array_unmark(struct hub_policy *p, lua_State *L)
+{
+    size_t n, ml = sizeof(ARRAY_MARK_JSON) - 1;
+    const char *s = lua_tolstring(L, -1, &n), *q;
+    luaL_Buffer b;
+    hub_sandbox_charge(p, L, (int64_t)(n / HUB_COST_JSON) + 1);
+    luaL_buffinit(L, &b);
+    while ((q = memmem(s, n, ARRAY_MARK_JSON, ml))) {
+        luaL_addlstring(&b, s, (size_t)(q - s));
+        luaL_addlstring(&b, "[]", 2);
+        n -= (size_t)(q - s) + ml;
+        s = q + ml;
+    }
+    luaL_addlstring(&b, s, n);
+    luaL_pushresult(&b);
+    lua_remove(L, -2);
+}
+
 void hub_lua_encode(struct hub_policy *p, lua_State *L, int idx, const char *what)
 {
-    struct guard g = {p, p->mem_max / 2, 0, 0, 0};
+    struct guard g = {p, p->mem_max / 2, 0, 0, 0, 0, 0, 0};
     size_t n;
 
     idx = lua_absindex(L, idx);
+    if (empty_array(p, L, idx)) {
+        lua_pushliteral(L, "[]");
+        return;
+    }
+    lua_newtable(L);
+    g.fix = lua_gettop(L);
     guard_walk(L, &g, idx, 0);
     if (!g.deep && g.acc > g.limit)
         luaL_error(L, "%s is too large to encode as JSON (about %I bytes; "
                       "lua_max_memory is %I)", what, (lua_Integer)g.acc,
                    (lua_Integer)p->mem_max);
+    if (g.reserved && g.nfix)
+        luaL_error(L, "%s holds the string hub.json.array uses internally", what);
     hub_sandbox_charge(p, L, (int64_t)(g.acc / HUB_COST_JSON));
+    array_fixups(L, g.fix, g.nfix, 0);
     lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_encode);
     lua_pushvalue(L, idx);
     int st = lua_pcall(L, 1, 1, 0);
+    array_fixups(L, g.fix, g.nfix, 1);
+    lua_remove(L, g.fix);
     if (st != LUA_OK) {
         if (st == LUA_ERRMEM) {
             p->mem_failed = 1;
@@ -152,10 +238,35 @@ void hub_lua_encode(struct hub_policy *p, lua_State *L, int idx, const char *wha
         luaL_error(L, "%s is not JSON-serialisable: %s", what,
                    lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "?");
     }
+    if (g.nfix)
+        array_unmark(p, L);
     const char *s = lua_tolstring(L, -1, &n);
     if (!hub_proto_json_valid(s, n))
         luaL_error(L, "%s: its JSON encoding is not valid (a string that is not "
                       "UTF-8?)", what);
+}
+
+/* hub.json.array([t]): t (or a new table) marked to encode as a JSON
+ * array even when empty. */
+static int l_json_array(lua_State *L)
+{
+    struct hub_policy *p = policy_of(L);
+    if (lua_isnoneornil(L, 1)) {
+        lua_settop(L, 0);
+        lua_newtable(L);
+    }
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    if (lua_getmetatable(L, 1)) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_array_mt);
+        if (!lua_rawequal(L, -1, -2))
+            return luaL_error(L, "hub.json.array: the table already has a metatable");
+        lua_settop(L, 1);
+        return 1;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_array_mt);
+    lua_setmetatable(L, 1);
+    return 1;
 }
 
 /* Decodes the string at `idx` with cjson.safe; pushes the value, or raises
@@ -216,6 +327,23 @@ static int l_subscribers(lua_State *L)
     size_t len;
     const char *ch = check_channel(L, 1, "hub.subscribers", &len);
     lua_pushinteger(L, (lua_Integer)h->ops->subscribers(h->ud, ch, len));
+    return 1;
+}
+
+/* hub.presence(channel): {clients = N, users = M} of this process. */
+static int l_presence(lua_State *L)
+{
+    const struct hub_policy_host *h = need_host(L, "hub.presence");
+    size_t clen;
+    uint64_t clients, users;
+    const char *ch = check_channel(L, 1, "hub.presence", &clen);
+    hub_sandbox_charge(policy_of(L), L, 16 + (int64_t)h->ops->subscribers(h->ud, ch, clen));
+    h->ops->presence_local(h->ud, ch, clen, &clients, &users);
+    lua_createtable(L, 0, 2);
+    lua_pushinteger(L, (lua_Integer)clients);
+    lua_setfield(L, -2, "clients");
+    lua_pushinteger(L, (lua_Integer)users);
+    lua_setfield(L, -2, "users");
     return 1;
 }
 
@@ -760,7 +888,7 @@ int hub_lua_msg_push_decoded(struct hub_policy *p)
 /* ---- conn ---------------------------------------------------------------- */
 
 enum { CONN_PENDING, CONN_OPEN, CONN_GONE };
-enum { UV_ID = 1, UV_USER, UV_INFO, UV_ADDR, UV__COUNT = UV_ADDR };
+enum { UV_ID = 1, UV_USER, UV_INFO, UV_ADDR, UV_PROTOCOL, UV__COUNT = UV_PROTOCOL };
 
 struct lconn {
     struct hub_policy_conn *c;     /* CONN_OPEN only */
@@ -848,6 +976,7 @@ void hub_lua_pending_done(struct hub_policy *p, int idx, int allowed,
     }
     res->user = dup_uservalue(L, idx, UV_USER);
     res->info_json = dup_uservalue(L, idx, UV_INFO);
+    res->protocol = dup_uservalue(L, idx, UV_PROTOCOL);
     lua_pushnil(L);
     lua_setiuservalue(L, idx, UV_USER);
     lua_pushnil(L);
@@ -1077,6 +1206,17 @@ static int conn_index(lua_State *L)
             return 1;
         }
         break;
+    case 'p':
+        if (!strcmp(k, "protocol")) {
+            if (u->state == CONN_PENDING)
+                lua_getiuservalue(L, 1, UV_PROTOCOL);
+            else if (u->state == CONN_OPEN && u->c->protocol)
+                lua_pushstring(L, u->c->protocol);
+            else
+                lua_pushnil(L);
+            return 1;
+        }
+        break;
     case 's':
         if (!strcmp(k, "send")) {
             lua_pushcfunction(L, conn_send);
@@ -1098,8 +1238,8 @@ static int conn_index(lua_State *L)
         }
         break;
     }
-    return luaL_error(L, "conn has no field '%s' (fields: id, user, info, remote_addr; "
-                         "methods: send, close, subscribe, unsubscribe, channels)", k);
+    return luaL_error(L, "conn has no field '%s' (fields: id, user, info, remote_addr, "
+                         "protocol; methods: send, close, subscribe, unsubscribe, channels)", k);
 }
 
 static int conn_newindex(lua_State *L)
@@ -1110,9 +1250,22 @@ static int conn_newindex(lua_State *L)
     int is_user = k && !strcmp(k, "user"), is_info = k && !strcmp(k, "info");
     char *val = NULL;
 
+    if (k && !strcmp(k, "protocol")) {
+        /* The subprotocol to echo: only in on_connect, one of req.protocols
+         * (checked when the hook returns). */
+        resolve_pending(L, u, 1);
+        if (u->state != CONN_PENDING || p->phase != HUB_HOOK_CONNECT || p->cur_conn_id != u->id)
+            return luaL_error(L, "conn.protocol can be set in on_connect only");
+        if (!lua_isnil(L, 3) && lua_type(L, 3) != LUA_TSTRING)
+            return luaL_error(L, "conn.protocol must be a string (one of req.protocols) or "
+                                 "nil (got %s)", luaL_typename(L, 3));
+        lua_settop(L, 3);
+        lua_setiuservalue(L, 1, UV_PROTOCOL);
+        return 0;
+    }
     if (!is_user && !is_info)
-        return luaL_error(L, "conn.%s cannot be set (only conn.user and conn.info can)",
-                          k ? k : luaL_typename(L, 2));
+        return luaL_error(L, "conn.%s cannot be set (only conn.user, conn.info and, in "
+                             "on_connect, conn.protocol can)", k ? k : luaL_typename(L, 2));
     resolve_pending(L, u, 1);
     if (u->state == CONN_GONE)
         return luaL_error(L, "conn.%s: connection closed", k);
@@ -1216,6 +1369,7 @@ void hub_lua_open(struct hub_policy *p)
         {"now", l_now},
         {"after", l_after},
         {"subscribers", l_subscribers},
+        {"presence", l_presence},
         {"conn", l_conn},
         {"hmac_sha256", l_hmac_sha256},
         {"jwt_verify", l_jwt_verify},
@@ -1224,6 +1378,7 @@ void hub_lua_open(struct hub_policy *p)
     static const luaL_Reg json_fns[] = {
         {"encode", l_json_encode},
         {"decode", l_json_decode},
+        {"array", l_json_array},
         {NULL, NULL},
     };
 
@@ -1234,6 +1389,11 @@ void hub_lua_open(struct hub_policy *p)
     luaL_newlib(L, timer_methods);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
+
+    lua_newtable(L); /* what hub.json.array marks its tables with */
+    lua_pushliteral(L, "luahub.json.array");
+    lua_setfield(L, -2, "__name");
+    p->ref_array_mt = luaL_ref(L, LUA_REGISTRYINDEX);
 
     lua_newtable(L); /* weak table of on_connect's objects */
     lua_newtable(L);

@@ -103,6 +103,7 @@ struct hub_policy {
     int ref_encode;                 /* cjson.encode */
     int ref_decode;                 /* cjson.safe.decode */
     int ref_null;                   /* cjson.null */
+    int ref_array_mt;               /* the metatable hub.json.array gives */
     int ref_pending;                /* weak table: conn id -> conn object made in on_connect */
     unsigned npending;              /* entries put in it (upper bound) */
 

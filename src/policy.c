@@ -384,12 +384,35 @@ static int push_query_arg(void *ud, const char *name, size_t nl, const char *val
     return 0;
 }
 
+static int push_protocol(void *ud, const char *v, size_t len)
+{
+    lua_State *L = ud;
+    lua_pushlstring(L, v, len);
+    lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+    return 0;
+}
+
+struct find_protocol {
+    const char *name;
+    int found;
+};
+
+static int find_protocol(void *ud, const char *v, size_t len)
+{
+    struct find_protocol *f = ud;
+    f->found = strlen(f->name) == len && !memcmp(f->name, v, len);
+    return f->found;
+}
+
 /* Pushes the req table of on_connect. */
 static void push_req(struct hub_policy *p, const struct hub_request *r)
 {
     lua_State *L = p->L;
 
-    lua_createtable(L, 0, 6);
+    lua_createtable(L, 0, 7);
+    lua_newtable(L);
+    hub_request_list_each(r, "sec-websocket-protocol", push_protocol, L);
+    lua_setfield(L, -2, "protocols");
     lua_pushlstring(L, r->path, r->path_len);
     lua_setfield(L, -2, "path");
     lua_pushlstring(L, r->method, r->method_len);
@@ -485,6 +508,20 @@ enum hub_verdict hub_policy_on_connect(struct hub_policy *p, const struct hub_re
 out:
     hub_lua_pending_done(p, obj, v == HUB_ALLOW, res);
     lua_settop(L, HUB_LUA_BASE);
+    if (v == HUB_ALLOW && res->protocol) {
+        struct find_protocol f = {res->protocol, 0};
+        hub_request_list_each(req, "sec-websocket-protocol", find_protocol, &f);
+        if (!f.found) {
+            bad_return(p, HUB_HOOK_CONNECT, conn_id,
+                       "on_connect set conn.protocol to '%.64s', which the client did not "
+                       "offer (it must be one of req.protocols)", res->protocol);
+            free(res->user);
+            free(res->info_json);
+            free(res->protocol);
+            res->user = res->info_json = res->protocol = NULL;
+            v = HUB_FAIL;
+        }
+    }
     return v;
 }
 

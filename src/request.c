@@ -297,6 +297,33 @@ int hub_request_has_token(const struct hub_request *r, const char *name, const c
     return 0;
 }
 
+size_t hub_request_list_each(const struct hub_request *r, const char *name,
+                             int (*fn)(void *ud, const char *v, size_t len), void *ud)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < r->nheaders; i++) {
+        const struct hub_header *h = &r->headers[i];
+        if (strcmp(h->name, name) != 0)
+            continue;
+        const char *p = h->value, *end = h->value + h->value_len;
+        while (p < end) {
+            const char *comma = memchr(p, ',', (size_t)(end - p));
+            const char *e = comma ? comma : end, *b = p;
+            while (b < e && (*b == ' ' || *b == '\t'))
+                b++;
+            while (e > b && (e[-1] == ' ' || e[-1] == '\t'))
+                e--;
+            if (e > b) {
+                n++;
+                if (fn(ud, b, (size_t)(e - b)))
+                    return n;
+            }
+            p = comma ? comma + 1 : end;
+        }
+    }
+    return n;
+}
+
 void hub_request_query_each(const struct hub_request *r,
                             int (*fn)(void *ud, const char *name, size_t nl,
                                       const char *value, size_t vl),

@@ -38,6 +38,8 @@ union pss {
  * adopt call: a small pool is plenty. */
 #define HEADER_POOL 16
 #define WORKER_LISTEN_WAIT_MS 3000
+/* Subprotocols one upgrade may offer. */
+#define SUBPROTOCOLS_MAX 128
 
 static void log_emit(int level, const char *line)
 {
@@ -89,7 +91,43 @@ static size_t utf8_cut(const char *reason, size_t max, char *out)
     return n;
 }
 
-static int subprotocol_offered(const struct hub_request *r);
+/* The subprotocols a client offered (every Sec-WebSocket-Protocol header,
+ * comma-separated; names are case-sensitive, RFC 6455 §4.1). */
+struct offer {
+    size_t n;                       /* names offered */
+    int luahub;                     /* "luahub" among them */
+    char first[65];                 /* the first one (cut to 64 bytes) */
+    struct hub_buf shown;           /* the list, for messages (cut) */
+};
+
+static int offer_add(void *ud, const char *v, size_t len)
+{
+    struct offer *o = ud;
+    if (len == 6 && !memcmp(v, "luahub", 6))
+        o->luahub = 1;
+    if (o->n == 0)
+        snprintf(o->first, sizeof(o->first), "%.*s", (int)(len > 64 ? 64 : len), v);
+    if (o->shown.len < 200)
+        hub_buf_printf(&o->shown, "%s\"%.*s\"", o->n ? ", " : "", (int)(len > 64 ? 64 : len),
+                       v);
+    o->n++;
+    return 0;
+}
+
+static void offer_read(struct offer *o, const struct hub_request *r)
+{
+    memset(o, 0, sizeof(*o));
+    hub_request_list_each(r, "sec-websocket-protocol", offer_add, o);
+    if (!o->shown.p)
+        hub_buf_appends(&o->shown, "");
+}
+
+/* The subprotocol to echo: the policy's choice, else "luahub" when offered
+ * (NULL: none to echo). */
+static const char *offer_choice(const struct offer *o, const char *chosen)
+{
+    return chosen ? chosen : o->luahub ? "luahub" : NULL;
+}
 
 /* A refusal a browser page can read: browsers never expose the HTTP
  * status of a failed upgrade (the page sees 1006), so for a request from a
@@ -112,10 +150,20 @@ static void refuse_ws(struct hub_server *srv, struct hub_http_conn *c,
     SHA1((const unsigned char *)b.p, b.len, digest);
     EVP_EncodeBlock(accept, digest, sizeof(digest));
     hub_buf_reset(&b);
+    /* A browser fails a handshake that does not echo one of the
+     * subprotocols it offered, before the page could read the close. */
+    struct offer o;
+    offer_read(&o, r);
+    const char *echo = offer_choice(&o, NULL);
+    if (!echo && o.n)
+        echo = o.first;
     hub_buf_printf(&b, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                   "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n",
-                   (const char *)accept,
-                   subprotocol_offered(r) ? "Sec-WebSocket-Protocol: luahub\r\n" : "");
+                   "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n",
+                   (const char *)accept);
+    if (echo)
+        hub_buf_printf(&b, "Sec-WebSocket-Protocol: %s\r\n", echo);
+    hub_buf_appends(&b, "\r\n");
+    hub_buf_free(&o.shown);
     size_t n = utf8_cut(why, sizeof(reason) - 1, reason);
     unsigned code = 4000 + status;
     unsigned char frame[4] = {0x88, (unsigned char)(2 + n), (unsigned char)(code >> 8),
@@ -139,56 +187,6 @@ static int ws_key_valid(const char *k, size_t n)
     return 1;
 }
 
-/* 1 if the comma-separated list v[0..n) holds `token` exactly
- * (subprotocol names are case-sensitive, RFC 6455 §4.1). */
-static int has_subprotocol(const char *v, size_t n, const char *token)
-{
-    size_t tl = strlen(token), i = 0;
-    while (i < n) {
-        while (i < n && (v[i] == ' ' || v[i] == '\t' || v[i] == ','))
-            i++;
-        size_t s = i;
-        while (i < n && v[i] != ',' && v[i] != ' ' && v[i] != '\t')
-            i++;
-        if (i - s == tl && !memcmp(v + s, token, tl))
-            return 1;
-        while (i < n && v[i] != ',')
-            i++;
-    }
-    return 0;
-}
-
-/* The subprotocols the client offered (all Sec-WebSocket-Protocol
- * headers, comma-separated): 1 when "luahub" is among them or none was
- * offered; else 0, with the offer (shortened) in `offer`. */
-static int subprotocol_ok(const struct hub_request *r, int *offered, char *offer, size_t olen)
-{
-    size_t used = 0;
-    int luahub = 0;
-
-    *offered = 0;
-    offer[0] = '\0';
-    for (size_t i = 0; i < r->nheaders; i++) {
-        const struct hub_header *h = &r->headers[i];
-        if (strcmp(h->name, "sec-websocket-protocol") != 0)
-            continue;
-        *offered = 1;
-        luahub |= has_subprotocol(h->value, h->value_len, "luahub");
-        int w = snprintf(offer + used, olen - used, "%s%.*s", used ? ", " : "",
-                         (int)(h->value_len > 64 ? 64 : h->value_len), h->value);
-        if (w > 0 && (size_t)w < olen - used)
-            used += (size_t)w;
-    }
-    return luahub || !*offered;
-}
-
-static int subprotocol_offered(const struct hub_request *r)
-{
-    int offered;
-    char offer[8];
-    return subprotocol_ok(r, &offered, offer, sizeof(offer)) && offered;
-}
-
 /* A complete WebSocket upgrade request (http.c): the checks and on_connect
  * run here, on the parsed request; an accepted one is handed to lws with a
  * request head of our own making (docs/internals.md, "HTTP"). */
@@ -200,8 +198,7 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
     const char *key = hub_request_header(r, "sec-websocket-key", &kl);
     const char *ver = hub_request_header(r, "sec-websocket-version", &vl);
     const char *host = hub_request_header(r, "host", &hl);
-    char offer[256];
-    int offered;
+    struct offer o;
 
     if (r->path_len != strlen(cfg->websocket_path) || strcmp(r->path, cfg->websocket_path)) {
         refuse(srv, c, 404, "no websocket endpoint here", NULL);
@@ -218,22 +215,30 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
                "Sec-WebSocket-Version: 13\r\n");
         return;
     }
-    if (!subprotocol_ok(r, &offered, offer, sizeof(offer))) {
-        hub_log(HUB_LOG_INFO, "upgrade from %s refused: subprotocols offered: %s "
-                "(this hub speaks \"luahub\")", r->peer, offer);
-        char why[400];
-        snprintf(why, sizeof(why), "unsupported WebSocket subprotocol (offered: %s): this hub "
-                 "speaks \"luahub\"", offer);
+    offer_read(&o, r);
+    if (!o.n && hub_request_header(r, "sec-websocket-protocol", NULL)) {
+        hub_log(HUB_LOG_INFO, "upgrade from %s refused: subprotocols offered: none (an empty "
+                "Sec-WebSocket-Protocol list)", r->peer);
+        refuse(srv, c, 400, "empty Sec-WebSocket-Protocol list: offer \"luahub\", or leave "
+               "the header out", NULL);
+        goto out;
+    }
+    if (o.n > SUBPROTOCOLS_MAX) {
+        char why[128];
+        snprintf(why, sizeof(why), "too many WebSocket subprotocols offered (%zu; at most %d): "
+                 "offer \"luahub\" and what your policy reads", o.n, SUBPROTOCOLS_MAX);
+        hub_log(HUB_LOG_INFO, "upgrade from %s refused: subprotocols offered: %zu (at most %d)",
+                r->peer, o.n, SUBPROTOCOLS_MAX);
         refuse(srv, c, 400, why, NULL);
-        return;
+        goto out;
     }
     if (srv->shutting_down) {
         refuse(srv, c, 503, "server shutting down", NULL);
-        return;
+        goto out;
     }
     if (cfg->max_connections && hub_clients(&srv->hub) >= cfg->max_connections) {
         refuse(srv, c, 503, "too many connections (max_connections)", NULL);
-        return;
+        goto out;
     }
 
     struct hub_connect_result res;
@@ -244,6 +249,7 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
         if (v != HUB_ALLOW) {
             free(res.user);
             free(res.info_json);
+            free(res.protocol);
             unsigned status = v == HUB_FAIL ? 500 : res.status ? res.status : 403;
             const char *why = v == HUB_FAIL ? "internal error: the connect policy failed"
                               : res.reason[0] ? res.reason : "forbidden";
@@ -251,22 +257,36 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
                 refuse_ws(srv, c, r, status, why);
             else
                 refuse(srv, c, status, why, NULL);
-            return;
+            goto out;
         }
     }
     struct hub_conn_pending *pending = hub_xmalloc(sizeof(*pending));
     pending->id = id;
     pending->user = res.user;
     pending->info_json = res.info_json;
+    const char *echo = offer_choice(&o, res.protocol);
+    pending->protocol = echo == res.protocol ? res.protocol : echo ? hub_xstrdup(echo) : NULL;
+    if (o.n && !echo) {
+        hub_log(HUB_LOG_INFO, "upgrade from %s refused: subprotocols offered: %s (this hub "
+                "speaks \"luahub\"; a policy may accept another with conn.protocol)", r->peer,
+                o.shown.p);
+        char why[400];
+        snprintf(why, sizeof(why), "unsupported WebSocket subprotocol (offered: %s): this hub "
+                 "speaks \"luahub\"", o.shown.p);
+        hub_conn_pending_free(pending);
+        refuse(srv, c, 400, why, NULL);
+        goto out;
+    }
 
     /* lws parses a head of ours: the fields it needs and nothing the
-     * client may have made too large for its 4 KB header table. */
+     * client may have made too large for its 4 KB header table. It gets
+     * no subprotocol (it would echo only names it knows): the one chosen
+     * is added to its answer at LWS_CALLBACK_ADD_HEADERS. */
     struct hub_buf head = {0};
     hub_buf_printf(&head, "GET %s HTTP/1.1\r\nHost: %.*s\r\nUpgrade: websocket\r\n"
                    "Connection: Upgrade\r\nSec-WebSocket-Key: %.*s\r\n"
-                   "Sec-WebSocket-Version: 13\r\n%s\r\n",
-                   cfg->websocket_path, (int)(hl > 255 ? 255 : hl), host, (int)kl, key,
-                   offered ? "Sec-WebSocket-Protocol: luahub\r\n" : "");
+                   "Sec-WebSocket-Version: 13\r\n\r\n",
+                   cfg->websocket_path, (int)(hl > 255 ? 255 : hl), host, (int)kl, key);
     int fd = hub_http_take(c, &head);
     srv->handoff = pending;
     struct lws *wsi = lws_adopt_socket_vhost_readbuf(srv->vhost, fd, head.p, head.len);
@@ -274,15 +294,22 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
     if (srv->handoff) {
         /* Not established within the call (lws had no free header table,
          * or refused the handshake): it goes with the wsi, if any. */
-        if (wsi) {
+        if (wsi)
             lws_set_opaque_user_data(wsi, srv->handoff);
-        } else {
-            free(pending->user);
-            free(pending->info_json);
-            free(pending);
-        }
+        else
+            hub_conn_pending_free(pending);
         srv->handoff = NULL;
     }
+out:
+    hub_buf_free(&o.shown);
+}
+
+/* What on_connect left for the wsi being upgraded, if anything (not
+ * taken). */
+static struct hub_conn_pending *peek_pending(struct hub_server *srv, struct lws *wsi)
+{
+    struct hub_conn_pending *p = lws_get_opaque_user_data(wsi);
+    return p ? p : srv->handoff;
 }
 
 /* Takes what on_connect left for the wsi, if anything. */
@@ -328,6 +355,20 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
         return 0;
     case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
         return 0; /* checked by on_upgrade before lws saw the request */
+    case LWS_CALLBACK_ADD_HEADERS: {
+        /* The handshake answer: the subprotocol chosen at the upgrade. */
+        struct hub_conn_pending *p = peek_pending(srv, wsi);
+        struct lws_process_html_args *a = in;
+        if (p && p->protocol) {
+            int n = snprintf(a->p, (size_t)a->max_len, "Sec-WebSocket-Protocol: %s\r\n",
+                             p->protocol);
+            if (n < 0 || n >= a->max_len)
+                return -1;
+            a->p += n;
+            a->max_len -= n;
+        }
+        return 0;
+    }
     case LWS_CALLBACK_ESTABLISHED:
         hub_session_open(&pss->s, &srv->sessions, wsi, take_pending(srv, wsi));
         return 0;
@@ -337,11 +378,7 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
         /* An upgrade that on_connect allowed but that never completed. */
         struct hub_conn_pending *p = lws_get_opaque_user_data(wsi);
         lws_set_opaque_user_data(wsi, NULL);
-        if (p) {
-            free(p->user);
-            free(p->info_json);
-            free(p);
-        }
+        hub_conn_pending_free(p);
         break;
     }
     case LWS_CALLBACK_RECEIVE:

@@ -74,9 +74,42 @@ static void on_culled(struct hub_client *c)
     close_with(s, 4001, "slow consumer", 1);
 }
 
+/* What presence shows of this client: its name, user and info, built
+ * again when the policy has changed conn.user or conn.info since. */
+static void client_presence(struct hub_client *c, const char **user, size_t *user_len,
+                            const char **entry, size_t *entry_len)
+{
+    struct hub_session *s = of_client(c);
+    if (!s->entry || s->entry_user != s->pc.user || s->entry_info != s->pc.info_json) {
+        struct hub_buf e = {0};
+        char client[64];
+        hub_client_name(s->ss->hub, c->id, client, sizeof(client));
+        hub_buf_appends(&e, "\"client\":");
+        hub_buf_append_json_string(&e, client, strlen(client));
+        if (s->pc.user) {
+            hub_buf_appends(&e, ",\"user\":");
+            hub_buf_append_json_string(&e, s->pc.user, strlen(s->pc.user));
+        }
+        if (s->pc.info_json) {
+            hub_buf_appends(&e, ",\"info\":");
+            hub_buf_appends(&e, s->pc.info_json);
+        }
+        free(s->entry);
+        s->entry = e.p;
+        s->entry_len = e.len;
+        s->entry_user = s->pc.user;
+        s->entry_info = s->pc.info_json;
+    }
+    *user = s->pc.user;
+    *user_len = s->pc.user ? strlen(s->pc.user) : 0;
+    *entry = s->entry;
+    *entry_len = s->entry_len;
+}
+
 static const struct hub_client_ops client_ops = {
     .deliver = on_deliver,
     .culled = on_culled,
+    .presence = client_presence,
 };
 
 /* ---- errors ------------------------------------------------------------- */
@@ -617,25 +650,14 @@ int hub_session_receive(struct hub_session *s, const void *in, size_t len, int f
 
 /* ---- lifetime ------------------------------------------------------------ */
 
-/* What presence shows of this client: its name, user and info. */
-static void presence_entry(struct hub_session *s, const char *client)
+void hub_conn_pending_free(struct hub_conn_pending *p)
 {
-    struct hub_buf e = {0};
-    hub_buf_appends(&e, "\"client\":");
-    hub_buf_append_json_string(&e, client, strlen(client));
-    if (s->pc.user) {
-        hub_buf_appends(&e, ",\"user\":");
-        hub_buf_append_json_string(&e, s->pc.user, strlen(s->pc.user));
-        s->client.user = s->pc.user;
-        s->client.user_len = strlen(s->pc.user);
-    }
-    if (s->pc.info_json) {
-        hub_buf_appends(&e, ",\"info\":");
-        hub_buf_appends(&e, s->pc.info_json);
-    }
-    s->entry = e.p;
-    s->client.entry = e.p;
-    s->client.entry_len = e.len;
+    if (!p)
+        return;
+    free(p->user);
+    free(p->info_json);
+    free(p->protocol);
+    free(p);
 }
 
 void hub_session_open(struct hub_session *s, struct hub_sessions *ss, struct lws *wsi,
@@ -652,6 +674,7 @@ void hub_session_open(struct hub_session *s, struct hub_sessions *ss, struct lws
     if (pending) {
         s->pc.user = pending->user;
         s->pc.info_json = pending->info_json;
+        s->pc.protocol = pending->protocol;
         free(pending);
     }
     s->flags = HUB_SESS_OPEN;
@@ -664,7 +687,6 @@ void hub_session_open(struct hub_session *s, struct hub_sessions *ss, struct lws
                 peer, s->pc.user ? " as " : "", s->pc.user ? s->pc.user : "");
     }
     hub_client_name(ss->hub, id, client, sizeof(client));
-    presence_entry(s, client);
     if (ss->registry && hub_registry_conn_open(ss->registry, client, s->pc.user,
                                                s->pc.user ? strlen(s->pc.user) : 0))
         s->flags |= HUB_SESS_REGISTERED;
@@ -697,8 +719,9 @@ void hub_session_closed(struct hub_session *s)
     free(s->pc.info_json);
     free(s->close_reason);
     free(s->entry);
+    free(s->pc.protocol);
     s->rx = NULL;
-    s->pc.user = s->pc.info_json = s->close_reason = s->entry = NULL;
+    s->pc.user = s->pc.info_json = s->pc.protocol = s->close_reason = s->entry = NULL;
     s->flags = 0;
     hub_log(HUB_LOG_DEBUG, "[conn %llu] closed", (unsigned long long)s->client.id);
     if (ss->shutting_down && !hub_clients(ss->hub) && ss->all_gone)
@@ -887,6 +910,13 @@ static size_t h_subscribers(void *ud, const char *ch, size_t len)
     return hub_subscribers(ss->hub, ch, len);
 }
 
+static void h_presence_local(void *ud, const char *ch, size_t len, uint64_t *clients,
+                             uint64_t *users)
+{
+    struct hub_sessions *ss = ud;
+    hub_presence_local(ss->hub, ch, len, clients, users);
+}
+
 static int h_shutting_down(void *ud)
 {
     struct hub_sessions *ss = ud;
@@ -907,5 +937,6 @@ const struct hub_policy_host_ops hub_session_policy_ops = {
     .each_conn = h_each_conn,
     .publish = h_publish,
     .subscribers = h_subscribers,
+    .presence_local = h_presence_local,
     .shutting_down = h_shutting_down,
 };

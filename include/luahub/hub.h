@@ -44,6 +44,11 @@ struct hub_client_ops {
     /* The hub culled the client: it has left every channel; the transport
      * closes it (4001). May call into the hub. */
     void (*culled)(struct hub_client *c);
+    /* Presence: the client's user (NULL: anonymous) and its entry,
+     * "client":"<name>"[,"user":U][,"info":I] (see broker.h); borrowed
+     * until the client changes them or goes. Must not call into the hub. */
+    void (*presence)(struct hub_client *c, const char **user, size_t *user_len,
+                     const char **entry, size_t *entry_len);
 };
 
 /* Embed in the client. The fields are the hub's: read them through the
@@ -56,13 +61,6 @@ struct hub_client {
     uint32_t nsubs;
     uint32_t culling;               /* on the cull list */
     struct hub_client *cull_next;
-    /* Presence: set by the embedder after hub_client_add (borrowed, valid
-     * until hub_client_remove): its user (NULL: anonymous) and its entry,
-     * "client":"<name>"[,"user":U][,"info":I] (see broker.h). */
-    const char *user;
-    size_t user_len;
-    const char *entry;
-    size_t entry_len;
 };
 
 struct hub_recovery;
@@ -192,6 +190,11 @@ int hub_history(struct hub *h, const char *channel, size_t len,
  * presence, or HUB_EUNAVAILABLE. */
 int hub_presence(struct hub *h, const char *channel, size_t len, uint32_t max,
                  hub_broker_presence_cb cb, void *ud);
+
+/* This process's clients in `channel` and the distinct users among them
+ * (anonymous clients are not users). */
+void hub_presence_local(struct hub *h, const char *channel, size_t len, uint64_t *clients,
+                        uint64_t *users);
 
 /* The options of `channel` (NULL: a plain channel). */
 const struct hub_channel_opts *hub_channel_opts(const struct hub *h, const char *channel,

@@ -52,6 +52,7 @@ struct hub_policy_conn {
     uint64_t id;
     char *user;             /* conn.user, or NULL */
     char *info_json;        /* conn.info as JSON, or NULL */
+    char *protocol;         /* the subprotocol echoed at the upgrade, or NULL (read only) */
     int lua_ref;
 };
 
@@ -87,6 +88,10 @@ struct hub_policy_host_ops {
     size_t (*publish)(void *ud, const char *ch, size_t len, const char *data, size_t dlen);
     /* Local subscribers of a channel. */
     size_t (*subscribers)(void *ud, const char *ch, size_t len);
+    /* This process's clients in a channel and the distinct users among
+     * them (hub.presence). */
+    void (*presence_local)(void *ud, const char *ch, size_t len, uint64_t *clients,
+                           uint64_t *users);
     /* 1 once shutdown has begun. */
     int (*shutting_down)(void *ud);
 };
@@ -135,6 +140,7 @@ struct hub_connect_result {
     char reason[256];       /* body of the refusal */
     char *user;             /* conn.user as set by the hook */
     char *info_json;        /* conn.info, JSON-encoded */
+    char *protocol;         /* conn.protocol: one of the offered subprotocols, or NULL */
 };
 
 /* on_connect(conn, req) for the WebSocket upgrade request `req`

@@ -75,6 +75,14 @@ const char *hub_request_header(const struct hub_request *r, const char *name,
 int hub_request_has_token(const struct hub_request *r, const char *name,
                           const char *token);
 
+/* Calls fn(ud, element, len) for each element of the comma-separated
+ * lists of every header `name` (lower-case), in order, with the
+ * whitespace around each trimmed and empty elements skipped (RFC 9110
+ * §5.6.1). Stops early when fn returns non-zero. Returns the number of
+ * elements passed. */
+size_t hub_request_list_each(const struct hub_request *r, const char *name,
+                             int (*fn)(void *ud, const char *v, size_t len), void *ud);
+
 /* Walks the query string: calls fn(ud, name, name_len, value, value_len)
  * for each `name=value` (or `name` alone, value "") with both
  * percent-decoded ('+' is a space in query strings). Stops early when fn

@@ -39,7 +39,11 @@ struct hub_conn_pending {
     uint64_t id;
     char *user;
     char *info_json;
+    char *protocol;         /* the subprotocol echoed, or NULL */
 };
+
+/* Frees a pending record and what it owns. NULL is fine. */
+void hub_conn_pending_free(struct hub_conn_pending *p);
 
 /* What every session of the process shares. The embedder (server.c) fills
  * the pointers (borrowed) and owns the struct. */
@@ -80,6 +84,8 @@ struct hub_session {
     uint32_t flags;                 /* HUB_SESS_* */
     char *close_reason;             /* our close's reason (owned), or NULL */
     char *entry;                    /* presence: "client":..,"user":..,"info":.. (owned) */
+    size_t entry_len;
+    const char *entry_user, *entry_info; /* the pc.user and pc.info it was built from */
     uint16_t close_code;            /* close code sent or received (1006 if none) */
 };
 

@@ -122,6 +122,8 @@ START_TEST(refusal_reason_cut_and_cleaned)
 }
 END_TEST
 
+#define TEN ",x,x,x,x,x,x,x,x,x,x"
+
 /* Subprotocols: "luahub" is echoed when offered, alone or in a list (a
  * token riding along as a second subprotocol is a common browser pattern);
  * an offer of others only is refused with 400 naming them, in the body and
@@ -137,11 +139,19 @@ static const struct {
     {"Sec-WebSocket-Protocol: token.abc, luahub\r\n", 101, "luahub", NULL},
     {"Sec-WebSocket-Protocol: token.abc\r\nSec-WebSocket-Protocol: luahub\r\n", 101, "luahub",
      NULL},
-    {"Sec-WebSocket-Protocol: foo\r\n", 400, NULL, "foo"},
-    {"Sec-WebSocket-Protocol: foo, bar\r\n", 400, NULL, "foo, bar"},
-    {"Sec-WebSocket-Protocol: \r\n", 400, NULL, "luahub"},
-    {"Sec-WebSocket-Protocol: ,,, ;;; ===\r\n", 400, NULL, ",,, ;;; ==="},
-    {"Sec-WebSocket-Protocol: LUAHUB\r\n", 400, NULL, "LUAHUB"},
+    {"Sec-WebSocket-Protocol: foo\r\n", 400, NULL, "\"foo\""},
+    {"Sec-WebSocket-Protocol: foo, bar\r\n", 400, NULL, "\"foo\", \"bar\""},
+    {"Sec-WebSocket-Protocol: \r\n", 400, NULL, "empty Sec-WebSocket-Protocol list"},
+    {"Sec-WebSocket-Protocol: , ,\t,\r\n", 400, NULL, "empty Sec-WebSocket-Protocol list"},
+    {"Sec-WebSocket-Protocol: ,,, ;;; ===\r\n", 400, NULL, "\";;; ===\""},
+    {"Sec-WebSocket-Protocol: LUAHUB\r\n", 400, NULL, "\"LUAHUB\""},
+    /* 50 junk names, then luahub: the list is read to its end */
+    {"Sec-WebSocket-Protocol: a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, b0, b1, b2, b3, b4, "
+     "b5, b6, b7, b8, b9, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, d0, d1, d2, d3, d4, d5, d6, "
+     "d7, d8, d9, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, luahub\r\n", 101, "luahub", NULL},
+    /* 129 names: over the limit */
+    {"Sec-WebSocket-Protocol: luahub" TEN TEN TEN TEN TEN TEN TEN TEN TEN TEN TEN TEN
+     ",x,x,x,x,x,x,x,x\r\n", 400, NULL, "too many WebSocket subprotocols offered (129"},
 };
 
 START_TEST(subprotocol_offers)

@@ -104,7 +104,18 @@ static void sink_culled(struct hub_client *c)
     hub_container_of(c, struct sink, client)->culled++;
 }
 
-static const struct hub_client_ops sink_ops = {sink_deliver, sink_culled};
+/* Every sink is the anonymous client "x" for presence. */
+static void sink_presence(struct hub_client *c, const char **user, size_t *user_len,
+                          const char **entry, size_t *entry_len)
+{
+    (void)c;
+    *user = NULL;
+    *user_len = 0;
+    *entry = "\"client\":\"x\"";
+    *entry_len = strlen(*entry);
+}
+
+static const struct hub_client_ops sink_ops = {sink_deliver, sink_culled, sink_presence};
 
 static struct hub hub;
 static struct hub_config cfg;
