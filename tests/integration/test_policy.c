@@ -690,6 +690,22 @@ static const char *HUB_POLICY =
     "  if method == 'log' then hub.log('warn', 'custom line', 42, true) return true end\n"
     "  if method == 'badlog' then hub.log('loud', 'x') end\n"
     "  if method == 'publish' then return hub.publish(data, {n = 1}) end\n"
+    "  if method == 'arr' then return hub.json.array() end\n"
+    "  if method == 'arr_nested' then\n"
+    "    return {e = hub.json.array({}), o = {}, l = hub.json.array({1, 2}),\n"
+    "            deep = {{hub.json.array()}}, s = 'x'}\n"
+    "  end\n"
+    "  if method == 'arr_same' then local t = {} return hub.json.array(t) == t end\n"
+    "  if method == 'arr_again' then local t = hub.json.array() return hub.json.array(t) == t end\n"
+    "  if method == 'arr_mt' then return hub.json.array(setmetatable({}, {})) end\n"
+    "  if method == 'arr_num' then return hub.json.array(5) end\n"
+    "  if method == 'arr_mark' then return {hub.json.array(), '\\1luahub.json.array\\1'} end\n"
+    "  if method == 'arr_filled' then local t = hub.json.array() t[1] = 'a' return t end\n"
+    "  if method == 'arr_restored' then\n"
+    "    local e = hub.json.array() local t = {e = e}\n"
+    "    hub.json.encode(t) return {rawequal(t.e, e), getmetatable(t.e) ~= nil}\n"
+    "  end\n"
+    "  if method == 'presence' then return hub.presence(data) end\n"
     "end\n";
 
 START_TEST(hub_functions)
@@ -701,6 +717,34 @@ START_TEST(hub_functions)
     expect_contains(t, "hub.publish is not available while the policy loads");
     free(t);
     rpc_expect(c, "json", NULL, "[\"{\\\"a\\\":[1,2,{\\\"b\\\":null}]}\",true,\"string\",true]");
+    /* hub.json.array: an empty table that encodes as [] (cjson: {}) */
+    rpc_expect(c, "arr", NULL, "[]");
+    t = rpc_text(c, "arr_nested", NULL);
+    expect_contains(t, "\"e\":[]");
+    expect_contains(t, "\"o\":{}");
+    expect_contains(t, "\"l\":[1,2]");
+    expect_contains(t, "\"deep\":[[[]]]");
+    free(t);
+    rpc_expect(c, "arr_same", NULL, "true");
+    rpc_expect(c, "arr_again", NULL, "true");
+    rpc_expect(c, "arr_filled", NULL, "[\"a\"]");
+    rpc_expect(c, "arr_restored", NULL, "[true,true]");
+    free(rpc_error(c, "arr_mt", NULL, "internal"));
+    free(rpc_error(c, "arr_num", NULL, "internal"));
+    free(rpc_error(c, "arr_mark", NULL, "internal"));
+    hub_log_wait(h, "the table already has a metatable", HT_WAIT_MS);
+    hub_log_wait(h, "holds the string hub.json.array uses internally", HT_WAIT_MS);
+    /* hub.presence: this process's clients and users in a channel */
+    t = rpc_text(c, "presence", "\"pres\"");   /* key order is cjson's */
+    expect_contains(t, "\"clients\":0");
+    expect_contains(t, "\"users\":0");
+    free(t);
+    ws_subscribe(c, "pres");
+    ws_subscribe(s, "pres");
+    t = rpc_text(c, "presence", "\"pres\"");
+    expect_contains(t, "\"clients\":2");
+    expect_contains(t, "\"users\":0");
+    free(t);
     rpc_expect(c, "hmac", NULL,
                "\"f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8\"");
     rpc_expect(c, "jwt", "\"" JWT_ALICE "\"", "\"alice\"");

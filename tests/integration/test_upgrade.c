@@ -207,6 +207,110 @@ START_TEST(subprotocol_long_lists)
 }
 END_TEST
 
+/* The policy reads req.protocols and picks the subprotocol to echo with
+ * conn.protocol: a token riding as "token.<t>" is the common browser way. */
+static const char picking_policy[] =
+    "function on_connect(conn, req)\n"
+    "  for _, p in ipairs(req.protocols) do\n"
+    "    if p:sub(1, 6) == 'token.' then\n"
+    "      if p ~= 'token.good' then return false, 'bad token', 401 end\n"
+    "      conn.protocol = p\n"
+    "    end\n"
+    "  end\n"
+    "  if req.query.pick then conn.protocol = req.query.pick end\n"
+    "  conn.info = {protocols = hub.json.array(req.protocols)}\n"
+    "  return true\n"
+    "end\n"
+    "function on_rpc(conn, method)\n"
+    "  if method == 'set' then conn.protocol = 'x' end\n"
+    "  -- an empty array read back is a plain empty table: mark it again\n"
+    "  return {conn.protocol or false, hub.json.array(conn.info.protocols)}\n"
+    "end\n";
+
+static const struct {
+    const char *path, *headers;
+    int status;
+    const char *echo;           /* expected Sec-WebSocket-Protocol, NULL: none */
+    const char *rpc;            /* 101: the rpc's data */
+} picks[] = {
+    {"/ws", "Sec-WebSocket-Protocol: token.good\r\n", 101, "token.good",
+     "[\"token.good\",[\"token.good\"]]"},
+    {"/ws", "Sec-WebSocket-Protocol: luahub, token.good\r\n", 101, "token.good",
+     "[\"token.good\",[\"luahub\",\"token.good\"]]"},
+    {"/ws", "Sec-WebSocket-Protocol: luahub\r\n", 101, "luahub", "[\"luahub\",[\"luahub\"]]"},
+    {"/ws", "", 101, NULL, "[false,[]]"},
+    {"/ws", "Sec-WebSocket-Protocol: token.bad\r\n", 401, NULL, NULL},
+    /* a name the client did not offer: the policy failed */
+    {"/ws?pick=nope", "Sec-WebSocket-Protocol: luahub\r\n", 500, NULL, NULL},
+};
+
+START_TEST(policy_picks_subprotocol)
+{
+    char *path = ht_tmpfile(picking_policy);
+    char *conf = ht_asprintf("policy = \"%s\"\nshutdown_timeout = 2\n", path);
+    struct hub *h = hub_start(conf);
+    struct ws *c;
+    struct http_resp r;
+    struct ws_opts o = {.path = picks[_i].path, .headers = picks[_i].headers};
+    int st = ws_handshake(h->port, &o, &c, &r);
+    ck_assert_msg(st == picks[_i].status, "pick %d: status %d, expected %d", _i, st,
+                  picks[_i].status);
+    char *echo = http_resp_header(&r, "Sec-WebSocket-Protocol");
+    if (picks[_i].echo)
+        ck_assert_msg(echo && !strcmp(echo, picks[_i].echo), "pick %d: echo %s", _i,
+                      echo ? echo : "(none)");
+    else
+        ck_assert_msg(!echo, "pick %d: unexpected echo %s", _i, echo);
+    free(echo);
+    http_resp_free(&r);
+    if (st == 101) {
+        ws_send_text(c, "{\"op\":\"rpc\",\"method\":\"get\",\"id\":1}");
+        char *want = ht_asprintf("{\"id\":1,\"ok\":true,\"data\":%s}", picks[_i].rpc);
+        ws_expect(c, want);
+        free(want);
+        /* conn.protocol is set in on_connect only */
+        ws_send_text(c, "{\"op\":\"rpc\",\"method\":\"set\",\"id\":2}");
+        free(ws_expect_error(c, "2", "internal"));
+        ws_free(c);
+    }
+    if (st == 500)
+        hub_log_wait(h, "which the client did not offer", HT_WAIT_MS);
+    ck_assert_int_eq(hub_stop(h), 0);
+    free(conf);
+    free(path);
+}
+END_TEST
+
+/* A refusal of an upgrade that offered only a token subprotocol: the
+ * answer echoes it, or a browser would fail the handshake before the page
+ * could read the close. */
+START_TEST(refusal_echoes_an_offered_subprotocol)
+{
+    char *path = ht_tmpfile(picking_policy);
+    char *conf = ht_asprintf("policy = \"%s\"\nshutdown_timeout = 2\n", path);
+    struct hub *h = hub_start(conf);
+    struct ws *c;
+    struct http_resp r;
+    struct ws_opts o = {.headers = ORIGIN "Sec-WebSocket-Protocol: token.bad\r\n",
+                        .no_welcome = 1};
+    ck_assert_int_eq(ws_handshake(h->port, &o, &c, &r), 101);
+    char *echo = http_resp_header(&r, "Sec-WebSocket-Protocol");
+    ck_assert_msg(echo && !strcmp(echo, "token.bad"), "echo %s", echo ? echo : "(none)");
+    free(echo);
+    http_resp_free(&r);
+    struct ws_frame f;
+    ck_assert_int_eq(ws_recv_frame(c, &f, HT_WAIT_MS), 1);
+    ck_assert_int_eq(f.opcode, WS_CLOSE);
+    ck_assert_int_eq(f.close_code, 4401);
+    ck_assert_str_eq(f.close_reason, "bad token");
+    ws_frame_free(&f);
+    ws_free(c);
+    ck_assert_int_eq(hub_stop(h), 0);
+    free(conf);
+    free(path);
+}
+END_TEST
+
 /* A GET on the WebSocket path without an upgrade says what is wrong. */
 START_TEST(plain_get_on_ws_path_426)
 {
@@ -228,6 +332,8 @@ static Suite *upgrade_suite(void)
     tcase_add_loop_test(tc, subprotocol_offers, 0,
                         (int)(sizeof subprotocols / sizeof *subprotocols));
     tcase_add_test(tc, subprotocol_long_lists);
+    tcase_add_loop_test(tc, policy_picks_subprotocol, 0, (int)(sizeof picks / sizeof *picks));
+    tcase_add_test(tc, refusal_echoes_an_offered_subprotocol);
     tcase_add_test(tc, plain_get_on_ws_path_426);
     suite_add_tcase(s, tc);
     return s;
