@@ -726,6 +726,45 @@ void hub_config_defaults(struct hub_config *c)
     }
 }
 
+static int str_eq(const char *a, const char *b)
+{
+    return a == b || (a && b && !strcmp(a, b));
+}
+
+static int channels_eq(const struct hub_config *a, const struct hub_config *b)
+{
+    if (a->nchannels != b->nchannels)
+        return 0;
+    for (size_t i = 0; i < a->nchannels; i++) {
+        const struct hub_channel_opts *x = &a->channels[i], *y = &b->channels[i];
+        if (strcmp(x->pattern, y->pattern) || x->history_size != y->history_size ||
+            x->history_ttl != y->history_ttl || x->presence != y->presence ||
+            x->join_leave != y->join_leave)
+            return 0;
+    }
+    return 1;
+}
+
+void hub_config_changed(const struct hub_config *a, const struct hub_config *b,
+                        const char *except, struct hub_buf *names)
+{
+    for (size_t i = 0; i < NKEYS; i++) {
+        const struct key *k = &keys[i];
+        if (except && !strcmp(k->name, except))
+            continue;
+        const char *pa = (const char *)a + k->off, *pb = (const char *)b + k->off;
+        int same;
+        if (k->kind == K_CHANNELS)
+            same = channels_eq(a, b);
+        else if (k->kind == K_STRING || k->kind == K_STRINGS || k->kind == K_VARS)
+            same = str_eq(*(char *const *)(const void *)pa, *(char *const *)(const void *)pb);
+        else
+            same = !memcmp(pa, pb, k->width);
+        if (!same && !(a->listen_set && !strcmp(k->name, "listen")))
+            hub_buf_printf(names, "%s%s", names->len ? ", " : "", k->name);
+    }
+}
+
 void hub_config_free(struct hub_config *c)
 {
     free(c->path);

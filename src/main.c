@@ -64,7 +64,7 @@ static void on_shutdown_done(struct hub_server *srv)
 static void on_signal(uv_signal_t *h, int signum)
 {
     if (signum == SIGHUP) {
-        hub_log(HUB_LOG_INFO, "SIGHUP: reloading the policy");
+        hub_log(HUB_LOG_INFO, "SIGHUP: reloading the policy and the conf's policy_vars");
         hub_server_reload_policy(&server, NULL);
         return;
     }
@@ -210,6 +210,7 @@ int main(int argc, char **argv)
     }
     if (listen) {
         char err[256];
+        cfg.listen_set = true;
         if (hub_config_set_listen(&cfg, listen, err, sizeof(err)) < 0) {
             fprintf(stderr, "luahub: --listen %s: %s\n", listen, err);
             hub_config_free(&cfg);

@@ -562,7 +562,48 @@ int hub_server_load_policy(struct hub_server *srv, struct hub_config_errors *err
 
 int hub_server_reload_policy(struct hub_server *srv, struct hub_config_errors *errs)
 {
-    return hub_policy_reload(&srv->policy, errs);
+    /* The conf file is read again for policy_vars (secrets, switches the
+     * policy reads as hub.vars); the server updates that key of its conf
+     * and no other: the rest takes effect at restart. */
+    struct hub_config *live = (struct hub_config *)srv->cfg;
+    struct hub_config_errors local = {0};
+    struct hub_config fresh;
+    char *vars = NULL, *old = live->policy_vars;
+
+    if (live->path) {
+        hub_config_defaults(&fresh);
+        if (hub_config_load(&fresh, live->path, errs ? errs : &local) < 0) {
+            struct hub_config_errors *e = errs ? errs : &local;
+            for (unsigned i = 0; i < e->n; i++)
+                hub_log(HUB_LOG_ERROR, "reload: %s", e->v[i]);
+            hub_log(HUB_LOG_ERROR, "reload: the conf file has problems: keeping the current "
+                    "policy and policy_vars");
+            hub_config_free(&fresh);
+            hub_config_errors_free(&local);
+            return -1;
+        }
+        struct hub_buf changed = {0};
+        fresh.listen_set = live->listen_set;
+        hub_config_changed(live, &fresh, "policy_vars", &changed);
+        if (changed.len)
+            hub_log(HUB_LOG_WARN, "reload: the conf file changed (%s): a reload applies "
+                    "policy_vars only; restart for the rest", changed.p);
+        hub_buf_free(&changed);
+        vars = fresh.policy_vars;
+        fresh.policy_vars = NULL;
+        hub_config_free(&fresh);
+        live->policy_vars = vars;
+    }
+    int rc = hub_policy_reload(&srv->policy, errs);
+    if (live->path) {
+        if (rc < 0) {
+            live->policy_vars = old;    /* the old policy goes on with its vars */
+            free(vars);
+        } else {
+            free(old);
+        }
+    }
+    return rc;
 }
 
 int hub_server_start(struct hub_server *srv)

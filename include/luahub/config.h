@@ -14,12 +14,14 @@
 #include <stdint.h>
 
 #include "luahub/chanopt.h"
+#include "luahub/util.h"
 
 struct hub_config {
     char *path;                     /* the conf file read, or NULL (built-in defaults) */
     char *dir;                      /* its directory: relative paths resolve against it */
 
     char *listen;                   /* "0.0.0.0:8080" */
+    bool listen_set;                /* given on the command line (--listen) */
     char *listen_host;              /* host part: "0.0.0.0", "127.0.0.1", "::", "localhost" ... */
     int listen_port;                /* 0..65535; 0 = any free port */
     char *websocket_path;           /* "/ws" */
@@ -84,6 +86,11 @@ int hub_config_set_listen(struct hub_config *c, const char *s,
  * history, no presence). Borrowed from `c`. */
 const struct hub_channel_opts *hub_config_channel(const struct hub_config *c,
                                                   const char *name, size_t len);
+
+/* Appends to `names` (", "-separated) the keys whose values differ between
+ * `a` and `b`, but `except` (may be NULL), and listen when a->listen_set. */
+void hub_config_changed(const struct hub_config *a, const struct hub_config *b,
+                        const char *except, struct hub_buf *names);
 
 void hub_config_free(struct hub_config *c);
 void hub_config_errors_free(struct hub_config_errors *e);

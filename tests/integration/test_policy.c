@@ -1252,6 +1252,56 @@ START_TEST(reload_syntax_error_keeps_old_policy)
 }
 END_TEST
 
+/* SIGHUP (and POST /api/reload) read the conf file again for policy_vars:
+ * the new policy sees the new values; a conf that no longer loads keeps
+ * the old policy with the old values; a change of another key is named in
+ * the log (it takes effect at restart). */
+static const char *VARS_POLICY = "function on_rpc(conn) return hub.vars.secret end\n";
+
+static void write_conf(struct hub *h, const char *vars)
+{
+    char *conf = ht_asprintf("policy = \"%s\"\nshutdown_timeout = 2\n%s", policy_path, vars);
+    FILE *f = fopen(h->conf_path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs(conf, f);
+    fclose(f);
+    free(conf);
+}
+
+START_TEST(reload_reads_policy_vars)
+{
+    struct hub *h = start_policy(VARS_POLICY, "policy_vars = { secret = \"one\" }\n");
+    struct ws *c = ws_connect(h->port);
+    rpc_expect(c, "x", NULL, "\"one\"");
+
+    write_conf(h, "policy_vars = { secret = \"two\" }\n");
+    sighup(h, "policy reloaded", 1);
+    rpc_expect(c, "x", NULL, "\"two\"");
+
+    /* a conf with a mistake: nothing changes */
+    write_conf(h, "policy_vars = { secret = \"three\" }\nping_interval = -1\n");
+    hub_signal(h, SIGHUP);
+    hub_log_wait(h, "the conf file has problems: keeping the current policy", HT_WAIT_MS);
+    rpc_expect(c, "x", NULL, "\"two\"");
+
+    /* another key changed: applied at restart, and said so */
+    write_conf(h, "policy_vars = { secret = \"four\" }\nmax_connections = 7\n");
+    sighup(h, "policy reloaded", 2);
+    hub_log_wait(h, "the conf file changed (max_connections)", HT_WAIT_MS);
+    rpc_expect(c, "x", NULL, "\"four\"");
+
+    /* POST /api/reload does the same */
+    write_conf(h, "policy_vars = { secret = \"five\" }\nmax_connections = 7\n");
+    struct http_resp r;
+    http_request(h->port, "POST", "/api/reload", NULL, NULL, &r);
+    http_expect_ok(&r);
+    http_resp_free(&r);
+    rpc_expect(c, "x", NULL, "\"five\"");
+    ws_free(c);
+    stop(h);
+}
+END_TEST
+
 START_TEST(builtin_policy_allows_everything)
 {
     struct hub *h = hub_start("shutdown_timeout = 2\n");
@@ -1755,8 +1805,9 @@ END_TEST
 /* A loop that stops turning is aborted, so that the supervisor (or the
  * service manager) restarts the hub (docs/internals.md). Policy calls
  * cannot block the loop any more; a blocking system call still can: a
- * reload whose policy path has become a FIFO blocks in open() until a
- * writer comes, which is the stall used here. The supervisor's restart of
+ * reload reads the conf file again, and a conf file that has become a FIFO
+ * blocks that open() until a writer comes, which is the stall used here
+ * (as a hung network file system would). The supervisor's restart of
  * a worker killed by a signal is tested in test_scaleout. */
 START_TEST(watchdog_aborts_a_stuck_loop)
 {
@@ -1764,9 +1815,9 @@ START_TEST(watchdog_aborts_a_stuck_loop)
     struct ws *c = ws_connect(h->port);
     rpc_expect(c, "x", NULL, "\"served\"");
     char aside[600];
-    snprintf(aside, sizeof aside, "%s.aside", policy_path);
-    ck_assert_int_eq(rename(policy_path, aside), 0);
-    ck_assert_int_eq(mkfifo(policy_path, 0600), 0);
+    snprintf(aside, sizeof aside, "%s.aside", h->conf_path);
+    ck_assert_int_eq(rename(h->conf_path, aside), 0);
+    ck_assert_int_eq(mkfifo(h->conf_path, 0600), 0);
     hub_signal(h, SIGHUP);
     hub_log_wait(h, "SIGHUP: reloading the policy", HT_WAIT_MS);
     /* stuck: no answer while the watchdog waits (10 s) */
@@ -1774,9 +1825,10 @@ START_TEST(watchdog_aborts_a_stuck_loop)
     ck_assert_int_eq(hub_wait_exit(h, 60000), 128 + SIGABRT);
     hub_log_wait(h, "ERROR watchdog: the event loop has not turned for 10 s", HT_WAIT_MS);
     ws_free(c);
+    unlink(h->conf_path);
+    rename(aside, h->conf_path);
     ck_assert_int_eq(hub_stop(h), 128 + SIGABRT);
     unlink(policy_path);
-    unlink(aside);
     free(policy_path);
     policy_path = NULL;
 }
@@ -2073,6 +2125,7 @@ static Suite *policy_suite(void)
     tcase_add_test(tc, start_with_syntax_error_exits_2);
     tcase_add_test(tc, reload_swaps_and_keeps_connections);
     tcase_add_test(tc, reload_syntax_error_keeps_old_policy);
+    tcase_add_test(tc, reload_reads_policy_vars);
     tcase_add_test(tc, builtin_policy_allows_everything);
     tcase_add_test(tc, metrics_per_hook);
     suite_add_tcase(s, tc);

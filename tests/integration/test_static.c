@@ -322,6 +322,9 @@ START_TEST(static_links_and_dotfiles)
     MKDIR(".well-known");
     put(s.www, ".well-known/acme.txt", "acme\n");
     put(s.www, ".well-known/.secret", SECRET "\n");
+    p = ht_asprintf("%s/fifo.txt", s.www);  /* opening it must not block the hub */
+    ck_assert_int_eq(mkfifo(p, 0600), 0);
+    free(p);
     char *conf = ht_asprintf(CONF "static_dir = \"%s\"\n", s.www);
     f.h = hub_start(conf);
     free(conf);
@@ -334,6 +337,7 @@ START_TEST(static_links_and_dotfiles)
         "/leak.txt", "/abs.txt", "/deep.txt", "/.env", "/%2eenv", "/.git/config",
         "/.git/", "/sub/.hidden", "/sub2/.hidden", "/.well-known/.secret",
         "/.well-known/../.env", "/.well-known%2f..%2f.env", "/sub/./index.html",
+        "/fifo.txt",
     };
     for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
         char *body;
