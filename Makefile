@@ -34,9 +34,12 @@ run: deps
 check: build
 	./$(BUILD)/luahub -c $(CONF) --check
 
-# The whole suite, twice: the release build, then the ASan+UBSan build.
+# The whole suite: the C suites twice (the release build, then the ASan+UBSan
+# build), then the JavaScript suites (luahub.js in node and Debian's chromium)
+# against the release binary. Fails if any of them fails.
 test: build build-asan
-	@bash scripts/run-tests.sh $(BUILD) $(BUILD_ASAN)
+	@rc=0; bash scripts/run-tests.sh $(BUILD) $(BUILD_ASAN) || rc=1; \
+	bash tests/js/run.sh $(BUILD)/luahub || rc=1; exit $$rc
 
 clean:
 	rm -rf $(BUILD) $(BUILD_ASAN)

@@ -14,7 +14,13 @@ pkgs=(
   check
   redis-server
   iproute2 util-linux
+  chromium
 )
+# node and npm for the JavaScript suites (tests/js): Debian's nodejs and npm
+# when there is no node at all; an installed node (e.g. 20 from elsewhere,
+# whose package provides npm) is left alone.
+command -v node >/dev/null || pkgs+=(nodejs)
+command -v npm >/dev/null || pkgs+=(npm)
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -115,6 +115,8 @@ if (cmd == 'sub') {
     await client.ready()
     clearTimeout(deadline)
     const ch = rest[0]
+    // history and presence read a channel the connection is subscribed to
+    if (cmd == 'history' || cmd == 'presence') await client.subscribe(ch).ready()
     if (cmd == 'pub') out(await client.publish(ch, data).then(() => ({ ok: true })))
     if (cmd == 'rpc') out(await client.rpc(ch, data))
     if (cmd == 'presence') out(await client.presence(ch))

@@ -219,6 +219,8 @@ export class Client {
   removeSubscription(sub: Subscription): void
   publish(channel: string, data: unknown): Promise<void>
   rpc<T = unknown>(method: string, data?: unknown): Promise<T>
+  /** history and presence read a channel this connection is subscribed to
+   * (rejected with `not_subscribed` otherwise) */
   history(channel: string, opts?: HistoryOptions): Promise<HistoryResult>
   presence(channel: string): Promise<PresenceResult>
   presenceStats(channel: string): Promise<PresenceStats>

@@ -359,11 +359,15 @@ test('[history] history() with limit and since; not_available on a channel witho
   for (const i of [1, 2, 3, 4]) await h.publish('room:hh', i)
   const c = client(h).connect()
   await c.ready()
+  // history reads a channel the connection is subscribed to
+  await assert.rejects(c.history('room:hh', { limit: 2 }), { code: 'not_subscribed' })
+  await c.subscribe('room:hh').ready()
   const r = await c.history('room:hh', { limit: 2 })
   assert.equal(r.offset, 4)
   assert.equal(r.messages.length, 2)
   const since = await c.history('room:hh', { since: { offset: 2, epoch: r.epoch } })
   assert.deepEqual(since.messages.map((m) => [m.offset, m.data]), [[3, 3], [4, 4]])
+  await c.subscribe('plain').ready()
   await assert.rejects(c.history('plain', {}), { code: 'not_available' })
 })
 
