@@ -6,6 +6,7 @@
 #include "luahub/broker.h"
 
 #include "luahub/log.h"
+#include "luahub/netaddr.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -32,6 +33,8 @@ static int set_file(struct hub_config *, const struct key *, const char *, struc
 static int set_log_level(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_broker(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_prefix(struct hub_config *, const struct key *, const char *, struct hub_buf *);
+static int set_origins(struct hub_config *, const struct key *, const char *, struct hub_buf *);
+static int set_cidrs(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 
 #define FIELD(f) offsetof(struct hub_config, f), sizeof(((struct hub_config *)0)->f)
 #define STR(name, f, def, set) {#name, K_STRING, FIELD(f), 0, 0, 0, def, set}
@@ -63,6 +66,14 @@ const struct key hub_conf_keys[] = {
     STR(redis_prefix, redis_prefix, "luahub:", set_prefix),
     {"workers", K_WORKERS, FIELD(workers), 1, 1024, 1, NULL, NULL},
     {"policy_vars", K_VARS, FIELD(policy_vars), 0, 0, 0, NULL, NULL},
+    STRS(allowed_origins, allowed_origins, NULL, set_origins),
+    STRS(trusted_proxies, trusted_proxies, NULL, set_cidrs),
+    NUM(command_rate, K_INT, 0, 1000000, 1000),
+    NUM(command_burst, K_INT, 1, 1000000, 5000),
+    NUM(publish_rate, K_INT, 0, 1000000, 1000),
+    NUM(publish_burst, K_INT, 1, 1000000, 5000),
+    NUM(max_connections_per_ip, K_INT, 0, 10000000, 0),
+    NUM(connect_rate_per_ip, K_INT, 0, 1000000, 0),
     {"channels", K_CHANNELS, 0, 0, 0, 0, 0, NULL, NULL},
     NUM(recover_max, K_INT, 1, 100000, 300),
     NUM(presence_max, K_INT, 1, 100000, 1000),
@@ -446,6 +457,61 @@ static int set_log_level(struct hub_config *c, const struct key *k, const char *
     return 0;
 }
 
+/* Calls check(item) for each space-separated item of s; at most `max`. */
+static int each_item(const char *s, size_t max, struct hub_buf *why,
+                     int (*check)(const char *item, size_t len, char *err, size_t errlen))
+{
+    char err[256];
+    size_t n = 0;
+    for (const char *p = s; *p;) {
+        while (*p == ' ')
+            p++;
+        const char *e = p;
+        while (*e && *e != ' ')
+            e++;
+        if (e == p)
+            break;
+        if (++n > max) {
+            hub_buf_printf(why, "more than %zu entries", max);
+            return -1;
+        }
+        if (check(p, (size_t)(e - p), err, sizeof(err)) < 0) {
+            hub_buf_appends(why, err);
+            return -1;
+        }
+        p = e;
+    }
+    if (!n) {
+        hub_buf_appends(why, "the list is empty");
+        return -1;
+    }
+    return 0;
+}
+
+static int check_cidr(const char *s, size_t n, char *err, size_t errlen)
+{
+    struct hub_ip net;
+    return hub_cidr_parse(s, n, &net, err, errlen);
+}
+
+static int set_origins(struct hub_config *c, const struct key *k, const char *s,
+                       struct hub_buf *why)
+{
+    if (each_item(s, 256, why, hub_origin_valid) < 0)
+        return -1;
+    store_str(c, k, s);
+    return 0;
+}
+
+static int set_cidrs(struct hub_config *c, const struct key *k, const char *s,
+                     struct hub_buf *why)
+{
+    if (each_item(s, 256, why, check_cidr) < 0)
+        return -1;
+    store_str(c, k, s);
+    return 0;
+}
+
 static int set_broker(struct hub_config *c, const struct key *k, const char *s,
                       struct hub_buf *why)
 {
@@ -778,6 +844,8 @@ void hub_config_free(struct hub_config *c)
     free(c->broker);
     free(c->redis_prefix);
     free(c->policy_vars);
+    free(c->allowed_origins);
+    free(c->trusted_proxies);
     hub_config_channels_free(c);
     memset(c, 0, sizeof(*c));
 }

@@ -74,8 +74,8 @@ struct hub_http_conn {
     uint64_t file_off, file_size;
     size_t lingered;                /* bytes drained while lingering */
     size_t scanned;                 /* bytes of c->in searched for the end of the head */
-    char peer[INET6_ADDRSTRLEN];
-    int peer_loopback;
+    struct hub_ip peer;             /* the TCP peer */
+    char client[INET6_ADDRSTRLEN];  /* the client, as the current request has it */
 };
 
 struct hub_http {
@@ -96,6 +96,7 @@ struct hub_http {
 };
 
 static void drive(struct hub_http_conn *c, int readable);
+static void client_of(struct hub_http_conn *c);
 
 static uint64_t now(const struct hub_http *hs)
 {
@@ -350,8 +351,7 @@ static int try_head(struct hub_http_conn *c)
         return 1;
     }
     c->head_len = (size_t)n;
-    c->req.peer = c->peer;
-    c->req.peer_loopback = c->peer_loopback;
+    client_of(c);
     if (c->req.chunked) {
         c->req.keep_alive = 0;
         fail(c, 411, "length_required",
@@ -689,23 +689,54 @@ static void peer_of(struct hub_http_conn *c)
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
 
-    c->peer[0] = '\0';
+    memset(&c->peer, 0, sizeof(c->peer));
     if (getpeername(c->fd, (struct sockaddr *)&ss, &sl) < 0)
         return;
     if (ss.ss_family == AF_INET) {
-        const struct sockaddr_in *s = (const struct sockaddr_in *)&ss;
-        inet_ntop(AF_INET, &s->sin_addr, c->peer, sizeof(c->peer));
-        c->peer_loopback = (ntohl(s->sin_addr.s_addr) >> 24) == 127;
+        c->peer.family = 4;
+        c->peer.prefix = 32;
+        memcpy(c->peer.a, &((const struct sockaddr_in *)&ss)->sin_addr, 4);
     } else if (ss.ss_family == AF_INET6) {
         const struct in6_addr *a = &((const struct sockaddr_in6 *)&ss)->sin6_addr;
         if (IN6_IS_ADDR_V4MAPPED(a)) {
-            inet_ntop(AF_INET, a->s6_addr + 12, c->peer, sizeof(c->peer));
-            c->peer_loopback = a->s6_addr[12] == 127;
+            c->peer.family = 4;
+            c->peer.prefix = 32;
+            memcpy(c->peer.a, a->s6_addr + 12, 4);
         } else {
-            inet_ntop(AF_INET6, a, c->peer, sizeof(c->peer));
-            c->peer_loopback = IN6_IS_ADDR_LOOPBACK(a);
+            c->peer.family = 6;
+            c->peer.prefix = 128;
+            memcpy(c->peer.a, a->s6_addr, 16);
         }
     }
+}
+
+static int join_xff(void *ud, const char *v, size_t len)
+{
+    struct hub_buf *b = ud;
+    if (b->len)
+        hub_buf_appends(b, ",");
+    hub_buf_append(b, v, len);
+    return 0;
+}
+
+/* Who the current request is from: the peer, or behind a trusted proxy the
+ * client its X-Forwarded-For names (docs/protocol.md, "Client addresses"). */
+static void client_of(struct hub_http_conn *c)
+{
+    const struct hub_http *hs = c->hs;
+    struct hub_ip ip = c->peer;
+    if (hs->opt.ntrusted && c->peer.family) {
+        struct hub_buf xff = {0};
+        hub_request_list_each(&c->req, "x-forwarded-for", join_xff, &xff);
+        hub_ip_client(&c->peer, xff.p, xff.len, hs->opt.trusted, hs->opt.ntrusted, &ip);
+        hub_buf_free(&xff);
+    }
+    c->client[0] = '\0';
+    if (ip.family)
+        hub_ip_format(&ip, c->client, sizeof(c->client));
+    c->req.peer = c->client;
+    c->req.peer_ip = ip;
+    c->req.peer_loopback = ip.family && hub_ip_loopback(&ip);
 }
 
 void hub_http_accept(struct hub_http *hs, int fd)

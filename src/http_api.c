@@ -46,26 +46,13 @@ static int key_equal(const char *a, size_t alen, const char *b, size_t blen)
  * Host header; and no Sec-Fetch-Site saying another site sent it. */
 static int same_origin(const struct hub_request *r)
 {
-    size_t ol, hl, sl;
-    const char *origin = hub_request_header(r, "origin", &ol);
-    const char *host = hub_request_header(r, "host", &hl);
+    size_t sl;
     const char *site = hub_request_header(r, "sec-fetch-site", &sl);
 
     if (site && !(sl == 11 && !strncasecmp(site, "same-origin", 11)) &&
         !(sl == 4 && !strncasecmp(site, "none", 4)))
         return 0;
-    if (!origin)
-        return 1;
-    if (ol > 7 && !strncasecmp(origin, "http://", 7)) {
-        origin += 7;
-        ol -= 7;
-    } else if (ol > 8 && !strncasecmp(origin, "https://", 8)) {
-        origin += 8;
-        ol -= 8;
-    } else {
-        return 0; /* "null", another scheme */
-    }
-    return host && ol == hl && !strncasecmp(origin, host, hl);
+    return !hub_request_header(r, "origin", NULL) || hub_request_origin_is_host(r);
 }
 
 /* Returns 1 if the request may use the API; else answers and returns 0. */

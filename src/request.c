@@ -297,6 +297,25 @@ int hub_request_has_token(const struct hub_request *r, const char *name, const c
     return 0;
 }
 
+int hub_request_origin_is_host(const struct hub_request *r)
+{
+    size_t ol = 0, hl = 0;
+    const char *origin = hub_request_header(r, "origin", &ol);
+    const char *host = hub_request_header(r, "host", &hl);
+    if (!origin || !host)
+        return 0;
+    if (ol > 7 && !strncasecmp(origin, "http://", 7)) {
+        origin += 7;
+        ol -= 7;
+    } else if (ol > 8 && !strncasecmp(origin, "https://", 8)) {
+        origin += 8;
+        ol -= 8;
+    } else {
+        return 0;
+    }
+    return ol == hl && !strncasecmp(origin, host, hl);
+}
+
 size_t hub_request_list_each(const struct hub_request *r, const char *name,
                              int (*fn)(void *ud, const char *v, size_t len), void *ud)
 {

@@ -51,6 +51,16 @@ struct hub_config {
     uint32_t workers;               /* worker processes; 0 = one per core ("auto") */
     char *policy_vars;              /* JSON object the policy sees as hub.vars, or NULL */
 
+    char *allowed_origins;          /* origins browsers may connect from, space-separated;
+                                     * NULL: the request's own host only */
+    char *trusted_proxies;          /* CIDRs whose X-Forwarded-For is believed, space-separated */
+    uint32_t command_rate;          /* commands per second per connection; 0 = no limit */
+    uint32_t command_burst;
+    uint32_t publish_rate;          /* publishes per second per connection; 0 = no limit */
+    uint32_t publish_burst;
+    uint32_t max_connections_per_ip; /* 0 = no limit */
+    uint32_t connect_rate_per_ip;   /* new connections per second per address; 0 = no limit */
+
     struct hub_channel_opts *channels; /* the `channels` patterns; NULL: none */
     size_t nchannels;
     uint32_t recover_max;           /* messages one recovery, rewind or history call

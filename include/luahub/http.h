@@ -42,6 +42,8 @@ struct hub_http_options {
     uint64_t max_body;              /* bytes: larger bodies get 413 */
     uint32_t request_timeout_ms;    /* a request head (and body, see docs) must arrive within it */
     uint32_t idle_timeout_ms;       /* a keep-alive connection may wait this long for its next request */
+    const struct hub_ip *trusted;   /* proxies whose X-Forwarded-For is believed (borrowed) */
+    size_t ntrusted;
 };
 
 /* Creates the HTTP side on `loop`. `routes` and `ud` are borrowed and must

@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "luahub/netaddr.h"
 #include "luahub/util.h"
 
 #define HUB_REQUEST_HEAD_MAX 16384  /* bytes of a request head (line + headers) */
@@ -41,8 +42,11 @@ struct hub_request {
     unsigned upgrade_websocket : 1; /* Upgrade: websocket */
     const char *body;           /* content_length bytes, or NULL while unread */
     size_t body_len;
-    const char *peer;           /* numeric address of the peer ("127.0.0.1", "::1") */
+    /* The client: the TCP peer, or behind a trusted proxy (trusted_proxies)
+     * the address X-Forwarded-For names (see hub_ip_client). */
+    const char *peer;           /* numeric address ("127.0.0.1", "::1") */
     int peer_loopback;          /* 127.0.0.0/8, ::1, ::ffff:127.x */
+    struct hub_ip peer_ip;
 };
 
 /* Results of hub_request_parse_head. */
@@ -82,6 +86,11 @@ int hub_request_has_token(const struct hub_request *r, const char *name,
  * elements passed. */
 size_t hub_request_list_each(const struct hub_request *r, const char *name,
                              int (*fn)(void *ud, const char *v, size_t len), void *ud);
+
+/* 1 if the request's Origin names the host it was sent to: its host[:port]
+ * (after http:// or https://) is the Host header, case-insensitively. 0
+ * without an Origin, or for "null" or another scheme. */
+int hub_request_origin_is_host(const struct hub_request *r);
 
 /* Walks the query string: calls fn(ud, name, name_len, value, value_len)
  * for each `name=value` (or `name` alone, value "") with both
