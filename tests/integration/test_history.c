@@ -251,6 +251,48 @@ static void sendf(struct ws *c, const char *fmt, ...)
     free(s);
 }
 
+/* `src` with each "$E" replaced by `epoch` and each "$P" by `epoch`
+ * without its last byte (new string). */
+static char *with_epoch(const char *src, const char *epoch)
+{
+    char *out = strdup("");
+    for (const char *q = src; *q;) {
+        const char *m = strchr(q, '$');
+        if (!m || (m[1] != 'E' && m[1] != 'P'))
+            m = q + strlen(q);
+        int el = m[0] && m[1] == 'P' ? (int)strlen(epoch) - 1 : (int)strlen(epoch);
+        char *n = ht_asprintf("%s%.*s%.*s", out, (int)(m - q), q, *m ? el : 0, epoch);
+        free(out);
+        out = n;
+        q = *m ? m + 2 : m;
+    }
+    return out;
+}
+
+/* The messages of a history answer: {"offset":K,"data":{"n":K}} for each K
+ * of `offsets` (ended by -1), comma-separated (new string). */
+static char *messages_of(const int *offsets)
+{
+    char *out = strdup("");
+    for (int i = 0; offsets[i] >= 0; i++) {
+        char *n = ht_asprintf("%s%s{\"offset\":%d,\"data\":{\"n\":%d}}", out, i ? "," : "",
+                              offsets[i], offsets[i]);
+        free(out);
+        out = n;
+    }
+    return out;
+}
+
+/* A plain subscribe (integer id, no recover, no rewind) to a history
+ * channel; its reply is checked as reply_pos does. */
+static void sub_hist_at(int line, struct ws *c, int id, const char *channel,
+                        long long want_offset, const char *want_epoch, struct pos *out)
+{
+    sendf(c, "{\"op\":\"subscribe\",\"channel\":\"%s\",\"id\":%d}", channel, id);
+    reply_pos_at(line, c, id, channel, -1, -1, want_offset, want_epoch, out);
+}
+#define sub_hist(...) sub_hist_at(__LINE__, __VA_ARGS__)
+
 static int starts_with(const char *s, const char *prefix)
 {
     return !strncmp(s, prefix, strlen(prefix));
@@ -276,10 +318,8 @@ START_TEST(offsets_from_one_per_channel_ws_and_http)
     struct hub *h = start();
     struct ws *a = ws_connect(h->port), *p = ws_connect(h->port);
     struct pos e1, e2;
-    sendf(a, "{\"op\":\"subscribe\",\"channel\":\"feed:1\",\"id\":1}");
-    reply_pos(a, 1, "feed:1", -1, -1, 0, NULL, &e1);
-    sendf(a, "{\"op\":\"subscribe\",\"channel\":\"feed:2\",\"id\":2}");
-    reply_pos(a, 2, "feed:2", -1, -1, 0, NULL, &e2);
+    sub_hist(a, 1, "feed:1", 0, NULL, &e1);
+    sub_hist(a, 2, "feed:2", 0, NULL, &e2);
     ck_assert_str_ne(e1.epoch, e2.epoch);   /* a stream each */
 
     ws_pub(p, "feed:1", 1);
@@ -296,8 +336,7 @@ START_TEST(offsets_from_one_per_channel_ws_and_http)
     expect_msg(a, "feed:1", 4);
 
     /* a subscribed publisher gets its own message with its offset */
-    sendf(p, "{\"op\":\"subscribe\",\"channel\":\"feed:1\",\"id\":3}");
-    reply_pos(p, 3, "feed:1", -1, -1, 4, e1.epoch, NULL);
+    sub_hist(p, 3, "feed:1", 4, e1.epoch, NULL);
     sendf(p, "{\"op\":\"publish\",\"channel\":\"feed:1\",\"data\":{\"n\":5},\"id\":4}");
     ws_expect_pair(p, "{\"id\":4,\"ok\":true}",
                    "{\"op\":\"message\",\"channel\":\"feed:1\",\"data\":{\"n\":5},\"offset\":5}");
@@ -322,10 +361,8 @@ START_TEST(broadcast_gives_offsets)
     http_pubs(h, "feed:1", 1, 2, &p1);
     http_pubs(h, "feed:2", 1, 4, &p2);
     struct ws *a = ws_connect(h->port);
-    sendf(a, "{\"op\":\"subscribe\",\"channel\":\"feed:1\",\"id\":1}");
-    reply_pos(a, 1, "feed:1", -1, -1, 2, p1.epoch, NULL);
-    sendf(a, "{\"op\":\"subscribe\",\"channel\":\"feed:2\",\"id\":2}");
-    reply_pos(a, 2, "feed:2", -1, -1, 4, p2.epoch, NULL);
+    sub_hist(a, 1, "feed:1", 2, p1.epoch, NULL);
+    sub_hist(a, 2, "feed:2", 4, p2.epoch, NULL);
     ws_subscribe(a, "lobby");
     struct http_resp r;
     ck_assert_int_eq(http_request(h->port, "POST", "/api/broadcast", NULL,
@@ -458,8 +495,7 @@ START_TEST(subscribe_reply_has_top_and_stable_epoch)
     http_pubs(h, "feed:1", 1, 3, &p0);               /* the same epoch each time */
     expect_msgs(a, "feed:1", 1, 3);
     struct ws *b = ws_connect(h->port);
-    sendf(b, "{\"op\":\"subscribe\",\"channel\":\"feed:1\",\"id\":1}");
-    reply_pos(b, 1, "feed:1", -1, -1, 3, p0.epoch, NULL);    /* no replay without asking */
+    sub_hist(b, 1, "feed:1", 3, p0.epoch, NULL);    /* no replay without asking */
     ws_sync(b);
     http_pubs(h, "feed:1", 4, 12, &p0);
     expect_msgs(a, "feed:1", 4, 12);
@@ -484,12 +520,10 @@ START_TEST(subscribe_again_reply_has_position)
     struct pos p = {0};
     http_pubs(h, "feed:1", 1, 3, &p);
     struct ws *a = ws_connect(h->port);
-    sendf(a, "{\"op\":\"subscribe\",\"channel\":\"feed:1\",\"id\":1}");
-    reply_pos(a, 1, "feed:1", -1, -1, 3, p.epoch, NULL);
+    sub_hist(a, 1, "feed:1", 3, p.epoch, NULL);
     http_pub(h, "feed:1", 4, p.epoch, NULL);
     expect_msg(a, "feed:1", 4);
-    sendf(a, "{\"op\":\"subscribe\",\"channel\":\"feed:1\",\"id\":2}");
-    reply_pos(a, 2, "feed:1", -1, -1, 4, p.epoch, NULL);
+    sub_hist(a, 2, "feed:1", 4, p.epoch, NULL);
     ws_sync(a);
     http_pub(h, "feed:1", 5, p.epoch, NULL);
     expect_msg(a, "feed:1", 5);                     /* once */
@@ -546,8 +580,7 @@ START_TEST(recover_after_disconnect)
     struct hub *h = start();
     struct pos p;
     struct ws *a = ws_connect(h->port), *pub = ws_connect(h->port);
-    sendf(a, "{\"op\":\"subscribe\",\"channel\":\"feed:1\",\"id\":1}");
-    reply_pos(a, 1, "feed:1", -1, -1, 0, NULL, &p);
+    sub_hist(a, 1, "feed:1", 0, NULL, &p);
     ws_pub(pub, "feed:1", 1);
     ws_pub(pub, "feed:1", 2);
     expect_msgs(a, "feed:1", 1, 2);
@@ -629,23 +662,23 @@ END_TEST
 
 /* recover {offset, epoch} after `published` messages: recovered with
  * `missed` replayed, or not recovered (missed 0, nothing replayed); live
- * deliveries follow either way. In `rec`, "E" stands for the stream's
- * epoch. */
+ * deliveries follow either way. In `rec`, $E stands for the stream's
+ * epoch, $P for it without its last byte. */
 static const struct {
     const char *what, *channel;
     int published;
     const char *rec;
     int recovered, missed;
 } recovers[] = {
-    {"3 missed", "feed:1", 5, "{\"offset\":2,\"epoch\":E}", 1, 3},
-    {"from the top", "feed:1", 5, "{\"offset\":5,\"epoch\":E}", 1, 0},
-    {"a fresh stream", "feed:1", 0, "{\"offset\":0,\"epoch\":E}", 1, 0},
-    {"exactly recover_max", "feed:1", 15, "{\"offset\":5,\"epoch\":E}", 1, 10},
-    {"one over recover_max", "feed:1", 15, "{\"offset\":4,\"epoch\":E}", 0, 0},
-    {"far over recover_max", "feed:1", 15, "{\"offset\":0,\"epoch\":E}", 0, 0},
-    {"exactly what is kept", "room:1", 8, "{\"offset\":3,\"epoch\":E}", 1, 5},
-    {"trimmed", "room:1", 8, "{\"offset\":2,\"epoch\":E}", 0, 0},
-    {"trimmed from 0", "room:1", 8, "{\"offset\":0,\"epoch\":E}", 0, 0},
+    {"3 missed", "feed:1", 5, "{\"offset\":2,\"epoch\":\"$E\"}", 1, 3},
+    {"from the top", "feed:1", 5, "{\"offset\":5,\"epoch\":\"$E\"}", 1, 0},
+    {"a fresh stream", "feed:1", 0, "{\"offset\":0,\"epoch\":\"$E\"}", 1, 0},
+    {"exactly recover_max", "feed:1", 15, "{\"offset\":5,\"epoch\":\"$E\"}", 1, 10},
+    {"one over recover_max", "feed:1", 15, "{\"offset\":4,\"epoch\":\"$E\"}", 0, 0},
+    {"far over recover_max", "feed:1", 15, "{\"offset\":0,\"epoch\":\"$E\"}", 0, 0},
+    {"exactly what is kept", "room:1", 8, "{\"offset\":3,\"epoch\":\"$E\"}", 1, 5},
+    {"trimmed", "room:1", 8, "{\"offset\":2,\"epoch\":\"$E\"}", 0, 0},
+    {"trimmed from 0", "room:1", 8, "{\"offset\":0,\"epoch\":\"$E\"}", 0, 0},
     {"unknown epoch", "feed:1", 5, "{\"offset\":2,\"epoch\":\"nope\"}", 0, 0},
     {"unknown 32-byte epoch", "feed:1", 5,
      "{\"offset\":2,\"epoch\":\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"}", 0, 0},
@@ -653,9 +686,9 @@ static const struct {
     {"empty epoch, fresh stream", "feed:1", 0, "{\"offset\":0,\"epoch\":\"\"}", 0, 0},
     {"missing epoch", "feed:1", 5, "{\"offset\":2}", 0, 0},
     {"missing epoch, at the top", "feed:1", 5, "{\"offset\":5}", 0, 0},
-    {"offset above the top", "feed:1", 5, "{\"offset\":6,\"epoch\":E}", 0, 0},
-    {"offset 2^63-1", "feed:1", 5, "{\"offset\":9223372036854775807,\"epoch\":E}", 0, 0},
-    {"epoch prefix", "feed:1", 5, "{\"offset\":2,\"epoch\":E-}", 0, 0},
+    {"offset above the top", "feed:1", 5, "{\"offset\":6,\"epoch\":\"$E\"}", 0, 0},
+    {"offset 2^63-1", "feed:1", 5, "{\"offset\":9223372036854775807,\"epoch\":\"$E\"}", 0, 0},
+    {"epoch prefix", "feed:1", 5, "{\"offset\":2,\"epoch\":\"$P\"}", 0, 0},
 };
 
 START_TEST(recover_outcomes)
@@ -668,18 +701,10 @@ START_TEST(recover_outcomes)
         http_pubs(h, ch, 1, n, &p);
     p = http_top(h, ch);
     ck_assert_int_eq(p.offset, n);
-    /* E: the epoch; E-: the epoch without its last byte */
-    char rec[256];
-    const char *src = recovers[_i].rec, *e = strchr(src, 'E');
-    if (e) {
-        int minus = e[1] == '-';
-        snprintf(rec, sizeof rec, "%.*s\"%.*s\"%s", (int)(e - src), src,
-                 (int)strlen(p.epoch) - minus, p.epoch, e + 1 + minus);
-    } else {
-        snprintf(rec, sizeof rec, "%s", src);
-    }
+    char *rec = with_epoch(recovers[_i].rec, p.epoch);
     struct ws *a = ws_connect(h->port);
     sendf(a, "{\"op\":\"subscribe\",\"channel\":\"%s\",\"recover\":%s,\"id\":1}", ch, rec);
+    free(rec);
     reply_pos(a, 1, ch, recovers[_i].recovered, k, n, p.epoch, NULL);
     expect_msgs(a, ch, n - k + 1, n);
     ws_sync(a);                                     /* nothing else replayed */
@@ -795,12 +820,10 @@ START_TEST(bad_input)
     struct hub *h = start();
     struct ws *a = ws_connect(h->port), *b = ws_connect(h->port);
     struct pos p;
-    sendf(a, "{\"op\":\"subscribe\",\"channel\":\"feed:1\",\"id\":1}");
-    reply_pos(a, 1, "feed:1", -1, -1, 0, NULL, &p);
+    sub_hist(a, 1, "feed:1", 0, NULL, &p);
     ws_subscribe(a, "lobby");
     ws_subscribe(a, "quiet:1");
-    sendf(b, "{\"op\":\"subscribe\",\"channel\":\"feed:1\",\"id\":1}");
-    reply_pos(b, 1, "feed:1", -1, -1, 0, p.epoch, NULL);
+    sub_hist(b, 1, "feed:1", 0, p.epoch, NULL);
     http_pub(h, "feed:1", 1, p.epoch, NULL);
     expect_msg(a, "feed:1", 1);
     expect_msg(b, "feed:1", 1);
@@ -844,7 +867,7 @@ END_TEST
 /* ------------------------------------------------------------------ */
 
 /* history with `args` on feed:1 holding offsets 1..6: the offsets of the
- * answer, in order (-1 ends the list). In `args`, E is the epoch. */
+ * answer, in order (-1 ends the list). In `args`, $E is the epoch. */
 static const struct {
     const char *args;
     int offsets[8];
@@ -855,12 +878,12 @@ static const struct {
     {",\"reverse\":false", {1, 2, 3, 4, 5, 6, -1}},
     {",\"reverse\":true", {6, 5, 4, 3, 2, 1, -1}},
     {",\"reverse\":true,\"limit\":2", {6, 5, -1}},
-    {",\"since\":{\"offset\":3,\"epoch\":E}", {4, 5, 6, -1}},
-    {",\"since\":{\"epoch\":E,\"offset\":3},\"limit\":2", {4, 5, -1}},
-    {",\"since\":{\"offset\":0,\"epoch\":E}", {1, 2, 3, 4, 5, 6, -1}},
-    {",\"since\":{\"offset\":6,\"epoch\":E}", {-1}},
-    {",\"since\":{\"offset\":3,\"epoch\":E},\"reverse\":true", {6, 5, 4, -1}},
-    {",\"limit\":1,\"since\":{\"offset\":5,\"epoch\":E}", {6, -1}},
+    {",\"since\":{\"offset\":3,\"epoch\":\"$E\"}", {4, 5, 6, -1}},
+    {",\"since\":{\"epoch\":\"$E\",\"offset\":3},\"limit\":2", {4, 5, -1}},
+    {",\"since\":{\"offset\":0,\"epoch\":\"$E\"}", {1, 2, 3, 4, 5, 6, -1}},
+    {",\"since\":{\"offset\":6,\"epoch\":\"$E\"}", {-1}},
+    {",\"since\":{\"offset\":3,\"epoch\":\"$E\"},\"reverse\":true", {6, 5, 4, -1}},
+    {",\"limit\":1,\"since\":{\"offset\":5,\"epoch\":\"$E\"}", {6, -1}},
 };
 
 START_TEST(history_op)
@@ -869,29 +892,18 @@ START_TEST(history_op)
     struct pos p = {0};
     http_pubs(h, "feed:1", 1, 6, &p);
     struct ws *a = ws_connect(h->port);
-    sendf(a, "{\"op\":\"subscribe\",\"channel\":\"feed:1\",\"id\":1}");
-    reply_pos(a, 1, "feed:1", -1, -1, 6, p.epoch, NULL);
+    sub_hist(a, 1, "feed:1", 6, p.epoch, NULL);
 
-    char args[256];
-    const char *src = histories[_i].args, *e = strstr(src, "E");
-    if (e)
-        snprintf(args, sizeof args, "%.*s\"%s\"%s", (int)(e - src), src, p.epoch, e + 1);
-    else
-        snprintf(args, sizeof args, "%s", src);
+    char *args = with_epoch(histories[_i].args, p.epoch);
     sendf(a, "{\"op\":\"history\",\"channel\":\"feed:1\",\"id\":5%s}", args);
+    char *msgs = messages_of(histories[_i].offsets);
     char *want = ht_asprintf("{\"id\":5,\"ok\":true,\"channel\":\"feed:1\",\"offset\":6,"
-                             "\"epoch\":\"%s\",\"messages\":[", p.epoch);
-    for (int i = 0; histories[_i].offsets[i] >= 0; i++) {
-        int o = histories[_i].offsets[i];
-        char *w = ht_asprintf("%s%s{\"offset\":%d,\"data\":{\"n\":%d}}", want, i ? "," : "",
-                              o, o);
-        free(want);
-        want = w;
-    }
-    char *w = ht_asprintf("%s],\"truncated\":false}", want);
-    ws_expect(a, w);
-    free(w);
+                             "\"epoch\":\"%s\",\"messages\":[%s],\"truncated\":false}",
+                             p.epoch, msgs);
+    ws_expect(a, want);
     free(want);
+    free(msgs);
+    free(args);
     ws_sync(a);
     ws_free(a);
     stop(h);
@@ -937,18 +949,43 @@ START_TEST(history_data_byte_exact)
 }
 END_TEST
 
-/* 300 bytes of data: ten of them do not fit half of a 4 KiB queue. */
+/* {"n":K,"pad":"0...0"}: 300 bytes of pad, ten of them do not fit half of
+ * a 4 KiB queue (new string). */
+static char *big_data(int k)
+{
+    return ht_asprintf("{\"n\":%d,\"pad\":\"%0300d\"}", k, 0);
+}
+
 static void publish_big(struct hub *h, const char *channel, int from, int to)
 {
     for (int k = from; k <= to; k++) {
-        char body[512];
-        snprintf(body, sizeof body, "{\"channel\":\"%s\",\"data\":{\"n\":%d,\"pad\":\"%0300d\"}}",
-                 channel, k, 0);
+        char *d = big_data(k);
+        char *body = ht_asprintf("{\"channel\":\"%s\",\"data\":%s}", channel, d);
         struct http_resp r;
         ck_assert_int_eq(http_request(h->port, "POST", "/api/publish", NULL, body, &r), 200);
         http_resp_free(&r);
+        free(body);
+        free(d);
     }
 }
+
+/* The next message must be the delivery of big_data(k) at offset k on
+ * feed:1. Returns its length. */
+static size_t expect_big_at(int line, struct ws *c, int k)
+{
+    char *d = big_data(k);
+    char *want = ht_asprintf("{\"op\":\"message\",\"channel\":\"feed:1\",\"data\":%s,"
+                             "\"offset\":%d}", d, k);
+    char *t = ws_recv_text(c);
+    if (strcmp(t, want))
+        FAILAT(line, "expected the delivery\n  %s\ngot\n  %s", want, t);
+    size_t n = strlen(t);
+    free(t);
+    free(want);
+    free(d);
+    return n;
+}
+#define expect_big(...) expect_big_at(__LINE__, __VA_ARGS__)
 
 START_TEST(history_truncated_to_half_the_queue)
 {
@@ -956,8 +993,7 @@ START_TEST(history_truncated_to_half_the_queue)
     publish_big(h, "feed:1", 1, 10);
     struct pos p = http_top(h, "feed:1");
     struct ws *a = ws_connect(h->port);
-    sendf(a, "{\"op\":\"subscribe\",\"channel\":\"feed:1\",\"id\":1}");
-    reply_pos(a, 1, "feed:1", -1, -1, 10, p.epoch, NULL);
+    sub_hist(a, 1, "feed:1", 10, p.epoch, NULL);
     /* read it all in pieces: each answer within 2 KiB, truncated until
      * the end, the offsets going on from where the last one stopped */
     long long next = 1;
@@ -1008,26 +1044,19 @@ START_TEST(replay_over_half_the_queue_not_recovered)
     ws_sync(a);
     ck_assert_int_eq(hub_metric(h, "luahub_slow_consumer_closes_total"), 0);
     publish_big(h, "feed:1", 11, 11);            /* still subscribed, live */
-    char *t = ws_recv_text(a);
-    ck_assert_msg(strstr(t, "\"n\":11,") && strstr(t, "\"offset\":11}"), "got %s", t);
-    free(t);
+    expect_big(a, 11);
     /* a small recovery on the same conf is fine */
     struct ws *b = ws_connect(h->port);
     sendf(b, "{\"op\":\"subscribe\",\"channel\":\"feed:1\",\"id\":1,"
              "\"recover\":{\"offset\":9,\"epoch\":\"%s\"}}", p.epoch);
     reply_pos(b, 1, "feed:1", 1, 2, 11, p.epoch, NULL);
-    for (int k = 10; k <= 11; k++) {
-        t = ws_recv_text(b);
-        char *tail = ht_asprintf("\"offset\":%d}", k);
-        ck_assert_msg(strstr(t, tail), "expected offset %d: %s", k, t);
-        free(tail);
-        free(t);
-    }
+    expect_big(b, 10);
+    expect_big(b, 11);
     ws_sync(b);
     /* rewind 10: the newest that fit, oldest first, all under 2 KiB */
     struct ws *c = ws_connect(h->port);
     sendf(c, "{\"op\":\"subscribe\",\"channel\":\"feed:1\",\"id\":1,\"rewind\":10}");
-    t = ws_recv_text(c);
+    char *t = ws_recv_text(c);
     yajl_val v = json_parse(t);
     yajl_val m = json_get(v, "missed");
     ck_assert_msg(m && YAJL_IS_INTEGER(m), "no missed in %s", t);
@@ -1036,14 +1065,8 @@ START_TEST(replay_over_half_the_queue_not_recovered)
     yajl_tree_free(v);
     free(t);
     size_t bytes = 0;
-    for (long long o = 11 - k + 1; o <= 11; o++) {
-        t = ws_recv_text(c);
-        char *tail = ht_asprintf("\"offset\":%lld}", o);
-        ck_assert_msg(strstr(t, tail), "expected offset %lld: %s", o, t);
-        bytes += strlen(t);
-        free(tail);
-        free(t);
-    }
+    for (int o = 11 - (int)k + 1; o <= 11; o++)
+        bytes += expect_big(c, o);
     ck_assert_msg(bytes <= 2048, "rewind replayed %zu bytes", bytes);
     ws_sync(c);
     ck_assert_int_eq(hub_metric(h, "luahub_slow_consumer_closes_total"), 0);
@@ -1488,11 +1511,11 @@ static const struct {
     {"&reverse=1&limit=3", {6, 5, 4, -1}},
     {"&reverse=false", {1, 2, 3, 4, 5, 6, -1}},
     {"&reverse=0", {1, 2, 3, 4, 5, 6, -1}},
-    {"&since=3&epoch=E", {4, 5, 6, -1}},
-    {"&epoch=E&since=3&limit=1", {4, -1}},
-    {"&since=0&epoch=E", {1, 2, 3, 4, 5, 6, -1}},
-    {"&since=6&epoch=E", {-1}},
-    {"&since=2&epoch=E&reverse=true&limit=2", {6, 5, -1}},
+    {"&since=3&epoch=$E", {4, 5, 6, -1}},
+    {"&epoch=$E&since=3&limit=1", {4, -1}},
+    {"&since=0&epoch=$E", {1, 2, 3, 4, 5, 6, -1}},
+    {"&since=6&epoch=$E", {-1}},
+    {"&since=2&epoch=$E&reverse=true&limit=2", {6, 5, -1}},
 };
 
 START_TEST(http_history)
@@ -1500,26 +1523,16 @@ START_TEST(http_history)
     struct hub *h = start();
     struct pos p = {0};
     http_pubs(h, "feed:1", 1, 6, &p);
-    char q[256];
-    const char *src = http_histories[_i].query, *e = strstr(src, "=E");
-    if (e)
-        snprintf(q, sizeof q, "%.*s=%s%s", (int)(e - src), src, p.epoch, e + 2);
-    else
-        snprintf(q, sizeof q, "%s", src);
+    char *q = with_epoch(http_histories[_i].query, p.epoch);
     char *path = ht_asprintf("/api/history?channel=feed:1%s", q);
     char *body = http_get(h, path, 200);
-    char *want = ht_asprintf("{\"ok\":true,\"offset\":6,\"epoch\":\"%s\",\"messages\":[", p.epoch);
-    for (int i = 0; http_histories[_i].offsets[i] >= 0; i++) {
-        int o = http_histories[_i].offsets[i];
-        char *w = ht_asprintf("%s%s{\"offset\":%d,\"data\":{\"n\":%d}}", want, i ? "," : "",
-                              o, o);
-        free(want);
-        want = w;
-    }
-    char *w = ht_asprintf("%s],\"truncated\":false}", want);
-    ck_assert_str_eq(body, w);
-    free(w);
+    char *msgs = messages_of(http_histories[_i].offsets);
+    char *want = ht_asprintf("{\"ok\":true,\"offset\":6,\"epoch\":\"%s\",\"messages\":[%s],"
+                             "\"truncated\":false}", p.epoch, msgs);
+    ck_assert_str_eq(body, want);
     free(want);
+    free(msgs);
+    free(q);
     free(body);
     free(path);
     stop(h);
@@ -1666,21 +1679,6 @@ END_TEST
 /* No growth                                                            */
 /* ------------------------------------------------------------------ */
 
-static long rss_kib(pid_t pid)
-{
-    char path[64], line[256];
-    long kib = -1;
-    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    FILE *f = fopen(path, "r");
-    ck_assert_msg(f != NULL, "cannot read %s", path);
-    while (fgets(line, sizeof line, f))
-        if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
-            break;
-    fclose(f);
-    ck_assert_msg(kib > 0, "no VmRSS in %s", path);
-    return kib;
-}
-
 #define RECONNECTS 1000
 #define WARMUP 100
 
@@ -1697,17 +1695,11 @@ static const char *const gauges[] = {
  * hub's channels and subscriptions, and the hub's memory. */
 START_TEST(reconnect_loop_no_growth)
 {
-    /* The ASan build keeps freed memory in quarantine (256 MB by default):
-     * growth that is not a leak. Without it, freed memory is reused. */
-    const char *asan = getenv("ASAN_OPTIONS");
-    char *opts = ht_asprintf("%s%squarantine_size_mb=0", asan ? asan : "", asan ? ":" : "");
-    setenv("ASAN_OPTIONS", opts, 1);
-    free(opts);
+    ht_asan_no_quarantine();                /* quarantine would look like growth */
     struct hub *h = start();
     struct ws *w = ws_connect(h->port), *pub = ws_connect(h->port);
     struct pos p;
-    sendf(w, "{\"op\":\"subscribe\",\"channel\":\"both:1\",\"id\":1}");
-    reply_pos(w, 1, "both:1", -1, -1, 0, NULL, &p);
+    sub_hist(w, 1, "both:1", 0, NULL, &p);
     char *me = entry_of(w, NULL, NULL);
     expect_event(w, "join", "both:1", me);     /* its own */
     free(me);
@@ -1749,15 +1741,16 @@ START_TEST(reconnect_loop_no_growth)
         ws_sync(w);
         hub_metric_wait(h, "luahub_connections", 2, HT_WAIT_MS);
         if (i == WARMUP - 1) {
-            rss0 = rss_kib(h->pid);
+            rss0 = ht_rss_kib(h->pid);
             for (size_t k = 0; k < NGAUGES; k++)
                 g0[k] = hub_metric(h, gauges[k]);
         }
     }
-    long rss1 = rss_kib(h->pid);
+    long rss1 = ht_rss_kib(h->pid);
     for (size_t k = 0; k < NGAUGES; k++)
         ck_assert_msg(hub_metric(h, gauges[k]) == g0[k], "%s went from %lld to %lld", gauges[k],
                       g0[k], hub_metric(h, gauges[k]));
+    expect_stats(w, 2, "both:1", 1, 0);        /* the watcher alone */
     ck_assert_int_eq(g0[0], 1);                 /* one stream */
     ck_assert_int_eq(g0[2], 1);                 /* one presence channel: the watcher's */
     ck_assert_msg(rss1 - rss0 < 1024, "VmRSS grew from %ld to %ld KiB over %d reconnects",
@@ -1819,8 +1812,7 @@ START_TEST(expiry_of_unpublished_stream_new_epoch)
     struct hub *h = start();
     struct ws *a = ws_connect(h->port);
     struct pos p1, p2;
-    sendf(a, "{\"op\":\"subscribe\",\"channel\":\"ttl:1\",\"id\":1}");
-    reply_pos(a, 1, "ttl:1", -1, -1, 0, NULL, &p1);
+    sub_hist(a, 1, "ttl:1", 0, NULL, &p1);
     ck_assert_int_eq(hub_metric(h, "luahub_history_streams"), 1);
     hub_metric_wait(h, "luahub_history_streams", 0, 10000);
     ck_assert_int_eq(hub_metric(h, "luahub_history_streams_expired_total"), 1);
