@@ -465,7 +465,36 @@ START_TEST(no_offset_without_history)
     d = ws_delivery(ch, "[1,2]");
     ws_expect(a, d);
     free(d);
+    /* recover and rewind are ignored there (docs/protocol.md): a plain ok,
+     * nothing replayed */
+    static const char *const past[] = {",\"rewind\":3",
+                                       ",\"recover\":{\"offset\":0,\"epoch\":\"e\"}"};
+    for (int i = 0; i < 2; i++) {
+        struct ws *q = ws_connect(h->port);
+        sendf(q, "{\"op\":\"subscribe\",\"channel\":\"%s\",\"id\":1%s}", ch, past[i]);
+        want = ht_asprintf("{\"id\":1,\"ok\":true,\"channel\":\"%s\"}", ch);
+        ws_expect(q, want);
+        free(want);
+        char *me = client_of(q);
+        if (presence) {     /* its join, to itself and to a */
+            want = ht_asprintf("{\"op\":\"join\",\"channel\":\"%s\",\"client\":\"%s\"}", ch,
+                               me);
+            ws_expect(q, want);
+            ws_expect(a, want);
+            free(want);
+        }
+        ws_sync(q);
+        ws_free(q);
+        if (presence) {     /* and its leave */
+            want = ht_asprintf("{\"op\":\"leave\",\"channel\":\"%s\",\"client\":\"%s\"}",
+                               ch, me);
+            ws_expect(a, want);
+            free(want);
+        }
+        free(me);
+    }
     ws_sync(a);
+    ws_sync(p);
     ws_free(a);
     ws_free(p);
     stop(h);
