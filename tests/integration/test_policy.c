@@ -897,22 +897,6 @@ START_TEST(timers)
 }
 END_TEST
 
-/* VmRSS of process `pid` in KiB. */
-static long rss_kib(pid_t pid)
-{
-    char path[64], line[256];
-    long kib = -1;
-    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    FILE *f = fopen(path, "r");
-    ck_assert_msg(f != NULL, "cannot read %s", path);
-    while (fgets(line, sizeof line, f))
-        if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
-            break;
-    fclose(f);
-    ck_assert_msg(kib > 0, "no VmRSS in %s", path);
-    return kib;
-}
-
 /* rpc `method` whose data is a JSON number; returns it. */
 static long long rpc_number(struct ws *c, const char *method)
 {
@@ -931,12 +915,8 @@ static long long rpc_number(struct ws *c, const char *method)
  * rpc after `start` got no answer. */
 START_TEST(timer_rearming_itself_lets_the_loop_turn)
 {
-    /* The ASan build keeps freed memory in quarantine (256 MB by default):
-     * growth that is not a leak. Without it, freed memory is reused. */
-    const char *asan = getenv("ASAN_OPTIONS");
-    char *opts = ht_asprintf("%s%squarantine_size_mb=0", asan ? asan : "", asan ? ":" : "");
-    setenv("ASAN_OPTIONS", opts, 1);
-    free(opts);
+    /* ASan's quarantine would look like growth */
+    ht_asan_no_quarantine();
     struct hub *h = start_policy(
         "local n = 0\n"
         "local function tick() n = n + 1 hub.after(0, tick) end\n"
@@ -951,13 +931,13 @@ START_TEST(timer_rearming_itself_lets_the_loop_turn)
     int64_t until = ht_now_ms() + 60000;
     while ((n0 = rpc_number(c, "n")) < 5000)
         ck_assert_msg(ht_now_ms() < until, "only %lld timer callbacks ran", n0);
-    long rss0 = rss_kib(h->pid);
+    long rss0 = ht_rss_kib(h->pid);
     /* 100,000 more callbacks (1,000 turns of the loop at least): the memory
      * of the closed handles is given back */
     long long n;
     while ((n = rpc_number(c, "n")) < n0 + 100000)
         ck_assert_msg(ht_now_ms() < until, "only %lld timer callbacks ran", n);
-    long rss1 = rss_kib(h->pid);
+    long rss1 = ht_rss_kib(h->pid);
     ck_assert_msg(rss1 - rss0 < 8192, "VmRSS grew from %ld to %ld KiB over %lld callbacks",
                   rss0, rss1, n - n0);
     ck_assert_int_eq(hub_metric(h, "luahub_policy_timers"), 100);

@@ -152,6 +152,29 @@ char *ht_tmpfile(const char *content)
     return path;
 }
 
+long ht_rss_kib(pid_t pid)
+{
+    char path[64], line[256];
+    long kib = -1;
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    CHECK(f != NULL, "cannot read %s: %s", path, strerror(errno));
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
+            break;
+    fclose(f);
+    CHECK(kib > 0, "no VmRSS in %s", path);
+    return kib;
+}
+
+void ht_asan_no_quarantine(void)
+{
+    const char *asan = getenv("ASAN_OPTIONS");
+    char *opts = xasprintf("%s%squarantine_size_mb=0", asan ? asan : "", asan ? ":" : "");
+    setenv("ASAN_OPTIONS", opts, 1);
+    free(opts);
+}
+
 /* The last `max` bytes of `s`, for failure messages. */
 static const char *tail(const char *s, size_t max)
 {

@@ -133,6 +133,15 @@ int ht_run(const char *const *argv, char **output, int timeout_ms);
  * the caller unlinks and frees it. */
 char *ht_tmpfile(const char *content);
 
+/* VmRSS of process `pid` (e.g. h->pid) in KiB, from /proc/PID/status. */
+long ht_rss_kib(pid_t pid);
+
+/* For memory-growth tests: hubs started from now on (by this process) keep
+ * no freed memory in ASan's quarantine (256 MB by default), so that the
+ * ASan build reuses freed memory and growth means retained memory. Sets
+ * ASAN_OPTIONS in the environment; harmless without ASan. */
+void ht_asan_no_quarantine(void);
+
 /* ------------------------------------------------------------------ */
 /* Raw TCP                                                              */
 /* ------------------------------------------------------------------ */
@@ -395,6 +404,7 @@ void ht_at(const char *file, int line);
 #define hub_run(...) HT_AT(hub_run(__VA_ARGS__))
 #define ht_run(...) HT_AT(ht_run(__VA_ARGS__))
 #define ht_tmpfile(...) HT_AT(ht_tmpfile(__VA_ARGS__))
+#define ht_rss_kib(...) HT_AT(ht_rss_kib(__VA_ARGS__))
 #define tcp_connect(...) HT_AT(tcp_connect(__VA_ARGS__))
 #define tcp_connect_opts(...) HT_AT(tcp_connect_opts(__VA_ARGS__))
 #define tcp_try_connect(...) HT_AT(tcp_try_connect(__VA_ARGS__))
