@@ -386,3 +386,15 @@ void hub_presence_local(struct hub *h, const char *channel, size_t len, uint64_t
     hub_htable_free(&seen);
     free(v);
 }
+
+int hub_position(const struct hub *h, const char *channel, size_t len,
+                 struct hub_stream_pos *pos)
+{
+    const struct hub_chan *ch = hub_chan_find(&h->chans, channel, len);
+    const struct hub_chan_ext *x = ch ? ch->ext : NULL;
+    if (!x || !x->o || !x->o->history_size || !x->epoch[0])
+        return 0;
+    pos->offset = x->top;
+    memcpy(pos->epoch, x->epoch, sizeof(pos->epoch));
+    return 1;
+}

@@ -1133,3 +1133,45 @@ size_t hub_proto_write_delivery(char *dst, const char *channel, size_t channel_l
     *o++ = '}';
     return (size_t)(o - dst);
 }
+
+size_t hub_proto_array_cut(const char *p, size_t n, size_t max, size_t *elements)
+{
+    size_t keep = 1, count = 0;
+    int depth = 0, in_str = 0;
+    *elements = 0;
+    if (n < 2 || p[0] != '[')
+        return 1;
+    for (size_t i = 1; i < n; i++) {
+        char c = p[i];
+        int ended = 0;
+        if (in_str) {
+            if (c == '\\') {
+                i++;
+            } else if (c == '"') {
+                in_str = 0;
+                ended = depth == 0;
+            }
+        } else if (c == '"') {
+            in_str = 1;
+        } else if (c == '[' || c == '{') {
+            depth++;
+        } else if (c == ']' || c == '}') {
+            if (depth == 0)
+                break;                  /* the array's own end */
+            ended = --depth == 0;
+        } else if (depth == 0 && c != ',' && c != ' ' && c != '\t' && c != '\r' &&
+                   c != '\n') {
+            /* a number or literal: it ends before , ] or blank */
+            char d = i + 1 < n ? p[i + 1] : ']';
+            ended = d == ',' || d == ']' || d == ' ' || d == '\t' || d == '\r' || d == '\n';
+        }
+        if (ended) {
+            if (i + 2 > max)
+                break;
+            keep = i + 1;
+            count++;
+        }
+    }
+    *elements = count;
+    return keep;
+}

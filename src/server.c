@@ -461,6 +461,16 @@ static void render_metrics(void *ud, struct hub_buf *b)
                    hub_subscriptions(&srv->hub));
     hub_metric_one(b, "luahub_channels", "gauge", "Channels with at least one subscriber.",
                    hub_channels(&srv->hub));
+    hub_metric_one(b, "luahub_recoveries_total", "counter",
+                   "Subscribes with recover that got every missed message (recovered:true).",
+                   srv->hub.recovered);
+    hub_metric_one(b, "luahub_recoveries_failed_total", "counter",
+                   "Subscribes with recover answered recovered:false.", srv->hub.unrecovered);
+    hub_metric_one(b, "luahub_history_repairs_total", "counter",
+                   "Gaps in a history channel's deliveries filled from its history.",
+                   srv->hub.repairs);
+    hub_metric_one(b, "luahub_history_resets_total", "counter",
+                   "Reset events sent: gaps that could not be filled.", srv->hub.resets);
     hub_metric_one(b, "luahub_messages_published_total", "counter",
                    "Messages published (one per channel).", srv->hub.published);
     hub_metric_one(b, "luahub_deliveries_total", "counter", "Frames queued to subscribers.",

@@ -285,7 +285,13 @@ static void do_subscribe(struct hub_session *s, const struct hub_cmd *cmd)
         proto_error(s, cmd->id, HUB_PERR_LIMIT_EXCEEDED, msg);
         return;
     }
-    hub_proto_encode_ok(&ss->scratch, cmd->id, name, len);
+    /* Subscribed already: the same reply, with the position on a history
+     * channel. */
+    struct hub_stream_pos pos;
+    if (hub_position(ss->hub, name, len, &pos))
+        hub_proto_encode_ok_pos(&ss->scratch, cmd->id, name, len, pos.offset, pos.epoch, -1, -1);
+    else
+        hub_proto_encode_ok(&ss->scratch, cmd->id, name, len);
     send_scratch(s);
 }
 
@@ -462,12 +468,20 @@ static void on_presence(void *ud, int status, const struct hub_presence_result *
         struct hub_buf *b = &op->ss->scratch;
         hub_proto_encode_ok(b, id, op->channel, op->channel_len);
         b->len--;                       /* reopen the object */
-        if (op->stats)
+        if (op->stats) {
             hub_buf_printf(b, ",\"clients\":%llu,\"users\":%llu}",
                            (unsigned long long)r->clients, (unsigned long long)r->users);
-        else
-            hub_buf_printf(b, ",\"clients\":%s,\"truncated\":%s}", r->list->p,
-                           r->truncated ? "true" : "false");
+        } else {
+            /* One reply frame: it must fit the client's queue with room to
+             * spare (like history); the rest is cut (truncated). */
+            size_t room = op->ss->cfg->max_queue_bytes / 2, n;
+            size_t cut = hub_proto_array_cut(r->list->p, r->list->len,
+                                             room > b->len + 40 ? room - b->len - 40 : 0, &n);
+            int truncated = r->truncated || cut + 1 < r->list->len;
+            hub_buf_appends(b, ",\"clients\":");
+            hub_buf_append(b, r->list->p, cut);
+            hub_buf_printf(b, "],\"truncated\":%s}", truncated ? "true" : "false");
+        }
         send_scratch(s);
     } else if (s) {
         proto_error(s, id, HUB_PERR_UNAVAILABLE,

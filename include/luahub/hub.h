@@ -196,6 +196,12 @@ int hub_presence(struct hub *h, const char *channel, size_t len, uint32_t max,
 void hub_presence_local(struct hub *h, const char *channel, size_t len, uint64_t *clients,
                         uint64_t *users);
 
+/* Where this hub's subscribers of history channel `channel` are (the last
+ * offset they were given, and its epoch): 1 with *pos set, 0 when the
+ * channel has no history or no position is known yet. */
+int hub_position(const struct hub *h, const char *channel, size_t len,
+                 struct hub_stream_pos *pos);
+
 /* The options of `channel` (NULL: a plain channel). */
 const struct hub_channel_opts *hub_channel_opts(const struct hub *h, const char *channel,
                                                 size_t len);

@@ -113,6 +113,12 @@ int hub_proto_channel_valid(const char *p, size_t len);
  * surrounding whitespace allowed), else 0. */
 int hub_proto_json_valid(const char *p, size_t len);
 
+/* The longest prefix of the JSON array text p[0..n) ("[e1,e2,...]", valid
+ * JSON) that holds whole elements and, closed with "]", takes at most `max`
+ * bytes: returns its length without the "]" (1 when not even the first
+ * element fits) and sets *elements to how many it holds. */
+size_t hub_proto_array_cut(const char *p, size_t n, size_t max, size_t *elements);
+
 /* A decoded HTTP API publish/broadcast body. */
 struct hub_api_req {
     struct hub_span data;   /* raw JSON of "data", points into the body */

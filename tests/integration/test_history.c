@@ -1495,7 +1495,7 @@ START_TEST(presence_answer_fits_the_queue)
     ws_expect_pair(c[0], "{\"id\":3,\"ok\":true}",
                    "{\"op\":\"message\",\"channel\":\"quiet:1\",\"data\":1}");
     t = ws_recv_text(c[0]);
-    ck_assert_msg(!strncmp(t, "{\"id\":4,\"ok\":true,", 19) && strlen(t) <= 2048,
+    ck_assert_msg(!strncmp(t, "{\"id\":4,\"ok\":true,", 18) && strlen(t) <= 2048,
                   "presence answer: %.200s (%zu bytes)", t, strlen(t));
     free(t);
     ws_sync(c[0]);

@@ -863,6 +863,32 @@ START_TEST(delivery)
 }
 END_TEST
 
+/* hub_proto_array_cut: whole elements only, within the budget. */
+START_TEST(array_cut)
+{
+    static const struct {
+        const char *text;
+        size_t max, want_len, want_n;
+    } cases[] = {
+        {"[{\"a\":1},{\"b\":\"}],{\"},{\"c\":[1,2]}]", 100, 33, 3},
+        {"[{\"a\":1},{\"b\":\"}],{\"},{\"c\":[1,2]}]", 22, 21, 2},
+        {"[{\"a\":1},{\"b\":\"}],{\"},{\"c\":[1,2]}]", 21, 8, 1},
+        {"[{\"a\":1},{\"b\":2}]", 3, 1, 0},
+        {"[]", 10, 1, 0},
+        {"[1, \"x\\\"y\", true, null]", 100, 22, 4},
+        {"[1, \"x\\\"y\", true, null]", 12, 10, 2},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        size_t n;
+        size_t len = hub_proto_array_cut(cases[i].text, strlen(cases[i].text), cases[i].max, &n);
+        ck_assert_msg(len == cases[i].want_len && n == cases[i].want_n,
+                      "case %zu: %zu bytes, %zu elements; expected %zu, %zu", i, len, n,
+                      cases[i].want_len, cases[i].want_n);
+        ck_assert_msg(len + 1 <= cases[i].max || len == 1, "case %zu: over budget", i);
+    }
+}
+END_TEST
+
 START_TEST(code_names)
 {
     static const char *const want[] = {
@@ -930,6 +956,7 @@ static Suite *proto_suite(void)
     tcase_add_test(t, encode_welcome);
     tcase_add_test(t, delivery);
     tcase_add_test(t, code_names);
+    tcase_add_test(t, array_cut);
     suite_add_tcase(s, t);
     return s;
 }
