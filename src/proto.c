@@ -1100,6 +1100,14 @@ void hub_proto_encode_error(struct hub_buf *b, struct hub_span id, int code,
     PUT(b, "}}");
 }
 
+void hub_proto_encode_rate_limited(struct hub_buf *b, struct hub_span id, const char *message,
+                                   uint64_t retry_ms)
+{
+    hub_proto_encode_error(b, id, HUB_PERR_RATE_LIMITED, message);
+    b->len -= 2;                        /* reopen the error object */
+    hub_buf_printf(b, ",\"retry_in_ms\":%llu}}", (unsigned long long)retry_ms);
+}
+
 void hub_proto_encode_welcome(struct hub_buf *b, const char *client_id,
                               const char *version, unsigned ping)
 {

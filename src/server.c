@@ -38,6 +38,7 @@ union pss {
  * adopt call: a small pool is plenty. */
 #define HEADER_POOL 16
 #define WORKER_LISTEN_WAIT_MS 3000
+#define IPLIMIT_SWEEP_MS 10000
 /* Subprotocols one upgrade may offer. */
 #define SUBPROTOCOLS_MAX 128
 
@@ -187,6 +188,34 @@ static int ws_key_valid(const char *k, size_t n)
     return 1;
 }
 
+/* Browsers (requests with an Origin) may connect from the origins of
+ * allowed_origins, or by default from the hub's own: the Origin names the
+ * Host the request was sent to. Any page a user opens could otherwise open
+ * a socket to the hub with the user's cookies. Clients that send no Origin
+ * are not browsers and not concerned. */
+static int origin_allowed(const struct hub_server *srv, const struct hub_request *r)
+{
+    size_t ol;
+    const char *origin = hub_request_header(r, "origin", &ol);
+    const char *list = srv->cfg->allowed_origins;
+    if (!origin)
+        return 1;
+    if (!list)
+        return hub_request_origin_is_host(r);
+    for (const char *p = list; *p;) {
+        const char *e = strchr(p, ' ');
+        size_t n = e ? (size_t)(e - p) : strlen(p);
+        if ((n == 1 && *p == '*') || (n == ol && !strncasecmp(p, origin, n)))
+            return 1;
+        p += n;
+        while (*p == ' ')
+            p++;
+    }
+    return 0;
+}
+
+static void pending_free(struct hub_server *srv, struct hub_conn_pending *p);
+
 /* A complete WebSocket upgrade request (http.c): the checks and on_connect
  * run here, on the parsed request; an accepted one is handed to lws with a
  * request head of our own making (docs/internals.md, "HTTP"). */
@@ -199,6 +228,7 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
     const char *ver = hub_request_header(r, "sec-websocket-version", &vl);
     const char *host = hub_request_header(r, "host", &hl);
     struct offer o;
+    int counted = 0;                    /* in the per-address table */
 
     if (r->path_len != strlen(cfg->websocket_path) || strcmp(r->path, cfg->websocket_path)) {
         refuse(srv, c, 404, "no websocket endpoint here", NULL);
@@ -240,6 +270,27 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
         refuse(srv, c, 503, "too many connections (max_connections)", NULL);
         goto out;
     }
+    if (!origin_allowed(srv, r)) {
+        size_t ol;
+        const char *origin = hub_request_header(r, "origin", &ol);
+        char why[200];
+        snprintf(why, sizeof(why), "origin %.*s is not allowed (allowed_origins)",
+                 (int)(ol > 100 ? 100 : ol), origin);
+        hub_log(HUB_LOG_INFO, "upgrade from %s refused: %s", r->peer, why);
+        srv->origins_refused++;
+        refuse_ws(srv, c, r, 403, why);
+        goto out;
+    }
+    char limit[200];
+    if (hub_iplimit_open(&srv->iplimit, &r->peer_ip, hub_now_ms(), limit, sizeof(limit)) < 0) {
+        hub_log(HUB_LOG_INFO, "upgrade from %s refused: %s", r->peer, limit);
+        if (hub_request_header(r, "origin", NULL))
+            refuse_ws(srv, c, r, 429, limit);
+        else
+            refuse(srv, c, 429, limit, NULL);
+        goto out;
+    }
+    counted = 1;
 
     struct hub_connect_result res;
     memset(&res, 0, sizeof(res));
@@ -261,6 +312,8 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
         }
     }
     struct hub_conn_pending *pending = hub_xmalloc(sizeof(*pending));
+    pending->ip = r->peer_ip;
+    counted = 0;                        /* the pending record has it now */
     pending->id = id;
     pending->user = res.user;
     pending->info_json = res.info_json;
@@ -273,7 +326,7 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
         char why[400];
         snprintf(why, sizeof(why), "unsupported WebSocket subprotocol (offered: %s): this hub "
                  "speaks \"luahub\"", o.shown.p);
-        hub_conn_pending_free(pending);
+        pending_free(srv, pending);
         refuse(srv, c, 400, why, NULL);
         goto out;
     }
@@ -297,11 +350,22 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
         if (wsi)
             lws_set_opaque_user_data(wsi, srv->handoff);
         else
-            hub_conn_pending_free(pending);
+            pending_free(srv, pending);
         srv->handoff = NULL;
     }
 out:
+    if (counted)
+        hub_iplimit_close(&srv->iplimit, &r->peer_ip, hub_now_ms());
     hub_buf_free(&o.shown);
+}
+
+/* A pending record that never became a session: its address is no longer
+ * counted either. */
+static void pending_free(struct hub_server *srv, struct hub_conn_pending *p)
+{
+    if (p && p->ip.family)
+        hub_iplimit_close(&srv->iplimit, &p->ip, hub_now_ms());
+    hub_conn_pending_free(p);
 }
 
 /* What on_connect left for the wsi being upgraded, if anything (not
@@ -378,7 +442,7 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
         /* An upgrade that on_connect allowed but that never completed. */
         struct hub_conn_pending *p = lws_get_opaque_user_data(wsi);
         lws_set_opaque_user_data(wsi, NULL);
-        hub_conn_pending_free(p);
+        pending_free(srv, p);
         break;
     }
     case LWS_CALLBACK_RECEIVE:
@@ -409,6 +473,31 @@ static void on_accept(void *ud, int fd)
 {
     struct hub_server *srv = ud;
     hub_http_accept(srv->http, fd);
+}
+
+static void on_iplimit_timer(uv_timer_t *t)
+{
+    struct hub_server *srv = t->data;
+    hub_iplimit_sweep(&srv->iplimit, hub_now_ms());
+}
+
+/* trusted_proxies (checked by the conf loader) into networks. */
+static void parse_trusted(struct hub_server *srv)
+{
+    const char *p = srv->cfg->trusted_proxies;
+    char err[128];
+    while (p && *p) {
+        const char *e = strchr(p, ' ');
+        size_t n = e ? (size_t)(e - p) : strlen(p);
+        struct hub_ip net;
+        if (hub_cidr_parse(p, n, &net, err, sizeof(err)) == 0) {
+            srv->trusted = hub_xrealloc(srv->trusted, (srv->ntrusted + 1) * sizeof(net));
+            srv->trusted[srv->ntrusted++] = net;
+        }
+        p += n;
+        while (*p == ' ')
+            p++;
+    }
 }
 
 static void on_listen_timer(uv_timer_t *t)
@@ -487,6 +576,22 @@ static void render_metrics(void *ud, struct hub_buf *b)
     hub_metric_one(b, "luahub_slow_consumer_closes_total", "counter",
                    "Connections closed with 4001 for a queue over max_queue_bytes.",
                    ss->slow_consumer_closes);
+    hub_metric_family(b, "luahub_rate_limited_total", "counter",
+                      "Commands answered rate_limited, by limit (command_rate, publish_rate).");
+    hub_metric_value(b, "luahub_rate_limited_total", "limit=\"command\"", ss->rate_limited[0]);
+    hub_metric_value(b, "luahub_rate_limited_total", "limit=\"publish\"", ss->rate_limited[1]);
+    hub_metric_one(b, "luahub_rate_limit_closes_total", "counter",
+                   "Connections closed with 4029 for ignoring rate limits.",
+                   ss->rate_limit_closes);
+    hub_metric_family(b, "luahub_connections_refused_per_address_total", "counter",
+                      "Upgrades refused by max_connections_per_ip or connect_rate_per_ip.");
+    hub_metric_value(b, "luahub_connections_refused_per_address_total",
+                     "limit=\"max_connections_per_ip\"", srv->iplimit.refused_conns);
+    hub_metric_value(b, "luahub_connections_refused_per_address_total",
+                     "limit=\"connect_rate_per_ip\"", srv->iplimit.refused_rate);
+    hub_metric_one(b, "luahub_origins_refused_total", "counter",
+                   "Upgrades from a browser origin not allowed (allowed_origins).",
+                   srv->origins_refused);
     hub_http_metrics(srv->http, b);
     hub_metric_family(b, "luahub_protocol_errors_total", "counter",
                       "Protocol errors answered, by code.");
@@ -532,6 +637,16 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
     srv->shutdown_timer.data = srv;
     uv_timer_init(loop, &srv->listen_timer);
     srv->listen_timer.data = srv;
+    uv_timer_init(loop, &srv->iplimit_timer);
+    srv->iplimit_timer.data = srv;
+    srv->iplimit.max_conns = cfg->max_connections_per_ip;
+    srv->iplimit.rate = cfg->connect_rate_per_ip;
+    if (cfg->max_connections_per_ip || cfg->connect_rate_per_ip) {
+        uv_timer_start(&srv->iplimit_timer, on_iplimit_timer, IPLIMIT_SWEEP_MS,
+                       IPLIMIT_SWEEP_MS);
+        uv_unref((uv_handle_t *)&srv->iplimit_timer);
+    }
+    parse_trusted(srv);
     hub_writer_init(&srv->writer, loop, &(struct hub_writer_options){
         .max_queue_bytes = cfg->max_queue_bytes,
         .write_delay_ms = cfg->write_delay,
@@ -545,6 +660,7 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
         .policy = &srv->policy,
         .all_gone = on_all_gone,
         .ud = srv,
+        .iplimit = &srv->iplimit,
     };
     srv->policy_host = (struct hub_policy_host){
         .ops = &hub_session_policy_ops,
@@ -678,6 +794,8 @@ int hub_server_start(struct hub_server *srv)
         .max_body = cfg->max_message_size,
         .request_timeout_ms = cfg->request_timeout * 1000u,
         .idle_timeout_ms = cfg->http_idle_timeout * 1000u,
+        .trusted = srv->trusted,
+        .ntrusted = srv->ntrusted,
     }, &routes, srv);
     if (!srv->http || hub_listener_open(&srv->listener, srv->loop, cfg, on_accept, srv) < 0)
         return -1;
@@ -762,6 +880,8 @@ void hub_server_stop(struct hub_server *srv)
         uv_close((uv_handle_t *)&srv->shutdown_timer, NULL);
     if (!uv_is_closing((uv_handle_t *)&srv->listen_timer))
         uv_close((uv_handle_t *)&srv->listen_timer, NULL);
+    if (!uv_is_closing((uv_handle_t *)&srv->iplimit_timer))
+        uv_close((uv_handle_t *)&srv->iplimit_timer, NULL);
 }
 
 void hub_server_free(struct hub_server *srv)
@@ -782,5 +902,8 @@ void hub_server_free(struct hub_server *srv)
         srv->broker->ops->free(srv->broker);
     srv->broker = NULL;
     hub_writer_free(&srv->writer);
+    hub_iplimit_free(&srv->iplimit);
+    free(srv->trusted);
+    srv->trusted = NULL;
     hub_buf_free(&srv->sessions.scratch);
 }

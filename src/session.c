@@ -14,6 +14,10 @@
 #include "luahub/registry.h"
 
 #define PROTO_ERROR_WINDOW_MS 10000
+/* Rate-limited answers a connection may get in RATE_WINDOW_MS before it is
+ * closed with 4029: a client that ignores retry_in_ms. */
+#define RATE_LIMITED_MAX 100
+#define RATE_WINDOW_MS 10000
 
 static struct hub_session *of_client(struct hub_client *c)
 {
@@ -117,6 +121,35 @@ static const struct hub_client_ops client_ops = {
 /* Answers a command with an error. Garbage (malformed or unknown commands)
  * counts against max_protocol_errors per window; past it the connection is
  * closed with 4008. */
+/* A command over command_rate or publish_rate (`kind` 0 or 1): answered
+ * rate_limited with when to retry; a client that keeps coming is closed. */
+static void rate_limited(struct hub_session *s, struct hub_span id, int kind, uint64_t wait)
+{
+    struct hub_sessions *ss = s->ss;
+    char msg[160];
+    uint64_t now = hub_now_ms();
+
+    ss->rate_limited[kind]++;
+    ss->protocol_errors[HUB_PERR_RATE_LIMITED]++;
+    snprintf(msg, sizeof(msg), "over %s (%u per second, bursts of %u): retry in %llu ms",
+             kind ? "publish_rate" : "command_rate",
+             kind ? ss->cfg->publish_rate : ss->cfg->command_rate,
+             kind ? ss->cfg->publish_burst : ss->cfg->command_burst, (unsigned long long)wait);
+    hub_proto_encode_rate_limited(&ss->scratch, id, msg, wait);
+    send_scratch(s);
+    if (now - s->limited_window_ms >= RATE_WINDOW_MS) {
+        s->limited_window_ms = now;
+        s->limited = 0;
+    }
+    if (++s->limited > RATE_LIMITED_MAX) {
+        hub_log(HUB_LOG_WARN, "[conn %llu] more than %d rate-limited commands in %d s, "
+                "closing with 4029", (unsigned long long)s->client.id, RATE_LIMITED_MAX,
+                RATE_WINDOW_MS / 1000);
+        ss->rate_limit_closes++;
+        close_with(s, 4029, "rate limit exceeded", 0);
+    }
+}
+
 static void proto_error(struct hub_session *s, struct hub_span id, int code,
                         const char *message)
 {
@@ -558,6 +591,22 @@ static void handle(struct hub_session *s, const char *p, size_t n, int binary)
         proto_error(s, cmd.id, err.code, err.message);
         return;
     }
+    const struct hub_config *cfg = s->ss->cfg;
+    if (cfg->command_rate || cfg->publish_rate) {
+        uint64_t now = hub_now_ms();
+        uint64_t wait = hub_bucket_take(&s->commands, cfg->command_rate, cfg->command_burst,
+                                        now);
+        if (wait) {
+            rate_limited(s, cmd.id, 0, wait);
+            return;
+        }
+        if (cmd.op == HUB_OP_PUBLISH &&
+            (wait = hub_bucket_take(&s->publishes, cfg->publish_rate, cfg->publish_burst,
+                                    now))) {
+            rate_limited(s, cmd.id, 1, wait);
+            return;
+        }
+    }
     switch (cmd.op) {
     case HUB_OP_SUBSCRIBE:
         do_subscribe(s, &cmd);
@@ -689,6 +738,7 @@ void hub_session_open(struct hub_session *s, struct hub_sessions *ss, struct lws
         s->pc.user = pending->user;
         s->pc.info_json = pending->info_json;
         s->pc.protocol = pending->protocol;
+        s->ip = pending->ip;
         free(pending);
     }
     s->flags = HUB_SESS_OPEN;
@@ -728,6 +778,8 @@ void hub_session_closed(struct hub_session *s)
     if (policy(s))
         hub_policy_conn_gone(policy(s), &s->pc);
     hub_client_remove(ss->hub, &s->client);
+    if (ss->iplimit && s->ip.family)
+        hub_iplimit_close(ss->iplimit, &s->ip, hub_now_ms());
     free(s->rx);
     free(s->pc.user);
     free(s->pc.info_json);

@@ -30,7 +30,8 @@
     X(INTERNAL, "internal")                  \
     X(RPC_ERROR, "rpc_error")                \
     X(UNAVAILABLE, "unavailable")            \
-    X(NOT_AVAILABLE, "not_available")
+    X(NOT_AVAILABLE, "not_available")        \
+    X(RATE_LIMITED, "rate_limited")
 
 enum hub_proto_code {
 #define HUB_X(name, str) HUB_PERR_##name,
@@ -152,6 +153,9 @@ void hub_proto_encode_ok_data(struct hub_buf *b, struct hub_span id,
 /* {"id":ID,"ok":false,"error":{"code":"CODE","message":"MSG"}}; MSG is escaped. */
 void hub_proto_encode_error(struct hub_buf *b, struct hub_span id, int code,
                             const char *message);
+/* {"id":ID,"ok":false,"error":{"code":"rate_limited","message":"MSG","retry_in_ms":N}} */
+void hub_proto_encode_rate_limited(struct hub_buf *b, struct hub_span id, const char *message,
+                                   uint64_t retry_ms);
 /* {"op":"welcome","client":"ID","version":"V","ping":N} */
 void hub_proto_encode_welcome(struct hub_buf *b, const char *client_id,
                               const char *version, unsigned ping);

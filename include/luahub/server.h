@@ -25,6 +25,7 @@
 #include "luahub/hub.h"
 #include "luahub/listener.h"
 #include "luahub/policy.h"
+#include "luahub/ratelimit.h"
 #include "luahub/session.h"
 #include "luahub/writer.h"
 
@@ -41,6 +42,10 @@ struct hub_server {
     struct hub_listener listener;
     struct hub_http *http;          /* plain HTTP and upgrade requests */
     struct hub_http_api api;        /* its plain requests: API, /healthz, /metrics, files */
+    struct hub_ip *trusted;         /* trusted_proxies, parsed */
+    size_t ntrusted;
+    struct hub_iplimit iplimit;     /* max_connections_per_ip, connect_rate_per_ip */
+    uint64_t origins_refused;       /* upgrades from an origin not allowed */
     struct lws_context *ctx;
     struct lws_vhost *vhost;
     lws_retry_bo_t retry;           /* the vhost keeps a pointer to it */
@@ -55,6 +60,7 @@ struct hub_server {
     struct hub_writer writer;
 
     uv_timer_t listen_timer;        /* workers: accept anyway if the broker stays down */
+    uv_timer_t iplimit_timer;       /* forgets idle addresses */
     uint64_t connections_refused;   /* upgrades refused (limit, path, shutdown, policy) */
     int shutting_down;
     uv_timer_t shutdown_timer;

@@ -27,6 +27,7 @@
 #include "luahub/hub.h"
 #include "luahub/policy.h"
 #include "luahub/proto.h"
+#include "luahub/ratelimit.h"
 #include "luahub/writer.h"
 
 struct hub_config;
@@ -40,6 +41,7 @@ struct hub_conn_pending {
     char *user;
     char *info_json;
     char *protocol;         /* the subprotocol echoed, or NULL */
+    struct hub_ip ip;       /* the client's address, counted in the per-address table */
 };
 
 /* Frees a pending record and what it owns. NULL is fine. */
@@ -53,6 +55,7 @@ struct hub_sessions {
     struct hub_writer *writer;
     struct hub_policy **policy;     /* the current policy (reloads swap it) */
     struct hub_registry *registry;  /* NULL until the server has started */
+    struct hub_iplimit *iplimit;    /* connections per address (released at close) */
     struct hub_buf scratch;         /* reply encoding, reused */
     int shutting_down;
     /* Called when the last session closed after hub_sessions_shutdown(). */
@@ -61,6 +64,8 @@ struct hub_sessions {
     /* counters */
     uint64_t connections_total;
     uint64_t slow_consumer_closes;
+    uint64_t rate_limited[2];       /* refusals: [0] commands, [1] publishes */
+    uint64_t rate_limit_closes;     /* connections closed with 4029 */
     uint64_t protocol_errors[HUB_PERR__COUNT]; /* answered, by code (the HTTP API's too) */
 };
 
@@ -83,6 +88,11 @@ struct hub_session {
     uint32_t proto_errors;          /* protocol error bucket, in milli-errors */
     uint32_t flags;                 /* HUB_SESS_* */
     char *close_reason;             /* our close's reason (owned), or NULL */
+    struct hub_bucket commands;     /* command_rate */
+    struct hub_bucket publishes;    /* publish_rate */
+    uint64_t limited_window_ms;     /* when the count of rate-limited answers began */
+    uint32_t limited;               /* rate-limited answers in that window */
+    struct hub_ip ip;               /* the client's address (per-address limits) */
     char *entry;                    /* presence: "client":..,"user":..,"info":.. (owned) */
     size_t entry_len;
     const char *entry_user, *entry_info; /* the pc.user and pc.info it was built from */

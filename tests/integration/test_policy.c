@@ -234,7 +234,7 @@ static const char *CONNECT_POLICY =
 
 START_TEST(connect_sets_user_and_info)
 {
-    struct hub *h = start_policy(CONNECT_POLICY, NULL);
+    struct hub *h = start_policy(CONNECT_POLICY, "allowed_origins = {\"http://example.test\"}\n");
     struct ws_opts o = {.path = "/ws?user=alice&a=b%20c",
                         .headers = "X-Token: s3cret\r\nOrigin: http://example.test\r\n"};
     struct ws *c = ws_connect_opts(h->port, &o);
@@ -923,7 +923,7 @@ START_TEST(timer_rearming_itself_lets_the_loop_turn)
         "function on_rpc(conn, method)\n"
         "  if method == 'start' then for i = 1, 100 do hub.after(0, tick) end return true end\n"
         "  if method == 'n' then return n end\n"
-        "end\n", NULL);
+        "end\n", "command_rate = 0\n");   /* it asks as fast as it can */
     struct ws *c = ws_connect(h->port);
     rpc_expect(c, "start", NULL, "true");
     /* callbacks run, and the hub answers in between */

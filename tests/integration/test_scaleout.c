@@ -153,9 +153,11 @@ static int children_of(pid_t parent, pid_t *out, int max)
 /* Hubs                                                                 */
 /* ------------------------------------------------------------------ */
 
+/* The tests publish as fast as a loop can: no rate limits. */
 #define HUB_CONF_COMMON          \
     "shutdown_timeout = 2\n"     \
-    "max_queue_bytes = 16777216\n"
+    "max_queue_bytes = 16777216\n" \
+    "command_rate = 0\npublish_rate = 0\n"
 
 /* A hub whose broker is the Redis on `port` (with `url_extra` after the
  * port, e.g. "?command_timeout_ms=500"), plus conf `extra`. */

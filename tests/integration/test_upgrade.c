@@ -29,7 +29,8 @@ static const char refusing_policy[] =
 static struct hub *start_refusing(void)
 {
     char *path = ht_tmpfile(refusing_policy);
-    char *conf = ht_asprintf("policy = \"%s\"\nshutdown_timeout = 2\n", path);
+    char *conf = ht_asprintf("policy = \"%s\"\nshutdown_timeout = 2\n"
+                             "allowed_origins = {\"http://app.example\"}\n", path);
     struct hub *h = hub_start(conf);
     free(conf);
     free(path);
@@ -247,7 +248,8 @@ static const struct {
 START_TEST(policy_picks_subprotocol)
 {
     char *path = ht_tmpfile(picking_policy);
-    char *conf = ht_asprintf("policy = \"%s\"\nshutdown_timeout = 2\n", path);
+    char *conf = ht_asprintf("policy = \"%s\"\nshutdown_timeout = 2\n"
+                             "allowed_origins = {\"http://app.example\"}\n", path);
     struct hub *h = hub_start(conf);
     struct ws *c;
     struct http_resp r;
@@ -287,7 +289,8 @@ END_TEST
 START_TEST(refusal_echoes_an_offered_subprotocol)
 {
     char *path = ht_tmpfile(picking_policy);
-    char *conf = ht_asprintf("policy = \"%s\"\nshutdown_timeout = 2\n", path);
+    char *conf = ht_asprintf("policy = \"%s\"\nshutdown_timeout = 2\n"
+                             "allowed_origins = {\"http://app.example\"}\n", path);
     struct hub *h = hub_start(conf);
     struct ws *c;
     struct http_resp r;

@@ -1265,6 +1265,38 @@ static const struct {
     {"recover_max = 0\n", ":1: recover_max: 0 is out of range (1..100000)"},
     {"presence_max = 100001\n", ":1: presence_max: 100001 is out of range (1..100000)"},
     {"presence_ttl = 0\n", ":1: presence_ttl: 0 is out of range (1..3600)"},
+    /* origins, proxies, rate limits */
+    {"allowed_origins = {\"example.com\"}\n",
+     ":1: allowed_origins: \"example.com\" is not an origin: write scheme://host[:port], e.g. "
+     "\"https://app.example.com\""},
+    {"allowed_origins = {\"https://x/\"}\n",
+     ":1: allowed_origins: \"https://x/\" has '/' in its host: an origin is "
+     "scheme://host[:port], with no path, user or trailing slash"},
+    {"allowed_origins = {\"https://x:0\"}\n",
+     ":1: allowed_origins: \"https://x:0\": port out of range (1..65535)"},
+    {"allowed_origins = {\"https://\"}\n", ":1: allowed_origins: \"https://\" has no host"},
+    {"allowed_origins = {\"ftp://x\"}\n",
+     ":1: allowed_origins: \"ftp://x\" is not an origin: write scheme://host[:port], e.g. "
+     "\"https://app.example.com\""},
+    {"local t = {} for i = 1, 300 do t[i] = \"https://h\" .. i end\nallowed_origins = t\n",
+     ":2: allowed_origins: more than 256 entries"},
+    {"allowed_origins = {}\n", ":1: allowed_origins: the list is empty"},
+    {"trusted_proxies = {\"junk\"}\n",
+     ":1: trusted_proxies: \"junk\" is not an IP address"},
+    {"trusted_proxies = {\"10.0.0.1/8\"}\n",
+     ":1: trusted_proxies: \"10.0.0.1/8\" has host bits set (the network is written with them "
+     "zero)"},
+    {"trusted_proxies = {\"10.0.0.0/33\"}\n",
+     ":1: trusted_proxies: prefix /33 is longer than 32 bits"},
+    {"trusted_proxies = {\"::/x\"}\n", ":1: trusted_proxies: bad prefix length in \"::/x\""},
+    {"command_rate = -1\n", ":1: command_rate: -1 is out of range (0..1000000)"},
+    {"command_rate = 1e12\n", ":1: command_rate: 1000000000000 is out of range (0..1000000)"},
+    {"publish_burst = 0\n", ":1: publish_burst: 0 is out of range (1..1000000)"},
+    {"publish_rate = 1.5\n", ":1: publish_rate: expected an integer, got 1.5"},
+    {"max_connections_per_ip = -5\n",
+     ":1: max_connections_per_ip: -5 is out of range (0..10000000)"},
+    {"connect_rate_per_ip = \"fast\"\n",
+     ":1: connect_rate_per_ip: expected an integer, got string"},
 };
 
 START_TEST(t_one_error)

@@ -894,9 +894,9 @@ START_TEST(code_names)
     static const char *const want[] = {
         "bad_request", "unknown_op", "invalid_channel", "not_subscribed", "forbidden",
         "too_large", "limit_exceeded", "internal", "rpc_error", "unavailable",
-        "not_available",
+        "not_available", "rate_limited",
     };
-    ck_assert_int_eq(HUB_PERR__COUNT, 11);
+    ck_assert_int_eq(HUB_PERR__COUNT, 12);
     for (int i = 0; i < HUB_PERR__COUNT; i++)
         ck_assert_str_eq(hub_proto_code_name(i), want[i]);
     ck_assert_str_eq(hub_proto_code_name(-1), "internal");
