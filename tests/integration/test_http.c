@@ -23,6 +23,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -1239,6 +1240,57 @@ END_TEST
  * heads: new WebSocket clients and API requests are served meanwhile, and
  * every slow socket is cut off by request_timeout (2 s here) with 408 (or,
  * silent, closed). A trickle that keeps sending does not keep its socket. */
+#define NLORIS 500
+
+/* Slowloris: 500 connections each sending one byte of a request head every
+ * 5 s, with the default request_timeout (10 s). Others are served through
+ * every round, and every slow connection is cut off by the deadline (408,
+ * or closed): sending keeps none of them alive. Bounded: 3 rounds. */
+START_TEST(slowloris_does_not_stop_others)
+{
+    struct fx f;
+    fx_start(&f, "", NULL);
+    static int fds[NLORIS];
+    static const char head[] = "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: abcdefgh";
+    for (int i = 0; i < NLORIS; i++) {
+        fds[i] = tcp_connect(f.h->port);
+        tcp_send(fds[i], head, 1);
+    }
+    int cut = 0;
+    for (int round = 1; round <= 3; round++) {
+        still_serves(&f);
+        struct ws *c = ws_connect(f.h->port);
+        ws_subscribe(c, "other");
+        ws_free(c);
+        /* 5 s of waiting, in which each slow socket sends its next byte */
+        for (int w = 0; w < 50; w++) {
+            struct timespec ts = {0, 100 * 1000000L};
+            nanosleep(&ts, NULL);
+        }
+        for (int i = 0; i < NLORIS; i++) {
+            if (fds[i] < 0)
+                continue;
+            char buf[256];
+            ssize_t got = tcp_recv(fds[i], buf, sizeof buf - 1, 0);
+            if (got >= 0 || send(fds[i], head + round, 1, MSG_NOSIGNAL) < 0) {
+                if (got > 0) {
+                    buf[got] = '\0';
+                    ck_assert_msg(strstr(buf, "408"), "slow socket got: %s", buf);
+                }
+                close(fds[i]);
+                fds[i] = -1;
+                cut++;
+            }
+        }
+    }
+    /* 15 s: past request_timeout (10 s) for every one of them */
+    ck_assert_int_eq(cut, NLORIS);
+    ck_assert_int_ge(hub_metric(f.h, "luahub_http_timeouts_total"), NLORIS);
+    still_serves(&f);
+    fx_stop(&f);
+}
+END_TEST
+
 START_TEST(slow_clients_do_not_lock_out)
 {
     struct fx f;
@@ -1409,8 +1461,10 @@ static Suite *http_suite(void)
     suite_add_tcase(s, tc);
 
     tc = tcase_create("hardening");
+    tcase_set_timeout(tc, 90);
     tcase_add_loop_test(tc, pipelined_requests_with_bodies, 0, 2 * NPIPELINES);
     tcase_add_test(tc, slow_clients_do_not_lock_out);
+    tcase_add_test(tc, slowloris_does_not_stop_others);
     tcase_add_test(tc, cross_site_api_refused);
     suite_add_tcase(s, tc);
 
