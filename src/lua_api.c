@@ -206,7 +206,7 @@ static void array_unmark(struct hub_policy *p, lua_State *L)
 
 void hub_lua_encode(struct hub_policy *p, lua_State *L, int idx, const char *what)
 {
-    struct guard g = {p, p->mem_max / 2, 0, 0, 0, 0, 0, 0};
+    struct guard g = {p, p->lim.mem_max / 2, 0, 0, 0, 0, 0, 0};
     size_t n;
 
     idx = lua_absindex(L, idx);
@@ -220,7 +220,7 @@ void hub_lua_encode(struct hub_policy *p, lua_State *L, int idx, const char *wha
     if (!g.deep && g.acc > g.limit)
         luaL_error(L, "%s is too large to encode as JSON (about %I bytes; "
                       "lua_max_memory is %I)", what, (lua_Integer)g.acc,
-                   (lua_Integer)p->mem_max);
+                   (lua_Integer)p->lim.mem_max);
     if (g.reserved && g.nfix)
         luaL_error(L, "%s holds the string hub.json.array uses internally", what);
     hub_sandbox_charge(p, L, (int64_t)(g.acc / HUB_COST_JSON));
@@ -668,7 +668,7 @@ static void detach_timer(struct hub_ptimer *t)
     if (t->next)
         t->next->prev = t->prev;
     p->ntimers--;
-    p->mem_used -= sizeof(*t); /* charged to lua_max_memory while pending */
+    p->lim.mem_used -= sizeof(*t); /* charged to lua_max_memory while pending */
     lua_rawgeti(L, LUA_REGISTRYINDEX, t->obj_ref);
     struct ltimer *u = lua_touserdata(L, -1);
     if (u)
@@ -698,7 +698,7 @@ static int timer_pass_full(struct hub_policy *p, uv_loop_t *loop)
         p->timer_pass_ms = now;
         p->timer_pass_used = 0;
     }
-    return p->timer_pass_used >= p->budget;
+    return p->timer_pass_used >= p->lim.budget;
 }
 
 static void on_timer(uv_timer_t *h)
@@ -715,7 +715,7 @@ static void on_timer(uv_timer_t *h)
     detach_timer(t);
     if (hub_policy_pcall(p, HUB_PHASE_TIMER, NULL, 0, 0, 0) == 0)
         lua_settop(L, HUB_LUA_BASE);
-    int64_t used = p->budget - p->budget_left;
+    int64_t used = p->lim.budget - p->lim.budget_left;
     p->timer_pass_used += used > TIMER_MIN_COST ? used : TIMER_MIN_COST;
 }
 
@@ -756,14 +756,14 @@ static int l_after(lua_State *L)
         luaL_error(L, "hub.after: too many timers (%d pending or being released)",
                    TIMERS_MAX);
     /* the C side of a timer counts against lua_max_memory */
-    if (p->cap_on && p->mem_used + sizeof(struct hub_ptimer) > p->mem_max)
+    if (p->lim.cap_on && p->lim.mem_used + sizeof(struct hub_ptimer) > p->lim.mem_max)
         hub_sandbox_oom(p, L);
 
     struct ltimer *u = lua_newuserdatauv(L, sizeof(*u), 0);
     u->t = NULL;
     luaL_setmetatable(L, TIMER_MT);
     struct hub_ptimer *t = hub_xcalloc(1, sizeof(*t));
-    p->mem_used += sizeof(*t);
+    p->lim.mem_used += sizeof(*t);
     t->t.data = t;
     t->p = p;
     /* At least 1 ms: libuv 1.44 runs a timer of timeout 0 armed from a timer

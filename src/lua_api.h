@@ -14,6 +14,7 @@
 
 #include <lua.h>
 
+#include "lua_limits.h"
 #include "luahub/config.h"
 #include "luahub/policy.h"
 #include "luahub/util.h"
@@ -68,24 +69,12 @@ struct hub_policy {
     char *chunkname;                /* "@/path/policy.lua" or "=default.lua" */
     const char *source_name;        /* the path as printed (chunkname + 1) */
 
-    /* allocator: every byte of the state is counted; the cap applies while
-     * Lua code runs (cap_on), so pushes from C between calls cannot fail */
-    size_t mem_used;
-    size_t mem_max;
-    int cap_on;
-
-    /* instruction budget of one call: the count hook fires every
-     * HUB_LUA_TICK instructions and takes them off budget_left */
-    int64_t budget;
-    int64_t budget_left;
-    size_t alloc_bytes;             /* allocated, not charged yet (< HUB_COST_ALLOC) */
-    uint64_t deadline_ns;           /* the call's time limit (coarse monotonic clock) */
-    uint64_t pace_ns;               /* when the count hook last measured its speed */
-    int pace_count;                 /* instructions hooked since */
-    int killed;                     /* budget exhausted in this call: HUB_KILL_* */
+    /* the memory cap and the instruction budget (lua_limits.h): every
+     * byte of the state is counted; the cap applies while Lua code runs
+     * (lim.cap_on), so pushes from C between calls cannot fail; the count
+     * hook takes HUB_LUA_TICK instructions off a call's budget at a time */
+    struct hub_lua_limits lim;
     int mem_failed;                 /* an out-of-memory error was raised in this call */
-    char kill_where[128];           /* "chunk:line" where the budget ran out */
-    char oom_where[128];            /* "chunk:line" of the last refused allocation */
 
     /* the call in progress */
     int phase;                      /* HUB_PHASE_* or a hook */
@@ -133,9 +122,6 @@ struct hub_policy {
 };
 
 #define HUB_LUA_TICK 1000           /* instructions between count hook calls */
-
-/* Why a call was stopped (p->killed). */
-enum { HUB_KILL_INSTRUCTIONS = 1, HUB_KILL_TIME };
 
 /* Work done in C is charged to the instruction budget
  * (docs/internals.md, "Lua: calls outside the instruction budget").
@@ -219,7 +205,10 @@ void hub_sandbox_arm(struct hub_policy *p);
  * out or the call is past its time limit. No-op outside calls. Call it
  * before the work it pays for, or every few thousand instructions' worth
  * of it, so that no C loop runs long between two checks. */
-void hub_sandbox_charge(struct hub_policy *p, lua_State *L, int64_t n);
+static inline void hub_sandbox_charge(struct hub_policy *p, lua_State *L, int64_t n)
+{
+    hub_lua_limits_charge(&p->lim, L, n);
+}
 
 /* Fails the call in progress with an out-of-memory error (that pcall
  * cannot catch, like the allocator's) for memory counted outside the

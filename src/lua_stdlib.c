@@ -140,7 +140,7 @@ static int w_rep(lua_State *L)
 
     if (n > 0 && l + lsep >= l && l + lsep <= (size_t)INT64_MAX / (uint64_t)n) {
         uint64_t total = (uint64_t)n * (l + lsep);
-        if (p->cap_on && total > p->mem_max)
+        if (p->lim.cap_on && total > p->lim.mem_max)
             return ORIG(L)(L); /* its first allocation fails: a memory error */
         charge(L, (int64_t)n / 2 + (int64_t)(total / HUB_COST_COPY) + 1);
     }

@@ -98,22 +98,22 @@ static void describe_failure(struct hub_policy *p, int status, const char *where
 {
     lua_State *L = p->L;
 
-    if (p->killed == HUB_KILL_TIME) {
+    if (p->lim.killed == HUB_KILL_TIME) {
         hub_buf_printf(out, "%s: time limit exceeded (%llu ms, from lua_max_instructions "
                             "= %llu): slow calls in a loop?",
-                       p->kill_where[0] ? p->kill_where : where,
-                       (unsigned long long)hub_sandbox_time_limit_ms(p->budget),
-                       (unsigned long long)p->budget);
-    } else if (p->killed) {
+                       p->lim.kill_where[0] ? p->lim.kill_where : where,
+                       (unsigned long long)hub_sandbox_time_limit_ms(p->lim.budget),
+                       (unsigned long long)p->lim.budget);
+    } else if (p->lim.killed) {
         hub_buf_printf(out, "%s: instruction limit exceeded (lua_max_instructions = "
                             "%llu): runaway loop?",
-                       p->kill_where[0] ? p->kill_where : where,
-                       (unsigned long long)p->budget);
+                       p->lim.kill_where[0] ? p->lim.kill_where : where,
+                       (unsigned long long)p->lim.budget);
     } else if (status == LUA_ERRMEM || p->mem_failed) {
         hub_buf_printf(out, "%s: not enough memory: the policy's Lua state would "
                             "exceed lua_max_memory (%llu bytes; memory bomb?)",
-                       p->oom_where[0] ? p->oom_where : where,
-                       (unsigned long long)p->mem_max);
+                       p->lim.oom_where[0] ? p->lim.oom_where : where,
+                       (unsigned long long)p->lim.mem_max);
     } else if (status != LUA_OK) {
         const char *msg = lua_tostring(L, -1);
         if (!msg || lua_type(L, -1) != LUA_TSTRING) {
@@ -144,12 +144,12 @@ static int call(struct hub_policy *p, int phase, int nargs, int nres)
 
     hub_sandbox_arm(p);
     p->phase = phase;
-    p->cap_on = 1;
+    p->lim.cap_on = 1;
     int st = lua_pcall(L, nargs, nres, HUB_LUA_MSGH);
-    p->cap_on = 0;
+    p->lim.cap_on = 0;
     p->phase = saved;
     hub_watchdog_beat(); /* a call ended: the loop is not stuck */
-    if (st == LUA_OK && (p->killed || p->mem_failed)) {
+    if (st == LUA_OK && (p->lim.killed || p->mem_failed)) {
         lua_pop(L, nres);
         lua_pushnil(L); /* an error object for describe_failure to pop */
         st = LUA_ERRRUN;
@@ -196,7 +196,7 @@ static void fail(struct hub_policy *p, int phase, uint64_t conn_id, int status)
     const char *where = phase < HUB_HOOK__COUNT ? p->hook_where[phase] : p->source_name;
 
     s->errors++;
-    if (p->killed)
+    if (p->lim.killed)
         s->kills_instructions++;
     else if (status == LUA_ERRMEM || p->mem_failed)
         s->kills_memory++;
@@ -337,12 +337,12 @@ static int encode_result(struct hub_policy *p, int phase, uint64_t conn_id, int 
     lua_pushcfunction(L, encode_tramp);
     lua_pushvalue(L, idx);
     lua_pushstring(L, what);
-    p->cap_on = 1;
+    p->lim.cap_on = 1;
     int saved = p->phase;
     p->phase = phase;
     int st = lua_pcall(L, 2, 1, HUB_LUA_MSGH);
     p->phase = saved;
-    p->cap_on = 0;
+    p->lim.cap_on = 0;
     if (st != LUA_OK) {
         fail(p, phase, conn_id, st);
         return -1;
@@ -830,9 +830,9 @@ enum hub_verdict hub_policy_on_rpc(struct hub_policy *p, struct hub_policy_conn 
         lua_pushcfunction(L, decode_tramp);
         lua_pushlstring(L, data, data_len);
         hub_sandbox_arm(p);
-        p->cap_on = 1;
+        p->lim.cap_on = 1;
         int st = lua_pcall(L, 1, 1, HUB_LUA_MSGH);
-        p->cap_on = 0;
+        p->lim.cap_on = 0;
         if (st != LUA_OK) {
             fail(p, HUB_HOOK_RPC, c->id, st);
             goto out;
@@ -976,8 +976,8 @@ static struct hub_policy *build(const struct hub_policy_host *host,
     if (host)
         p->host = *host;
     p->cfg = cfg;
-    p->mem_max = (size_t)cfg->lua_max_memory;
-    p->budget = (int64_t)cfg->lua_max_instructions;
+    p->lim.mem_max = (size_t)cfg->lua_max_memory;
+    p->lim.budget = (int64_t)cfg->lua_max_instructions;
     p->phase = HUB_PHASE_IDLE;
     for (int h = 0; h < HUB_HOOK__COUNT; h++)
         p->hook_ref[h] = LUA_NOREF;
@@ -1015,14 +1015,14 @@ static struct hub_policy *build(const struct hub_policy_host *host,
         for (size_t i = 0; i < len && text[i] != '\n'; i++)
             text[i] = ' ';
 
-    p->cap_on = 1;
+    p->lim.cap_on = 1;
     int st = luaL_loadbufferx(L, text, len, p->chunkname, "t");
-    p->cap_on = 0;
+    p->lim.cap_on = 0;
     if (st != LUA_OK) {
         if (st == LUA_ERRMEM)
             add_err(errs, "%s: not enough memory to compile the policy (lua_max_memory "
                           "is %llu bytes)", p->source_name,
-                    (unsigned long long)p->mem_max);
+                    (unsigned long long)p->lim.mem_max);
         else
             add_err(errs, "%s", lua_tostring(L, -1));
         goto fail;
@@ -1245,7 +1245,7 @@ void hub_policy_metrics(const struct hub_policy *p, struct hub_buf *b)
     hub_buf_printf(b, "# HELP luahub_policy_memory_bytes Memory of the policy's Lua state.\n"
                       "# TYPE luahub_policy_memory_bytes gauge\n"
                       "luahub_policy_memory_bytes %llu\n",
-                   (unsigned long long)p->mem_used);
+                   (unsigned long long)p->lim.mem_used);
     hub_buf_printf(b, "# HELP luahub_policy_timers Pending hub.after timers.\n"
                       "# TYPE luahub_policy_timers gauge\n"
                       "luahub_policy_timers %u\n", p->ntimers);
