@@ -1,7 +1,10 @@
 /* Private contract of the policy layer: policy.c (hook dispatch, reload,
  * metrics), sandbox.c (the Lua state, its budgets and its sandbox) and
- * lua_api.c (the `hub` module, the `conn` and `msg` objects, timers, JSON
- * and crypto helpers). Nothing else includes it. Loop thread only.
+ * the Lua API, one file per family: lua_hub.c (the `hub` module),
+ * lua_conn.c and lua_msg.c (the `conn` and `msg` objects), lua_json.c,
+ * lua_crypto.c (HMAC, JWT), lua_timer.c (hub.after); lua_stdlib.c and
+ * lua_pattern.c (the standard library, charged). Nothing else includes it
+ * (but the white-box unit suite). Loop thread only.
  *
  * Stack discipline: index 1 of the main state is the message handler given
  * to every lua_pcall, index 2 the reusable `msg` object of on_publish; every
@@ -12,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <lauxlib.h>
 #include <lua.h>
 
 #include "lua_limits.h"
@@ -140,7 +144,17 @@ struct hub_policy {
 #define HUB_LUA_NS_PER_INSTR 1000
 #define HUB_LUA_TIME_MIN_MS 100
 
-/* ---- lua_api.c ---------------------------------------------------------- */
+/* The policy of a state (its extra space holds it). */
+static inline struct hub_policy *hub_lua_policy(lua_State *L)
+{
+    return *(struct hub_policy **)lua_getextraspace(L);
+}
+
+/* What a valid channel name is, for messages. */
+#define HUB_LUA_CHANNEL_CHARS "1 to 255 bytes of A-Z a-z 0-9 and _ : . @ / = # -"
+#define HUB_LUA_CHANNEL_RULE "a channel name is " HUB_LUA_CHANNEL_CHARS
+
+/* ---- lua_hub.c: the `hub` module ------------------------------------------ */
 
 /* Creates the `hub` table (with hub.json) and the metatables of conn, msg
  * and timer objects; leaves the hub table on the stack. Needs the refs to
@@ -148,6 +162,18 @@ struct hub_policy {
  * protected. */
 void hub_lua_open(struct hub_policy *p);
 
+/* Registers the metatable `name` with the metamethods `fns`, protected
+ * (getmetatable() on its objects gives false). */
+void hub_lua_new_metatable(lua_State *L, const char *name, const luaL_Reg *fns);
+
+/* Argument `arg` of the API function `fn` as a channel name (its length in
+ * *len); raises naming `fn` unless it is a valid one. */
+const char *hub_lua_check_channel(lua_State *L, int arg, const char *fn, size_t *len);
+
+/* ---- lua_msg.c: the msg object of on_publish ------------------------------ */
+
+/* Registers the msg metatable. */
+void hub_lua_msg_open(lua_State *L);
 /* Pushes the msg object (a new one; policy.c keeps it at HUB_LUA_MSG). */
 void hub_lua_new_msg(struct hub_policy *p);
 /* Points the msg object at `data` for one on_publish call / detaches it. */
@@ -159,6 +185,10 @@ int hub_lua_is_msg(struct hub_policy *p, int idx);
  * returns 0. */
 int hub_lua_msg_push_decoded(struct hub_policy *p);
 
+/* ---- lua_conn.c: the conn object ------------------------------------------- */
+
+/* Registers the conn metatable. */
+void hub_lua_conn_open(lua_State *L);
 /* Pushes the Lua object of an open connection (cached through c->lua_ref,
  * or adopted from on_connect's object). Memory is not capped here. */
 void hub_lua_push_conn(struct hub_policy *p, struct hub_policy_conn *c);
@@ -173,11 +203,39 @@ void hub_lua_pending_done(struct hub_policy *p, int idx, int allowed,
 /* The connection is gone: its object raises "connection closed" from now. */
 void hub_lua_conn_gone(struct hub_policy *p, struct hub_policy_conn *c);
 
+/* ---- lua_json.c: JSON ------------------------------------------------------ */
+
 /* Encodes the value at `idx` as JSON (guarded against output blow-up,
  * checked to be valid UTF-8 JSON) and pushes the string. Raises with
  * `what` ("hub.publish: data") in the message. */
 void hub_lua_encode(struct hub_policy *p, lua_State *L, int idx, const char *what);
+/* Decodes the string at `idx` with cjson.safe (charged to the budget);
+ * pushes the value, or raises "<what>: cannot decode JSON: <cjson's
+ * message>". */
+void hub_lua_decode(struct hub_policy *p, lua_State *L, int idx, const char *what);
+/* hub.json.encode(v); hub.json.decode(s), with cjson.safe's semantics (nil,
+ * message on bad input); hub.json.array([t]): t (or a new table) marked to
+ * encode as a JSON array even when empty. */
+int hub_lua_json_encode(lua_State *L);
+int hub_lua_json_decode(lua_State *L);
+int hub_lua_json_array(lua_State *L);
 
+/* ---- lua_crypto.c: HMAC and JWT -------------------------------------------- */
+
+/* hub.hmac_sha256(key, text): the hex digest. */
+int hub_lua_hmac_sha256(lua_State *L);
+/* hub.jwt_verify(token, secret [, leeway]): HS256 only. Checks the
+ * signature (constant time) before reading the claims, then exp and nbf
+ * (seconds since the epoch, with `leeway` seconds of clock skew allowed).
+ * Returns the claims, or nil and why. */
+int hub_lua_jwt_verify(lua_State *L);
+
+/* ---- lua_timer.c: hub.after ------------------------------------------------ */
+
+/* Registers the timer metatable (with its cancel method). */
+void hub_lua_timer_open(lua_State *L);
+/* hub.after(seconds, fn): a timer object. */
+int hub_lua_after(lua_State *L);
 /* Starts the timers created while the policy was being built (once it is
  * in service). */
 void hub_lua_timers_start(struct hub_policy *p);

@@ -44,11 +44,6 @@ struct hub_emit {
     size_t ch_len, data_len;
 };
 
-static struct hub_policy *policy_of(lua_State *L)
-{
-    return *(struct hub_policy **)lua_getextraspace(L);
-}
-
 const char *hub_policy_phase_name(int phase)
 {
     if (phase >= 0 && phase < HUB_HOOK__COUNT)
@@ -317,7 +312,7 @@ static int push_hook(struct hub_policy *p, int h)
 
 static int encode_tramp(lua_State *L)
 {
-    hub_lua_encode(policy_of(L), L, 1, lua_tostring(L, 2));
+    hub_lua_encode(hub_lua_policy(L), L, 1, lua_tostring(L, 2));
     return 1;
 }
 
@@ -797,7 +792,7 @@ out:
 
 static int decode_tramp(lua_State *L)
 {
-    struct hub_policy *p = policy_of(L);
+    struct hub_policy *p = hub_lua_policy(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_decode);
     lua_pushvalue(L, 1);
     lua_call(L, 1, 2);

@@ -49,11 +49,6 @@ int luaopen_cjson_safe(lua_State *L);
 
 #define WARN_MAX 4000 /* bytes of one warn() line */
 
-static struct hub_policy *policy_of(lua_State *L)
-{
-    return *(struct hub_policy **)lua_getextraspace(L);
-}
-
 /* ---- limits, message handler --------------------------------------------- */
 
 /* Everything that can raise runs protected; this is only reached when the
@@ -84,7 +79,7 @@ uint64_t hub_sandbox_time_limit_ms(int64_t budget)
  * runs no Lua code (no __tostring), so it cannot loop. */
 static int msgh(lua_State *L)
 {
-    struct hub_policy *p = policy_of(L);
+    struct hub_policy *p = hub_lua_policy(L);
 
     hub_lua_where(L, 1, p->err_where, sizeof(p->err_where));
     if (hub_log_enabled(HUB_LOG_DEBUG) && lua_type(L, 1) == LUA_TSTRING) {
@@ -122,7 +117,7 @@ static void warnf(void *ud, const char *msg, int tocont)
 static int finish_pcall(lua_State *L, int status, lua_KContext extra)
 {
     if (status != LUA_OK && status != LUA_YIELD) {
-        struct hub_policy *p = policy_of(L);
+        struct hub_policy *p = hub_lua_policy(L);
         if (status == LUA_ERRMEM)
             p->mem_failed = 1;
         if (p->lim.killed || p->mem_failed)
@@ -158,7 +153,7 @@ static int sb_xpcall(lua_State *L)
  * died of the budget stop or of memory takes its resumer down too. */
 static int auxresume(lua_State *L, lua_State *co, int narg)
 {
-    struct hub_policy *p = policy_of(L);
+    struct hub_policy *p = hub_lua_policy(L);
     int status, nres;
 
     if (!lua_checkstack(co, narg)) {
@@ -261,7 +256,7 @@ static int env_index(lua_State *L)
  * hook is assigned, for messages about it. Removed once loaded. */
 static int env_newindex_load(lua_State *L)
 {
-    struct hub_policy *p = policy_of(L);
+    struct hub_policy *p = hub_lua_policy(L);
     if (lua_type(L, 2) == LUA_TSTRING) {
         const char *k = lua_tostring(L, 2);
         for (int h = 0; h < HUB_HOOK__COUNT; h++) {
@@ -415,7 +410,7 @@ void hub_sandbox_arm(struct hub_policy *p)
 /* The count hook counts but never stops while no call runs. */
 static int idle(lua_State *L)
 {
-    return policy_of(L)->phase == HUB_PHASE_IDLE;
+    return hub_lua_policy(L)->phase == HUB_PHASE_IDLE;
 }
 
 int hub_sandbox_open(struct hub_policy *p)

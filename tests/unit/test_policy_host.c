@@ -1,4 +1,4 @@
-/* Unit suite: the Lua policy host (src/policy.c, src/lua_api.c) without a
+/* Unit suite: the Lua policy host (src/policy*.c, src/lua_*.c) without a
  * server: the policy's host interface is a fake that records what it was
  * asked; the connection is a plain struct hub_policy_conn. Covers the
  * sandbox, both budgets, return forms, the zero-copy path of on_publish,
