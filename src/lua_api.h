@@ -20,6 +20,7 @@
 
 #include "lua_limits.h"
 #include "luahub/config.h"
+#include "luahub/metrics.h"
 #include "luahub/policy.h"
 #include "luahub/util.h"
 
@@ -41,15 +42,11 @@ enum {
     HUB_PHASE_IDLE,
 };
 
-#define HUB_LAT_BUCKETS 15      /* latency histogram bounds, see policy.c */
-
 struct hub_hook_stats {
-    uint64_t calls;
+    struct hub_hist dur;        /* latency of every call; dur.total is the calls */
     uint64_t errors;            /* every failure: error, bad return, budget */
     uint64_t kills_instructions;
     uint64_t kills_memory;
-    uint64_t lat[HUB_LAT_BUCKETS + 1]; /* per bucket (not cumulative); last = +Inf */
-    uint64_t lat_sum_ns;
     /* log rate limit */
     uint64_t log_window_ms;
     unsigned log_count;

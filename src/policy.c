@@ -33,12 +33,6 @@ static const char *const hook_names[HUB_HOOK__COUNT] = {
     "on_disconnect",
 };
 
-/* Latency histogram bounds in ns; Prometheus prints them in seconds. */
-static const uint64_t lat_bounds[HUB_LAT_BUCKETS] = {
-    1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000,
-    1000000, 2500000, 5000000, 10000000, 100000000, 1000000000,
-};
-
 struct hub_emit {
     const char *ch, *data;
     size_t ch_len, data_len;
@@ -219,17 +213,6 @@ static void bad_return(struct hub_policy *p, int phase, uint64_t conn_id,
     log_failure(p, phase, conn_id, line);
 }
 
-static void observe(struct hub_policy *p, int phase, uint64_t ns)
-{
-    struct hub_hook_stats *s = &p->st.hook[phase];
-    int i = 0;
-    while (i < HUB_LAT_BUCKETS && ns > lat_bounds[i])
-        i++;
-    s->lat[i]++;
-    s->lat_sum_ns += ns;
-    s->calls++;
-}
-
 int hub_policy_pcall(struct hub_policy *p, int phase, struct hub_policy_conn *c,
                      uint64_t conn_id, int nargs, int nres)
 {
@@ -240,7 +223,7 @@ int hub_policy_pcall(struct hub_policy *p, int phase, struct hub_policy_conn *c,
     p->cur_conn_id = conn_id;
     uint64_t t0 = hub_now_ns();
     int st = call(p, phase, nargs, nres);
-    observe(p, phase, hub_now_ns() - t0);
+    hub_hist_observe(&p->st.hook[phase].dur, hub_now_ns() - t0);
     p->cur_conn = saved_c;
     p->cur_conn_id = saved_id;
     if (st == LUA_OK)
@@ -976,6 +959,9 @@ static struct hub_policy *build(const struct hub_policy_host *host,
     p->phase = HUB_PHASE_IDLE;
     for (int h = 0; h < HUB_HOOK__COUNT; h++)
         p->hook_ref[h] = LUA_NOREF;
+    for (int h = 0; h < HUB_PHASE__STATS; h++)
+        hub_hist_init(&p->st.hook[h].dur, hub_hist_bounds_call,
+                      hub_countof(hub_hist_bounds_call));
     if (cfg->policy) {
         size_t n = strlen(cfg->policy);
         p->chunkname = hub_xmalloc(n + 2);
@@ -1184,6 +1170,15 @@ int hub_policy_reload(struct hub_policy **policy, struct hub_config_errors *errs
 
 /* ---- metrics ----------------------------------------------------------------- */
 
+/* One sample of a per-hook family: `name`{hook="...",`more`}. */
+static void hook_value(struct hub_buf *b, const char *name, int phase, const char *more,
+                       uint64_t v)
+{
+    char labels[96];
+    snprintf(labels, sizeof(labels), "hook=\"%s\"%s", hub_policy_phase_name(phase), more);
+    hub_metric_value(b, name, labels, v);
+}
+
 void hub_policy_metrics(const struct hub_policy *p, struct hub_buf *b)
 {
     static const struct {
@@ -1191,63 +1186,41 @@ void hub_policy_metrics(const struct hub_policy *p, struct hub_buf *b)
         size_t off;
     } counters[] = {
         {"luahub_policy_calls_total", "Policy hook and timer calls.",
-         offsetof(struct hub_hook_stats, calls)},
+         offsetof(struct hub_hook_stats, dur.total)},
         {"luahub_policy_errors_total",
          "Failed calls: errors, unexpected return values and budget stops.",
          offsetof(struct hub_hook_stats, errors)},
     };
     if (!p)
         return;
-    for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++) {
-        hub_buf_printf(b, "# HELP %s %s\n# TYPE %s counter\n", counters[i].name,
-                       counters[i].help, counters[i].name);
+    for (size_t i = 0; i < hub_countof(counters); i++) {
+        hub_metric_family(b, counters[i].name, "counter", counters[i].help);
         for (int h = 0; h < HUB_PHASE__STATS; h++)
-            hub_buf_printf(b, "%s{hook=\"%s\"} %llu\n", counters[i].name,
-                           hub_policy_phase_name(h),
-                           (unsigned long long)*(const uint64_t *)((const char *)&p->st.hook[h] +
-                                                                   counters[i].off));
+            hook_value(b, counters[i].name, h, "",
+                       *(const uint64_t *)((const char *)&p->st.hook[h] + counters[i].off));
     }
-    hub_buf_appends(b, "# HELP luahub_policy_budget_kills_total Calls stopped by a budget "
-                       "(lua_max_instructions, lua_max_memory).\n"
-                       "# TYPE luahub_policy_budget_kills_total counter\n");
+    hub_metric_family(b, "luahub_policy_budget_kills_total", "counter",
+                      "Calls stopped by a budget (lua_max_instructions, lua_max_memory).");
     for (int h = 0; h < HUB_PHASE__STATS; h++) {
-        hub_buf_printf(b, "luahub_policy_budget_kills_total{hook=\"%s\",budget=\"instructions\"} %llu\n",
-                       hub_policy_phase_name(h),
-                       (unsigned long long)p->st.hook[h].kills_instructions);
-        hub_buf_printf(b, "luahub_policy_budget_kills_total{hook=\"%s\",budget=\"memory\"} %llu\n",
-                       hub_policy_phase_name(h),
-                       (unsigned long long)p->st.hook[h].kills_memory);
+        hook_value(b, "luahub_policy_budget_kills_total", h, ",budget=\"instructions\"",
+                   p->st.hook[h].kills_instructions);
+        hook_value(b, "luahub_policy_budget_kills_total", h, ",budget=\"memory\"",
+                   p->st.hook[h].kills_memory);
     }
-    hub_buf_appends(b, "# HELP luahub_policy_duration_seconds Time spent in policy calls.\n"
-                       "# TYPE luahub_policy_duration_seconds histogram\n");
+    hub_metric_family(b, "luahub_policy_duration_seconds", "histogram",
+                      "Time spent in policy calls.");
     for (int h = 0; h < HUB_PHASE__STATS; h++) {
-        const struct hub_hook_stats *s = &p->st.hook[h];
-        const char *name = hub_policy_phase_name(h);
-        uint64_t cum = 0;
-        for (int i = 0; i < HUB_LAT_BUCKETS; i++) {
-            cum += s->lat[i];
-            hub_buf_printf(b, "luahub_policy_duration_seconds_bucket{hook=\"%s\",le=\"%g\"} %llu\n",
-                           name, (double)lat_bounds[i] / 1e9, (unsigned long long)cum);
-        }
-        cum += s->lat[HUB_LAT_BUCKETS];
-        hub_buf_printf(b, "luahub_policy_duration_seconds_bucket{hook=\"%s\",le=\"+Inf\"} %llu\n",
-                       name, (unsigned long long)cum);
-        hub_buf_printf(b, "luahub_policy_duration_seconds_sum{hook=\"%s\"} %.9f\n", name,
-                       (double)s->lat_sum_ns / 1e9);
-        hub_buf_printf(b, "luahub_policy_duration_seconds_count{hook=\"%s\"} %llu\n", name,
-                       (unsigned long long)s->calls);
+        char labels[64];
+        snprintf(labels, sizeof(labels), "hook=\"%s\"", hub_policy_phase_name(h));
+        hub_metric_hist(b, "luahub_policy_duration_seconds", labels, &p->st.hook[h].dur);
     }
-    hub_buf_printf(b, "# HELP luahub_policy_memory_bytes Memory of the policy's Lua state.\n"
-                      "# TYPE luahub_policy_memory_bytes gauge\n"
-                      "luahub_policy_memory_bytes %llu\n",
-                   (unsigned long long)p->lim.mem_used);
-    hub_buf_printf(b, "# HELP luahub_policy_timers Pending hub.after timers.\n"
-                      "# TYPE luahub_policy_timers gauge\n"
-                      "luahub_policy_timers %u\n", p->ntimers);
-    hub_buf_printf(b, "# HELP luahub_policy_reloads_total Policy reloads, by result.\n"
-                      "# TYPE luahub_policy_reloads_total counter\n"
-                      "luahub_policy_reloads_total{result=\"ok\"} %llu\n"
-                      "luahub_policy_reloads_total{result=\"failed\"} %llu\n",
-                   (unsigned long long)p->st.reloads_ok,
-                   (unsigned long long)p->st.reloads_failed);
+    hub_metric_one(b, "luahub_policy_memory_bytes", "gauge",
+                   "Memory of the policy's Lua state.", p->lim.mem_used);
+    hub_metric_one(b, "luahub_policy_timers", "gauge", "Pending hub.after timers.",
+                   p->ntimers);
+    hub_metric_family(b, "luahub_policy_reloads_total", "counter",
+                      "Policy reloads, by result.");
+    hub_metric_value(b, "luahub_policy_reloads_total", "result=\"ok\"", p->st.reloads_ok);
+    hub_metric_value(b, "luahub_policy_reloads_total", "result=\"failed\"",
+                     p->st.reloads_failed);
 }
