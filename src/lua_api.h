@@ -285,7 +285,7 @@ void hub_lua_stdlib_bound(lua_State *L);
  * step-counted matcher of lua_pattern.c. */
 void hub_lua_pattern_open(lua_State *L, int strlib);
 
-/* ---- policy.c ----------------------------------------------------------- */
+/* ---- policy_call.c: running one call ------------------------------------- */
 
 /* Runs the function under `nargs` arguments on top of the stack as `phase`
  * (a hook or HUB_PHASE_TIMER) for connection `c` / `conn_id`, under the
@@ -295,7 +295,38 @@ void hub_lua_pattern_open(lua_State *L, int strlib);
 int hub_policy_pcall(struct hub_policy *p, int phase, struct hub_policy_conn *c,
                      uint64_t conn_id, int nargs, int nres);
 
+/* Runs the function under `nargs` arguments with the budgets on, as
+ * `phase`; nothing is counted or logged. Returns the lua_pcall status,
+ * LUA_ERRRUN also when the call ended normally after its budget ran out
+ * (the results are then popped and a nil error object pushed). */
+int hub_policy_call(struct hub_policy *p, int phase, int nargs, int nres);
+
+/* Writes what went wrong in the last call into `out`: the budget stop, an
+ * out-of-memory error, or the error object (with a position; `where` if it
+ * has none). Pops the error object when `status` is an error. */
+void hub_policy_describe_failure(struct hub_policy *p, int status, const char *where,
+                                 struct hub_buf *out);
+
+/* Counts and logs the failure of the last call (`status`, error on top). */
+void hub_policy_fail(struct hub_policy *p, int phase, uint64_t conn_id, int status);
+
+/* A hook returned something it may not: logged and counted like an error. */
+void hub_policy_bad_return(struct hub_policy *p, int phase, uint64_t conn_id,
+                           const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+/* Encodes the value at `idx` as JSON under the budgets of the call that
+ * produced it; the string stays on the stack (*s, *n point into it).
+ * Returns 0, or -1 after counting and logging the failure. */
+int hub_policy_encode_result(struct hub_policy *p, int phase, uint64_t conn_id, int idx,
+                             const char *what, const char **s, size_t *n);
+
 /* Name of a phase: "on_publish", "timer", "load". */
 const char *hub_policy_phase_name(int phase);
+
+/* ---- policy_hooks.c: the hooks' entry points --------------------------------- */
+
+/* Creates the metatable of on_connect's req.headers (lookups in any case)
+ * as p->ref_headers_mt. */
+void hub_policy_req_open(struct hub_policy *p);
 
 #endif
