@@ -242,8 +242,10 @@ void hub_lua_timers_close(struct hub_policy *p);
 
 /* ---- sandbox.c ---------------------------------------------------------- */
 
-/* Creates p->L (p->mem_max, p->budget set): the counting allocator, the
- * count hook, the panic and warn handlers, the sandboxed _ENV (registry ref
+/* Creates p->L (p->lim.mem_max, p->lim.budget set): the limits of
+ * lua_limits.c set for a policy (the counting allocator, the count hook
+ * every HUB_LUA_TICK instructions, the time limit, allocations charged at
+ * HUB_COST_ALLOC), the panic and warn handlers, the sandboxed _ENV (registry ref
  * p->ref_env; while the main chunk runs, its __newindex records the lines of
  * hook assignments in p->hook_line) with `hub` in it, and the stack layout
  * HUB_LUA_MSGH / HUB_LUA_MSG. Returns 0, or -1 if no state could be made. */
