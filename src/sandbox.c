@@ -31,10 +31,8 @@
  * require/collectgarbage/print, string without dump, table, math, utf8,
  * coroutine, os.time/clock/date, and `hub`; copies of the library tables;
  * the string metatable protected; reading an undeclared global raises. */
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <lauxlib.h>
 #include <lua.h>
