@@ -1,6 +1,7 @@
-/* The policy's Lua state: a counting allocator with the memory cap, the
- * instruction budget, the message handler, and the sandboxed environment the
- * script runs in. policy.c builds on it; lua_api.c provides `hub`.
+/* The policy's Lua state: its limits (the counting allocator with the
+ * memory cap and the instruction budget of lua_limits.c, set up for a
+ * policy), the message handler, and the sandboxed environment the script
+ * runs in. policy.c builds on it; the lua_*.c API files provide `hub`.
  *
  * Budgets (docs/lua.md "Budgets"; docs/internals.md "Lua: calls outside
  * the instruction budget"):
@@ -13,7 +14,7 @@
  *   policy.c fails a call that ends "normally" after its budget ran out.
  * - Work in C is charged to the same budget: the library functions whose
  *   work grows with their arguments (lua_stdlib.c, lua_pattern.c) and the
- *   hub API (lua_api.c) call hub_sandbox_charge() before that work, and
+ *   hub API (lua_*.c) call hub_sandbox_charge() before that work, and
  *   the allocator charges every byte allocated in a call.
  * - A call also has a time limit (HUB_LUA_NS_PER_INSTR per instruction of
  *   budget), checked at each tick and each charge: the backstop for work
@@ -30,10 +31,8 @@
  * require/collectgarbage/print, string without dump, table, math, utf8,
  * coroutine, os.time/clock/date, and `hub`; copies of the library tables;
  * the string metatable protected; reading an undeclared global raises. */
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -48,59 +47,7 @@ int luaopen_cjson_safe(lua_State *L);
 
 #define WARN_MAX 4000 /* bytes of one warn() line */
 
-static char kill_sentinel; /* its address is the budget stop's error object */
-
-static struct hub_policy *policy_of(lua_State *L)
-{
-    return *(struct hub_policy **)lua_getextraspace(L);
-}
-
-/* ---- allocator, count hook, message handler ------------------------------ */
-
-/* "chunk:line" of the innermost Lua function of `L` at `level` or above. */
-static void where_of(lua_State *L, int level, char *out, size_t n)
-{
-    lua_Debug ar;
-    out[0] = '\0';
-    for (; lua_getstack(L, level, &ar); level++) {
-        if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
-            snprintf(out, n, "%s:%d", ar.short_src, ar.currentline);
-            return;
-        }
-    }
-}
-
-static void *l_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
-{
-    struct hub_policy *p = ud;
-    size_t old = ptr ? osize : 0;
-
-    if (nsize == 0) {
-        free(ptr);
-        p->mem_used -= old;
-        return NULL;
-    }
-    if (nsize > old && p->cap_on && p->mem_used - old + nsize > p->mem_max) {
-        /* Only reads debug info (no allocation): safe inside the allocator. */
-        if (p->L)
-            where_of(p->L, 0, p->oom_where, sizeof(p->oom_where));
-        return NULL;
-    }
-    void *q = realloc(ptr, nsize);
-    if (!q)
-        return NULL;
-    p->mem_used = p->mem_used - old + nsize;
-    /* Allocating is work (a copy, a GC step): charged to the budget. The
-     * allocator cannot raise; the count hook raises at its next tick. */
-    if (p->cap_on && nsize > old) {
-        p->alloc_bytes += nsize - old;
-        if (p->alloc_bytes >= HUB_COST_ALLOC) {
-            p->budget_left -= (int64_t)(p->alloc_bytes / HUB_COST_ALLOC);
-            p->alloc_bytes %= HUB_COST_ALLOC;
-        }
-    }
-    return q;
-}
+/* ---- limits, message handler --------------------------------------------- */
 
 /* Everything that can raise runs protected; this is only reached when the
  * C library itself runs out of memory outside a call. */
@@ -111,89 +58,10 @@ static int on_panic(lua_State *L)
     abort();
 }
 
-/* A clock for time limits: a few ns to read, 1-4 ms resolution. */
-static uint64_t coarse_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* HUB_KILL_* if the call in progress is out of instructions or time. */
-static int over(struct hub_policy *p)
-{
-    if (p->budget_left <= 0)
-        return HUB_KILL_INSTRUCTIONS;
-    if (coarse_ns() > p->deadline_ns)
-        return HUB_KILL_TIME;
-    return 0;
-}
-
-/* Instructions that are slow one by one (== or < on two strings of tens
- * of MB: one instruction, a memcmp) would let a tick of HUB_LUA_TICK of
- * them run for seconds before the time limit is looked at again. A tick
- * slower than SLOW_TICK_NS switches the thread to a hook at every
- * instruction; a tick at a sane speed switches it back. */
-#define SLOW_TICK_NS 10000000u /* for HUB_LUA_TICK instructions: 1000 times the norm */
-
-static void count_hook(lua_State *L, lua_Debug *ar);
-
-static void pace(struct hub_policy *p, lua_State *L, int every)
-{
-    if ((p->pace_count += every) < HUB_LUA_TICK)
-        return;
-    uint64_t now = hub_now_ns();
-    int slow = now - p->pace_ns > SLOW_TICK_NS;
-    p->pace_ns = now;
-    p->pace_count = 0;
-    if (slow != (every == 1))
-        lua_sethook(L, count_hook, LUA_MASKCOUNT, slow ? 1 : HUB_LUA_TICK);
-}
-
-static void count_hook(lua_State *L, lua_Debug *ar)
-{
-    struct hub_policy *p = policy_of(L);
-    int every = lua_gethookcount(L);
-
-    if (!p->killed) {
-        p->budget_left -= every;
-        if (p->phase == HUB_PHASE_IDLE)
-            return;
-        if (!(p->killed = over(p))) {
-            pace(p, L, every);
-            return;
-        }
-        if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0)
-            snprintf(p->kill_where, sizeof(p->kill_where), "%s:%d", ar->short_src,
-                     ar->currentline);
-        else
-            where_of(L, 0, p->kill_where, sizeof(p->kill_where));
-    }
-    lua_pushlightuserdata(L, &kill_sentinel);
-    lua_error(L);
-}
-
-void hub_sandbox_charge(struct hub_policy *p, lua_State *L, int64_t n)
-{
-    if (!p->cap_on)
-        return;
-    if (!p->killed) {
-        /* n may be up to INT64_MAX (a size of 2^62 times a cost) */
-        p->budget_left = n >= p->budget_left ? 0 : p->budget_left - n;
-        if (!(p->killed = over(p)))
-            return;
-        where_of(L, 1, p->kill_where, sizeof(p->kill_where));
-    }
-    /* stopped already (e.g. C code that went on after a callback was
-     * stopped): stop again */
-    lua_pushlightuserdata(L, &kill_sentinel);
-    lua_error(L);
-}
-
 void hub_sandbox_oom(struct hub_policy *p, lua_State *L)
 {
     p->mem_failed = 1;
-    where_of(L, 0, p->oom_where, sizeof(p->oom_where));
+    hub_lua_where(L, 0, p->lim.oom_where, sizeof(p->lim.oom_where));
     lua_pushliteral(L, "not enough memory");
     lua_error(L);
 }
@@ -209,9 +77,9 @@ uint64_t hub_sandbox_time_limit_ms(int64_t budget)
  * runs no Lua code (no __tostring), so it cannot loop. */
 static int msgh(lua_State *L)
 {
-    struct hub_policy *p = policy_of(L);
+    struct hub_policy *p = hub_lua_policy(L);
 
-    where_of(L, 1, p->err_where, sizeof(p->err_where));
+    hub_lua_where(L, 1, p->err_where, sizeof(p->err_where));
     if (hub_log_enabled(HUB_LOG_DEBUG) && lua_type(L, 1) == LUA_TSTRING) {
         luaL_traceback(L, L, lua_tostring(L, 1), 1);
         hub_buf_reset(&p->tb);
@@ -247,10 +115,10 @@ static void warnf(void *ud, const char *msg, int tocont)
 static int finish_pcall(lua_State *L, int status, lua_KContext extra)
 {
     if (status != LUA_OK && status != LUA_YIELD) {
-        struct hub_policy *p = policy_of(L);
+        struct hub_policy *p = hub_lua_policy(L);
         if (status == LUA_ERRMEM)
             p->mem_failed = 1;
-        if (p->killed || p->mem_failed)
+        if (p->lim.killed || p->mem_failed)
             return lua_error(L);
         lua_pushboolean(L, 0);
         lua_pushvalue(L, -2);
@@ -283,7 +151,7 @@ static int sb_xpcall(lua_State *L)
  * died of the budget stop or of memory takes its resumer down too. */
 static int auxresume(lua_State *L, lua_State *co, int narg)
 {
-    struct hub_policy *p = policy_of(L);
+    struct hub_policy *p = hub_lua_policy(L);
     int status, nres;
 
     if (!lua_checkstack(co, narg)) {
@@ -304,7 +172,7 @@ static int auxresume(lua_State *L, lua_State *co, int narg)
     if (status == LUA_ERRMEM)
         p->mem_failed = 1;
     lua_xmove(co, L, 1);
-    if (p->killed || p->mem_failed)
+    if (p->lim.killed || p->mem_failed)
         lua_error(L);
     return -1;
 }
@@ -386,7 +254,7 @@ static int env_index(lua_State *L)
  * hook is assigned, for messages about it. Removed once loaded. */
 static int env_newindex_load(lua_State *L)
 {
-    struct hub_policy *p = policy_of(L);
+    struct hub_policy *p = hub_lua_policy(L);
     if (lua_type(L, 2) == LUA_TSTRING) {
         const char *k = lua_tostring(L, 2);
         for (int h = 0; h < HUB_HOOK__COUNT; h++) {
@@ -532,27 +400,31 @@ static void setup(struct hub_policy *p)
 
 void hub_sandbox_arm(struct hub_policy *p)
 {
-    p->budget_left = p->budget;
-    p->alloc_bytes = 0;
-    p->deadline_ns = coarse_ns() + hub_sandbox_time_limit_ms(p->budget) * 1000000u;
-    p->pace_ns = hub_now_ns();
-    p->pace_count = 0;
-    if (lua_gethookcount(p->L) != HUB_LUA_TICK)
-        lua_sethook(p->L, count_hook, LUA_MASKCOUNT, HUB_LUA_TICK);
-    p->killed = p->mem_failed = 0;
-    p->err_where[0] = p->kill_where[0] = p->oom_where[0] = '\0';
+    hub_lua_limits_arm(&p->lim);
+    p->mem_failed = 0;
+    p->err_where[0] = '\0';
+}
+
+/* The count hook counts but never stops while no call runs. */
+static int idle(lua_State *L)
+{
+    return hub_lua_policy(L)->phase == HUB_PHASE_IDLE;
 }
 
 int hub_sandbox_open(struct hub_policy *p)
 {
-    p->L = lua_newstate(l_alloc, p);
+    p->lim.tick = HUB_LUA_TICK;
+    p->lim.time_limit_ns = hub_sandbox_time_limit_ms(p->lim.budget) * 1000000u;
+    p->lim.alloc_cost = HUB_COST_ALLOC;
+    p->lim.idle = idle;
+    p->L = hub_lua_limits_newstate(&p->lim);
     if (!p->L)
         return -1;
     *(struct hub_policy **)lua_getextraspace(p->L) = p;
     lua_atpanic(p->L, on_panic);
     lua_setwarnf(p->L, warnf, p);
     setup(p);
-    lua_sethook(p->L, count_hook, LUA_MASKCOUNT, HUB_LUA_TICK);
+    hub_lua_limits_hook(&p->lim);
     return 0;
 }
 

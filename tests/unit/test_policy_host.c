@@ -1,4 +1,4 @@
-/* Unit suite: the Lua policy host (src/policy.c, src/lua_api.c) without a
+/* Unit suite: the Lua policy host (src/policy*.c, src/lua_*.c) without a
  * server: the policy's host interface is a fake that records what it was
  * asked; the connection is a plain struct hub_policy_conn. Covers the
  * sandbox, both budgets, return forms, the zero-copy path of on_publish,
@@ -716,7 +716,7 @@ START_TEST(time_limit_stops_slow_instructions)
         "function on_rpc(conn, method) while a ~= b do end end\n");
     char out[256];
     ck_assert_int_eq(rpc(p, "x", NULL, out, sizeof out), HUB_FAIL);
-    ck_assert_int_eq(p->killed, HUB_KILL_TIME);
+    ck_assert_int_eq(p->lim.killed, HUB_KILL_TIME);
     ck_assert_int_eq(p->st.hook[HUB_HOOK_RPC].kills_instructions, 1);
     unload(p);
 }
