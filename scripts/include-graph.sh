@@ -22,6 +22,7 @@ module() {
     broker_memory | broker_redis | broker_redis_pub | redis_conn) m=broker ;;
     registry_local | registry_redis) m=broker ;; # the brokers' registries
     config_keys | config_channels | config_lookup) m=config ;;
+    proto_encode | proto_text) m=proto ;;
     lua_limits) ;;
     lua_* | policy_* | sandbox) m=policy ;;
     esac
