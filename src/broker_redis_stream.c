@@ -218,16 +218,25 @@ static uint32_t pos_ttl(const struct hub_channel_opts *o)
     return o->history_ttl > HUB_STREAM_META_TTL ? o->history_ttl : HUB_STREAM_META_TTL;
 }
 
+/* A call of `script` on the stream of `channel`: its two keys, and
+ * `epoch` filled with a new random candidate. */
+static struct hub_rcall *stream_call(const struct rbroker *b, int script, const char *channel,
+                                     size_t len, char epoch[17])
+{
+    hub_random_hex(epoch, 8);
+    struct hub_rcall *c = hub_rbroker_call_new(script);
+    hub_rbroker_call_arg(c, "2", 1);
+    hub_rbroker_call_key(c, b, KEY_POS, channel, len);
+    hub_rbroker_call_key(c, b, KEY_STREAM, channel, len);
+    return c;
+}
+
 int hub_rbroker_stream_publish(struct rbroker *b, const char *channel, size_t len,
                                struct hub_msg *m, const struct hub_channel_opts *o,
                                hub_broker_publish_cb cb, void *ud)
 {
     char epoch[17];
-    hub_random_hex(epoch, 8);
-    struct hub_rcall *c = hub_rbroker_call_new(SCRIPT_PUBLISH);
-    hub_rbroker_call_arg(c, "2", 1);
-    hub_rbroker_call_key(c, b, KEY_POS, channel, len);
-    hub_rbroker_call_key(c, b, KEY_STREAM, channel, len);
+    struct hub_rcall *c = stream_call(b, SCRIPT_PUBLISH, channel, len, epoch);
     hub_rbroker_call_key(c, b, "", channel, len);           /* the pub/sub channel */
     hub_rbroker_call_arg(c, hub_msg_payload(m), m->payload_len);
     hub_rbroker_call_argf(c, "%u", o->history_size);
@@ -314,11 +323,7 @@ int hub_rbroker_history(struct hub_broker *hb, const char *channel, size_t len,
         return HUB_EUNAVAILABLE;
     }
     char epoch[17];
-    hub_random_hex(epoch, 8);
-    struct hub_rcall *c = hub_rbroker_call_new(SCRIPT_HISTORY);
-    hub_rbroker_call_arg(c, "2", 1);
-    hub_rbroker_call_key(c, b, KEY_POS, channel, len);
-    hub_rbroker_call_key(c, b, KEY_STREAM, channel, len);
+    struct hub_rcall *c = stream_call(b, SCRIPT_HISTORY, channel, len, epoch);
     hub_rbroker_call_arg(c, epoch, 16);
     hub_rbroker_call_argf(c, "%u", o->history_ttl);
     hub_rbroker_call_argf(c, "%llu", (unsigned long long)q->since);

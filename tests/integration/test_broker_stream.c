@@ -331,6 +331,16 @@ static void expect_msgs(const struct readres *x, const char *ch, const uint64_t 
     }
 }
 
+/* A read whose messages must be exactly the offsets `want` (n of them). */
+static void expect_read(int bi, const char *ch, const struct hub_channel_opts *o, uint64_t since,
+                        uint32_t limit, int reverse, const uint64_t *want, size_t n)
+{
+    struct readres x;
+    read_ok(bi, ch, o, since, limit, reverse, &x);
+    expect_msgs(&x, ch, want, n);
+    readres_free(&x);
+}
+
 /* Publishes data 1..n (the data is the expected offset) to a new channel. */
 static struct hub_stream_pos publish_numbers(int bi, const char *ch,
                                              const struct hub_channel_opts *o, int n)
@@ -523,12 +533,8 @@ START_TEST(t_stream_trimmed_to_size)
     expect_msgs(&x, "s:t", (uint64_t[]){8, 9, 10}, 3);
     readres_free(&x);
     /* since below the oldest: what is kept */
-    read_ok(0, "s:t", &O_SMALL, 2, 100, 0, &x);
-    expect_msgs(&x, "s:t", (uint64_t[]){8, 9, 10}, 3);
-    readres_free(&x);
-    read_ok(0, "s:t", &O_SMALL, 0, 2, 1, &x);
-    expect_msgs(&x, "s:t", (uint64_t[]){10, 9}, 2);
-    readres_free(&x);
+    expect_read(0, "s:t", &O_SMALL, 2, 100, 0, (uint64_t[]){8, 9, 10}, 3);
+    expect_read(0, "s:t", &O_SMALL, 0, 2, 1, (uint64_t[]){10, 9}, 2);
     env_finish();
 }
 END_TEST
@@ -544,16 +550,10 @@ START_TEST(t_stream_reads)
     ck_assert_uint_eq(x.oldest, 1);
     expect_msgs(&x, "h:r", (uint64_t[]){1, 2, 3}, 3);
     readres_free(&x);
-    read_ok(0, "h:r", &O_HIST, 4, 100, 0, &x);
-    expect_msgs(&x, "h:r", (uint64_t[]){5, 6, 7, 8, 9, 10}, 6);
-    readres_free(&x);
+    expect_read(0, "h:r", &O_HIST, 4, 100, 0, (uint64_t[]){5, 6, 7, 8, 9, 10}, 6);
     /* reverse: the newest `limit` of those after since, newest first */
-    read_ok(0, "h:r", &O_HIST, 0, 3, 1, &x);
-    expect_msgs(&x, "h:r", (uint64_t[]){10, 9, 8}, 3);
-    readres_free(&x);
-    read_ok(0, "h:r", &O_HIST, 8, 5, 1, &x);
-    expect_msgs(&x, "h:r", (uint64_t[]){10, 9}, 2);
-    readres_free(&x);
+    expect_read(0, "h:r", &O_HIST, 0, 3, 1, (uint64_t[]){10, 9, 8}, 3);
+    expect_read(0, "h:r", &O_HIST, 8, 5, 1, (uint64_t[]){10, 9}, 2);
     /* limit 0: the position only */
     read_ok(0, "h:r", &O_HIST, 0, 0, 0, &x);
     ck_assert_uint_eq(x.top.offset, 10);
@@ -584,9 +584,7 @@ START_TEST(t_stream_read_creates_position)
     struct hub_stream_pos p = publish_ok(0, "h:new", &O_HIST, "1");
     ck_assert_uint_eq(p.offset, 1);
     ck_assert_str_eq(p.epoch, e.epoch);
-    read_ok(0, "h:new", &O_HIST, 0, 10, 0, &x);
-    expect_msgs(&x, "h:new", (uint64_t[]){1}, 1);
-    readres_free(&x);
+    expect_read(0, "h:new", &O_HIST, 0, 10, 0, (uint64_t[]){1}, 1);
     env_finish();
 }
 END_TEST
@@ -837,10 +835,7 @@ START_TEST(t_redis_unavailable_reads)
     kill(s->pid, SIGCONT);
     ck_assert(WAIT(b->ops->up(b), WAIT_MS));
     ck_assert_int_eq(g_calls, 0);
-    struct readres x;
-    read_ok(0, "h:u", &O_HIST, 0, 10, 0, &x);
-    expect_msgs(&x, "h:u", (uint64_t[]){1, 2}, 2);
-    readres_free(&x);
+    expect_read(0, "h:u", &O_HIST, 0, 10, 0, (uint64_t[]){1, 2}, 2);
 
     /* killed: the same */
     srv_kill(s);
