@@ -170,17 +170,26 @@ static void env_finish(void)
         srv_stop(&T.srv[i]);
 }
 
+/* Redis-only fixture: a redis-server and broker 0 on it (URL options
+ * `extra`, presence_ttl `ttl`). */
+static struct srv *redis_setup(const char *extra, unsigned ttl)
+{
+    env_init();
+    T.impl = 1;
+    srv_start(&T.srv[0], 0, NULL);
+    mk(0, url_of(&T.srv[0], extra), ttl);
+    return &T.srv[0];
+}
+
 /* Contract fixture: broker 0 of implementation `impl`, presence_ttl 60. */
 static void contract_setup(int impl)
 {
-    env_init();
-    T.impl = impl;
     if (impl) {
-        srv_start(&T.srv[0], 0, NULL);
-        mk(0, url_of(&T.srv[0], NULL), 60);
-    } else {
-        mk(0, "memory", 60);
+        redis_setup(NULL, 60);
+        return;
     }
+    env_init();
+    mk(0, "memory", 60);
 }
 
 static const char *impl_name(void)
@@ -802,11 +811,8 @@ static void on_presence_count(void *ud, int status, const struct hub_presence_re
  * Redis is down both fail at once; afterwards they work again. */
 START_TEST(t_redis_unavailable_reads)
 {
-    env_init();
-    struct srv *s = &T.srv[0];
-    srv_start(s, 0, NULL);
+    struct srv *s = redis_setup("?command_timeout_ms=300&connect_timeout_ms=300", 60);
     int port = s->port;
-    mk(0, url_of(s, "?command_timeout_ms=300&connect_timeout_ms=300"), 60);
     publish_numbers(0, "h:u", &O_HIST, 2);
     padd(0, "p:u", &O_PRES, "i-1", NULL, 1);
     struct presres px;
@@ -856,11 +862,8 @@ END_TEST
  * presence entries of this broker come back by themselves (with joins). */
 START_TEST(t_redis_restarted_empty)
 {
-    env_init();
-    struct srv *s = &T.srv[0];
-    srv_start(s, 0, NULL);
+    struct srv *s = redis_setup(NULL, 60);
     int port = s->port;
-    mk(0, url_of(s, NULL), 60);
     sub_ok(0, "p:r");
     struct hub_stream_pos e1 = publish_numbers(0, "h:e", &O_HIST, 3);
     padd(0, "p:r", &O_PRES, "i-1", "alice", 1);
@@ -897,10 +900,7 @@ END_TEST
  * with EVAL; nothing fails. */
 START_TEST(t_redis_script_flush)
 {
-    env_init();
-    struct srv *s = &T.srv[0];
-    srv_start(s, 0, NULL);
-    mk(0, url_of(s, NULL), 60);
+    struct srv *s = redis_setup(NULL, 60);
     sub_ok(0, "h:f");
     sub_ok(0, "p:f");
     publish_numbers(0, "h:f", &O_HIST, 2);
@@ -939,10 +939,7 @@ END_TEST
  * removes them with their leave events, once. */
 START_TEST(t_redis_dead_broker_swept)
 {
-    env_init();
-    struct srv *s = &T.srv[0];
-    srv_start(s, 0, NULL);
-    mk(0, url_of(s, NULL), 1);
+    struct srv *s = redis_setup(NULL, 1);
     mk(1, url_of(s, NULL), 1);
     sub_ok(1, "p:d");
     padd(0, "p:d", &O_PRES, "a-1", "alice", 1);
@@ -987,10 +984,7 @@ END_TEST
  * calls, not 1,000 round trips. */
 START_TEST(t_redis_refresh_batched)
 {
-    env_init();
-    struct srv *s = &T.srv[0];
-    srv_start(s, 0, NULL);
-    mk(0, url_of(s, NULL), 3);                       /* a round every second */
+    struct srv *s = redis_setup(NULL, 3);           /* a round every second */
     enum { N = 1000 };
     for (int i = 0; i < N; i++) {
         char id[16], ch[16], user[16];
@@ -1032,10 +1026,7 @@ END_TEST
 /* Every key the broker writes has a TTL; the names are documented. */
 START_TEST(t_redis_keys_have_ttls)
 {
-    env_init();
-    struct srv *s = &T.srv[0];
-    srv_start(s, 0, NULL);
-    mk(0, url_of(s, NULL), 60);
+    struct srv *s = redis_setup(NULL, 60);
     publish_numbers(0, "h:k", &O_HIST, 2);
     struct readres x;
     read_ok(0, "h:only-read", &O_HIST, 0, 1, 0, &x);
@@ -1088,10 +1079,7 @@ END_TEST
  * history mark but are not a history frame: delivered as they are. */
 START_TEST(t_redis_foreign_marker)
 {
-    env_init();
-    struct srv *s = &T.srv[0];
-    srv_start(s, 0, NULL);
-    mk(0, url_of(s, NULL), 60);
+    struct srv *s = redis_setup(NULL, 60);
     sub_ok(0, "plain");
     static const char *const bad[] = {"\x01", "\x01x", "\x01" "e 0 {}", "\x01" "e 5",
                                       "\x01" "e 5 ", "\x01 5 x", "\x01" "e x5 y"};
@@ -1161,10 +1149,7 @@ END_TEST
  * history channel, both subscribed here (printed, not asserted). */
 START_TEST(t_redis_publish_cost)
 {
-    env_init();
-    struct srv *s = &T.srv[0];
-    srv_start(s, 0, NULL);
-    mk(0, url_of(s, NULL), 60);
+    struct srv *s = redis_setup(NULL, 60);
     sub_ok(0, "plain");
     sub_ok(0, "h:c");
     enum { N = 5000 };
