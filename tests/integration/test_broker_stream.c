@@ -939,8 +939,8 @@ END_TEST
  * removes them with their leave events, once. */
 START_TEST(t_redis_dead_broker_swept)
 {
-    struct srv *s = redis_setup(NULL, 1);
-    mk(1, url_of(s, NULL), 1);
+    struct srv *s = redis_setup(NULL, 2);
+    mk(1, url_of(s, NULL), 2);
     sub_ok(1, "p:d");
     padd(0, "p:d", &O_PRES, "a-1", "alice", 1);
     padd(0, "p:d", &O_PRES, "a-2", "alice", 2);
@@ -952,18 +952,18 @@ START_TEST(t_redis_dead_broker_swept)
     ck_assert_int_eq(events(1, "p:d", "\"op\":\"join\""), 3);
     pread_ok(1, "p:d", &O_PRES, 0, &x);
     ck_assert_uint_eq(x.clients, 4);
-    /* refreshes keep them: several presence_ttl later they are all there */
-    int64_t t = now_ms();
-    (void)WAIT(0, 2500);
+    /* refreshes keep them: presence_ttl later (twice the entries' life)
+     * they are all there */
+    (void)WAIT(0, 2700);
     pread_ok(1, "p:d", &O_PRES, 0, &x);
     ck_assert_uint_eq(x.clients, 4);
     ck_assert_int_eq(events(1, "p:d", "\"op\":\"leave\""), 0);
 
     T.b[0]->ops->stop(T.b[0]);
-    t = now_ms();
+    int64_t t = now_ms();
     ck_assert_msg(WAIT(events(1, "p:d", "\"op\":\"leave\"") == 2, WAIT_MS),
                   "%d leave events", events(1, "p:d", "\"op\":\"leave\""));
-    printf("[measure] leave events of a dead broker after %lld ms (presence_ttl 1 s)\n",
+    printf("[measure] leave events of a dead broker after %lld ms (presence_ttl 2 s)\n",
            (long long)(now_ms() - t));
     ck_assert_int_eq(has_event(1, "leave", "p:d", "a-3", NULL, 3), 1);
     ck_assert_int_eq(events(1, "p:d", "\"client\":\"a-1\"") + events(1, "p:d", "\"client\":\"a-2\""),
