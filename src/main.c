@@ -107,8 +107,8 @@ static int host_is_loopback(const char *host)
     return lo;
 }
 
-/* Root, the network and no api_key: say what that exposes, once, before
- * any worker starts (docs/operations.md, "Running as root"). */
+/* Root, the network and no api_key: say what that exposes, once the port
+ * is bound, once per hub (docs/operations.md, "Running as root"). */
 static void warn_if_exposed(const struct hub_config *cfg)
 {
     if (geteuid() != 0 || cfg->api_key || host_is_loopback(cfg->listen_host))
@@ -168,6 +168,8 @@ static int run_hub(struct hub_config *cfg, int worker)
         uv_signal_start(&sig_term, on_signal, SIGTERM);
         uv_signal_start(&sig_int, on_signal, SIGINT);
         uv_signal_start(&sig_hup, on_signal, SIGHUP);
+        if (!worker)
+            warn_if_exposed(cfg);
         int wr = hub_watchdog_start(&loop, watchdog_s(cfg), worker ? tag : NULL);
         if (wr < 0)
             hub_log(HUB_LOG_WARN, "cannot start the watchdog: %s", strerror(-wr));
@@ -264,7 +266,6 @@ int main(int argc, char **argv)
     }
 
     hub_log_set_level(cfg.log_level);
-    warn_if_exposed(&cfg);
     signal(SIGPIPE, SIG_IGN);
     sigemptyset(&startup_signals);
     sigaddset(&startup_signals, SIGTERM);
@@ -281,6 +282,7 @@ int main(int argc, char **argv)
         if (held < 0) {
             rc = 1;
         } else {
+            warn_if_exposed(&cfg);
             /* Workers wait up to shutdown_timeout for their clients; a
              * few seconds more for their own teardown (Redis, registry). */
             rc = hub_supervise(workers, run_worker, &cfg,

@@ -9,11 +9,14 @@
  *   against the installed conf (TimeoutStopSec, LimitNOFILE), and
  *   systemd-analyze verify / security on it.
  * - The warning at start when the hub runs as root on a non-loopback
- *   address without api_key (and its absence otherwise). As root the line
- *   must appear; run as another user it must not (the condition is root).
+ *   address without api_key, once the port is bound (once with workers),
+ *   and its absence otherwise. As root the line must appear; run as
+ *   another user it must not (the condition is root). A hub that cannot
+ *   bind does not warn: test_lifecycle's listen_on_foreign_address_exits.
  */
 #include <check.h>
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +24,7 @@
 #include <unistd.h>
 
 #include "hubtest.h"
+#include "redistest.h"
 
 #define NOBODY 65534
 #define MAKE_MS 60000
@@ -465,13 +469,16 @@ END_TEST
 /* ------------------------------------------------------------------ */
 
 /* Starts a hub with `conf` and --listen `listen` ("" = none: the conf's),
- * and returns how many times the log has the warning (it comes before the
- * "listening on" line hub_start waits for). With `line`, the first such
- * line is copied there. */
+ * stops it, and returns how many times its log has the warning. The hub
+ * warns before its loop runs, and handles SIGTERM only in the loop: once
+ * it has exited the log holds every line it would write. With `line`, the
+ * first such line is copied there. */
 static int warnings(const char *conf, const char *listen, char *line, size_t cap)
 {
     struct hub_opts o = {.listen = listen};
     struct hub *h = hub_start_opts(conf, &o);
+    hub_signal(h, SIGTERM);
+    ck_assert_int_eq(hub_wait_exit(h, HT_WAIT_MS), 0);
     int n = hub_log_count(h, WARN_NEEDLE);
     if (line) {
         char *log = hub_log(h);
@@ -523,6 +530,19 @@ START_TEST(warn_root_wildcard_ipv6)
 }
 END_TEST
 
+/* With workers the supervisor warns, once, not every worker. */
+START_TEST(warn_root_once_with_workers)
+{
+    struct srv redis = {0};
+    srv_start(&redis, 0, NULL);
+    char *conf = ht_asprintf("listen = \"0.0.0.0:0\"\nworkers = 2\n"
+                             "broker = \"redis://127.0.0.1:%d\"\n", redis.port);
+    expect_warning(conf, "", "0.0.0.0:0");
+    free(conf);
+    srv_stop(&redis);
+}
+END_TEST
+
 START_TEST(no_warning_with_api_key)
 {
     ck_assert_int_eq(warnings("listen = \"0.0.0.0:0\"\napi_key = \"k\"\n", "", NULL, 0), 0);
@@ -557,6 +577,7 @@ static Suite *service_suite(void)
     tcase_add_test(tc, warn_root_wildcard_conf);
     tcase_add_test(tc, warn_root_wildcard_option);
     tcase_add_test(tc, warn_root_wildcard_ipv6);
+    tcase_add_test(tc, warn_root_once_with_workers);
     tcase_add_test(tc, no_warning_with_api_key);
     tcase_add_loop_test(tc, no_warning_on_loopback, 0,
                         (int)(sizeof(loopback) / sizeof(loopback[0])));
