@@ -162,16 +162,23 @@ static int run_make(const char *target, const char *const *vars, char **out)
     return ht_run(argv, out, MAKE_MS);
 }
 
-/* make install with DESTDIR=d (the default PREFIX and SYSCONFDIR); must
- * succeed. Returns its output (new string). */
+/* run_make that must succeed. Returns the output (new string). */
+static char *make_ok(const char *target, const char *const *vars)
+{
+    char *out = NULL;
+    int rc = run_make(target, vars, &out);
+    ck_assert_msg(rc == 0, "make %s exited with %d:\n%s", target, rc, out);
+    return out;
+}
+
+/* make install with DESTDIR=d (the default PREFIX and SYSCONFDIR). Returns
+ * its output (new string). */
 static char *install_into(const char *d)
 {
     char *destdir = ht_asprintf("DESTDIR=%s", d);
     char *bin = ht_asprintf("LUAHUB=%s", getenv("LUAHUB_BIN"));
     const char *vars[] = {destdir, bin, "PREFIX=/usr/local", "SYSCONFDIR=/etc", NULL};
-    char *out = NULL;
-    int rc = run_make("install", vars, &out);
-    ck_assert_msg(rc == 0, "make install exited with %d:\n%s", rc, out);
+    char *out = make_ok("install", vars);
     free(destdir);
     free(bin);
     return out;
@@ -329,9 +336,7 @@ START_TEST(uninstall_keeps_conf)
     free(install_into(d));
     char *destdir = ht_asprintf("DESTDIR=%s", d);
     const char *vars[] = {destdir, "PREFIX=/usr/local", "SYSCONFDIR=/etc", NULL};
-    char *out = NULL;
-    int rc = run_make("uninstall", vars, &out);
-    ck_assert_msg(rc == 0, "make uninstall exited with %d:\n%s", rc, out);
+    char *out = make_ok("uninstall", vars);
 
     const char *gone[] = {"usr/local/bin/luahub", "usr/local/share/luahub",
                           "usr/local/share/doc/luahub",
@@ -389,9 +394,7 @@ START_TEST(unit_sandbox_and_limits)
     char *etc = ht_asprintf("SYSCONFDIR=%s/etc", d);
     char *bin = ht_asprintf("LUAHUB=%s", getenv("LUAHUB_BIN"));
     const char *vars[] = {prefix, etc, bin, NULL};
-    char *out = NULL;
-    int rc = run_make("install", vars, &out);
-    ck_assert_msg(rc == 0, "make install exited with %d:\n%s", rc, out);
+    char *out = make_ok("install", vars);
 
     char *unitp = ht_asprintf("%s/opt/lib/systemd/system/luahub.service", d);
     char *confp = ht_asprintf("%s/etc/luahub/luahub.conf", d);
@@ -434,7 +437,7 @@ START_TEST(unit_sandbox_and_limits)
     if (access("/usr/bin/systemd-analyze", X_OK) == 0) {
         char *o = NULL;
         const char *verify[] = {"/usr/bin/systemd-analyze", "verify", unitp, NULL};
-        rc = ht_run(verify, &o, HT_WAIT_MS);
+        int rc = ht_run(verify, &o, HT_WAIT_MS);
         ck_assert_msg(rc == 0, "systemd-analyze verify exited with %d:\n%s", rc, o);
         free(o);
         const char *sec[] = {"/usr/bin/systemd-analyze", "security", "--offline=yes",
