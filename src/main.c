@@ -1,5 +1,8 @@
 /* luahub: command line, conf loading, signals, the loop. */
+#include <arpa/inet.h>
 #include <getopt.h>
+#include <ifaddrs.h>
+#include <net/if.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -81,6 +84,43 @@ static const char *find_conf(void)
     return NULL;
 }
 
+/* 1 when the listen host is reachable from this machine only: 127.0.0.0/8,
+ * ::1 (or ::ffff:127.x.y.z), "localhost", or a loopback interface ("lo"). */
+static int host_is_loopback(const char *host)
+{
+    struct in_addr a4;
+    struct in6_addr a6;
+    struct ifaddrs *ifs;
+    int lo = 0;
+
+    if (!strcmp(host, "localhost"))
+        return 1;
+    if (inet_pton(AF_INET, host, &a4) == 1)
+        return ntohl(a4.s_addr) >> 24 == 127;
+    if (inet_pton(AF_INET6, host, &a6) == 1)
+        return IN6_IS_ADDR_LOOPBACK(&a6) || (IN6_IS_ADDR_V4MAPPED(&a6) && a6.s6_addr[12] == 127);
+    if (getifaddrs(&ifs) < 0)
+        return 0;
+    for (struct ifaddrs *i = ifs; i; i = i->ifa_next)
+        lo |= !strcmp(i->ifa_name, host) && (i->ifa_flags & IFF_LOOPBACK);
+    freeifaddrs(ifs);
+    return lo;
+}
+
+/* Root, the network and no api_key: say what that exposes, once the port
+ * is bound, once per hub (docs/operations.md, "Running as root"). */
+static void warn_if_exposed(const struct hub_config *cfg)
+{
+    if (geteuid() != 0 || cfg->api_key || host_is_loopback(cfg->listen_host))
+        return;
+    hub_log(HUB_LOG_WARN,
+            "running as root on %s (not a loopback address) with no api_key: a root process "
+            "parses what the network sends, and the HTTP API (/api/*, /metrics) obeys every "
+            "local process and whatever a proxy on this host forwards, without a key; set "
+            "api_key and run as an unprivileged user (docs/operations.md)",
+            cfg->listen);
+}
+
 /* The watchdog's timeout: WATCHDOG_S, or twice the longest a policy call
  * may run if that is longer (a huge lua_max_instructions). */
 static unsigned watchdog_s(const struct hub_config *cfg)
@@ -128,6 +168,8 @@ static int run_hub(struct hub_config *cfg, int worker)
         uv_signal_start(&sig_term, on_signal, SIGTERM);
         uv_signal_start(&sig_int, on_signal, SIGINT);
         uv_signal_start(&sig_hup, on_signal, SIGHUP);
+        if (!worker)
+            warn_if_exposed(cfg);
         int wr = hub_watchdog_start(&loop, watchdog_s(cfg), worker ? tag : NULL);
         if (wr < 0)
             hub_log(HUB_LOG_WARN, "cannot start the watchdog: %s", strerror(-wr));
@@ -240,6 +282,7 @@ int main(int argc, char **argv)
         if (held < 0) {
             rc = 1;
         } else {
+            warn_if_exposed(&cfg);
             /* Workers wait up to shutdown_timeout for their clients; a
              * few seconds more for their own teardown (Redis, registry). */
             rc = hub_supervise(workers, run_worker, &cfg,
