@@ -357,6 +357,15 @@ static void run(struct load *ld, const char *text, size_t len)
         /* on_assign stopped the chunk; its errors are recorded. */
     } else if (st != LUA_OK) {
         const char *msg = lua_tostring(L, -1);
+        /* Lua quotes the token it stopped at ("unfinished string near
+         * '\"s3cret"); a string of the conf may be a secret (api_key, a
+         * password): name it without its text. */
+        const char *near = msg && st == LUA_ERRSYNTAX ? strstr(msg, " near '") : NULL;
+        if (near && (near[7] == '"' || near[7] == '\'' || near[7] == '[')) {
+            lua_pushfstring(L, "%s (near a string, not shown)",
+                            lua_pushlstring(L, msg, (size_t)(near - msg)));
+            msg = lua_tostring(L, -1);
+        }
         add_lua_error(ld, msg ? msg : "error with a non-string value");
     }
     if (st == LUA_OK)

@@ -5,6 +5,8 @@
  * "Authorization: Bearer <api_key>"; without it, a loopback peer whose
  * request is not cross-site (no Origin, or the hub's own origin): a page of
  * another site open in a local browser must not publish or reload. */
+#include <openssl/crypto.h>
+#include <openssl/sha.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/openat2.h>
@@ -31,14 +33,15 @@ static void respond_json(struct hub_http_conn *c, unsigned status, const char *j
     hub_http_respond(c, status, JSON, NULL, json, strlen(json), 0);
 }
 
-/* Compares in time independent of where the strings differ. */
+/* Compares in time independent of the keys' contents and lengths: the
+ * SHA-256 digests of both, with CRYPTO_memcmp (a loop over the shorter
+ * key's bytes would tell the real key's length). */
 static int key_equal(const char *a, size_t alen, const char *b, size_t blen)
 {
-    unsigned char d = alen != blen;
-    size_t n = alen < blen ? alen : blen;
-    for (size_t i = 0; i < n; i++)
-        d |= (unsigned char)(a[i] ^ b[i]);
-    return d == 0;
+    unsigned char da[SHA256_DIGEST_LENGTH], db[SHA256_DIGEST_LENGTH];
+    SHA256((const unsigned char *)a, alen, da);
+    SHA256((const unsigned char *)b, blen, db);
+    return CRYPTO_memcmp(da, db, sizeof(da)) == 0;
 }
 
 /* 1 when the request comes from the hub's own origin or from no browser

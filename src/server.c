@@ -108,9 +108,12 @@ static int offer_add(void *ud, const char *v, size_t len)
         o->luahub = 1;
     if (o->n == 0)
         snprintf(o->first, sizeof(o->first), "%.*s", (int)(len > 64 ? 64 : len), v);
+    /* The list is logged: a "token.<jwt>" (docs/protocol.md) shows as
+     * "token.***" (docs/operations.md, "Secrets and logs"). */
+    int secret = len > 6 && !memcmp(v, "token.", 6);
     if (o->shown.len < 200)
-        hub_buf_printf(&o->shown, "%s\"%.*s\"", o->n ? ", " : "", (int)(len > 64 ? 64 : len),
-                       v);
+        hub_buf_printf(&o->shown, "%s\"%.*s%s\"", o->n ? ", " : "",
+                       secret ? 6 : (int)(len > 64 ? 64 : len), v, secret ? "***" : "");
     o->n++;
     return 0;
 }
