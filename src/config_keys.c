@@ -56,6 +56,7 @@ const struct key hub_conf_keys[] = {
     NUM(request_timeout, K_SECONDS, 1, 3600, 10),
     NUM(http_idle_timeout, K_SECONDS, 1, 3600, 60),
     NUM(write_delay, K_INT, 0, 1000, 0),
+    NUM(write_pause_max, K_INT, 0, 100, 2),
     NUM(rx_buffer_size, K_SIZE, 128, 64 * KiB, 512),
     STR(static_dir, static_dir, NULL, set_dir),
     STR(log_level, log_level, "info", set_log_level),

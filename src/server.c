@@ -573,6 +573,9 @@ static void render_metrics(void *ud, struct hub_buf *b)
                    "Socket writes on WebSocket connections (frames are coalesced).", w->writes);
     hub_metric_one(b, "luahub_flushes_total", "counter",
                    "Passes writing the queued frames of every connection.", w->flushes);
+    hub_metric_one(b, "luahub_flush_slices_total", "counter",
+                   "Slices of those passes (a slice writes for about 1 ms, then the loop turns).",
+                   w->flush_slices);
     hub_metric_one(b, "luahub_flushes_paused_total", "counter",
                    "Flushes after a pause that let frames gather (under load).",
                    w->flushes_paused);
@@ -653,6 +656,7 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
     hub_writer_init(&srv->writer, loop, &(struct hub_writer_options){
         .max_queue_bytes = cfg->max_queue_bytes,
         .write_delay_ms = cfg->write_delay,
+        .write_pause_max_ms = cfg->write_pause_max,
         .ping_interval_ms = cfg->ping_interval * 1000u,
         .ping_timeout_ms = cfg->ping_timeout * 1000u,
     });

@@ -38,6 +38,7 @@ struct hub_config {
     uint32_t request_timeout;       /* 10 s: an HTTP request head (and body) must arrive within it */
     uint32_t http_idle_timeout;     /* 60 s: a keep-alive HTTP connection may idle this long */
     uint32_t write_delay;           /* ms between flushes under load; 0 = adaptive */
+    uint32_t write_pause_max;       /* ms an adaptive pause lasts at most; 0: no pauses */
     uint64_t rx_buffer_size;        /* lws read buffer per connection; 512 */
     char *static_dir;               /* absolute or resolved against dir; NULL = none */
     int log_level;                  /* HUB_LOG_* ; "info" */
