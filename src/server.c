@@ -9,10 +9,12 @@
  *   handles, again after uv_run() has returned, to free the context. */
 #include "luahub/server.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <openssl/evp.h>
@@ -739,6 +741,43 @@ int hub_server_reload_policy(struct hub_server *srv, struct hub_config_errors *e
     return rc;
 }
 
+/* With max_connections set, the open-files limit becomes what the process
+ * can use: max_connections WebSocket connections, a quarter more for plain
+ * HTTP connections, and FD_RESERVE for the hub's own (Redis, files, the
+ * loop). libwebsockets sizes its descriptor tables by the limit when the
+ * context is created, and Debian's build scans one of them on every close
+ * (docs/internals.md, "Connection cost"): a limit far above the need costs
+ * every connection. Raised when the need is above the soft limit (up to the
+ * hard limit, with a warning when that is short), lowered when below. */
+#define FD_RESERVE 1024
+static void fit_fd_limit(const struct hub_config *cfg)
+{
+    struct rlimit rl;
+    if (!cfg->max_connections || getrlimit(RLIMIT_NOFILE, &rl) < 0)
+        return;
+    rlim_t want = (rlim_t)cfg->max_connections + cfg->max_connections / 4 + FD_RESERVE;
+    if (rl.rlim_max != RLIM_INFINITY && want > rl.rlim_max) {
+        hub_log(HUB_LOG_WARN,
+                "max_connections %u needs about %llu descriptors, but the hard open-files "
+                "limit is %llu: raise it (ulimit -n, LimitNOFILE)",
+                cfg->max_connections, (unsigned long long)want,
+                (unsigned long long)rl.rlim_max);
+        want = rl.rlim_max;
+    }
+    if (want == rl.rlim_cur)
+        return;
+    rlim_t was = rl.rlim_cur;
+    rl.rlim_cur = want;
+    if (setrlimit(RLIMIT_NOFILE, &rl) < 0) {
+        hub_log(HUB_LOG_WARN, "cannot set the open-files limit to %llu: %s",
+                (unsigned long long)want, strerror(errno));
+        return;
+    }
+    hub_log(HUB_LOG_INFO, "open-files limit %llu (was %llu): max_connections %u, a quarter "
+            "more for HTTP, %d for the hub's own", (unsigned long long)want,
+            (unsigned long long)was, cfg->max_connections, FD_RESERVE);
+}
+
 int hub_server_start(struct hub_server *srv)
 {
     struct lws_context_creation_info info;
@@ -749,6 +788,7 @@ int hub_server_start(struct hub_server *srv)
      * context and the vhost are created: a failure there gets one clear
      * line of ours instead of lws's internal ones. */
     lws_set_log_level(0, log_emit);
+    fit_fd_limit(cfg);
 
     memset(&info, 0, sizeof(info));
     info.options = LWS_SERVER_OPTION_LIBUV | LWS_SERVER_OPTION_EXPLICIT_VHOSTS;

@@ -565,6 +565,7 @@ void hub_writer_init(struct hub_writer *w, uv_loop_t *loop,
     uv_timer_init(loop, &w->flush_timer);
     w->flush_timer.data = w;
     uv_idle_init(loop, &w->spin);
+    uv_unref((uv_handle_t *)&w->spin); /* it never keeps the loop alive */
     w->spin.data = w;
     uv_timer_init(loop, &w->keepalive);
     w->keepalive.data = w;
