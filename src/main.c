@@ -64,7 +64,7 @@ static void on_shutdown_done(struct hub_server *srv)
 static void on_signal(uv_signal_t *h, int signum)
 {
     if (signum == SIGHUP) {
-        hub_log(HUB_LOG_INFO, "SIGHUP: reloading the policy and the conf's policy_vars");
+        hub_log(HUB_LOG_INFO, "SIGHUP: reloading the conf and the policy");
         hub_server_reload_policy(&server, NULL);
         return;
     }
