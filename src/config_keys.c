@@ -60,6 +60,7 @@ const struct key hub_conf_keys[] = {
     STR(static_dir, static_dir, NULL, set_dir),
     STR(log_level, log_level, "info", set_log_level),
     STR(policy, policy, NULL, set_file),
+    STR(policy_path, policy_path, NULL, set_dir),
     NUM(lua_max_instructions, K_INT, 1000, INT64_C(10000000000), 1000000),
     NUM(lua_max_memory, K_SIZE, 1 * MiB, 16 * GiB, 64 * MiB),
     STRS(broker, broker, "memory", set_broker),
@@ -580,7 +581,10 @@ static int set_dir(struct hub_config *c, const struct key *k, const char *s,
                    struct hub_buf *why)
 {
     if (!*s) {
-        hub_buf_appends(why, "must not be empty (leave it unset to serve no files)");
+        hub_buf_appends(why, !strcmp(k->name, "static_dir")
+                                 ? "must not be empty (leave it unset to serve no files)"
+                                 : "must not be empty (leave it unset for the policy "
+                                   "file's directory)");
         return -1;
     }
     char *full = resolve(c, s);
@@ -896,6 +900,7 @@ void hub_config_free(struct hub_config *c)
     free(c->api_key);
     free(c->static_dir);
     free(c->policy);
+    free(c->policy_path);
     free(c->broker);
     free(c->redis_prefix);
     free(c->policy_vars);

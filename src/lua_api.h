@@ -63,6 +63,8 @@ struct hub_policy_stats {
 struct hub_ptimer;
 struct hub_emit;
 
+#define HUB_MODULE_DEPTH 32         /* require()s nested in each other */
+
 struct hub_policy {
     lua_State *L;
     struct hub_policy_host host;    /* ops NULL in --check */
@@ -112,6 +114,17 @@ struct hub_policy {
 
     /* load: lines where hooks were assigned, for messages about them */
     int hook_line[HUB_HOOK__COUNT];
+
+    /* require(): the directory of the modules (NULL: none), the registry
+     * ref of the table of loaded modules (name -> value, or false while
+     * one loads) and how many were loaded */
+    char *module_dir;
+    int ref_modules;
+    unsigned nmodules;
+    char *own_module;               /* the policy file's module name when it is in
+                                     * module_dir (requiring it is a cycle), or NULL */
+    const char *mod_chain[HUB_MODULE_DEPTH]; /* the modules being loaded, outermost first */
+    int mod_depth;
 
     char short_src[LUA_IDSIZE];     /* how Lua names the chunk in messages */
 
@@ -227,6 +240,11 @@ int hub_lua_hmac_sha256(lua_State *L);
  * Returns the claims, or nil and why. */
 int hub_lua_jwt_verify(lua_State *L);
 
+/* Writes untrusted bytes s[0..len) for a message into out[0..n): at most
+ * n - 4 of them, bytes that are not printable ASCII as '?', "..." when
+ * cut. */
+void hub_lua_show(const char *s, size_t len, char *out, size_t n);
+
 /* ---- lua_timer.c: hub.after ------------------------------------------------ */
 
 /* Registers the timer metatable (with its cancel method). */
@@ -324,6 +342,15 @@ int hub_policy_encode_result(struct hub_policy *p, int phase, uint64_t conn_id, 
 
 /* Name of a phase: "on_publish", "timer", "load". */
 const char *hub_policy_phase_name(int phase);
+
+/* ---- policy.c: building ------------------------------------------------------ */
+
+/* Reads the regular file `path`, at most `max` bytes, into `out` (NUL-
+ * terminated). Returns 0, or -1 with the reason in why[0..n) ("No such
+ * file or directory", "not a regular file", "larger than 1 MiB"). A
+ * blocking read of a local file: at load and reload only. */
+int hub_policy_read_file(const char *path, size_t max, struct hub_buf *out, char *why,
+                         size_t n);
 
 /* ---- policy_hooks.c: the hooks' entry points --------------------------------- */
 

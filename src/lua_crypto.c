@@ -97,6 +97,17 @@ static long b64url_decode(const char *s, size_t len, unsigned char *out)
     return (long)o;
 }
 
+void hub_lua_show(const char *s, size_t len, char *out, size_t n)
+{
+    size_t m = n > 4 ? n - 4 : 0, i;
+    for (i = 0; i < len && i < m; i++)
+        out[i] = s[i] >= 0x20 && s[i] < 0x7f ? s[i] : '?';
+    if (i < len && n >= 4)
+        memcpy(out + i, "...", 3), i += 3;
+    if (n)
+        out[i < n ? i : n - 1] = '\0';
+}
+
 static int fail2(lua_State *L, const char *why)
 {
     lua_pushnil(L);

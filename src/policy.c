@@ -6,11 +6,14 @@
 #include "luahub/policy.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -39,38 +42,59 @@ static void add_err(struct hub_config_errors *e, const char *fmt, ...)
     e->v[e->n++] = b.p;
 }
 
+int hub_policy_read_file(const char *path, size_t max, struct hub_buf *out, char *why,
+                         size_t n)
+{
+    /* O_NONBLOCK: a FIFO must not hang the loop (docs/lua.md, "The
+     * watchdog"); a regular file ignores it */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC), rc = -1;
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0) {
+        snprintf(why, n, "%s", strerror(errno));
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        snprintf(why, n, "not a regular file");
+        goto out;
+    }
+    char buf[65536];
+    ssize_t got;
+    while ((got = read(fd, buf, sizeof(buf))) > 0) {
+        if (out->len + (size_t)got > max) {
+            if (max % (1024 * 1024) == 0)
+                snprintf(why, n, "larger than %zu MiB", max >> 20);
+            else
+                snprintf(why, n, "larger than %zu bytes", max);
+            goto out;
+        }
+        hub_buf_append(out, buf, (size_t)got);
+    }
+    if (got < 0) {
+        snprintf(why, n, "%s", strerror(errno));
+        goto out;
+    }
+    if (!out->p)
+        hub_buf_append(out, "", 0);
+    rc = 0;
+out:
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
 /* Reads the policy file (or takes the built-in one) into `*src`. */
 static int read_source(struct hub_policy *p, struct hub_buf *src,
                        struct hub_config_errors *errs)
 {
+    char why[256];
     if (!p->cfg->policy) {
         hub_buf_append(src, hub_lua_default, hub_lua_default_len);
         return 0;
     }
-    FILE *f = fopen(p->cfg->policy, "rb");
-    if (!f) {
-        add_err(errs, "%s: cannot read the policy: %s", p->cfg->policy, strerror(errno));
+    if (hub_policy_read_file(p->cfg->policy, POLICY_MAX_FILE, src, why, sizeof(why)) < 0) {
+        add_err(errs, "%s: cannot read the policy: %s", p->cfg->policy, why);
         return -1;
     }
-    char buf[65536];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof(buf), f)) > 0) {
-        if (src->len + n > POLICY_MAX_FILE) {
-            add_err(errs, "%s: the policy is larger than %d MiB", p->cfg->policy,
-                    POLICY_MAX_FILE >> 20);
-            fclose(f);
-            return -1;
-        }
-        hub_buf_append(src, buf, n);
-    }
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) {
-        add_err(errs, "%s: cannot read the policy: read error", p->cfg->policy);
-        return -1;
-    }
-    if (!src->p)
-        hub_buf_append(src, "", 0);
     return 0;
 }
 
@@ -92,11 +116,26 @@ static void destroy(struct hub_policy *p)
         hub_lua_timers_close(p);
         lua_close(p->L);
     }
+    free(p->module_dir);
+    free(p->own_module);
     free(p->chunkname);
     free(p->emits);
     hub_buf_free(&p->tb);
     hub_buf_free(&p->warn);
     free(p);
+}
+
+/* Where require() finds modules: policy_path, else the policy file's
+ * directory; none for the built-in policy. */
+static char *module_dir(const struct hub_config *cfg)
+{
+    if (cfg->policy_path)
+        return hub_xstrdup(cfg->policy_path);
+    const char *slash = cfg->policy ? strrchr(cfg->policy, '/') : NULL;
+    if (!slash)
+        return NULL;
+    return slash == cfg->policy ? hub_xstrdup("/")
+                                : hub_xstrndup(cfg->policy, (size_t)(slash - cfg->policy));
 }
 
 /* Builds a policy: state, sandbox, the script's main chunk under the
@@ -130,6 +169,17 @@ static struct hub_policy *build(const struct hub_policy_host *host,
         p->chunkname = hub_xstrdup("=default.lua");
     }
     p->source_name = p->chunkname + 1;
+    p->module_dir = module_dir(cfg);
+    if (p->module_dir && cfg->policy) {
+        /* the policy file as a module of its own directory: requiring it
+         * is a cycle */
+        const char *base = strrchr(cfg->policy, '/') + 1;
+        size_t bl = strlen(base);
+        if (bl > 4 && !strcmp(base + bl - 4, ".lua") && !memchr(base, '.', bl - 4) &&
+            (size_t)(base - 1 - cfg->policy) == strlen(p->module_dir) &&
+            !strncmp(cfg->policy, p->module_dir, (size_t)(base - 1 - cfg->policy)))
+            p->own_module = hub_xstrndup(base, bl - 4);
+    }
 
     if (hub_sandbox_open(p) < 0) {
         add_err(errs, "%s: cannot create a Lua state (out of memory)", p->source_name);

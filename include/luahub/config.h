@@ -43,6 +43,8 @@ struct hub_config {
     int log_level;                  /* HUB_LOG_* ; "info" */
 
     char *policy;                   /* Lua policy file, resolved against dir; NULL = built-in */
+    char *policy_path;              /* directory require() loads modules from, resolved;
+                                     * NULL: the policy file's directory */
     uint64_t lua_max_instructions;  /* per hook call; 1,000,000 */
     uint64_t lua_max_memory;        /* whole state; 64 MiB */
 

@@ -980,7 +980,7 @@ END_TEST
 /* ------------------------------------------------------------------ */
 
 static const char *SANDBOX_POLICY =
-    "local names = {'io', 'os.execute', 'os.getenv', 'os.exit', 'os.remove', 'require',\n"
+    "local names = {'io', 'os.execute', 'os.getenv', 'os.exit', 'os.remove',\n"
     "  'load', 'loadfile', 'dofile', 'collectgarbage', 'print', 'debug', 'package',\n"
     "  'string.dump', 'cjson', 'loadstring', 'module', 'newproxy'}\n"
     "local function get(path)\n"
@@ -1544,7 +1544,8 @@ static const struct {
 } escapes[] = {
     {"return io.open('/etc/passwd')", "undeclared global 'io'"},
     {"return os.execute('true')", "attempt to call a nil value (field 'execute')"},
-    {"return require('io')", "undeclared global 'require'"},
+    /* require is the hub's own: modules of policy_path, while the policy loads */
+    {"return require('io')", "require('io'): modules are loaded while the policy loads"},
     {"return load('return true')()", "undeclared global 'load'"},
     {"return loadfile('/etc/passwd')", "undeclared global 'loadfile'"},
     {"return dofile('/etc/passwd')", "undeclared global 'dofile'"},

@@ -1,8 +1,8 @@
 /* Integration suite: what the real binary reads from files beside its conf
  * and when (docs/config.md, "Reload"): SIGHUP / POST /api/reload applying
- * the keys a reload may change (log level, limits, budgets) while naming
- * those that need a restart, and applying nothing when the new policy
- * fails.
+ * the keys a reload may change (log level, limits, budgets, the policy
+ * with its modules) while naming those that need a restart, and applying
+ * nothing when the new policy fails.
  *
  * Every test stops its hub with SIGTERM and asserts exit status 0 (the
  * ASan build exits non-zero on a leak). */
@@ -192,6 +192,33 @@ START_TEST(reload_lua_budget)
 }
 END_TEST
 
+/* ---- reload: the policy's files ------------------------------------------------ */
+
+START_TEST(reload_reads_modules_again)
+{
+    jt_write(at("greeting.lua"), "return {text = 'v1'}\n");
+    struct hub *h = start("local g = require('greeting')\n"
+                          "function on_rpc() return g.text end\n", NULL);
+    struct ws *c = ws_connect(h->port);
+    rpc_is(c, "x", "v1");
+    jt_write(at("greeting.lua"), "return {text = 'v2'}\n");
+    rpc_is(c, "x", "v1"); /* cached: read when the policy loaded */
+    sighup(h, "policy reloaded from", 1);
+    rpc_is(c, "x", "v2");
+    /* a module that no longer compiles: the reload fails, v2 stays */
+    jt_write(at("greeting.lua"), "return {text = }\n");
+    sighup(h, "policy reload failed, keeping the current policy", 1);
+    char want[300];
+    snprintf(want, sizeof want, "%s:1: unexpected symbol near '}'", at("greeting.lua"));
+    char *log = hub_log(h);
+    expect_contains(log, want);
+    free(log);
+    rpc_is(c, "x", "v2");
+    ws_free(c);
+    ck_assert_int_eq(hub_stop(h), 0);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("reload");
@@ -202,6 +229,7 @@ static Suite *suite(void)
     tcase_add_test(tc, reload_applies_limits);
     tcase_add_test(tc, reload_that_fails_applies_nothing);
     tcase_add_test(tc, reload_lua_budget);
+    tcase_add_test(tc, reload_reads_modules_again);
     suite_add_tcase(s, tc);
     return s;
 }
