@@ -30,6 +30,7 @@ static int set_ws_path(struct hub_config *, const struct key *, const char *, st
 static int set_api_key(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_dir(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_file(struct hub_config *, const struct key *, const char *, struct hub_buf *);
+static int set_files(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_log_level(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_broker(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_prefix(struct hub_config *, const struct key *, const char *, struct hub_buf *);
@@ -67,6 +68,7 @@ const struct key hub_conf_keys[] = {
     STR(redis_prefix, redis_prefix, "luahub:", set_prefix),
     {"workers", K_WORKERS, FIELD(workers), 1, 1024, 1, NULL, NULL},
     {"policy_vars", K_VARS, FIELD(policy_vars), 0, 0, 0, NULL, NULL},
+    STRS(jwt_keys, jwt_keys, NULL, set_files),
     STRS(allowed_origins, allowed_origins, NULL, set_origins),
     STRS(trusted_proxies, trusted_proxies, NULL, set_cidrs),
     NUM(command_rate, K_INT, 0, 1000000, 1000),
@@ -472,11 +474,11 @@ static int set_log_level(struct hub_config *c, const struct key *k, const char *
     return 0;
 }
 
-/* Calls check(item) for each space-separated item of s; at most `max`. */
-static int each_item(const char *s, size_t max, struct hub_buf *why,
-                     int (*check)(const char *item, size_t len, char *err, size_t errlen))
+/* Calls check(ud, item, len, why) for each space-separated item of s; at
+ * most `max`. Returns 0, or -1 with the reason in `why`. */
+static int each_item(const char *s, size_t max, struct hub_buf *why, void *ud,
+                     int (*check)(void *ud, const char *item, size_t len, struct hub_buf *why))
 {
-    char err[256];
     size_t n = 0;
     for (const char *p = s; *p;) {
         while (*p == ' ')
@@ -490,10 +492,8 @@ static int each_item(const char *s, size_t max, struct hub_buf *why,
             hub_buf_printf(why, "more than %zu entries", max);
             return -1;
         }
-        if (check(p, (size_t)(e - p), err, sizeof(err)) < 0) {
-            hub_buf_appends(why, err);
+        if (check(ud, p, (size_t)(e - p), why) < 0)
             return -1;
-        }
         p = e;
     }
     if (!n) {
@@ -503,16 +503,29 @@ static int each_item(const char *s, size_t max, struct hub_buf *why,
     return 0;
 }
 
-static int check_cidr(const char *s, size_t n, char *err, size_t errlen)
+static int check_cidr(void *ud, const char *s, size_t n, struct hub_buf *why)
 {
     struct hub_ip net;
-    return hub_cidr_parse(s, n, &net, err, errlen);
+    char err[256];
+    if (hub_cidr_parse(s, n, &net, err, sizeof(err)) == 0)
+        return 0;
+    hub_buf_appends(why, err);
+    return -1;
+}
+
+static int check_origin(void *ud, const char *s, size_t n, struct hub_buf *why)
+{
+    char err[256];
+    if (hub_origin_valid(s, n, err, sizeof(err)) == 0)
+        return 0;
+    hub_buf_appends(why, err);
+    return -1;
 }
 
 static int set_origins(struct hub_config *c, const struct key *k, const char *s,
                        struct hub_buf *why)
 {
-    if (each_item(s, 256, why, hub_origin_valid) < 0)
+    if (each_item(s, 256, why, NULL, check_origin) < 0)
         return -1;
     store_str(c, k, s);
     return 0;
@@ -521,7 +534,7 @@ static int set_origins(struct hub_config *c, const struct key *k, const char *s,
 static int set_cidrs(struct hub_config *c, const struct key *k, const char *s,
                      struct hub_buf *why)
 {
-    if (each_item(s, 256, why, check_cidr) < 0)
+    if (each_item(s, 256, why, NULL, check_cidr) < 0)
         return -1;
     store_str(c, k, s);
     return 0;
@@ -602,6 +615,29 @@ static int set_dir(struct hub_config *c, const struct key *k, const char *s,
     return rc;
 }
 
+/* `s` resolved against the conf's directory, when it names a readable
+ * regular file: its canonical path (a new string); NULL with the problem
+ * in `why` otherwise. */
+static char *regular_file(const struct hub_config *c, const char *s, struct hub_buf *why)
+{
+    char *full = resolve(c, s), *out = NULL;
+    /* O_NONBLOCK: opening a FIFO must not hang the loader. */
+    int fd = open(full, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0)
+        path_problem(why, s, full, strerror(errno));
+    else if (fstat(fd, &st) < 0)
+        path_problem(why, s, full, strerror(errno));
+    else if (!S_ISREG(st.st_mode))
+        path_problem(why, s, full, "not a regular file");
+    else if (!(out = realpath(full, NULL)))
+        out = hub_xstrdup(full); /* canonical when realpath can make it so */
+    if (fd >= 0)
+        close(fd);
+    free(full);
+    return out;
+}
+
 static int set_file(struct hub_config *c, const struct key *k, const char *s,
                     struct hub_buf *why)
 {
@@ -609,24 +645,47 @@ static int set_file(struct hub_config *c, const struct key *k, const char *s,
         hub_buf_appends(why, "must not be empty (leave it unset for the built-in policy)");
         return -1;
     }
-    char *full = resolve(c, s);
-    /* O_NONBLOCK: opening a FIFO must not hang the loader. */
-    int fd = open(full, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    struct stat st;
-    int rc = -1;
-    if (fd < 0)
-        path_problem(why, s, full, strerror(errno));
-    else if (fstat(fd, &st) < 0)
-        path_problem(why, s, full, strerror(errno));
-    else if (!S_ISREG(st.st_mode))
-        path_problem(why, s, full, "not a regular file");
-    else {
-        store_path(c, k, full);
-        rc = 0;
-    }
-    if (fd >= 0)
-        close(fd);
-    free(full);
+    char *path = regular_file(c, s, why);
+    if (!path)
+        return -1;
+    store_str(c, k, path);
+    free(path);
+    return 0;
+}
+
+#define KEY_FILES_MAX 16 /* files in jwt_keys */
+
+/* The files of jwt_keys being checked. */
+struct key_files {
+    const struct hub_config *c;
+    struct hub_buf paths;           /* resolved, one per line */
+};
+
+/* each_item's check of one file of jwt_keys. */
+static int add_file(void *ud, const char *s, size_t n, struct hub_buf *why)
+{
+    struct key_files *f = ud;
+    char *item = hub_xstrndup(s, n), *path = regular_file(f->c, item, why);
+    int rc = path ? 0 : -1;
+    if (path)
+        hub_buf_printf(&f->paths, "%s%s", f->paths.len ? "\n" : "", path);
+    free(item);
+    free(path);
+    return rc;
+}
+
+/* jwt_keys: a file or a list of files (space-separated here: a list's
+ * items have no spaces), each a readable regular file; stored resolved,
+ * one per line (a resolved path may hold spaces). What is in them is
+ * checked when the policy reads them (lua_jwt_keys.c). */
+static int set_files(struct hub_config *c, const struct key *k, const char *s,
+                     struct hub_buf *why)
+{
+    struct key_files f = {.c = c};
+    int rc = each_item(s, KEY_FILES_MAX, why, &f, add_file);
+    if (rc == 0)
+        store_str(c, k, f.paths.p);
+    hub_buf_free(&f.paths);
     return rc;
 }
 
@@ -904,6 +963,7 @@ void hub_config_free(struct hub_config *c)
     free(c->broker);
     free(c->redis_prefix);
     free(c->policy_vars);
+    free(c->jwt_keys);
     free(c->allowed_origins);
     free(c->trusted_proxies);
     hub_config_channels_free(c);

@@ -1,8 +1,8 @@
 /* The Lua policy host: builds a policy (the sandboxed state of sandbox.c,
- * the script's main chunk run under the budgets, its hooks verified),
- * checks one for --check, reloads by build, verify, swap, and renders the
- * metrics. The hooks' entry points are in policy_hooks.c; running one call
- * (budgets, failure lines, statistics) is policy_call.c. */
+ * the keys of jwt_keys, the script's main chunk run under the budgets, its
+ * hooks verified), checks one for --check, reloads by build, verify, swap,
+ * and renders the metrics. The hooks' entry points are in policy_hooks.c;
+ * running one call (budgets, failure lines, statistics) is policy_call.c. */
 #include "luahub/policy.h"
 
 #include <errno.h>
@@ -25,15 +25,14 @@
 
 #define POLICY_MAX_FILE (16 * 1024 * 1024)
 
-static void add_err(struct hub_config_errors *e, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-static void add_err(struct hub_config_errors *e, const char *fmt, ...)
+void hub_policy_add_msg(struct hub_config_errors *e, const char *fmt, ...)
 {
     struct hub_buf b = {0};
     va_list ap;
     char tmp[1024];
 
+    if (!e)
+        return;
     va_start(ap, fmt);
     vsnprintf(tmp, sizeof(tmp), fmt, ap);
     va_end(ap);
@@ -41,6 +40,8 @@ static void add_err(struct hub_config_errors *e, const char *fmt, ...)
     e->v = hub_xrealloc(e->v, (e->n + 1) * sizeof(*e->v));
     e->v[e->n++] = b.p;
 }
+
+#define add_err hub_policy_add_msg
 
 int hub_policy_read_file(const char *path, size_t max, struct hub_buf *out, char *why,
                          size_t n)
@@ -116,6 +117,7 @@ static void destroy(struct hub_policy *p)
         hub_lua_timers_close(p);
         lua_close(p->L);
     }
+    hub_lua_jwt_keys_free(p->jwt_keys);
     free(p->module_dir);
     free(p->own_module);
     free(p->chunkname);
@@ -138,7 +140,7 @@ static char *module_dir(const struct hub_config *cfg)
                                 : hub_xstrndup(cfg->policy, (size_t)(slash - cfg->policy));
 }
 
-/* Builds a policy: state, sandbox, the script's main chunk under the
+/* Builds a policy: state, sandbox, keys, the script's main chunk under the
  * budgets, hooks verified. `host` is NULL for --check. Returns NULL with
  * every problem in `errs`. Timers the chunk set are not started yet. */
 static struct hub_policy *build(const struct hub_policy_host *host,
@@ -187,6 +189,9 @@ static struct hub_policy *build(const struct hub_policy_host *host,
     }
     lua_State *L = p->L;
     hub_policy_req_open(p);
+    /* before the main chunk: it may verify tokens */
+    if (hub_lua_jwt_keys_load(p, errs, NULL) < 0)
+        goto fail;
 
     if (read_source(p, &src, errs) < 0)
         goto fail;

@@ -52,6 +52,8 @@ struct hub_config {
     char *redis_prefix;             /* "luahub:" */
     uint32_t workers;               /* worker processes; 0 = one per core ("auto") */
     char *policy_vars;              /* JSON object the policy sees as hub.vars, or NULL */
+    char *jwt_keys;                 /* key files of hub.jwt_verify (PEM or JWKS), resolved,
+                                     * one per line; NULL: none */
 
     char *allowed_origins;          /* origins browsers may connect from, space-separated;
                                      * NULL: the request's own host only */

@@ -1,16 +1,19 @@
 /* Integration suite: what the real binary reads from files beside its conf
- * and when (docs/config.md, "Reload"): SIGHUP / POST /api/reload applying
- * the keys a reload may change (log level, limits, budgets, the policy
- * with its modules) while naming those that need a restart, and applying
- * nothing when the new policy fails.
+ * and when (docs/config.md, "Reload"; docs/lua.md): keys of hub.jwt_verify
+ * refused at start, and SIGHUP / POST /api/reload applying the keys a
+ * reload may change (log level, limits, budgets, the policy with its
+ * modules and jwt_keys) while naming those that need a restart, and
+ * applying nothing when the new policy fails.
  *
- * Every test stops its hub with SIGTERM and asserts exit status 0 (the
+ * Keys and tokens are made at test time (tests/support/jwttest.c). Every
+ * test stops its hub with SIGTERM and asserts exit status 0 (the
  * ASan build exits non-zero on a leak). */
 #include <check.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "hubtest.h"
@@ -97,6 +100,37 @@ static void rpc_is(struct ws *c, const char *method, const char *want)
     ck_assert_msg(!strcmp(got, want), "rpc %s: expected \"%s\", got \"%s\"", method, want, got);
     free(got);
 }
+
+/* ---- keys at start --------------------------------------------------------- */
+
+START_TEST(start_refuses_a_small_rsa_key)
+{
+    EVP_PKEY *small = jt_rsa(1024);
+    char *jwk = jt_jwk(small, "small", NULL), *jwks = ht_asprintf("{\"keys\":[%s]}", jwk);
+    jt_write(at("keys.jwks"), jwks);
+    jt_write(at("policy.lua"), "-- no hook\n");
+    char *conf = ht_asprintf("policy = \"%s\"\njwt_keys = \"%s\"\nlisten = \"127.0.0.1:0\"\n",
+                             at("policy.lua"), at("keys.jwks"));
+    jt_write(at("luahub.conf"), conf);
+    const char *args[] = {"-c", at("luahub.conf"), NULL};
+    char *out, want[512];
+    ck_assert_int_eq(hub_run(args, &out, HT_WAIT_MS), 2);
+    snprintf(want, sizeof want, "%s: key 1 (kid 'small'): an RSA key of 1024 bits: RS256 keys "
+             "must have at least 2048 bits", at("keys.jwks"));
+    expect_contains(out, want);
+    ck_assert_msg(!strstr(out, "listening on"), "must not listen:\n%s", out);
+    free(out);
+    /* --check says the same */
+    const char *cargs[] = {"-c", at("luahub.conf"), "--check", NULL};
+    ck_assert_int_eq(hub_run(cargs, &out, HT_WAIT_MS), 2);
+    expect_contains(out, want);
+    free(out);
+    free(conf);
+    free(jwks);
+    free(jwk);
+    EVP_PKEY_free(small);
+}
+END_TEST
 
 /* ---- reload: live keys -------------------------------------------------------- */
 
@@ -194,6 +228,87 @@ END_TEST
 
 /* ---- reload: the policy's files ------------------------------------------------ */
 
+static const char *JWT_POLICY =
+    "function on_connect(conn, req)\n"
+    "  local claims, why = hub.jwt_verify(req.query.token, {aud = 'hub'})\n"
+    "  if not claims then return false, why, 401 end\n"
+    "  conn.user = claims.sub\n"
+    "  return true\n"
+    "end\n"
+    "function on_rpc(conn) return conn.user end\n";
+
+static char *signed_token(EVP_PKEY *k, const char *kid, const char *sub)
+{
+    char *header = ht_asprintf("{\"alg\":\"RS256\",\"kid\":\"%s\"}", kid);
+    char *pl = ht_asprintf("{\"sub\":\"%s\",\"aud\":\"hub\",\"exp\":%ld}", sub,
+                           (long)time(NULL) + 3600);
+    char *t = jt_token(header, pl, "RS256", k, NULL, 0);
+    free(header);
+    free(pl);
+    return t;
+}
+
+static void put_keys(EVP_PKEY *k, const char *kid)
+{
+    char *jwk = jt_jwk(k, kid, ",\"use\":\"sig\"");
+    char *jwks = ht_asprintf("{\"keys\":[%s]}", jwk);
+    jt_write(at("keys.jwks"), jwks);
+    free(jwks);
+    free(jwk);
+}
+
+/* Upgrades with ?token=...: the HTTP status, and the body on refusal. */
+static int connect_with(struct hub *h, const char *token, const char *want_body)
+{
+    char path[2048];
+    snprintf(path, sizeof path, "/ws?token=%s", token);
+    struct ws *c = NULL;
+    struct http_resp r;
+    memset(&r, 0, sizeof r);
+    int st = ws_handshake(h->port, &(struct ws_opts){.path = path}, &c, &r);
+    if (st == 101) {
+        rpc_is(c, "whoami", want_body);
+        ws_free(c);
+    } else {
+        expect_contains(r.body, want_body);
+    }
+    http_resp_free(&r);
+    return st;
+}
+
+START_TEST(reload_rotates_jwt_keys)
+{
+    EVP_PKEY *k1 = jt_rsa(2048), *k2 = jt_rsa(2048), *small = jt_rsa(1024);
+    char *t1 = signed_token(k1, "k1", "alice"), *t2 = signed_token(k2, "k2", "bob");
+    put_keys(k1, "k1");
+    char *keys = ht_asprintf("jwt_keys = \"%s\"\n", at("keys.jwks"));
+    struct hub *h = start(JWT_POLICY, keys);
+    ck_assert_int_eq(connect_with(h, t1, "alice"), 101);
+    ck_assert_int_eq(connect_with(h, t2, "unknown kid 'k2'"), 401);
+
+    /* the issuer rotates its key: the file changes, a SIGHUP reads it */
+    put_keys(k2, "k2");
+    sighup(h, "policy reloaded from", 1);
+    ck_assert_int_eq(connect_with(h, t2, "bob"), 101);
+    ck_assert_int_eq(connect_with(h, t1, "unknown kid 'k1'"), 401);
+
+    /* a key file that no longer loads: the reload fails, the keys stay */
+    put_keys(small, "k3");
+    sighup(h, "policy reload failed, keeping the current policy", 1);
+    char *log = hub_log(h);
+    expect_contains(log, "key 1 (kid 'k3'): an RSA key of 1024 bits");
+    free(log);
+    ck_assert_int_eq(connect_with(h, t2, "bob"), 101);
+    ck_assert_int_eq(hub_stop(h), 0);
+    free(keys);
+    free(t1);
+    free(t2);
+    EVP_PKEY_free(k1);
+    EVP_PKEY_free(k2);
+    EVP_PKEY_free(small);
+}
+END_TEST
+
 START_TEST(reload_reads_modules_again)
 {
     jt_write(at("greeting.lua"), "return {text = 'v1'}\n");
@@ -225,10 +340,12 @@ static Suite *suite(void)
     TCase *tc = tcase_create("reload");
     tcase_add_checked_fixture(tc, make_dir, drop_dir);
     tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, start_refuses_a_small_rsa_key);
     tcase_add_test(tc, reload_applies_log_level);
     tcase_add_test(tc, reload_applies_limits);
     tcase_add_test(tc, reload_that_fails_applies_nothing);
     tcase_add_test(tc, reload_lua_budget);
+    tcase_add_test(tc, reload_rotates_jwt_keys);
     tcase_add_test(tc, reload_reads_modules_again);
     suite_add_tcase(s, tc);
     return s;

@@ -1,14 +1,20 @@
 /* Unit suite: what a policy reads when it is built (docs/lua.md), without
- * a server: require() of modules.
+ * a server: the keys of hub.jwt_verify (the conf's jwt_keys: PEM and JWKS
+ * files) and tokens verified with them (RS256, ES256) or with a secret
+ * (HS256); require() of modules.
  *
- * A test writes its conf, policy and modules into the suite's temp dir,
- * loads the conf with the real loader and builds the policy; white-box, it
- * calls the policy's global function `check(arg)` through hub_policy_call
- * (src/lua_api.h). */
+ * Keys, certificates, secrets and tokens are made when the suite starts
+ * (tests/support/jwttest.c): nothing secret is checked in. A test writes
+ * its conf, policy, modules and key files into the suite's temp dir, loads
+ * the conf with the real loader and builds the policy; white-box, it calls
+ * the policy's global function `check(token)` through hub_policy_call
+ * (src/lua_api.h), which answers "ok:<sub>" or "no:<why>". */
 #include <check.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -21,15 +27,29 @@
 
 /* ---- keys and files ------------------------------------------------------- */
 
+static EVP_PKEY *rsa_a, *rsa_b, *rsa_small, *ec_a, *ec_b, *ec_384;
 static char dir[64];
 
-static void make_dir(void)
+/* Made once, before the tests fork: RSA keys take a while. */
+static void make_keys(void)
 {
     jt_mkdir(dir, sizeof dir, "test_policy_load");
+    rsa_a = jt_rsa(2048);
+    rsa_b = jt_rsa(2048);
+    rsa_small = jt_rsa(1024);
+    ec_a = jt_ec("P-256");
+    ec_b = jt_ec("P-256");
+    ec_384 = jt_ec("P-384");
 }
 
-static void drop_dir(void)
+static void drop_keys(void)
 {
+    EVP_PKEY_free(rsa_a);
+    EVP_PKEY_free(rsa_b);
+    EVP_PKEY_free(rsa_small);
+    EVP_PKEY_free(ec_a);
+    EVP_PKEY_free(ec_b);
+    EVP_PKEY_free(ec_384);
     jt_rmdir(dir);
 }
 
@@ -41,6 +61,44 @@ static const char *in_dir(const char *name)
 static void put(const char *name, const char *text)
 {
     jt_write(in_dir(name), text);
+}
+
+/* The strings of `ap` (NULL-terminated; freed) joined by `sep` between
+ * `open` and `close`, written to dir/name. */
+static void put_list(const char *name, const char *open, const char *sep, const char *close,
+                     va_list ap)
+{
+    char *all = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&all, &len);
+    fputs(open, f);
+    int n = 0;
+    for (char *s; (s = va_arg(ap, char *)); n++) {
+        fprintf(f, "%s%s", n ? sep : "", s);
+        free(s);
+    }
+    fputs(close, f);
+    fclose(f);
+    put(name, all);
+    free(all);
+}
+
+/* A file of the strings given (NULL-terminated; freed). */
+static void put_joined(const char *name, ...)
+{
+    va_list ap;
+    va_start(ap, name);
+    put_list(name, "", "", "", ap);
+    va_end(ap);
+}
+
+/* A JWKS of the JWKs given (NULL-terminated; freed). */
+static void put_jwks(const char *name, ...)
+{
+    va_list ap;
+    va_start(ap, name);
+    put_list(name, "{\"keys\": [\n", ",\n", "]}\n", ap);
+    va_end(ap);
 }
 
 /* ---- policies ---------------------------------------------------------------- */
@@ -85,21 +143,24 @@ static struct hub_policy *build(const char *conf, const char *lua)
     return p;
 }
 
-/* --check of the policy: returns 0 or -1; every error joined by newlines
- * in `out` (new string). */
+/* --check of the policy: returns 0 or -1; every error and warning joined
+ * by newlines in `out` (new string). */
 static int check(const char *conf, const char *lua, char **out, unsigned *nwarn)
 {
-    struct hub_config_errors errs = {0};
+    struct hub_config_errors errs = {0}, warns = {0};
     prepare(conf, lua);
     int rc = hub_policy_check(&cfg, &errs);
     size_t len = 0;
     FILE *f = open_memstream(out, &len);
     for (unsigned i = 0; i < errs.n; i++)
         fprintf(f, "%s\n", errs.v[i]);
+    for (unsigned i = 0; i < warns.n; i++)
+        fprintf(f, "%s\n", warns.v[i]);
     fclose(f);
     if (nwarn)
-        *nwarn = 0;
+        *nwarn = warns.n;
     hub_config_errors_free(&errs);
+    hub_config_errors_free(&warns);
     return rc;
 }
 
@@ -131,6 +192,459 @@ static const char *call(struct hub_policy *p, const char *fn, const char *arg)
     lua_settop(L, HUB_LUA_BASE);
     return out;
 }
+
+/* A policy whose check(token) is hub.jwt_verify(token, OPTS). */
+static struct hub_policy *verifier(const char *conf, const char *opts)
+{
+    char lua[1024];
+    snprintf(lua, sizeof lua,
+             "function check(t)\n"
+             "  local c, why = hub.jwt_verify(t%s%s)\n"
+             "  if c then return 'ok:' .. tostring(c.sub) end\n"
+             "  return 'no:' .. why\n"
+             "end\n", opts ? ", " : "", opts ? opts : "");
+    return build(conf, lua);
+}
+
+static char *payload(const char *sub, long exp_in, const char *more)
+{
+    char *s = malloc(512);
+    snprintf(s, 512, "{\"sub\":\"%s\",\"exp\":%ld%s}", sub, (long)time(NULL) + exp_in,
+             more ? more : "");
+    return s;
+}
+
+/* A token of `sub` (valid an hour) signed as `how` with `k`, header
+ * {"alg": alg[, "kid": kid]}. */
+static char *token(const char *alg, const char *kid, const char *how, EVP_PKEY *k,
+                   const char *sub)
+{
+    char header[256];
+    if (kid)
+        snprintf(header, sizeof header, "{\"alg\":\"%s\",\"typ\":\"JWT\",\"kid\":\"%s\"}", alg,
+                 kid);
+    else
+        snprintf(header, sizeof header, "{\"alg\":\"%s\",\"typ\":\"JWT\"}", alg);
+    char *pl = payload(sub, 3600, NULL);
+    char *t = jt_token(header, pl, how, k, NULL, 0);
+    free(pl);
+    return t;
+}
+
+/* check(token) must answer `want`; frees the token. */
+static void expect_verify(struct hub_policy *p, char *tok, const char *want)
+{
+    const char *got = call(p, "check", tok);
+    ck_assert_msg(!strcmp(got, want), "expected \"%s\", got \"%s\"", want, got);
+    free(tok);
+}
+
+static const char *JWKS_CONF = "jwt_keys = \"keys.jwks\"\n";
+
+/* The usual key file: RSA key rsa-a and EC key ec-a. */
+static void put_ab(void)
+{
+    put_jwks("keys.jwks", jt_jwk(rsa_a, "rsa-a", ",\"alg\":\"RS256\",\"use\":\"sig\""),
+             jt_jwk(ec_a, "ec-a", NULL), NULL);
+}
+
+/* ---- hub.jwt_verify with keys ---------------------------------------------- */
+
+START_TEST(jwt_rs256_and_es256_from_jwks)
+{
+    put_ab();
+    struct hub_policy *p = verifier(JWKS_CONF, NULL);
+    expect_verify(p, token("RS256", "rsa-a", "RS256", rsa_a, "alice"), "ok:alice");
+    expect_verify(p, token("ES256", "ec-a", "ES256", ec_a, "bob"), "ok:bob");
+    /* without a kid: the keys of the token's alg are tried */
+    expect_verify(p, token("RS256", NULL, "RS256", rsa_a, "carol"), "ok:carol");
+    expect_verify(p, token("ES256", NULL, "ES256", ec_a, "dave"), "ok:dave");
+    hub_policy_free(p);
+}
+END_TEST
+
+START_TEST(jwt_pem_public_key_and_certificate)
+{
+    put_joined("keys.pem", jt_pem_public(rsa_a), jt_pem_cert(ec_a), NULL);
+    struct hub_policy *p = verifier("jwt_keys = { \"keys.pem\" }\n", "{leeway = 5}");
+    expect_verify(p, token("RS256", NULL, "RS256", rsa_a, "alice"), "ok:alice");
+    expect_verify(p, token("ES256", NULL, "ES256", ec_a, "bob"), "ok:bob");
+    /* PEM keys have no kid: a token's kid that no key has falls back on them */
+    expect_verify(p, token("RS256", "some-kid", "RS256", rsa_a, "carol"), "ok:carol");
+    expect_verify(p, token("RS256", NULL, "RS256", rsa_b, "mallory"), "no:bad signature");
+    hub_policy_free(p);
+}
+END_TEST
+
+START_TEST(jwt_unknown_kid)
+{
+    put_ab();
+    struct hub_policy *p = verifier(JWKS_CONF, NULL);
+    expect_verify(p, token("RS256", "rsa-z", "RS256", rsa_a, "alice"), "no:unknown kid 'rsa-z'");
+    /* a kid that is not a string */
+    char *pl = payload("alice", 3600, NULL);
+    expect_verify(p, jt_token("{\"alg\":\"RS256\",\"kid\":7}", pl, "RS256", rsa_a, NULL, 0),
+                  "no:malformed token: kid is not a string of at most 256 bytes");
+    free(pl);
+    hub_policy_free(p);
+}
+END_TEST
+
+START_TEST(jwt_signed_with_another_key)
+{
+    put_ab();
+    struct hub_policy *p = verifier(JWKS_CONF, NULL);
+    /* the right kid, the wrong key */
+    expect_verify(p, token("RS256", "rsa-a", "RS256", rsa_b, "mallory"), "no:bad signature");
+    expect_verify(p, token("ES256", "ec-a", "ES256", ec_b, "mallory"), "no:bad signature");
+    expect_verify(p, token("RS256", NULL, "RS256", rsa_b, "mallory"), "no:bad signature");
+    /* alice's signature on mallory's claims */
+    char *good = token("RS256", "rsa-a", "RS256", rsa_a, "alice");
+    char *evil = token("RS256", "rsa-a", "RS256", rsa_a, "mallory");
+    char *forged = malloc(strlen(good) + strlen(evil));
+    sprintf(forged, "%.*s%s", (int)(strrchr(evil, '.') - evil), evil, strrchr(good, '.'));
+    expect_verify(p, forged, "no:bad signature");
+    free(good);
+    free(evil);
+    hub_policy_free(p);
+}
+END_TEST
+
+START_TEST(jwt_malformed_signature)
+{
+    put_ab();
+    struct hub_policy *p = verifier(JWKS_CONF, NULL);
+    char *good = token("RS256", "rsa-a", "RS256", rsa_a, "alice");
+    char *dot = strrchr(good, '.');
+    char *t = malloc(strlen(good) + 8);
+    /* not base64url */
+    sprintf(t, "%.*s.!!!!", (int)(dot - good), good);
+    expect_verify(p, strdup(t), "no:malformed token: the signature is not base64url");
+    /* 3 bytes where the modulus is 256 */
+    sprintf(t, "%.*s.YWJj", (int)(dot - good), good);
+    expect_verify(p, strdup(t), "no:bad signature");
+    /* empty */
+    sprintf(t, "%.*s.", (int)(dot - good), good);
+    expect_verify(p, strdup(t), "no:bad signature");
+    /* a non-canonical last character (bits left over) */
+    strcpy(t, good);
+    t[strlen(t) - 1] = t[strlen(t) - 1] == 'B' ? 'C' : 'B';
+    const char *got = call(p, "check", t);
+    ck_assert_msg(!strncmp(got, "no:", 3), "got %s", got);
+    expect_verify(p, token("ES256", "ec-a", "ES256", ec_a, "bob"), "ok:bob");
+    free(t);
+    free(good);
+    hub_policy_free(p);
+}
+END_TEST
+
+START_TEST(jwt_es256_der_signature_refused)
+{
+    put_ab();
+    struct hub_policy *p = verifier(JWKS_CONF, NULL);
+    /* the same key and claims: DER form refused, JOSE r || s accepted */
+    char *der = token("ES256", "ec-a", "ES256-DER", ec_a, "bob");
+    const char *got = call(p, "check", der);
+    ck_assert_msg(strstr(got, "no:bad signature: an ES256 signature is 64 bytes, r || s") &&
+                  strstr(got, "(DER?)"), "got %s", got);
+    free(der);
+    expect_verify(p, token("ES256", "ec-a", "ES256", ec_a, "bob"), "ok:bob");
+    hub_policy_free(p);
+}
+END_TEST
+
+START_TEST(jwt_alg_none_refused)
+{
+    put_ab();
+    struct hub_policy *p = verifier(JWKS_CONF, NULL);
+    expect_verify(p, token("none", NULL, "none", NULL, "alice"),
+                  "no:unsupported alg 'none': unsigned tokens are refused");
+    expect_verify(p, token("none", "rsa-a", "none", NULL, "alice"),
+                  "no:unsupported alg 'none': unsigned tokens are refused");
+    /* with a secret too */
+    char *secret = jt_secret();
+    char opts[128];
+    snprintf(opts, sizeof opts, "'%s'", secret);
+    struct hub_policy *q = verifier(NULL, opts);
+    expect_verify(q, token("none", NULL, "none", NULL, "alice"),
+                  "no:unsupported alg 'none': unsigned tokens are refused");
+    hub_policy_free(q);
+    free(secret);
+    hub_policy_free(p);
+}
+END_TEST
+
+START_TEST(jwt_algorithm_confusion_refused)
+{
+    put_ab();
+    struct hub_policy *p = verifier(JWKS_CONF, NULL);
+    /* HS256 with the RSA public key (its PEM text, its JWK) as the HMAC
+     * secret: the classic confusion. The keys never verify HS256. */
+    char *pem = jt_pem_public(rsa_a), *jwk = jt_jwk(rsa_a, "rsa-a", NULL);
+    const char *secrets[] = {pem, jwk};
+    for (int i = 0; i < 2; i++) {
+        char *pl = payload("mallory", 3600, NULL);
+        expect_verify(p, jt_token("{\"alg\":\"HS256\",\"kid\":\"rsa-a\"}", pl, "HS256", NULL,
+                                  secrets[i], strlen(secrets[i])),
+                      "no:unsupported alg 'HS256' (jwt_keys verify RS256 and ES256 only; an "
+                      "HS256 token needs the secret)");
+        free(pl);
+    }
+    /* an alg that does not match the key of its kid */
+    expect_verify(p, token("ES256", "rsa-a", "ES256", ec_a, "mallory"),
+                  "no:alg ES256 does not match the key of kid 'rsa-a' (RS256)");
+    expect_verify(p, token("RS256", "ec-a", "RS256", rsa_a, "mallory"),
+                  "no:alg RS256 does not match the key of kid 'ec-a' (ES256)");
+    /* a secret verifies HS256 only: an RS256 token given a secret */
+    char opts[128];
+    char *secret = jt_secret();
+    snprintf(opts, sizeof opts, "{secret = '%s'}", secret);
+    struct hub_policy *q = verifier(JWKS_CONF, opts);
+    expect_verify(q, token("RS256", "rsa-a", "RS256", rsa_a, "alice"),
+                  "no:unsupported alg 'RS256' (a secret verifies HS256 only: RS256 and ES256 "
+                  "tokens are verified with jwt_keys)");
+    hub_policy_free(q);
+    free(secret);
+    free(pem);
+    free(jwk);
+    hub_policy_free(p);
+}
+END_TEST
+
+START_TEST(jwt_claims_with_leeway_aud_and_iss)
+{
+    put_ab();
+    struct hub_policy *p = build(JWKS_CONF,
+        "function check(t)\n"
+        "  local opts = hub.json.decode(t:match('^([^ ]*) '))\n"
+        "  local c, why = hub.jwt_verify(t:match(' (.*)$'), opts)\n"
+        "  return c and ('ok:' .. c.sub) or ('no:' .. why)\n"
+        "end\n");
+    long now = (long)time(NULL);
+    static const struct {
+        const char *opts, *claims, *want;
+        long exp, nbf, iat; /* relative to now; 0: absent */
+    } cases[] = {
+        {"{}", "", "ok:x", 3600, 0, 0},
+        {"{}", "", "no:token expired", -10, 0, 0},
+        {"{\"leeway\":30}", "", "ok:x", -10, 0, 0},
+        {"{}", "", "no:token not valid yet (nbf)", 3600, 100, 0},
+        {"{\"leeway\":200}", "", "ok:x", 3600, 100, 0},
+        {"{}", "", "no:token issued in the future (iat)", 3600, 0, 100},
+        {"{\"leeway\":200}", "", "ok:x", 3600, 0, 100},
+        {"{}", "", "ok:x", 3600, 0, -100},
+        {"{}", ",\"iat\":\"yesterday\"", "no:claim iat is not a number", 3600, 0, 0},
+        {"{\"aud\":\"hub\"}", ",\"aud\":\"hub\"", "ok:x", 3600, 0, 0},
+        {"{\"aud\":\"hub\"}", ",\"aud\":[\"web\",\"hub\"]", "ok:x", 3600, 0, 0},
+        {"{\"aud\":[\"a\",\"hub\"]}", ",\"aud\":\"hub\"", "ok:x", 3600, 0, 0},
+        {"{\"aud\":\"hub\"}", ",\"aud\":\"web\"", "no:audience 'web' is not accepted", 3600, 0, 0},
+        {"{\"aud\":\"hub\"}", ",\"aud\":[\"web\"]", "no:no audience of the token is accepted", 3600, 0, 0},
+        {"{\"aud\":\"hub\"}", "", "no:claim aud is missing", 3600, 0, 0},
+        {"{\"aud\":\"hub\"}", ",\"aud\":[1]", "no:claim aud is not a string or a list of strings", 3600, 0, 0},
+        {"{\"aud\":\"hub\"}", ",\"aud\":{}", "no:claim aud is not a string or a list of strings", 3600, 0, 0},
+        {"{}", ",\"aud\":\"web\"", "ok:x", 3600, 0, 0},
+        {"{\"iss\":\"idp\"}", ",\"iss\":\"idp\"", "ok:x", 3600, 0, 0},
+        {"{\"iss\":[\"a\",\"idp\"]}", ",\"iss\":\"idp\"", "ok:x", 3600, 0, 0},
+        {"{\"iss\":\"idp\"}", ",\"iss\":\"evil\"", "no:issuer 'evil' is not accepted", 3600, 0, 0},
+        {"{\"iss\":\"idp\"}", "", "no:claim iss is missing", 3600, 0, 0},
+        {"{\"iss\":\"idp\"}", ",\"iss\":[\"idp\"]", "no:claim iss is not a string", 3600, 0, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        char pl[512], more[256] = "";
+        size_t m = 0;
+        if (cases[i].nbf)
+            m += (size_t)snprintf(more + m, sizeof more - m, ",\"nbf\":%ld", now + cases[i].nbf);
+        if (cases[i].iat)
+            m += (size_t)snprintf(more + m, sizeof more - m, ",\"iat\":%ld", now + cases[i].iat);
+        snprintf(pl, sizeof pl, "{\"sub\":\"x\",\"exp\":%ld%s%s}", now + cases[i].exp, more,
+                 cases[i].claims);
+        char *t = jt_token("{\"alg\":\"ES256\",\"kid\":\"ec-a\"}", pl, "ES256", ec_a, NULL, 0);
+        char *arg = malloc(strlen(t) + strlen(cases[i].opts) + 2);
+        sprintf(arg, "%s %s", cases[i].opts, t);
+        const char *got = call(p, "check", arg);
+        ck_assert_msg(!strcmp(got, cases[i].want), "case %zu (%s %s): expected \"%s\", got \"%s\"",
+                      i, cases[i].opts, pl, cases[i].want, got);
+        free(arg);
+        free(t);
+    }
+    hub_policy_free(p);
+}
+END_TEST
+
+/* Mistakes of the caller raise (the hook fails), not the token's. */
+START_TEST(jwt_options_are_checked)
+{
+    put_ab();
+    struct hub_policy *p = build(JWKS_CONF,
+        "function check(what)\n"
+        "  local t = 'a.b.c'\n"
+        "  if what == 'typo' then hub.jwt_verify(t, {leway = 5}) end\n"
+        "  if what == 'unknown' then hub.jwt_verify(t, {audience = 'x'}) end\n"
+        "  if what == 'key' then hub.jwt_verify(t, {[1] = 'x'}) end\n"
+        "  if what == 'leeway' then hub.jwt_verify(t, {leeway = 0/0}) end\n"
+        "  if what == 'leeway2' then hub.jwt_verify(t, {leeway = '5'}) end\n"
+        "  if what == 'aud' then hub.jwt_verify(t, {aud = 5}) end\n"
+        "  if what == 'aud2' then hub.jwt_verify(t, {aud = {}}) end\n"
+        "  if what == 'iss' then hub.jwt_verify(t, {iss = {'a', 3}}) end\n"
+        "  if what == 'secret' then hub.jwt_verify(t, {secret = ''}) end\n"
+        "  if what == 'arg' then hub.jwt_verify(t, 42) end\n"
+        "  return 'no error'\n"
+        "end\n");
+    static const struct {
+        const char *what, *want;
+    } cases[] = {
+        {"typo", "unknown option leway (did you mean leeway?) (options: secret, leeway, aud, "
+                 "iss)"},
+        {"unknown", "unknown option audience (options: secret, leeway, aud, iss)"},
+        {"key", "unknown option number"},
+        {"leeway", "leeway must be 0 to 31622400 seconds"},
+        {"leeway2", "option leeway must be a number"},
+        {"aud", "option aud must be a string or a list of 1 to 64 strings"},
+        {"aud2", "option aud must be a string or a list of 1 to 64 strings"},
+        {"iss", "option iss must be a string or a list of 1 to 64 strings"},
+        {"secret", "the secret is empty"},
+        {"arg", "argument 2 must be the secret (a string) or a table of options (got number)"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        const char *got = call(p, "check", cases[i].what);
+        ck_assert_msg(!strncmp(got, "raise:", 6) && strstr(got, cases[i].want),
+                      "%s: expected a raise with \"%s\", got \"%s\"", cases[i].what,
+                      cases[i].want, got);
+    }
+    hub_policy_free(p);
+
+    /* no jwt_keys and no secret: nothing to verify with */
+    p = verifier(NULL, "{aud = 'x'}");
+    const char *got = call(p, "check", "a.b.c");
+    expect_in(got, "raise:");
+    expect_in(got, "hub.jwt_verify: no key to verify with: pass the secret (HS256), or name "
+                   "the issuer's public keys in the conf (jwt_keys)");
+    hub_policy_free(p);
+}
+END_TEST
+
+/* The HS256 forms: (token, secret[, leeway]) as before, and {secret = }. */
+START_TEST(jwt_secret_forms)
+{
+    char *secret = jt_secret(), lua[512];
+    char *pl = payload("alice", -10, NULL);
+    char *tok = jt_token("{\"alg\":\"HS256\"}", pl, "HS256", NULL, secret, strlen(secret));
+    put_ab();
+    snprintf(lua, sizeof lua,
+             "function check(t)\n"
+             "  local a = hub.jwt_verify(t, '%s', 30)\n"
+             "  local b, why = hub.jwt_verify(t, '%s')\n"
+             "  local c = hub.jwt_verify(t, {secret = '%s', leeway = 30})\n"
+             "  return a.sub .. ' ' .. why .. ' ' .. c.sub\n"
+             "end\n", secret, secret, secret);
+    struct hub_policy *p = build(JWKS_CONF, lua);
+    ck_assert_str_eq(call(p, "check", tok), "alice token expired alice");
+    hub_policy_free(p);
+    free(tok);
+    free(pl);
+    free(secret);
+}
+END_TEST
+
+/* ---- jwt_keys files ---------------------------------------------------------- */
+
+/* Builds with `conf` and must fail with an error containing `want`. */
+static void expect_keys_error(const char *conf, const char *want)
+{
+    char *out;
+    ck_assert_int_eq(check(conf, "-- no hook\n", &out, NULL), -1);
+    expect_in(out, want);
+    free(out);
+}
+
+START_TEST(jwt_keys_rsa_under_2048_bits)
+{
+    put_jwks("keys.jwks", jt_jwk(ec_a, "ec-a", NULL), jt_jwk(rsa_small, "small", NULL), NULL);
+    char want[512];
+    snprintf(want, sizeof want, "%s: key 2 (kid 'small'): an RSA key of 1024 bits: RS256 keys "
+             "must have at least 2048 bits", in_dir("keys.jwks"));
+    expect_keys_error(JWKS_CONF, want);
+    put_joined("small.pem", jt_pem_public(rsa_small), NULL);
+    snprintf(want, sizeof want, "%s: PEM block 1 (PUBLIC KEY): an RSA key of 1024 bits",
+             in_dir("small.pem"));
+    expect_keys_error("jwt_keys = \"small.pem\"\n", want);
+}
+END_TEST
+
+START_TEST(jwt_keys_bad_key_in_jwks)
+{
+    char want[512];
+    /* n that is not base64url */
+    put("keys.jwks", "{\"keys\": [{\"kty\":\"RSA\",\"kid\":\"k1\",\"n\":\"ab+/\",\"e\":\"AQAB\"}]}");
+    snprintf(want, sizeof want, "%s: key 1 (kid 'k1'): 'n' is not base64url", in_dir("keys.jwks"));
+    expect_keys_error(JWKS_CONF, want);
+    /* an EC point off the curve: the key of ec-a with y changed */
+    char *jwk = jt_jwk(ec_a, "k2", NULL), *y = strstr(jwk, "\"y\":\"") + 5;
+    y[3] = y[3] == 'A' ? 'B' : 'A';
+    put_jwks("keys.jwks", jwk, NULL);
+    snprintf(want, sizeof want, "%s: key 1 (kid 'k2'): not a valid P-256 public key",
+             in_dir("keys.jwks"));
+    expect_keys_error(JWKS_CONF, want);
+    /* no kty; private material; a kid twice; not JSON */
+    put("keys.jwks", "{\"keys\": [{\"n\":\"AQAB\"}]}");
+    expect_keys_error(JWKS_CONF, "key 1: 'kty' is missing or not a string");
+    put("keys.jwks", "{\"keys\": [{\"kty\":\"EC\",\"crv\":\"P-256\",\"x\":\"AA\",\"y\":\"AA\","
+                     "\"d\":\"AA\"}]}");
+    expect_keys_error(JWKS_CONF, "key 1: holds private or secret key material");
+    put_jwks("keys.jwks", jt_jwk(rsa_a, "same", NULL), jt_jwk(rsa_b, "same", NULL), NULL);
+    snprintf(want, sizeof want, "%s: key 2 (kid 'same'): its kid is also the kid of %s: key 1 "
+             "(kid 'same')", in_dir("keys.jwks"), in_dir("keys.jwks"));
+    expect_keys_error(JWKS_CONF, want);
+    put("keys.jwks", "{\"keys\": [");
+    expect_keys_error(JWKS_CONF, "keys.jwks: not valid JSON");
+    put("keys.jwks", "{\"keys\": []}");
+    expect_keys_error(JWKS_CONF, "keys.jwks: the JWKS has no key");
+    put("keys.jwks", "hello\n");
+    expect_keys_error(JWKS_CONF, "keys.jwks: neither a JWKS (a JSON object) nor PEM");
+    /* a private key in PEM */
+    put_joined("keys.jwks", jt_pem_private(rsa_a), NULL);
+    expect_keys_error(JWKS_CONF, "keys.jwks: PEM block 1 (PRIVATE KEY): a private key");
+    /* a P-384 key in PEM: not ES256 */
+    put_joined("keys.jwks", jt_pem_public(ec_384), NULL);
+    expect_keys_error(JWKS_CONF, "an EC key on curve secp384r1: ES256 needs P-256");
+    /* a broken PEM block after a good one */
+    put_joined("keys.jwks", jt_pem_public(rsa_a),
+               strdup("-----BEGIN PUBLIC KEY-----\n!!!!\n-----END PUBLIC KEY-----\n"), NULL);
+    expect_keys_error(JWKS_CONF, "keys.jwks: PEM block 2: cannot be read");
+}
+END_TEST
+
+/* Keys of a kind hub.jwt_verify does not use are skipped: an identity
+ * provider's JWKS is used as it is. */
+START_TEST(jwt_keys_other_kinds_skipped)
+{
+    put_jwks("keys.jwks", strdup("{\"kty\":\"OKP\",\"crv\":\"Ed25519\",\"x\":\"AA\",\"kid\":\"ed\"}"),
+             jt_jwk(rsa_b, "enc", ",\"use\":\"enc\",\"alg\":\"RSA-OAEP\""),
+             jt_jwk(ec_384, "p384", NULL), jt_jwk(rsa_b, "ps", ",\"alg\":\"PS256\""),
+             jt_jwk(rsa_a, "rsa-a", NULL), NULL);
+    char *out;
+    ck_assert_int_eq(check(JWKS_CONF, "-- no hook\n", &out, NULL), 0);
+    free(out);
+    struct hub_policy *p = verifier(JWKS_CONF, NULL);
+    expect_verify(p, token("RS256", "rsa-a", "RS256", rsa_a, "alice"), "ok:alice");
+    expect_verify(p, token("RS256", "enc", "RS256", rsa_b, "mallory"), "no:unknown kid 'enc'");
+    hub_policy_free(p);
+    /* nothing usable at all is an error */
+    put_jwks("keys.jwks", jt_jwk(ec_384, "p384", NULL), NULL);
+    expect_keys_error(JWKS_CONF, "jwt_keys: no key that hub.jwt_verify can use in the files");
+}
+END_TEST
+
+/* The keys are read when the policy is built, never per call. */
+START_TEST(jwt_keys_read_at_load_only)
+{
+    put_ab();
+    struct hub_policy *p = verifier(JWKS_CONF, NULL);
+    ck_assert_int_eq(unlink(in_dir("keys.jwks")), 0);
+    expect_verify(p, token("RS256", "rsa-a", "RS256", rsa_a, "alice"), "ok:alice");
+    hub_policy_free(p);
+}
+END_TEST
 
 /* ---- require ------------------------------------------------------------------- */
 
@@ -290,9 +804,24 @@ static Suite *suite(void)
 {
     Suite *s = suite_create("policy_load");
     TCase *tc = tcase_create("load");
-    tcase_add_unchecked_fixture(tc, make_dir, drop_dir);
+    tcase_add_unchecked_fixture(tc, make_keys, drop_keys);
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, jwt_rs256_and_es256_from_jwks);
+    tcase_add_test(tc, jwt_pem_public_key_and_certificate);
+    tcase_add_test(tc, jwt_unknown_kid);
+    tcase_add_test(tc, jwt_signed_with_another_key);
+    tcase_add_test(tc, jwt_malformed_signature);
+    tcase_add_test(tc, jwt_es256_der_signature_refused);
+    tcase_add_test(tc, jwt_alg_none_refused);
+    tcase_add_test(tc, jwt_algorithm_confusion_refused);
+    tcase_add_test(tc, jwt_claims_with_leeway_aud_and_iss);
+    tcase_add_test(tc, jwt_options_are_checked);
+    tcase_add_test(tc, jwt_secret_forms);
+    tcase_add_test(tc, jwt_keys_rsa_under_2048_bits);
+    tcase_add_test(tc, jwt_keys_bad_key_in_jwks);
+    tcase_add_test(tc, jwt_keys_other_kinds_skipped);
+    tcase_add_test(tc, jwt_keys_read_at_load_only);
     tcase_add_test(tc, require_loads_once_and_caches);
     tcase_add_test(tc, require_missing_module);
     tcase_add_test(tc, require_refuses_names_that_are_not_module_names);
