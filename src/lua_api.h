@@ -4,7 +4,8 @@
  * lua_conn.c and lua_msg.c (the `conn` and `msg` objects), lua_json.c,
  * lua_crypto.c (HMAC, JWT) and lua_jwt_keys.c (its keys), lua_timer.c
  * (hub.after); lua_stdlib.c and lua_pattern.c (the standard library,
- * charged). Nothing else includes it
+ * charged); policy_lint.c (the warnings of a loaded policy). Nothing else
+ * includes it
  * (but the white-box unit suite). Loop thread only.
  *
  * Stack discipline: index 1 of the main state is the message handler given
@@ -116,6 +117,10 @@ struct hub_policy {
 
     /* load: lines where hooks were assigned, for messages about them */
     int hook_line[HUB_HOOK__COUNT];
+    /* load: registry ref of a table global name -> "file:line" of its
+     * first assignment (the lint reads it); LUA_NOREF once loaded */
+    int ref_assigned;
+
     /* hub.jwt_verify's keys (cfg->jwt_keys), read when the policy is built;
      * NULL: none */
     struct hub_jwt_keys *jwt_keys;
@@ -292,6 +297,11 @@ void hub_lua_timers_start(struct hub_policy *p);
 /* Cancels every timer: closes the uv handles (freed in their close
  * callbacks; those only touch the handle) and drops the Lua refs. */
 void hub_lua_timers_close(struct hub_policy *p);
+/* For each pending timer, pushes its function and calls fn(p, ud), which
+ * pops it (the lint's roots). */
+void hub_lua_timers_each_fn(struct hub_policy *p, void (*fn)(struct hub_policy *p, void *ud),
+                            void *ud);
+
 /* ---- sandbox.c ---------------------------------------------------------- */
 
 /* Creates p->L (p->lim.mem_max, p->lim.budget set): the limits of
@@ -390,6 +400,17 @@ void hub_policy_add_msg(struct hub_config_errors *e, const char *fmt, ...)
  * blocking read of a local file: at load and reload only. */
 int hub_policy_read_file(const char *path, size_t max, struct hub_buf *out, char *why,
                          size_t n);
+
+/* ---- policy_lint.c: warnings ---------------------------------------------- */
+
+/* Appends to `warns` ("FILE:LINE: message") what is likely a mistake in
+ * the policy just loaded (its main chunk has run; p->ref_assigned is set):
+ * global functions named on_* that are not hooks, hooks that take more
+ * parameters than the hub passes or whose parameters look shifted,
+ * globals assigned while loading that no hook or timer uses, and globals
+ * that hooks or timers read but nothing assigns (docs/lua.md, "Warnings").
+ * Reads the state only (no Lua code runs, memory uncapped). */
+void hub_policy_lint(struct hub_policy *p, struct hub_config_errors *warns);
 
 /* ---- policy_hooks.c: the hooks' entry points --------------------------------- */
 

@@ -1,8 +1,8 @@
 /* The Lua policy host: builds a policy (the sandboxed state of sandbox.c,
  * the keys of jwt_keys, the script's main chunk run under the budgets, its
- * hooks verified), checks one for --check, reloads by build, verify, swap,
- * and renders the metrics. The hooks' entry points are in policy_hooks.c;
- * running one call (budgets, failure lines, statistics) is policy_call.c. */
+ * hooks verified, its warnings from policy_lint.c), checks one for
+ * --check, reloads by build, verify, swap, and renders the metrics. The hooks' entry points are in policy_hooks.c; running one call
+ * (budgets, failure lines, statistics) is policy_call.c. */
 #include "luahub/policy.h"
 
 #include <errno.h>
@@ -141,11 +141,13 @@ static char *module_dir(const struct hub_config *cfg)
 }
 
 /* Builds a policy: state, sandbox, keys, the script's main chunk under the
- * budgets, hooks verified. `host` is NULL for --check. Returns NULL with
- * every problem in `errs`. Timers the chunk set are not started yet. */
+ * budgets, hooks verified, warnings. `host` is NULL for --check. Returns
+ * NULL with every problem in `errs`; appends the warnings to `warns`.
+ * Timers the chunk set are not started yet. */
 static struct hub_policy *build(const struct hub_policy_host *host,
                                 const struct hub_config *cfg,
-                                struct hub_config_errors *errs, int warn_unknown)
+                                struct hub_config_errors *errs,
+                                struct hub_config_errors *warns)
 {
     struct hub_policy *p = hub_xcalloc(1, sizeof(*p));
     struct hub_buf src = {0};
@@ -182,6 +184,7 @@ static struct hub_policy *build(const struct hub_policy_host *host,
             !strncmp(cfg->policy, p->module_dir, (size_t)(base - 1 - cfg->policy)))
             p->own_module = hub_xstrndup(base, bl - 4);
     }
+    p->ref_assigned = LUA_NOREF;
 
     if (hub_sandbox_open(p) < 0) {
         add_err(errs, "%s: cannot create a Lua state (out of memory)", p->source_name);
@@ -190,7 +193,7 @@ static struct hub_policy *build(const struct hub_policy_host *host,
     lua_State *L = p->L;
     hub_policy_req_open(p);
     /* before the main chunk: it may verify tokens */
-    if (hub_lua_jwt_keys_load(p, errs, NULL) < 0)
+    if (hub_lua_jwt_keys_load(p, errs, warns) < 0)
         goto fail;
 
     if (read_source(p, &src, errs) < 0)
@@ -264,28 +267,10 @@ static struct hub_policy *build(const struct hub_policy_host *host,
     if (errs->n > first)
         goto fail;
 
+    hub_policy_lint(p, warns);
     /* from now on global assignments are plain; reads of unknown names
      * still raise */
     hub_sandbox_loaded(p);
-
-    if (warn_unknown) {
-        lua_pushnil(L);
-        while (lua_next(L, env)) {
-            if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TFUNCTION &&
-                !strncmp(lua_tostring(L, -2), "on_", 3)) {
-                int known = 0;
-                for (int h = 0; h < HUB_HOOK__COUNT; h++)
-                    known |= !strcmp(lua_tostring(L, -2), hub_policy_phase_name(h));
-                if (!known)
-                    hub_log(HUB_LOG_WARN,
-                            "%s: function '%s' is not a hook and will never be called "
-                            "(hooks: on_connect, on_subscribe, on_unsubscribe, "
-                            "on_publish, on_rpc, on_disconnect)",
-                            p->source_name, lua_tostring(L, -2));
-            }
-            lua_pop(L, 1);
-        }
-    }
     lua_settop(L, HUB_LUA_BASE);
     lua_gc(L, LUA_GCCOLLECT);
     hub_buf_free(&src);
@@ -297,19 +282,30 @@ fail:
     return NULL;
 }
 
-int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *errs)
+int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *errs,
+                     struct hub_config_errors *warns)
 {
-    struct hub_policy *p = build(NULL, cfg, errs, 0);
+    struct hub_policy *p = build(NULL, cfg, errs, warns);
     if (!p)
         return -1;
     destroy(p);
     return 0;
 }
 
+/* Logs the warnings of a policy being built, then frees them. */
+static void log_warnings(struct hub_config_errors *warns)
+{
+    for (unsigned i = 0; i < warns->n; i++)
+        hub_log(HUB_LOG_WARN, "policy: %s", warns->v[i]);
+    hub_config_errors_free(warns);
+}
+
 struct hub_policy *hub_policy_new(const struct hub_policy_host *host,
                                   struct hub_config_errors *errs)
 {
-    struct hub_policy *p = build(host, host->cfg, errs, 1);
+    struct hub_config_errors warns = {0};
+    struct hub_policy *p = build(host, host->cfg, errs, &warns);
+    log_warnings(&warns);
     if (!p)
         return NULL;
     hub_lua_timers_start(p);
@@ -350,7 +346,9 @@ int hub_policy_reload(struct hub_policy **policy, struct hub_config_errors *errs
     struct hub_policy *old = *policy;
     unsigned first = e->n;
 
-    struct hub_policy *np = build(&old->host, old->cfg, e, 1);
+    struct hub_config_errors warns = {0};
+    struct hub_policy *np = build(&old->host, old->cfg, e, &warns);
+    log_warnings(&warns);
     if (!np) {
         if (old)
             old->st.reloads_failed++;

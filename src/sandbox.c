@@ -34,7 +34,6 @@
  * require() is the hub's own (docs/lua.md "Modules"): Lua text files of
  * the module directory, run in the same _ENV under the budgets of the
  * call that requires them, while the policy loads; cached per state. */
-
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,7 +53,6 @@ int luaopen_cjson_safe(lua_State *L);
 #define MODULE_NAME_MAX 128         /* bytes of a module name */
 #define MODULES_MAX 256             /* modules one policy may load */
 #define MODULE_MAX_FILE (16 * 1024 * 1024)
-
 
 /* ---- limits, message handler --------------------------------------------- */
 
@@ -259,19 +257,26 @@ static int env_index(lua_State *L)
     return luaL_error(L, "undeclared global (a %s key)", luaL_typename(L, 2));
 }
 
-/* _ENV.__newindex while the main chunk runs: records the line where each
- * hook is assigned, for messages about it. Removed once loaded. */
+/* _ENV.__newindex while the main chunk runs: records where each global is
+ * first assigned (p->ref_assigned, for the lint) and the line of each hook,
+ * for messages about them. Removed once loaded. */
 static int env_newindex_load(lua_State *L)
 {
     struct hub_policy *p = hub_lua_policy(L);
-    if (lua_type(L, 2) == LUA_TSTRING) {
+    lua_Debug ar;
+    if (lua_type(L, 2) == LUA_TSTRING && lua_getstack(L, 1, &ar) &&
+        lua_getinfo(L, "Sl", &ar)) {
         const char *k = lua_tostring(L, 2);
-        for (int h = 0; h < HUB_HOOK__COUNT; h++) {
-            if (!strcmp(k, hub_policy_phase_name(h))) {
-                lua_Debug ar;
-                if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "l", &ar))
-                    p->hook_line[h] = ar.currentline;
-            }
+        for (int h = 0; h < HUB_HOOK__COUNT; h++)
+            if (!strcmp(k, hub_policy_phase_name(h)) && !strcmp(ar.source, p->chunkname))
+                p->hook_line[h] = ar.currentline;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_assigned);
+        lua_pushvalue(L, 2);
+        if (lua_rawget(L, -2) == LUA_TNIL) {
+            lua_pushvalue(L, 2);
+            lua_pushfstring(L, "%s:%d", ar.source[0] == '@' ? ar.source + 1 : ar.short_src,
+                            ar.currentline);
+            lua_rawset(L, -4);
         }
     }
     lua_settop(L, 3);
@@ -544,6 +549,8 @@ static void setup(struct hub_policy *p)
         p->mod_chain[p->mod_depth++] = p->own_module;
     }
     p->ref_modules = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_newtable(L);
+    p->ref_assigned = luaL_ref(L, LUA_REGISTRYINDEX);
 
     static const char *const libs[] = {LUA_STRLIBNAME, LUA_TABLIBNAME, LUA_MATHLIBNAME,
                                        LUA_UTF8LIBNAME, LUA_COLIBNAME, NULL};
@@ -618,5 +625,7 @@ void hub_sandbox_loaded(struct hub_policy *p)
     lua_pushnil(L);
     lua_setfield(L, -2, "__newindex");
     lua_pop(L, 2);
+    luaL_unref(L, LUA_REGISTRYINDEX, p->ref_assigned);
+    p->ref_assigned = LUA_NOREF;
     p->mod_depth = 0;
 }

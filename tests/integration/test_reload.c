@@ -1,13 +1,14 @@
 /* Integration suite: what the real binary reads from files beside its conf
- * and when (docs/config.md, "Reload"; docs/lua.md): keys of hub.jwt_verify
- * refused at start, and SIGHUP / POST /api/reload applying the keys a
- * reload may change (log level, limits, budgets, the policy with its
- * modules and jwt_keys) while naming those that need a restart, and
- * applying nothing when the new policy fails.
+ * and when (docs/config.md, "Reload"; docs/lua.md): `--check` warnings and
+ * `--check --strict`, keys of hub.jwt_verify refused at start, and
+ * SIGHUP / POST /api/reload applying the keys a reload may change (log
+ * level, limits, budgets, the policy with its modules and jwt_keys) while
+ * naming those that need a restart, and applying nothing when the new
+ * policy fails.
  *
  * Keys and tokens are made at test time (tests/support/jwttest.c). Every
- * test stops its hub with SIGTERM and asserts exit status 0 (the
- * ASan build exits non-zero on a leak). */
+ * test stops its hub with SIGTERM and asserts exit status 0 (the ASan
+ * build exits non-zero on a leak). */
 #include <check.h>
 #include <signal.h>
 #include <stdio.h>
@@ -100,6 +101,48 @@ static void rpc_is(struct ws *c, const char *method, const char *want)
     ck_assert_msg(!strcmp(got, want), "rpc %s: expected \"%s\", got \"%s\"", method, want, got);
     free(got);
 }
+
+/* ---- --check ------------------------------------------------------------- */
+
+/* Runs `luahub -c CONF --check [--strict]` for `lua`; returns the status. */
+static int run_check(const char *lua, int strict, char **out)
+{
+    jt_write(at("policy.lua"), lua);
+    char *conf = conf_of(NULL);
+    jt_write(at("luahub.conf"), conf);
+    free(conf);
+    const char *args[] = {"-c", at("luahub.conf"), "--check", strict ? "--strict" : NULL, NULL};
+    return hub_run(args, out, HT_WAIT_MS);
+}
+
+/* Issue 14: a misspelled hook passed --check with "ok" and the hub ran
+ * without it. Now --check warns (exit 0), --check --strict fails. */
+START_TEST(check_warns_and_strict_fails)
+{
+    static const char *lua = "function on_conect(conn, req) return false, 'no', 401 end\n";
+    char *out, want[512];
+    snprintf(want, sizeof want, "%s:1: warning: function 'on_conect' is not a hook and will "
+             "never be called (did you mean 'on_connect'?)", at("policy.lua"));
+    ck_assert_int_eq(run_check(lua, 0, &out), 0);
+    expect_contains(out, want);
+    expect_contains(out, "luahub.conf: ok, 1 warning");
+    free(out);
+    ck_assert_int_eq(run_check(lua, 1, &out), 2);
+    expect_contains(out, want);
+    expect_contains(out, "1 warning (--strict makes them errors)");
+    ck_assert_msg(!strstr(out, ": ok"), "%s", out);
+    free(out);
+    /* a clean policy passes --strict */
+    ck_assert_int_eq(run_check("function on_connect(conn, req) return true end\n", 1, &out), 0);
+    expect_contains(out, "luahub.conf: ok\n");
+    free(out);
+    /* --strict alone is a usage error */
+    const char *args[] = {"-c", at("luahub.conf"), "--strict", NULL};
+    ck_assert_int_eq(hub_run(args, &out, HT_WAIT_MS), 2);
+    expect_contains(out, "--strict goes with --check");
+    free(out);
+}
+END_TEST
 
 /* ---- keys at start --------------------------------------------------------- */
 
@@ -340,6 +383,7 @@ static Suite *suite(void)
     TCase *tc = tcase_create("reload");
     tcase_add_checked_fixture(tc, make_dir, drop_dir);
     tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, check_warns_and_strict_fails);
     tcase_add_test(tc, start_refuses_a_small_rsa_key);
     tcase_add_test(tc, reload_applies_log_level);
     tcase_add_test(tc, reload_applies_limits);

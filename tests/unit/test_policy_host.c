@@ -202,7 +202,7 @@ static int check(const char *lua, char *msg, size_t n)
 {
     struct hub_config_errors errs = {0};
     write_policy(lua);
-    int r = hub_policy_check(&cfg, &errs);
+    int r = hub_policy_check(&cfg, &errs, NULL);
     snprintf(msg, n, "%s", errs.n ? errs.v[0] : "");
     hub_config_errors_free(&errs);
     return r;

@@ -1,7 +1,7 @@
 /* Unit suite: what a policy reads when it is built (docs/lua.md), without
  * a server: the keys of hub.jwt_verify (the conf's jwt_keys: PEM and JWKS
  * files) and tokens verified with them (RS256, ES256) or with a secret
- * (HS256); require() of modules.
+ * (HS256); require() of modules; the warnings of --check.
  *
  * Keys, certificates, secrets and tokens are made when the suite starts
  * (tests/support/jwttest.c): nothing secret is checked in. A test writes
@@ -149,7 +149,7 @@ static int check(const char *conf, const char *lua, char **out, unsigned *nwarn)
 {
     struct hub_config_errors errs = {0}, warns = {0};
     prepare(conf, lua);
-    int rc = hub_policy_check(&cfg, &errs);
+    int rc = hub_policy_check(&cfg, &errs, &warns);
     size_t len = 0;
     FILE *f = open_memstream(out, &len);
     for (unsigned i = 0; i < errs.n; i++)
@@ -614,8 +614,8 @@ START_TEST(jwt_keys_bad_key_in_jwks)
 }
 END_TEST
 
-/* Keys of a kind hub.jwt_verify does not use are skipped: an identity
- * provider's JWKS is used as it is. */
+/* Keys of a kind hub.jwt_verify does not use are skipped with a warning:
+ * an identity provider's JWKS is used as it is. */
 START_TEST(jwt_keys_other_kinds_skipped)
 {
     put_jwks("keys.jwks", strdup("{\"kty\":\"OKP\",\"crv\":\"Ed25519\",\"x\":\"AA\",\"kid\":\"ed\"}"),
@@ -623,7 +623,13 @@ START_TEST(jwt_keys_other_kinds_skipped)
              jt_jwk(ec_384, "p384", NULL), jt_jwk(rsa_b, "ps", ",\"alg\":\"PS256\""),
              jt_jwk(rsa_a, "rsa-a", NULL), NULL);
     char *out;
-    ck_assert_int_eq(check(JWKS_CONF, "-- no hook\n", &out, NULL), 0);
+    unsigned nwarn;
+    ck_assert_int_eq(check(JWKS_CONF, "-- no hook\n", &out, &nwarn), 0);
+    ck_assert_int_eq(nwarn, 4);
+    expect_in(out, "key 1 (kid 'ed'): skipped: \"kty\": \"OKP\"");
+    expect_in(out, "key 2 (kid 'enc'): skipped: \"use\": \"enc\"");
+    expect_in(out, "key 3 (kid 'p384'): skipped: \"crv\": \"P-384\"");
+    expect_in(out, "key 4 (kid 'ps'): skipped: \"alg\": \"PS256\"");
     free(out);
     struct hub_policy *p = verifier(JWKS_CONF, NULL);
     expect_verify(p, token("RS256", "rsa-a", "RS256", rsa_a, "alice"), "ok:alice");
@@ -743,6 +749,17 @@ START_TEST(require_module_with_a_syntax_error)
     snprintf(want, sizeof want, "%s:3: unexpected symbol near '='", in_dir("broken.lua"));
     expect_in(out, want);
     free(out);
+    /* a path longer than Lua's chunk names (60 bytes): the full path still */
+    static const char *const longname = "a_module_with_a_name_long_enough_to_be_shortened_by_lua";
+    char lua[200], file[200];
+    snprintf(file, sizeof file, "%s.lua", longname);
+    put_module(file, "local t = {}\n\nlocal x = = 1\n");
+    snprintf(lua, sizeof lua, "require('%s')\n", longname);
+    ck_assert_int_eq(check(NULL, lua, &out, NULL), -1);
+    snprintf(want, sizeof want, "%s:3: unexpected symbol near '='", in_dir(file));
+    ck_assert_int_gt(strlen(in_dir(file)), 60);
+    expect_in(out, want);
+    free(out);
     /* an error when it runs, and a runaway loop: its file and line too */
     put_module("raises.lua", "local x = 1\nerror('not today')\n");
     ck_assert_int_eq(check(NULL, "require('raises')\n", &out, NULL), -1);
@@ -795,8 +812,124 @@ START_TEST(require_from_policy_path)
     hub_config_free(&cfg);
     hub_config_defaults(&cfg);
     struct hub_config_errors errs = {0};
-    ck_assert_int_eq(hub_policy_check(&cfg, &errs), 0);
+    ck_assert_int_eq(hub_policy_check(&cfg, &errs, NULL), 0);
     hub_config_errors_free(&errs);
+}
+END_TEST
+
+/* ---- warnings ------------------------------------------------------------------- */
+
+/* --check of `lua` must pass with exactly these warnings (NULL-terminated,
+ * "LINE: text" each, in order). */
+static void expect_warnings(const char *conf, const char *lua, ...)
+{
+    char *out;
+    unsigned n, want_n = 0;
+    va_list ap;
+    ck_assert_msg(check(conf, lua, &out, &n) == 0, "%s", out);
+    va_start(ap, lua);
+    const char *at = out;
+    for (const char *w; (w = va_arg(ap, const char *)); want_n++) {
+        char want[600];
+        snprintf(want, sizeof want, "%s:%s", in_dir("policy.lua"), w);
+        const char *found = strstr(at, want);
+        ck_assert_msg(found != NULL, "expected \"%s\" (in order) in:\n%s", want, out);
+        at = found + strlen(want);
+    }
+    va_end(ap);
+    ck_assert_msg(n == want_n, "expected %u warnings, got %u:\n%s", want_n, n, out);
+    free(out);
+}
+
+START_TEST(warn_misspelled_hook)
+{
+    expect_warnings(NULL,
+        "function on_conect(conn, req) return false end\n"
+        "function on_publsh(conn, ch, msg) return true end\n"
+        "function on_helper() end\n"
+        "on_data = 5\n"
+        "function on_rpc(conn, method, data) return on_data end\n",
+        "1: warning: function 'on_conect' is not a hook and will never be called (did you "
+        "mean 'on_connect'?)",
+        "2: warning: function 'on_publsh' is not a hook and will never be called (did you "
+        "mean 'on_publish'?)",
+        "3: warning: function 'on_helper' is not a hook and will never be called (hooks: "
+        "on_connect, on_subscribe, on_unsubscribe, on_publish, on_rpc, on_disconnect)",
+        NULL);
+}
+END_TEST
+
+START_TEST(warn_hook_parameters)
+{
+    expect_warnings(NULL,
+        "function on_publish(conn, channel, msg, extra) return true end\n"
+        "function on_subscribe(channel) return true end\n"
+        "function on_rpc(conn, data, method) return 1 end\n"
+        "function on_connect(c, r) return true end\n"
+        "function on_disconnect() end\n"
+        "function on_unsubscribe(conn, ...) end\n",
+        "1: warning: on_publish takes 4 parameters but the hub passes 3, on_publish(conn, "
+        "channel, msg): 'extra' is always nil",
+        "2: warning: parameter 1 of on_subscribe is named 'channel' but the hub passes conn "
+        "there, on_subscribe(conn, channel): a parameter missing?",
+        "3: warning: parameter 2 of on_rpc is named 'data' but the hub passes method there",
+        NULL);
+}
+END_TEST
+
+START_TEST(warn_globals)
+{
+    put_module("helpers.lua", "function shout(s) return s:upper() .. suffix end\n"
+                              "local M = {}\nfunction M.limit() return limit end\nreturn M\n");
+    expect_warnings(NULL,
+        "local helpers = require('helpers')\n"
+        "secert = 'x'\n"                                   /* 2: a typo, unused */
+        "suffix = '!'\n"                                   /* used by shout, via a hook */
+        "limit = 5\n"                                      /* used by M.limit, an upvalue */
+        "ticks = 0\n"                                      /* used by a timer */
+        "counter = 0\n"                                    /* written by a hook */
+        "dyn = 1\n"                                        /* read through _G */
+        "setup_only = 1\n"                                 /* 8: read at load only */
+        "local x = setup_only\n"
+        "local handlers = {}\n"
+        "function handlers.go() return secret end\n"       /* 11: never assigned */
+        "function on_rpc(conn, method, data)\n"
+        "  counter = counter + 1\n"
+        "  if method == 'x' then return rawget(_G, 'dyn') end\n"
+        "  return shout(handlers[method]()) .. helpers.limit()\n"
+        "end\n"
+        "hub.after(10, function() ticks = ticks + 1 end)\n"
+        "function on_publish(conn, channel, msg) return late end\n" /* 18: declared below */
+        "local late = true\n",
+        "2: warning: global 'secert' is assigned while the policy loads but no hook or timer "
+        "uses it (a typo? or make it local)",
+        "8: warning: global 'setup_only' is assigned while the policy loads but no hook or "
+        "timer uses it",
+        "11: warning: global 'secret' is read here but nothing assigns it: reading it raises "
+        "\"undeclared global\"",
+        "18: warning: global 'late' is read here but nothing assigns it",
+        NULL);
+}
+END_TEST
+
+/* What the hub ships passes without a warning. */
+START_TEST(warn_nothing_on_a_clean_policy)
+{
+    char *src = getenv("LUAHUB_SRC"), path[600], conf[700];
+    ck_assert_ptr_nonnull(src);
+    snprintf(path, sizeof path, "%s/examples/dashboard/policy.lua", src);
+    snprintf(conf, sizeof conf, "policy = \"%s\"\n", path);
+    put("luahub.conf", conf);
+    struct hub_config_errors errs = {0}, warns = {0};
+    hub_config_free(&cfg);
+    hub_config_defaults(&cfg);
+    ck_assert_int_eq(hub_config_load(&cfg, in_dir("luahub.conf"), &errs), 0);
+    ck_assert_int_eq(hub_policy_check(&cfg, &errs, &warns), 0);
+    ck_assert_msg(warns.n == 0, "%s", warns.v[0]);
+    hub_config_free(&cfg);
+    hub_config_defaults(&cfg);
+    ck_assert_int_eq(hub_policy_check(&cfg, &errs, &warns), 0); /* the built-in policy */
+    ck_assert_msg(warns.n == 0, "%s", warns.v[0]);
 }
 END_TEST
 
@@ -829,6 +962,10 @@ static Suite *suite(void)
     tcase_add_test(tc, require_module_with_a_syntax_error);
     tcase_add_test(tc, require_only_while_the_policy_loads);
     tcase_add_test(tc, require_from_policy_path);
+    tcase_add_test(tc, warn_misspelled_hook);
+    tcase_add_test(tc, warn_hook_parameters);
+    tcase_add_test(tc, warn_globals);
+    tcase_add_test(tc, warn_nothing_on_a_clean_policy);
     suite_add_tcase(s, tc);
     return s;
 }
