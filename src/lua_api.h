@@ -2,8 +2,10 @@
  * metrics), sandbox.c (the Lua state, its budgets and its sandbox) and
  * the Lua API, one file per family: lua_hub.c (the `hub` module),
  * lua_conn.c and lua_msg.c (the `conn` and `msg` objects), lua_json.c,
- * lua_crypto.c (HMAC, JWT), lua_timer.c (hub.after); lua_stdlib.c and
- * lua_pattern.c (the standard library, charged). Nothing else includes it
+ * lua_crypto.c (HMAC, JWT) and lua_jwt_keys.c (its keys), lua_timer.c
+ * (hub.after); lua_stdlib.c and lua_pattern.c (the standard library,
+ * charged); policy_lint.c (the warnings of a loaded policy). Nothing else
+ * includes it
  * (but the white-box unit suite). Loop thread only.
  *
  * Stack discipline: index 1 of the main state is the message handler given
@@ -62,6 +64,9 @@ struct hub_policy_stats {
 
 struct hub_ptimer;
 struct hub_emit;
+struct hub_jwt_keys;
+
+#define HUB_MODULE_DEPTH 32         /* require()s nested in each other */
 
 struct hub_policy {
     lua_State *L;
@@ -112,6 +117,24 @@ struct hub_policy {
 
     /* load: lines where hooks were assigned, for messages about them */
     int hook_line[HUB_HOOK__COUNT];
+    /* load: registry ref of a table global name -> "file:line" of its
+     * first assignment (the lint reads it); LUA_NOREF once loaded */
+    int ref_assigned;
+
+    /* hub.jwt_verify's keys (cfg->jwt_keys), read when the policy is built;
+     * NULL: none */
+    struct hub_jwt_keys *jwt_keys;
+
+    /* require(): the directory of the modules (NULL: none), the registry
+     * ref of the table of loaded modules (name -> value, or false while
+     * one loads) and how many were loaded */
+    char *module_dir;
+    int ref_modules;
+    unsigned nmodules;
+    char *own_module;               /* the policy file's module name when it is in
+                                     * module_dir (requiring it is a cycle), or NULL */
+    const char *mod_chain[HUB_MODULE_DEPTH]; /* the modules being loaded, outermost first */
+    int mod_depth;
 
     char short_src[LUA_IDSIZE];     /* how Lua names the chunk in messages */
 
@@ -221,11 +244,46 @@ int hub_lua_json_array(lua_State *L);
 
 /* hub.hmac_sha256(key, text): the hex digest. */
 int hub_lua_hmac_sha256(lua_State *L);
-/* hub.jwt_verify(token, secret [, leeway]): HS256 only. Checks the
- * signature (constant time) before reading the claims, then exp and nbf
- * (seconds since the epoch, with `leeway` seconds of clock skew allowed).
- * Returns the claims, or nil and why. */
+/* hub.jwt_verify(token, secret [, leeway]) (HS256) or
+ * hub.jwt_verify(token [, {secret, leeway, aud, iss}]) (HS256 with a
+ * secret; RS256 and ES256 with the keys of jwt_keys). Checks the signature
+ * before reading the claims, then exp, nbf and iat (with `leeway` seconds
+ * of clock skew allowed), iss and aud when asked. Returns the claims, or
+ * nil and why; raises for a mistake of the caller (docs/lua.md). */
 int hub_lua_jwt_verify(lua_State *L);
+
+/* JWT algorithms. */
+enum { HUB_JWT_HS256 = 1, HUB_JWT_RS256, HUB_JWT_ES256 };
+
+/* Decodes unpadded base64url (RFC 7515 §2; trailing '=' tolerated) into
+ * `out` (at least len * 3 / 4 + 1 bytes). Returns the length or -1. */
+long hub_lua_b64url_decode(const char *s, size_t len, unsigned char *out);
+
+/* Writes untrusted bytes s[0..len) for a message into out[0..n): at most
+ * n - 4 of them, bytes that are not printable ASCII as '?', "..." when
+ * cut. */
+void hub_lua_show(const char *s, size_t len, char *out, size_t n);
+
+/* ---- lua_jwt_keys.c: the keys of hub.jwt_verify ---------------------------- */
+
+/* Reads the files of cfg->jwt_keys (PEM or JWKS) into p->jwt_keys (NULL
+ * when the conf names none). Keys that cannot be used (a private key, RSA
+ * under 2048 bits, bad encoding...) are errors appended to `errs` as
+ * "FILE: key N (kid 'x'): why"; keys of another kind are skipped with a
+ * warning in `warns`. Returns 0, or -1 (p->jwt_keys then NULL). */
+int hub_lua_jwt_keys_load(struct hub_policy *p, struct hub_config_errors *errs,
+                          struct hub_config_errors *warns);
+void hub_lua_jwt_keys_free(struct hub_jwt_keys *keys);
+
+/* Checks the signature `sig` of data[0..dlen) (the token's
+ * "header.payload") for a token of `alg` (RS256 or ES256) and `kid` (NULL:
+ * none) against p->jwt_keys (not NULL): the key of that kid, or else the
+ * keys of that alg without a kid. Charges each check to the call's
+ * budget (may raise the budget stop). Returns 0, or -1 with the reason
+ * (for the caller of hub.jwt_verify) in why[0..n). */
+int hub_lua_jwt_keys_verify(struct hub_policy *p, lua_State *L, int alg, const char *kid,
+                            size_t kidlen, const char *data, size_t dlen,
+                            const unsigned char *sig, size_t slen, char *why, size_t n);
 
 /* ---- lua_timer.c: hub.after ------------------------------------------------ */
 
@@ -239,6 +297,10 @@ void hub_lua_timers_start(struct hub_policy *p);
 /* Cancels every timer: closes the uv handles (freed in their close
  * callbacks; those only touch the handle) and drops the Lua refs. */
 void hub_lua_timers_close(struct hub_policy *p);
+/* For each pending timer, pushes its function and calls fn(p, ud), which
+ * pops it (the lint's roots). */
+void hub_lua_timers_each_fn(struct hub_policy *p, void (*fn)(struct hub_policy *p, void *ud),
+                            void *ud);
 
 /* ---- sandbox.c ---------------------------------------------------------- */
 
@@ -324,6 +386,31 @@ int hub_policy_encode_result(struct hub_policy *p, int phase, uint64_t conn_id, 
 
 /* Name of a phase: "on_publish", "timer", "load". */
 const char *hub_policy_phase_name(int phase);
+
+/* ---- policy.c: building ------------------------------------------------------ */
+
+/* Appends a message to `e` (a list of errors or of warnings; NULL: the
+ * message is dropped). */
+void hub_policy_add_msg(struct hub_config_errors *e, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Reads the regular file `path`, at most `max` bytes, into `out` (NUL-
+ * terminated). Returns 0, or -1 with the reason in why[0..n) ("No such
+ * file or directory", "not a regular file", "larger than 1 MiB"). A
+ * blocking read of a local file: at load and reload only. */
+int hub_policy_read_file(const char *path, size_t max, struct hub_buf *out, char *why,
+                         size_t n);
+
+/* ---- policy_lint.c: warnings ---------------------------------------------- */
+
+/* Appends to `warns` ("FILE:LINE: message") what is likely a mistake in
+ * the policy just loaded (its main chunk has run; p->ref_assigned is set):
+ * global functions named on_* that are not hooks, hooks that take more
+ * parameters than the hub passes or whose parameters look shifted,
+ * globals assigned while loading that no hook or timer uses, and globals
+ * that hooks or timers read but nothing assigns (docs/lua.md, "Warnings").
+ * Reads the state only (no Lua code runs, memory uncapped). */
+void hub_policy_lint(struct hub_policy *p, struct hub_config_errors *warns);
 
 /* ---- policy_hooks.c: the hooks' entry points --------------------------------- */
 

@@ -215,3 +215,12 @@ void hub_lua_timer_open(lua_State *L)
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
 }
+
+void hub_lua_timers_each_fn(struct hub_policy *p, void (*fn)(struct hub_policy *p, void *ud),
+                            void *ud)
+{
+    for (struct hub_ptimer *t = p->timers; t; t = t->next) {
+        lua_rawgeti(p->L, LUA_REGISTRYINDEX, t->fn_ref);
+        fn(p, ud);
+    }
+}

@@ -28,13 +28,15 @@ static uv_signal_t sig_term, sig_int, sig_hup;
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: luahub [-c FILE] [--listen HOST:PORT] [--check] [--version] [-h]\n"
+            "usage: luahub [-c FILE] [--listen HOST:PORT] [--check [--strict]] [--version] [-h]\n"
             "\n"
             "  -c, --conf FILE      conf file (default: " DEFAULT_CONF_LOCAL
             ", then " DEFAULT_CONF_SYSTEM ")\n"
             "  -l, --listen H:P     listen address, overrides the conf (port 0 = any free port)\n"
             "  -t, --check          validate the conf and exit: 0 if valid, else 2 with\n"
-            "                       every problem as FILE:LINE: message\n"
+            "                       every problem as FILE:LINE: message; warnings\n"
+            "                       (FILE:LINE: warning: ...) do not fail it\n"
+            "      --strict         with --check: warnings fail it too (exit 2)\n"
             "  -v, --version        print the version and exit\n"
             "  -h, --help           this help\n"
             "\n"
@@ -67,7 +69,7 @@ static void on_shutdown_done(struct hub_server *srv)
 static void on_signal(uv_signal_t *h, int signum)
 {
     if (signum == SIGHUP) {
-        hub_log(HUB_LOG_INFO, "SIGHUP: reloading the policy and the conf's policy_vars");
+        hub_log(HUB_LOG_INFO, "SIGHUP: reloading the conf and the policy");
         hub_server_reload_policy(&server, NULL);
         return;
     }
@@ -204,24 +206,31 @@ int main(int argc, char **argv)
         {"conf", required_argument, NULL, 'c'},
         {"listen", required_argument, NULL, 'l'},
         {"check", no_argument, NULL, 't'},
+        {"strict", no_argument, NULL, 's'},
         {"version", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *conf_path = NULL, *listen = NULL;
-    int check = 0, c, rc = 0;
+    int check = 0, strict = 0, c, rc = 0;
     struct hub_config cfg;
-    struct hub_config_errors errs = {0};
+    struct hub_config_errors errs = {0}, warns = {0};
 
     while ((c = getopt_long(argc, argv, "c:l:tvh", opts, NULL)) != -1) {
         switch (c) {
         case 'c': conf_path = optarg; break;
         case 'l': listen = optarg; break;
         case 't': check = 1; break;
+        case 's': strict = 1; break;
         case 'v': printf("luahub %s\n", HUB_VERSION); return 0;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
+    }
+    if (strict && !check) {
+        fprintf(stderr, "luahub: --strict goes with --check\n");
+        usage(stderr);
+        return 2;
     }
     if (optind < argc) {
         fprintf(stderr, "luahub: unexpected argument '%s'\n", argv[optind]);
@@ -241,26 +250,40 @@ int main(int argc, char **argv)
     /* The policy is compiled here only for --check: at start hub_policy_new
      * reports the same FILE:LINE problems (and runs its main chunk once). */
     if (hub_config_load(&cfg, conf_path, &errs) < 0 ||
-        (check && hub_policy_check(&cfg, &errs) < 0)) {
+        (check && hub_policy_check(&cfg, &errs, &warns) < 0) || (strict && warns.n)) {
         for (unsigned i = 0; i < errs.n; i++)
             fprintf(stderr, "%s\n", errs.v[i]);
-        fprintf(stderr, "luahub: %s: %u problem%s, not starting\n", conf_path, errs.n,
-                errs.n == 1 ? "" : "s");
+        for (unsigned i = 0; i < warns.n; i++)
+            fprintf(stderr, "%s\n", warns.v[i]);
+        if (errs.n)
+            fprintf(stderr, "luahub: %s: %u problem%s, not starting\n", conf_path, errs.n,
+                    errs.n == 1 ? "" : "s");
+        else
+            fprintf(stderr, "luahub: %s: %u warning%s (--strict makes them errors)\n",
+                    conf_path, warns.n, warns.n == 1 ? "" : "s");
         hub_config_errors_free(&errs);
+        hub_config_errors_free(&warns);
         hub_config_free(&cfg);
         return 2;
     }
+    for (unsigned i = 0; i < warns.n; i++)
+        fprintf(stderr, "%s\n", warns.v[i]);
     if (listen) {
         char err[256];
         cfg.listen_set = true;
         if (hub_config_set_listen(&cfg, listen, err, sizeof(err)) < 0) {
             fprintf(stderr, "luahub: --listen %s: %s\n", listen, err);
+            hub_config_errors_free(&warns);
             hub_config_free(&cfg);
             return 2;
         }
     }
     if (check) {
-        printf("%s: ok\n", conf_path);
+        if (warns.n)
+            printf("%s: ok, %u warning%s\n", conf_path, warns.n, warns.n == 1 ? "" : "s");
+        else
+            printf("%s: ok\n", conf_path);
+        hub_config_errors_free(&warns);
         hub_config_free(&cfg);
         return 0;
     }

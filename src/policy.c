@@ -1,16 +1,19 @@
 /* The Lua policy host: builds a policy (the sandboxed state of sandbox.c,
- * the script's main chunk run under the budgets, its hooks verified),
- * checks one for --check, reloads by build, verify, swap, and renders the
- * metrics. The hooks' entry points are in policy_hooks.c; running one call
+ * the keys of jwt_keys, the script's main chunk run under the budgets, its
+ * hooks verified, its warnings from policy_lint.c), checks one for
+ * --check, reloads by build, verify, swap, and renders the metrics. The hooks' entry points are in policy_hooks.c; running one call
  * (budgets, failure lines, statistics) is policy_call.c. */
 #include "luahub/policy.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -22,15 +25,14 @@
 
 #define POLICY_MAX_FILE (16 * 1024 * 1024)
 
-static void add_err(struct hub_config_errors *e, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-static void add_err(struct hub_config_errors *e, const char *fmt, ...)
+void hub_policy_add_msg(struct hub_config_errors *e, const char *fmt, ...)
 {
     struct hub_buf b = {0};
     va_list ap;
     char tmp[1024];
 
+    if (!e)
+        return;
     va_start(ap, fmt);
     vsnprintf(tmp, sizeof(tmp), fmt, ap);
     va_end(ap);
@@ -39,38 +41,61 @@ static void add_err(struct hub_config_errors *e, const char *fmt, ...)
     e->v[e->n++] = b.p;
 }
 
+#define add_err hub_policy_add_msg
+
+int hub_policy_read_file(const char *path, size_t max, struct hub_buf *out, char *why,
+                         size_t n)
+{
+    /* O_NONBLOCK: a FIFO must not hang the loop (docs/lua.md, "The
+     * watchdog"); a regular file ignores it */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC), rc = -1;
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0) {
+        snprintf(why, n, "%s", strerror(errno));
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        snprintf(why, n, "not a regular file");
+        goto out;
+    }
+    char buf[65536];
+    ssize_t got;
+    while ((got = read(fd, buf, sizeof(buf))) > 0) {
+        if (out->len + (size_t)got > max) {
+            if (max % (1024 * 1024) == 0)
+                snprintf(why, n, "larger than %zu MiB", max >> 20);
+            else
+                snprintf(why, n, "larger than %zu bytes", max);
+            goto out;
+        }
+        hub_buf_append(out, buf, (size_t)got);
+    }
+    if (got < 0) {
+        snprintf(why, n, "%s", strerror(errno));
+        goto out;
+    }
+    if (!out->p)
+        hub_buf_append(out, "", 0);
+    rc = 0;
+out:
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
 /* Reads the policy file (or takes the built-in one) into `*src`. */
 static int read_source(struct hub_policy *p, struct hub_buf *src,
                        struct hub_config_errors *errs)
 {
+    char why[256];
     if (!p->cfg->policy) {
         hub_buf_append(src, hub_lua_default, hub_lua_default_len);
         return 0;
     }
-    FILE *f = fopen(p->cfg->policy, "rb");
-    if (!f) {
-        add_err(errs, "%s: cannot read the policy: %s", p->cfg->policy, strerror(errno));
+    if (hub_policy_read_file(p->cfg->policy, POLICY_MAX_FILE, src, why, sizeof(why)) < 0) {
+        add_err(errs, "%s: cannot read the policy: %s", p->cfg->policy, why);
         return -1;
     }
-    char buf[65536];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof(buf), f)) > 0) {
-        if (src->len + n > POLICY_MAX_FILE) {
-            add_err(errs, "%s: the policy is larger than %d MiB", p->cfg->policy,
-                    POLICY_MAX_FILE >> 20);
-            fclose(f);
-            return -1;
-        }
-        hub_buf_append(src, buf, n);
-    }
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) {
-        add_err(errs, "%s: cannot read the policy: read error", p->cfg->policy);
-        return -1;
-    }
-    if (!src->p)
-        hub_buf_append(src, "", 0);
     return 0;
 }
 
@@ -92,6 +117,9 @@ static void destroy(struct hub_policy *p)
         hub_lua_timers_close(p);
         lua_close(p->L);
     }
+    hub_lua_jwt_keys_free(p->jwt_keys);
+    free(p->module_dir);
+    free(p->own_module);
     free(p->chunkname);
     free(p->emits);
     hub_buf_free(&p->tb);
@@ -99,12 +127,27 @@ static void destroy(struct hub_policy *p)
     free(p);
 }
 
-/* Builds a policy: state, sandbox, the script's main chunk under the
- * budgets, hooks verified. `host` is NULL for --check. Returns NULL with
- * every problem in `errs`. Timers the chunk set are not started yet. */
+/* Where require() finds modules: policy_path, else the policy file's
+ * directory; none for the built-in policy. */
+static char *module_dir(const struct hub_config *cfg)
+{
+    if (cfg->policy_path)
+        return hub_xstrdup(cfg->policy_path);
+    const char *slash = cfg->policy ? strrchr(cfg->policy, '/') : NULL;
+    if (!slash)
+        return NULL;
+    return slash == cfg->policy ? hub_xstrdup("/")
+                                : hub_xstrndup(cfg->policy, (size_t)(slash - cfg->policy));
+}
+
+/* Builds a policy: state, sandbox, keys, the script's main chunk under the
+ * budgets, hooks verified, warnings. `host` is NULL for --check. Returns
+ * NULL with every problem in `errs`; appends the warnings to `warns`.
+ * Timers the chunk set are not started yet. */
 static struct hub_policy *build(const struct hub_policy_host *host,
                                 const struct hub_config *cfg,
-                                struct hub_config_errors *errs, int warn_unknown)
+                                struct hub_config_errors *errs,
+                                struct hub_config_errors *warns)
 {
     struct hub_policy *p = hub_xcalloc(1, sizeof(*p));
     struct hub_buf src = {0};
@@ -130,6 +173,18 @@ static struct hub_policy *build(const struct hub_policy_host *host,
         p->chunkname = hub_xstrdup("=default.lua");
     }
     p->source_name = p->chunkname + 1;
+    p->module_dir = module_dir(cfg);
+    if (p->module_dir && cfg->policy) {
+        /* the policy file as a module of its own directory: requiring it
+         * is a cycle */
+        const char *base = strrchr(cfg->policy, '/') + 1;
+        size_t bl = strlen(base);
+        if (bl > 4 && !strcmp(base + bl - 4, ".lua") && !memchr(base, '.', bl - 4) &&
+            (size_t)(base - 1 - cfg->policy) == strlen(p->module_dir) &&
+            !strncmp(cfg->policy, p->module_dir, (size_t)(base - 1 - cfg->policy)))
+            p->own_module = hub_xstrndup(base, bl - 4);
+    }
+    p->ref_assigned = LUA_NOREF;
 
     if (hub_sandbox_open(p) < 0) {
         add_err(errs, "%s: cannot create a Lua state (out of memory)", p->source_name);
@@ -137,6 +192,9 @@ static struct hub_policy *build(const struct hub_policy_host *host,
     }
     lua_State *L = p->L;
     hub_policy_req_open(p);
+    /* before the main chunk: it may verify tokens */
+    if (hub_lua_jwt_keys_load(p, errs, warns) < 0)
+        goto fail;
 
     if (read_source(p, &src, errs) < 0)
         goto fail;
@@ -209,28 +267,10 @@ static struct hub_policy *build(const struct hub_policy_host *host,
     if (errs->n > first)
         goto fail;
 
+    hub_policy_lint(p, warns);
     /* from now on global assignments are plain; reads of unknown names
      * still raise */
     hub_sandbox_loaded(p);
-
-    if (warn_unknown) {
-        lua_pushnil(L);
-        while (lua_next(L, env)) {
-            if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TFUNCTION &&
-                !strncmp(lua_tostring(L, -2), "on_", 3)) {
-                int known = 0;
-                for (int h = 0; h < HUB_HOOK__COUNT; h++)
-                    known |= !strcmp(lua_tostring(L, -2), hub_policy_phase_name(h));
-                if (!known)
-                    hub_log(HUB_LOG_WARN,
-                            "%s: function '%s' is not a hook and will never be called "
-                            "(hooks: on_connect, on_subscribe, on_unsubscribe, "
-                            "on_publish, on_rpc, on_disconnect)",
-                            p->source_name, lua_tostring(L, -2));
-            }
-            lua_pop(L, 1);
-        }
-    }
     lua_settop(L, HUB_LUA_BASE);
     lua_gc(L, LUA_GCCOLLECT);
     hub_buf_free(&src);
@@ -242,19 +282,30 @@ fail:
     return NULL;
 }
 
-int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *errs)
+int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *errs,
+                     struct hub_config_errors *warns)
 {
-    struct hub_policy *p = build(NULL, cfg, errs, 0);
+    struct hub_policy *p = build(NULL, cfg, errs, warns);
     if (!p)
         return -1;
     destroy(p);
     return 0;
 }
 
+/* Logs the warnings of a policy being built, then frees them. */
+static void log_warnings(struct hub_config_errors *warns)
+{
+    for (unsigned i = 0; i < warns->n; i++)
+        hub_log(HUB_LOG_WARN, "policy: %s", warns->v[i]);
+    hub_config_errors_free(warns);
+}
+
 struct hub_policy *hub_policy_new(const struct hub_policy_host *host,
                                   struct hub_config_errors *errs)
 {
-    struct hub_policy *p = build(host, host->cfg, errs, 1);
+    struct hub_config_errors warns = {0};
+    struct hub_policy *p = build(host, host->cfg, errs, &warns);
+    log_warnings(&warns);
     if (!p)
         return NULL;
     hub_lua_timers_start(p);
@@ -295,7 +346,9 @@ int hub_policy_reload(struct hub_policy **policy, struct hub_config_errors *errs
     struct hub_policy *old = *policy;
     unsigned first = e->n;
 
-    struct hub_policy *np = build(&old->host, old->cfg, e, 1);
+    struct hub_config_errors warns = {0};
+    struct hub_policy *np = build(&old->host, old->cfg, e, &warns);
+    log_warnings(&warns);
     if (!np) {
         if (old)
             old->st.reloads_failed++;

@@ -28,9 +28,13 @@
  *   hooks disabled, outside any budget.
  *
  * Sandbox (docs/lua.md "Sandbox"): base without load/loadfile/dofile/
- * require/collectgarbage/print, string without dump, table, math, utf8,
+ * collectgarbage/print, string without dump, table, math, utf8,
  * coroutine, os.time/clock/date, and `hub`; copies of the library tables;
- * the string metatable protected; reading an undeclared global raises. */
+ * the string metatable protected; reading an undeclared global raises.
+ * require() is the hub's own (docs/lua.md "Modules"): Lua text files of
+ * the module directory, run in the same _ENV under the budgets of the
+ * call that requires them, while the policy loads; cached per state. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -46,6 +50,9 @@
 int luaopen_cjson_safe(lua_State *L);
 
 #define WARN_MAX 4000 /* bytes of one warn() line */
+#define MODULE_NAME_MAX 128         /* bytes of a module name */
+#define MODULES_MAX 256             /* modules one policy may load */
+#define MODULE_MAX_FILE (16 * 1024 * 1024)
 
 /* ---- limits, message handler --------------------------------------------- */
 
@@ -250,24 +257,193 @@ static int env_index(lua_State *L)
     return luaL_error(L, "undeclared global (a %s key)", luaL_typename(L, 2));
 }
 
-/* _ENV.__newindex while the main chunk runs: records the line where each
- * hook is assigned, for messages about it. Removed once loaded. */
+/* _ENV.__newindex while the main chunk runs: records where each global is
+ * first assigned (p->ref_assigned, for the lint) and the line of each hook,
+ * for messages about them. Removed once loaded. */
 static int env_newindex_load(lua_State *L)
 {
     struct hub_policy *p = hub_lua_policy(L);
-    if (lua_type(L, 2) == LUA_TSTRING) {
+    lua_Debug ar;
+    if (lua_type(L, 2) == LUA_TSTRING && lua_getstack(L, 1, &ar) &&
+        lua_getinfo(L, "Sl", &ar)) {
         const char *k = lua_tostring(L, 2);
-        for (int h = 0; h < HUB_HOOK__COUNT; h++) {
-            if (!strcmp(k, hub_policy_phase_name(h))) {
-                lua_Debug ar;
-                if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "l", &ar))
-                    p->hook_line[h] = ar.currentline;
-            }
+        for (int h = 0; h < HUB_HOOK__COUNT; h++)
+            if (!strcmp(k, hub_policy_phase_name(h)) && !strcmp(ar.source, p->chunkname))
+                p->hook_line[h] = ar.currentline;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_assigned);
+        lua_pushvalue(L, 2);
+        if (lua_rawget(L, -2) == LUA_TNIL) {
+            lua_pushvalue(L, 2);
+            lua_pushfstring(L, "%s:%d", ar.source[0] == '@' ? ar.source + 1 : ar.short_src,
+                            ar.currentline);
+            lua_rawset(L, -4);
         }
     }
     lua_settop(L, 3);
     lua_rawset(L, 1);
     return 0;
+}
+
+/* ---- require ------------------------------------------------------------ */
+
+/* A module name: parts of letters, digits, '_' and '-' separated by dots
+ * ("lib.auth" is lib/auth.lua); nothing that could leave the directory. */
+static int module_name_ok(const char *s, size_t n)
+{
+    if (n == 0 || n > MODULE_NAME_MAX || s[0] == '.' || s[n - 1] == '.')
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        int ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                 c == '_' || (c == '-' && i > 0 && s[i - 1] != '.') ||
+                 (c == '.' && s[i - 1] != '.');
+        if (!ok)
+            return 0;
+    }
+    return 1;
+}
+
+/* Replaces Lua's (possibly shortened) name of the chunk at the start of
+ * the error message on top by `path`. */
+static void full_path_in_error(lua_State *L, const char *short_src, const char *path)
+{
+    size_t n = strlen(short_src);
+    const char *msg = lua_tostring(L, -1);
+    if (lua_type(L, -1) == LUA_TSTRING && n && !strncmp(msg, short_src, n) && msg[n] == ':') {
+        lua_pushfstring(L, "%s%s", path, msg + n);
+        lua_remove(L, -2);
+    }
+}
+
+/* How Lua names the chunk `chunkname` in its messages (it shortens long
+ * paths to "...tail"), learnt from an empty chunk of that name. */
+static void short_src_of(lua_State *L, const char *chunkname, char *out, size_t n)
+{
+    lua_Debug ar;
+    out[0] = '\0';
+    if (luaL_loadbufferx(L, "", 0, chunkname, "t") != LUA_OK)
+        lua_pop(L, 1);
+    else if (lua_getinfo(L, ">S", &ar))
+        snprintf(out, n, "%s", ar.short_src);
+}
+
+/* Raises "require('name'): a cycle: a -> b -> name". */
+static int cycle(struct hub_policy *p, lua_State *L, const char *name)
+{
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (int i = 0; i < p->mod_depth; i++) {
+        luaL_addstring(&b, p->mod_chain[i]);
+        luaL_addstring(&b, " -> ");
+    }
+    luaL_addstring(&b, name);
+    luaL_pushresult(&b);
+    return luaL_error(L, "require('%s'): a cycle: %s%s", name, lua_tostring(L, -1),
+                      p->own_module && !strcmp(name, p->own_module)
+                          ? " (it is the policy file itself)" : "");
+}
+
+/* require(name): the value module `name` returned (true if nothing),
+ * loaded once per state from <module_dir>/<name with dots as
+ * slashes>.lua and run with the policy's _ENV. */
+static int sb_require(lua_State *L)
+{
+    struct hub_policy *p = hub_lua_policy(L);
+    size_t n;
+    const char *name = luaL_checklstring(L, 1, &n);
+    char shown[MODULE_NAME_MAX + 8];
+
+    lua_settop(L, 1);
+    if (!module_name_ok(name, n)) {
+        hub_lua_show(name, n, shown, sizeof(shown));
+        return luaL_error(L, "require('%s'): not a module name: letters, digits, '_' and "
+                             "'-', in parts separated by dots (require('lib.auth') loads "
+                             "lib/auth.lua from policy_path)", shown);
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_modules); /* 2 */
+    lua_pushvalue(L, 1);
+    int t = lua_rawget(L, 2);
+    if (t == LUA_TBOOLEAN && !lua_toboolean(L, -1))
+        return cycle(p, L, name);
+    if (t != LUA_TNIL)
+        return 1;
+    lua_pop(L, 1);
+    if (p->phase != HUB_PHASE_LOAD)
+        return luaL_error(L, "require('%s'): modules are loaded while the policy loads: "
+                             "require it from the main chunk (a hook or a timer never "
+                             "reads files)", name);
+    if (!p->module_dir)
+        return luaL_error(L, "require('%s'): the built-in policy has no module directory "
+                             "(set policy or policy_path)", name);
+    if (p->nmodules >= MODULES_MAX)
+        return luaL_error(L, "require('%s'): more than %d modules", name, MODULES_MAX);
+    if (p->mod_depth >= HUB_MODULE_DEPTH)
+        return luaL_error(L, "require('%s'): modules nested more than %d deep", name,
+                          HUB_MODULE_DEPTH);
+
+    /* the file: dots are directories */
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    luaL_addstring(&b, p->module_dir);
+    luaL_addchar(&b, '/');
+    for (size_t i = 0; i < n; i++)
+        luaL_addchar(&b, name[i] == '.' ? '/' : name[i]);
+    luaL_addstring(&b, ".lua");
+    luaL_pushresult(&b); /* 3: the path */
+    const char *path = lua_tostring(L, 3);
+    lua_pushfstring(L, "@%s", path); /* 4: the chunk name */
+
+    struct hub_buf text = {0};
+    char why[256];
+    if (hub_policy_read_file(path, MODULE_MAX_FILE, &text, why, sizeof(why)) < 0) {
+        hub_buf_free(&text);
+        return luaL_error(L, "require('%s'): cannot read %s: %s", name, path, why);
+    }
+    /* reading and compiling it: C work of the call (lua_api.h) */
+    hub_sandbox_charge(p, L, (int64_t)text.len);
+    size_t skip = text.len >= 3 && !memcmp(text.p, "\xEF\xBB\xBF", 3) ? 3 : 0;
+    if (text.len > skip && text.p[skip] == '#')
+        for (size_t i = skip; i < text.len && text.p[i] != '\n'; i++)
+            text.p[i] = ' ';
+    int st = luaL_loadbufferx(L, text.p + skip, text.len - skip, lua_tostring(L, 4), "t");
+    hub_buf_free(&text);
+    char short_src[LUA_IDSIZE];
+    short_src_of(L, lua_tostring(L, 4), short_src, sizeof(short_src));
+    if (st != LUA_OK) {
+        full_path_in_error(L, short_src, path);
+        return lua_error(L);
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_env);
+    lua_setupvalue(L, -2, 1); /* the module's _ENV: the policy's */
+
+    /* loading: a require of it from now on is a cycle */
+    lua_pushvalue(L, 1);
+    lua_pushboolean(L, 0);
+    lua_rawset(L, 2);
+    p->nmodules++;
+    p->mod_chain[p->mod_depth++] = name;
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 3);
+    st = lua_pcall(L, 2, 1, 0);
+    p->mod_depth--;
+    if (st != LUA_OK) {
+        /* not loaded: a later require may try again (and fail again) */
+        lua_pushvalue(L, 1);
+        lua_pushnil(L);
+        lua_rawset(L, 2);
+        if (st == LUA_ERRMEM)
+            p->mem_failed = 1;
+        full_path_in_error(L, short_src, path);
+        return lua_error(L);
+    }
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        lua_pushboolean(L, 1);
+    }
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, 2);
+    return 1;
 }
 
 /* Copies the fields `names` (NULL-terminated; NULL = all) of the table at
@@ -362,6 +538,19 @@ static void setup(struct hub_policy *p)
     lua_setfield(L, env, "pcall");
     lua_pushcfunction(L, sb_xpcall);
     lua_setfield(L, env, "xpcall");
+    lua_pushcfunction(L, sb_require);
+    lua_setfield(L, env, "require");
+
+    /* require's cache; the policy file's own name is "loading" for good */
+    lua_newtable(L);
+    if (p->own_module) {
+        lua_pushboolean(L, 0);
+        lua_setfield(L, -2, p->own_module);
+        p->mod_chain[p->mod_depth++] = p->own_module;
+    }
+    p->ref_modules = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_newtable(L);
+    p->ref_assigned = luaL_ref(L, LUA_REGISTRYINDEX);
 
     static const char *const libs[] = {LUA_STRLIBNAME, LUA_TABLIBNAME, LUA_MATHLIBNAME,
                                        LUA_UTF8LIBNAME, LUA_COLIBNAME, NULL};
@@ -436,4 +625,7 @@ void hub_sandbox_loaded(struct hub_policy *p)
     lua_pushnil(L);
     lua_setfield(L, -2, "__newindex");
     lua_pop(L, 2);
+    luaL_unref(L, LUA_REGISTRYINDEX, p->ref_assigned);
+    p->ref_assigned = LUA_NOREF;
+    p->mod_depth = 0;
 }

@@ -104,14 +104,19 @@ struct hub_policy_host {
 };
 
 /* For --check: loads the policy file of `cfg` (or the built-in one) in a
- * scratch state, runs its main chunk under the budgets and verifies that
- * every hook it defines is a function. Appends "FILE:LINE: message" to
- * `errs`. Returns 0 or -1. No loop, no server. */
-int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *errs);
+ * scratch state, with the keys of jwt_keys and the modules it requires,
+ * runs its main chunk under the budgets and verifies that every hook it
+ * defines is a function. Appends "FILE:LINE: message" to `errs` for
+ * problems, to `warns` for likely mistakes that do not stop it (a
+ * misspelled hook, unused globals: docs/lua.md, "Warnings"). Returns 0 or
+ * -1. No loop, no server. */
+int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *errs,
+                     struct hub_config_errors *warns);
 
 /* Builds the policy from host->cfg (policy file or the built-in one) for
  * `host` (copied; its ud and cfg must outlive the policy). Returns a new
- * policy, or NULL with every problem appended to `errs`. */
+ * policy, or NULL with every problem appended to `errs`. Warnings are
+ * logged (as by a reload). */
 struct hub_policy *hub_policy_new(const struct hub_policy_host *host,
                                   struct hub_config_errors *errs);
 
