@@ -6,7 +6,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#include <time.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -211,9 +210,7 @@ int hub_lua_jwt_verify(lua_State *L)
         return fail2(L, "malformed token: the payload is not a base64url JSON object");
     int claims = lua_gettop(L);
 
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    double now = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9, exp, nbf;
+    double now = hub_lua_now_ms(p) / 1000.0, exp, nbf;
     int r = claim_number(L, claims, "exp", &exp);
     if (r == -1)
         return fail2(L, "claim exp is not a number");
