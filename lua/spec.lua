@@ -137,9 +137,13 @@ function diff(exp, got, path)
     return {path = path, why = "expected " .. shown(exp) .. ", got " .. shown(got)}
 end
 
+-- "what.path: why" ("conn.info.name: ..."), or "what: path: why" when
+-- `what` is a phrase ("the message to room:1: ts: ...").
 local function describe(d, what)
     local where = d.path ~= "" and d.path or nil
-    if what and where then where = what .. "." .. where end
+    if what and where then
+        where = what .. (what:find(" ") and ": " or ".") .. where
+    end
     return (where or what) and (where or what) .. ": " .. d.why or d.why
 end
 
