@@ -333,6 +333,7 @@ local function last_failure(failures)
 end
 
 local function new_result(r, mt, fields)
+    r._gen = gen
     for _, m in ipairs(r.messages or {}) do m.data = decode(m.data) end
     for k, v in pairs(fields or {}) do r[k] = v end
     return setmetatable(r, mt)
@@ -911,6 +912,9 @@ function env.expect(v)
     local kind = mt == Conn and "conn" or mt == Reply and "reply" or mt == Result and "result"
                  or "value"
     if kind == "conn" then stale(v) end
+    if (kind == "reply" or kind == "result") and v._gen ~= gen then
+        usage("this " .. kind .. " belongs to an earlier test: each test starts from a fresh policy")
+    end
     local e = {}
     return setmetatable(e, {
         __index = function(_, name)

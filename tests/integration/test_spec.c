@@ -6,6 +6,7 @@
  * is exercised by tests/spec/lang_spec.lua and the examples' specs, which
  * ctest runs too (spec_*). */
 #include <check.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,6 +56,19 @@ static int run_spec(struct files *f, const char *policy, const char *conf, const
 static void has(const char *out, const char *needle)
 {
     ck_assert_msg(strstr(out, needle) != NULL, "expected \"%s\" in the output:\n%s", needle, out);
+}
+
+/* has() with a printf format (the temp files' names in it). */
+static void hasf(const char *out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void hasf(const char *out, const char *fmt, ...)
+{
+    char needle[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(needle, sizeof(needle), fmt, ap);
+    va_end(ap);
+    has(out, needle);
 }
 
 static void has_not(const char *out, const char *needle)
@@ -111,16 +125,12 @@ START_TEST(failed_expectation_shows_the_first_difference_and_the_line)
                       "test('still runs', function() expect(connect{}).refused(401) end)\n",
                       NULL, &out);
     ck_assert_msg(rc == 1, "rc %d:\n%s", rc, out);
-    char *line = ht_asprintf("FAIL  the inbox\n        %s:4: channel: expected \"inbox:bob\", "
-                             "got \"inbox:alice\"\n", f.spec);
-    has(out, line);
-    free(line);
+    hasf(out, "FAIL  the inbox\n        %s:4: channel: expected \"inbox:bob\", "
+              "got \"inbox:alice\"\n", f.spec);
     has(out, "expected: subscribed to \"inbox:bob\"");
     has(out, "got:      subscribed to \"inbox:alice\"");
     has_not(out, "expected 2");
-    line = ht_asprintf("%s:8: b.c: expected \"y\", got \"x\"", f.spec);
-    has(out, line);
-    free(line);
+    hasf(out, "%s:8: b.c: expected \"y\", got \"x\"", f.spec);
     has(out, "ok    still runs");
     has(out, "3 tests: 1 passed, 2 failed");
     free(out);
@@ -150,13 +160,8 @@ START_TEST(unexpected_policy_failure_fails_the_test)
                       "end)\n",
                       NULL, &out);
     ck_assert_msg(rc == 1, "rc %d:\n%s", rc, out);
-    char *line = ht_asprintf("%s:1: the policy failed 1 time and no expectation was about it",
-                             f.spec);
-    has(out, line);
-    free(line);
-    line = ht_asprintf("hook=timer %s:2: undeclared global 'undefined_name'", f.policy);
-    has(out, line);
-    free(line);
+    hasf(out, "%s:1: the policy failed 1 time and no expectation was about it", f.spec);
+    hasf(out, "hook=timer %s:2: undeclared global 'undefined_name'", f.policy);
     has(out, "ok    expected");
     free(out);
     cleanup(&f);
@@ -175,9 +180,7 @@ START_TEST(spec_with_a_syntax_error)
                       "end)\n",
                       NULL, &out);
     ck_assert_msg(rc == 2, "rc %d:\n%s", rc, out);
-    char *line = ht_asprintf("%s:2: unexpected symbol near '='", f.spec);
-    has(out, line);
-    free(line);
+    hasf(out, "%s:2: unexpected symbol near '='", f.spec);
     has(out, "nothing was run");
     has_not(out, "passed");
     free(out);
@@ -210,9 +213,7 @@ START_TEST(policy_that_fails_to_load)
     int rc = run_spec(&f, "function on_rpc(conn,\n  return 1\nend\n", NULL,
                       "expect(1).to_be(1)\n", NULL, &out);
     ck_assert_msg(rc == 2, "rc %d:\n%s", rc, out);
-    char *line = ht_asprintf("%s:2: ", f.policy);
-    has(out, line);
-    free(line);
+    hasf(out, "%s:2: ", f.policy);
     has(out, "does not load");
     free(out);
     cleanup(&f);
@@ -221,9 +222,7 @@ START_TEST(policy_that_fails_to_load)
     rc = run_spec(&f, "assert(#hub.vars.secret >= 8, 'secret too short')\n",
                   "policy_vars = { secret = 'short' }", "expect(1).to_be(1)\n", NULL, &out);
     ck_assert_msg(rc == 2, "rc %d:\n%s", rc, out);
-    line = ht_asprintf("%s:1: secret too short", f.policy);
-    has(out, line);
-    free(line);
+    hasf(out, "%s:1: secret too short", f.policy);
     free(out);
     cleanup(&f);
 
@@ -244,9 +243,7 @@ START_TEST(policy_that_fails_to_load)
     /* a conf with an error */
     rc = run_spec(&f, NULL, "max_channels_per_conn = 'many'", "expect(1).to_be(1)\n", NULL, &out);
     ck_assert_msg(rc == 2, "rc %d:\n%s", rc, out);
-    line = ht_asprintf("%s:1: max_channels_per_conn", f.conf);
-    has(out, line);
-    free(line);
+    hasf(out, "%s:1: max_channels_per_conn", f.conf);
     free(out);
     cleanup(&f);
 }
@@ -269,13 +266,9 @@ START_TEST(policy_that_loops_is_stopped_by_its_budget)
                       "end)\n",
                       NULL, &out);
     ck_assert_msg(rc == 1, "rc %d:\n%s", rc, out);
-    char *line = ht_asprintf("%s:2: the rpc failed", f.spec);
-    has(out, line);
-    free(line);
-    line = ht_asprintf("(hook=on_rpc %s:1: instruction limit exceeded (lua_max_instructions = "
-                       "1000000): runaway loop? [conn 1])", f.policy);
-    has(out, line);
-    free(line);
+    hasf(out, "%s:2: the rpc failed", f.spec);
+    hasf(out, "(hook=on_rpc %s:1: instruction limit exceeded (lua_max_instructions = "
+              "1000000): runaway loop? [conn 1])", f.policy);
     has(out, "ok    expected (2 checks)");
     free(out);
     cleanup(&f);
@@ -301,16 +294,10 @@ START_TEST(spec_that_loops_is_stopped_by_its_own_limit)
                       "test('next', function() expect(1).to_be(1) end)\n",
                       NULL, &out);
     ck_assert_msg(rc == 1, "rc %d:\n%s", rc, out);
-    char *line = ht_asprintf("FAIL  plain\n        %s:2: instruction limit exceeded "
-                             "(100000000 instructions per test", f.spec);
-    has(out, line);
-    free(line);
-    line = ht_asprintf("FAIL  caught\n        %s:5: instruction limit exceeded", f.spec);
-    has(out, line);
-    free(line);
-    line = ht_asprintf("FAIL  actions\n        %s:9: instruction limit exceeded", f.spec);
-    has(out, line);
-    free(line);
+    hasf(out, "FAIL  plain\n        %s:2: instruction limit exceeded "
+              "(100000000 instructions per test", f.spec);
+    hasf(out, "FAIL  caught\n        %s:5: instruction limit exceeded", f.spec);
+    hasf(out, "FAIL  actions\n        %s:9: instruction limit exceeded", f.spec);
     has(out, "ok    next");
     has(out, "4 tests: 1 passed, 3 failed");
     free(out);
@@ -339,11 +326,9 @@ START_TEST(tap_and_junit)
     int rc = run_spec(&f, INBOX_POLICY, NULL, spec, "--tap", &out);
     ck_assert_msg(rc == 1, "rc %d:\n%s", rc, out);
     ck_assert_msg(!strncmp(out, "TAP version 13\n", 15), "%s", out);
-    char *line = ht_asprintf("\nok 1 - %s: good\nnot ok 2 - %s: bad <one>\n  ---\n"
-                             "  message: \"expected \\\"b\\\", got \\\"a\\\"\"\n"
-                             "  at: \"%s:2\"\n", f.spec, f.spec, f.spec);
-    has(out, line);
-    free(line);
+    hasf(out, "\nok 1 - %s: good\nnot ok 2 - %s: bad <one>\n  ---\n"
+              "  message: \"expected \\\"b\\\", got \\\"a\\\"\"\n"
+              "  at: \"%s:2\"\n", f.spec, f.spec, f.spec);
     has(out, "\n1..2\n");
     free(out);
     cleanup(&f);
@@ -354,15 +339,11 @@ START_TEST(tap_and_junit)
     const char *cat[] = {"/bin/cat", junit, NULL};
     ck_assert_int_eq(ht_run(cat, &out, RUN_MS), 0);
     has(out, "<testsuites name=\"luahub test\" tests=\"2\" failures=\"1\">");
-    line = ht_asprintf("<testsuite name=\"%s\" tests=\"2\" failures=\"1\"", f.spec);
-    has(out, line);
-    free(line);
+    hasf(out, "<testsuite name=\"%s\" tests=\"2\" failures=\"1\"", f.spec);
     has(out, "name=\"good\"");
     has(out, "name=\"bad &lt;one&gt;\" time=\"");
-    line = ht_asprintf("<failure message=\"%s:2: expected &quot;b&quot;, got &quot;a&quot;\">",
-                       f.spec);
-    has(out, line);
-    free(line);
+    hasf(out, "<failure message=\"%s:2: expected &quot;b&quot;, got &quot;a&quot;\">",
+              f.spec);
     free(out);
     cleanup(&f);
     unlink(junit);
