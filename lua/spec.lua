@@ -287,7 +287,10 @@ function env.test(name, opts, fn)
                 usage(("test: unknown option '%s' (vars, now)"):format(tostring(k)))
             end
         end
-        if opts.vars ~= nil then check_arg(opts.vars, "table", "test", "opts.vars") end
+        if opts.vars ~= nil then
+            check_arg(opts.vars, "table", "test", "opts.vars")
+            merge({}, opts.vars) -- the names and types, before anything runs
+        end
         if opts.now ~= nil then check_arg(opts.now, "number", "test", "opts.now") end
     end
     if current ~= top then usage("test() inside a test: tests do not nest") end
@@ -404,9 +407,8 @@ function env.connect(opts)
     if opts.remote_addr ~= nil then check_arg(opts.remote_addr, "string", "connect", "remote_addr") end
     local r = host.connect{query = query, headers = headers, path = opts.path,
                            remote_addr = opts.remote_addr}
-    local c = new_result(r, Conn, {_id = r.id, _gen = gen, id = r.name})
+    local c = new_result(r, Conn, {_id = r.id, id = r.name})
     c.name, c.messages = nil, nil
-    c._messages = r.messages
     return c
 end
 
@@ -486,7 +488,9 @@ function conn_methods.disconnect(c, code)
     if host.conn_info(c._id).state ~= "open" then
         usage("disconnect: connection " .. c.id .. " is closed already")
     end
-    return new_result(host.disconnect(c._id, math.tointeger(code) or usage("disconnect: the code must be an integer")), Result)
+    local n = math.tointeger(code)
+    if not n then usage("disconnect: the code must be an integer") end
+    return new_result(host.disconnect(c._id, n), Result)
 end
 
 function conn_methods.frames(c)
