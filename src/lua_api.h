@@ -186,6 +186,11 @@ void hub_lua_open(struct hub_policy *p);
  * (getmetatable() on its objects gives false). */
 void hub_lua_new_metatable(lua_State *L, const char *name, const luaL_Reg *fns);
 
+/* The policy's time in ms since the Unix epoch: the wall clock, or the
+ * host's own clock (policy.h: now_ms) in `luahub test`. What hub.now(),
+ * os.time(), os.date() and hub.jwt_verify read. */
+double hub_lua_now_ms(const struct hub_policy *p);
+
 /* Argument `arg` of the API function `fn` as a channel name (its length in
  * *len); raises naming `fn` unless it is a valid one. */
 const char *hub_lua_check_channel(lua_State *L, int arg, const char *fn, size_t *len);

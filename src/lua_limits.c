@@ -107,10 +107,14 @@ static void pace(struct hub_lua_limits *lim, lua_State *L, int every)
         lua_sethook(L, count_hook, LUA_MASKCOUNT, slow ? 1 : lim->tick);
 }
 
-static void raise_stop(struct hub_lua_limits *lim, lua_State *L)
+/* Raises the stop; from the count hook (`in_hook`) a stop that yielded
+ * the running coroutine instead returns, and the hook with it. */
+static void raise_stop(struct hub_lua_limits *lim, lua_State *L, int in_hook)
 {
     if (lim->stop)
         lim->stop(L, lim);
+    if (in_hook && lua_status(L) == LUA_YIELD)
+        return;
     lua_pushlightuserdata(L, &kill_sentinel);
     lua_error(L);
 }
@@ -137,7 +141,7 @@ static void count_hook(lua_State *L, lua_Debug *ar)
         else
             hub_lua_where(L, 0, lim->kill_where, sizeof(lim->kill_where));
     }
-    raise_stop(lim, L);
+    raise_stop(lim, L, 1);
 }
 
 lua_State *hub_lua_limits_newstate(struct hub_lua_limits *lim)
@@ -177,5 +181,5 @@ void hub_lua_limits_charge(struct hub_lua_limits *lim, lua_State *L, int64_t n)
     }
     /* stopped already (e.g. C code that went on after a callback was
      * stopped): stop again */
-    raise_stop(lim, L);
+    raise_stop(lim, L, 0);
 }

@@ -1,18 +1,21 @@
-/* Limits of a lua_State, shared by the conf loader (config.c) and the
- * policy sandbox (sandbox.c): an allocator that counts every byte of the
- * state and refuses growth past a cap, and an instruction budget that a
- * count hook takes its ticks off (docs/internals.md, "Lua: calls outside
- * the instruction budget"). Private to those two; loop thread only.
+/* Limits of a lua_State, shared by the conf loader (config.c), the
+ * policy sandbox (sandbox.c) and the spec state of `luahub test` (spec.c):
+ * an allocator that counts every byte of the state and refuses growth past
+ * a cap, and an instruction budget that a count hook takes its ticks off
+ * (docs/internals.md, "Lua: calls outside the instruction budget").
+ * Private to those three; loop thread only.
  *
- * What differs between the two callers is a field of the struct, not a
- * second copy:
+ * What differs between the callers is a field of the struct, not a second
+ * copy:
  * - the conf: the cap always on (cap_on = 1); one run of a fixed budget,
  *   hooked once when it is spent (tick = budget); no time limit, no
  *   allocation charge; the stop is a message (stop).
  * - the policy: the cap on while Lua code runs (cap_on); a budget per call,
  *   hooked every HUB_LUA_TICK instructions; C work and allocations charged
  *   to it; a time limit per call; the stop is a sentinel raised again at
- *   every tick, so that a pcall inside the script cannot swallow it. */
+ *   every tick, so that a pcall inside the script cannot swallow it.
+ * - a spec (spec.c): the cap always on; a budget per test, hooked every
+ *   1000 instructions; the stop yields the test's coroutine. */
 #ifndef LUAHUB_LUA_LIMITS_H
 #define LUAHUB_LUA_LIMITS_H
 
@@ -38,7 +41,11 @@ struct hub_lua_limits {
     /* NULL, or 1 while nothing runs: the hook then counts but never stops. */
     int (*idle)(lua_State *L);
     /* Raises the stop (does not return); NULL: a sentinel light userdata
-     * that only the owner's own checks of `killed` tell apart. */
+     * that only the owner's own checks of `killed` tell apart. Called from
+     * the count hook, it may instead yield the running coroutine
+     * (lua_yield(L, 0)) and return: a yield passes through every pcall of
+     * the code, an error does not (`luahub test` runs a spec's tests as
+     * coroutines for that). */
     void (*stop)(lua_State *L, struct hub_lua_limits *lim);
 
     /* kept by the allocator, the hook and hub_lua_limits_charge */

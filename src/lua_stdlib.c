@@ -492,17 +492,32 @@ static int w_warn(lua_State *L)
     return ORIG(L)(L);
 }
 
-/* os.date: strftime per conversion */
+/* The policy's time in whole seconds (hub_lua_now_ms: the fake clock of
+ * `luahub test`, else the wall clock, as time(NULL) would give). */
+static lua_Integer now_s(lua_State *L)
+{
+    return (lua_Integer)(hub_lua_now_ms(hub_lua_policy(L)) / 1000.0);
+}
+
+/* os.date: strftime per conversion; without a time, the policy's */
 static int w_date(lua_State *L)
 {
     charge(L, 16 + times(str_len(L, 1), 8));
+    if (lua_isnoneornil(L, 2)) {
+        lua_settop(L, 1);
+        lua_pushinteger(L, now_s(L));
+    }
     return ORIG(L)(L);
 }
 
-/* os.time(t): mktime (with a time zone lookup) */
+/* os.time(t): mktime (with a time zone lookup); os.time(): the policy's */
 static int w_time(lua_State *L)
 {
     charge(L, lua_istable(L, 1) ? 256 : 1);
+    if (lua_isnoneornil(L, 1)) {
+        lua_pushinteger(L, now_s(L));
+        return 1;
+    }
     return ORIG(L)(L);
 }
 

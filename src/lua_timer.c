@@ -4,7 +4,11 @@
  * made while the policy loads start once it is in service
  * (hub_lua_timers_start); a reload or the end closes them all
  * (hub_lua_timers_close). Callbacks run through hub_policy_pcall as the
- * "timer" phase (docs/internals.md, "Timers (libuv 1.44)"). */
+ * "timer" phase (docs/internals.md, "Timers (libuv 1.44)").
+ *
+ * A host with a clock of its own (`luahub test`, policy.h) arms and stops
+ * the timers itself and fires them with hub_policy_timer_fire; the uv
+ * handle is then unused and a timer is freed at once. */
 #include "lua_api.h"
 
 #include <math.h>
@@ -27,6 +31,7 @@ struct hub_ptimer {
     int fn_ref, obj_ref;
     uint64_t ms;
     int started;
+    int armed;                      /* host clock: armed with timer_start */
 };
 
 struct ltimer {
@@ -45,12 +50,19 @@ static void free_timer(uv_handle_t *h)
     free(h); /* h is &t->t, the start of the allocation */
 }
 
+/* The host drives the timers (policy.h: timer_start) instead of libuv. */
+static int host_clock(const struct hub_policy *p)
+{
+    return p->host.ops && p->host.ops->timer_start;
+}
+
 /* Unlinks `t` from its policy, drops its Lua refs and closes the handle
  * (freed in the close callback) or frees it if it never started. */
 static void detach_timer(struct hub_ptimer *t)
 {
     struct hub_policy *p = t->p;
     lua_State *L = p->L;
+    int host = host_clock(p);
 
     if (t->prev)
         t->prev->next = t->next;
@@ -68,7 +80,11 @@ static void detach_timer(struct hub_ptimer *t)
     luaL_unref(L, LUA_REGISTRYINDEX, t->obj_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, t->fn_ref);
     t->p = NULL;
-    if (t->started) {
+    if (host) {
+        if (t->armed)
+            p->host.ops->timer_stop(p->host.ud, t);
+        free(t);
+    } else if (t->started) {
         timers_closing++;
         uv_close((uv_handle_t *)&t->t, free_timer);
     } else {
@@ -82,9 +98,8 @@ static void detach_timer(struct hub_ptimer *t)
  * timers (a callback may arm thousands) cannot keep the loop from its I/O
  * for more than about one hook's budget. An iteration is told by the
  * loop's cached time, which only moves between iterations. */
-static int timer_pass_full(struct hub_policy *p, uv_loop_t *loop)
+static int timer_pass_full(struct hub_policy *p, uint64_t now)
 {
-    uint64_t now = uv_now(loop);
     if (now != p->timer_pass_ms) {
         p->timer_pass_ms = now;
         p->timer_pass_used = 0;
@@ -92,14 +107,17 @@ static int timer_pass_full(struct hub_policy *p, uv_loop_t *loop)
     return p->timer_pass_used >= p->lim.budget;
 }
 
-static void on_timer(uv_timer_t *h)
+static void arm(struct hub_policy *p, struct hub_ptimer *t, uint64_t ms);
+
+/* `t` is due; `turn` tells the turn of the loop (the loop's time, or the
+ * host clock's ms). */
+static void fire(struct hub_ptimer *t, uint64_t turn)
 {
-    struct hub_ptimer *t = (struct hub_ptimer *)h;
     struct hub_policy *p = t->p;
     lua_State *L = p->L;
 
-    if (timer_pass_full(p, h->loop)) {
-        uv_timer_start(&t->t, on_timer, TIMER_MIN_MS, 0);
+    if (timer_pass_full(p, turn)) {
+        arm(p, t, TIMER_MIN_MS);
         return;
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, t->fn_ref);
@@ -110,13 +128,38 @@ static void on_timer(uv_timer_t *h)
     p->timer_pass_used += used > TIMER_MIN_COST ? used : TIMER_MIN_COST;
 }
 
+static void on_timer(uv_timer_t *h)
+{
+    fire((struct hub_ptimer *)h, uv_now(h->loop));
+}
+
+void hub_policy_timer_fire(struct hub_ptimer *t)
+{
+    struct hub_policy *p = t->p;
+    t->armed = 0; /* the host has let go of it */
+    fire(t, (uint64_t)p->host.ops->now_ms(p->host.ud));
+}
+
+/* (Re)starts a started timer to fire in `ms`. */
+static void arm(struct hub_policy *p, struct hub_ptimer *t, uint64_t ms)
+{
+    if (host_clock(p)) {
+        t->armed = 1;
+        p->host.ops->timer_start(p->host.ud, t, ms);
+    } else {
+        uv_timer_start(&t->t, on_timer, ms, 0);
+    }
+}
+
 static void start_timer(struct hub_policy *p, struct hub_ptimer *t)
 {
-    uv_timer_init(p->host.loop, &t->t);
-    uv_timer_start(&t->t, on_timer, t->ms, 0);
-    /* Pending policy timers do not keep the loop (and a shutdown) waiting. */
-    uv_unref((uv_handle_t *)&t->t);
+    if (!host_clock(p)) {
+        uv_timer_init(p->host.loop, &t->t);
+        /* Pending policy timers do not keep the loop (and a shutdown) waiting. */
+        uv_unref((uv_handle_t *)&t->t);
+    }
     t->started = 1;
+    arm(p, t, t->ms);
 }
 
 void hub_lua_timers_start(struct hub_policy *p)

@@ -14,6 +14,7 @@
 #include "luahub/policy.h"
 #include "luahub/registry.h"
 #include "luahub/server.h"
+#include "luahub/spec.h"
 #include "luahub/supervisor.h"
 #include "luahub/watchdog.h"
 
@@ -29,6 +30,7 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: luahub [-c FILE] [--listen HOST:PORT] [--check [--strict]] [--version] [-h]\n"
+            "       luahub test [-c FILE] [--tap] [--junit FILE] SPEC.lua...  (luahub test -h)\n"
             "\n"
             "  -c, --conf FILE      conf file (default: " DEFAULT_CONF_LOCAL
             ", then " DEFAULT_CONF_SYSTEM ")\n"
@@ -215,6 +217,10 @@ int main(int argc, char **argv)
     int check = 0, strict = 0, c, rc = 0;
     struct hub_config cfg;
     struct hub_config_errors errs = {0}, warns = {0};
+
+    /* `luahub test ...`: policy specs, a command of its own */
+    if (argc >= 2 && !strcmp(argv[1], "test"))
+        return hub_spec_main(argc - 1, argv + 1);
 
     while ((c = getopt_long(argc, argv, "c:l:tvh", opts, NULL)) != -1) {
         switch (c) {

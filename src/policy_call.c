@@ -121,6 +121,9 @@ static void log_failure(struct hub_policy *p, int phase, uint64_t conn_id,
     uint64_t now = hub_now_ns() / 1000000u;
     char tag[48] = "", more[64] = "";
 
+    if (p->host.ops && p->host.ops->failed) /* luahub test records every one */
+        p->host.ops->failed(p->host.ud, hub_policy_phase_name(phase), conn_id, what);
+
     if (now - s->log_window_ms >= 1000) {
         s->log_window_ms = now;
         s->log_count = 0;
