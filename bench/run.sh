@@ -340,6 +340,10 @@ start_luahub() {
             echo '-- bench/run.sh: defaults, loopback only; the port comes from --listen.'
             echo 'listen = "127.0.0.1:0"'
             echo 'log_level = "info"'
+            echo '-- One publisher connection sends tens of thousands of publishes:'
+            echo '-- the per-connection limits (1,000/s) would close it with 4029.'
+            echo 'command_rate = 0'
+            echo 'publish_rate = 0'
             [ -n "$policy" ] && echo "policy = \"$policy\""
             [ "$broker" = redis ] && echo "broker = \"redis://127.0.0.1:$REDIS_PORT\""
             [ "$workers" != 1 ] && echo "workers = $workers"
