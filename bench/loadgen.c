@@ -321,8 +321,11 @@ static void hist_add(struct wstats *st, uint64_t v)
         st->lat_max = v;
 }
 
-static uint64_t hist_quantile(const uint64_t *h, uint64_t total, double q)
+/* The value at quantile q of st's histogram (a bucket's middle, so never
+ * above the largest value seen). */
+static uint64_t hist_quantile(const struct wstats *st, uint64_t total, double q)
 {
+    const uint64_t *h = st->hist;
     if (!total)
         return 0;
     uint64_t rank = (uint64_t)ceil(q * (double)total), cum = 0;
@@ -331,9 +334,9 @@ static uint64_t hist_quantile(const uint64_t *h, uint64_t total, double q)
     for (unsigned i = 0; i < HIST_N; i++) {
         cum += h[i];
         if (cum >= rank)
-            return hist_value(i);
+            return hist_value(i) < st->lat_max ? hist_value(i) : st->lat_max;
     }
-    return hist_value(HIST_N - 1);
+    return st->lat_max;
 }
 
 /* ---- /proc readers ---------------------------------------------------- */
@@ -1527,6 +1530,8 @@ static void pub_start(uint32_t k)
 static struct conn g_probe;
 static int g_probe_on;
 static uint64_t g_probe_next, g_probe_seq, g_probe_skipped, g_probe_ping_ok, g_probe_op_ok;
+static uint64_t g_probe_pong_from;  /* oldest PING no PONG has answered yet */
+static uint64_t g_probe_coalesced;  /* PINGs answered by a later PING's PONG */
 static uint64_t g_probe_sent_at[PROBE_RING];
 static uint8_t g_probe_got[PROBE_RING];       /* 1: PONG seen, 2: op reply seen */
 static struct wstats g_probe_ping, g_probe_op; /* their histograms */
@@ -1565,12 +1570,28 @@ static void probe_answer(uint64_t seq, uint8_t bit, struct wstats *st, uint64_t 
     hist_add(st, g_now - g_probe_sent_at[seq % PROBE_RING]);
 }
 
+/* A PONG answers its PING and every earlier one still waiting: a server may
+ * answer several PINGs received before it could reply with one PONG for the
+ * latest (RFC 6455 5.5.3), and those waited as long. */
 static void probe_pong(const char *p, size_t n)
 {
     uint64_t seq;
     if (n != sizeof seq)
         return; /* not one of our PINGs */
     memcpy(&seq, p, sizeof seq);
+    if (seq >= g_probe_seq)
+        return;
+    uint64_t q = g_probe_pong_from;
+    if (q <= seq) {
+        if (seq - q >= PROBE_RING)
+            q = seq - PROBE_RING + 1;
+        for (; q < seq; q++) {
+            uint64_t before = g_probe_ping_ok;
+            probe_answer(q, 1, &g_probe_ping, &g_probe_ping_ok);
+            g_probe_coalesced += g_probe_ping_ok - before;
+        }
+        g_probe_pong_from = seq + 1;
+    }
     probe_answer(seq, 1, &g_probe_ping, &g_probe_ping_ok);
 }
 
@@ -2087,7 +2108,7 @@ static void json_latency(const char *k)
     static const struct { const char *n; double q; } qs[] = {
         {"p50", .50}, {"p90", .90}, {"p99", .99}, {"p999", .999}};
     for (size_t i = 0; i < sizeof qs / sizeof qs[0]; i++)
-        printf(",\"%s\":%.1f", qs[i].n, (double)hist_quantile(g_sum.hist, count, qs[i].q) / 1e3);
+        printf(",\"%s\":%.1f", qs[i].n, (double)hist_quantile(&g_sum, count, qs[i].q) / 1e3);
     printf(",\"max\":%.1f}", (double)g_sum.lat_max / 1e3);
 }
 
@@ -2110,7 +2131,7 @@ static void json_probe(const char *prefix, const struct wstats *st, uint64_t ok)
     static const struct { const char *n; double q; } qs[] = {{"p50", .50}, {"p99", .99}};
     for (size_t i = 0; i < sizeof qs / sizeof qs[0]; i++) {
         snprintf(k, sizeof k, "%s_%s_ms", prefix, qs[i].n);
-        json_num(k, ok ? (double)hist_quantile(st->hist, ok, qs[i].q) / 1e6 : NAN);
+        json_num(k, ok ? (double)hist_quantile(st, ok, qs[i].q) / 1e6 : NAN);
     }
     snprintf(k, sizeof k, "%s_max_ms", prefix);
     json_num(k, ok ? (double)st->lat_max / 1e6 : NAN);
@@ -2301,6 +2322,7 @@ static int run_fanout(void)
         json_u("probe_sent", g_probe_seq);
         json_u("probe_skipped", g_probe_skipped);
         json_probe("probe_ping", &g_probe_ping, g_probe_ping_ok);
+        json_u("probe_ping_coalesced", g_probe_coalesced);
         if (O.target == T_LUAHUB)
             json_probe("probe_op", &g_probe_op, g_probe_op_ok);
     }
