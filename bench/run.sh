@@ -184,7 +184,8 @@ done
 needs_redis=0
 for s in "${SELECTED[@]}"; do
     IFS='|' read -r name kind _ <<<"$s"
-    [ "$kind" = var ] && variants_to_run "$name" | grep -q 'broker=redis' && needs_redis=1
+    # Not grep -q: with pipefail, its early exit would fail the pipeline (SIGPIPE).
+    [ "$kind" = var ] && variants_to_run "$name" | grep 'broker=redis' >/dev/null && needs_redis=1
 done
 
 # ---- preconditions -----------------------------------------------------------
@@ -293,7 +294,7 @@ free_port() { # a free TCP port below the ephemeral range
     for ((i = 0; i < 50; i++)); do
         p=$((20000 + RANDOM % 12000))
         if command -v ss >/dev/null; then
-            ss -Htan "sport = :$p" 2>/dev/null | grep -q . && continue
+            ss -Htan "sport = :$p" 2>/dev/null | grep . >/dev/null && continue
         fi
         (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && continue
         echo "$p"; return 0
