@@ -226,10 +226,19 @@ static int write_queued(struct hub_wconn *c)
     return 0;
 }
 
+/* The socket takes bytes again (lws wrote what it held first). The write
+ * itself waits for the flusher, first in its next slice: when thousands of
+ * full sockets drain at once, libuv hands over all their POLLOUT events in
+ * one poll phase, and writing them there would be one long pass again
+ * (docs/internals.md, "Write path", Slices). */
 int hub_writer_writeable(struct hub_wconn *c)
 {
     c->flags &= ~HUB_WC_ARMED;
-    return write_queued(c);
+    if (!c->q.count)
+        return write_queued(c); /* nothing of ours: only the closing state */
+    mark_dirty(c);
+    mark_urgent(c);
+    return 0;
 }
 
 /* Writes what is queued now, from a flush. While WRITEABLE is requested,
