@@ -33,6 +33,8 @@ static int set_file(struct hub_config *, const struct key *, const char *, struc
 static int set_log_level(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_broker(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_prefix(struct hub_config *, const struct key *, const char *, struct hub_buf *);
+static int set_policy_redis(struct hub_config *, const struct key *, const char *,
+                            struct hub_buf *);
 static int set_origins(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_cidrs(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 
@@ -78,6 +80,10 @@ const struct key hub_conf_keys[] = {
     NUM(recover_max, K_INT, 1, 100000, 300),
     NUM(presence_max, K_INT, 1, 100000, 1000),
     NUM(presence_ttl, K_SECONDS, 1, 3600, 60),
+    STR(policy_redis, policy_redis, NULL, set_policy_redis),
+    NUM(lua_call_timeout, K_SECONDS, 1, 300, 1),
+    NUM(lua_max_waiting, K_INT, 1, 1000000, 10000),
+    NUM(lua_shared_memory, K_SIZE, 64 * KiB, 16 * GiB, 16 * MiB),
 };
 
 const size_t hub_conf_nkeys = sizeof(hub_conf_keys) / sizeof(hub_conf_keys[0]);
@@ -524,6 +530,23 @@ static int set_broker(struct hub_config *c, const struct key *k, const char *s,
     return 0;
 }
 
+/* One redis:// URL (the policy's own Redis: commands go to one server). */
+static int set_policy_redis(struct hub_config *c, const struct key *k, const char *s,
+                            struct hub_buf *why)
+{
+    char err[256];
+    if (strncmp(s, "redis://", 8) != 0 || strpbrk(s, " ,\t")) {
+        hub_buf_appends(why, "must be one redis://[[user]:password@]host[:port][/db] URL");
+        return -1;
+    }
+    if (hub_broker_url_valid(s, err, sizeof(err)) < 0) {
+        hub_buf_appends(why, err);
+        return -1;
+    }
+    store_str(c, k, s);
+    return 0;
+}
+
 static int set_prefix(struct hub_config *c, const struct key *k, const char *s,
                       struct hub_buf *why)
 {
@@ -846,6 +869,7 @@ void hub_config_free(struct hub_config *c)
     free(c->policy_vars);
     free(c->allowed_origins);
     free(c->trusted_proxies);
+    free(c->policy_redis);
     hub_config_channels_free(c);
     memset(c, 0, sizeof(*c));
 }

@@ -231,7 +231,7 @@ static enum hub_verdict publish(struct hub_policy *p, const char *ch, const char
 {
     memset(e, 0, sizeof *e);
     return hub_policy_on_publish(p, &conn, ch, strlen(ch), data, strlen(data), emit, e,
-                                 reason, 256);
+                                 reason, 256, NULL);
 }
 
 /* on_rpc with `method`; returns the verdict, the JSON result in `out`. */
@@ -242,7 +242,7 @@ static enum hub_verdict rpc(struct hub_policy *p, const char *method, const char
     char reason[256];
     enum hub_verdict v = hub_policy_on_rpc(p, &conn, method, strlen(method), data,
                                            data ? strlen(data) : 0, &res, reason,
-                                           sizeof reason);
+                                           sizeof reason, NULL);
     snprintf(out, n, "%s", v == HUB_ALLOW ? (res.p ? res.p : "") : reason);
     hub_buf_free(&res);
     return v;
@@ -302,7 +302,7 @@ START_TEST(publish_true_emits_the_original_bytes)
     hub_buf_appends(&b, data);
     memset(&e, 0, sizeof e);
     ck_assert_int_eq(hub_policy_on_publish(p, &conn, "c", 1, b.p, b.len, emit, &e, reason,
-                                           sizeof reason), HUB_ALLOW);
+                                           sizeof reason, NULL), HUB_ALLOW);
     ck_assert_int_eq(e.n, 1);
     ck_assert_ptr_eq(e.data[0], b.p); /* the same bytes: no decode, no copy */
     hub_buf_free(&b);
@@ -441,15 +441,15 @@ START_TEST(subscribe_forms)
         "end\n");
     char out[HUB_CHANNEL_MAX + 1], reason[256];
     size_t n;
-    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "inbox", 5, out, &n, reason, 256), HUB_ALLOW);
+    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "inbox", 5, out, &n, reason, 256, NULL), HUB_ALLOW);
     ck_assert_str_eq(out, "inbox:test-7");
     ck_assert_int_eq(n, 12);
-    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "room", 4, out, &n, reason, 256), HUB_ALLOW);
+    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "room", 4, out, &n, reason, 256, NULL), HUB_ALLOW);
     ck_assert_str_eq(out, "room");
-    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "no", 2, out, &n, reason, 256), HUB_DENY);
+    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "no", 2, out, &n, reason, 256, NULL), HUB_DENY);
     ck_assert_str_eq(reason, "closed");
-    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "bad", 3, out, &n, reason, 256), HUB_FAIL);
-    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "nil", 3, out, &n, reason, 256), HUB_FAIL);
+    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "bad", 3, out, &n, reason, 256, NULL), HUB_FAIL);
+    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "nil", 3, out, &n, reason, 256, NULL), HUB_FAIL);
     unload(p);
 }
 END_TEST
@@ -533,7 +533,7 @@ START_TEST(absent_hooks_allow)
     /* absent hooks allow, untouched */
     ck_assert_int_eq(publish(p, "c", "1", &e, reason), HUB_ALLOW);
     ck_assert_int_eq(e.n, 1);
-    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "c", 1, out, &n, reason, 256), HUB_ALLOW);
+    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "c", 1, out, &n, reason, 256, NULL), HUB_ALLOW);
     ck_assert_str_eq(out, "c");
     unload(p);
 }
@@ -604,7 +604,7 @@ START_TEST(bounded_library_matches_lua)
         struct hub_buf res = {0};
         snprintf(range, sizeof range, "[%d,%d]", i, i + BATCH - 1);
         enum hub_verdict v = hub_policy_on_rpc(p, &conn, "range", 5, range, strlen(range), &res,
-                                               reason, sizeof reason);
+                                               reason, sizeof reason, NULL);
         ck_assert_msg(v == HUB_ALLOW, "cases %s failed in the sandbox: %s", range, reason);
         /* the result is a JSON string; the serialiser emits no character
          * that JSON escapes */
