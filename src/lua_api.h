@@ -244,6 +244,10 @@ void hub_lua_open(struct hub_policy *p);
  * (getmetatable() on its objects gives false). */
 void hub_lua_new_metatable(lua_State *L, const char *name, const luaL_Reg *fns);
 
+/* luaL_error with printf's formats (lua_pushfstring knows only a few, not
+ * %u, %zu, %g or %lld): raises the message with the position. */
+int hub_lua_error(lua_State *L, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
 /* Argument `arg` of the API function `fn` as a channel name (its length in
  * *len); raises naming `fn` unless it is a valid one. */
 const char *hub_lua_check_channel(lua_State *L, int arg, const char *fn, size_t *len);

@@ -21,6 +21,8 @@
  *   conn.* and conn:*                        see lua_conn.c */
 #include "lua_api.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
@@ -31,6 +33,16 @@
 #include "luahub/proto.h"
 
 #define LOG_MAX 4000                /* bytes of one hub.log line */
+
+int hub_lua_error(lua_State *L, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    return luaL_error(L, "%s", msg);
+}
 
 const char *hub_lua_check_channel(lua_State *L, int arg, const char *fn, size_t *len)
 {

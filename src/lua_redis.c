@@ -180,7 +180,7 @@ static void check_reply(struct hub_policy *p, lua_State *L, const char *fn,
     size_t values = 0, size = reply_size(r, &values);
     size_t room = p->lim.mem_max > p->lim.mem_used ? p->lim.mem_max - p->lim.mem_used : 0;
     if (size > room)
-        luaL_error(L, "%s: the reply (%zu values, about %zu bytes) does not fit in what "
+        hub_lua_error(L, "%s: the reply (%zu values, about %zu bytes) does not fit in what "
                       "lua_max_memory (%zu bytes) leaves (%zu bytes): ask for less",
                    fn, values, size, p->lim.mem_max, room);
     hub_sandbox_charge(p, L, (int64_t)(size / HUB_COST_COPY) +
@@ -226,7 +226,7 @@ static int collect(lua_State *L, const char *fn, int first, int last, const char
     if (!argc)
         luaL_error(L, "%s: no command", fn);
     if (*bytes > COMMAND_BYTES_MAX)
-        luaL_error(L, "%s: the command is over %u bytes", fn, COMMAND_BYTES_MAX);
+        hub_lua_error(L, "%s: the command is over %u bytes", fn, COMMAND_BYTES_MAX);
     const char *why = refusal(argc, argv, lens);
     if (why)
         luaL_error(L, "%s: %s is not allowed: %s", fn, argv[0], why);
@@ -297,7 +297,7 @@ static int l_redis_pipeline(lua_State *L)
     lua_settop(L, 1);
     lua_Integer n = (lua_Integer)lua_rawlen(L, 1);
     if (n < 1 || n > PIPELINE_MAX)
-        return luaL_error(L, "hub.redis_pipeline: expected a list of 1 to %d commands (got "
+        return hub_lua_error(L, "hub.redis_pipeline: expected a list of 1 to %d commands (got "
                              "%lld)", PIPELINE_MAX, (long long)n);
     hub_pcall_check(L, "hub.redis_pipeline");
     /* pass 0 checks and charges every command, pass 1 sends them */
@@ -308,12 +308,12 @@ static int l_redis_pipeline(lua_State *L)
             int base = lua_gettop(L);
             size_t bytes = 0;
             if (lua_rawgeti(L, 1, i) != LUA_TTABLE)
-                return luaL_error(L, "hub.redis_pipeline: command %lld is a %s: expected a "
+                return hub_lua_error(L, "hub.redis_pipeline: command %lld is a %s: expected a "
                                      "list {cmd, arg, ...}", (long long)i,
                                   luaL_typename(L, -1));
             lua_Integer k = (lua_Integer)lua_rawlen(L, -1);
             if (k < 1 || k > ARGS_MAX || !lua_checkstack(L, (int)k + 8))
-                return luaL_error(L, "hub.redis_pipeline: command %lld has %lld arguments "
+                return hub_lua_error(L, "hub.redis_pipeline: command %lld has %lld arguments "
                                      "(1 to %d)", (long long)i, (long long)k, ARGS_MAX);
             for (lua_Integer j = 1; j <= k; j++)
                 lua_rawgeti(L, base + 1, j);
@@ -396,7 +396,7 @@ static double check_number(lua_State *L, int arg, const char *fn, const char *wh
 {
     double v = (double)luaL_checknumber(L, arg);
     if (!(v >= min && v <= max))
-        luaL_error(L, "%s: %s must be %g to %g (got %g)", fn, what, min, max, v);
+        hub_lua_error(L, "%s: %s must be %g to %g (got %g)", fn, what, min, max, v);
     return v;
 }
 
@@ -631,7 +631,7 @@ static int push_history(lua_State *L, struct read_op *op, const char *ch)
         bytes += op->msgs[i]->payload_len + 2 * REPLY_OVERHEAD;
     size_t room = p->lim.mem_max > p->lim.mem_used ? p->lim.mem_max - p->lim.mem_used : 0;
     if (bytes > room)
-        luaL_error(L, "hub.history: %zu messages (about %zu bytes) do not fit in what "
+        hub_lua_error(L, "hub.history: %zu messages (about %zu bytes) do not fit in what "
                       "lua_max_memory leaves (%zu bytes): ask for fewer (limit)", op->n,
                    bytes, room);
     lua_createtable(L, 0, 4);
@@ -745,7 +745,7 @@ static lua_Integer opt_int(lua_State *L, const char *field, lua_Integer def, lua
         return def;
     }
     if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < min || lua_tointeger(L, -1) > max)
-        luaL_error(L, "hub.history: opts.%s must be an integer from %lld to %lld", field,
+        hub_lua_error(L, "hub.history: opts.%s must be an integer from %lld to %lld", field,
                    (long long)min, (long long)max);
     lua_Integer v = lua_tointeger(L, -1);
     lua_pop(L, 1);

@@ -377,6 +377,7 @@ static int l_incr(lua_State *L)
             return 2;
         }
         lua_pushvalue(L, 3);
+        lua_pushvalue(L, 2);
         lua_arith(L, LUA_OPADD); /* init + by: numbers only (checked) */
         lua_replace(L, 3);
         if (store(L, "hub.shared.incr", k, n, h, 3, ttl, now) == 2)

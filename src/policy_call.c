@@ -658,7 +658,7 @@ void hub_pcall_check(lua_State *L, const char *fn)
     if (p->nwaiting >= p->cfg->lua_max_waiting) {
         call->limit_hit = 1;
         p->st.wait_refused++;
-        luaL_error(L, "%s: limit_exceeded: %u policy calls are waiting already "
+        hub_lua_error(L, "%s: limit_exceeded: %u policy calls are waiting already "
                       "(lua_max_waiting)", fn, p->nwaiting);
     }
     if (p->lim.mem_used + sizeof(*call) > p->lim.mem_max)

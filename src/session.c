@@ -270,6 +270,7 @@ static void enqueue(struct hub_session *s, const char *p, size_t n, int binary)
         q->len = (uint32_t)cmd.id.len;
         if (cmd.id.len)
             memcpy(q->frame, cmd.id.p, cmd.id.len);
+        ss->protocol_errors[HUB_PERR_LIMIT_EXCEEDED]++;
         count_garbage(s);
     } else {
         q = hub_xmalloc(sizeof(*q) + n + 1);
@@ -311,8 +312,7 @@ static void drain(struct hub_session *s)
             snprintf(msg, sizeof(msg), "more than %d commands were waiting behind a policy "
                      "call on this connection: not run", QUEUED_MAX);
             hub_proto_encode_error(&s->ss->scratch, id, HUB_PERR_LIMIT_EXCEEDED, msg);
-            s->ss->protocol_errors[HUB_PERR_LIMIT_EXCEEDED]++;
-            send_scratch(s);
+            send_scratch(s); /* counted when it was refused */
         } else {
             dispatch(s, q->frame, q->len, q->binary);
             hub_cull_now(s->ss->hub);
