@@ -39,9 +39,11 @@
 
 static char *policy_path;
 
-/* A hub whose broker is the Redis `r` (NULL: the memory broker), running
- * policy `lua`, with conf lines `extra`. */
-static struct hub *start(const struct srv *r, const char *lua, const char *extra)
+/* A hub whose broker is the Redis `r` (NULL: the memory broker) with the
+ * URL options `opts` (NULL: none), running policy `lua`, with conf lines
+ * `extra`. */
+static struct hub *start_opts(const struct srv *r, const char *opts, const char *lua,
+                              const char *extra)
 {
     char conf[4096];
     policy_path = ht_tmpfile(lua);
@@ -49,13 +51,22 @@ static struct hub *start(const struct srv *r, const char *lua, const char *extra
                      "policy = \"%s\"\nshutdown_timeout = 2\ncommand_rate = 0\n"
                      "publish_rate = 0\n%s\n", policy_path, extra ? extra : "");
     if (r)
-        snprintf(conf + n, sizeof conf - (size_t)n, "broker = \"redis://127.0.0.1:%d\"\n",
-                 r->port);
+        snprintf(conf + n, sizeof conf - (size_t)n, "broker = \"redis://127.0.0.1:%d%s\"\n",
+                 r->port, opts ? opts : "");
     struct hub *h = hub_start(conf);
     if (r)
         hub_log_wait(h, "broker up", HT_WAIT_MS);
     return h;
 }
+
+static struct hub *start(const struct srv *r, const char *lua, const char *extra)
+{
+    return start_opts(r, NULL, lua, extra);
+}
+
+/* For tests that stop Redis and go on with the same connection afterwards:
+ * the broker would drop a silent Redis after command_timeout_ms. */
+#define PATIENT "?command_timeout_ms=60000"
 
 static void stop(struct hub *h)
 {
@@ -516,7 +527,7 @@ START_TEST(a_waiting_hook_cannot_be_resumed_by_the_policy)
 {
     struct srv r = {0};
     srv_start(&r, 0, NULL);
-    struct hub *h = start(&r, POLICY, "lua_call_timeout = 30\n");
+    struct hub *h = start_opts(&r, PATIENT, POLICY, "lua_call_timeout = 30\n");
     struct ws *a = ws_connect(h->port), *b = ws_connect(h->port);
     freeReplyObject(srv_cmd(&r, "SET pk pv"));
     kill(r.pid, SIGSTOP);
@@ -675,7 +686,7 @@ START_TEST(redis_killed_while_hooks_wait)
 {
     struct srv r = {0};
     srv_start(&r, 0, NULL);
-    struct hub *h = start(&r, POLICY, "lua_call_timeout = 60\n");
+    struct hub *h = start_opts(&r, PATIENT, POLICY, "lua_call_timeout = 60\n");
     struct ws *c[3];
     kill(r.pid, SIGSTOP);
     for (int i = 0; i < 3; i++) {
@@ -708,7 +719,7 @@ START_TEST(connection_closed_while_its_hook_waits)
 {
     struct srv r = {0};
     srv_start(&r, 0, NULL);
-    struct hub *h = start(&r, POLICY, "lua_call_timeout = 60\n");
+    struct hub *h = start_opts(&r, PATIENT, POLICY, "lua_call_timeout = 60\n");
     freeReplyObject(srv_cmd(&r, "SET session:tok carol"));
     kill(r.pid, SIGSTOP);
     struct ws *a = ws_connect(h->port);
@@ -748,7 +759,7 @@ START_TEST(reload_while_1000_calls_wait)
     enum { CONNS = 200, TIMERS = 800 };
     struct srv r = {0};
     srv_start(&r, 0, NULL);
-    struct hub *h = start(&r, POLICY, "lua_call_timeout = 60\n");
+    struct hub *h = start_opts(&r, PATIENT, POLICY, "lua_call_timeout = 60\n");
     struct ws **c = calloc(CONNS, sizeof(*c));
     kill(r.pid, SIGSTOP);
     for (int i = 0; i < CONNS; i++) {
@@ -794,8 +805,8 @@ START_TEST(caps_on_waiting_calls)
 {
     struct srv r = {0};
     srv_start(&r, 0, NULL);
-    struct hub *h = start(&r, POLICY, "lua_max_waiting = 3\nlua_call_timeout = 60\n"
-                                      "max_protocol_errors = 100\n");
+    struct hub *h = start_opts(&r, PATIENT, POLICY, "lua_max_waiting = 3\nlua_call_timeout = 60\n"
+                                                    "max_protocol_errors = 100\n");
     struct ws *c[4];
     kill(r.pid, SIGSTOP);
     for (int i = 0; i < 3; i++) {
