@@ -798,6 +798,35 @@ START_TEST(reload_while_1000_calls_wait)
 }
 END_TEST
 
+/* SIGTERM while calls wait (a connection's rpc and what queued behind it,
+ * a timer, an upgrade): the hub ends cleanly (exit 0: no leak, nothing
+ * resumed into freed memory). */
+START_TEST(shutdown_while_calls_wait)
+{
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
+    struct hub *h = start_opts(&r, PATIENT, POLICY, "lua_call_timeout = 60\n");
+    kill(r.pid, SIGSTOP);
+    struct ws *a = ws_connect(h->port);
+    ws_send_text(a, "{\"op\":\"rpc\",\"method\":\"get\",\"data\":\"k\",\"id\":1}");
+    ws_send_text(a, "{\"op\":\"rpc\",\"method\":\"after_wait\",\"data\":1,\"id\":2}");
+    struct ws *b = ws_connect(h->port);
+    rpc_expect(b, "after_wait", "1", "1");
+    int fd = tcp_connect(h->port);
+    const char *req = "GET /ws?token=tok HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n";
+    tcp_send(fd, req, strlen(req));
+    hub_metric_wait(h, WAITING, 3, HT_WAIT_MS);
+    stop(h);
+    close(fd);
+    ws_free(a);
+    ws_free(b);
+    kill(r.pid, SIGCONT);
+    srv_stop(&r);
+}
+END_TEST
+
 /* lua_max_waiting: past it a wait is refused (limit_exceeded to the
  * client, 503 for an upgrade); the queue of one connection: past 64
  * commands, limit_exceeded in their turn. */
@@ -1112,6 +1141,7 @@ Suite *lua_async_suite(void)
     tcase_add_test(tc, connection_closed_while_its_hook_waits);
     tcase_add_test(tc, reload_while_1000_calls_wait);
     tcase_add_test(tc, caps_on_waiting_calls);
+    tcase_add_test(tc, shutdown_while_calls_wait);
     suite_add_tcase(s, tc);
     tc = tcase_create("sources");
     tcase_set_timeout(tc, 120);
