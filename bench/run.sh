@@ -71,7 +71,9 @@ SCENARIOS=(
 # Variants of the "var" scenarios, one per line:
 # name|label|server spec|extra loadgen arguments|extra --quick arguments
 # Server spec (space-separated): policy=FILE (in bench/policies),
-# broker=redis (a redis-server started for the run), hubs=N (N luahub
+# broker=redis (a redis-server started for the run), policy_redis (a
+# redis-server started for the run, as the conf's policy_redis: hub.redis
+# with the memory broker), hubs=N (N luahub
 # processes on the same redis; subscribers spread over them, publisher on
 # the first), workers=N, delay=MS (the conf key write_delay), pin=none
 # (nothing pinned: server, redis, loadgen).
@@ -83,11 +85,14 @@ variants_of() {
 none|no policy||
 true|on_publish returns true|policy=publish_true.lua|
 transform|on_publish reads msg.data, adds a field, returns {channel, data}|policy=publish_transform.lua|
+ratelimit|on_publish: hub.ratelimit (per process), returns true|policy=publish_ratelimit.lua|
+ratelimit_redis|on_publish: hub.ratelimit_redis (a Redis script per publish, policy_redis), returns true|policy=publish_ratelimit_redis.lua policy_redis|
 EOF
         ;;
         hook_connect) cat <<'EOF'
 none|no policy||
 true|on_connect returns true|policy=connect_true.lua|
+redis_get|on_connect checks a session with one hub.redis GET (policy_redis)|policy=connect_redis_get.lua policy_redis|
 EOF
         ;;
         broker_ws|broker_http) cat <<'EOF'
@@ -310,11 +315,12 @@ stop_redis() {
 # (what to meter: every hub process, a supervisor and its workers),
 # AUX_PIDS (redis-server) and the pinning for this run.
 start_luahub() {
-    local spec=${1:-} policy="" broker="" hubs=1 workers=1 delay=0 pin=0 tok
+    local spec=${1:-} policy="" broker="" predis=0 hubs=1 workers=1 delay=0 pin=0 tok
     for tok in $spec; do
         case $tok in
             policy=*) policy=$POLICIES/${tok#policy=} ;;
             broker=redis) broker=redis ;;
+            policy_redis) predis=1 ;;
             hubs=*) hubs=${tok#hubs=} ;;
             workers=*) workers=${tok#workers=} ;;
             delay=*) delay=${tok#delay=} ;;
@@ -328,13 +334,13 @@ start_luahub() {
     [ -z "$policy" ] || [ -f "$policy" ] || die "no policy $policy"
     SERVER_KIND=luahub HUB_PIDS=() SUB_PORTS="" AUX_PIDS=""
     rm -rf "$WORK"/luahub[0-9]* # the previous run's confs and logs
-    if [ "$broker" = redis ]; then
+    if [ "$broker" = redis ] || [ "$predis" = 1 ]; then
         start_redis "$pin_srv"
         AUX_PIDS=$REDIS_PID
     fi
     local h ports=() pids=()
     for ((h = 1; h <= hubs; h++)); do
-        local dir=$WORK/luahub$h i port="" ups=0 lines=0
+        local dir=$WORK/luahub$h i port="" ups=0 pups=0 lines=0
         mkdir -p "$dir"
         {
             echo '-- bench/run.sh: defaults, loopback only; the port comes from --listen.'
@@ -342,6 +348,7 @@ start_luahub() {
             echo 'log_level = "info"'
             [ -n "$policy" ] && echo "policy = \"$policy\""
             [ "$broker" = redis ] && echo "broker = \"redis://127.0.0.1:$REDIS_PORT\""
+            [ "$predis" = 1 ] && echo "policy_redis = \"redis://127.0.0.1:$REDIS_PORT\""
             [ "$workers" != 1 ] && echo "workers = $workers"
             [ "$delay" != 0 ] && echo "write_delay = $delay"
         } >"$dir/luahub.conf"
@@ -353,7 +360,9 @@ start_luahub() {
         for ((i = 0; i < 200; i++)); do
             lines=$(grep -c 'listening on 127\.0\.0\.1:' "$dir/stderr.log" || true)
             ups=$(grep -c 'broker up' "$dir/stderr.log" || true)
-            if [ "$lines" -ge "$workers" ] && { [ "$broker" != redis ] || [ "$ups" -ge "$workers" ]; }; then
+            pups=$(grep -c 'policy_redis up' "$dir/stderr.log" || true)
+            if [ "$lines" -ge "$workers" ] && { [ "$broker" != redis ] || [ "$ups" -ge "$workers" ]; } &&
+                { [ "$predis" = 0 ] || [ "$pups" -ge "$workers" ]; }; then
                 port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$dir/stderr.log" | head -1)
                 break
             fi
