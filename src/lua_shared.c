@@ -277,11 +277,11 @@ static int store(lua_State *L, const char *fn, const char *k, size_t n, uint64_t
 {
     size_t vlen = 0, gone = 0;
     const char *v = lua_type(L, arg) == LUA_TSTRING ? lua_tolstring(L, arg, &vlen) : NULL;
+    charge(L, n + vlen, 0);
     struct sentry *old = find(k, n, h, now);
     if (old)
         entry_free(old);
     struct sentry *e = entry_new(k, n, h, vlen, now, &gone);
-    charge(L, n + vlen, gone);
     if (!e) {
         lua_pushboolean(L, 0);
         lua_pushfstring(L, "%s: the entry (%d bytes) is larger than lua_shared_memory", fn,
@@ -303,6 +303,8 @@ static int store(lua_State *L, const char *fn, const char *k, size_t n, uint64_t
     }
     if (ttl_ms)
         set_expiry(e, now + ttl_ms);
+    if (gone) /* what making room took (after it: the entry is in) */
+        hub_sandbox_charge(hub_lua_policy(L), L, (int64_t)gone * 4);
     lua_pushboolean(L, 1);
     return 1;
 }
