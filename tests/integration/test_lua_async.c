@@ -64,6 +64,16 @@ static struct hub *start(const struct srv *r, const char *lua, const char *extra
     return start_opts(r, NULL, lua, extra);
 }
 
+/* A hub with the memory broker and `r` as its policy_redis. */
+static struct hub *start_policy_redis(const struct srv *r, const char *lua)
+{
+    char extra[128];
+    snprintf(extra, sizeof extra, "policy_redis = \"redis://127.0.0.1:%d\"\n", r->port);
+    struct hub *h = start(NULL, lua, extra);
+    hub_log_wait(h, "policy_redis up", HT_WAIT_MS);
+    return h;
+}
+
 /* For tests that stop Redis and go on with the same connection afterwards:
  * the broker would drop a silent Redis after command_timeout_ms. */
 #define PATIENT "?command_timeout_ms=60000"
@@ -120,6 +130,24 @@ static void rpc_expect(struct ws *c, const char *method, const char *data, const
                   method, want, t);
     free(w);
     free(t);
+}
+
+/* Repeats the rpc (bounded, every `pause_ms`) until its reply contains
+ * `want`; fails the test with `what` otherwise. */
+static void rpc_until(struct ws *c, const char *method, const char *data, const char *want,
+                      int pause_ms, const char *what)
+{
+    int64_t dl = ht_now_ms() + HT_WAIT_MS;
+    for (;;) {
+        char *t = rpc(c, method, data);
+        int ok = strstr(t, want) != NULL;
+        free(t);
+        if (ok)
+            return;
+        ck_assert_msg(ht_now_ms() < dl, "%s", what);
+        if (pause_ms)
+            sleep_ms(pause_ms);
+    }
 }
 
 /* The rpc must fail with `code`. */
@@ -416,10 +444,7 @@ START_TEST(commands_queue_behind_a_waiting_hook)
     srv_start(&r, 0, NULL);
     /* the memory broker answers publish and subscribe at once, so every
      * reply's place is the command's (docs/protocol.md) */
-    char extra[128];
-    snprintf(extra, sizeof extra, "policy_redis = \"redis://127.0.0.1:%d\"\n", r.port);
-    struct hub *h = start(NULL, POLICY, extra);
-    hub_log_wait(h, "policy_redis up", HT_WAIT_MS);
+    struct hub *h = start_policy_redis(&r, POLICY);
     struct ws *c = ws_connect(h->port), *s = ws_connect(h->port);
     ws_subscribe(s, "q");
     unsigned char buf[1024];
@@ -663,16 +688,8 @@ START_TEST(redis_stopped_while_hooks_wait)
     ck_assert_int_eq(metric(h, WAITING), 0);
     kill(r.pid, SIGCONT);
     /* back: the broker may have dropped the link meanwhile; it reconnects */
-    int64_t dl = ht_now_ms() + HT_WAIT_MS;
-    for (;;) {
-        char *t = rpc(b, "incr", "\"back\"");
-        int ok = strstr(t, "\"ok\":true") != NULL;
-        free(t);
-        if (ok)
-            break;
-        ck_assert_msg(ht_now_ms() < dl, "hub.redis did not work again after SIGCONT");
-        sleep_ms(50);
-    }
+    rpc_until(b, "incr", "\"back\"", "\"ok\":true", 50,
+              "hub.redis did not work again after SIGCONT");
     ws_free(a);
     ws_free(b);
     stop(h);
@@ -921,10 +938,7 @@ START_TEST(policy_redis_of_its_own)
 {
     struct srv r = {0};
     srv_start(&r, 0, NULL);
-    char extra[128];
-    snprintf(extra, sizeof extra, "policy_redis = \"redis://127.0.0.1:%d\"\n", r.port);
-    struct hub *h = start(NULL, POLICY, extra);
-    hub_log_wait(h, "policy_redis up", HT_WAIT_MS);
+    struct hub *h = start_policy_redis(&r, POLICY);
     struct ws *c = ws_connect(h->port);
     rpc_expect(c, "incr", "\"own\"", "1");
     int port = r.port;
@@ -934,16 +948,7 @@ START_TEST(policy_redis_of_its_own)
     expect_contains(t, "unavailable");
     free(t);
     srv_start(&r, port, NULL);
-    int64_t dl = ht_now_ms() + HT_WAIT_MS;
-    for (;;) {
-        t = rpc(c, "incr", "\"own\"");
-        int ok = strstr(t, "\"data\":1}") != NULL;
-        free(t);
-        if (ok)
-            break;
-        ck_assert_msg(ht_now_ms() < dl, "policy_redis did not reconnect");
-        sleep_ms(50);
-    }
+    rpc_until(c, "incr", "\"own\"", "\"data\":1}", 50, "policy_redis did not reconnect");
     ws_free(c);
     stop(h);
     srv_stop(&r);
@@ -1050,15 +1055,8 @@ START_TEST(shared_dictionary)
     rpc_expect(c, "fill", "[\"old\",1,60]", "true");
     rpc_expect(c, "fill", "[\"tmp\",1,60,0.001]", "true");
     rpc_expect(c, "set", "[\"probe\",1,0.001]", "true");
-    int64_t dl = ht_now_ms() + HT_WAIT_MS;
-    for (;;) { /* the TTL is the subject: poll until it passed */
-        char *t = rpc(c, "get", "\"probe\"");
-        int gone = strstr(t, "\"data\":null") != NULL;
-        free(t);
-        if (gone)
-            break;
-        ck_assert_msg(ht_now_ms() < dl, "probe did not expire");
-    }
+    /* the TTL is the subject: poll until it passed */
+    rpc_until(c, "get", "\"probe\"", "\"data\":null", 0, "probe did not expire");
     /* ~340 bytes a key, ~190 fit: 60 old + 60 expired + 100 new needs room,
      * which the expired ones make */
     rpc_expect(c, "fill", "[\"new\",1,100]", "true");
