@@ -530,21 +530,16 @@ static int set_broker(struct hub_config *c, const struct key *k, const char *s,
     return 0;
 }
 
-/* One redis:// URL (the policy's own Redis: commands go to one server). */
+/* One redis:// URL (the policy's own Redis: commands go to one server),
+ * checked like a broker's. */
 static int set_policy_redis(struct hub_config *c, const struct key *k, const char *s,
                             struct hub_buf *why)
 {
-    char err[256];
     if (strncmp(s, "redis://", 8) != 0 || strpbrk(s, " ,\t")) {
         hub_buf_appends(why, "must be one redis://[[user]:password@]host[:port][/db] URL");
         return -1;
     }
-    if (hub_broker_url_valid(s, err, sizeof(err)) < 0) {
-        hub_buf_appends(why, err);
-        return -1;
-    }
-    store_str(c, k, s);
-    return 0;
+    return set_broker(c, k, s, why);
 }
 
 static int set_prefix(struct hub_config *c, const struct key *k, const char *s,
