@@ -998,7 +998,7 @@ START_TEST(t_shipped_conf)
         l = s + len;
     }
     all[n] = '\0';
-    ck_assert_uint_eq(uncommented, 13); /* all but listen, websocket_path, static_dir */
+    ck_assert_uint_eq(uncommented, 17); /* all but listen, websocket_path, static_dir */
     put("conf/policy.lua", "-- allow all\n");
     put("conf/all.conf", all);
     hub_config_free(&c);
