@@ -36,7 +36,7 @@ struct squeued {
 /* While a hook of the connection waits, and until the commands that came
  * meanwhile have run. */
 struct swait {
-    int kind;                       /* the op whose hook waits (HUB_OP_*), 0 when none */
+    int kind;                       /* the op whose hook waits (HUB_OP_*), HUB_OP_NONE: none */
     char *frame;                    /* that command (a copy) */
     size_t len;
     struct pending *op;             /* publish: its reply */
@@ -296,7 +296,7 @@ static void dispatch(struct hub_session *s, const char *p, size_t n, int binary)
 static void drain(struct hub_session *s)
 {
     struct swait *sw;
-    while ((sw = s->sw) && !sw->kind && sw->head) {
+    while ((sw = s->sw) && sw->kind == HUB_OP_NONE && sw->head) {
         struct squeued *q = sw->head;
         sw->head = q->next;
         if (!sw->head)
@@ -319,7 +319,7 @@ static void drain(struct hub_session *s)
         }
         free(q);
     }
-    if ((sw = s->sw) && !sw->kind && !sw->head) {
+    if ((sw = s->sw) && sw->kind == HUB_OP_NONE && !sw->head) {
         free(sw);
         s->sw = NULL;
     }
@@ -769,7 +769,7 @@ static void on_hook_done(struct hub_policy_wait *w, const struct hub_policy_outc
     sw->op = NULL;
     free(sw->frame);
     sw->frame = NULL;
-    sw->kind = 0;
+    sw->kind = HUB_OP_NONE;
     hub_cull_now(s->ss->hub);
     drain(s);
 }
