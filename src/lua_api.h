@@ -1,14 +1,19 @@
-/* Private contract of the policy layer: policy.c (hook dispatch, reload,
- * metrics), sandbox.c (the Lua state, its budgets and its sandbox) and
- * the Lua API, one file per family: lua_hub.c (the `hub` module),
- * lua_conn.c and lua_msg.c (the `conn` and `msg` objects), lua_json.c,
- * lua_crypto.c (HMAC, JWT), lua_timer.c (hub.after); lua_stdlib.c and
- * lua_pattern.c (the standard library, charged). Nothing else includes it
- * (but the white-box unit suite). Loop thread only.
+/* Private contract of the policy layer: policy.c (build, reload, metrics),
+ * policy_hooks.c (the hooks' entry points), policy_call.c (calls as
+ * coroutines that may wait), sandbox.c (the Lua state, its budgets and its
+ * sandbox) and the Lua API, one file per family: lua_hub.c (the `hub`
+ * module), lua_conn.c and lua_msg.c (the `conn` and `msg` objects),
+ * lua_json.c, lua_crypto.c (HMAC, JWT), lua_timer.c (hub.after),
+ * lua_redis.c (what hooks wait for), lua_shared.c (hub.shared,
+ * hub.ratelimit); lua_stdlib.c and lua_pattern.c (the standard library,
+ * charged). Nothing else includes it (but the white-box unit suite). Loop
+ * thread only.
  *
  * Stack discipline: index 1 of the main state is the message handler given
  * to every lua_pcall, index 2 the reusable `msg` object of on_publish; every
- * dispatch returns the stack to HUB_LUA_BASE. */
+ * dispatch returns the stack to HUB_LUA_BASE. Hooks and timer callbacks
+ * run on threads of their own (struct hub_pcall): an API function works on
+ * the thread it is called on (its `L`), never on p->L. */
 #ifndef LUAHUB_LUA_API_H
 #define LUAHUB_LUA_API_H
 
