@@ -79,11 +79,13 @@ SCENARIOS=(
 # name|label|server spec|extra loadgen arguments|extra --quick arguments
 # Server spec (space-separated): policy=FILE (in bench/policies),
 # broker=redis (a redis-server started for the run; for Nchan its Redis
-# storage), hubs=N (N luahub processes on the same redis; subscribers spread
-# over them, publisher on the first), workers=N (Nchan: worker_processes),
-# delay=MS (the conf key write_delay), pin=none (nothing pinned: server,
-# redis, loadgen), target=nchan (the variant runs Nchan, only with
-# --compare or --targets nchan).
+# storage), policy_redis (a redis-server started for the run, as the conf's
+# policy_redis: hub.redis with the memory broker), hubs=N (N luahub
+# processes on the same redis; subscribers spread over them, publisher on
+# the first), workers=N (Nchan: worker_processes), delay=MS (the conf key
+# write_delay), pin=none (nothing pinned: server, redis, loadgen),
+# target=nchan (the variant runs Nchan, only with --compare or --targets
+# nchan).
 # The first variant is the baseline the others are compared with. Loadgen's
 # later arguments override earlier ones.
 variants_of() {
@@ -92,11 +94,14 @@ variants_of() {
 none|no policy||
 true|on_publish returns true|policy=publish_true.lua|
 transform|on_publish reads msg.data, adds a field, returns {channel, data}|policy=publish_transform.lua|
+ratelimit|on_publish: hub.ratelimit (per process), returns true|policy=publish_ratelimit.lua|
+ratelimit_redis|on_publish: hub.ratelimit_redis (a Redis script per publish, policy_redis), returns true|policy=publish_ratelimit_redis.lua policy_redis|
 EOF
         ;;
         hook_connect) cat <<'EOF'
 none|no policy||
 true|on_connect returns true|policy=connect_true.lua|
+redis_get|on_connect checks a session with one hub.redis GET (policy_redis)|policy=connect_redis_get.lua policy_redis|
 EOF
         ;;
         broker_ws|broker_http) cat <<'EOF'
@@ -336,17 +341,18 @@ stop_redis() {
 }
 
 # server_prepare SPEC: see variants_of for SPEC. Sets SP_POLICY, SP_BROKER,
-# SP_HUBS, SP_WORKERS, SP_DELAY, the pinning of this run (SP_PIN for the
+# SP_PREDIS, SP_HUBS, SP_WORKERS, SP_DELAY, the pinning of this run (SP_PIN for the
 # server and redis, RUN_PIN_CLIENT, RUN_CORE_ARGS) and starts the run's
 # redis-server when the spec has one (AUX_PIDS).
 server_prepare() {
     local tok
-    SP_POLICY="" SP_BROKER="" SP_HUBS=1 SP_WORKERS=1 SP_DELAY=0
+    SP_POLICY="" SP_BROKER="" SP_PREDIS=0 SP_HUBS=1 SP_WORKERS=1 SP_DELAY=0
     SP_PIN=$PIN_SERVER RUN_PIN_CLIENT=$PIN_CLIENT RUN_CORE_ARGS=$CORE_ARGS
     for tok in ${1:-}; do
         case $tok in
             policy=*) SP_POLICY=$POLICIES/${tok#policy=} ;;
             broker=redis) SP_BROKER=redis ;;
+            policy_redis) SP_PREDIS=1 ;;
             hubs=*) SP_HUBS=${tok#hubs=} ;;
             workers=*) SP_WORKERS=${tok#workers=} ;;
             delay=*) SP_DELAY=${tok#delay=} ;;
@@ -357,7 +363,7 @@ server_prepare() {
     done
     [ -z "$SP_POLICY" ] || [ -f "$SP_POLICY" ] || die "no policy $SP_POLICY"
     SUB_PORTS="" AUX_PIDS=""
-    if [ "$SP_BROKER" = redis ]; then
+    if [ "$SP_BROKER" = redis ] || [ "$SP_PREDIS" = 1 ]; then
         start_redis "$SP_PIN"
         AUX_PIDS=$REDIS_PID
     fi
@@ -369,13 +375,14 @@ server_prepare() {
 # pinning for this run.
 start_luahub() {
     server_prepare "${1:-}"
-    local policy=$SP_POLICY broker=$SP_BROKER hubs=$SP_HUBS workers=$SP_WORKERS delay=$SP_DELAY
+    local policy=$SP_POLICY broker=$SP_BROKER predis=$SP_PREDIS hubs=$SP_HUBS workers=$SP_WORKERS
+    local delay=$SP_DELAY
     local pin_srv=$SP_PIN
     SERVER_KIND=luahub HUB_PIDS=()
     rm -rf "$WORK"/luahub[0-9]* # the previous run's confs and logs
     local h ports=() pids=()
     for ((h = 1; h <= hubs; h++)); do
-        local dir=$WORK/luahub$h i port="" ups=0 lines=0
+        local dir=$WORK/luahub$h i port="" ups=0 pups=0 lines=0
         mkdir -p "$dir"
         {
             echo '-- bench/run.sh: defaults, loopback only; the port comes from --listen.'
@@ -387,6 +394,7 @@ start_luahub() {
             echo 'publish_rate = 0'
             [ -n "$policy" ] && echo "policy = \"$policy\""
             [ "$broker" = redis ] && echo "broker = \"redis://127.0.0.1:$REDIS_PORT\""
+            [ "$predis" = 1 ] && echo "policy_redis = \"redis://127.0.0.1:$REDIS_PORT\""
             [ "$workers" != 1 ] && echo "workers = $workers"
             [ "$delay" != 0 ] && echo "write_delay = $delay"
         } >"$dir/luahub.conf"
@@ -398,7 +406,9 @@ start_luahub() {
         for ((i = 0; i < 200; i++)); do
             lines=$(grep -c 'listening on 127\.0\.0\.1:' "$dir/stderr.log" || true)
             ups=$(grep -c 'broker up' "$dir/stderr.log" || true)
-            if [ "$lines" -ge "$workers" ] && { [ "$broker" != redis ] || [ "$ups" -ge "$workers" ]; }; then
+            pups=$(grep -c 'policy_redis up' "$dir/stderr.log" || true)
+            if [ "$lines" -ge "$workers" ] && { [ "$broker" != redis ] || [ "$ups" -ge "$workers" ]; } &&
+                { [ "$predis" = 0 ] || [ "$pups" -ge "$workers" ]; }; then
                 port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$dir/stderr.log" | head -1)
                 break
             fi

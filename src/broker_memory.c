@@ -480,6 +480,13 @@ static struct hub_registry *m_registry_new(struct hub_broker *hb,
     return hub_registry_local_new(hb->loop, o);
 }
 
+/* No Redis here: commands are not available. */
+static int m_command(struct hub_broker *hb, int argc, const char **argv, const size_t *lens,
+                     hub_broker_reply_cb cb, void *ud)
+{
+    return HUB_ENOTAVAIL;
+}
+
 static const struct hub_broker_ops memory_ops = {
     .name = "memory",
     .local = 1,
@@ -490,6 +497,7 @@ static const struct hub_broker_ops memory_ops = {
     .presence = m_presence,
     .subscribe = m_subscribe,
     .unsubscribe = m_unsubscribe,
+    .command = m_command,
     .up = m_up,
     .metrics = m_metrics,
     .stop = m_stop,

@@ -715,6 +715,7 @@ static const struct hub_broker_ops redis_ops = {
     .presence = hub_rbroker_presence,
     .subscribe = r_subscribe,
     .unsubscribe = r_unsubscribe,
+    .command = hub_rbroker_command,
     .up = r_up,
     .metrics = hub_rbroker_metrics,
     .stop = r_stop,

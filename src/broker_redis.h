@@ -21,32 +21,6 @@
 #include "luahub/metrics.h"
 #include "luahub/util.h"
 
-/* A Redis reply to hub_rbroker_command(), converted from hiredis so that
- * callers need no hiredis header. Strings are `len` bytes followed by a NUL. */
-enum hub_broker_reply_type {
-    HUB_REPLY_NIL = 0,
-    HUB_REPLY_INTEGER,
-    HUB_REPLY_STRING,
-    HUB_REPLY_STATUS,      /* "+OK" */
-    HUB_REPLY_ERROR,       /* Redis answered with an error ("-ERR ...") */
-    HUB_REPLY_ARRAY,
-};
-
-struct hub_broker_reply {
-    int type;                               /* enum hub_broker_reply_type */
-    long long integer;                      /* INTEGER */
-    const char *str;                        /* STRING, STATUS, ERROR */
-    size_t len;
-    size_t n;                               /* ARRAY: number of elements */
-    const struct hub_broker_reply *elem;    /* ARRAY: n elements */
-};
-
-/* Completion of hub_rbroker_command(): HUB_OK with the reply (borrowed: valid
- * during the call only; it may be of type HUB_REPLY_ERROR), or
- * HUB_EUNAVAILABLE with reply NULL (connection lost or timed out
- * before the answer, or stop()). Called exactly once. */
-typedef void (*hub_broker_reply_cb)(void *ud, int status, const struct hub_broker_reply *reply);
-
 /* Receives each message published on the control channel (see
  * hub_rbroker_control()):
  * `msg` is borrowed, valid during the call. Called from the loop. */

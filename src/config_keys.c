@@ -34,6 +34,8 @@ static int set_files(struct hub_config *, const struct key *, const char *, stru
 static int set_log_level(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_broker(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_prefix(struct hub_config *, const struct key *, const char *, struct hub_buf *);
+static int set_policy_redis(struct hub_config *, const struct key *, const char *,
+                            struct hub_buf *);
 static int set_origins(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_cidrs(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 
@@ -82,6 +84,10 @@ const struct key hub_conf_keys[] = {
     NUM(recover_max, K_INT, 1, 100000, 300),
     NUM(presence_max, K_INT, 1, 100000, 1000),
     NUM(presence_ttl, K_SECONDS, 1, 3600, 60),
+    STR(policy_redis, policy_redis, NULL, set_policy_redis),
+    NUM(lua_call_timeout, K_SECONDS, 1, 300, 1),
+    NUM(lua_max_waiting, K_INT, 1, 1000000, 10000),
+    NUM(lua_shared_memory, K_SIZE, 64 * KiB, 16 * GiB, 16 * MiB),
 };
 
 const size_t hub_conf_nkeys = sizeof(hub_conf_keys) / sizeof(hub_conf_keys[0]);
@@ -99,7 +105,7 @@ static const char *const live_keys[] = {
     "policy_vars", "jwt_keys", "api_key", "allowed_origins", "max_connections",
     "max_protocol_errors", "command_rate", "command_burst", "publish_rate",
     "publish_burst", "max_connections_per_ip", "connect_rate_per_ip", "recover_max",
-    "presence_max",
+    "presence_max", "lua_call_timeout", "lua_max_waiting",
 };
 #define keys hub_conf_keys
 #define NKEYS hub_conf_nkeys
@@ -553,6 +559,18 @@ static int set_broker(struct hub_config *c, const struct key *k, const char *s,
     return 0;
 }
 
+/* One redis:// URL (the policy's own Redis: commands go to one server),
+ * checked like a broker's. */
+static int set_policy_redis(struct hub_config *c, const struct key *k, const char *s,
+                            struct hub_buf *why)
+{
+    if (strncmp(s, "redis://", 8) != 0 || strpbrk(s, " ,\t")) {
+        hub_buf_appends(why, "must be one redis://[[user]:password@]host[:port][/db] URL");
+        return -1;
+    }
+    return set_broker(c, k, s, why);
+}
+
 static int set_prefix(struct hub_config *c, const struct key *k, const char *s,
                       struct hub_buf *why)
 {
@@ -967,6 +985,7 @@ void hub_config_free(struct hub_config *c)
     free(c->jwt_keys);
     free(c->allowed_origins);
     free(c->trusted_proxies);
+    free(c->policy_redis);
     hub_config_channels_free(c);
     memset(c, 0, sizeof(*c));
 }

@@ -1,16 +1,20 @@
-/* Private contract of the policy layer: policy.c (hook dispatch, reload,
- * metrics), sandbox.c (the Lua state, its budgets and its sandbox) and
- * the Lua API, one file per family: lua_hub.c (the `hub` module),
- * lua_conn.c and lua_msg.c (the `conn` and `msg` objects), lua_json.c,
- * lua_crypto.c (HMAC, JWT) and lua_jwt_keys.c (its keys), lua_timer.c
- * (hub.after); lua_stdlib.c and lua_pattern.c (the standard library,
- * charged); policy_lint.c (the warnings of a loaded policy). Nothing else
- * includes it
- * (but the white-box unit suite). Loop thread only.
+/* Private contract of the policy layer: policy.c (build, reload, metrics),
+ * policy_hooks.c (the hooks' entry points), policy_call.c (calls as
+ * coroutines that may wait), sandbox.c (the Lua state, its budgets and its
+ * sandbox) and the Lua API, one file per family: lua_hub.c (the `hub`
+ * module), lua_conn.c and lua_msg.c (the `conn` and `msg` objects),
+ * lua_json.c, lua_crypto.c (HMAC, JWT) and lua_jwt_keys.c (its keys),
+ * lua_timer.c (hub.after), lua_redis.c (what hooks wait for), lua_shared.c
+ * (hub.shared, hub.ratelimit); lua_stdlib.c and lua_pattern.c (the
+ * standard library, charged); policy_lint.c (the warnings of a loaded
+ * policy). Nothing else includes it (but the white-box unit suite). Loop
+ * thread only.
  *
  * Stack discipline: index 1 of the main state is the message handler given
  * to every lua_pcall, index 2 the reusable `msg` object of on_publish; every
- * dispatch returns the stack to HUB_LUA_BASE. */
+ * dispatch returns the stack to HUB_LUA_BASE. Hooks and timer callbacks
+ * run on threads of their own (struct hub_pcall): an API function works on
+ * the thread it is called on (its `L`), never on p->L. */
 #ifndef LUAHUB_LUA_API_H
 #define LUAHUB_LUA_API_H
 
@@ -60,6 +64,10 @@ struct hub_policy_stats {
     struct hub_hook_stats hook[HUB_PHASE__STATS];
     uint64_t reloads_ok;
     uint64_t reloads_failed;
+    uint64_t waits;                 /* calls suspended (each wait) */
+    uint64_t wait_timeouts;         /* calls ended by lua_call_timeout */
+    uint64_t wait_refused;          /* waits refused at lua_max_waiting */
+    uint64_t wait_cancelled;        /* waiting calls dropped by a reload or the end */
 };
 
 struct hub_ptimer;
@@ -67,6 +75,74 @@ struct hub_emit;
 struct hub_jwt_keys;
 
 #define HUB_MODULE_DEPTH 32         /* require()s nested in each other */
+struct hub_await;
+
+/* One hook or timer call, run as a coroutine on a thread of its own
+ * (policy_call.c; docs/internals.md, "How a hook waits"). The entry point
+ * (policy_hooks.c, lua_timer.c) fills the inputs and `finish`, pushes the
+ * values to keep (nkeep: the conn object of on_connect, the msg of
+ * on_publish), then the function and its arguments, on p->L, and runs it
+ * with hub_pcall_run(). A call that waits keeps running later from the
+ * loop; one that ends calls `finish` with the kept values at base + 1 and
+ * the results after them. */
+struct hub_pcall {
+    struct hub_policy *p;
+    lua_State *co;                  /* its thread */
+    int co_ref;                     /* ... anchored in the registry */
+    int phase;                      /* a hook or HUB_PHASE_TIMER */
+    uint64_t conn_id;               /* the hook's connection, 0 if none */
+    struct hub_policy_conn *c0;     /* ... valid until the first wait, or NULL */
+    struct hub_policy_wait *w;      /* the caller's, or NULL */
+    int can_wait;                   /* hub.redis & co may suspend it */
+    int nkeep;                      /* values kept on p->L above `base` */
+    int keep_ref;                   /* while waiting: a registry table of them */
+    int nres;                       /* results the finish reads */
+    int base;                       /* p->L's top below the kept values */
+    /* Turns the results into the verdict (ok: the call returned; else it
+     * failed and only the kept values are there, to release). Fills the
+     * outputs below; on_publish emits from here. */
+    enum hub_verdict (*finish)(struct hub_policy *p, struct hub_pcall *call, int base, int ok);
+    /* Called at the first wait: copy the borrowed inputs (NULL: none). */
+    void (*detach)(struct hub_policy *p, struct hub_pcall *call);
+
+    /* inputs (borrowed from the caller until the first wait) */
+    const char *ch, *data;
+    size_t ch_len, data_len;
+    const struct hub_request *req;
+    struct hub_connect_result *res;
+    hub_emit_fn emit;
+    void *emit_ud;
+    char ch_copy[HUB_CHANNEL_MAX + 1];
+
+    /* outputs */
+    char reason[256];
+    char out[HUB_CHANNEL_MAX + 1];  /* on_subscribe: the effective channel */
+    size_t out_len;
+    struct hub_buf result;          /* on_rpc: the JSON of the result */
+
+    /* budgets across waits */
+    int64_t budget_left;
+    uint64_t time_left_ns;          /* of running time */
+    uint64_t run_ns;                /* running time so far */
+    int limit_hit;                  /* refused a wait at lua_max_waiting */
+
+    /* waiting */
+    struct hub_await *await;        /* what it waits for; NULL while running */
+    const char *what;               /* the function that waits ("hub.redis") */
+    int waited;                     /* it has waited at least once */
+    uint32_t timeout_ms;            /* from its start to its end, waits included */
+    uint64_t deadline_ms;           /* loop time it must end by */
+    struct hub_pcall *prev, *next;  /* p->waiting, by deadline */
+};
+
+/* Something a call waits for, owned by the API function that started it
+ * (lua_redis.c): `call` is the waiting call, set by hub_pcall_wait() and
+ * cleared when the call is resumed or dropped (a completion that finds it
+ * NULL only frees what it owns). */
+struct hub_await {
+    struct hub_pcall *call;
+    int woken;                      /* hub_pcall_wake() resumed the call for it */
+};
 
 struct hub_policy {
     lua_State *L;
@@ -102,11 +178,17 @@ struct hub_policy {
     int ref_pending;                /* weak table: conn id -> conn object made in on_connect */
     unsigned npending;              /* entries put in it (upper bound) */
 
-    /* msg object of the call in progress */
-    const char *msg_raw;
-    size_t msg_len;
-    int msg_live;
-    int msg_decoded;
+    /* calls (policy_call.c) */
+    struct hub_pcall *running;      /* the call whose coroutine runs, or NULL */
+    struct hub_pcall *waiting;      /* calls that wait, earliest deadline first */
+    struct hub_pcall *waiting_tail;
+    unsigned nwaiting;
+    uv_timer_t *wait_timer;         /* the earliest deadline (NULL until needed) */
+    int ref_threads;                /* weak-keyed table: the calls' threads (0: none yet) */
+    lua_State *idle_co[8];          /* threads of calls that ended, for reuse */
+    int idle_ref[8];
+    int nidle;
+    struct hub_pcall *spare;        /* a call struct to reuse */
 
     /* timers */
     struct hub_ptimer *timers;
@@ -157,6 +239,9 @@ struct hub_policy {
 #define HUB_COST_ALLOC 64           /* bytes allocated per instruction */
 #define HUB_COST_ELEM 2             /* instructions per table element read or written from C */
 #define HUB_COST_LOG 500            /* instructions per line written to the log */
+#define HUB_COST_REDIS 500          /* instructions per Redis command, history or presence
+                                     * read (formatting, parsing, the resume) */
+#define HUB_COST_SHARED 32          /* instructions per hub.shared / hub.ratelimit call */
 /* The time limit of a call: this many ns per instruction of its budget (a
  * VM instruction takes 100 times less), at least HUB_LUA_TIME_MIN_MS. It
  * stops what no count sees: VM instructions that work on long strings
@@ -190,6 +275,9 @@ void hub_lua_new_metatable(lua_State *L, const char *name, const luaL_Reg *fns);
  * host's own clock (policy.h: now_ms) in `luahub test`. What hub.now(),
  * os.time(), os.date() and hub.jwt_verify read. */
 double hub_lua_now_ms(const struct hub_policy *p);
+/* luaL_error with printf's formats (lua_pushfstring knows only a few, not
+ * %u, %zu, %g or %lld): raises the message with the position. */
+int hub_lua_error(lua_State *L, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Argument `arg` of the API function `fn` as a channel name (its length in
  * *len); raises naming `fn` unless it is a valid one. */
@@ -199,24 +287,31 @@ const char *hub_lua_check_channel(lua_State *L, int arg, const char *fn, size_t 
 
 /* Registers the msg metatable. */
 void hub_lua_msg_open(lua_State *L);
-/* Pushes the msg object (a new one; policy.c keeps it at HUB_LUA_MSG). */
+/* Pushes a new msg object on p->L (one is kept at HUB_LUA_MSG and reused
+ * by every on_publish call that does not wait). */
 void hub_lua_new_msg(struct hub_policy *p);
-/* Points the msg object at `data` for one on_publish call / detaches it. */
-void hub_lua_msg_begin(struct hub_policy *p, const char *data, size_t len);
-void hub_lua_msg_end(struct hub_policy *p);
-/* 1 if the value at `idx` is the msg object. */
-int hub_lua_is_msg(struct hub_policy *p, int idx);
-/* Pushes msg.data if it was decoded (returns 1), else pushes nothing and
- * returns 0. */
-int hub_lua_msg_push_decoded(struct hub_policy *p);
+/* Points the msg object at p->L index `msg` at `data` (borrowed) for one
+ * on_publish call / ends that (msg.* raise from then on). */
+void hub_lua_msg_begin(struct hub_policy *p, int msg, const char *data, size_t len);
+void hub_lua_msg_end(struct hub_policy *p, int msg);
+/* The on_publish call of the msg object at p->L index `msg` waits: the
+ * object keeps a copy of its bytes (returned, anchored by the object) and
+ * HUB_LUA_MSG gets a fresh object for the calls that come meanwhile. */
+const char *hub_lua_msg_keep(struct hub_policy *p, int msg);
+/* 1 if the value at `idx` is the msg object at `msg` (p->L indices). */
+int hub_lua_is_msg(struct hub_policy *p, int msg, int idx);
+/* Pushes msg.data of the object at `msg` if it was decoded (returns 1),
+ * else pushes nothing and returns 0. */
+int hub_lua_msg_push_decoded(struct hub_policy *p, int msg);
 
 /* ---- lua_conn.c: the conn object ------------------------------------------- */
 
 /* Registers the conn metatable. */
 void hub_lua_conn_open(lua_State *L);
-/* Pushes the Lua object of an open connection (cached through c->lua_ref,
- * or adopted from on_connect's object). Memory is not capped here. */
-void hub_lua_push_conn(struct hub_policy *p, struct hub_policy_conn *c);
+/* Pushes onto `L` (a thread of the policy's state) the Lua object of an
+ * open connection (cached through c->lua_ref, or adopted from on_connect's
+ * object). */
+void hub_lua_push_conn(struct hub_policy *p, lua_State *L, struct hub_policy_conn *c);
 /* Pushes a new conn object for a connection being upgraded (on_connect):
  * id and remote address readable, user and info settable, methods raise. */
 void hub_lua_push_pending_conn(struct hub_policy *p, uint64_t id, const char *remote_addr);
@@ -307,6 +402,27 @@ void hub_lua_timers_close(struct hub_policy *p);
 void hub_lua_timers_each_fn(struct hub_policy *p, void (*fn)(struct hub_policy *p, void *ud),
                             void *ud);
 
+/* ---- lua_redis.c: what hooks wait for ----------------------------------------- */
+
+/* Adds hub.redis, hub.redis_pipeline, hub.ratelimit_redis, hub.history and
+ * hub.presence to the table on top of L. */
+void hub_lua_redis_open(lua_State *L);
+/* The arguments of hub.ratelimit and hub.ratelimit_redis (key, rate,
+ * burst[, cost]), checked; raises naming `fn`. Returns the key. */
+const char *hub_lua_ratelimit_args(lua_State *L, const char *fn, size_t *klen, double *rate,
+                                   double *burst, double *cost);
+
+/* ---- lua_shared.c: hub.shared, hub.ratelimit ----------------------------------- */
+
+/* The process's dictionary outlives a policy: each policy holds it while
+ * it exists (hold sets its cap; the first creates it, the last release
+ * frees it). */
+void hub_lua_shared_hold(uint64_t max_bytes);
+void hub_lua_shared_release(void);
+/* Adds hub.shared and hub.ratelimit to the table on top of L. */
+void hub_lua_shared_open(lua_State *L);
+void hub_lua_shared_metrics(struct hub_buf *b);
+
 /* ---- sandbox.c ---------------------------------------------------------- */
 
 /* Creates p->L (p->lim.mem_max, p->lim.budget set): the limits of
@@ -356,13 +472,43 @@ void hub_lua_pattern_open(lua_State *L, int strlib);
 
 /* ---- policy_call.c: running one call ------------------------------------- */
 
-/* Runs the function under `nargs` arguments on top of the stack as `phase`
- * (a hook or HUB_PHASE_TIMER) for connection `c` / `conn_id`, under the
- * instruction budget and the memory cap. On success returns 0 with `nres`
- * results on the stack; on failure logs one line, counts it, leaves the
- * stack at what it was below the function and returns -1. */
-int hub_policy_pcall(struct hub_policy *p, int phase, struct hub_policy_conn *c,
-                     uint64_t conn_id, int nargs, int nres);
+/* A call for `phase` (c: the hook's connection, valid until the first wait,
+ * or NULL; conn_id its id); its base is p->L's top now. Fill the inputs,
+ * finish and nkeep/nres, push the kept values, the function and its
+ * arguments, then hub_pcall_run(). */
+struct hub_pcall *hub_pcall_new(struct hub_policy *p, int phase, struct hub_policy_conn *c,
+                                uint64_t conn_id, struct hub_policy_wait *w);
+
+/* Runs a call up to its end or its first wait. Ended: returns the verdict
+ * (the outputs are in the call; free it with hub_pcall_free). Waits:
+ * returns HUB_WAIT; the call goes on from the loop and, when it ends,
+ * w->done() gets the outcome and the call is freed. */
+enum hub_verdict hub_pcall_run(struct hub_pcall *call, int nargs);
+void hub_pcall_free(struct hub_pcall *call);
+
+/* For API functions that wait (hub.redis & co), on the thread `L` that
+ * called them: raises unless the call may wait here. `fn` (a static
+ * string) names the function in messages, also in the timeout's. Call it
+ * before starting the operation. */
+void hub_pcall_check(lua_State *L, const char *fn);
+/* Suspends the running call until hub_pcall_wake(a); then `k` runs (on the
+ * call's thread, protected) and returns the function's results. Use as
+ * `return hub_pcall_wait(...)`, after hub_pcall_check(). */
+int hub_pcall_wait(lua_State *L, struct hub_await *a, lua_KFunction k, lua_KContext ctx);
+/* A completion for `a`: resumes its call (no-op when the call is gone).
+ * From the loop only (a Redis reply, a broker callback), never while a call
+ * runs. */
+void hub_pcall_wake(struct hub_await *a);
+/* 1 if the thread at `idx` of L is one of the calls' own (policy code may
+ * not resume or close those). */
+int hub_pcall_is_thread(struct hub_policy *p, lua_State *L, int idx);
+/* Ends every waiting call with a failure saying `why` (a reload, the end):
+ * logged and counted in `stats` (the policy that goes on), done() called.
+ */
+void hub_pcall_cancel_all(struct hub_policy *p, const char *why,
+                          struct hub_policy_stats *stats);
+/* The deadline timer and the spare threads go (the policy is destroyed). */
+void hub_pcall_close(struct hub_policy *p);
 
 /* Runs the function under `nargs` arguments with the budgets on, as
  * `phase`; nothing is counted or logged. Returns the lua_pcall status,
@@ -382,6 +528,11 @@ void hub_policy_fail(struct hub_policy *p, int phase, uint64_t conn_id, int stat
 /* A hook returned something it may not: logged and counted like an error. */
 void hub_policy_bad_return(struct hub_policy *p, int phase, uint64_t conn_id,
                            const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+/* Logs one failure line "hook=<phase> <text> [conn N]" (rate-limited per
+ * phase), without counting it. */
+void hub_policy_log_failure(struct hub_policy *p, int phase, uint64_t conn_id,
+                            const char *text);
 
 /* Encodes the value at `idx` as JSON under the budgets of the call that
  * produced it; the string stays on the stack (*s, *n point into it).

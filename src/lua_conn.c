@@ -51,9 +51,8 @@ static struct lconn *new_conn_object(lua_State *L, uint64_t id, int state,
     return u;
 }
 
-void hub_lua_push_conn(struct hub_policy *p, struct hub_policy_conn *c)
+void hub_lua_push_conn(struct hub_policy *p, lua_State *L, struct hub_policy_conn *c)
 {
-    lua_State *L = p->L;
     struct lconn *u = NULL;
 
     if (c->lua_ref > 0) {

@@ -1,22 +1,28 @@
 /* The `hub` module a policy sees: hub.publish, hub.subscribers,
- * hub.presence, hub.conn, hub.log, hub.now, and the module itself
+ * hub.presence_local, hub.conn, hub.log, hub.now, and the module itself
  * (hub_lua_open), which gathers the other families: hub.after (lua_timer.c),
  * hub.json (lua_json.c), hub.hmac_sha256 and hub.jwt_verify
- * (lua_crypto.c), the conn and msg objects (lua_conn.c, lua_msg.c).
+ * (lua_crypto.c), the conn and msg objects (lua_conn.c, lua_msg.c),
+ * hub.redis, hub.history, hub.presence & co (lua_redis.c), hub.shared and
+ * hub.ratelimit (lua_shared.c).
  *
  * Every function of these files is called from Lua, inside a protected
  * call made by policy_call.c, so it may raise. Each one checks its
  * arguments before touching a C resource and refuses clearly when the
  * phase does not allow it:
  *
- *   hub.publish, hub.subscribers, hub.presence, hub.conn
+ *   hub.publish, hub.subscribers, hub.presence_local, hub.conn
  *                                            hooks and timers (not at load)
+ *   hub.redis & co (lua_redis.c)            hooks and timers that can wait
+ *   hub.shared, hub.ratelimit               anywhere
  *   hub.after                                load, hooks, timers (load: starts
  *                                            once the policy is in service)
  *   hub.log, hub.now, hub.json.*, hub.hmac_sha256, hub.jwt_verify   anywhere
  *   conn.* and conn:*                        see lua_conn.c */
 #include "lua_api.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
@@ -27,6 +33,16 @@
 #include "luahub/proto.h"
 
 #define LOG_MAX 4000                /* bytes of one hub.log line */
+
+int hub_lua_error(lua_State *L, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    return luaL_error(L, "%s", msg);
+}
 
 const char *hub_lua_check_channel(lua_State *L, int arg, const char *fn, size_t *len)
 {
@@ -71,13 +87,13 @@ static int l_subscribers(lua_State *L)
     return 1;
 }
 
-/* hub.presence(channel): {clients = N, users = M} of this process. */
-static int l_presence(lua_State *L)
+/* hub.presence_local(channel): {clients = N, users = M} of this process. */
+static int l_presence_local(lua_State *L)
 {
-    const struct hub_policy_host *h = need_host(L, "hub.presence");
+    const struct hub_policy_host *h = need_host(L, "hub.presence_local");
     size_t clen;
     uint64_t clients, users;
-    const char *ch = hub_lua_check_channel(L, 1, "hub.presence", &clen);
+    const char *ch = hub_lua_check_channel(L, 1, "hub.presence_local", &clen);
     hub_sandbox_charge(hub_lua_policy(L), L, 16 + (int64_t)h->ops->subscribers(h->ud, ch, clen));
     h->ops->presence_local(h->ud, ch, clen, &clients, &users);
     lua_createtable(L, 0, 2);
@@ -96,7 +112,7 @@ static int l_conn(lua_State *L)
     if (!c)
         lua_pushnil(L);
     else
-        hub_lua_push_conn(hub_lua_policy(L), c);
+        hub_lua_push_conn(hub_lua_policy(L), L, c);
     return 1;
 }
 
@@ -173,7 +189,7 @@ void hub_lua_open(struct hub_policy *p)
         {"now", l_now},
         {"after", hub_lua_after},
         {"subscribers", l_subscribers},
-        {"presence", l_presence},
+        {"presence_local", l_presence_local},
         {"conn", l_conn},
         {"hmac_sha256", hub_lua_hmac_sha256},
         {"jwt_verify", hub_lua_jwt_verify},
@@ -203,6 +219,8 @@ void hub_lua_open(struct hub_policy *p)
     p->ref_pending = luaL_ref(L, LUA_REGISTRYINDEX);
 
     luaL_newlib(L, hub_fns);
+    hub_lua_redis_open(L);
+    hub_lua_shared_open(L);
     luaL_newlib(L, json_fns);
     lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_null);
     lua_setfield(L, -2, "null");

@@ -168,6 +168,26 @@ void hub_lua_limits_arm(struct hub_lua_limits *lim)
     lim->kill_where[0] = lim->oom_where[0] = '\0';
 }
 
+void hub_lua_limits_resume(struct hub_lua_limits *lim, lua_State *L, int64_t budget_left,
+                           uint64_t time_left_ns)
+{
+    lim->budget_left = budget_left;
+    lim->alloc_bytes = 0;
+    lim->deadline_ns = lim->time_limit_ns ? coarse_ns() + time_left_ns : UINT64_MAX;
+    lim->pace_ns = hub_now_ns();
+    lim->pace_count = 0;
+    if (lua_gethookcount(L) != lim->tick || lua_gethook(L) != count_hook)
+        lua_sethook(L, count_hook, LUA_MASKCOUNT, lim->tick);
+    lim->killed = 0;
+    lim->kill_where[0] = lim->oom_where[0] = '\0';
+}
+
+uint64_t hub_lua_limits_time_left(const struct hub_lua_limits *lim)
+{
+    uint64_t now = coarse_ns();
+    return lim->deadline_ns > now ? lim->deadline_ns - now : 0;
+}
+
 void hub_lua_limits_charge(struct hub_lua_limits *lim, lua_State *L, int64_t n)
 {
     if (!lim->cap_on)

@@ -74,6 +74,17 @@ void hub_lua_limits_hook(struct hub_lua_limits *lim);
  * kill_where and oom_where; sets the hook back to lim->tick. */
 void hub_lua_limits_arm(struct hub_lua_limits *lim);
 
+/* A run that was suspended (a coroutine that waited) goes on, on thread
+ * `L`: its budget is what it had left, `budget_left`, and its time limit
+ * the running time it had left, `time_left_ns` (a wait does not count);
+ * clears `killed`, kill_where and oom_where; sets L's hook back to
+ * lim->tick. */
+void hub_lua_limits_resume(struct hub_lua_limits *lim, lua_State *L, int64_t budget_left,
+                           uint64_t time_left_ns);
+
+/* The running time the run in progress has left before its time limit. */
+uint64_t hub_lua_limits_time_left(const struct hub_lua_limits *lim);
+
 /* Charges `n` instructions of C work to the run in progress (no-op while
  * the cap is off); raises the stop when the budget is out or the run is
  * past its time limit. */

@@ -3,8 +3,9 @@
  * pending) with a uv_timer_t; and the timer object's cancel method. Timers
  * made while the policy loads start once it is in service
  * (hub_lua_timers_start); a reload or the end closes them all
- * (hub_lua_timers_close). Callbacks run through hub_policy_pcall as the
- * "timer" phase (docs/internals.md, "Timers (libuv 1.44)").
+ * (hub_lua_timers_close). Callbacks run as calls of policy_call.c in the
+ * "timer" phase, which may wait on their own (hub.redis & co; nobody waits
+ * for them) (docs/internals.md, "Timers (libuv 1.44)").
  *
  * A host with a clock of its own (`luahub test`, policy.h) arms and stops
  * the timers itself and fires them with hub_policy_timer_fire; the uv
@@ -56,12 +57,12 @@ static int host_clock(const struct hub_policy *p)
     return p->host.ops && p->host.ops->timer_start;
 }
 
-/* Unlinks `t` from its policy, drops its Lua refs and closes the handle
- * (freed in the close callback) or frees it if it never started. */
-static void detach_timer(struct hub_ptimer *t)
+/* Unlinks `t` from its policy, drops its Lua refs (on `L`, the thread
+ * that runs: the main one, or a call's) and closes the handle (freed in the
+ * close callback) or frees it if it never started. */
+static void detach_timer(struct hub_ptimer *t, lua_State *L)
 {
     struct hub_policy *p = t->p;
-    lua_State *L = p->L;
     int host = host_clock(p);
 
     if (t->prev)
@@ -121,9 +122,11 @@ static void fire(struct hub_ptimer *t, uint64_t turn)
         return;
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, t->fn_ref);
-    detach_timer(t);
-    if (hub_policy_pcall(p, HUB_PHASE_TIMER, NULL, 0, 0, 0) == 0)
-        lua_settop(L, HUB_LUA_BASE);
+    detach_timer(t, L);
+    struct hub_pcall *call = hub_pcall_new(p, HUB_PHASE_TIMER, NULL, 0, NULL);
+    call->can_wait = 1;
+    if (hub_pcall_run(call, 0) != HUB_WAIT)
+        hub_pcall_free(call);
     int64_t used = p->lim.budget - p->lim.budget_left;
     p->timer_pass_used += used > TIMER_MIN_COST ? used : TIMER_MIN_COST;
 }
@@ -173,7 +176,7 @@ void hub_lua_timers_start(struct hub_policy *p)
 void hub_lua_timers_close(struct hub_policy *p)
 {
     while (p->timers)
-        detach_timer(p->timers);
+        detach_timer(p->timers, p->L);
     p->in_service = 0;
 }
 
@@ -229,7 +232,7 @@ static int l_timer_cancel(lua_State *L)
         lua_pushboolean(L, 0);
         return 1;
     }
-    detach_timer(u->t);
+    detach_timer(u->t, L);
     lua_pushboolean(L, 1);
     return 1;
 }

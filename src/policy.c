@@ -114,12 +114,15 @@ static void add_lua_err(struct hub_policy *p, struct hub_config_errors *errs,
 static void destroy(struct hub_policy *p)
 {
     if (p->L) {
+        hub_pcall_cancel_all(p, "the policy ended", &p->st);
+        hub_pcall_close(p);
         hub_lua_timers_close(p);
         lua_close(p->L);
     }
     hub_lua_jwt_keys_free(p->jwt_keys);
     free(p->module_dir);
     free(p->own_module);
+    hub_lua_shared_release();
     free(p->chunkname);
     free(p->emits);
     hub_buf_free(&p->tb);
@@ -158,6 +161,7 @@ static struct hub_policy *build(const struct hub_policy_host *host,
     p->cfg = cfg;
     p->lim.mem_max = (size_t)cfg->lua_max_memory;
     p->lim.budget = (int64_t)cfg->lua_max_instructions;
+    hub_lua_shared_hold(cfg->lua_shared_memory);
     p->phase = HUB_PHASE_IDLE;
     for (int h = 0; h < HUB_HOOK__COUNT; h++)
         p->hook_ref[h] = LUA_NOREF;
@@ -324,8 +328,10 @@ void hub_policy_free(struct hub_policy *p)
 {
     if (!p)
         return;
-    int had_timers = p->ntimers > 0;
+    int had_timers = p->ntimers > 0 || p->wait_timer;
     uv_loop_t *loop = p->host.loop;
+    /* Calls still waiting fail now; their owners are told (done()). */
+    hub_pcall_cancel_all(p, "the hub is shutting down", &p->st);
     destroy(p);
     /* Called after the loop has drained: let the timers' close callbacks
      * run so that uv_loop_close() finds no handle. */
@@ -361,7 +367,14 @@ int hub_policy_reload(struct hub_policy **policy, struct hub_config_errors *errs
     }
     if (old) {
         np->st = old->st;
-        /* the old state's conn objects die with it */
+        /* The new policy takes over now: the calls of the old one that wait
+         * fail (their owners are told, and go on with the new policy), and
+         * the old state's conn objects die with it. */
+        *policy = np;
+        if (old->nwaiting)
+            hub_log(HUB_LOG_WARN, "policy reload: %u calls of the old policy were waiting: "
+                    "they fail", old->nwaiting);
+        hub_pcall_cancel_all(old, "the policy was reloaded", &np->st);
         old->host.ops->each_conn(old->host.ud, forget_lua_object, NULL);
         destroy(old);
     }
@@ -422,6 +435,21 @@ void hub_policy_metrics(const struct hub_policy *p, struct hub_buf *b)
                    "Memory of the policy's Lua state.", p->lim.mem_used);
     hub_metric_one(b, "luahub_policy_timers", "gauge", "Pending hub.after timers.",
                    p->ntimers);
+    hub_lua_shared_metrics(b);
+    hub_metric_one(b, "luahub_policy_waiting", "gauge",
+                   "Hook and timer calls waiting (hub.redis, hub.history, hub.presence).",
+                   p->nwaiting);
+    hub_metric_one(b, "luahub_policy_waits_total", "counter",
+                   "Times a call suspended to wait.", p->st.waits);
+    hub_metric_family(b, "luahub_policy_waits_failed_total", "counter",
+                      "Waits that failed the call, by reason: lua_call_timeout passed, "
+                      "lua_max_waiting reached, the policy reloaded or ended.");
+    hub_metric_value(b, "luahub_policy_waits_failed_total", "reason=\"timeout\"",
+                     p->st.wait_timeouts);
+    hub_metric_value(b, "luahub_policy_waits_failed_total", "reason=\"limit\"",
+                     p->st.wait_refused);
+    hub_metric_value(b, "luahub_policy_waits_failed_total", "reason=\"cancelled\"",
+                     p->st.wait_cancelled);
     hub_metric_family(b, "luahub_policy_reloads_total", "counter",
                       "Policy reloads, by result.");
     hub_metric_value(b, "luahub_policy_reloads_total", "result=\"ok\"", p->st.reloads_ok);

@@ -1,9 +1,11 @@
 /* The hooks' entry points (policy.h): each pushes the conn object and the
- * hook's arguments, runs the hook through hub_policy_pcall (policy_call.c)
- * and turns what it returned into a verdict; anything unexpected is logged
- * and counted like an error, and the verdict is HUB_FAIL (deny). A hook the
- * script does not define costs nothing: the action is allowed (on_rpc:
- * refused, there is nothing to answer with). Hooks do not nest. */
+ * hook's arguments, runs the hook as a call of policy_call.c (a coroutine
+ * that may wait) and turns what it returned into a verdict in its `finish`
+ * function, at once or when the call ends after its waits; anything
+ * unexpected is logged and counted like an error, and the verdict is
+ * HUB_FAIL (deny). A hook the script does not define costs nothing: the
+ * action is allowed (on_rpc: refused, there is nothing to answer with).
+ * Hooks do not nest: one runs at a time, though many may wait. */
 #include "lua_api.h"
 
 #include <stdio.h>
@@ -195,28 +197,27 @@ static void push_req(struct hub_policy *p, const struct hub_request *r)
     }
 }
 
-enum hub_verdict hub_policy_on_connect(struct hub_policy *p, const struct hub_request *req,
-                                       uint64_t conn_id,
-                                       struct hub_connect_result *res)
+/* The protocol the hook chose must be one the client offered. */
+static int offered(const struct hub_request *req, const char *protocol)
 {
+    struct find_protocol f = {protocol, 0};
+    hub_request_list_each(req, "sec-websocket-protocol", find_protocol, &f);
+    return f.found;
+}
+
+/* The conn object at base + 1, the results after it. */
+static enum hub_verdict finish_connect(struct hub_policy *p, struct hub_pcall *call, int base,
+                                       int ok)
+{
+    lua_State *L = p->L;
+    struct hub_connect_result *res = call->res;
+    uint64_t conn_id = call->conn_id;
     char what[160];
     enum hub_verdict v = HUB_FAIL;
+    int obj = base + 1, r = base + 2;
 
-    res->status = 0;
-    res->reason[0] = '\0';
-    if (push_hook(p, HUB_HOOK_CONNECT) < 0)
-        return p && p->phase == HUB_PHASE_IDLE ? HUB_ALLOW : HUB_FAIL;
-    lua_State *L = p->L;
-    hub_lua_push_pending_conn(p, conn_id, req->peer ? req->peer : "");
-    lua_insert(L, -2);                  /* conn object below the function */
-    int obj = lua_gettop(L) - 1;
-    lua_pushvalue(L, obj);
-    push_req(p, req);
-    int rc = hub_policy_pcall(p, HUB_HOOK_CONNECT, NULL, conn_id, 2, 3);
-    if (rc < 0)
+    if (!ok)
         goto out;
-
-    int r = obj + 1;
     if (lua_type(L, r) == LUA_TBOOLEAN && lua_toboolean(L, r)) {
         v = HUB_ALLOW;
     } else if (lua_type(L, r) == LUA_TBOOLEAN) {
@@ -239,6 +240,7 @@ enum hub_verdict hub_policy_on_connect(struct hub_policy *p, const struct hub_re
             res->status = (unsigned)st;
         }
         set_reason(res->reason, sizeof(res->reason), L, r + 1);
+        set_reason(call->reason, sizeof(call->reason), L, r + 1);
         v = HUB_DENY;
     } else {
         describe_value(L, r, what, sizeof(what));
@@ -247,34 +249,113 @@ enum hub_verdict hub_policy_on_connect(struct hub_policy *p, const struct hub_re
                               "\"reason\"[, status]", what);
     }
 out:
+    /* a cancelled call (no owner) fills nothing: only ok calls have `res` */
     hub_lua_pending_done(p, obj, v == HUB_ALLOW, res);
-    lua_settop(L, HUB_LUA_BASE);
-    if (v == HUB_ALLOW && res->protocol) {
-        struct find_protocol f = {res->protocol, 0};
-        hub_request_list_each(req, "sec-websocket-protocol", find_protocol, &f);
-        if (!f.found) {
-            hub_policy_bad_return(p, HUB_HOOK_CONNECT, conn_id,
-                                  "on_connect set conn.protocol to '%.64s', which the "
-                                  "client did not offer (it must be one of req.protocols)",
-                                  res->protocol);
-            free(res->user);
-            free(res->info_json);
-            free(res->protocol);
-            res->user = res->info_json = res->protocol = NULL;
-            v = HUB_FAIL;
-        }
+    if (v == HUB_ALLOW && res->protocol && !offered(call->req, res->protocol)) {
+        hub_policy_bad_return(p, HUB_HOOK_CONNECT, conn_id,
+                              "on_connect set conn.protocol to '%.64s', which the "
+                              "client did not offer (it must be one of req.protocols)",
+                              res->protocol);
+        free(res->user);
+        free(res->info_json);
+        free(res->protocol);
+        res->user = res->info_json = res->protocol = NULL;
+        v = HUB_FAIL;
     }
     return v;
+}
+
+enum hub_verdict hub_policy_on_connect(struct hub_policy *p, const struct hub_request *req,
+                                       uint64_t conn_id,
+                                       struct hub_connect_result *res,
+                                       struct hub_policy_wait *w)
+{
+    res->status = 0;
+    res->reason[0] = '\0';
+    if (!hub_policy_has(p, HUB_HOOK_CONNECT) || p->phase != HUB_PHASE_IDLE)
+        return push_hook(p, HUB_HOOK_CONNECT) < 0 && p && p->phase == HUB_PHASE_IDLE
+                   ? HUB_ALLOW : HUB_FAIL;
+    lua_State *L = p->L;
+    struct hub_pcall *call = hub_pcall_new(p, HUB_HOOK_CONNECT, NULL, conn_id, w);
+    call->req = req;
+    call->res = res;
+    call->finish = finish_connect;
+    call->nkeep = 1;
+    call->nres = 3;
+    hub_lua_push_pending_conn(p, conn_id, req->peer ? req->peer : "");
+    push_hook(p, HUB_HOOK_CONNECT);
+    lua_pushvalue(L, -2);
+    push_req(p, req);
+    enum hub_verdict v = hub_pcall_run(call, 2);
+    if (v != HUB_WAIT)
+        hub_pcall_free(call);
+    return v;
+}
+
+/* At the first wait: the channel is the caller's until then. */
+static void detach_channel(struct hub_policy *p, struct hub_pcall *call)
+{
+    memcpy(call->ch_copy, call->ch, call->ch_len);
+    call->ch_copy[call->ch_len] = '\0';
+    call->ch = call->ch_copy;
+}
+
+/* Copies the outputs of a call that ended at once to the caller's. */
+static void copy_reason(const struct hub_pcall *call, char *reason, size_t reason_len)
+{
+    if (reason_len)
+        snprintf(reason, reason_len, "%s", call->reason);
+}
+
+static enum hub_verdict finish_subscribe(struct hub_policy *p, struct hub_pcall *call,
+                                         int base, int ok)
+{
+    lua_State *L = p->L;
+    char what[160];
+    int r = base + 1;
+
+    if (!ok)
+        return HUB_FAIL;
+    int t = lua_type(L, r);
+    if (t == LUA_TBOOLEAN && lua_toboolean(L, r)) {
+        memcpy(call->out, call->ch, call->ch_len);
+        call->out[call->ch_len] = '\0';
+        call->out_len = call->ch_len;
+        return HUB_ALLOW;
+    }
+    if (t == LUA_TBOOLEAN) {
+        set_reason(call->reason, sizeof(call->reason), L, r + 1);
+        return HUB_DENY;
+    }
+    if (t == LUA_TSTRING) {
+        size_t n;
+        const char *s = lua_tolstring(L, r, &n);
+        if (!hub_proto_channel_valid(s, n)) {
+            describe_value(L, r, what, sizeof(what));
+            hub_policy_bad_return(p, HUB_HOOK_SUBSCRIBE, call->conn_id,
+                                  "on_subscribe rewrote '%.*s' to %s, which is not a valid "
+                                  "channel name (" HUB_LUA_CHANNEL_CHARS ")",
+                                  (int)call->ch_len, call->ch, what);
+            return HUB_FAIL;
+        }
+        memcpy(call->out, s, n);
+        call->out[n] = '\0';
+        call->out_len = n;
+        return HUB_ALLOW;
+    }
+    describe_value(L, r, what, sizeof(what));
+    hub_policy_bad_return(p, HUB_HOOK_SUBSCRIBE, call->conn_id,
+                          "on_subscribe returned %s: expected true, false[, \"reason\"] or a "
+                          "channel name", what);
+    return HUB_FAIL;
 }
 
 enum hub_verdict hub_policy_on_subscribe(struct hub_policy *p, struct hub_policy_conn *c,
                                          const char *channel, size_t len,
                                          char *out, size_t *out_len,
-                                         char *reason, size_t reason_len)
+                                         char *reason, size_t reason_len,
+                                         struct hub_policy_wait *w)
 {
-    char what[160];
-    enum hub_verdict v = HUB_FAIL;
-
     if (reason_len)
         reason[0] = '\0';
     if (push_hook(p, HUB_HOOK_SUBSCRIBE) < 0) {
@@ -287,47 +368,23 @@ enum hub_verdict hub_policy_on_subscribe(struct hub_policy *p, struct hub_policy
         *out_len = len;
         return HUB_ALLOW;
     }
-    lua_State *L = p->L;
-    hub_lua_push_conn(p, c);
-    lua_pushlstring(L, channel, len);
-    if (hub_policy_pcall(p, HUB_HOOK_SUBSCRIBE, c, c->id, 2, 2) < 0)
-        goto out;
-
-    int r = HUB_LUA_BASE + 1;
-    int t = lua_type(L, r);
-    if (t == LUA_TBOOLEAN && lua_toboolean(L, r)) {
-        memcpy(out, channel, len);
-        out[len] = '\0';
-        *out_len = len;
-        v = HUB_ALLOW;
-    } else if (t == LUA_TBOOLEAN) {
-        set_reason(reason, reason_len, L, r + 1);
-        v = HUB_DENY;
-    } else if (t == LUA_TSTRING) {
-        size_t n;
-        const char *s = lua_tolstring(L, r, &n);
-        if (!hub_proto_channel_valid(s, n)) {
-            describe_value(L, r, what, sizeof(what));
-            hub_policy_bad_return(p, HUB_HOOK_SUBSCRIBE, c->id,
-                                  "on_subscribe rewrote '%.*s' to %s, which is not a valid channel "
-                                  "name (" HUB_LUA_CHANNEL_CHARS ")",
-                                  (int)len, channel, what);
-            goto out;
-        }
-        memcpy(out, s, n);
-        out[n] = '\0';
-        *out_len = n;
-        v = HUB_ALLOW;
-    } else {
-        describe_value(L, r, what, sizeof(what));
-        hub_policy_bad_return(p, HUB_HOOK_SUBSCRIBE, c->id,
-                              "on_subscribe returned %s: expected true, false[, \"reason\"] or a "
-                              "channel name", what);
+    struct hub_pcall *call = hub_pcall_new(p, HUB_HOOK_SUBSCRIBE, c, c->id, w);
+    call->ch = channel;
+    call->ch_len = len;
+    call->finish = finish_subscribe;
+    call->detach = detach_channel;
+    call->nres = 2;
+    hub_lua_push_conn(p, p->L, c);
+    lua_pushlstring(p->L, channel, len);
+    enum hub_verdict v = hub_pcall_run(call, 2);
+    if (v == HUB_WAIT)
+        return v;
+    if (v == HUB_ALLOW) {
+        memcpy(out, call->out, call->out_len + 1);
+        *out_len = call->out_len;
     }
-out:
-    if (v == HUB_FAIL)
-        set_fail_reason(reason, reason_len, HUB_HOOK_SUBSCRIBE);
-    lua_settop(L, HUB_LUA_BASE);
+    copy_reason(call, reason, reason_len);
+    hub_pcall_free(call);
     return v;
 }
 
@@ -342,21 +399,20 @@ static int add_emit(struct hub_policy *p, size_t n, const char *ch, size_t chl,
     return 0;
 }
 
-/* One message table {channel = ..., data = ...} at `t`: fills `e`.
- * `channel`/`data` of the publish are the defaults. Returns 0 or -1
- * (failure logged). */
-static int route(struct hub_policy *p, struct hub_policy_conn *c, int t, const char *channel,
-                 size_t channel_len, const char *data, size_t data_len,
+/* One message table {channel = ..., data = ...} at `t`: fills `e`. The
+ * channel and data of the publish (call->ch, call->data) are the defaults;
+ * `msg` is the msg object's index. Returns 0 or -1 (failure logged). */
+static int route(struct hub_policy *p, struct hub_pcall *call, int t, int msg,
                  struct hub_emit *e)
 {
     lua_State *L = p->L;
     char what[160];
     int has_data = 0;
 
-    e->ch = channel;
-    e->ch_len = channel_len;
-    e->data = data;
-    e->data_len = data_len;
+    e->ch = call->ch;
+    e->ch_len = call->ch_len;
+    e->data = call->data;
+    e->data_len = call->data_len;
     lua_pushnil(L);
     while (lua_next(L, t)) {
         const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
@@ -366,10 +422,10 @@ static int route(struct hub_policy *p, struct hub_policy_conn *c, int t, const c
             if (!s || !hub_proto_channel_valid(s, n)) {
                 describe_value(L, -1, what, sizeof(what));
                 lua_pop(L, 2);
-                hub_policy_bad_return(p, HUB_HOOK_PUBLISH, c->id,
+                hub_policy_bad_return(p, HUB_HOOK_PUBLISH, call->conn_id,
                                       "on_publish routed '%.*s' to channel %s, which is not "
                                       "a valid channel name (" HUB_LUA_CHANNEL_CHARS ")",
-                                      (int)channel_len, channel, what);
+                                      (int)call->ch_len, call->ch, what);
                 return -1;
             }
             e->ch = lua_tolstring(L, -1, &e->ch_len); /* anchored by the table */
@@ -378,7 +434,7 @@ static int route(struct hub_policy *p, struct hub_policy_conn *c, int t, const c
         } else {
             describe_value(L, -2, what, sizeof(what));
             lua_pop(L, 2);
-            hub_policy_bad_return(p, HUB_HOOK_PUBLISH, c->id,
+            hub_policy_bad_return(p, HUB_HOOK_PUBLISH, call->conn_id,
                                   "on_publish returned a table with the key %s: a message table "
                                   "has only channel and data", what);
             return -1;
@@ -389,13 +445,13 @@ static int route(struct hub_policy *p, struct hub_policy_conn *c, int t, const c
         return 0;
     lua_pushliteral(L, "data");
     lua_rawget(L, t);
-    if (hub_lua_is_msg(p, -1)) {
+    if (hub_lua_is_msg(p, msg, -1)) {
         lua_pop(L, 1);
-        if (!hub_lua_msg_push_decoded(p))
+        if (!hub_lua_msg_push_decoded(p, msg))
             return 0; /* the original bytes */
     }
-    if (hub_policy_encode_result(p, HUB_HOOK_PUBLISH, c->id, -1, "on_publish: data", &e->data,
-                                 &e->data_len) < 0)
+    if (hub_policy_encode_result(p, HUB_HOOK_PUBLISH, call->conn_id, -1, "on_publish: data",
+                                 &e->data, &e->data_len) < 0)
         return -1;
     lua_remove(L, -2); /* the value; its JSON stays on the stack */
     return 0;
@@ -413,52 +469,44 @@ static int is_message_table(lua_State *L, int t)
     return yes;
 }
 
-enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_policy_conn *c,
-                                       const char *channel, size_t channel_len,
-                                       const char *data, size_t data_len,
-                                       hub_emit_fn emit, void *ud,
-                                       char *reason, size_t reason_len)
+/* At the first wait: the channel and the bytes are the caller's until
+ * then; the msg object keeps a copy of the bytes (and the calls that come
+ * meanwhile get another msg object). */
+static void detach_publish(struct hub_policy *p, struct hub_pcall *call)
 {
+    detach_channel(p, call);
+    call->data = hub_lua_msg_keep(p, call->base + 1);
+}
+
+/* The msg object at base + 1, the results after it. */
+static enum hub_verdict finish_publish(struct hub_policy *p, struct hub_pcall *call, int base,
+                                       int ok)
+{
+    lua_State *L = p->L;
+    uint64_t conn_id = call->conn_id;
     char what[160];
     enum hub_verdict v = HUB_FAIL;
     size_t n = 0;
+    int msg = base + 1, r = base + 2;
 
-    if (reason_len)
-        reason[0] = '\0';
-    if (push_hook(p, HUB_HOOK_PUBLISH) < 0) {
-        if (p && p->phase != HUB_PHASE_IDLE) {
-            set_fail_reason(reason, reason_len, HUB_HOOK_PUBLISH);
-            return HUB_FAIL;
-        }
-        emit(ud, channel, channel_len, data, data_len);
-        return HUB_ALLOW;
-    }
-    lua_State *L = p->L;
-    hub_lua_push_conn(p, c);
-    lua_pushlstring(L, channel, channel_len);
-    lua_pushvalue(L, HUB_LUA_MSG);
-    hub_lua_msg_begin(p, data, data_len);
-    if (hub_policy_pcall(p, HUB_HOOK_PUBLISH, c, c->id, 3, 2) < 0)
+    if (!ok)
         goto out;
-
-    int r = HUB_LUA_BASE + 1;
     int t = lua_type(L, r);
     if (t == LUA_TBOOLEAN) {
         if (lua_toboolean(L, r)) {
             /* the fast path: the bytes as they came, no decode, no encode */
-            hub_lua_msg_end(p);
-            lua_settop(L, HUB_LUA_BASE);
-            emit(ud, channel, channel_len, data, data_len);
-            return HUB_ALLOW;
+            add_emit(p, n++, call->ch, call->ch_len, call->data, call->data_len);
+            v = HUB_ALLOW;
+            goto out;
         }
-        set_reason(reason, reason_len, L, r + 1);
+        set_reason(call->reason, sizeof(call->reason), L, r + 1);
         v = HUB_DENY;
         goto out;
     }
-    if (hub_lua_is_msg(p, r)) {
-        struct hub_emit e = {channel, data, channel_len, data_len};
-        if (hub_lua_msg_push_decoded(p) &&
-            hub_policy_encode_result(p, HUB_HOOK_PUBLISH, c->id, -1, "on_publish: msg.data",
+    if (hub_lua_is_msg(p, msg, r)) {
+        struct hub_emit e = {call->ch, call->data, call->ch_len, call->data_len};
+        if (hub_lua_msg_push_decoded(p, msg) &&
+            hub_policy_encode_result(p, HUB_HOOK_PUBLISH, conn_id, -1, "on_publish: msg.data",
                                      &e.data, &e.data_len) < 0)
             goto out;
         add_emit(p, n++, e.ch, e.ch_len, e.data, e.data_len);
@@ -467,14 +515,14 @@ enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_policy_c
     }
     if (t != LUA_TTABLE) {
         describe_value(L, r, what, sizeof(what));
-        hub_policy_bad_return(p, HUB_HOOK_PUBLISH, c->id,
+        hub_policy_bad_return(p, HUB_HOOK_PUBLISH, conn_id,
                               "on_publish returned %s: expected true, false[, \"reason\"], msg, a "
                               "table {channel = ..., data = ...} or a list of such tables", what);
         goto out;
     }
     if (is_message_table(L, r)) {
         struct hub_emit e;
-        if (route(p, c, r, channel, channel_len, data, data_len, &e) < 0)
+        if (route(p, call, r, msg, &e) < 0)
             goto out;
         add_emit(p, n++, e.ch, e.ch_len, e.data, e.data_len);
         v = HUB_ALLOW;
@@ -483,7 +531,7 @@ enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_policy_c
     /* a list of message tables (empty: publish nothing) */
     lua_Integer len = (lua_Integer)lua_rawlen(L, r), keys = 0;
     if (len > ROUTES_MAX) {
-        hub_policy_bad_return(p, HUB_HOOK_PUBLISH, c->id,
+        hub_policy_bad_return(p, HUB_HOOK_PUBLISH, conn_id,
                               "on_publish returned %lld messages: at most %d", (long long)len,
                               ROUTES_MAX);
         goto out;
@@ -496,7 +544,7 @@ enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_policy_c
         if (bad) {
             describe_value(L, lua_istable(L, -1) ? -2 : -1, what, sizeof(what));
             lua_pop(L, 2);
-            hub_policy_bad_return(p, HUB_HOOK_PUBLISH, c->id,
+            hub_policy_bad_return(p, HUB_HOOK_PUBLISH, conn_id,
                                   "on_publish returned a table that is neither a message "
                                   "{channel = ..., data = ...} nor a list of them (found %s)",
                                   what);
@@ -505,7 +553,7 @@ enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_policy_c
         lua_pop(L, 1);
     }
     if (keys != len) {
-        hub_policy_bad_return(p, HUB_HOOK_PUBLISH, c->id,
+        hub_policy_bad_return(p, HUB_HOOK_PUBLISH, conn_id,
                               "on_publish returned a list with holes: expected a list of message "
                               "tables");
         goto out;
@@ -513,13 +561,13 @@ enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_policy_c
     for (lua_Integer i = 1; i <= len; i++) {
         struct hub_emit e;
         if (!lua_checkstack(L, 8)) {
-            hub_policy_bad_return(p, HUB_HOOK_PUBLISH, c->id,
+            hub_policy_bad_return(p, HUB_HOOK_PUBLISH, conn_id,
                                   "on_publish returned too many messages");
             goto out;
         }
         lua_rawgeti(L, r, i); /* anchored by the list */
         int mt = lua_gettop(L);
-        if (route(p, c, mt, channel, channel_len, data, data_len, &e) < 0)
+        if (route(p, call, mt, msg, &e) < 0)
             goto out;
         /* leave the message table (and its JSON, if any) on the stack */
         add_emit(p, n++, e.ch, e.ch_len, e.data, e.data_len);
@@ -527,15 +575,56 @@ enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_policy_c
     v = HUB_ALLOW;
 out:
     if (v == HUB_ALLOW) {
-        /* every string is anchored on the stack until settop below */
+        /* every string is anchored on the stack (or is the caller's, or
+         * the kept copy's) until the call's stack is reset */
         for (size_t i = 0; i < n; i++)
-            emit(ud, p->emits[i].ch, p->emits[i].ch_len, p->emits[i].data,
-                 p->emits[i].data_len);
-    } else if (v == HUB_FAIL) {
-        set_fail_reason(reason, reason_len, HUB_HOOK_PUBLISH);
+            call->emit(call->emit_ud, p->emits[i].ch, p->emits[i].ch_len, p->emits[i].data,
+                       p->emits[i].data_len);
     }
-    hub_lua_msg_end(p);
-    lua_settop(L, HUB_LUA_BASE);
+    hub_lua_msg_end(p, msg);
+    return v;
+}
+
+enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_policy_conn *c,
+                                       const char *channel, size_t channel_len,
+                                       const char *data, size_t data_len,
+                                       hub_emit_fn emit, void *ud,
+                                       char *reason, size_t reason_len,
+                                       struct hub_policy_wait *w)
+{
+    if (reason_len)
+        reason[0] = '\0';
+    if (!hub_policy_has(p, HUB_HOOK_PUBLISH) || p->phase != HUB_PHASE_IDLE) {
+        if (push_hook(p, HUB_HOOK_PUBLISH) < 0 && p && p->phase != HUB_PHASE_IDLE) {
+            set_fail_reason(reason, reason_len, HUB_HOOK_PUBLISH);
+            return HUB_FAIL;
+        }
+        emit(ud, channel, channel_len, data, data_len);
+        return HUB_ALLOW;
+    }
+    lua_State *L = p->L;
+    struct hub_pcall *call = hub_pcall_new(p, HUB_HOOK_PUBLISH, c, c->id, w);
+    call->ch = channel;
+    call->ch_len = channel_len;
+    call->data = data;
+    call->data_len = data_len;
+    call->emit = emit;
+    call->emit_ud = ud;
+    call->finish = finish_publish;
+    call->detach = detach_publish;
+    call->nkeep = 1;
+    call->nres = 2;
+    lua_pushvalue(L, HUB_LUA_MSG);
+    hub_lua_msg_begin(p, HUB_LUA_MSG, data, data_len);
+    push_hook(p, HUB_HOOK_PUBLISH);
+    hub_lua_push_conn(p, L, c);
+    lua_pushlstring(L, channel, channel_len);
+    lua_pushvalue(L, HUB_LUA_MSG);
+    enum hub_verdict v = hub_pcall_run(call, 3);
+    if (v == HUB_WAIT)
+        return v;
+    copy_reason(call, reason, reason_len);
+    hub_pcall_free(call);
     return v;
 }
 
@@ -551,15 +640,42 @@ static int decode_tramp(lua_State *L)
     return 1;
 }
 
+static enum hub_verdict finish_rpc(struct hub_policy *p, struct hub_pcall *call, int base,
+                                   int ok)
+{
+    lua_State *L = p->L;
+    char what[160];
+    int r = base + 1;
+
+    if (!ok)
+        return HUB_FAIL;
+    if (lua_isnil(L, r) && !lua_isnil(L, r + 1)) {
+        if (lua_type(L, r + 1) != LUA_TSTRING) {
+            describe_value(L, r + 1, what, sizeof(what));
+            hub_policy_bad_return(p, HUB_HOOK_RPC, call->conn_id,
+                                  "on_rpc returned nil and %s: expected a result, or nil, "
+                                  "\"reason\"", what);
+            return HUB_FAIL;
+        }
+        set_reason(call->reason, sizeof(call->reason), L, r + 1);
+        return HUB_DENY;
+    }
+    const char *s;
+    size_t n;
+    if (hub_policy_encode_result(p, HUB_HOOK_RPC, call->conn_id, r, "on_rpc: the result", &s,
+                                 &n) < 0)
+        return HUB_FAIL;
+    hub_buf_append(&call->result, s, n);
+    return HUB_ALLOW;
+}
+
 enum hub_verdict hub_policy_on_rpc(struct hub_policy *p, struct hub_policy_conn *c,
                                    const char *method, size_t method_len,
                                    const char *data, size_t data_len,
                                    struct hub_buf *result,
-                                   char *reason, size_t reason_len)
+                                   char *reason, size_t reason_len,
+                                   struct hub_policy_wait *w)
 {
-    char what[160];
-    enum hub_verdict v = HUB_FAIL;
-
     if (reason_len)
         reason[0] = '\0';
     if (push_hook(p, HUB_HOOK_RPC) < 0) {
@@ -568,7 +684,7 @@ enum hub_verdict hub_policy_on_rpc(struct hub_policy *p, struct hub_policy_conn 
         return p && p->phase == HUB_PHASE_IDLE ? HUB_DENY : HUB_FAIL;
     }
     lua_State *L = p->L;
-    hub_lua_push_conn(p, c);
+    hub_lua_push_conn(p, L, c);
     lua_pushlstring(L, method, method_len);
     if (data && data_len) {
         lua_pushcfunction(L, decode_tramp);
@@ -579,49 +695,41 @@ enum hub_verdict hub_policy_on_rpc(struct hub_policy *p, struct hub_policy_conn 
         p->lim.cap_on = 0;
         if (st != LUA_OK) {
             hub_policy_fail(p, HUB_HOOK_RPC, c->id, st);
-            goto out;
+            lua_settop(L, HUB_LUA_BASE);
+            set_fail_reason(reason, reason_len, HUB_HOOK_RPC);
+            return HUB_FAIL;
         }
     } else {
         lua_pushnil(L);
     }
-    if (hub_policy_pcall(p, HUB_HOOK_RPC, c, c->id, 3, 2) < 0)
-        goto out;
-
-    int r = HUB_LUA_BASE + 1;
-    if (lua_isnil(L, r) && !lua_isnil(L, r + 1)) {
-        if (lua_type(L, r + 1) != LUA_TSTRING) {
-            describe_value(L, r + 1, what, sizeof(what));
-            hub_policy_bad_return(p, HUB_HOOK_RPC, c->id,
-                                  "on_rpc returned nil and %s: expected a result, or nil, "
-                                  "\"reason\"", what);
-            goto out;
-        }
-        set_reason(reason, reason_len, L, r + 1);
-        v = HUB_DENY;
-        goto out;
-    }
-    const char *s;
-    size_t n;
-    if (hub_policy_encode_result(p, HUB_HOOK_RPC, c->id, r, "on_rpc: the result", &s, &n) < 0)
-        goto out;
-    hub_buf_append(result, s, n);
-    v = HUB_ALLOW;
-out:
-    if (v == HUB_FAIL)
-        set_fail_reason(reason, reason_len, HUB_HOOK_RPC);
-    lua_settop(L, HUB_LUA_BASE);
+    struct hub_pcall *call = hub_pcall_new(p, HUB_HOOK_RPC, c, c->id, w);
+    call->finish = finish_rpc;
+    call->nres = 2;
+    enum hub_verdict v = hub_pcall_run(call, 3);
+    if (v == HUB_WAIT)
+        return v;
+    if (v == HUB_ALLOW)
+        hub_buf_append(result, call->result.p, call->result.len);
+    copy_reason(call, reason, reason_len);
+    hub_pcall_free(call);
     return v;
 }
 
-void hub_policy_on_unsubscribe(struct hub_policy *p, struct hub_policy_conn *c,
-                               const char *channel, size_t len)
+enum hub_verdict hub_policy_on_unsubscribe(struct hub_policy *p, struct hub_policy_conn *c,
+                                           const char *channel, size_t len,
+                                           struct hub_policy_wait *w)
 {
     if (push_hook(p, HUB_HOOK_UNSUBSCRIBE) < 0)
-        return;
-    hub_lua_push_conn(p, c);
+        return HUB_ALLOW;
+    struct hub_pcall *call = hub_pcall_new(p, HUB_HOOK_UNSUBSCRIBE, c, c->id, w);
+    call->can_wait = 1; /* with no owner, it waits on its own */
+    hub_lua_push_conn(p, p->L, c);
     lua_pushlstring(p->L, channel, len);
-    hub_policy_pcall(p, HUB_HOOK_UNSUBSCRIBE, c, c->id, 2, 0);
-    lua_settop(p->L, HUB_LUA_BASE);
+    enum hub_verdict v = hub_pcall_run(call, 2);
+    if (v == HUB_WAIT)
+        return v;
+    hub_pcall_free(call);
+    return HUB_ALLOW;
 }
 
 void hub_policy_on_disconnect(struct hub_policy *p, struct hub_policy_conn *c,
@@ -629,11 +737,15 @@ void hub_policy_on_disconnect(struct hub_policy *p, struct hub_policy_conn *c,
 {
     if (push_hook(p, HUB_HOOK_DISCONNECT) < 0)
         return;
-    hub_lua_push_conn(p, c);
+    /* The connection is going: a wait goes on without it (nobody waits for
+     * the end of on_disconnect). */
+    struct hub_pcall *call = hub_pcall_new(p, HUB_HOOK_DISCONNECT, c, c->id, NULL);
+    call->can_wait = 1;
+    hub_lua_push_conn(p, p->L, c);
     lua_pushinteger(p->L, (lua_Integer)code);
     lua_pushstring(p->L, reason ? reason : "");
-    hub_policy_pcall(p, HUB_HOOK_DISCONNECT, c, c->id, 3, 0);
-    lua_settop(p->L, HUB_LUA_BASE);
+    if (hub_pcall_run(call, 3) != HUB_WAIT)
+        hub_pcall_free(call);
 }
 
 void hub_policy_conn_gone(struct hub_policy *p, struct hub_policy_conn *c)

@@ -184,10 +184,20 @@ static int auxresume(lua_State *L, lua_State *co, int narg)
     return -1;
 }
 
+/* The threads hooks run on (policy_call.c) are the hub's: resuming one
+ * from policy code would run a waiting hook in the middle of another. */
+static void check_not_a_call(lua_State *L, const char *fn)
+{
+    if (hub_pcall_is_thread(hub_lua_policy(L), L, 1))
+        luaL_error(L, "%s: this coroutine is a hook's own (coroutine.running() in a hook): "
+                      "the hub resumes it, policy code may not", fn);
+}
+
 static int sb_coresume(lua_State *L)
 {
     lua_State *co = lua_tothread(L, 1);
     luaL_argexpected(L, co, 1, "coroutine");
+    check_not_a_call(L, "coroutine.resume");
     int r = auxresume(L, co, lua_gettop(L) - 1);
     if (r < 0) {
         lua_pushboolean(L, 0);
@@ -227,6 +237,16 @@ static int sb_cowrap(lua_State *L)
     lua_xmove(L, co, 1);
     lua_pushcclosure(L, auxwrap, 1);
     return 1;
+}
+
+/* coroutine.close (lcorolib.c's, upvalue 1) but not of a hook's thread. */
+static int sb_coclose(lua_State *L)
+{
+    check_not_a_call(L, "coroutine.close");
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
 }
 
 /* setmetatable without __gc: finalizers run outside every budget. */
@@ -565,6 +585,9 @@ static void setup(struct hub_policy *p)
     lua_setfield(L, -2, "resume");
     lua_pushcfunction(L, sb_cowrap);
     lua_setfield(L, -2, "wrap");
+    lua_getfield(L, -1, "close");
+    lua_pushcclosure(L, sb_coclose, 1);
+    lua_setfield(L, -2, "close");
     lua_pop(L, 1);
     lua_getglobal(L, LUA_OSLIBNAME);
     copy_table(L, -1, os_fns);

@@ -221,6 +221,21 @@ static int origin_allowed(const struct hub_server *srv, const struct hub_request
 
 static void pending_free(struct hub_server *srv, struct hub_conn_pending *p);
 
+/* An upgrade whose on_connect waits. */
+struct upgrade {
+    struct hub_policy_wait w;
+    struct hub_server *srv;
+    struct hub_http_conn *c;        /* held (hub_http_hold) */
+    const struct hub_request *r;    /* c's request: valid while held */
+    uint64_t id;
+    struct hub_connect_result res;
+};
+
+static void upgrade_decided(struct hub_server *srv, struct hub_http_conn *c,
+                            const struct hub_request *r, uint64_t id, enum hub_verdict v,
+                            struct hub_connect_result *res);
+static void on_connect_done(struct hub_policy_wait *w, const struct hub_policy_outcome *o);
+
 /* A complete WebSocket upgrade request (http.c): the checks and on_connect
  * run here, on the parsed request; an accepted one is handed to lws with a
  * request head of our own making (docs/internals.md, "HTTP"). */
@@ -233,7 +248,6 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
     const char *ver = hub_request_header(r, "sec-websocket-version", &vl);
     const char *host = hub_request_header(r, "host", &hl);
     struct offer o;
-    int counted = 0;                    /* in the per-address table */
 
     if (r->path_len != strlen(cfg->websocket_path) || strcmp(r->path, cfg->websocket_path)) {
         refuse(srv, c, 404, "no websocket endpoint here", NULL);
@@ -295,35 +309,79 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
             refuse(srv, c, 429, limit, NULL);
         goto out;
     }
-    counted = 1;
-
-    struct hub_connect_result res;
-    memset(&res, 0, sizeof(res));
+    /* counted in the per-address table: released by upgrade_decided, or by
+     * the pending record it makes */
     uint64_t id = hub_next_id(&srv->hub);
     if (srv->policy && hub_policy_has(srv->policy, HUB_HOOK_CONNECT)) {
-        enum hub_verdict v = hub_policy_on_connect(srv->policy, r, id, &res);
-        if (v != HUB_ALLOW) {
-            free(res.user);
-            free(res.info_json);
-            free(res.protocol);
-            unsigned status = v == HUB_FAIL ? 500 : res.status ? res.status : 403;
-            const char *why = v == HUB_FAIL ? "internal error: the connect policy failed"
-                              : res.reason[0] ? res.reason : "forbidden";
-            if (hub_request_header(r, "origin", NULL))
-                refuse_ws(srv, c, r, status, why);
-            else
-                refuse(srv, c, status, why, NULL);
+        /* on_connect may wait (hub.redis): the HTTP layer holds the request
+         * (r stays valid while held) until the hook is done, and
+         * request_timeout still bounds it */
+        struct upgrade *u = hub_xcalloc(1, sizeof(*u));
+        u->srv = srv;
+        u->c = c;
+        u->r = r;
+        u->id = id;
+        u->w.done = on_connect_done;
+        u->w.timeout_ms = (cfg->lua_call_timeout < cfg->request_timeout
+                               ? cfg->lua_call_timeout : cfg->request_timeout) * 1000u;
+        enum hub_verdict v = hub_policy_on_connect(srv->policy, r, id, &u->res, &u->w);
+        if (v == HUB_WAIT) {
+            hub_http_hold(c);
             goto out;
         }
+        upgrade_decided(srv, c, r, id, v, &u->res);
+        free(u);
+        goto out;
     }
+    struct hub_connect_result res;
+    memset(&res, 0, sizeof(res));
+    upgrade_decided(srv, c, r, id, HUB_ALLOW, &res);
+out:
+    hub_buf_free(&o.shown);
+}
+
+/* The policy decided an upgrade (or there is no on_connect: ALLOW). The
+ * address is counted in the per-address table: the pending record takes
+ * that over, or it is released here. `res` is emptied. */
+static void upgrade_decided(struct hub_server *srv, struct hub_http_conn *c,
+                            const struct hub_request *r, uint64_t id, enum hub_verdict v,
+                            struct hub_connect_result *res)
+{
+    const struct hub_config *cfg = srv->cfg;
+    size_t kl, hl;
+    const char *key = hub_request_header(r, "sec-websocket-key", &kl);
+    const char *host = hub_request_header(r, "host", &hl);
+    struct offer o;
+
+    if (v != HUB_ALLOW) {
+        free(res->user);
+        free(res->info_json);
+        free(res->protocol);
+        unsigned status = v == HUB_LIMIT ? 503 : v == HUB_FAIL ? 500
+                          : res->status ? res->status : 403;
+        const char *why = v == HUB_LIMIT ? "too many policy calls are waiting "
+                                           "(lua_max_waiting): try again later"
+                          : v == HUB_FAIL ? "internal error: the connect policy failed"
+                          : res->reason[0] ? res->reason : "forbidden";
+        if (hub_request_header(r, "origin", NULL))
+            refuse_ws(srv, c, r, status, why);
+        else
+            refuse(srv, c, status, why, NULL);
+        hub_iplimit_close(&srv->iplimit, &r->peer_ip, hub_now_ms());
+        return;
+    }
+    offer_read(&o, r);
     struct hub_conn_pending *pending = hub_xmalloc(sizeof(*pending));
-    pending->ip = r->peer_ip;
-    counted = 0;                        /* the pending record has it now */
+    pending->ip = r->peer_ip;           /* the pending record has it now */
     pending->id = id;
-    pending->user = res.user;
-    pending->info_json = res.info_json;
-    const char *echo = offer_choice(&o, res.protocol);
-    pending->protocol = echo == res.protocol ? res.protocol : echo ? hub_xstrdup(echo) : NULL;
+    pending->user = res->user;
+    pending->info_json = res->info_json;
+    const char *echo = offer_choice(&o, res->protocol);
+    pending->protocol = echo == res->protocol ? res->protocol
+                        : echo ? hub_xstrdup(echo) : NULL;
+    if (echo != res->protocol)
+        free(res->protocol);
+    res->user = res->info_json = res->protocol = NULL;
     if (o.n && !echo) {
         hub_log(HUB_LOG_INFO, "upgrade from %s refused: subprotocols offered: %s (this hub "
                 "speaks \"luahub\"; a policy may accept another with conn.protocol)", r->peer,
@@ -333,8 +391,10 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
                  "speaks \"luahub\"", o.shown.p);
         pending_free(srv, pending);
         refuse(srv, c, 400, why, NULL);
-        goto out;
+        hub_buf_free(&o.shown);
+        return;
     }
+    hub_buf_free(&o.shown);
 
     /* lws parses a head of ours: the fields it needs and nothing the
      * client may have made too large for its 4 KB header table. It gets
@@ -358,10 +418,31 @@ static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_reque
             pending_free(srv, pending);
         srv->handoff = NULL;
     }
-out:
-    if (counted)
-        hub_iplimit_close(&srv->iplimit, &r->peer_ip, hub_now_ms());
-    hub_buf_free(&o.shown);
+}
+
+/* on_connect waited and is done (or failed, or the policy went). */
+static void on_connect_done(struct hub_policy_wait *w, const struct hub_policy_outcome *o)
+{
+    struct upgrade *u = hub_container_of(w, struct upgrade, w);
+    struct hub_server *srv = u->srv;
+    enum hub_verdict v = o->verdict;
+
+    if (hub_http_closed(u->c)) {
+        /* the HTTP side stopped meanwhile (shutdown): nobody to answer */
+        free(u->res.user);
+        free(u->res.info_json);
+        free(u->res.protocol);
+        hub_iplimit_close(&srv->iplimit, &u->r->peer_ip, hub_now_ms());
+    } else {
+        if (srv->shutting_down && v == HUB_ALLOW) {
+            v = HUB_DENY;
+            u->res.status = 503;
+            snprintf(u->res.reason, sizeof(u->res.reason), "server shutting down");
+        }
+        upgrade_decided(srv, u->c, u->r, u->id, v, &u->res);
+    }
+    hub_http_release(u->c);
+    free(u);
 }
 
 /* A pending record that never became a session: its address is no longer
@@ -550,6 +631,17 @@ static void on_broker_health(void *ud, int up)
     }
 }
 
+/* policy_redis carries commands only: nothing is subscribed on it. */
+static void policy_redis_deliver(void *ud, const char *channel, size_t len, struct hub_msg *m,
+                                 const char *epoch)
+{
+}
+
+static void policy_redis_health(void *ud, int up)
+{
+    hub_log(up ? HUB_LOG_INFO : HUB_LOG_WARN, "policy_redis %s", up ? "up" : "down");
+}
+
 /* POST /api/disconnect reached this instance (from any instance). */
 static void on_disconnect_user(void *ud, const char *user, size_t len)
 {
@@ -702,6 +794,18 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
         return -1;
     }
     srv->broker->presence_ttl = cfg->presence_ttl;
+    if (cfg->policy_redis) {
+        /* hub.redis's own connection: a broker we publish nothing on, used
+         * for its commands (reconnects, timeouts, caps) */
+        srv->policy_redis = hub_broker_new(loop, cfg->policy_redis, cfg->redis_prefix,
+                                           policy_redis_deliver, policy_redis_health, srv,
+                                           err, sizeof(err));
+        if (!srv->policy_redis) {
+            hub_log(HUB_LOG_ERROR, "policy_redis: %s", err);
+            return -1;
+        }
+        srv->sessions.redis = srv->policy_redis;
+    }
     hub_init(&srv->hub, srv->broker, srv->instance, cfg);
     hub_metrics_add(render_metrics, srv);
     return 0;
@@ -954,6 +1058,8 @@ void hub_server_stop(struct hub_server *srv)
     hub_registry_stop(srv->registry); /* before the broker it talks through */
     if (srv->broker)
         srv->broker->ops->stop(srv->broker);
+    if (srv->policy_redis)
+        srv->policy_redis->ops->stop(srv->policy_redis);
     if (srv->ctx)
         lws_context_destroy(srv->ctx);
     hub_writer_stop(&srv->writer);
@@ -982,6 +1088,9 @@ void hub_server_free(struct hub_server *srv)
     if (srv->broker)
         srv->broker->ops->free(srv->broker);
     srv->broker = NULL;
+    if (srv->policy_redis)
+        srv->policy_redis->ops->free(srv->policy_redis);
+    srv->policy_redis = NULL;
     hub_writer_free(&srv->writer);
     hub_iplimit_free(&srv->iplimit);
     free(srv->trusted);

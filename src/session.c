@@ -18,6 +18,32 @@
  * closed with 4029: a client that ignores retry_in_ms. */
 #define RATE_LIMITED_MAX 100
 #define RATE_WINDOW_MS 10000
+/* Commands that may wait behind a hook of their connection that waits
+ * (hub.redis & co); past it they are answered limit_exceeded in their turn
+ * and count as protocol errors. */
+#define QUEUED_MAX 64
+
+/* A command that came while a hook of its connection waited: run in order
+ * once it is done (docs/internals.md, "How a hook waits"). */
+struct squeued {
+    struct squeued *next;
+    uint32_t len;
+    uint8_t binary;
+    uint8_t refused;                /* over QUEUED_MAX: frame[] is its raw id only */
+    char frame[];
+};
+
+/* While a hook of the connection waits, and until the commands that came
+ * meanwhile have run. */
+struct swait {
+    int kind;                       /* the op whose hook waits (HUB_OP_*), HUB_OP_NONE: none */
+    char *frame;                    /* that command (a copy) */
+    size_t len;
+    struct pending *op;             /* publish: its reply */
+    struct squeued *head, *tail;    /* commands that came meanwhile */
+    unsigned n;
+    size_t bytes;
+};
 
 static struct hub_session *of_client(struct hub_client *c)
 {
@@ -150,6 +176,8 @@ static void rate_limited(struct hub_session *s, struct hub_span id, int kind, ui
     }
 }
 
+static void count_garbage(struct hub_session *s);
+
 static void proto_error(struct hub_session *s, struct hub_span id, int code,
                         const char *message)
 {
@@ -162,10 +190,16 @@ static void proto_error(struct hub_session *s, struct hub_span id, int code,
     if (code != HUB_PERR_BAD_REQUEST && code != HUB_PERR_UNKNOWN_OP &&
         code != HUB_PERR_INVALID_CHANNEL)
         return;
-    /* A leaky bucket: each garbage error adds 1000 milli-errors, the bucket
-     * drains max_protocol_errors per PROTO_ERROR_WINDOW_MS, and going over
-     * max_protocol_errors closes. A burst of more than max errors closes at
-     * once; a client that errs now and then never does. O(1) state. */
+    count_garbage(s);
+}
+
+/* A leaky bucket: each garbage error adds 1000 milli-errors, the bucket
+ * drains max_protocol_errors per PROTO_ERROR_WINDOW_MS, and going over
+ * max_protocol_errors closes. A burst of more than max errors closes at
+ * once; a client that errs now and then never does. O(1) state. */
+static void count_garbage(struct hub_session *s)
+{
+    struct hub_sessions *ss = s->ss;
     uint64_t now = hub_now_ms(), max = ss->cfg->max_protocol_errors;
     uint64_t leak = (now - s->proto_window_ms) * max * 1000 / PROTO_ERROR_WINDOW_MS;
     s->proto_errors = leak >= s->proto_errors ? 0 : s->proto_errors - (uint32_t)leak;
@@ -186,8 +220,127 @@ static void policy_refused(struct hub_session *s, struct hub_span id, enum hub_v
 {
     if (v == HUB_DENY)
         proto_error(s, id, deny_code, reason[0] ? reason : "refused by policy");
+    else if (v == HUB_LIMIT)
+        proto_error(s, id, HUB_PERR_LIMIT_EXCEEDED, reason);
     else
         proto_error(s, id, HUB_PERR_INTERNAL, "the policy failed; the action was refused");
+}
+
+/* ---- hooks that wait ------------------------------------------------------ */
+
+/* The hook of the command being dispatched waits: the command is kept (its
+ * reply comes when the hook is done) and what comes meanwhile queues. */
+static void begin_wait(struct hub_session *s, int kind, struct pending *op)
+{
+    struct hub_sessions *ss = s->ss;
+    if (!s->sw)
+        s->sw = hub_xcalloc(1, sizeof(*s->sw));
+    s->sw->kind = kind;
+    s->sw->op = op;
+    s->sw->len = ss->cur_len;
+    s->sw->frame = hub_xmalloc(ss->cur_len ? ss->cur_len : 1);
+    if (ss->cur_len)
+        memcpy(s->sw->frame, ss->cur_frame, ss->cur_len);
+}
+
+/* A message that came while a hook waits goes to the queue. Its text is
+ * checked for UTF-8 now: a frame that is not is the connection's failure
+ * (1007), not a command's. */
+static void enqueue(struct hub_session *s, const char *p, size_t n, int binary)
+{
+    struct hub_sessions *ss = s->ss;
+    struct swait *sw = s->sw;
+    struct squeued *q;
+
+    if (!binary && !hub_proto_utf8_valid(p, n)) {
+        hub_log(HUB_LOG_INFO, "[conn %llu] text frame with invalid UTF-8: closing with 1007",
+                (unsigned long long)s->client.id);
+        ss->protocol_errors[HUB_PERR_BAD_REQUEST]++;
+        s->flags |= HUB_SESS_RX_INVALID;
+        return;
+    }
+    if (sw->n >= QUEUED_MAX || sw->bytes + n > ss->cfg->max_queue_bytes) {
+        struct hub_cmd cmd;
+        struct hub_proto_error err;
+        cmd.id.len = 0;
+        if (!binary)
+            hub_proto_decode(p, n, &cmd, &err);
+        q = hub_xmalloc(sizeof(*q) + cmd.id.len + 1);
+        q->refused = 1;
+        q->len = (uint32_t)cmd.id.len;
+        if (cmd.id.len)
+            memcpy(q->frame, cmd.id.p, cmd.id.len);
+        ss->protocol_errors[HUB_PERR_LIMIT_EXCEEDED]++;
+        count_garbage(s);
+    } else {
+        q = hub_xmalloc(sizeof(*q) + n + 1);
+        q->refused = 0;
+        q->len = (uint32_t)n;
+        memcpy(q->frame, p, n);
+        sw->bytes += n;
+    }
+    q->binary = (uint8_t)binary;
+    q->next = NULL;
+    if (sw->tail)
+        sw->tail->next = q;
+    else
+        sw->head = q;
+    sw->tail = q;
+    sw->n++;
+}
+
+static void dispatch(struct hub_session *s, const char *p, size_t n, int binary);
+
+/* Runs the queued commands, in order, until one's hook waits again; the
+ * wait state goes when nothing is left. */
+static void drain(struct hub_session *s)
+{
+    struct swait *sw;
+    while ((sw = s->sw) && sw->kind == HUB_OP_NONE && sw->head) {
+        struct squeued *q = sw->head;
+        sw->head = q->next;
+        if (!sw->head)
+            sw->tail = NULL;
+        sw->n--;
+        if (!q->refused)
+            sw->bytes -= q->len;
+        if (hub_writer_closing(&s->wc)) {
+            /* closing: nothing more is answered */
+        } else if (q->refused) {
+            char msg[128];
+            struct hub_span id = {q->frame, q->len};
+            snprintf(msg, sizeof(msg), "more than %d commands were waiting behind a policy "
+                     "call on this connection: not run", QUEUED_MAX);
+            hub_proto_encode_error(&s->ss->scratch, id, HUB_PERR_LIMIT_EXCEEDED, msg);
+            send_scratch(s); /* counted when it was refused */
+        } else {
+            dispatch(s, q->frame, q->len, q->binary);
+            hub_cull_now(s->ss->hub);
+        }
+        free(q);
+    }
+    if ((sw = s->sw) && sw->kind == HUB_OP_NONE && !sw->head) {
+        free(sw);
+        s->sw = NULL;
+    }
+}
+
+/* The connection is gone: the waiting hook is dropped, the queue too. */
+static void end_wait(struct hub_session *s)
+{
+    struct swait *sw = s->sw;
+    if (!sw)
+        return;
+    hub_policy_cancel(&s->pw);
+    while (sw->head) {
+        struct squeued *q = sw->head;
+        sw->head = q->next;
+        free(q);
+    }
+    free(sw->frame);
+    free(sw->op);
+    free(sw);
+    s->sw = NULL;
 }
 
 /* ---- replies that wait for the broker ------------------------------------ */
@@ -277,23 +430,17 @@ static int count_ok(struct hub_session *s, struct hub_span id, const char *field
     return 0;
 }
 
-static void do_subscribe(struct hub_session *s, const struct hub_cmd *cmd)
+/* The policy decided a subscribe (or there is no on_subscribe: ALLOW with
+ * the channel asked for). */
+static void subscribe_decided(struct hub_session *s, const struct hub_cmd *cmd,
+                              enum hub_verdict v, const char *name, size_t len,
+                              const char *reason)
 {
     struct hub_sessions *ss = s->ss;
-    const char *name = cmd->channel;
-    size_t len = cmd->channel_len;
-    char eff[HUB_CHANNEL_MAX + 1], reason[256];
 
-    if (cmd->rewind && !count_ok(s, cmd->id, "rewind", cmd->rewind))
+    if (v != HUB_ALLOW) {
+        policy_refused(s, cmd->id, v, reason, HUB_PERR_FORBIDDEN);
         return;
-    if (has_hook(s, HUB_HOOK_SUBSCRIBE)) {
-        enum hub_verdict v = hub_policy_on_subscribe(policy(s), &s->pc, name, len, eff, &len,
-                                                     reason, sizeof(reason));
-        if (v != HUB_ALLOW) {
-            policy_refused(s, cmd->id, v, reason, HUB_PERR_FORBIDDEN);
-            return;
-        }
-        name = eff;
     }
     struct hub_sub_req req = {.mode = HUB_SUB_PLAIN};
     if (cmd->recover.set) {
@@ -328,6 +475,26 @@ static void do_subscribe(struct hub_session *s, const struct hub_cmd *cmd)
     send_scratch(s);
 }
 
+static void do_subscribe(struct hub_session *s, const struct hub_cmd *cmd)
+{
+    char eff[HUB_CHANNEL_MAX + 1], reason[256];
+    size_t len = cmd->channel_len;
+
+    if (cmd->rewind && !count_ok(s, cmd->id, "rewind", cmd->rewind))
+        return;
+    if (!has_hook(s, HUB_HOOK_SUBSCRIBE)) {
+        subscribe_decided(s, cmd, HUB_ALLOW, cmd->channel, cmd->channel_len, "");
+        return;
+    }
+    enum hub_verdict v = hub_policy_on_subscribe(policy(s), &s->pc, cmd->channel,
+                                                 cmd->channel_len, eff, &len, reason,
+                                                 sizeof(reason), &s->pw);
+    if (v == HUB_WAIT)
+        begin_wait(s, HUB_OP_SUBSCRIBE, NULL);
+    else
+        subscribe_decided(s, cmd, v, eff, len, reason);
+}
+
 static void do_unsubscribe(struct hub_session *s, const struct hub_cmd *cmd)
 {
     struct hub_sessions *ss = s->ss;
@@ -340,8 +507,10 @@ static void do_unsubscribe(struct hub_session *s, const struct hub_cmd *cmd)
     }
     hub_proto_encode_ok(&ss->scratch, cmd->id, NULL, 0);
     send_scratch(s);
-    if (has_hook(s, HUB_HOOK_UNSUBSCRIBE))
-        hub_policy_on_unsubscribe(policy(s), &s->pc, cmd->channel, cmd->channel_len);
+    if (has_hook(s, HUB_HOOK_UNSUBSCRIBE) &&
+        hub_policy_on_unsubscribe(policy(s), &s->pc, cmd->channel, cmd->channel_len,
+                                  &s->pw) == HUB_WAIT)
+        begin_wait(s, HUB_OP_UNSUBSCRIBE, NULL);
 }
 
 /* One message of a publish was accepted or refused by the broker; the
@@ -378,26 +547,37 @@ static void emit_publish(void *ud, const char *channel, size_t channel_len,
     }
 }
 
+/* The policy decided a publish; on ALLOW its messages are in flight. */
+static void publish_decided(struct hub_session *s, const struct hub_cmd *cmd,
+                            struct pending *op, enum hub_verdict v, const char *reason)
+{
+    if (v != HUB_ALLOW) {
+        /* Emits happen only on ALLOW, so nothing is in flight. */
+        free(op);
+        policy_refused(s, cmd->id, v, reason, HUB_PERR_FORBIDDEN);
+        return;
+    }
+    on_published(op, HUB_OK, NULL); /* drops the guard: replies if all are done */
+}
+
 static void do_publish(struct hub_session *s, const struct hub_cmd *cmd)
 {
     struct pending *op = pending_new(s, cmd->id, cmd->channel, cmd->channel_len);
     char reason[256];
 
-    if (has_hook(s, HUB_HOOK_PUBLISH)) {
-        enum hub_verdict v = hub_policy_on_publish(policy(s), &s->pc, cmd->channel,
-                                                   cmd->channel_len, cmd->data.p,
-                                                   cmd->data.len, emit_publish, op,
-                                                   reason, sizeof(reason));
-        if (v != HUB_ALLOW) {
-            /* Emits happen only on ALLOW, so nothing is in flight. */
-            free(op);
-            policy_refused(s, cmd->id, v, reason, HUB_PERR_FORBIDDEN);
-            return;
-        }
-    } else {
+    if (!has_hook(s, HUB_HOOK_PUBLISH)) {
         emit_publish(op, cmd->channel, cmd->channel_len, cmd->data.p, cmd->data.len);
+        publish_decided(s, cmd, op, HUB_ALLOW, "");
+        return;
     }
-    on_published(op, HUB_OK, NULL); /* drops the guard: replies if all are done */
+    enum hub_verdict v = hub_policy_on_publish(policy(s), &s->pc, cmd->channel,
+                                               cmd->channel_len, cmd->data.p, cmd->data.len,
+                                               emit_publish, op, reason, sizeof(reason),
+                                               &s->pw);
+    if (v == HUB_WAIT)
+        begin_wait(s, HUB_OP_PUBLISH, op);
+    else
+        publish_decided(s, cmd, op, v, reason);
 }
 
 /* history and presence read a channel the client is subscribed to (by the
@@ -527,9 +707,20 @@ static void do_presence(struct hub_session *s, const struct hub_cmd *cmd, int st
                     "the broker is unavailable: presence not read, try again later");
 }
 
+static void rpc_decided(struct hub_session *s, const struct hub_cmd *cmd, enum hub_verdict v,
+                        const char *result, size_t result_len, const char *reason)
+{
+    if (v == HUB_ALLOW) {
+        struct hub_span data = {result, result_len};
+        hub_proto_encode_ok_data(&s->ss->scratch, cmd->id, data);
+        send_scratch(s);
+    } else {
+        policy_refused(s, cmd->id, v, reason, HUB_PERR_RPC_ERROR);
+    }
+}
+
 static void do_rpc(struct hub_session *s, const struct hub_cmd *cmd)
 {
-    struct hub_sessions *ss = s->ss;
     struct hub_buf result = {0};
     char reason[256];
 
@@ -540,25 +731,60 @@ static void do_rpc(struct hub_session *s, const struct hub_cmd *cmd)
     }
     enum hub_verdict v = hub_policy_on_rpc(policy(s), &s->pc, cmd->method, cmd->method_len,
                                            cmd->data.p, cmd->data.len, &result, reason,
-                                           sizeof(reason));
-    if (v == HUB_ALLOW) {
-        struct hub_span data = {result.p, result.len};
-        hub_proto_encode_ok_data(&ss->scratch, cmd->id, data);
-        send_scratch(s);
-    } else {
-        policy_refused(s, cmd->id, v, reason, HUB_PERR_RPC_ERROR);
-    }
+                                           sizeof(reason), &s->pw);
+    if (v == HUB_WAIT)
+        begin_wait(s, HUB_OP_RPC, NULL);
+    else
+        rpc_decided(s, cmd, v, result.p, result.len, reason);
     hub_buf_free(&result);
+}
+
+/* A hook of the connection that waited is done: the command it was for
+ * gets its reply (decoded again from its copy), then what queued runs. */
+static void on_hook_done(struct hub_policy_wait *w, const struct hub_policy_outcome *o)
+{
+    struct hub_session *s = hub_container_of(w, struct hub_session, pw);
+    struct swait *sw = s->sw;
+    struct hub_cmd cmd;
+    struct hub_proto_error err;
+
+    if (sw->kind != HUB_OP_UNSUBSCRIBE &&
+        hub_proto_decode(sw->frame, sw->len, &cmd, &err) == 0) {
+        switch (sw->kind) {
+        case HUB_OP_SUBSCRIBE:
+            subscribe_decided(s, &cmd, o->verdict, o->channel, o->channel_len, o->reason);
+            break;
+        case HUB_OP_PUBLISH:
+            publish_decided(s, &cmd, sw->op, o->verdict, o->reason);
+            sw->op = NULL;
+            break;
+        case HUB_OP_RPC:
+            rpc_decided(s, &cmd, o->verdict, o->result, o->result_len, o->reason);
+            break;
+        default:
+            break;
+        }
+    }
+    free(sw->op); /* a publish that could not be decoded again: never */
+    sw->op = NULL;
+    free(sw->frame);
+    sw->frame = NULL;
+    sw->kind = HUB_OP_NONE;
+    hub_cull_now(s->ss->hub);
+    drain(s);
 }
 
 /* ---- receive ------------------------------------------------------------ */
 
-static void handle(struct hub_session *s, const char *p, size_t n, int binary)
+/* Runs one message: decode, rate limits, the command. */
+static void dispatch(struct hub_session *s, const char *p, size_t n, int binary)
 {
     struct hub_cmd cmd;
     struct hub_proto_error err;
     static const struct hub_span no_id;
 
+    s->ss->cur_frame = p;
+    s->ss->cur_len = n;
     if (binary) {
         proto_error(s, no_id, HUB_PERR_BAD_REQUEST,
                     "binary frames are not supported: send each command as a JSON text frame");
@@ -621,6 +847,16 @@ static void handle(struct hub_session *s, const char *p, size_t n, int binary)
         proto_error(s, cmd.id, HUB_PERR_INTERNAL, "unhandled op");
         break;
     }
+}
+
+/* A message: run now, or queued behind a hook of this connection that
+ * waits, so that commands run and are answered in order. */
+static void handle(struct hub_session *s, const char *p, size_t n, int binary)
+{
+    if (s->sw)
+        enqueue(s, p, n, binary);
+    else
+        dispatch(s, p, n, binary);
 }
 
 /* After a message: culls what it made slow, and says whether its text was
@@ -717,6 +953,7 @@ void hub_session_open(struct hub_session *s, struct hub_sessions *ss, struct lws
 
     s->ss = ss;
     s->close_code = 1006; /* until a close frame says otherwise */
+    s->pw.done = on_hook_done;
     hub_client_add(ss->hub, &s->client, &client_ops, id);
     hub_writer_open(ss->writer, &s->wc, wsi, id);
     s->pc.id = id;
@@ -758,6 +995,8 @@ void hub_session_closed(struct hub_session *s)
         hub_client_name(ss->hub, s->client.id, client, sizeof(client));
         hub_registry_conn_close(ss->registry, client, s->flags & HUB_SESS_REGISTERED);
     }
+    /* a hook that waits is dropped, and what queued behind it */
+    end_wait(s);
     if (has_hook(s, HUB_HOOK_DISCONNECT))
         hub_policy_on_disconnect(policy(s), &s->pc, s->close_code,
                                  s->close_reason ? s->close_reason : "");
@@ -975,6 +1214,29 @@ static int h_shutting_down(void *ud)
     return ss->shutting_down;
 }
 
+/* hub.redis: policy_redis's connection, else the broker's. */
+static int h_redis(void *ud, int argc, const char **argv, const size_t *lens,
+                   hub_broker_reply_cb cb, void *cbud)
+{
+    struct hub_sessions *ss = ud;
+    struct hub_broker *b = ss->redis ? ss->redis : ss->hub->broker;
+    return b->ops->command(b, argc, argv, lens, cb, cbud);
+}
+
+static int h_history(void *ud, const char *ch, size_t len, const struct hub_history_query *q,
+                     hub_broker_history_cb cb, void *cbud)
+{
+    struct hub_sessions *ss = ud;
+    return hub_history(ss->hub, ch, len, q, cb, cbud);
+}
+
+static int h_presence(void *ud, const char *ch, size_t len, uint32_t max,
+                      hub_broker_presence_cb cb, void *cbud)
+{
+    struct hub_sessions *ss = ud;
+    return hub_presence(ss->hub, ch, len, max, cb, cbud);
+}
+
 const struct hub_policy_host_ops hub_session_policy_ops = {
     .conn = h_conn,
     .conn_named = h_conn_named,
@@ -991,4 +1253,7 @@ const struct hub_policy_host_ops hub_session_policy_ops = {
     .subscribers = h_subscribers,
     .presence_local = h_presence_local,
     .shutting_down = h_shutting_down,
+    .redis = h_redis,
+    .history = h_history,
+    .presence = h_presence,
 };

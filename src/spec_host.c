@@ -789,7 +789,7 @@ static unsigned decide(struct hub_spec_world *w, const struct hub_request *r, ui
     unsigned status = 0;
     enum hub_verdict v = HUB_ALLOW;
     if (hub_policy_has(w->policy, HUB_HOOK_CONNECT))
-        v = hub_policy_on_connect(w->policy, r, id, res);
+        v = hub_policy_on_connect(w->policy, r, id, res, NULL);
     if (v != HUB_ALLOW) {
         status = v == HUB_FAIL ? 500 : res->status ? res->status : 403;
         snprintf(why, why_len, "%s", v == HUB_FAIL ? "internal error: the connect policy failed"
@@ -900,7 +900,7 @@ static void do_subscribe(struct hub_spec_world *w, lua_State *L, int t, struct s
 
     if (hub_policy_has(w->policy, HUB_HOOK_SUBSCRIBE)) {
         enum hub_verdict v = hub_policy_on_subscribe(w->policy, &c->pc, name, len, eff, &len,
-                                                     reason, sizeof(reason));
+                                                     reason, sizeof(reason), NULL);
         if (v != HUB_ALLOW) {
             reply_refused(L, t, v, reason, "forbidden");
             return;
@@ -930,7 +930,7 @@ static void do_unsubscribe(struct hub_spec_world *w, lua_State *L, int t, struct
     }
     reply_ok(L, t);
     if (hub_policy_has(w->policy, HUB_HOOK_UNSUBSCRIBE))
-        hub_policy_on_unsubscribe(w->policy, &c->pc, cmd->channel, cmd->channel_len);
+        hub_policy_on_unsubscribe(w->policy, &c->pc, cmd->channel, cmd->channel_len, NULL);
 }
 
 static void do_publish(struct hub_spec_world *w, lua_State *L, int t, struct sconn *c,
@@ -942,7 +942,7 @@ static void do_publish(struct hub_spec_world *w, lua_State *L, int t, struct sco
         enum hub_verdict v = hub_policy_on_publish(w->policy, &c->pc, cmd->channel,
                                                    cmd->channel_len, cmd->data.p,
                                                    cmd->data.len, emit, w, reason,
-                                                   sizeof(reason));
+                                                   sizeof(reason), NULL);
         if (v != HUB_ALLOW) {
             reply_refused(L, t, v, reason, "forbidden");
             return;
@@ -965,7 +965,7 @@ static void do_rpc(struct hub_spec_world *w, lua_State *L, int t, struct sconn *
     }
     enum hub_verdict v = hub_policy_on_rpc(w->policy, &c->pc, cmd->method, cmd->method_len,
                                            cmd->data.p, cmd->data.len, &result, reason,
-                                           sizeof(reason));
+                                           sizeof(reason), NULL);
     if (v == HUB_ALLOW) {
         reply_ok(L, t);
         lua_pushlstring(L, result.p, result.len);

@@ -136,6 +136,32 @@ typedef void (*hub_broker_deliver_fn)(void *ud, const char *channel, size_t len,
  * second plus command_timeout_ms, with or without traffic. */
 typedef void (*hub_broker_health_fn)(void *ud, int up);
 
+/* A Redis reply to a command (ops->command), converted from hiredis so that
+ * callers need no hiredis header. Strings are `len` bytes followed by a NUL. */
+enum hub_broker_reply_type {
+    HUB_REPLY_NIL = 0,
+    HUB_REPLY_INTEGER,
+    HUB_REPLY_STRING,
+    HUB_REPLY_STATUS,      /* "+OK" */
+    HUB_REPLY_ERROR,       /* Redis answered with an error ("-ERR ...") */
+    HUB_REPLY_ARRAY,
+};
+
+struct hub_broker_reply {
+    int type;                               /* enum hub_broker_reply_type */
+    long long integer;                      /* INTEGER */
+    const char *str;                        /* STRING, STATUS, ERROR */
+    size_t len;
+    size_t n;                               /* ARRAY: number of elements */
+    const struct hub_broker_reply *elem;    /* ARRAY: n elements */
+};
+
+/* Completion of a command: HUB_OK with the reply (borrowed: valid during
+ * the call only; it may be of type HUB_REPLY_ERROR), or HUB_EUNAVAILABLE
+ * with reply NULL (connection lost or timed out before the answer, or
+ * stop()). Called exactly once. */
+typedef void (*hub_broker_reply_cb)(void *ud, int status, const struct hub_broker_reply *reply);
+
 struct hub_broker_ops {
     const char *name;
     /* 1 when deliveries reach this process only (memory): the hub then
@@ -200,6 +226,14 @@ struct hub_broker_ops {
      * call ends it, however many subscribe() calls came before). Pending
      * subscribe callbacks of the channel fire CANCELED before it returns. */
     void (*unsubscribe)(struct hub_broker *b, const char *channel, size_t len);
+    /* One Redis command (argv[0..argc) with byte lengths `lens`, borrowed
+     * until it returns) on the command connection of the first server:
+     * returns 0 and calls `cb` (may be NULL) exactly once, never before it
+     * returns; or HUB_EUNAVAILABLE (not connected, pending cap reached)
+     * without calling it. Never (P)SUBSCRIBE, MULTI or blocking commands:
+     * the connection is shared with PUBLISH. memory: HUB_ENOTAVAIL. */
+    int (*command)(struct hub_broker *b, int argc, const char **argv, const size_t *lens,
+                   hub_broker_reply_cb cb, void *ud);
     /* 1 when connected (memory: always). */
     int (*up)(const struct hub_broker *b);
     /* Appends its Prometheus metrics. */

@@ -72,6 +72,11 @@ struct hub_config {
                                      * may return; 300 */
     uint32_t presence_max;          /* clients one presence answer lists; 1000 */
     uint32_t presence_ttl;          /* s: a presence entry not refreshed is gone; 60 */
+
+    char *policy_redis;             /* redis:// URL for hub.redis, or NULL: the broker's */
+    uint32_t lua_call_timeout;      /* s: a hook call that waits ends by then; 1 */
+    uint32_t lua_max_waiting;       /* hook calls waiting at once; 10000 */
+    uint64_t lua_shared_memory;     /* bytes of hub.shared; 16 MiB */
 };
 
 /* Every problem found, as "FILE:LINE: message" strings. */

@@ -34,7 +34,9 @@ struct hub_http_routes {
     void (*request)(void *ud, struct hub_http_conn *c, const struct hub_request *r);
     /* A complete request with "Upgrade: websocket" (and no body). The
      * handler answers (a refusal) or takes the socket with hub_http_take()
-     * before it returns. */
+     * before it returns, or holds `c` (hub_http_hold) and does either
+     * later: `r` then stays valid until the answer or the take (nothing
+     * more is read from a connection whose request is being handled). */
     void (*upgrade)(void *ud, struct hub_http_conn *c, const struct hub_request *r);
 };
 

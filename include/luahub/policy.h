@@ -10,7 +10,12 @@
  * not run another hook.
  *
  * Decisions fall back to deny: a hook that raises, runs out of budget or
- * returns something unexpected refuses the action with `internal`. */
+ * returns something unexpected refuses the action with `internal`.
+ *
+ * A hook runs as a coroutine and may wait (hub.redis, hub.history,
+ * hub.presence): its entry point then returns HUB_WAIT and the verdict
+ * comes later through the caller's struct hub_policy_wait (see there;
+ * docs/internals.md, "How a hook waits"). */
 #ifndef LUAHUB_POLICY_H
 #define LUAHUB_POLICY_H
 
@@ -19,6 +24,7 @@
 
 #include <uv.h>
 
+#include "luahub/broker.h"
 #include "luahub/config.h"
 #include "luahub/proto.h"
 #include "luahub/request.h"
@@ -39,10 +45,14 @@ enum hub_verdict {
     HUB_ALLOW = 0,      /* go ahead (possibly rewritten) */
     HUB_DENY,           /* the script refused: `reason` says why */
     HUB_FAIL,           /* the script failed (error, budget, bad return): deny with `internal` */
+    HUB_LIMIT,          /* the call would have waited past lua_max_waiting: deny with
+                         * `limit_exceeded` */
+    HUB_WAIT,           /* (entry points only) the call waits: w->done() tells the rest */
 };
 
 struct hub_policy;
 struct hub_ptimer;          /* a hub.after timer (owned by the policy) */
+struct hub_pcall;
 
 /* A connection as the policy sees it: part of the host's session, valid
  * while the connection is open (until hub_policy_conn_gone). The policy
@@ -112,6 +122,21 @@ struct hub_policy_host_ops {
      * "chunk:line: message" (borrowed). Called for every failure, before
      * the log's rate limit. */
     void (*failed)(void *ud, const char *hook, uint64_t conn_id, const char *what);
+    /* What hooks may wait for. Each returns 0 and calls `cb` exactly once
+     * (redis: never before it returns; history and presence: possibly
+     * before), or a negative HUB_E* code without calling it. Arguments are
+     * borrowed until it returns; what `cb` gets is borrowed for the call.
+     * NULL: not available (HUB_ENOTAVAIL).
+     * redis: one command on the policy's Redis (policy_redis, else the redis
+     * broker's command connection): HUB_ENOTAVAIL without one,
+     * HUB_EUNAVAILABLE when it is down or over its pending cap. */
+    int (*redis)(void *ud, int argc, const char **argv, const size_t *lens,
+                 hub_broker_reply_cb cb, void *cbud);
+    /* hub_history() / hub_presence() of the hub (include/luahub/hub.h). */
+    int (*history)(void *ud, const char *ch, size_t len, const struct hub_history_query *q,
+                   hub_broker_history_cb cb, void *cbud);
+    int (*presence)(void *ud, const char *ch, size_t len, uint32_t max,
+                    hub_broker_presence_cb cb, void *cbud);
 };
 
 struct hub_policy_host {
@@ -156,6 +181,37 @@ int hub_policy_reload(struct hub_policy **policy, struct hub_config_errors *errs
  * so a policy without hooks costs nothing. */
 int hub_policy_has(const struct hub_policy *p, enum hub_hook h);
 
+/* What a hook that waited decided, for w->done(). Every pointer is
+ * borrowed for the duration of done(). */
+struct hub_policy_outcome {
+    enum hub_verdict verdict;       /* ALLOW, DENY, FAIL or LIMIT */
+    const char *reason;             /* DENY: the refusal; FAIL/LIMIT: why ("" if none) */
+    const char *channel;            /* on_subscribe ALLOW: the effective channel */
+    size_t channel_len;
+    const char *result;             /* on_rpc ALLOW: the JSON of the result */
+    size_t result_len;
+};
+
+/* A hook call that may wait, owned by its caller (embed it where the
+ * outputs of the hook live). Give it to an entry point with `done` set
+ * (and timeout_ms, 0 for lua_call_timeout); if the entry point returns
+ * HUB_WAIT, done() is called exactly once, later (from a Redis reply, the
+ * deadline, a reload or the policy's end; never from inside another hook),
+ * unless the caller calls hub_policy_cancel() first. The output parameters
+ * of the entry point are not written then: done() gets the outcome, and for
+ * on_publish `emit` is called before it, on ALLOW. done() may run hooks
+ * again. A NULL `w` means the caller cannot wait: hub.redis & co raise. */
+struct hub_policy_wait {
+    void (*done)(struct hub_policy_wait *w, const struct hub_policy_outcome *o);
+    uint32_t timeout_ms;            /* the call's deadline; 0: lua_call_timeout */
+    struct hub_pcall *call;         /* private: the waiting call, NULL if none */
+};
+
+/* The caller goes away (a connection closed): the waiting call is dropped
+ * (its coroutine is never resumed) and done() is not called. No-op when
+ * nothing waits. */
+void hub_policy_cancel(struct hub_policy_wait *w);
+
 /* What on_connect decided. `user` and `info_json` are new allocations (or
  * NULL) that the caller owns and moves into the connection. */
 struct hub_connect_result {
@@ -167,12 +223,14 @@ struct hub_connect_result {
 };
 
 /* on_connect(conn, req) for the WebSocket upgrade request `req`
- * (borrowed), before the upgrade is answered. `conn_id` is the id the
- * connection will get. conn:send/close/subscribe are not available yet
- * (they raise). */
+ * (borrowed; when the call waits, until done()), before the upgrade is
+ * answered. `conn_id` is the id the connection will get. conn:send/close/
+ * subscribe are not available yet (they raise). `res` must stay valid until
+ * done() too: it is filled before done() is called. */
 enum hub_verdict hub_policy_on_connect(struct hub_policy *p, const struct hub_request *req,
                                        uint64_t conn_id,
-                                       struct hub_connect_result *res);
+                                       struct hub_connect_result *res,
+                                       struct hub_policy_wait *w);
 
 /* on_subscribe(conn, channel): on ALLOW, `out` (HUB_CHANNEL_MAX + 1 bytes)
  * holds the effective channel (the same one, or the valid name the hook
@@ -181,7 +239,8 @@ enum hub_verdict hub_policy_on_connect(struct hub_policy *p, const struct hub_re
 enum hub_verdict hub_policy_on_subscribe(struct hub_policy *p, struct hub_policy_conn *c,
                                          const char *channel, size_t len,
                                          char *out, size_t *out_len,
-                                         char *reason, size_t reason_len);
+                                         char *reason, size_t reason_len,
+                                         struct hub_policy_wait *w);
 
 /* Called by on_publish once per message to publish: channel valid, data
  * valid JSON; both borrowed for the duration of the call. */
@@ -191,12 +250,14 @@ typedef void (*hub_emit_fn)(void *ud, const char *channel, size_t channel_len,
 /* on_publish(conn, channel, msg): on ALLOW, `emit` has been called for each
  * message the hook let through or produced (once with the original bytes
  * when the hook returned true). Emits happen only on ALLOW, after the hook
- * returned, so a failing hook publishes nothing. */
+ * returned, so a failing hook publishes nothing. A call that waits copies
+ * `channel` and `data`; `ud` must stay valid until done(). */
 enum hub_verdict hub_policy_on_publish(struct hub_policy *p, struct hub_policy_conn *c,
                                        const char *channel, size_t channel_len,
                                        const char *data, size_t data_len,
                                        hub_emit_fn emit, void *ud,
-                                       char *reason, size_t reason_len);
+                                       char *reason, size_t reason_len,
+                                       struct hub_policy_wait *w);
 
 /* on_rpc(conn, method, data): on ALLOW, `result` holds the JSON of the
  * returned value (null if none); on DENY `reason` is the rpc_error text. */
@@ -204,11 +265,16 @@ enum hub_verdict hub_policy_on_rpc(struct hub_policy *p, struct hub_policy_conn 
                                    const char *method, size_t method_len,
                                    const char *data, size_t data_len,
                                    struct hub_buf *result,
-                                   char *reason, size_t reason_len);
+                                   char *reason, size_t reason_len,
+                                   struct hub_policy_wait *w);
 
-/* Notifications; return values of the hooks are ignored. */
-void hub_policy_on_unsubscribe(struct hub_policy *p, struct hub_policy_conn *c,
-                               const char *channel, size_t len);
+/* Notifications; return values of the hooks are ignored. on_unsubscribe
+ * returns HUB_WAIT when it waits (w->done() follows; its outcome means
+ * nothing), else HUB_ALLOW. on_disconnect may wait too, on its own: the
+ * connection is gone by then, and nobody is told when it ends. */
+enum hub_verdict hub_policy_on_unsubscribe(struct hub_policy *p, struct hub_policy_conn *c,
+                                           const char *channel, size_t len,
+                                           struct hub_policy_wait *w);
 void hub_policy_on_disconnect(struct hub_policy *p, struct hub_policy_conn *c,
                               unsigned code, const char *reason);
 

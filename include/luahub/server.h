@@ -58,6 +58,7 @@ struct hub_server {
     struct hub_policy_host policy_host;
     struct hub hub;
     struct hub_broker *broker;      /* memory or redis */
+    struct hub_broker *policy_redis; /* the conf's policy_redis (hub.redis), or NULL */
     struct hub_registry *registry;  /* instance heartbeat, who is connected where */
     struct hub_writer writer;
 

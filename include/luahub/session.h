@@ -13,9 +13,13 @@
  *
  * Loop thread only.
  *
+ * A hook that waits (hub.redis & co) holds its connection's later
+ * commands: they queue (at most 64, then limit_exceeded) and run in order
+ * once it is done, so replies keep the command order.
+ *
  * Ownership: a session's memory is lws's per-session data; what it
- * allocates (reassembly buffer, pending replies, user, info) it frees in
- * hub_session_closed(). struct hub_sessions borrows every module it points
+ * allocates (reassembly buffer, pending replies, user, info, the queue
+ * behind a waiting hook) it frees in hub_session_closed(). struct hub_sessions borrows every module it points
  * to from the embedder. Re-entrancy: replies completed by the broker or the
  * policy find their session by id, never by pointer. */
 #ifndef LUAHUB_SESSION_H
@@ -32,6 +36,7 @@
 
 struct hub_config;
 struct hub_registry;
+struct swait;
 
 /* What on_connect decided for a connection, carried from the upgrade
  * request (server.c) to its session. Owned by whoever holds it: the
@@ -56,7 +61,10 @@ struct hub_sessions {
     struct hub_policy **policy;     /* the current policy (reloads swap it) */
     struct hub_registry *registry;  /* NULL until the server has started */
     struct hub_iplimit *iplimit;    /* connections per address (released at close) */
+    struct hub_broker *redis;       /* policy_redis (hub.redis), or NULL: the broker's */
     struct hub_buf scratch;         /* reply encoding, reused */
+    const char *cur_frame;          /* the message being dispatched (borrowed) */
+    size_t cur_len;
     int shutting_down;
     /* Called when the last session closed after hub_sessions_shutdown(). */
     void (*all_gone)(void *ud);
@@ -97,6 +105,8 @@ struct hub_session {
     size_t entry_len;
     const char *entry_user, *entry_info; /* the pc.user and pc.info it was built from */
     uint16_t close_code;            /* close code sent or received (1006 if none) */
+    struct hub_policy_wait pw;      /* a hook of this connection that waits */
+    struct swait *sw;               /* ... and the commands queued behind it (session.c) */
 };
 
 /* ESTABLISHED: the session starts (`s` zeroed by lws), takes `pending`

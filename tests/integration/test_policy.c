@@ -705,7 +705,7 @@ static const char *HUB_POLICY =
     "    local e = hub.json.array() local t = {e = e}\n"
     "    hub.json.encode(t) return {rawequal(t.e, e), getmetatable(t.e) ~= nil}\n"
     "  end\n"
-    "  if method == 'presence' then return hub.presence(data) end\n"
+    "  if method == 'presence' then return hub.presence_local(data) end\n"
     "end\n";
 
 START_TEST(hub_functions)
@@ -734,7 +734,7 @@ START_TEST(hub_functions)
     free(rpc_error(c, "arr_mark", NULL, "internal"));
     hub_log_wait(h, "the table already has a metatable", HT_WAIT_MS);
     hub_log_wait(h, "holds the string hub.json.array uses internally", HT_WAIT_MS);
-    /* hub.presence: this process's clients and users in a channel */
+    /* hub.presence_local: this process's clients and users in a channel */
     t = rpc_text(c, "presence", "\"pres\"");   /* key order is cjson's */
     expect_contains(t, "\"clients\":0");
     expect_contains(t, "\"users\":0");

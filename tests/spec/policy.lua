@@ -77,7 +77,7 @@ function methods.bad_timer()
     hub.after(1, function() local x = nil; return x.y end)
     return true
 end
-function methods.presence(conn, data) return hub.presence(data) end
+function methods.presence(conn, data) return hub.presence_local(data) end
 function methods.kick(conn, data)
     local other = hub.conn(data)
     return other and other:close(4000, "by " .. (conn.user or "?"))

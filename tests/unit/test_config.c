@@ -1001,7 +1001,7 @@ START_TEST(t_shipped_conf)
         l = s + len;
     }
     all[n] = '\0';
-    ck_assert_uint_eq(uncommented, 13); /* all but listen, websocket_path, static_dir */
+    ck_assert_uint_eq(uncommented, 17); /* all but listen, websocket_path, static_dir */
     put("conf/policy.lua", "-- allow all\n");
     put("conf/all.conf", all);
     hub_config_free(&c);
@@ -1158,6 +1158,25 @@ START_TEST(t_channels)
     ck_assert_str_eq(hub_config_channel(&c, "feed:1", 6)->pattern, "*");
     ck_assert_str_eq(hub_config_channel(&c, "room:", 5)->pattern, "room:*");
     ck_assert_str_eq(hub_config_channel(&c, "other", 5)->pattern, "*");
+}
+END_TEST
+
+/* The keys of hooks that wait, and their defaults. */
+START_TEST(t_wait_keys)
+{
+    load_ok("listen = \"127.0.0.1:1\"\n");
+    ck_assert_ptr_null(c.policy_redis);
+    ck_assert_uint_eq(c.lua_call_timeout, 1);
+    ck_assert_uint_eq(c.lua_max_waiting, 10000);
+    ck_assert_uint_eq(c.lua_shared_memory, 16 * MiB);
+    hub_config_free(&c);
+    hub_config_defaults(&c);
+    load_ok("policy_redis = \"redis://:pw@127.0.0.1:6380/3\"\nlua_call_timeout = 5\n"
+            "lua_max_waiting = 7\nlua_shared_memory = \"1MiB\"\n");
+    ck_assert_str_eq(c.policy_redis, "redis://:pw@127.0.0.1:6380/3");
+    ck_assert_uint_eq(c.lua_call_timeout, 5);
+    ck_assert_uint_eq(c.lua_max_waiting, 7);
+    ck_assert_uint_eq(c.lua_shared_memory, 1 * MiB);
 }
 END_TEST
 
@@ -1322,6 +1341,18 @@ static const struct {
      ":1: max_connections_per_ip: -5 is out of range (0..10000000)"},
     {"connect_rate_per_ip = \"fast\"\n",
      ":1: connect_rate_per_ip: expected an integer, got string"},
+    /* hooks that wait (docs/lua.md, "Waiting: Redis, history, presence") */
+    {"policy_redis = \"memory\"\n",
+     ":1: policy_redis: must be one redis://[[user]:password@]host[:port][/db] URL"},
+    {"policy_redis = \"redis://a:1 redis://b:2\"\n",
+     ":1: policy_redis: must be one redis://[[user]:password@]host[:port][/db] URL"},
+    {"policy_redis = \"redis://x:0\"\n",
+     ":1: policy_redis: broker URL \"redis://x:0\": bad port \"0\" (expected 1-65535)"},
+    {"lua_call_timeout = 0\n", ":1: lua_call_timeout: 0 is out of range (1..300)"},
+    {"lua_call_timeout = 0.5\n", ":1: lua_call_timeout: expected a whole number of seconds, got 0.5"},
+    {"lua_max_waiting = 0\n", ":1: lua_max_waiting: 0 is out of range (1..1000000)"},
+    {"lua_shared_memory = \"1KiB\"\n",
+     ":1: lua_shared_memory: 1KiB is out of range (64KiB..16GiB)"},
 };
 
 START_TEST(t_one_error)
@@ -1353,6 +1384,7 @@ static Suite *config_suite(void)
     tcase_add_test(tc, t_reload_same_struct);
     tcase_add_test(tc, t_channels);
     tcase_add_test(tc, t_channels_defaults);
+    tcase_add_test(tc, t_wait_keys);
     tcase_add_test(tc, t_channels_all_problems);
 
     TC("file");

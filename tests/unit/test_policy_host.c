@@ -231,22 +231,74 @@ static enum hub_verdict publish(struct hub_policy *p, const char *ch, const char
 {
     memset(e, 0, sizeof *e);
     return hub_policy_on_publish(p, &conn, ch, strlen(ch), data, strlen(data), emit, e,
-                                 reason, 256);
+                                 reason, 256, NULL);
 }
 
-/* on_rpc with `method`; returns the verdict, the JSON result in `out`. */
-static enum hub_verdict rpc(struct hub_policy *p, const char *method, const char *data,
-                            char *out, size_t n)
+/* on_rpc with `method` for a caller that can wait (`w`) or not (NULL);
+ * returns the verdict, the JSON result in `out`. */
+static enum hub_verdict rpc_w(struct hub_policy *p, const char *method, const char *data,
+                              char *out, size_t n, struct hub_policy_wait *w)
 {
     struct hub_buf res = {0};
     char reason[256];
     enum hub_verdict v = hub_policy_on_rpc(p, &conn, method, strlen(method), data,
                                            data ? strlen(data) : 0, &res, reason,
-                                           sizeof reason);
+                                           sizeof reason, w);
     snprintf(out, n, "%s", v == HUB_ALLOW ? (res.p ? res.p : "") : reason);
     hub_buf_free(&res);
     return v;
 }
+
+static enum hub_verdict rpc(struct hub_policy *p, const char *method, const char *data,
+                            char *out, size_t n)
+{
+    return rpc_w(p, method, data, out, n, NULL);
+}
+
+/* ---- calls as coroutines (docs/internals.md, "How a hook waits") -------- */
+
+static void never_done(struct hub_policy_wait *w, const struct hub_policy_outcome *o)
+{
+    (void)w;
+    (void)o;
+    ck_abort_msg("done() called for a call that did not wait");
+}
+
+START_TEST(hooks_run_as_coroutines)
+{
+    struct hub_policy *p = load(
+        "function on_rpc(c, m, d)\n"
+        "  if m == 'yieldable' then return {coroutine.isyieldable(), coroutine.running() ~= nil} end\n"
+        "  if m == 'redis' then local ok, e = pcall(hub.redis, 'GET', 'x') return e end\n"
+        "  if m == 'set' then return hub.shared.set('k', d) end\n"
+        "  if m == 'get' then return hub.shared.get('k') end\n"
+        "  if m == 'rl' then return {hub.ratelimit('u', 1, 2)} end\n"
+        "end\n");
+    struct hub_policy_wait w = {.done = never_done};
+    char out[512];
+    ck_assert_int_eq(rpc(p, "yieldable", NULL, out, sizeof out), HUB_ALLOW);
+    ck_assert_str_eq(out, "[true,true]");
+    /* a caller that cannot wait */
+    ck_assert_int_eq(rpc(p, "redis", NULL, out, sizeof out), HUB_ALLOW);
+    ck_assert_msg(strstr(out, "hub.redis is not available here: this call cannot wait"), "%s",
+                  out);
+    /* a host without Redis */
+    ck_assert_int_eq(rpc_w(p, "redis", NULL, out, sizeof out, &w), HUB_ALLOW);
+    ck_assert_msg(strstr(out, "hub.redis: there is no Redis to talk to"), "%s", out);
+    ck_assert_ptr_null(w.call);
+    /* hub.shared survives a reload; hub.ratelimit allows a burst, then not */
+    ck_assert_int_eq(rpc(p, "set", "\"kept\"", out, sizeof out), HUB_ALLOW);
+    ck_assert_int_eq(hub_policy_reload(&p, NULL), 0);
+    ck_assert_int_eq(rpc(p, "get", NULL, out, sizeof out), HUB_ALLOW);
+    ck_assert_str_eq(out, "\"kept\"");
+    ck_assert_int_eq(rpc(p, "rl", NULL, out, sizeof out), HUB_ALLOW);
+    ck_assert_str_eq(out, "[true,0]");
+    ck_assert_int_eq(rpc(p, "rl", NULL, out, sizeof out), HUB_ALLOW);
+    ck_assert_int_eq(rpc(p, "rl", NULL, out, sizeof out), HUB_ALLOW);
+    ck_assert_msg(!strncmp(out, "[false,0.", 9), "%s", out);
+    unload(p);
+}
+END_TEST
 
 /* ---- sandbox ------------------------------------------------------------ */
 
@@ -303,7 +355,7 @@ START_TEST(publish_true_emits_the_original_bytes)
     hub_buf_appends(&b, data);
     memset(&e, 0, sizeof e);
     ck_assert_int_eq(hub_policy_on_publish(p, &conn, "c", 1, b.p, b.len, emit, &e, reason,
-                                           sizeof reason), HUB_ALLOW);
+                                           sizeof reason, NULL), HUB_ALLOW);
     ck_assert_int_eq(e.n, 1);
     ck_assert_ptr_eq(e.data[0], b.p); /* the same bytes: no decode, no copy */
     hub_buf_free(&b);
@@ -442,15 +494,15 @@ START_TEST(subscribe_forms)
         "end\n");
     char out[HUB_CHANNEL_MAX + 1], reason[256];
     size_t n;
-    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "inbox", 5, out, &n, reason, 256), HUB_ALLOW);
+    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "inbox", 5, out, &n, reason, 256, NULL), HUB_ALLOW);
     ck_assert_str_eq(out, "inbox:test-7");
     ck_assert_int_eq(n, 12);
-    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "room", 4, out, &n, reason, 256), HUB_ALLOW);
+    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "room", 4, out, &n, reason, 256, NULL), HUB_ALLOW);
     ck_assert_str_eq(out, "room");
-    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "no", 2, out, &n, reason, 256), HUB_DENY);
+    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "no", 2, out, &n, reason, 256, NULL), HUB_DENY);
     ck_assert_str_eq(reason, "closed");
-    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "bad", 3, out, &n, reason, 256), HUB_FAIL);
-    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "nil", 3, out, &n, reason, 256), HUB_FAIL);
+    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "bad", 3, out, &n, reason, 256, NULL), HUB_FAIL);
+    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "nil", 3, out, &n, reason, 256, NULL), HUB_FAIL);
     unload(p);
 }
 END_TEST
@@ -534,7 +586,7 @@ START_TEST(absent_hooks_allow)
     /* absent hooks allow, untouched */
     ck_assert_int_eq(publish(p, "c", "1", &e, reason), HUB_ALLOW);
     ck_assert_int_eq(e.n, 1);
-    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "c", 1, out, &n, reason, 256), HUB_ALLOW);
+    ck_assert_int_eq(hub_policy_on_subscribe(p, &conn, "c", 1, out, &n, reason, 256, NULL), HUB_ALLOW);
     ck_assert_str_eq(out, "c");
     unload(p);
 }
@@ -605,7 +657,7 @@ START_TEST(bounded_library_matches_lua)
         struct hub_buf res = {0};
         snprintf(range, sizeof range, "[%d,%d]", i, i + BATCH - 1);
         enum hub_verdict v = hub_policy_on_rpc(p, &conn, "range", 5, range, strlen(range), &res,
-                                               reason, sizeof reason);
+                                               reason, sizeof reason, NULL);
         ck_assert_msg(v == HUB_ALLOW, "cases %s failed in the sandbox: %s", range, reason);
         /* the result is a JSON string; the serialiser emits no character
          * that JSON escapes */
@@ -743,6 +795,7 @@ static Suite *suite(void)
     tcase_add_test(tc, bounded_library_matches_lua);
     tcase_add_test(tc, c_work_is_charged);
     tcase_add_test(tc, time_limit_stops_slow_instructions);
+    tcase_add_test(tc, hooks_run_as_coroutines);
     suite_add_tcase(s, tc);
     return s;
 }
