@@ -23,14 +23,24 @@
  *             connection (not subscribed) that sends a WebSocket PING and a
  *             protocol ping op on a fixed schedule during the run and
  *             records their round trips.
+ *             On history channels (the subscribe reply has an epoch) every
+ *             delivery's offset is checked: the last one + 1.
  *   idle      N subscribed connections held for --hold seconds; server RSS
- *             per connection from /proc/PID/status.
+ *             per connection from /proc/PID/status. --expect-joins: the
+ *             set-up lasts until the join events of presence channels
+ *             with join_leave have come.
  *   connrate  connect, upgrade, subscribe, wait for the ack, close; --count
  *             connections, --inflight at a time.
+ *   recover   N subscribers on C history channels, each keeping its
+ *             channel's offset and epoch; all close; --burst K per channel
+ *             are published; all reconnect at once and subscribe with
+ *             recover: the time and server CPU until every one has caught
+ *             up, with the offsets checked.
  * Server CPU is utime+stime of the --server-pid processes over the measured
  * window (/proc/PID/stat), divided by deliveries or connections.
  * --aux-pid processes (a redis-server) are metered the same way and reported
- * apart; --sub-ports spreads the subscribers over several servers (luahub
+ * apart, and --redis-port reads its INFO before and after the measured
+ * window (commands and script calls processed); --sub-ports spreads the subscribers over several servers (luahub
  * processes meeting through Redis) while the publishers use --port.
  * --bind-src A binds worker i's sockets to A + i (127.0.0.x), so 100,000
  * connections from several workers do not run out of ephemeral ports.
@@ -82,7 +92,7 @@
 #define FLOW_DONE 0x80000000u     /* flow counter: publish complete */
 #define PROBE_RING 4096u          /* probe sequence -> send time */
 
-enum mode { M_FANOUT, M_IDLE, M_CONNRATE };
+enum mode { M_FANOUT, M_IDLE, M_CONNRATE, M_RECOVER };
 enum target { T_LUAHUB, T_NCHAN };
 enum pubkind { P_WS, P_HTTP };
 enum role { R_SUB, R_WSPUB, R_HTTPPUB, R_CR, R_CTRL, R_PROBE, R_EVENT };
@@ -112,6 +122,8 @@ static struct {
     int n_sub_ports;
     uint32_t bind_src; /* --bind-src, host order; 0: the kernel chooses */
     int verbose, quickack, server_core;
+    int redis_port;   /* --redis-port: INFO of the run's redis-server */
+    int expect_joins; /* idle: the set-up ends when the joins have come */
 } O = {
     .mode = M_FANOUT, .target = T_LUAHUB, .pub = P_WS, .host = "127.0.0.1",
     .ws_path = "/ws", .api_path = "/api/publish", .sub_prefix = "/sub/",
@@ -128,13 +140,27 @@ static uint32_t g_npub;          /* publisher slots for ordering checks */
 
 /* ---- counters shared with the parent ---------------------------------- */
 
+/* A worker's counters that the parent sums (sum_stats). Frames of other
+ * ops than deliveries on subscribed connections: join, leave, reset. On
+ * history channels (the subscribe reply had an epoch) every delivery's
+ * offset must be the last one + 1: off_gaps counts the offsets skipped,
+ * off_dups the deliveries at or below the last one, off_missing those
+ * without an offset. --mode recover: the reconnect's replies (recovered
+ * true / false, missed) and its connections (resubs_*). */
+#define WSTAT_COUNTERS(X)                                                        \
+    X(subs_ok) X(subs_failed) X(dropped) X(delivered) X(unique) X(dup)           \
+    X(reordered) X(lost) X(bad) X(other) X(out_of_range) X(cr_ok) X(cr_failed)   \
+    X(pings) X(complete_subs) X(expected) X(cr_close_errors)                     \
+    X(cpu_run_ns) /* this process's CPU from ready to done */                   \
+    X(joins) X(leaves) X(resets) X(off_checked) X(off_gaps) X(off_dups)          \
+    X(off_missing) X(epoch_changes) X(recovered) X(unrecovered) X(missed)        \
+    X(resubs_ok) X(resubs_failed)
+
 struct wstats {
-    uint64_t subs_ok, subs_failed, dropped, delivered, unique, dup, reordered,
-        lost, bad, other, out_of_range;
+#define WSTAT_FIELD(f) uint64_t f;
+    WSTAT_COUNTERS(WSTAT_FIELD)
+#undef WSTAT_FIELD
     uint64_t first_rx, last_rx, lat_max;
-    uint64_t cr_ok, cr_failed;
-    uint64_t pings, complete_subs, expected, cr_close_errors;
-    uint64_t cpu_run_ns; /* this process's CPU from ready to done */
     int last_close_code;
     uint64_t hist[HIST_N];
 };
@@ -142,6 +168,7 @@ struct wstats {
 struct shared {
     struct wstats w[MAX_PROCS];
     uint64_t flow_done;  /* --flow: publishes delivered to every subscriber */
+    uint64_t t_storm;    /* --mode recover: when the reconnect began */
     uint32_t expected[]; /* per channel: publishes the server acknowledged */
 };
 
@@ -441,6 +468,70 @@ static int64_t core_busy_ticks(void)
 
 static double ticks_to_s(int64_t t) { return (double)t / (double)sysconf(_SC_CLK_TCK); }
 
+/* ---- Redis INFO (--redis-port) ------------------------------------------ */
+
+/* One `INFO all` of the run's redis-server: commands processed (Redis
+ * counts those a script calls like any other), script calls (EVALSHA and
+ * EVAL) and used_memory. */
+struct redis_info {
+    bool ok;
+    uint64_t cmds, scripts, mem;
+};
+
+static uint64_t info_field(const char *text, const char *key)
+{
+    const char *m = strstr(text, key);
+    return m ? strtoull(m + strlen(key), NULL, 10) : 0;
+}
+
+/* Blocking, 2 s per read or write: it runs between the measured phases
+ * (an INFO costs Redis some 50 µs). A failure is reported as null. */
+static struct redis_info redis_sample(void)
+{
+    struct redis_info r = {0};
+    if (!O.redis_port)
+        return r;
+    struct sockaddr_in a = O.addr;
+    a.sin_port = htons((uint16_t)O.redis_port);
+    struct timeval tv = {.tv_sec = 2};
+    size_t cap = 1u << 20, len = 0, want = 0;
+    char *buf = xcalloc(1, cap + 1);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) ||
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) ||
+        connect(fd, (const struct sockaddr *)&a, sizeof a) ||
+        write(fd, "INFO all\r\n", 10) != 10)
+        goto out;
+    /* The answer is one bulk string: $<length>\r\n<text>\r\n. */
+    while (len < cap && (!want || len < want)) {
+        ssize_t k = read(fd, buf + len, cap - len);
+        if (k <= 0)
+            goto out;
+        len += (size_t)k;
+        buf[len] = 0;
+        const char *eol = strstr(buf, "\r\n");
+        if (!want && eol) {
+            if (buf[0] != '$')
+                goto out;
+            want = (size_t)(eol + 2 - buf) + strtoull(buf + 1, NULL, 10) + 2;
+        }
+    }
+    if (!want || len < want)
+        goto out;
+    r.cmds = info_field(buf, "\ntotal_commands_processed:");
+    r.scripts = info_field(buf, "\ncmdstat_evalsha:calls=") + info_field(buf, "\ncmdstat_eval:calls=");
+    r.mem = info_field(buf, "\nused_memory:");
+    r.ok = true;
+out:
+    if (!r.ok)
+        warnx_("INFO from redis at port %d failed: %s", O.redis_port,
+               len ? "unexpected answer" : strerror(errno));
+    if (fd >= 0)
+        close(fd);
+    free(buf);
+    return r;
+}
+
 /* ---- connections ------------------------------------------------------ */
 
 struct wbuf {
@@ -465,6 +556,12 @@ struct conn {
     uint32_t inflight; /* ws publisher: publishes without their reply */
     uint8_t *seen;     /* subscriber: bitmap by sequence number */
     int32_t *last;     /* subscriber: last sequence per publisher slot */
+    /* Subscriber on a history channel (docs/protocol.md, "History
+     * channels"): its position, kept across a --mode recover reconnect. */
+    uint8_t hist;      /* the subscribe reply had an epoch */
+    uint8_t recover;   /* resubscribe with recover from (off, epoch) */
+    uint64_t off;      /* the last offset it has */
+    char epoch[40];
 };
 
 static int g_ep = -1;
@@ -1063,7 +1160,11 @@ static void send_subscribe(struct conn *c)
 {
     char chan[300];
     channel_name(c->chan, chan, sizeof chan);
-    int n = snprintf(g_tmp, g_tmp_cap, "{\"op\":\"subscribe\",\"channel\":\"%s\",\"id\":1}", chan);
+    int n = snprintf(g_tmp, g_tmp_cap, "{\"op\":\"subscribe\",\"channel\":\"%s\",\"id\":1", chan);
+    if (c->recover)
+        n += snprintf(g_tmp + n, g_tmp_cap - (size_t)n,
+                      ",\"recover\":{\"offset\":%" PRIu64 ",\"epoch\":\"%s\"}", c->off, c->epoch);
+    n += snprintf(g_tmp + n, g_tmp_cap - (size_t)n, "}");
     ws_put(c, 0x1, g_tmp, (size_t)n);
     c->state = S_SUBACK;
     conn_flush(c);
@@ -1079,6 +1180,8 @@ static void sub_mark_finished(struct conn *c)
 
 static void cr_next(void);
 
+static void sub_check_done(struct conn *c);
+
 /* The subscription is active (luahub ack, or Nchan's 101). */
 static void sub_ready(struct conn *c)
 {
@@ -1089,10 +1192,14 @@ static void sub_ready(struct conn *c)
         ws_close(c, 1000);
         return;
     }
-    g_st->subs_ok++;
+    if (c->recover) /* --mode recover: the reconnect */
+        g_st->resubs_ok++;
+    else
+        g_st->subs_ok++;
     __atomic_add_fetch(&g_subs_chan[c->chan], 1, __ATOMIC_RELAXED);
     g_opening--;
     g_resolved++;
+    sub_check_done(c);
 }
 
 static uint32_t parse_u(const char **pp, const char *end)
@@ -1115,19 +1222,59 @@ static uint64_t parse_u64(const char **pp, const char *end)
     return v;
 }
 
-/* A delivery: find "lgp":P,"lgs":S,"lgt":T anywhere in the frame, so the
- * same code reads luahub's envelope and Nchan's raw body. */
-/* The value of "key": in p..end, a non-negative integer, or false. */
-static bool find_u64(const char *p, const char *end, const char *key, uint64_t *out)
+/* What follows the first (or, `last`, the last) "key" in p..end, or NULL.
+ * The last: a delivery's offset comes after its data, which may hold
+ * anything. */
+static const char *find_key(const char *p, const char *end, const char *key, bool last)
 {
-    const char *m = memmem(p, (size_t)(end - p), key, strlen(key));
-    if (!m)
-        return false;
-    m += strlen(key);
-    if (m >= end || *m < '0' || *m > '9')
+    size_t kl = strlen(key);
+    if ((size_t)(end - p) < kl)
+        return NULL;
+    if (!last) {
+        const char *m = memmem(p, (size_t)(end - p), key, kl);
+        return m ? m + kl : NULL;
+    }
+    for (const char *m = end - kl; m >= p; m--)
+        if (*m == *key && !memcmp(m, key, kl))
+            return m + kl;
+    return NULL;
+}
+
+/* The value of "key": in p..end, a non-negative integer, or false. */
+static bool find_u64_at(const char *p, const char *end, const char *key, bool last,
+                        uint64_t *out)
+{
+    const char *m = find_key(p, end, key, last);
+    if (!m || m >= end || *m < '0' || *m > '9')
         return false;
     *out = parse_u64(&m, end);
     return true;
+}
+
+static bool find_u64(const char *p, const char *end, const char *key, uint64_t *out)
+{
+    return find_u64_at(p, end, key, false, out);
+}
+
+/* The string value of "key" (given with its opening quote, e.g.
+ * "\"epoch\":\""), without escapes (epochs are hex), in out[cap]; or false. */
+static bool find_str(const char *p, const char *end, const char *key, bool last, char *out,
+                     size_t cap)
+{
+    const char *m = find_key(p, end, key, last);
+    const char *q = m ? memchr(m, '"', (size_t)(end - m)) : NULL;
+    if (!q || (size_t)(q - m) >= cap)
+        return false;
+    memcpy(out, m, (size_t)(q - m));
+    out[q - m] = 0;
+    return true;
+}
+
+/* Does frame p[0..n) start {"op":"<op>"? */
+static bool op_is(const char *p, size_t n, const char *op)
+{
+    size_t ol = strlen(op);
+    return n > 8 + ol && !memcmp(p, "{\"op\":\"", 7) && !memcmp(p + 7, op, ol) && p[7 + ol] == '"';
 }
 
 /* --flow: publish j (channel j % C, sequence j / C) is complete once its
@@ -1159,6 +1306,72 @@ static void flow_count(uint64_t j)
         v >= __atomic_load_n(&g_subs_chan[j % O.channels], __ATOMIC_RELAXED) &&
         flow_try_complete(j))
         g_flow_wake = 1; /* loop_once() wakes the parent once per round */
+}
+
+/* A delivery on a history channel: its offset must be the last one + 1
+ * (docs/protocol.md, "Deliveries"). A delivery that names another epoch
+ * starts a new stream: its offset is taken as it is. */
+static void check_offset(struct conn *c, const char *p, const char *end)
+{
+    char epoch[sizeof c->epoch];
+    uint64_t off;
+    bool new_epoch = false;
+    if (find_str(p, end, "\"epoch\":\"", true, epoch, sizeof epoch) && strcmp(epoch, c->epoch)) {
+        g_st->epoch_changes++;
+        memcpy(c->epoch, epoch, sizeof epoch);
+        new_epoch = true;
+    }
+    if (!find_u64_at(p, end, "\"offset\":", true, &off)) {
+        g_st->off_missing++;
+        return;
+    }
+    g_st->off_checked++;
+    if (new_epoch)
+        c->off = off;
+    else if (off <= c->off)
+        g_st->off_dups++;
+    else {
+        g_st->off_gaps += off - c->off - 1;
+        c->off = off;
+    }
+}
+
+/* {"op":"reset","channel":C,"offset":N,"epoch":E}: what came before N is
+ * lost for good; deliveries go on from N + 1. */
+static void on_reset(struct conn *c, const char *p, size_t n)
+{
+    uint64_t off;
+    g_st->resets++;
+    if (find_u64(p, p + n, "\"offset\":", &off))
+        c->off = off;
+    find_str(p, p + n, "\"epoch\":\"", false, c->epoch, sizeof c->epoch);
+}
+
+/* The subscribe reply's position on a history channel (its epoch says it
+ * is one) and, with recover, whether the missed messages follow: when not
+ * (recovered:false) the client would reload its state and go on from the
+ * channel's current offset. */
+static void sub_reply(struct conn *c, const char *p, size_t n)
+{
+    const char *end = p + n;
+    char epoch[sizeof c->epoch];
+    uint64_t top = 0, missed = 0;
+    c->hist = find_str(p, end, "\"epoch\":\"", false, epoch, sizeof epoch);
+    if (!c->hist)
+        return;
+    find_u64(p, end, "\"offset\":", &top);
+    if (c->recover) {
+        if (find_u64(p, end, "\"missed\":", &missed))
+            g_st->missed += missed;
+        if (memmem(p, n, "\"recovered\":true", 16)) {
+            g_st->recovered++;
+            return;
+        }
+        g_st->unrecovered++;
+        sub_mark_finished(c); /* what it missed will not come */
+    }
+    c->off = top;
+    memcpy(c->epoch, epoch, sizeof epoch);
 }
 
 static void on_delivery(struct conn *c, const char *p, size_t n)
@@ -1194,11 +1407,14 @@ static void on_delivery(struct conn *c, const char *p, size_t n)
         seq = (uint32_t)s64;
     }
     g_st->delivered++;
+    if (c->hist)
+        check_offset(c, p, end);
     if (!g_st->first_rx)
         g_st->first_rx = g_now;
     g_st->last_rx = g_now;
     ts += g_t_base;
-    hist_add(g_st, g_now > ts ? g_now - ts : 0);
+    if (O.mode != M_RECOVER) /* there the histogram is the catch-up time */
+        hist_add(g_st, g_now > ts ? g_now - ts : 0);
     if (seq >= g_max_per_chan || pub >= g_npub) {
         g_st->out_of_range++;
         return;
@@ -1217,8 +1433,32 @@ static void on_delivery(struct conn *c, const char *p, size_t n)
         g_st->reordered++;
     else
         c->last[pub] = (int32_t)seq;
-    if (g_phase == PH_FINAL && c->unique >= g_sh->expected[c->chan])
-        sub_mark_finished(c);
+    sub_check_done(c);
+}
+
+/* Publishing is over (PH_FINAL) and c has every message the server
+ * acknowledged on its channel. --mode recover: how long it took since the
+ * reconnect began goes into the histogram. */
+static void sub_check_done(struct conn *c)
+{
+    if (g_phase != PH_FINAL || c->complete || c->unique < g_sh->expected[c->chan])
+        return;
+    if (O.mode == M_RECOVER)
+        hist_add(g_st, g_now - g_sh->t_storm);
+    sub_mark_finished(c);
+}
+
+/* A frame on a subscribed connection: a delivery, or another push. */
+static void on_push(struct conn *c, const char *p, size_t n)
+{
+    if (op_is(p, n, "join"))
+        g_st->joins++;
+    else if (op_is(p, n, "leave"))
+        g_st->leaves++;
+    else if (op_is(p, n, "reset"))
+        on_reset(c, p, n);
+    else
+        on_delivery(c, p, n);
 }
 
 static void ack_reply(struct conn *c, const char *p, size_t n);
@@ -1230,14 +1470,20 @@ static void on_message(struct conn *c, int op, char *p, size_t n)
     case R_SUB:
     case R_CR:
         if (c->state == S_READY && c->role == R_SUB) {
-            on_delivery(c, p, n);
+            on_push(c, p, n);
         } else if (c->state == S_WELCOME) {
             if (memmem(p, n, "\"welcome\"", 9))
                 send_subscribe(c);
             else
                 g_st->other++;
+        } else if (c->state == S_SUBACK && c->role == R_SUB && n > 6 &&
+                   !memcmp(p, "{\"op\":", 6)) {
+            /* A push before our reply (with Redis, another client's join). */
+            on_push(c, p, n);
         } else if (c->state == S_SUBACK) {
             if (memmem(p, n, "\"ok\":true", 9)) {
+                if (c->role == R_SUB)
+                    sub_reply(c, p, n);
                 sub_ready(c);
             } else {
                 if (O.verbose)
@@ -1266,13 +1512,16 @@ static void on_message(struct conn *c, int op, char *p, size_t n)
     }
 }
 
-/* Opens subscribers up to the concurrency limit. */
+/* Opens subscribers up to the concurrency limit (in --mode recover's
+ * reconnect, those that were subscribed before). */
 static void subs_open_more(void)
 {
     while (g_next_open < g_nconns && g_opening < O.connect_inflight) {
         struct conn *c = &g_conns[g_next_open];
         uint32_t i = g_first + g_next_open;
         g_next_open++;
+        if (g_phase == PH_FINAL && !c->recover)
+            continue;
         g_opening++;
         conn_start(c, R_SUB, i, i % O.channels);
     }
@@ -1642,7 +1891,10 @@ static void conn_dead(struct conn *c, const char *why)
         /* Subscribers only close on their own in PH_CLOSE: any earlier end
          * of a subscribed connection is the server dropping it. */
         if (!c->subscribed) {
-            g_st->subs_failed++;
+            if (c->recover)
+                g_st->resubs_failed++;
+            else
+                g_st->subs_failed++;
             g_opening--;
             g_resolved++;
         } else if (g_phase < PH_CLOSE) {
@@ -1803,6 +2055,62 @@ static void worker_wait_cmd(char want, double max_s)
         _exit(4); /* the parent is gone or stuck: don't linger */
 }
 
+/* Waits up to wait_s until every subscriber is finished, then counts
+ * what each lacks of its channel's acknowledged publishes: the subscribed
+ * ones, or (`storm`) every one that took part in the reconnect. */
+static void worker_finish(uint32_t n, double wait_s, bool storm)
+{
+    uint64_t dl = g_now + secs(wait_s);
+    while (g_finished < n && g_now < dl && g_cmd != 'X') {
+        loop_once(ms_until(dl, 100));
+        if (storm)
+            subs_open_more();
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        struct conn *c = &g_conns[i];
+        uint32_t exp = g_sh->expected[c->chan];
+        if (storm ? !c->recover : !c->subscribed)
+            continue;
+        g_st->expected += exp;
+        if (exp > c->unique)
+            g_st->lost += exp - c->unique;
+    }
+}
+
+/* --mode recover, after the set-up: on 'K' every subscriber closes,
+ * keeping its channel's offset and epoch ('G' when all are closed); on 'C'
+ * all reconnect (--connect-inflight at a time) and subscribe with recover.
+ * One is finished when it has every message the server acknowledged on
+ * its channel meanwhile, or its reply said recovered:false, or it failed;
+ * --timeout bounds the whole reconnect. */
+static void worker_storm(uint32_t n, double slack)
+{
+    worker_wait_cmd('K', slack);
+    g_phase = PH_CLOSE; /* these closes are ours, not drops */
+    for (uint32_t i = 0; i < n; i++)
+        g_conns[i].recover = g_conns[i].subscribed && g_conns[i].hist;
+    close_all(g_conns, n, 10);
+    ctrl_send(g_ctl_fd, 'G');
+    worker_wait_cmd('C', slack);
+    g_phase = PH_FINAL;
+    g_next_open = g_opening = g_resolved = g_finished = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        struct conn *c = &g_conns[i];
+        c->complete = 0;
+        if (!c->recover) /* never subscribed: takes no part */
+            sub_mark_finished(c);
+    }
+    subs_open_more();
+    worker_finish(n, O.timeout, true);
+    for (uint32_t i = 0; i < n; i++) { /* still opening at the timeout */
+        struct conn *c = &g_conns[i];
+        if (c->recover && c->state != S_DEAD && c->state < S_READY) {
+            conn_release(c);
+            g_st->resubs_failed++;
+        }
+    }
+}
+
 static void worker_main(int proc, int fd, uint32_t first, uint32_t n)
 {
     g_proc = proc;
@@ -1847,7 +2155,7 @@ static void worker_main(int proc, int fd, uint32_t first, uint32_t n)
         _exit(0);
     }
 
-    /* fanout and idle: open and subscribe everyone, then report ready. */
+    /* fanout, idle, recover: open and subscribe everyone, report ready. */
     size_t bm = (g_max_per_chan + 7) / 8;
     for (uint32_t i = 0; i < n; i++) {
         char *mem = xcalloc(1, g_npub * sizeof(int32_t) + bm);
@@ -1876,27 +2184,19 @@ static void worker_main(int proc, int fd, uint32_t first, uint32_t n)
     g_phase = PH_RUN;
     uint64_t cpu_ready = self_cpu_ns();
     ctrl_send(fd, 'R');
-    worker_wait_cmd('F', parent_slack);
-
-    /* Publishing is over: wait until every live subscriber has everything
-     * the server acknowledged, or the drain timeout. */
-    g_phase = PH_FINAL;
-    for (uint32_t i = 0; i < n; i++) {
-        struct conn *c = &g_conns[i];
-        if (c->state != S_READY || c->unique >= g_sh->expected[c->chan])
-            sub_mark_finished(c);
-    }
-    dl = g_now + secs(O.mode == M_FANOUT ? O.drain : 1);
-    while (g_finished < n && g_now < dl && g_cmd != 'X')
-        loop_once(ms_until(dl, 100));
-    for (uint32_t i = 0; i < n; i++) {
-        struct conn *c = &g_conns[i];
-        uint32_t exp = g_sh->expected[c->chan];
-        if (!c->subscribed)
-            continue;
-        g_st->expected += exp;
-        if (exp > c->unique)
-            g_st->lost += exp - c->unique;
+    if (O.mode == M_RECOVER) {
+        worker_storm(n, parent_slack);
+    } else {
+        worker_wait_cmd('F', parent_slack);
+        /* Publishing is over: wait until every live subscriber has
+         * everything the server acknowledged, or the drain timeout. */
+        g_phase = PH_FINAL;
+        for (uint32_t i = 0; i < n; i++) {
+            struct conn *c = &g_conns[i];
+            if (c->state != S_READY || c->unique >= g_sh->expected[c->chan])
+                sub_mark_finished(c);
+        }
+        worker_finish(n, O.mode == M_FANOUT ? O.drain : 1, false);
     }
     g_st->complete_subs = g_finished;
     g_st->cpu_run_ns = self_cpu_ns() - cpu_ready;
@@ -1922,7 +2222,7 @@ static void on_ctrl_worker(struct conn *c)
 
 static pid_t g_kids[MAX_PROCS];
 static int g_nkids;
-static uint32_t g_kid_ready, g_kid_done;
+static uint32_t g_kid_ready, g_kid_done, g_kid_gone;
 
 static void on_ctrl(struct conn *c)
 {
@@ -1949,6 +2249,8 @@ static void on_ctrl(struct conn *c)
             g_kid_ready++;
         else if (b[i] == 'D')
             g_kid_done++;
+        else if (b[i] == 'G')
+            g_kid_gone++;
     }
 }
 
@@ -2040,24 +2342,9 @@ static void sum_stats(void)
     memset(&g_sum, 0, sizeof g_sum);
     for (int p = 0; p < g_nkids; p++) {
         struct wstats *w = &g_sh->w[p];
-        g_sum.subs_ok += w->subs_ok;
-        g_sum.subs_failed += w->subs_failed;
-        g_sum.dropped += w->dropped;
-        g_sum.delivered += w->delivered;
-        g_sum.unique += w->unique;
-        g_sum.dup += w->dup;
-        g_sum.reordered += w->reordered;
-        g_sum.lost += w->lost;
-        g_sum.bad += w->bad;
-        g_sum.other += w->other;
-        g_sum.out_of_range += w->out_of_range;
-        g_sum.cr_ok += w->cr_ok;
-        g_sum.cr_failed += w->cr_failed;
-        g_sum.pings += w->pings;
-        g_sum.complete_subs += w->complete_subs;
-        g_sum.expected += w->expected;
-        g_sum.cr_close_errors += w->cr_close_errors;
-        g_sum.cpu_run_ns += w->cpu_run_ns;
+#define WSTAT_SUM(f) g_sum.f += w->f;
+        WSTAT_COUNTERS(WSTAT_SUM)
+#undef WSTAT_SUM
         if (w->last_close_code)
             g_sum.last_close_code = w->last_close_code;
         if (w->first_rx && (!g_sum.first_rx || w->first_rx < g_sum.first_rx))
@@ -2114,7 +2401,7 @@ static void json_latency(const char *k)
 
 static void json_head(void)
 {
-    static const char *modes[] = {"fanout", "idle", "connrate"};
+    static const char *modes[] = {"fanout", "idle", "connrate", "recover"};
     printf("{\"mode\":\"%s\"", modes[O.mode]);
     json_str("target", O.target == T_LUAHUB ? "luahub" : "nchan");
     if (*O.label)
@@ -2149,29 +2436,91 @@ static void json_kb_per_conn(const char *what, int64_t before, int64_t held, uin
     json_num(k, before < 0 || held < 0 || !conns ? NAN : (double)(held - before) / (double)conns);
 }
 
+/* redis_cmds and redis_scripts between two samples, and per second of the
+ * window between them (--redis-port; null when a sample failed). The INFO
+ * of the first sample is counted in the second: one less. Returns
+ * redis_cmds (NAN: none). */
+/* The offset checks on history channels and the other pushes the
+ * subscribers got (see WSTAT_COUNTERS). */
+static void json_pushes(void)
+{
+    json_u("off_checked", g_sum.off_checked);
+    json_u("off_gaps", g_sum.off_gaps);
+    json_u("off_dups", g_sum.off_dups);
+    json_u("off_missing", g_sum.off_missing);
+    json_u("epoch_changes", g_sum.epoch_changes);
+    json_u("resets", g_sum.resets);
+    json_u("joins", g_sum.joins);
+    json_u("leaves", g_sum.leaves);
+}
+
+/* The publishes, what the subscribers got of the `expected` deliveries
+ * (acknowledged publishes times their channel's subscribers), the offset
+ * checks; `complete` (all expected came), and `clean`: complete and
+ * nothing else went wrong. */
+static void json_deliveries(uint64_t expected, bool complete)
+{
+    json_u("published", g_next_pub);
+    json_u("pub_acked", g_acked);
+    json_u("pub_failed", g_pub_failed);
+    json_u("expected", expected);
+    json_u("delivered", g_sum.delivered);
+    json_u("unique", g_sum.unique);
+    json_u("lost", g_sum.lost);
+    json_u("dup", g_sum.dup);
+    json_u("reordered", g_sum.reordered);
+    json_u("bad", g_sum.bad + g_sum.out_of_range);
+    json_u("other_frames", g_sum.other);
+    json_u("dropped_conns", g_sum.dropped);
+    json_pushes();
+    bool offsets_ok = !g_sum.off_gaps && !g_sum.off_dups && !g_sum.off_missing && !g_sum.resets;
+    printf(",\"complete\":%s", complete ? "true" : "false");
+    printf(",\"clean\":%s", complete && !g_sum.dup && !g_sum.reordered && !g_sum.bad &&
+           !g_sum.out_of_range && !g_sum.dropped && !g_pub_failed && offsets_ok
+               ? "true" : "false");
+}
+
+static double json_redis(const struct redis_info *a, const struct redis_info *b, double window_s)
+{
+    if (!O.redis_port)
+        return NAN;
+    bool ok = a->ok && b->ok && b->cmds > a->cmds;
+    double cmds = ok ? (double)(b->cmds - a->cmds - 1) : NAN;
+    double scripts = ok ? (double)(b->scripts - a->scripts) : NAN;
+    json_num("redis_cmds", cmds);
+    json_num("redis_scripts", scripts);
+    json_num("redis_window_s", window_s);
+    json_num("redis_cmds_per_s", cmds / window_s);
+    json_num("redis_scripts_per_s", scripts / window_s);
+    return cmds;
+}
+
 static double cpu_s_or_nan(int64_t t0, int64_t t1)
 {
     return t0 < 0 || t1 < 0 ? NAN : ticks_to_s(t1 - t0);
 }
 
-/* ---- the three modes ---------------------------------------------------- */
+/* ---- the four modes ---------------------------------------------------- */
 
-static int run_fanout(void)
+/* Starts the workers and waits (--timeout) until they have subscribed
+ * everyone; g_sum has their counts. Returns how long it took. */
+static double kids_subscribe(void)
 {
-    g_acked_chan = xcalloc(O.channels, sizeof *g_acked_chan);
-    g_id_chan = xcalloc(ID_RING, sizeof *g_id_chan);
-    int64_t rss0 = server_rss_kb(), pss0 = server_pss_kb();
     kids_spawn(O.subs);
-    uint64_t t_setup = now_ns();
+    uint64_t t = now_ns();
     wait_kids(&g_kid_ready, O.timeout + 10);
     if (g_kid_ready < (uint32_t)g_nkids)
         g_pub_fatal = 3;
-    int64_t rss1 = server_rss_kb(), pss1 = server_pss_kb();
     sum_stats();
-    double setup_s = (double)(now_ns() - t_setup) / 1e9;
+    double setup_s = (double)(now_ns() - t) / 1e9;
     note("subscribed %" PRIu64 " of %u in %.2fs", g_sum.subs_ok, O.subs, setup_s);
+    return setup_s;
+}
 
-    /* Publishers, and the probe. */
+/* Opens the publishers and the --probe-ms connection and waits (--timeout)
+ * until they are ready; on failure g_pub_fatal says why. */
+static void pubs_open(void)
+{
     g_phase = PH_SETUP;
     static struct conn flow_ev = {.role = R_EVENT};
     if (O.flow) {
@@ -2195,49 +2544,47 @@ static int run_fanout(void)
     }
     if (O.probe_ms > 0 && !g_probe.complete)
         warnx_("the probe connection is not ready: no probes");
+}
 
-    int64_t cpu0 = server_cpu_ticks(), core0 = core_busy_ticks(), aux0 = aux_cpu_ticks();
-    uint64_t self0 = self_cpu_ns();
-    g_phase = PH_RUN;
-    g_t0 = now_ns();
-    g_now = g_t0;
-    g_probe_next = g_t0;
-    g_probe_on = g_probe.complete && g_probe.state == S_READY;
-    dl = g_t0 + secs(O.timeout + (O.rate > 0 ? O.duration : 0));
+/* Publishes from g_t0 (set by the caller, in PH_RUN) until every publish
+ * was sent and answered (with --flow: delivered), or --timeout (+
+ * --duration); then the acknowledged publishes per channel are what the
+ * subscribers must get (g_sh->expected). Returns when it stopped. */
+static uint64_t pubs_run(void)
+{
+    uint64_t dl = g_t0 + secs(O.timeout + (O.rate > 0 ? O.duration : 0));
     uint64_t flow_seen = 0, flow_progress = g_t0;
-    if (!g_pub_fatal) {
-        while (g_now < dl && !g_pub_fatal &&
-               (g_next_pub < g_total_pubs || g_inflight > 0 || (O.flow && flow_inflight()))) {
-            int w = pub_pump();
-            if (g_next_pub >= g_total_pubs && !g_inflight && !(O.flow && flow_inflight()))
-                break;
-            loop_once(w >= 0 ? (w < ms_until(dl, 100) ? w : ms_until(dl, 100)) : ms_until(dl, 100));
-            if (O.flow) { /* no completion for 100 ms: look for dropped subscribers' */
-                uint64_t d = __atomic_load_n(&g_sh->flow_done, __ATOMIC_ACQUIRE);
-                if (d != flow_seen) {
-                    flow_seen = d;
-                    flow_progress = g_now;
-                } else if (g_now - flow_progress > 100000000u) {
-                    flow_rescan();
-                    flow_progress = g_now;
-                }
+    while (g_now < dl && !g_pub_fatal &&
+           (g_next_pub < g_total_pubs || g_inflight > 0 || (O.flow && flow_inflight()))) {
+        int w = pub_pump();
+        if (g_next_pub >= g_total_pubs && !g_inflight && !(O.flow && flow_inflight()))
+            break;
+        loop_once(w >= 0 ? (w < ms_until(dl, 100) ? w : ms_until(dl, 100)) : ms_until(dl, 100));
+        if (O.flow) { /* no completion for 100 ms: look for dropped subscribers' */
+            uint64_t d = __atomic_load_n(&g_sh->flow_done, __ATOMIC_ACQUIRE);
+            if (d != flow_seen) {
+                flow_seen = d;
+                flow_progress = g_now;
+            } else if (g_now - flow_progress > 100000000u) {
+                flow_rescan();
+                flow_progress = g_now;
             }
-            /* Replace HTTP publishers the server closed after a response. */
-            for (uint32_t k = 0; k < g_npubs && O.pub == P_HTTP; k++) {
-                struct conn *c = &g_pubs[k];
-                if (c->http_close && !c->http_busy && c->state == S_READY) {
-                    c->state = S_CLOSING;
-                    g_closing++;
-                    conn_dead(c, "server asked to close");
+        }
+        /* Replace HTTP publishers the server closed after a response. */
+        for (uint32_t k = 0; k < g_npubs && O.pub == P_HTTP; k++) {
+            struct conn *c = &g_pubs[k];
+            if (c->http_close && !c->http_busy && c->state == S_READY) {
+                c->state = S_CLOSING;
+                g_closing++;
+                conn_dead(c, "server asked to close");
+            }
+            if (c->state == S_DEAD) {
+                if (g_http_reconnects >= 10000) {
+                    g_pub_fatal = 1;
+                    break;
                 }
-                if (c->state == S_DEAD) {
-                    if (g_http_reconnects >= 10000) {
-                        g_pub_fatal = 1;
-                        break;
-                    }
-                    g_http_reconnects++;
-                    pub_start(k);
-                }
+                g_http_reconnects++;
+                pub_start(k);
             }
         }
     }
@@ -2245,11 +2592,33 @@ static int run_fanout(void)
     if (g_inflight)
         warnx_("%" PRIu64 " publishes unanswered at the timeout", g_inflight);
     memcpy(g_sh->expected, g_acked_chan, O.channels * sizeof(uint32_t));
+    return t_pub_end;
+}
+
+static int run_fanout(void)
+{
+    g_acked_chan = xcalloc(O.channels, sizeof *g_acked_chan);
+    g_id_chan = xcalloc(ID_RING, sizeof *g_id_chan);
+    int64_t rss0 = server_rss_kb(), pss0 = server_pss_kb();
+    double setup_s = kids_subscribe();
+    int64_t rss1 = server_rss_kb(), pss1 = server_pss_kb();
+
+    pubs_open();
+    struct redis_info r0 = redis_sample();
+    int64_t cpu0 = server_cpu_ticks(), core0 = core_busy_ticks(), aux0 = aux_cpu_ticks();
+    uint64_t self0 = self_cpu_ns();
+    g_phase = PH_RUN;
+    g_t0 = now_ns();
+    g_now = g_t0;
+    g_probe_next = g_t0;
+    g_probe_on = g_probe.complete && g_probe.state == S_READY;
+    uint64_t t_pub_end = pubs_run();
     g_phase = PH_FINAL;
     kids_send('F');
     wait_kids(&g_kid_done, O.drain + 10);
     int64_t cpu1 = server_cpu_ticks(), core1 = core_busy_ticks(), aux1 = aux_cpu_ticks();
     uint64_t t_end = now_ns(), self1 = self_cpu_ns();
+    struct redis_info r1 = redis_sample();
     g_probe_on = 0;
     int64_t rss2 = server_rss_kb();
     sum_stats();
@@ -2288,24 +2657,10 @@ static int run_fanout(void)
     json_u("subs_ok", g_sum.subs_ok);
     json_u("subs_failed", g_sum.subs_failed);
     json_num("setup_s", setup_s);
-    json_u("published", g_next_pub);
-    json_u("pub_acked", g_acked);
-    json_u("pub_failed", g_pub_failed);
-    json_u("expected", expected);
-    json_u("delivered", g_sum.delivered);
-    json_u("unique", g_sum.unique);
-    json_u("lost", g_sum.lost);
-    json_u("dup", g_sum.dup);
-    json_u("reordered", g_sum.reordered);
-    json_u("bad", g_sum.bad + g_sum.out_of_range);
-    json_u("other_frames", g_sum.other);
-    json_u("dropped_conns", g_sum.dropped);
+    json_deliveries(expected, complete);
     if (g_sum.last_close_code)
         json_u("last_close_code", (uint64_t)g_sum.last_close_code);
     json_u("http_reconnects", g_http_reconnects);
-    printf(",\"complete\":%s", complete ? "true" : "false");
-    printf(",\"clean\":%s", complete && !g_sum.dup && !g_sum.reordered && !g_sum.bad &&
-           !g_sum.out_of_range && !g_sum.dropped && !g_pub_failed ? "true" : "false");
     json_num("publish_s", pub_s);
     json_num("deliver_s", deliver_s);
     json_num("window_s", wall_s);
@@ -2347,26 +2702,76 @@ static int run_fanout(void)
         json_num("aux_cpu_ns_per_delivery",
                  g_sum.delivered ? aux_s * 1e9 / (double)g_sum.delivered : NAN);
     }
+    double rcmds = json_redis(&r0, &r1, wall_s);
+    if (O.redis_port)
+        json_num("redis_cmds_per_publish", g_acked ? rcmds / (double)g_acked : NAN);
     printf("}\n");
     fflush(stdout);
     return complete ? 0 : 1;
 }
 
+/* Joins the subscribers have got so far (read while the workers run). */
+static uint64_t kids_joins(void)
+{
+    uint64_t n = 0;
+    for (int p = 0; p < g_nkids; p++)
+        n += __atomic_load_n(&g_sh->w[p].joins, __ATOMIC_RELAXED);
+    return n;
+}
+
+/* --expect-joins (channels with join_leave): the set-up is over when the
+ * join events are in. A channel's k-th subscriber gets its own join and
+ * every later one's, n (n + 1) / 2 for a channel of n (with Redis a few
+ * more: a client may see the join of one that subscribed just before it).
+ * Waits until at least that many came and none for 200 ms (--timeout);
+ * returns that many, and in *t_last when the last one came. */
+static uint64_t joins_wait(uint64_t *t_last)
+{
+    uint64_t need = 0, seen = 0;
+    for (uint32_t c = 0; c < O.channels; c++) {
+        uint64_t k = __atomic_load_n(&g_subs_chan[c], __ATOMIC_RELAXED);
+        need += k * (k + 1) / 2;
+    }
+    uint64_t dl = now_ns() + secs(O.timeout), quiet = now_ns();
+    g_now = now_ns();
+    while (g_now < dl && g_pub_fatal != 2) {
+        uint64_t j = kids_joins();
+        if (j != seen) {
+            seen = j;
+            quiet = g_now;
+        } else if (j >= need && g_now - quiet >= 200000000u) {
+            break;
+        }
+        loop_once(ms_until(dl, 50));
+    }
+    if (seen < need)
+        warnx_("%" PRIu64 " join events of at least %" PRIu64 " came", seen, need);
+    if (seen)
+        *t_last = quiet;
+    return need;
+}
+
 static int run_idle(void)
 {
     g_acked_chan = xcalloc(O.channels, sizeof *g_acked_chan);
-    int64_t rss0 = server_rss_kb(), pss0 = server_pss_kb(), cpu0 = server_cpu_ticks();
+    struct redis_info rpre = redis_sample();
+    int64_t rss0 = server_rss_kb(), pss0 = server_pss_kb(), cpu0 = server_cpu_ticks(),
+            aux0 = aux_cpu_ticks();
     uint64_t t0 = now_ns();
     kids_spawn(O.subs);
     wait_kids(&g_kid_ready, O.timeout + 10);
     uint64_t t1 = now_ns();
-    int64_t cpu1 = server_cpu_ticks();
+    uint64_t joins_need = O.expect_joins ? joins_wait(&t1) : 0;
+    int64_t cpu1 = server_cpu_ticks(), aux1 = aux_cpu_ticks();
     sum_stats();
     note("holding %" PRIu64 " connections for %.1fs", g_sum.subs_ok, O.hold);
-    uint64_t dl = now_ns() + secs(O.hold);
+    struct redis_info r0 = redis_sample();
+    uint64_t th = now_ns(), dl = th + secs(O.hold);
     g_now = now_ns();
     while (g_now < dl && g_pub_fatal != 2)
         loop_once(ms_until(dl, 200));
+    struct redis_info r1 = redis_sample();
+    double hold_s = (double)(now_ns() - th) / 1e9;
     int64_t rss1 = server_rss_kb(), pss1 = server_pss_kb();
     memset(g_sh->expected, 0, O.channels * sizeof(uint32_t));
     kids_send('F');
@@ -2379,7 +2784,8 @@ static int run_idle(void)
 
     double setup_s = (double)(t1 - t0) / 1e9, cpu_s = cpu_s_or_nan(cpu0, cpu1);
     uint64_t held = g_sum.subs_ok - g_sum.dropped;
-    bool complete = g_sum.subs_failed == 0 && g_sum.dropped == 0 && g_pub_fatal != 2;
+    bool complete = g_sum.subs_failed == 0 && g_sum.dropped == 0 && g_pub_fatal != 2 &&
+                    g_sum.joins >= joins_need;
     json_head();
     json_u("conns", O.subs);
     json_u("channels", O.channels);
@@ -2387,17 +2793,126 @@ static int run_idle(void)
     json_u("subs_failed", g_sum.subs_failed);
     json_u("dropped_conns", g_sum.dropped);
     json_u("held", held);
-    json_num("hold_s", O.hold);
+    json_num("hold_s", hold_s);
     printf(",\"complete\":%s", complete ? "true" : "false");
     json_num("setup_s", setup_s);
     json_num("conns_per_s", setup_s > 0 ? (double)g_sum.subs_ok / setup_s : NAN);
+    if (O.expect_joins)
+        json_u("joins_expected_min", joins_need);
+    json_pushes();
+    json_u("other_frames", g_sum.other);
     json_kb_per_conn("rss", rss0, rss1, held);
     json_kb_per_conn("pss", pss0, pss1, held);
     json_num("rss_after_close_kb", rss2 < 0 ? NAN : (double)rss2);
     json_num("server_cpu_s", cpu_s);
     json_num("server_cpu_us_per_conn",
              g_sum.subs_ok ? cpu_s * 1e6 / (double)g_sum.subs_ok : NAN);
+    if (O.n_aux_pids) {
+        double aux_s = cpu_s_or_nan(aux0, aux1);
+        json_num("aux_cpu_s", aux_s);
+        json_num("aux_cpu_us_per_conn", g_sum.subs_ok ? aux_s * 1e6 / (double)g_sum.subs_ok : NAN);
+    }
     json_u("pings_answered", g_sum.pings);
+    /* The hold: Redis's steady state (presence refresh, the registry). */
+    json_redis(&r0, &r1, hold_s);
+    if (O.redis_port) {
+        bool ok = rpre.ok && r0.ok && r1.ok && held;
+        json_num("redis_setup_cmds_per_conn",
+                 ok ? (double)(r0.cmds - rpre.cmds - 1) / (double)held : NAN);
+        json_num("redis_mem_per_conn_kb",
+                 ok ? ((double)r1.mem - (double)rpre.mem) / 1024 / (double)held : NAN);
+    }
+    printf("}\n");
+    fflush(stdout);
+    return complete ? 0 : 1;
+}
+
+/* --mode recover: the subscribers subscribe (history channels: each
+ * keeps its channel's offset and epoch), all close, --burst K per channel
+ * are published with nobody subscribed, then all reconnect at once
+ * (--connect-inflight per worker) and subscribe with recover. Measured
+ * from the reconnect's start until every subscriber has caught up. */
+static int run_recover(void)
+{
+    g_acked_chan = xcalloc(O.channels, sizeof *g_acked_chan);
+    g_id_chan = xcalloc(ID_RING, sizeof *g_id_chan);
+    double setup_s = kids_subscribe();
+    uint64_t subs_ok = g_sum.subs_ok;
+
+    kids_send('K');
+    wait_kids(&g_kid_gone, 30);
+    if (g_kid_gone < (uint32_t)g_nkids && !g_pub_fatal)
+        g_pub_fatal = 3;
+    pubs_open();
+    g_phase = PH_RUN;
+    g_t0 = g_now = now_ns();
+    uint64_t t_pub_end = pubs_run();
+    note("published %" PRIu64 " (%" PRIu64 " acknowledged); all reconnect", g_next_pub, g_acked);
+    memset(g_subs_chan, 0, O.channels * sizeof(uint32_t)); /* counted again */
+
+    struct redis_info r0 = redis_sample();
+    int64_t cpu0 = server_cpu_ticks(), core0 = core_busy_ticks(), aux0 = aux_cpu_ticks();
+    uint64_t self0 = self_cpu_ns();
+    g_phase = PH_FINAL;
+    g_sh->t_storm = now_ns();
+    if (!g_pub_fatal) {
+        kids_send('C');
+        wait_kids(&g_kid_done, O.timeout + 10);
+    }
+    int64_t cpu1 = server_cpu_ticks(), core1 = core_busy_ticks(), aux1 = aux_cpu_ticks();
+    uint64_t t_end = now_ns(), self1 = self_cpu_ns();
+    struct redis_info r1 = redis_sample();
+    sum_stats();
+    g_phase = PH_CLOSE;
+    kids_send('X');
+    close_all(g_pubs, g_npubs, 2);
+    kids_reap(15);
+
+    uint64_t expected = g_sum.expected, reconnected = g_sum.resubs_ok;
+    double cpu_s = cpu_s_or_nan(cpu0, cpu1), wall_s = (double)(t_end - g_sh->t_storm) / 1e9;
+    double client_s = (double)(self1 - self0 + g_sum.cpu_run_ns) / 1e9;
+    bool complete = !g_pub_fatal && g_sum.subs_failed == 0 && g_sum.resubs_failed == 0 &&
+                    reconnected == subs_ok && g_sum.lost == 0 && g_sum.unique == expected &&
+                    g_acked == g_total_pubs && g_sum.unrecovered == 0;
+    json_head();
+    json_str("pub", O.pub == P_WS ? "ws" : "http");
+    json_u("subs", O.subs);
+    json_u("channels", O.channels);
+    json_u("burst", O.burst);
+    json_u("connect_inflight", O.connect_inflight);
+    json_u("subs_ok", subs_ok);
+    json_u("subs_failed", g_sum.subs_failed);
+    json_num("setup_s", setup_s);
+    json_num("publish_s", (double)(t_pub_end - g_t0) / 1e9);
+    json_u("reconnected", reconnected);
+    json_u("reconnect_failed", g_sum.resubs_failed);
+    json_u("recovered", g_sum.recovered);
+    json_u("recovered_false", g_sum.unrecovered);
+    json_u("missed", g_sum.missed);
+    json_deliveries(expected, complete);
+    /* Each subscriber's catch-up: from the reconnect's start until it had
+     * every missed message; the last one's is the storm's length. */
+    json_u("caught_up", g_sum.complete_subs);
+    json_latency("catchup_us");
+    json_num("recover_s", g_sum.lat_max ? (double)g_sum.lat_max / 1e9 : NAN);
+    json_num("window_s", wall_s);
+    json_num("client_cpu_s", client_s);
+    json_num("client_cpu_util", client_s / wall_s);
+    json_num("server_cpu_s", cpu_s);
+    json_num("server_cpu_us_per_sub", reconnected ? cpu_s * 1e6 / (double)reconnected : NAN);
+    json_num("server_cpu_ns_per_delivery",
+             g_sum.delivered ? cpu_s * 1e9 / (double)g_sum.delivered : NAN);
+    json_num("server_cpu_util", cpu_s / wall_s);
+    if (O.server_core >= 0)
+        json_num("server_core_busy_s", cpu_s_or_nan(core0, core1));
+    if (O.n_aux_pids) {
+        double aux_s = cpu_s_or_nan(aux0, aux1);
+        json_num("aux_cpu_s", aux_s);
+        json_num("aux_cpu_us_per_sub", reconnected ? aux_s * 1e6 / (double)reconnected : NAN);
+    }
+    double rcmds = json_redis(&r0, &r1, wall_s);
+    if (O.redis_port)
+        json_num("redis_cmds_per_sub", reconnected ? rcmds / (double)reconnected : NAN);
     printf("}\n");
     fflush(stdout);
     return complete ? 0 : 1;
@@ -2451,11 +2966,13 @@ static int run_connrate(void)
 static void usage(FILE *f)
 {
     fprintf(f,
-        "usage: loadgen --mode fanout|idle|connrate --port PORT [options]\n"
+        "usage: loadgen --mode fanout|idle|connrate|recover --port PORT [options]\n"
         "  --target luahub|nchan   protocol to speak (luahub)\n"
         "  --host ADDR             loopback address only (127.0.0.1)\n"
         "  --server-pid P[,P...]   server processes to meter (CPU, RSS)\n"
         "  --aux-pid P[,P...]      other processes whose CPU is reported apart (aux_cpu_*)\n"
+        "  --redis-port P          the run's redis-server: INFO before and after the measured\n"
+        "                          window (redis_cmds, redis_scripts, per second)\n"
         "  --sub-ports P[,P...]    subscribers connect to these ports, round robin over\n"
         "                          each channel's subscribers (publishers use --port)\n"
         "  --subs N --channels C   subscribers and channels, sub i on channel i%%C (1000, 10)\n"
@@ -2468,6 +2985,7 @@ static void usage(FILE *f)
         "  --rate R --duration S   open loop: R publishes/s for S seconds\n"
         "  --size B                payload (data) bytes (100)\n"
         "  --hold S                idle: hold time before reading RSS (5)\n"
+        "  --expect-joins          idle: the set-up ends when the join events came\n"
         "  --count N --inflight M  connrate: connections and concurrency (10000, 50)\n"
         "  --procs P               worker processes (auto: one per 9000 connections)\n"
         "  --bind-src A            worker i's sockets leave from address A+i (127.x.y.z)\n"
@@ -2499,7 +3017,7 @@ static void parse_args(int argc, char **argv)
            O_PUBC, O_WIN, O_BURST, O_RATE, O_DUR, O_SIZE, O_HOLD, O_COUNT,
            O_INFL, O_PROCS, O_CINFL, O_TMO, O_DRAIN, O_WSP, O_APIP, O_SUBP,
            O_PUBP, O_CHP, O_LABEL, O_MODE, O_QACK, O_SCORE, O_APID, O_SPORTS,
-           O_FLOW, O_PROBE, O_BSRC };
+           O_FLOW, O_PROBE, O_BSRC, O_RPORT, O_EJOINS };
     static const struct option lo[] = {
         {"mode", 1, 0, O_MODE}, {"target", 1, 0, O_TARGET}, {"host", 1, 0, O_HOST},
         {"port", 1, 0, O_PORT}, {"server-pid", 1, 0, O_SPID}, {"subs", 1, 0, O_SUBS},
@@ -2515,6 +3033,7 @@ static void parse_args(int argc, char **argv)
         {"server-core", 1, 0, O_SCORE}, {"aux-pid", 1, 0, O_APID},
         {"sub-ports", 1, 0, O_SPORTS}, {"flow", 1, 0, O_FLOW},
         {"probe-ms", 1, 0, O_PROBE}, {"bind-src", 1, 0, O_BSRC},
+        {"redis-port", 1, 0, O_RPORT}, {"expect-joins", 0, 0, O_EJOINS},
         {"verbose", 0, 0, 'v'}, {"help", 0, 0, 'h'},
         {0, 0, 0, 0}};
     int opt;
@@ -2525,7 +3044,8 @@ static void parse_args(int argc, char **argv)
             if (!strcmp(optarg, "fanout")) O.mode = M_FANOUT;
             else if (!strcmp(optarg, "idle")) O.mode = M_IDLE;
             else if (!strcmp(optarg, "connrate")) O.mode = M_CONNRATE;
-            else die("--mode: fanout, idle or connrate, not '%s'", optarg);
+            else if (!strcmp(optarg, "recover")) O.mode = M_RECOVER;
+            else die("--mode: fanout, idle, connrate or recover, not '%s'", optarg);
             break;
         case O_TARGET:
             if (!strcmp(optarg, "luahub")) O.target = T_LUAHUB;
@@ -2576,6 +3096,8 @@ static void parse_args(int argc, char **argv)
         case O_WIN: O.window = (uint32_t)num_arg("window", optarg, 1, ID_RING / 2); break;
         case O_FLOW: O.flow = (uint32_t)num_arg("flow", optarg, 1, ID_RING / 2); break;
         case O_PROBE: O.probe_ms = num_arg("probe-ms", optarg, 1, 60000); break;
+        case O_RPORT: O.redis_port = (int)num_arg("redis-port", optarg, 1, 65535); break;
+        case O_EJOINS: O.expect_joins = 1; break;
         case O_BSRC: {
             struct in_addr a;
             if (inet_pton(AF_INET, optarg, &a) != 1 || (ntohl(a.s_addr) >> 24) != 127)
@@ -2625,7 +3147,15 @@ static void parse_args(int argc, char **argv)
         strlen(O.sub_prefix) > 100 || strlen(O.pub_prefix) > 100)
         die("paths and prefixes are limited to 200 bytes");
 
-    if (O.mode == M_FANOUT) {
+    if ((O.flow || O.probe_ms > 0) && O.mode != M_FANOUT)
+        die("--flow and --probe-ms are for --mode fanout");
+    if (O.mode == M_RECOVER && O.target != T_LUAHUB)
+        die("--mode recover speaks luahub's protocol (subscribe with recover)");
+    if (O.mode == M_RECOVER && O.rate > 0)
+        die("--mode recover publishes --burst K per channel, not --rate");
+    if (O.expect_joins && O.mode != M_IDLE)
+        die("--expect-joins is for --mode idle");
+    if (O.mode == M_FANOUT || O.mode == M_RECOVER) {
         if ((O.burst > 0) == (O.rate > 0))
             die("fanout needs exactly one of --burst K or --rate R");
         g_total_pubs = O.burst ? O.burst * O.channels : (uint64_t)(O.rate * O.duration);
@@ -2653,8 +3183,6 @@ static void parse_args(int argc, char **argv)
     } else {
         g_max_per_chan = 1;
         g_npub = 1;
-        if (O.flow || O.probe_ms > 0)
-            die("--flow and --probe-ms are for --mode fanout");
     }
     if (O.size < 64)
         warnx_("--size %u is below the ~64-byte fixed part of the payload; payloads will be larger", O.size);
@@ -2718,6 +3246,7 @@ int main(int argc, char **argv)
     switch (O.mode) {
     case M_FANOUT: rc = run_fanout(); break;
     case M_IDLE: rc = run_idle(); break;
+    case M_RECOVER: rc = run_recover(); break;
     default: rc = run_connrate(); break;
     }
     munmap(g_sh, shsz);

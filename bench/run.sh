@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: luahub's standard benchmark (issue 5), optionally side by side
 # with Nchan, plus luahub's own feature scenarios (Lua hooks, redis broker,
-# workers, scaling, scale-out, channels). Builds luahub and loadgen, starts each server
+# workers, scaling, scale-out, channels, history, recovery, presence). Builds luahub and loadgen, starts each server
 # fresh for every run (pinned to CPU 0, loadgen on CPU 1), runs every
 # scenario N times (3), takes medians and writes a markdown table to
 # bench/results/<date>.md (raw JSON next to it) and prints it. See
@@ -19,7 +19,8 @@
 # --only      scenarios to run. Standard: burst_ws burst_http burst_http_5000
 #             rate rate_http flow_ws ping_fanout idle connrate. Features:
 #             hook_publish hook_connect broker_ws broker_http workers pacing
-#             scale scaleout channels
+#             scale scaleout channels history_ws history_http recovery_storm
+#             presence
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -73,6 +74,10 @@ SCENARIOS=(
 "scale|var|scaling: N subscribers on 1 channel, HTTP publisher (4 keep-alive), ~1.5 M deliveries|--mode fanout --channels 1 --pub http --pub-conns 4 --procs 2|--mode fanout --channels 1 --pub http --pub-conns 4 --procs 2|scaling: N subscribers on 1 channel, HTTP publisher (small)"
 "scaleout|var|scale on one box: 36,000 or 100,000 subs on 1000 channels, 2,000 HTTP publishes/s (64 keep-alive) for 10 s, redis, nothing pinned|--mode fanout --channels 1000 --rate 2000 --duration 10 --pub http --pub-conns 64 --bind-src 127.0.0.2 --timeout 180 --drain 30|--mode fanout --channels 100 --rate 200 --duration 2 --pub http --pub-conns 16 --bind-src 127.0.0.2|scale on one box (small: 600 or 1,200 subs, see the subscribed column): 100 channels, 200 HTTP publishes/s for 2 s, redis, nothing pinned"
 "channels|var|memory with many channels: 10,000 idle subscribed connections|--mode idle --conns 10000 --hold 5|--mode idle --conns 1000 --hold 1|memory with many channels: 1,000 idle subscribed connections"
+"history_ws|var|history on / off: burst, 1000 subs on 10 channels, WebSocket publisher|--mode fanout --subs 1000 --channels 10 --burst 2000 --pub ws --window 64|--mode fanout --subs 200 --channels 10 --burst 20 --pub ws --window 64|history on / off: burst, 200 subs on 10 channels, WebSocket publisher"
+"history_http|var|history on / off: burst, 1000 subs on 10 channels, HTTP publisher (4 keep-alive)|--mode fanout --subs 1000 --channels 10 --burst 1000 --pub http --pub-conns 4|--mode fanout --subs 200 --channels 10 --burst 20 --pub http --pub-conns 4|history on / off: burst, 200 subs on 10 channels, HTTP publisher"
+"recovery_storm|var|recovery storm: 5,000 subs on 10 history channels leave, 100 HTTP publishes per channel, all reconnect with recover (500 connects in flight)|--mode recover --subs 5000 --channels 10 --burst 100 --pub http --pub-conns 4 --connect-inflight 500|--mode recover --subs 500 --channels 10 --burst 100 --pub http --pub-conns 4 --connect-inflight 500|recovery storm (small): 500 subs on 10 history channels, 100 publishes per channel"
+"presence|var|presence: 15,000 subscribed connections on 10 channels, held 10 s (redis: 20 s, one refresh period)|--mode idle --conns 15000 --channels 10 --hold 10|--mode idle --conns 500 --channels 10 --hold 2|presence (small): 500 subscribed connections on 10 channels, held 2 s, presence_ttl = 3"
 )
 
 # Variants of the "var" scenarios, one per line:
@@ -85,7 +90,9 @@ SCENARIOS=(
 # the first), workers=N (Nchan: worker_processes), delay=MS (the conf key
 # write_delay), pin=none (nothing pinned: server, redis, loadgen),
 # target=nchan (the variant runs Nchan, only with --compare or --targets
-# nchan).
+# nchan), history=N / presence=on / join_leave=on (the conf's channels:
+# ["bench:*"] gets history_size = N, presence, join_leave with presence),
+# presence_ttl=S.
 # The first variant is the baseline the others are compared with. Loadgen's
 # later arguments override earlier ones.
 variants_of() {
@@ -143,6 +150,32 @@ EOF
         channels) cat <<'EOF'
 ch10|on 10 channels (1,000 subscribers each)||--channels 10|--channels 10
 ch10000|on 10,000 channels (1 subscriber each)||--channels 10000|--channels 1000
+EOF
+        ;;
+        history_ws|history_http) cat <<'EOF'
+memory|memory broker, history off||
+memory_hist|memory broker, history on (history_size = 100)|history=100|
+redis|redis broker, history off|broker=redis|
+redis_hist|redis broker, history on (history_size = 100)|broker=redis history=100|
+EOF
+        ;;
+        recovery_storm) cat <<'EOF'
+memory|memory broker, history_size = 100|history=100|
+redis|redis broker, history_size = 100|broker=redis history=100|
+EOF
+        ;;
+        presence)
+        # The redis variants hold one presence refresh period (presence_ttl
+        # / 3: 20 s at the default 60); --quick refreshes every second.
+        local ttl="" hold="--hold 20"
+        [ $QUICK = 1 ] && ttl=" presence_ttl=3" hold=""
+        cat <<EOF
+none|memory broker, no presence||
+presence|memory broker, presence = true|presence=on|
+join_leave|memory broker, presence = true, join_leave = true|join_leave=on|--expect-joins|--expect-joins
+redis|redis broker, no presence|broker=redis$ttl|$hold|
+redis_presence|redis broker, presence = true|broker=redis presence=on$ttl|$hold|
+redis_join_leave|redis broker, presence = true, join_leave = true|broker=redis join_leave=on$ttl|$hold --expect-joins|--expect-joins
 EOF
         ;;
     esac
@@ -341,12 +374,14 @@ stop_redis() {
 }
 
 # server_prepare SPEC: see variants_of for SPEC. Sets SP_POLICY, SP_BROKER,
-# SP_PREDIS, SP_HUBS, SP_WORKERS, SP_DELAY, the pinning of this run (SP_PIN for the
+# SP_PREDIS, SP_HUBS, SP_WORKERS, SP_DELAY, SP_CHANNELS (", option = value"
+# for the bench channels), SP_PTTL, the pinning of this run (SP_PIN for the
 # server and redis, RUN_PIN_CLIENT, RUN_CORE_ARGS) and starts the run's
 # redis-server when the spec has one (AUX_PIDS).
 server_prepare() {
     local tok
-    SP_POLICY="" SP_BROKER="" SP_PREDIS=0 SP_HUBS=1 SP_WORKERS=1 SP_DELAY=0
+    SP_POLICY="" SP_BROKER="" SP_PREDIS=0 SP_HUBS=1 SP_WORKERS=1 SP_DELAY=0 SP_CHANNELS=""
+    SP_PTTL=""
     SP_PIN=$PIN_SERVER RUN_PIN_CLIENT=$PIN_CLIENT RUN_CORE_ARGS=$CORE_ARGS
     for tok in ${1:-}; do
         case $tok in
@@ -356,6 +391,10 @@ server_prepare() {
             hubs=*) SP_HUBS=${tok#hubs=} ;;
             workers=*) SP_WORKERS=${tok#workers=} ;;
             delay=*) SP_DELAY=${tok#delay=} ;;
+            history=*) SP_CHANNELS="$SP_CHANNELS, history_size = ${tok#history=}" ;;
+            presence=on) SP_CHANNELS="$SP_CHANNELS, presence = true" ;;
+            join_leave=on) SP_CHANNELS="$SP_CHANNELS, presence = true, join_leave = true" ;;
+            presence_ttl=*) SP_PTTL=${tok#presence_ttl=} ;;
             pin=none) SP_PIN="" RUN_PIN_CLIENT="" RUN_CORE_ARGS="" ;;
             target=*) ;;
             *) die "bad server spec '$tok'" ;;
@@ -397,6 +436,8 @@ start_luahub() {
             [ "$predis" = 1 ] && echo "policy_redis = \"redis://127.0.0.1:$REDIS_PORT\""
             [ "$workers" != 1 ] && echo "workers = $workers"
             [ "$delay" != 0 ] && echo "write_delay = $delay"
+            [ -n "$SP_CHANNELS" ] && echo "channels = { [\"bench:*\"] = { ${SP_CHANNELS#, } } }"
+            [ -n "$SP_PTTL" ] && echo "presence_ttl = $SP_PTTL"
         } >"$dir/luahub.conf"
         : >"$dir/stderr.log"
         $pin_srv "$LUAHUB" -c "$dir/luahub.conf" --listen 127.0.0.1:0 2>>"$dir/stderr.log" >/dev/null &
@@ -577,6 +618,7 @@ run_one() { # scenario-args target run name [variant server-spec extra-args]
     local lg_log=$WORK/loadgen.${key//\//.}.log more=""
     [ -n "$SUB_PORTS" ] && more="$more --sub-ports $SUB_PORTS"
     [ -n "$AUX_PIDS" ] && more="$more --aux-pid $AUX_PIDS"
+    [ -n "$REDIS_PID" ] && more="$more --redis-port $REDIS_PORT"
     out=$(timeout 900 $RUN_PIN_CLIENT "$LOADGEN" $COMMON_ARGS $args $extra --target "$target" \
           --port "$SERVER_PORT" --server-pid "$SERVER_PIDS" $more $RUN_CORE_ARGS --label "$key" \
           2>"$lg_log" | tail -1) || true
@@ -596,6 +638,7 @@ run_one() { # scenario-args target run name [variant server-spec extra-args]
     echo "$out" >>"$RAW"
     R[$key]=$out
     log "  cpu/delivery=$(jget "$out" server_cpu_ns_per_delivery) ns  aux=$(jget "$out" aux_cpu_ns_per_delivery) ns  cpu/conn=$(jget "$out" server_cpu_us_per_conn) us  rss/conn=$(jget "$out" rss_per_conn_kb) KB  deliveries/s=$(jget "$out" deliveries_per_s)  p99=$(jget "$out" p99) us  probe p99=$(jget "$out" probe_ping_p99_ms)/$(jget "$out" probe_op_p99_ms) ms  loadgen cpu/wall=$(jget "$out" client_cpu_util)  lost=$(jget "$out" lost) dup=$(jget "$out" dup) reordered=$(jget "$out" reordered) complete=$(jget "$out" complete)"
+    log "  offset gaps/dups=$(jget "$out" off_gaps)/$(jget "$out" off_dups)  resets=$(jget "$out" resets)  joins=$(jget "$out" joins)  recover=$(jget "$out" recover_s) s  recovered:false=$(jget "$out" recovered_false)  redis cmds/s=$(jget "$out" redis_cmds_per_s)"
 }
 
 T_START=$(date +%s)
@@ -666,17 +709,34 @@ per_run_ratio() { # name key -> luahub/Nchan run by run (runs alternate, so pair
     echo "$out"
 }
 
+vratio() { # name variant-a key-a variant-b key-b -> a/b of their medians
+    ratio "$(med "$1" "$2" "$3")" "$(med "$1" "$4" "$5")"
+}
+
+totals() { # name target-or-variant key... -> "a / b / ...", each summed over the runs
+    local n=$1 t=$2 k out=""
+    shift 2
+    for k in "$@"; do out="${out:+$out / }$(total $(vals "$n" "$t" "$k"))"; done
+    echo "$out"
+}
+
+# Scenarios whose subscribers check history offsets (an extra column).
+OFFSET_SCENARIOS="history_ws history_http recovery_storm"
+
 correctness() { # name target-or-variant kind -> one cell
     local f
     case $3 in
         idle|connrate)
             f=$([ "$3" = idle ] && echo subs_failed || echo failed)
             echo "$(total $(vals "$1" "$2" "$f")) failed, $(total $(vals "$1" "$2" dropped_conns)) dropped" ;;
-        *) echo "$(total $(vals "$1" "$2" lost)) / $(total $(vals "$1" "$2" dup)) / $(total $(vals "$1" "$2" reordered)) / $(total $(vals "$1" "$2" dropped_conns))" ;;
+        offsets) echo "$(totals "$1" "$2" off_gaps off_dups off_missing resets)" ;;
+        recover) echo "$(totals "$1" "$2" lost dup reordered dropped_conns reconnect_failed)" ;;
+        *) echo "$(totals "$1" "$2" lost dup reordered dropped_conns)" ;;
     esac
 }
 
-# Columns of the variant tables: label|key|decimals|1 = add "× first" after it.
+# Columns of the variant tables: label|key|decimals|1 = add "× first" after
+# it. Decimals "sum": the total over the runs instead of the median.
 var_columns() {
     case $1 in
         hook_publish) printf '%s\n' "server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|1" \
@@ -711,6 +771,28 @@ var_columns() {
             "loadgen CPU / wall (2 = both cores)|client_cpu_util|2|0" ;;
         channels) printf '%s\n' "server RSS per connection (KB)|rss_per_conn_kb|2|1" \
             "server RSS held (KB)|rss_held_kb|0|0" "server CPU per connection setup (µs)|server_cpu_us_per_conn|1|0" ;;
+        history_ws|history_http) printf '%s\n' "server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|1" \
+            "redis CPU per delivery (ns)|aux_cpu_ns_per_delivery|0|0" \
+            "server + redis (ns)|server_cpu_ns_per_delivery+aux_cpu_ns_per_delivery|0|1" \
+            "CPU 0 busy per delivery (ns)|server_core_ns_per_delivery|0|0" \
+            "deliveries/s|deliveries_per_s|0|1" "p99 latency (ms)|p99|2|0" \
+            "redis commands per publish|redis_cmds_per_publish|1|0" \
+            "offsets checked (all runs)|off_checked|sum|0" ;;
+        recovery_storm) printf '%s\n' "time until all caught up (s)|recover_s|2|1" \
+            "catch-up p50 (ms)|p50|0|0" "catch-up p99 (ms)|p99|0|0" \
+            "server CPU (s)|server_cpu_s|2|1" "server CPU per subscriber (µs)|server_cpu_us_per_sub|0|0" \
+            "redis CPU per subscriber (µs)|aux_cpu_us_per_sub|0|0" \
+            "server + redis per subscriber (µs)|server_cpu_us_per_sub+aux_cpu_us_per_sub|0|1" \
+            "server busy: CPU / wall|server_cpu_util|2|0" "redis commands per subscriber|redis_cmds_per_sub|1|0" \
+            "messages recovered (all runs)|unique|sum|0" "recovered:false (all runs)|recovered_false|sum|0" \
+            "loadgen CPU / wall (1 = its core full)|client_cpu_util|2|0" ;;
+        presence) printf '%s\n' "server RSS per connection (KB)|rss_per_conn_kb|2|1" \
+            "server CPU per connection set-up (µs)|server_cpu_us_per_conn|1|1" \
+            "redis CPU per connection set-up (µs)|aux_cpu_us_per_conn|1|0" \
+            "redis commands per connection set-up|redis_setup_cmds_per_conn|1|0" \
+            "redis memory per connection (KB)|redis_mem_per_conn_kb|2|0" \
+            "redis commands/s, held|redis_cmds_per_s|0|0" "redis script calls/s, held|redis_scripts_per_s|1|0" \
+            "join events received|joins|0|0" "set-up (s)|setup_s|2|0" ;;
     esac
 }
 var_note() {
@@ -723,6 +805,9 @@ var_note() {
         scale) echo "Target (issue 5): cost per delivery grows by less than 1.3× from 1,000 to 15,000 subscribers on one channel. Bursts of 1,500 / 300 / 100 publishes; loadgen --procs 2 for all three." ;;
         scaleout) echo "Nothing pinned: servers, redis-server and loadgen share both cores. Every loadgen process stays under the 20,000-descriptor limit and binds its sockets to its own source address (127.0.0.2, .3, ...). A process may hold about 19,900 connections (20,000 descriptors), so luahub needs workers = 6 for 100,000 (~16,700 each) and workers = 2 holds 36,000; Nchan's two workers likewise (worker_connections 19,000 each). Server CPU: supervisor and workers (Nchan: master and workers); redis CPU apart; RSS and PSS: (held − before) / subscribed, all server processes (PSS splits pages the processes share). Target (issue 15): zero loss." ;;
         channels) echo "RSS per connection = (VmRSS held − VmRSS before) / connections; the difference between the two rows is the cost of 9,990 more channels." ;;
+        history_ws|history_http) echo "History on: the conf's channels gives bench:* history_size = 100 (every delivery carries its offset; loadgen checks each subscriber's offsets are the last + 1). Server CPU: the hub; redis CPU: the run's redis-server, pinned with the hub to CPU 0; redis commands (INFO, scripts' own commands included) over the measured window per acknowledged publish. × first: against the memory broker with history off." ;;
+        recovery_storm) echo "From the moment all reconnect (at most 500 connects in flight) until every subscriber had its channel's 100 missed messages (recovered:true, offsets the last + 1). Server CPU and redis CPU over that window; catch-up: each subscriber's time from the reconnect's start until it had them all. Target (issue 11): zero loss or duplicates, no recovered:false and no reset." ;;
+        presence) echo "RSS per connection = (VmRSS held − VmRSS before) / connections; set-up CPU from the first connect until every subscriber is in (join_leave: and every join event has come: a channel of n subscribers sends n (n + 1) / 2). Redis: commands (those inside scripts included) and script calls per second over the hold, INFO of the run's redis-server before and after; the redis variants hold one presence refresh period (presence_ttl / 3: 20 s at the default 60; --quick: presence_ttl = 3, two periods); redis memory = used_memory growth / connections." ;;
     esac
 }
 
@@ -809,6 +894,7 @@ TABLE=$WORK/table.md
         ckind=fanout
         [[ "$args" == *"--mode connrate"* ]] && ckind=connrate
         [[ "$args" == *"--mode idle"* ]] && ckind=idle
+        [[ "$args" == *"--mode recover"* ]] && ckind=recover
         mapfile -t cols < <(var_columns "$name")
         mapfile -t vars < <(variants_to_run "$name")
         echo
@@ -820,7 +906,12 @@ TABLE=$WORK/table.md
             head="$head $label |"; sep="$sep---|"
             [ "$rat" = 1 ] && head="$head × first |" && sep="$sep---|"
         done
-        if [ "$ckind" = fanout ]; then head="$head lost / dup / reordered / dropped |"; else head="$head failed / dropped |"; fi
+        case $ckind in
+            fanout) head="$head lost / dup / reordered / dropped |" ;;
+            recover) head="$head lost / dup / reordered / dropped / reconnects failed |" ;;
+            *) head="$head failed / dropped |" ;;
+        esac
+        [[ " $OFFSET_SCENARIOS " == *" $name "* ]] && head="$head offset gaps / dups / missing / resets |" && sep="$sep---|"
         echo "$head"; echo "$sep---|"
         declare -A base=()
         for vl in "${vars[@]}"; do
@@ -829,12 +920,17 @@ TABLE=$WORK/table.md
             line="| $vlabel |"
             for c in "${cols[@]}"; do
                 IFS='|' read -r label key dec rat <<<"$c"
+                if [ "$dec" = sum ]; then
+                    line="$line $(fmt "$(total $(vals "$name" "$v" "$key"))") |"
+                    continue
+                fi
                 m=$(med "$name" "$v" "$key")
                 [ -n "${base[$key]:-}" ] || base[$key]=$m
                 line="$line $(fmt "$m" "$dec") |"
                 [ "$rat" = 1 ] && line="$line $(ratio "$m" "${base[$key]}") |"
             done
             line="$line $(correctness "$name" "$v" "$ckind") |"
+            [[ " $OFFSET_SCENARIOS " == *" $name "* ]] && line="$line $(correctness "$name" "$v" offsets) |"
             echo "$line"
         done
         unset base
@@ -847,10 +943,17 @@ TABLE=$WORK/table.md
                 echo "Median RSS growth with 10,000 channels minus with 10: $(awk -v a="$a" -v b="$b" -v a0="$a0" -v b0="$b0" 'BEGIN { printf "%.0f KB, %.0f bytes per extra channel", (b - b0) - (a - a0), ((b - b0) - (a - a0)) * 1024 / 9990 }')."
             fi
         fi
+        cpu=server_cpu_ns_per_delivery both=server_cpu_ns_per_delivery+aux_cpu_ns_per_delivery
         if [[ "$name" == broker_* ]] && has_target luahub; then
-            mem=$(med "$name" memory server_cpu_ns_per_delivery) hub=$(med "$name" redis server_cpu_ns_per_delivery)
-            both=$(med "$name" redis server_cpu_ns_per_delivery+aux_cpu_ns_per_delivery)
-            echo "Redis broker / memory broker, luahub CPU per delivery, 1 process (medians): $(ratio "$hub" "$mem") counting the hub alone, $(ratio "$both" "$mem") counting the hub and redis-server$([ "$name" = broker_http ] && echo " (target, issue 15: ≤ 1.3)")."
+            echo "Redis broker / memory broker, luahub CPU per delivery, 1 process (medians): $(vratio "$name" redis $cpu memory $cpu) counting the hub alone, $(vratio "$name" redis $both memory $cpu) counting the hub and redis-server$([ "$name" = broker_http ] && echo " (target, issue 15: ≤ 1.3)")."
+        fi
+        if [[ "$name" == history_* ]]; then
+            echo "History on / off, CPU per delivery (medians): memory broker $(vratio "$name" memory_hist $cpu memory $cpu) (target, issue 11: ≤ 1.15); redis broker $(vratio "$name" redis_hist $cpu redis $cpu) counting the hub alone, $(vratio "$name" redis_hist $both redis $both) counting the hub and redis-server (target: ≤ 1.3). Deliveries/s on / off: memory $(vratio "$name" memory_hist deliveries_per_s memory deliveries_per_s), redis $(vratio "$name" redis_hist deliveries_per_s redis deliveries_per_s)."
+        fi
+        if [ "$name" = presence ]; then
+            rss=rss_per_conn_kb setup=server_cpu_us_per_conn
+            echo "Against no presence on the same broker (medians), RSS per connection: presence memory $(vratio presence presence $rss none $rss), redis $(vratio presence redis_presence $rss redis $rss); join_leave memory $(vratio presence join_leave $rss none $rss), redis $(vratio presence redis_join_leave $rss redis $rss). Set-up CPU per connection: presence memory $(vratio presence presence $setup none $setup), redis $(vratio presence redis_presence $setup redis $setup); join_leave memory $(vratio presence join_leave $setup none $setup), redis $(vratio presence redis_join_leave $setup redis $setup)."
+            echo "Redis commands/s held, presence − none: $(awk -v a="$(med presence redis_presence redis_cmds_per_s)" -v b="$(med presence redis redis_cmds_per_s)" 'BEGIN { if (a == "null" || b == "null") print "n/a"; else printf "%.0f", a - b }') (the presence refresh; none: the registry's own refresh)."
         fi
         hw=$(for vl in "${vars[@]}"; do v=${vl%%|*}; total $(vals "$name" "$v" hub_warnings); done | awk '{s += $1} END {print s + 0}')
         [ "$hw" != 0 ] && echo "**The hub logged $hw WARN/ERROR line(s) during these runs** (see the run's stderr)."
