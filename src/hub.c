@@ -41,6 +41,7 @@ void hub_free(struct hub *h)
         }
     hub_chan_registry_free(&h->chans);
     hub_htable_free(&h->clients);
+    hub_htable_free(&h->reads); /* each read is freed by its broker callback */
     free(h->recov);
     h->recov = NULL;
 }
@@ -61,6 +62,7 @@ struct hub_chan_ext *hub_chan_ext_of(struct hub *h, struct hub_chan *ch)
     } else {
         struct hub_chan_ext *x = hub_xcalloc(1, sizeof(*x));
         x->o = o;
+        x->gen = ++h->read_seq;
         ch->ext = x;
     }
     return ch->ext;

@@ -16,6 +16,8 @@ struct hub_chan_ext {
     uint64_t top;
     char epoch[HUB_EPOCH_MAX + 1];      /* "": not known yet */
     uint32_t reading;                   /* a catch-up read is in flight: its number */
+    uint64_t gen;                       /* h->read_seq when it was made */
+    uint64_t arrival;                   /* h->read_seq at the last delivery that came */
     struct hub_msg **held;              /* deliveries that arrived meanwhile */
     uint32_t nheld, capheld;
 };
@@ -37,6 +39,9 @@ struct hub_recovery {
     struct hub_msg **held;
     uint32_t nheld, capheld;
     size_t held_bytes;
+    struct hub_recovery *read_next;     /* the other waiters of its shared read */
+    uint64_t seq;                       /* h->read_seq when its hold began */
+    uint64_t arrival;                   /* the channel's `arrival` then */
     size_t len;
     char channel[HUB_CHANNEL_MAX + 1];
 };

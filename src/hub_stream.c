@@ -237,6 +237,58 @@ static void on_read(void *ud, int status, const struct hub_history_result *hr)
     recovery_free(r);
 }
 
+/* A stream read in flight, shared by every recovery that asks the same of
+ * the same channel: after a storm of reconnects, the subscribers of a
+ * channel recover from the same offset, and one read (one Redis script,
+ * one reply to parse, one set of frames) serves them all. A recovery may
+ * ride on a read of the same channel (the same extension: `gen`) if no
+ * delivery came to the channel between the read's ask and the start of its
+ * own hold: its hold began before the ask, or the channel's last arrival
+ * was before the ask. Otherwise a message published after the read's
+ * snapshot and delivered before the hold would be in neither. */
+struct shared_read {
+    struct hub_hnode node;              /* in h->reads, by channel and query */
+    struct hub *h;
+    uint64_t seq;                       /* h->read_seq when it was asked */
+    uint64_t gen;                       /* the channel extension's */
+    struct hub_history_query q;
+    struct hub_recovery *waiters;       /* chained by read_next, the asker first */
+    int listed;                         /* in h->reads (a newer one may replace it) */
+    size_t len;
+    char channel[HUB_CHANNEL_MAX + 1];
+};
+
+static uint64_t read_hash(const char *ch, size_t len, const struct hub_history_query *q)
+{
+    return hub_hash64(ch, len) ^ hub_hash_u64(q->since * 31 + q->limit * 2 + (q->reverse != 0));
+}
+
+static struct shared_read *read_find(struct hub *h, uint64_t hash, const char *ch, size_t len,
+                                     const struct hub_history_query *q)
+{
+    for (struct hub_hnode *n = hub_htable_chain(&h->reads, hash); n; n = n->next) {
+        struct shared_read *sr = hub_container_of(n, struct shared_read, node);
+        if (n->hash == hash && sr->len == len && !memcmp(sr->channel, ch, len) &&
+            sr->q.since == q->since && sr->q.limit == q->limit && sr->q.reverse == q->reverse)
+            return sr;
+    }
+    return NULL;
+}
+
+static void on_shared_read(void *ud, int status, const struct hub_history_result *hr)
+{
+    struct shared_read *sr = ud;
+    struct hub_recovery *r = sr->waiters, *next;
+
+    if (sr->listed)
+        hub_htable_remove(&sr->h->reads, &sr->node);
+    free(sr);
+    for (; r; r = next) {
+        next = r->read_next;
+        on_read(r, status, hr);
+    }
+}
+
 static void on_subscribed(void *ud, int status)
 {
     struct hub_recovery *r = ud;
@@ -260,8 +312,37 @@ static void on_subscribed(void *ud, int status)
         q.limit = r->req.rewind < max ? r->req.rewind : max;
         q.reverse = 1;
     }
-    struct hub_broker *b = r->h->broker;
-    if (b->ops->history(b, r->channel, r->len, x->o, &q, on_read, r) < 0) {
+    struct hub *h = r->h;
+    uint64_t hash = read_hash(r->channel, r->len, &q);
+    struct shared_read *sr = read_find(h, hash, r->channel, r->len, &q);
+    if (sr && sr->gen == x->gen && (sr->seq > r->seq || sr->seq > r->arrival)) {
+        /* the same read is on its way: ride on it */
+        r->read_next = sr->waiters->read_next;
+        sr->waiters->read_next = r;
+        h->reads_shared++;
+        return;
+    }
+    if (sr) { /* it cannot serve this one: a newer read replaces it for later askers */
+        hub_htable_remove(&h->reads, &sr->node);
+        sr->listed = 0;
+    }
+    sr = hub_xcalloc(1, sizeof(*sr));
+    sr->h = h;
+    sr->seq = ++h->read_seq;
+    sr->gen = x->gen;
+    sr->listed = 1;
+    sr->q = q;
+    sr->len = r->len;
+    memcpy(sr->channel, r->channel, r->len + 1);
+    sr->waiters = r;
+    sr->node.hash = hash;
+    /* In the table before the ask: a broker that answers at once (memory)
+     * calls on_shared_read from inside it. */
+    hub_htable_insert(&h->reads, &sr->node);
+    struct hub_broker *b = h->broker;
+    if (b->ops->history(b, r->channel, r->len, x->o, &q, on_shared_read, sr) < 0) {
+        hub_htable_remove(&h->reads, &sr->node);
+        free(sr);
         struct hub_sub_result res = {.status = HUB_EUNAVAILABLE};
         recovery_done(r, &res, NULL, 0);
         recovery_free(r);
@@ -286,6 +367,8 @@ int hub_stream_subscribe(struct hub *h, struct hub_client *c, struct hub_sub *s,
     if (x->o->history_size) {
         r->slot = slot_take(h, r);
         s->hold = r->slot;
+        r->seq = ++h->read_seq;
+        r->arrival = x->arrival;
     }
     h->broker->ops->subscribe(h->broker, r->channel, r->len, on_subscribed, r);
     return 1;
@@ -340,6 +423,7 @@ static void release_held(struct hub *h, struct hub_chan *ch, struct hub_chan_ext
 void hub_stream_deliver(struct hub *h, struct hub_chan *ch, struct hub_chan_ext *x,
                         struct hub_msg *m, const char *epoch)
 {
+    x->arrival = ++h->read_seq;         /* see shared_read */
     if (x->reading) {
         if (x->nheld < CATCH_UP_HOLD_MAX) {
             held_push(&x->held, &x->nheld, &x->capheld, m);

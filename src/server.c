@@ -675,6 +675,9 @@ static void render_metrics(void *ud, struct hub_buf *b)
                    srv->hub.recovered);
     hub_metric_one(b, "luahub_recoveries_failed_total", "counter",
                    "Subscribes with recover answered recovered:false.", srv->hub.unrecovered);
+    hub_metric_one(b, "luahub_stream_reads_shared_total", "counter",
+                   "Subscribes with recover or rewind served by a read another had asked.",
+                   srv->hub.reads_shared);
     hub_metric_one(b, "luahub_history_repairs_total", "counter",
                    "Gaps in a history channel's deliveries filled from its history.",
                    srv->hub.repairs);

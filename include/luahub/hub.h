@@ -76,7 +76,9 @@ struct hub {
     char instance[17];              /* this process's id, in client names */
     struct hub_recovery **recov;    /* subscriptions reading their stream; */
     uint32_t nrecov, free_recov;    /* sub->hold is an index + 1 */
-    uint32_t recov_gen;
+    struct hub_htable reads;        /* stream reads in flight, shared by equal asks */
+    uint64_t reads_shared;          /* recoveries that rode on another's read */
+    uint64_t read_seq;              /* orders hold starts and shared reads */
     uint64_t published;             /* messages handed to the broker (per channel) */
     uint64_t deliveries;            /* frames queued to subscribers */
     uint64_t culled;                /* clients culled */

@@ -1025,7 +1025,10 @@ START_TEST(t_redis_refresh_batched)
     int64_t dt = now_ms() - t0;
     long long calls = srv_calls(s, "evalsha") - e0, zadds = srv_calls(s, "zadd") - z0;
     long long cmds = all_calls(s) - c0;
-    ck_assert_msg(calls <= 2 * (N / 90 + 4), "%lld script calls for 2 rounds of %d", calls, N);
+    /* the rounds the window saw: a loaded machine may see part of a third */
+    long long rounds = (metric(0, "luahub_presence_refreshed_total") - r1 + N - 1) / N;
+    ck_assert_msg(calls <= rounds * (N / 90 + 4), "%lld script calls for %lld rounds of %d",
+                  calls, rounds, N);
     ck_assert_int_ge(zadds, 2 * N);
     printf("[measure] presence refresh, %d clients in 4 channels, presence_ttl 3 s: "
            "%lld script calls and %lld ZADDs in 2 rounds, %lld commands in all (those inside "

@@ -627,6 +627,82 @@ START_TEST(thousand_reconnects_no_growth)
 END_TEST
 
 /* ------------------------------------------------------------------ */
+/* A storm of reconnects: one read per channel, no gap                  */
+/* ------------------------------------------------------------------ */
+
+/* 40 subscribers of a history channel leave; 30 messages are published;
+ * all 40 come back at once with recover from the same position, and 10
+ * more are published while their recoveries are in flight. Recoveries that
+ * ask the same read share it (luahub_stream_reads_shared_total), and
+ * every subscriber gets every message once, in offset order, whether the
+ * message came from the read or live: a recovery rides on a read only if
+ * its own deliveries were held before that read was asked. */
+#define STORM 40
+START_TEST(reconnect_storm_shares_reads)
+{
+    struct srv r = {0};
+    srv_start(&r, 0, NULL);
+    struct hub *h = start_hub(&r, 60);
+    wait_healthz(h, 200);
+    struct ws *c[STORM];
+    char *epoch = NULL;
+    uint64_t top = 0;
+    for (int i = 0; i < STORM; i++) {
+        c[i] = ws_connect(h->port);
+        yajl_val v = request(c[i], "{\"op\":\"subscribe\",\"channel\":\"room:storm\",\"id\":1}",
+                             1, NULL);
+        if (i == 0)
+            top = reply_pos(v, &epoch);
+        else
+            ck_assert_uint_eq(reply_pos(v, NULL), top);
+        yajl_tree_free(v);
+    }
+    for (int i = 0; i < STORM; i++)
+        ws_free(c[i]);
+    hub_metric_wait(h, "luahub_connections", 0, HT_WAIT_MS);
+    for (int k = 0; k < 30; k++)
+        ck_assert_int_eq(api_publish(h, "room:storm", "\"m\""), 200);
+    long long shared0 = hub_metric(h, "luahub_stream_reads_shared_total");
+
+    char cmd[256];
+    snprintf(cmd, sizeof(cmd), "{\"op\":\"subscribe\",\"channel\":\"room:storm\",\"id\":1,"
+             "\"recover\":{\"offset\":%llu,\"epoch\":\"%s\"}}", (unsigned long long)top, epoch);
+    for (int i = 0; i < STORM; i++)
+        c[i] = ws_connect(h->port);
+    for (int i = 0; i < STORM; i++)
+        ws_send_text(c[i], cmd);
+    for (int k = 0; k < 10; k++)
+        ck_assert_int_eq(api_publish(h, "room:storm", "\"m\""), 200);
+    uint64_t last = top + 40;
+    for (int i = 0; i < STORM; i++) {
+        yajl_val v = ws_recv_json(c[i]);
+        ck_assert_msg(YAJL_IS_TRUE(json_get(v, "recovered")), "subscriber %d: not recovered", i);
+        yajl_tree_free(v);
+        for (uint64_t want = top + 1; want <= last; want++) {
+            v = ws_recv_json(c[i]);
+            const char *op = json_get_str(v, "op");
+            yajl_val off = json_get(v, "offset");
+            ck_assert_msg(op && !strcmp(op, "message") && off && YAJL_IS_INTEGER(off) &&
+                          (uint64_t)YAJL_GET_INTEGER(off) == want,
+                          "subscriber %d: expected offset %llu, got op %s offset %lld", i,
+                          (unsigned long long)want, op ? op : "?",
+                          off && YAJL_IS_INTEGER(off) ? YAJL_GET_INTEGER(off) : -1);
+            yajl_tree_free(v);
+        }
+        ws_sync(c[i]); /* and nothing more */
+    }
+    long long shared = hub_metric(h, "luahub_stream_reads_shared_total") - shared0;
+    printf("[measure] %d recoveries at once: %lld rode on another's read\n", STORM, shared);
+    ck_assert_msg(shared >= 1, "no recovery shared a read (%lld)", shared);
+    for (int i = 0; i < STORM; i++)
+        ws_free(c[i]);
+    free(epoch);
+    ck_assert_int_eq(hub_stop(h), 0);
+    srv_stop(&r);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
 /* Redis stopped during a history read and a presence call               */
 /* ------------------------------------------------------------------ */
 
@@ -674,6 +750,7 @@ static Suite *suite(void)
     tcase_add_test(tc, sigstop_5s_acknowledged_in_order_or_reset);
     tcase_add_test(tc, kill9_hub_clients_leave);
     tcase_add_test(tc, thousand_reconnects_no_growth);
+    tcase_add_test(tc, reconnect_storm_shares_reads);
     tcase_add_test(tc, reads_unavailable_while_redis_stopped);
     suite_add_tcase(s, tc);
     return s;
