@@ -657,7 +657,18 @@ void hub_conn_pending_free(struct hub_conn_pending *p)
     free(p->user);
     free(p->info_json);
     free(p->protocol);
+    free(p->peer);
     free(p);
+}
+
+/* The client's address: what the HTTP side saw, when the socket is not
+ * the client's own (TLS), else the socket's peer. */
+static void peer_addr(const struct hub_session *s, char *out, size_t n)
+{
+    if (s->peer)
+        snprintf(out, n, "%s", s->peer);
+    else
+        hub_writer_peer(&s->wc, out, n);
 }
 
 void hub_session_open(struct hub_session *s, struct hub_sessions *ss, struct lws *wsi,
@@ -675,6 +686,7 @@ void hub_session_open(struct hub_session *s, struct hub_sessions *ss, struct lws
         s->pc.user = pending->user;
         s->pc.info_json = pending->info_json;
         s->pc.protocol = pending->protocol;
+        s->peer = pending->peer;
         free(pending);
     }
     s->flags = HUB_SESS_OPEN;
@@ -682,7 +694,7 @@ void hub_session_open(struct hub_session *s, struct hub_sessions *ss, struct lws
 
     if (hub_log_enabled(HUB_LOG_DEBUG)) {
         char peer[64];
-        hub_writer_peer(&s->wc, peer, sizeof(peer));
+        peer_addr(s, peer, sizeof(peer));
         hub_log(HUB_LOG_DEBUG, "[conn %llu] connected from %s%s%s", (unsigned long long)id,
                 peer, s->pc.user ? " as " : "", s->pc.user ? s->pc.user : "");
     }
@@ -718,6 +730,7 @@ void hub_session_closed(struct hub_session *s)
     free(s->pc.user);
     free(s->pc.info_json);
     free(s->close_reason);
+    free(s->peer);
     free(s->entry);
     free(s->pc.protocol);
     s->rx = NULL;
@@ -833,7 +846,7 @@ static void h_conn_name(void *ud, uint64_t id, char *out, size_t n)
 static void h_conn_addr(void *ud, const struct hub_policy_conn *c, char *out, size_t n)
 {
     (void)ud;
-    hub_writer_peer(&of_pc(c)->wc, out, n);
+    peer_addr(of_pc(c), out, n);
 }
 
 static int h_conn_closing(void *ud, const struct hub_policy_conn *c)

@@ -299,18 +299,28 @@ static uint32_t clamp_pause(uint64_t ms)
            : ms > FLUSH_PAUSE_MAX_MS ? FLUSH_PAUSE_MAX_MS : (uint32_t)ms;
 }
 
+void hub_writer_charge(struct hub_writer *w, uint64_t ns)
+{
+    w->charged_ns += ns;
+}
+
 static void flush_all(struct hub_writer *w, int paused)
 {
     uint64_t t0 = uv_hrtime(), frames = 0, conns = 0;
 
     flush_list(w, 0, &frames, &conns);
-    uint64_t now = uv_hrtime(), cost_ms = (now - t0) / 1000000u;
+    /* The cost of a flush: its writes, and what the previous flush's
+     * writes cost elsewhere (hub_writer_charge): an approximation that
+     * lags by one flush. */
+    uint64_t now = uv_hrtime(), cost_ns = now - t0 + w->charged_ns;
+    uint64_t cost_ms = cost_ns / 1000000u;
+    w->charged_ns = 0;
     w->last_flush_ns = now;
     if (!conns)
         return; /* replies flushed everything meanwhile: nothing to judge */
     w->flushes++;
     if (!paused) {
-        if (now - t0 >= FLUSH_BUSY_NS && now >= w->flush_trial_ns)
+        if (cost_ns >= FLUSH_BUSY_NS && now >= w->flush_trial_ns)
             w->flush_pause_ms = clamp_pause(cost_ms);
         return;
     }

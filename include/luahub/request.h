@@ -43,6 +43,7 @@ struct hub_request {
     size_t body_len;
     const char *peer;           /* numeric address of the peer ("127.0.0.1", "::1") */
     int peer_loopback;          /* 127.0.0.0/8, ::1, ::ffff:127.x */
+    unsigned secure : 1;        /* it came over TLS (the hub's own, tls_cert) */
 };
 
 /* Results of hub_request_parse_head. */

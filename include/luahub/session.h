@@ -40,6 +40,8 @@ struct hub_conn_pending {
     char *user;
     char *info_json;
     char *protocol;         /* the subprotocol echoed, or NULL */
+    char *peer;             /* the client's address when the socket is not its own
+                             * (TLS: a socketpair), else NULL */
 };
 
 /* Frees a pending record and what it owns. NULL is fine. */
@@ -83,6 +85,7 @@ struct hub_session {
     uint32_t proto_errors;          /* protocol error bucket, in milli-errors */
     uint32_t flags;                 /* HUB_SESS_* */
     char *close_reason;             /* our close's reason (owned), or NULL */
+    char *peer;                     /* the client's address if not the socket's (owned), or NULL */
     char *entry;                    /* presence: "client":..,"user":..,"info":.. (owned) */
     size_t entry_len;
     const char *entry_user, *entry_info; /* the pc.user and pc.info it was built from */
