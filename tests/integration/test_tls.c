@@ -159,48 +159,76 @@ END_TEST
 /* Certificate reload                                                   */
 /* ------------------------------------------------------------------ */
 
+/* A TLS hub on copies of the server's pair (which a test may replace), a
+ * proxy to it, and an old connection subscribed to "room". */
+struct rotating {
+    char *cert, *key;
+    struct hub *h;
+    int tls_port;
+    struct tls_proxy *px;
+    struct ws *old;
+};
+
+static void rotating_start(struct rotating *t)
+{
+    const struct tls_client_opts o = {.ca = certs.ca};
+    t->cert = tmp_copy(certs.server);
+    t->key = tmp_copy(certs.server_key);
+    t->h = start_tls(t->cert, t->key, NULL, &t->tls_port);
+    t->px = tls_proxy_start(t->tls_port, &o);
+    t->old = ws_connect(t->px->port);
+    ws_subscribe(t->old, "room");
+}
+
+/* A publish from a new connection reaches the old one. */
+static void rotating_expect_old_receives(struct rotating *t, const char *data_json)
+{
+    struct ws *fresh = ws_connect(t->px->port);
+    ws_publish(fresh, "room", data_json);
+    char *want = ws_delivery("room", data_json);
+    ws_expect(t->old, want);
+    free(want);
+    ws_free(fresh);
+}
+
+static void rotating_stop(struct rotating *t)
+{
+    ws_free(t->old);
+    tls_proxy_stop(t->px);
+    ck_assert_int_eq(hub_stop(t->h), 0);
+    unlink(t->cert);
+    unlink(t->key);
+    free(t->cert);
+    free(t->key);
+}
+
 /* A certificate rotated by SIGHUP (then by POST /api/reload) is served to
  * new connections while an old connection stays up and keeps receiving. */
 START_TEST(rotation_keeps_old_connections)
 {
-    int tls_port;
-    char *cert = tmp_copy(certs.server), *key = tmp_copy(certs.server_key);
-    struct hub *h = start_tls(cert, key, NULL, &tls_port);
-    const struct tls_client_opts o = {.ca = certs.ca};
-    struct tls_proxy *px = tls_proxy_start(tls_port, &o);
-    struct ws *old = ws_connect(px->port);
-    ws_subscribe(old, "room");
-    expect_served_cn(tls_port, "localhost");
+    struct rotating t;
+    rotating_start(&t);
+    struct hub *h = t.h;
+    expect_served_cn(t.tls_port, "localhost");
 
-    tls_copy_file(certs.rotated, cert);
-    tls_copy_file(certs.rotated_key, key);
+    tls_copy_file(certs.rotated, t.cert);
+    tls_copy_file(certs.rotated_key, t.key);
     hub_signal(h, SIGHUP);
     hub_log_wait(h, "reload: TLS certificate loaded from", HT_WAIT_MS);
-    expect_served_cn(tls_port, "rotated.localhost");
-    struct ws *fresh = ws_connect(px->port);
-    ws_publish(fresh, "room", "\"after the rotation\"");
-    ws_expect(old, "{\"op\":\"message\",\"channel\":\"room\",\"data\":\"after the rotation\"}");
+    expect_served_cn(t.tls_port, "rotated.localhost");
+    rotating_expect_old_receives(&t, "\"after the rotation\"");
 
     /* back again, through the API (over https) */
-    tls_copy_file(certs.server, cert);
-    tls_copy_file(certs.server_key, key);
+    tls_copy_file(certs.server, t.cert);
+    tls_copy_file(certs.server_key, t.key);
     struct http_resp r;
-    ck_assert_int_eq(http_request(px->port, "POST", "/api/reload", NULL, "", &r), 200);
+    ck_assert_int_eq(http_request(t.px->port, "POST", "/api/reload", NULL, "", &r), 200);
     http_expect_ok(&r);
     http_resp_free(&r);
-    expect_served_cn(tls_port, "localhost");
-    ws_publish(fresh, "room", "\"and back\"");
-    ws_expect(old, "{\"op\":\"message\",\"channel\":\"room\",\"data\":\"and back\"}");
+    expect_served_cn(t.tls_port, "localhost");
+    rotating_expect_old_receives(&t, "\"and back\"");
     ck_assert_int_eq(hub_metric(h, "luahub_tls_reloads_total{result=\"ok\"}"), 2);
-
-    ws_free(old);
-    ws_free(fresh);
-    tls_proxy_stop(px);
-    ck_assert_int_eq(hub_stop(h), 0);
-    unlink(cert);
-    unlink(key);
-    free(cert);
-    free(key);
+    rotating_stop(&t);
 }
 END_TEST
 
@@ -218,6 +246,7 @@ static const struct bad_pair bad_pairs[] = {
     {"mismatched key", CERT(server), CERT(other_key), "is not the key of the certificate in tls_cert"},
     {"not PEM", 0, CERT(server_key), "no PEM certificate in it"},
     {"key not PEM", CERT(server), 0, "no PEM private key in it"},
+    {"encrypted key", CERT(server), CERT(encrypted_key), "the key is encrypted with a passphrase"},
 };
 
 static const char *cert_field(size_t off)
@@ -241,15 +270,11 @@ static void write_pair(const struct bad_pair *b, const char *cert, const char *k
 START_TEST(bad_pair_on_reload_keeps_old)
 {
     const struct bad_pair *b = &bad_pairs[_i];
-    int tls_port;
-    char *cert = tmp_copy(certs.server), *key = tmp_copy(certs.server_key);
-    struct hub *h = start_tls(cert, key, NULL, &tls_port);
-    const struct tls_client_opts o = {.ca = certs.ca};
-    struct tls_proxy *px = tls_proxy_start(tls_port, &o);
-    struct ws *old = ws_connect(px->port);
-    ws_subscribe(old, "room");
+    struct rotating t;
+    rotating_start(&t);
+    struct hub *h = t.h;
 
-    write_pair(b, cert, key);
+    write_pair(b, t.cert, t.key);
     struct http_resp r;
     ck_assert_int_eq(http_request(h->port, "POST", "/api/reload", NULL, "", &r), 422);
     http_expect_error(&r, 422, "reload_failed");
@@ -260,18 +285,9 @@ START_TEST(bad_pair_on_reload_keeps_old)
     hub_metric_wait(h, "luahub_tls_reloads_total{result=\"failed\"}", 2, HT_WAIT_MS);
     ck_assert_int_eq(hub_log_count(h, "keeping the current certificate"), 2);
 
-    expect_served_cn(tls_port, "localhost");
-    struct ws *fresh = ws_connect(px->port);
-    ws_publish(fresh, "room", "\"still served\"");
-    ws_expect(old, "{\"op\":\"message\",\"channel\":\"room\",\"data\":\"still served\"}");
-    ws_free(old);
-    ws_free(fresh);
-    tls_proxy_stop(px);
-    ck_assert_int_eq(hub_stop(h), 0);
-    unlink(cert);
-    unlink(key);
-    free(cert);
-    free(key);
+    expect_served_cn(t.tls_port, "localhost");
+    rotating_expect_old_receives(&t, "\"still served\"");
+    rotating_stop(&t);
 }
 END_TEST
 

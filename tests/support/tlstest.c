@@ -166,6 +166,7 @@ int tls_certs_make(struct tls_certs *c, char *err, size_t n)
     FILE_IN(future, "future.pem");
     FILE_IN(future_key, "future.key");
     FILE_IN(other_key, "other.key");
+    FILE_IN(encrypted_key, "encrypted.key");
     FILE_IN(client, "client.pem");
     FILE_IN(client_key, "client.key");
     FILE_IN(selfsigned, "selfsigned.pem");
@@ -200,6 +201,8 @@ int tls_certs_make(struct tls_certs *c, char *err, size_t n)
     const char *self[] = {"req", "-config", cnf, "-x509", EC_KEY_ARGS, "-keyout",
                           c->selfsigned_key, "-out", c->selfsigned, "-days", "3650", "-subj",
                           "/CN=client", "-extensions", "client", NULL};
+    const char *encrypt[] = {"pkey", "-in", c->server_key, "-aes128", "-passout", "pass:secret",
+                             "-out", c->encrypted_key, NULL};
     if (openssl_run(c, ca, err, n) < 0 ||
         signed_cert(c, cnf, "localhost", "server", NULL, NULL, c->server, c->server_key, err,
                     n) < 0 ||
@@ -211,7 +214,8 @@ int tls_certs_make(struct tls_certs *c, char *err, size_t n)
                     c->future, c->future_key, err, n) < 0 ||
         signed_cert(c, cnf, "client", "client", NULL, NULL, c->client, c->client_key, err,
                     n) < 0 ||
-        openssl_run(c, other, err, n) < 0 || openssl_run(c, self, err, n) < 0)
+        openssl_run(c, other, err, n) < 0 || openssl_run(c, self, err, n) < 0 ||
+        openssl_run(c, encrypt, err, n) < 0)
         return -1;
     return 0;
 io:

@@ -2,8 +2,8 @@
  *
  * - Certificates made at run time with the `openssl` command (a CA, server
  *   certificates for 127.0.0.1 and localhost, an expired one, one not yet
- *   valid, a key of no certificate, client certificates signed by the CA
- *   and by themselves).
+ *   valid, a key of no certificate, an encrypted key, client certificates
+ *   signed by the CA and by themselves).
  * - A blocking TLS client (OpenSSL) with a deadline on every wait: it
  *   connects, says why a handshake failed (OpenSSL's reason and the
  *   certificate check), shows the server's certificate and sends one HTTP
@@ -31,6 +31,7 @@ struct tls_certs {
     char expired[320], expired_key[320];        /* valid in 2020 only */
     char future[320], future_key[320];          /* valid from 2099 */
     char other_key[320];                        /* the key of no certificate here */
+    char encrypted_key[320];                    /* server_key, encrypted with a passphrase */
     char client[320], client_key[320];          /* CN "client", signed by the CA */
     char selfsigned[320], selfsigned_key[320];  /* CN "client", signed by itself */
 };
