@@ -611,8 +611,6 @@ static int reload_tls(struct hub_server *srv, struct hub_config_errors *errs)
             errs->v = hub_xrealloc(errs->v, (errs->n + 1) * sizeof(char *));
             errs->v[errs->n++] = hub_xstrdup(why.p);
         }
-    } else {
-        hub_log(HUB_LOG_INFO, "reload: TLS certificate loaded from %s", srv->cfg->tls_cert);
     }
     hub_buf_free(&why);
     return rc;

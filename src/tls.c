@@ -382,6 +382,19 @@ static SSL_CTX *build_ctx(const struct hub_config *cfg, int64_t *not_after, stru
     return ctx;
 }
 
+/* Logs what new connections get: `what` (e.g. "reload: TLS certificate
+ * loaded"), the file, the subject's name and the expiry. */
+static void log_served(const struct hub_config *cfg, SSL_CTX *ctx, const char *what)
+{
+    X509 *x = SSL_CTX_get0_certificate(ctx);
+    char cn[256] = "?", date[64];
+
+    X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof(cn));
+    asn1_time(X509_get0_notAfter(x), date, sizeof(date));
+    hub_log(HUB_LOG_INFO, "%s from %s (CN \"%s\", valid until %s)", what, cfg->tls_cert, cn,
+            date);
+}
+
 int hub_tls_check(const struct hub_config *cfg, struct hub_buf *why)
 {
     int64_t not_after;
@@ -404,6 +417,7 @@ int hub_tls_reload(struct hub_tls *t, struct hub_buf *why)
     t->ctx = ctx;
     t->not_after = not_after;
     t->reloads_ok++;
+    log_served(t->cfg, ctx, "reload: TLS certificate loaded");
     return 0;
 }
 
@@ -977,6 +991,7 @@ struct hub_tls *hub_tls_new(uv_loop_t *loop, const struct hub_config *cfg,
     t->ctx = ctx;
     t->not_after = not_after;
     t->epfd = epfd;
+    log_served(cfg, ctx, "tls: certificate");
     hub_list_init(&t->timed);
     hub_list_init(&t->open);
     hub_list_init(&t->zombies);

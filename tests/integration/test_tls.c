@@ -155,6 +155,66 @@ START_TEST(sigterm_with_tls_clients)
 }
 END_TEST
 
+/* A TLS subscriber that stops reading is culled like a plain one: the
+ * pump holds at most a record's worth, so the writer meets a full socket
+ * (the socketpair) and the queue bound. The hub then closes it (its close
+ * frame cannot go out: the backstop, then the pump's deadline), and the
+ * other subscribers are served throughout. */
+START_TEST(slow_tls_consumer_culled)
+{
+    enum { PAD = 8000 };
+    int tls_port;
+    struct hub *h = start_tls(certs.server, certs.server_key,
+                              "max_queue_bytes = \"64KiB\"\nrequest_timeout = 2\n", &tls_port);
+    char err[512];
+    const struct tls_client_opts so = {.ca = certs.ca, .rcvbuf = 4096};
+    struct tls_conn *slow = tls_connect(tls_port, &so, err, sizeof err);
+    ck_assert_msg(slow != NULL, "%s", err);
+    /* the upgrade and a subscribe (a masked frame, mask 0), then no reading */
+    const char head[] = "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                        "Sec-WebSocket-Version: 13\r\n\r\n";
+    const char sub[] = "{\"op\":\"subscribe\",\"channel\":\"burst\"}";
+    unsigned char req[sizeof head + 6 + sizeof sub];
+    size_t len = sizeof head - 1;
+    memcpy(req, head, len);
+    req[len++] = 0x81;
+    req[len++] = (unsigned char)(0x80 | (sizeof sub - 1));
+    memset(req + len, 0, 4);
+    len += 4;
+    memcpy(req + len, sub, sizeof sub - 1);
+    len += sizeof sub - 1;
+    ck_assert_msg(tls_send(slow, req, len, err, sizeof err) == 0, "%s", err);
+    struct ws *pub = ws_connect(h->port), *fast = ws_connect(h->port);
+    ws_subscribe(fast, "burst");
+    hub_metric_wait(h, "luahub_subscriptions", 2, HT_WAIT_MS);
+
+    char *data = malloc(PAD + 32);
+    int seq, limit = (32 << 20) / PAD;
+    for (seq = 0; seq < limit; seq++) {
+        int n = snprintf(data, 32, "{\"seq\":%d,\"pad\":\"", seq);
+        memset(data + n, 'a' + seq % 26, PAD);
+        strcpy(data + n + PAD, "\"}");
+        ws_publish(pub, "burst", data);
+        char *want = ws_delivery("burst", data);
+        ws_expect(fast, want);
+        free(want);
+        if (seq % 16 == 0 && hub_metric(h, "luahub_slow_consumer_closes_total") == 1)
+            break;
+    }
+    free(data);
+    ck_assert_msg(seq < limit, "not culled after %d messages of %d bytes", seq, PAD);
+    ck_assert_int_eq(hub_metric(h, "luahub_subscriptions"), 1);
+    hub_metric_wait(h, "luahub_tls_connections", 0, HT_WAIT_MS);
+    ws_publish(pub, "burst", "\"after\"");
+    ws_expect(fast, "{\"op\":\"message\",\"channel\":\"burst\",\"data\":\"after\"}");
+    tls_close(slow);
+    ws_free(pub);
+    ws_free(fast);
+    ck_assert_int_eq(hub_stop(h), 0);
+}
+END_TEST
+
 /* ------------------------------------------------------------------ */
 /* Certificate reload                                                   */
 /* ------------------------------------------------------------------ */
@@ -536,6 +596,7 @@ static Suite *tls_suite(void)
     TCase *tc = tcase_create("tls");
     tcase_add_test(tc, wss_and_https);
     tcase_add_test(tc, sigterm_with_tls_clients);
+    tcase_add_test(tc, slow_tls_consumer_culled);
     tcase_add_test(tc, rotation_keeps_old_connections);
     tcase_add_loop_test(tc, bad_pair_on_reload_keeps_old, 0,
                         (int)(sizeof bad_pairs / sizeof *bad_pairs));

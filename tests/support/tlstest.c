@@ -343,6 +343,8 @@ struct tls_conn *tls_connect(int port, const struct tls_client_opts *o, char *er
     memset(c, 0, sizeof *c);
     sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (c->fd >= 0 && o->rcvbuf)
+        setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &o->rcvbuf, sizeof o->rcvbuf);
     if (c->fd < 0 || (connect(c->fd, (struct sockaddr *)&sa, sizeof sa) < 0 &&
                       errno != EINPROGRESS)) {
         snprintf(err, n, "connect to port %d: %s", port, strerror(errno));
@@ -433,6 +435,19 @@ static int ssl_send_all(struct tls_conn *c, const void *p, size_t len, int64_t d
         len -= (size_t)r;
     }
     return 0;
+}
+
+int tls_send(struct tls_conn *c, const void *p, size_t len, char *err, size_t n)
+{
+    return ssl_send_all(c, p, len, ht_now_ms() + HT_WAIT_MS, err, n);
+}
+
+int tls_recv(struct tls_conn *c, void *buf, size_t cap, int timeout_ms)
+{
+    int r;
+    SSL_LOOP(c, SSL_read(c->ssl, buf, (int)cap), ht_now_ms() + timeout_ms, r);
+    ERR_clear_error();
+    return r > 0 ? r : r == -2 ? -1 : 0;
 }
 
 int tls_http(struct tls_conn *c, const char *req, struct http_resp *resp, char *err, size_t n)

@@ -53,6 +53,7 @@ void tls_copy_file(const char *from, const char *path);
 struct tls_client_opts {
     const char *ca;             /* verify the server's certificate and 127.0.0.1; NULL: no check */
     const char *cert, *key;     /* a client certificate and its key; NULL: none */
+    int rcvbuf;                 /* SO_RCVBUF set before connecting; 0: the default */
 };
 
 struct tls_conn;
@@ -65,6 +66,13 @@ struct tls_conn *tls_connect(int port, const struct tls_client_opts *o, char *er
 void tls_close(struct tls_conn *c);
 /* The common name of the server's certificate ("" if none). */
 void tls_peer_cn(const struct tls_conn *c, char *out, size_t n);
+/* Sends all of p[0..len). Returns 0, or -1 with why in err[0..n). */
+int tls_send(struct tls_conn *c, const void *p, size_t len, char *err, size_t n);
+/* Reads what comes, waiting up to `timeout_ms`. Returns the byte count
+ * (> 0), 0 when the server closed (close_notify, EOF, a reset, an alert),
+ * -1 on timeout. */
+int tls_recv(struct tls_conn *c, void *buf, size_t cap, int timeout_ms);
+
 /* Sends `req` (a whole HTTP/1.1 request with "Connection: close") and
  * reads the answer until the server closes. Returns the status and fills
  * `r` (free with http_resp_free), or -1 with why in err[0..n) (a TLS
