@@ -179,7 +179,11 @@ static int read_pem(const char *key, const char *path, struct hub_buf *out, stru
         hub_buf_printf(why, "%s \"%s\": %s", key, path, strerror(errno));
         return -1;
     }
-    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_size > PEM_MAX) {
+    if (fstat(fd, &st) < 0) {
+        hub_buf_printf(why, "%s \"%s\": %s", key, path, strerror(errno));
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode) || st.st_size > PEM_MAX) {
         hub_buf_printf(why, "%s \"%s\": %s", key, path,
                        !S_ISREG(st.st_mode) ? "not a regular file" : "larger than 1 MiB");
         goto out;
