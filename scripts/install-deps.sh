@@ -10,7 +10,7 @@ pkgs=(
   libhiredis-dev
   liblua5.4-dev lua-cjson-dev
   libyajl-dev
-  libssl-dev
+  libssl-dev openssl
   check
   redis-server
   iproute2 util-linux

@@ -274,6 +274,43 @@ static char *dir_of(const char *path)
     return d;
 }
 
+static size_t key_index(const char *name)
+{
+    return (size_t)(hub_conf_find_key(name) - keys);
+}
+
+/* The TLS keys go together (docs/config.md, "TLS"). A key whose value was
+ * refused already has its error: it is not blamed again here. */
+static void check_tls(struct load *ld)
+{
+    const struct hub_config *c = ld->c;
+    size_t cert = key_index("tls_cert"), key = key_index("tls_key");
+    size_t ca = key_index("tls_client_ca"), plain = key_index("listen_plain");
+    bool tls = c->tls_cert && c->tls_key;
+
+    if (ld->bad[cert] || ld->bad[key])
+        return;
+    if (!!c->tls_cert != !!c->tls_key)
+        add_error(ld, ld->line[c->tls_cert ? cert : key],
+                  "%s needs %s: TLS takes a certificate (tls_cert, a PEM chain) and its "
+                  "private key (tls_key)", c->tls_cert ? "tls_cert" : "tls_key",
+                  c->tls_cert ? "tls_key" : "tls_cert");
+    if (c->tls_client_ca && !tls && !ld->bad[ca])
+        add_error(ld, ld->line[ca], "tls_client_ca needs tls_cert and tls_key: clients "
+                  "present their certificate in a TLS handshake");
+    if (!c->listen_plain || ld->bad[plain])
+        return;
+    if (!tls)
+        add_error(ld, ld->line[plain], "listen_plain is a plain listener beside the TLS one: "
+                  "it needs tls_cert and tls_key (without them `listen` is plain already)");
+    else if (c->listen_plain_port && c->listen_plain_port == c->listen_port &&
+             !strcmp(c->listen_plain_host, c->listen_host))
+        add_error(ld, ld->line[plain], "listen_plain must differ from listen (%s)", c->listen);
+    else if (!c->listen_plain_port && c->workers != 1)
+        add_error(ld, ld->line[plain], "listen_plain with port 0 needs workers = 1: workers "
+                  "share a port, so it must be a fixed one");
+}
+
 /* Checks that need every key: done after the chunk ran. */
 static void check_cross(struct load *ld)
 {
@@ -283,6 +320,8 @@ static void check_cross(struct load *ld)
                   "workers = %s needs the redis broker (set broker = \"redis://host:port\"):"
                   " with the memory broker each process only sees its own subscribers",
                   ld->c->workers ? "N > 1" : "\"auto\"");
+
+    check_tls(ld);
 
     size_t mm = (size_t)(hub_conf_find_key("max_message_size") - keys);
     size_t mq = (size_t)(hub_conf_find_key("max_queue_bytes") - keys);

@@ -31,6 +31,9 @@ static int set_api_key(struct hub_config *, const struct key *, const char *, st
 static int set_dir(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_file(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_files(struct hub_config *, const struct key *, const char *, struct hub_buf *);
+static int set_pem(struct hub_config *, const struct key *, const char *, struct hub_buf *);
+static int set_listen_plain(struct hub_config *, const struct key *, const char *,
+                            struct hub_buf *);
 static int set_log_level(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_broker(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_prefix(struct hub_config *, const struct key *, const char *, struct hub_buf *);
@@ -46,6 +49,10 @@ static int set_cidrs(struct hub_config *, const struct key *, const char *, stru
 
 const struct key hub_conf_keys[] = {
     STR(listen, listen, "0.0.0.0:8080", set_listen),
+    STR(listen_plain, listen_plain, NULL, set_listen_plain),
+    STR(tls_cert, tls_cert, NULL, set_pem),
+    STR(tls_key, tls_key, NULL, set_pem),
+    STR(tls_client_ca, tls_client_ca, NULL, set_pem),
     STR(websocket_path, websocket_path, "/ws", set_ws_path),
     STR(api_key, api_key, NULL, set_api_key),
     NUM(max_message_size, K_SIZE, 64, 64 * MiB, 64 * KiB),
@@ -657,11 +664,12 @@ static char *regular_file(const struct hub_config *c, const char *s, struct hub_
     return out;
 }
 
-static int set_file(struct hub_config *c, const struct key *k, const char *s,
-                    struct hub_buf *why)
+/* A readable regular file; `empty` says what leaving the key unset does. */
+static int store_file(struct hub_config *c, const struct key *k, const char *s,
+                      struct hub_buf *why, const char *empty)
 {
     if (!*s) {
-        hub_buf_appends(why, "must not be empty (leave it unset for the built-in policy)");
+        hub_buf_printf(why, "must not be empty (leave it unset %s)", empty);
         return -1;
     }
     char *path = regular_file(c, s, why);
@@ -708,6 +716,23 @@ static int set_files(struct hub_config *c, const struct key *k, const char *s,
     return rc;
 }
 
+static int set_file(struct hub_config *c, const struct key *k, const char *s,
+                    struct hub_buf *why)
+{
+    return store_file(c, k, s, why, "for the built-in policy");
+}
+
+/* tls_cert, tls_key, tls_client_ca: the file is checked here; its content
+ * (PEM, the pair, the dates) by the TLS module (src/tls.c) at start, at
+ * --check and at each reload. */
+static int set_pem(struct hub_config *c, const struct key *k, const char *s,
+                   struct hub_buf *why)
+{
+    return store_file(c, k, s, why, strcmp(k->name, "tls_client_ca")
+                                        ? "to serve plain ws:// and http://"
+                                        : "when clients need no certificate");
+}
+
 /* ---- listen ------------------------------------------------------------ */
 
 static bool valid_hostname(const char *h, size_t n)
@@ -731,11 +756,15 @@ static bool all_digits_and_dots(const char *h, size_t n)
     return true;
 }
 
-int hub_config_set_listen(struct hub_config *c, const char *s, char *err, size_t errlen)
+#define LISTEN_HOST_MAX 256
+
+/* Parses "HOST:PORT" into hbuf[0..*hlen) (NUL-terminated) and *portp.
+ * Returns 0, or -1 with a message in `err`. */
+static int parse_listen(const char *s, char hbuf[LISTEN_HOST_MAX], size_t *hlenp, int *portp,
+                        char *err, size_t errlen)
 {
     const char *host, *port, *colon;
     size_t hlen;
-    char hbuf[256];
     const char *eg = "(e.g. \"0.0.0.0:8080\" or \"[::1]:8080\")";
 
     if (strlen(s) > 300 || has_space_or_control(s)) {
@@ -750,7 +779,7 @@ int hub_config_set_listen(struct hub_config *c, const char *s, char *err, size_t
         }
         host = s + 1;
         hlen = (size_t)(end - host);
-        if (hlen >= sizeof(hbuf)) {
+        if (hlen >= LISTEN_HOST_MAX) {
             snprintf(err, errlen, "invalid IPv6 address in \"%s\"", s);
             return -1;
         }
@@ -784,7 +813,7 @@ int hub_config_set_listen(struct hub_config *c, const char *s, char *err, size_t
                      s, colon);
             return -1;
         }
-        if (hlen >= sizeof(hbuf)) {
+        if (hlen >= LISTEN_HOST_MAX) {
             snprintf(err, errlen, "invalid host in \"%s\"", s);
             return -1;
         }
@@ -815,12 +844,42 @@ int hub_config_set_listen(struct hub_config *c, const char *s, char *err, size_t
         snprintf(err, errlen, "port %s is out of range (0..65535)", port);
         return -1;
     }
+    *hlenp = hlen;
+    *portp = (int)p;
+    return 0;
+}
 
+int hub_config_set_listen(struct hub_config *c, const char *s, char *err, size_t errlen)
+{
+    char hbuf[LISTEN_HOST_MAX];
+    size_t hlen;
+    int port;
+
+    if (parse_listen(s, hbuf, &hlen, &port, err, errlen) < 0)
+        return -1;
     free(c->listen);
     free(c->listen_host);
     c->listen = hub_xstrdup(s);
     c->listen_host = hub_xstrndup(hbuf, hlen);
-    c->listen_port = (int)p;
+    c->listen_port = port;
+    return 0;
+}
+
+static int set_listen_plain(struct hub_config *c, const struct key *k, const char *s,
+                            struct hub_buf *why)
+{
+    char hbuf[LISTEN_HOST_MAX], err[256];
+    size_t hlen;
+    int port;
+
+    if (parse_listen(s, hbuf, &hlen, &port, err, sizeof(err)) < 0) {
+        hub_buf_appends(why, err);
+        return -1;
+    }
+    store_str(c, k, s);
+    free(c->listen_plain_host);
+    c->listen_plain_host = hub_xstrndup(hbuf, hlen);
+    c->listen_plain_port = port;
     return 0;
 }
 
@@ -976,6 +1035,11 @@ void hub_config_free(struct hub_config *c)
     free(c->listen_host);
     free(c->websocket_path);
     free(c->api_key);
+    free(c->listen_plain);
+    free(c->listen_plain_host);
+    free(c->tls_cert);
+    free(c->tls_key);
+    free(c->tls_client_ca);
     free(c->static_dir);
     free(c->policy);
     free(c->policy_path);

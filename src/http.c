@@ -76,6 +76,7 @@ struct hub_http_conn {
     size_t scanned;                 /* bytes of c->in searched for the end of the head */
     struct hub_ip peer;             /* the TCP peer */
     char client[INET6_ADDRSTRLEN];  /* the client, as the current request has it */
+    uint8_t secure;                 /* the plaintext end of a TLS connection (tls.c) */
 };
 
 struct hub_http {
@@ -352,6 +353,7 @@ static int try_head(struct hub_http_conn *c)
     }
     c->head_len = (size_t)n;
     client_of(c);
+    c->req.secure = c->secure;
     if (c->req.chunked) {
         c->req.keep_alive = 0;
         fail(c, 411, "length_required",
@@ -684,20 +686,16 @@ struct hub_http *hub_http_new(uv_loop_t *loop, const struct hub_http_options *o,
     return hs;
 }
 
-static void peer_of(struct hub_http_conn *c)
+/* The peer's numeric address and whether it is on loopback. */
+static void peer_from(struct hub_http_conn *c, const struct sockaddr *sa, socklen_t sl)
 {
-    struct sockaddr_storage ss;
-    socklen_t sl = sizeof(ss);
-
     memset(&c->peer, 0, sizeof(c->peer));
-    if (getpeername(c->fd, (struct sockaddr *)&ss, &sl) < 0)
-        return;
-    if (ss.ss_family == AF_INET) {
+    if (sa->sa_family == AF_INET && sl >= sizeof(struct sockaddr_in)) {
         c->peer.family = 4;
         c->peer.prefix = 32;
-        memcpy(c->peer.a, &((const struct sockaddr_in *)&ss)->sin_addr, 4);
-    } else if (ss.ss_family == AF_INET6) {
-        const struct in6_addr *a = &((const struct sockaddr_in6 *)&ss)->sin6_addr;
+        memcpy(c->peer.a, &((const struct sockaddr_in *)sa)->sin_addr, 4);
+    } else if (sa->sa_family == AF_INET6 && sl >= sizeof(struct sockaddr_in6)) {
+        const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
         if (IN6_IS_ADDR_V4MAPPED(a)) {
             c->peer.family = 4;
             c->peer.prefix = 32;
@@ -739,7 +737,8 @@ static void client_of(struct hub_http_conn *c)
     c->req.peer_loopback = ip.family && hub_ip_loopback(&ip);
 }
 
-void hub_http_accept(struct hub_http *hs, int fd)
+static void conn_add(struct hub_http *hs, int fd, const struct sockaddr *peer, socklen_t len,
+                     int secure)
 {
     struct hub_http_conn *c = hub_xcalloc(1, sizeof(*c));
     c->hs = hs;
@@ -748,7 +747,8 @@ void hub_http_accept(struct hub_http *hs, int fd)
     c->state = S_HEAD;
     c->started = now(hs);
     c->deadline = c->started + hs->opt.request_timeout_ms;
-    peer_of(c);
+    c->secure = (uint8_t)secure;
+    peer_from(c, peer, len);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.ptr = c};
     if (epoll_ctl(hs->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
         hub_log(HUB_LOG_WARN, "epoll_ctl: %s: connection dropped", strerror(errno));
@@ -760,6 +760,24 @@ void hub_http_accept(struct hub_http *hs, int fd)
     hub_list_init(&c->node);
     hub_list_push_tail(&hs->conns, &c->node);
     hs->nconns++;
+}
+
+void hub_http_accept(struct hub_http *hs, int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+
+    if (getpeername(fd, (struct sockaddr *)&ss, &sl) < 0) {
+        ss.ss_family = AF_UNSPEC;
+        sl = sizeof(ss.ss_family);
+    }
+    conn_add(hs, fd, (struct sockaddr *)&ss, sl, 0);
+}
+
+void hub_http_accept_peer(struct hub_http *hs, int fd, const struct sockaddr *peer,
+                          socklen_t len)
+{
+    conn_add(hs, fd, peer, len, 1);
 }
 
 void hub_http_shutdown(struct hub_http *hs)

@@ -49,14 +49,11 @@ static int iface_addr(const char *name, int port, struct sockaddr_storage *ss, s
     return i ? 0 : -1;
 }
 
-/* The socket address of the conf's listen host and `port`. Returns 0, or
- * -1 when the host is neither an IP address nor a network interface
- * ("localhost" counts as 127.0.0.1; "0.0.0.0" and "::" are the
- * wildcards). */
-static int listen_addr(const struct hub_config *cfg, int port,
-                       struct sockaddr_storage *ss, socklen_t *sl)
+/* The socket address of `host` and `port`. Returns 0, or -1 when the host
+ * is neither an IP address nor a network interface ("localhost" counts as
+ * 127.0.0.1; "0.0.0.0" and "::" are the wildcards). */
+static int listen_addr(const char *host, int port, struct sockaddr_storage *ss, socklen_t *sl)
 {
-    const char *host = cfg->listen_host;
     struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
     struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
 
@@ -80,13 +77,13 @@ static int listen_addr(const struct hub_config *cfg, int port,
 
 /* Binds a socket (SO_REUSEADDR, plus SO_REUSEPORT when the port is shared
  * by workers). Returns the fd, or -errno. */
-static int try_bind(const struct hub_config *cfg, int port, int reuseport)
+static int try_bind(const char *host, int port, int reuseport)
 {
     struct sockaddr_storage ss;
     socklen_t sl;
     int one = 1;
 
-    if (listen_addr(cfg, port, &ss, &sl) < 0)
+    if (listen_addr(host, port, &ss, &sl) < 0)
         return -EADDRNOTAVAIL;
     int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
@@ -102,11 +99,13 @@ static int try_bind(const struct hub_config *cfg, int port, int reuseport)
     return fd;
 }
 
-static void explain_bind_failure(const struct hub_config *cfg, int err)
+static void explain_bind_failure(const char *text, const char *key, int err)
 {
-    hub_log(HUB_LOG_ERROR, "cannot listen on %s: %s%s", cfg->listen, strerror(err),
+    hub_log(HUB_LOG_ERROR, "cannot listen on %s: %s%s%s%s", text, strerror(err),
             err == EADDRINUSE ? " (another process has the port: stop it, or "
-                                "choose another with listen or --listen)"
+                                "choose another with " : "",
+            err == EADDRINUSE ? key : "",
+            err == EADDRINUSE ? ")"
             : err == EADDRNOTAVAIL ? " (not an address or network interface of this machine)"
                                    : "");
 }
@@ -171,7 +170,7 @@ static void on_accept(uv_poll_t *p, int status, int events)
 }
 
 int hub_listener_open(struct hub_listener *l, uv_loop_t *loop, const struct hub_config *cfg,
-                      hub_listener_accept_fn accept, void *ud)
+                      const struct hub_listen_addr *at, hub_listener_accept_fn accept, void *ud)
 {
     memset(l, 0, sizeof(*l));
     l->loop = loop;
@@ -181,12 +180,12 @@ int hub_listener_open(struct hub_listener *l, uv_loop_t *loop, const struct hub_
     l->fd = -1;
     uv_timer_init(loop, &l->retry);
     l->retry.data = l;
-    int fd = try_bind(cfg, cfg->listen_port, cfg->workers != 1);
+    int fd = try_bind(at->host, at->port, cfg->workers != 1);
     if (fd < 0 || listen(fd, 1024) < 0) {
         int e = fd < 0 ? -fd : errno;
         if (fd >= 0)
             close(fd);
-        explain_bind_failure(cfg, e);
+        explain_bind_failure(at->text, at->key, e);
         return -1;
     }
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
@@ -233,9 +232,9 @@ void hub_listener_close(struct hub_listener *l)
 
 int hub_listener_reserve_port(struct hub_config *cfg)
 {
-    int fd = try_bind(cfg, cfg->listen_port, 1);
+    int fd = try_bind(cfg->listen_host, cfg->listen_port, 1);
     if (fd < 0) {
-        explain_bind_failure(cfg, -fd);
+        explain_bind_failure(cfg->listen, "listen or --listen", -fd);
         return -1;
     }
     if (cfg->listen_port == 0)

@@ -16,6 +16,7 @@
 #include "luahub/server.h"
 #include "luahub/spec.h"
 #include "luahub/supervisor.h"
+#include "luahub/tls.h"
 #include "luahub/watchdog.h"
 
 #define DEFAULT_CONF_LOCAL "conf/luahub.conf"
@@ -42,7 +43,8 @@ static void usage(FILE *f)
             "  -v, --version        print the version and exit\n"
             "  -h, --help           this help\n"
             "\n"
-            "Signals: SIGTERM/SIGINT shut down gracefully (a second one: at once).\n");
+            "Signals: SIGTERM/SIGINT shut down gracefully (a second one: at once);\n"
+            "SIGHUP reloads the policy, policy_vars and the TLS certificate files.\n");
 }
 
 static void close_signals(void)
@@ -71,7 +73,8 @@ static void on_shutdown_done(struct hub_server *srv)
 static void on_signal(uv_signal_t *h, int signum)
 {
     if (signum == SIGHUP) {
-        hub_log(HUB_LOG_INFO, "SIGHUP: reloading the conf and the policy");
+        hub_log(HUB_LOG_INFO, "SIGHUP: reloading the conf and the policy%s",
+                server.tls ? ", and the TLS certificate" : "");
         hub_server_reload_policy(&server, NULL);
         return;
     }
@@ -123,6 +126,22 @@ static void warn_if_exposed(const struct hub_config *cfg)
             "local process and whatever a proxy on this host forwards, without a key; set "
             "api_key and run as an unprivileged user (docs/operations.md)",
             cfg->listen);
+}
+
+/* With tls_cert, loads the certificate, key and client CA files as the
+ * server will (a bad pair is a conf problem, reported before starting).
+ * Returns 0, or -1 with "FILE: problem" added to `errs`. */
+static int tls_check(const struct hub_config *cfg, struct hub_config_errors *errs)
+{
+    struct hub_buf why = {0}, line = {0};
+
+    if (!cfg->tls_cert || hub_tls_check(cfg, &why) == 0)
+        return 0;
+    hub_buf_printf(&line, "%s: %s", cfg->path, why.p);
+    errs->v = hub_xrealloc(errs->v, (errs->n + 1) * sizeof(char *));
+    errs->v[errs->n++] = line.p;
+    hub_buf_free(&why);
+    return -1;
 }
 
 /* The watchdog's timeout: WATCHDOG_S, or twice the longest a policy call
@@ -255,7 +274,7 @@ int main(int argc, char **argv)
     }
     /* The policy is compiled here only for --check: at start hub_policy_new
      * reports the same FILE:LINE problems (and runs its main chunk once). */
-    if (hub_config_load(&cfg, conf_path, &errs) < 0 ||
+    if (hub_config_load(&cfg, conf_path, &errs) < 0 || tls_check(&cfg, &errs) < 0 ||
         (check && hub_policy_check(&cfg, &errs, &warns) < 0) || (strict && warns.n)) {
         for (unsigned i = 0; i < errs.n; i++)
             fprintf(stderr, "%s\n", errs.v[i]);

@@ -609,13 +609,45 @@ static void parse_trusted(struct hub_server *srv)
     }
 }
 
+static void on_accept_tls(void *ud, int fd)
+{
+    struct hub_server *srv = ud;
+    hub_tls_accept(srv->tls, fd);
+}
+
+/* A TLS handshake is done: its plaintext end is an HTTP connection. */
+static void on_tls_plain(void *ud, int fd, const struct sockaddr *peer, socklen_t len)
+{
+    struct hub_server *srv = ud;
+    hub_http_accept_peer(srv->http, fd, peer, len);
+}
+
+/* What encrypting deliveries cost counts in the writer's pacing. */
+static void on_tls_cost(void *ud, uint64_t ns)
+{
+    struct hub_server *srv = ud;
+    hub_writer_charge(&srv->writer, ns);
+}
+
+static void listeners_resume(struct hub_server *srv)
+{
+    hub_listener_resume(&srv->listener);
+    hub_listener_resume(&srv->listener_plain);
+}
+
+static void listeners_pause(struct hub_server *srv)
+{
+    hub_listener_pause(&srv->listener);
+    hub_listener_pause(&srv->listener_plain);
+}
+
 static void on_listen_timer(uv_timer_t *t)
 {
     struct hub_server *srv = t->data;
     hub_log(HUB_LOG_WARN, "broker still down after %d ms: accepting clients anyway",
             WORKER_LISTEN_WAIT_MS);
     if (!srv->shutting_down)
-        hub_listener_resume(&srv->listener);
+        listeners_resume(srv);
 }
 
 /* `ud` is the hub: the broker's deliver and health share it. */
@@ -627,7 +659,7 @@ static void on_broker_health(void *ud, int up)
     if (up && uv_is_active((uv_handle_t *)&srv->listen_timer)) {
         uv_timer_stop(&srv->listen_timer);
         if (!srv->shutting_down)
-            hub_listener_resume(&srv->listener);
+            listeners_resume(srv);
     }
 }
 
@@ -665,7 +697,7 @@ static void render_metrics(void *ud, struct hub_buf *b)
                    srv->connections_refused);
     hub_metric_one(b, "luahub_accept_pauses_total", "counter",
                    "Times accepting paused for 100 ms: out of file descriptors or memory.",
-                   srv->listener.pauses);
+                   srv->listener.pauses + srv->listener_plain.pauses);
     hub_metric_one(b, "luahub_subscriptions", "gauge", "Subscriptions over all channels.",
                    hub_subscriptions(&srv->hub));
     hub_metric_one(b, "luahub_channels", "gauge", "Channels with at least one subscriber.",
@@ -719,6 +751,8 @@ static void render_metrics(void *ud, struct hub_buf *b)
                    "Upgrades from a browser origin not allowed (allowed_origins).",
                    srv->origins_refused);
     hub_http_metrics(srv->http, b);
+    if (srv->tls)
+        hub_tls_metrics(srv->tls, b);
     hub_metric_family(b, "luahub_protocol_errors_total", "counter",
                       "Protocol errors answered, by code.");
     for (int i = 0; i < HUB_PERR__COUNT; i++) {
@@ -834,6 +868,27 @@ static int veto_key(void *ud, const char *key)
            v->fresh->lua_max_instructions > v->srv->lua_budget_max;
 }
 
+/* Loads the certificate files again, from the paths the hub started with
+ * (a changed tls_* key takes a restart, as other keys do). Build aside,
+ * check, swap: a bad pair keeps the current one. */
+static int reload_tls(struct hub_server *srv, struct hub_config_errors *errs)
+{
+    struct hub_buf why = {0};
+
+    if (!srv->tls)
+        return 0;
+    int rc = hub_tls_reload(srv->tls, &why);
+    if (rc < 0) {
+        hub_log(HUB_LOG_ERROR, "reload: %s: keeping the current certificate", why.p);
+        if (errs) {
+            errs->v = hub_xrealloc(errs->v, (errs->n + 1) * sizeof(char *));
+            errs->v[errs->n++] = hub_xstrdup(why.p);
+        }
+    }
+    hub_buf_free(&why);
+    return rc;
+}
+
 int hub_server_reload_policy(struct hub_server *srv, struct hub_config_errors *errs)
 {
     /* The conf file is read again; the keys a reload applies
@@ -863,6 +918,7 @@ int hub_server_reload_policy(struct hub_server *srv, struct hub_config_errors *e
         moved = hub_config_reload(live, &fresh, veto_key,
                                   &(struct reload_veto){srv, &fresh}, &applied, &restart);
     }
+    int tls_rc = reload_tls(srv, errs);
     int rc = hub_policy_reload(&srv->policy, errs);
     if (rc < 0 && live->path) {
         hub_config_swap(live, &fresh, moved);
@@ -879,7 +935,7 @@ int hub_server_reload_policy(struct hub_server *srv, struct hub_config_errors *e
         hub_config_free(&fresh);
     hub_buf_free(&applied);
     hub_buf_free(&restart);
-    return rc;
+    return rc < 0 || tls_rc < 0 ? -1 : 0;
 }
 
 /* With max_connections set, the open-files limit becomes what the process
@@ -985,7 +1041,25 @@ int hub_server_start(struct hub_server *srv)
         .trusted = srv->trusted,
         .ntrusted = srv->ntrusted,
     }, &routes, srv);
-    if (!srv->http || hub_listener_open(&srv->listener, srv->loop, cfg, on_accept, srv) < 0)
+    if (!srv->http)
+        return -1;
+    if (cfg->tls_cert) {
+        struct hub_buf why = {0};
+        srv->tls = hub_tls_new(srv->loop, cfg, on_tls_plain, on_tls_cost, srv, &why);
+        if (!srv->tls)
+            hub_log(HUB_LOG_ERROR, "%s", why.p);
+        hub_buf_free(&why);
+        if (!srv->tls)
+            return -1;
+    }
+    const struct hub_listen_addr main_at = {cfg->listen, cfg->listen_host, cfg->listen_port,
+                                            "listen or --listen"};
+    const struct hub_listen_addr plain_at = {cfg->listen_plain, cfg->listen_plain_host,
+                                             cfg->listen_plain_port, "listen_plain"};
+    if (hub_listener_open(&srv->listener, srv->loop, cfg, &main_at,
+                          srv->tls ? on_accept_tls : on_accept, srv) < 0 ||
+        (cfg->listen_plain &&
+         hub_listener_open(&srv->listener_plain, srv->loop, cfg, &plain_at, on_accept, srv) < 0))
         return -1;
     hub_writer_start(&srv->writer, srv->ctx);
     if (cfg->workers != 1 && !srv->broker->ops->up(srv->broker)) {
@@ -994,7 +1068,7 @@ int hub_server_start(struct hub_server *srv)
          * otherwise get its share of new clients while it cannot yet
          * subscribe or publish for them. The port is bound now, so a
          * failure is still reported at start. */
-        hub_listener_pause(&srv->listener);
+        listeners_pause(srv);
         uv_timer_start(&srv->listen_timer, on_listen_timer, WORKER_LISTEN_WAIT_MS, 0);
     }
     /* The registry advertises the bound address, so it starts now. */
@@ -1009,10 +1083,17 @@ int hub_server_start(struct hub_server *srv)
     });
     srv->sessions.registry = srv->registry;
 
-    /* Tests and scripts parse this line: keep "listening on HOST:PORT" last. */
+    /* Tests and scripts parse this line: keep "listening on HOST:PORT" last
+     * (and "plain HTTP on HOST:PORT" before it, with listen_plain). */
+    char plain[320] = "";
+    if (srv->tls && cfg->listen_plain)
+        snprintf(plain, sizeof(plain), ", plain HTTP on %s%s%s:%d",
+                 strchr(cfg->listen_plain_host, ':') ? "[" : "", cfg->listen_plain_host,
+                 strchr(cfg->listen_plain_host, ':') ? "]" : "", srv->listener_plain.port);
     hub_log(HUB_LOG_INFO | HUB_LOG_ALWAYS,
-            "luahub %s (pid %d, instance %s, websocket path %s) listening on %s%s%s:%d",
+            "luahub %s (pid %d, instance %s, websocket path %s%s%s) listening on %s%s%s:%d",
             HUB_VERSION, (int)getpid(), srv->instance, cfg->websocket_path,
+            srv->tls ? ", TLS" : "", plain,
             strchr(cfg->listen_host, ':') ? "[" : "", cfg->listen_host,
             strchr(cfg->listen_host, ':') ? "]" : "", srv->listener.port);
     return 0;
@@ -1041,7 +1122,7 @@ void hub_server_shutdown(struct hub_server *srv, hub_server_done_cb done)
      * single process keeps accepting until it exits, to answer /healthz
      * with 503 and refuse upgrades. */
     if (srv->cfg->workers != 1) {
-        hub_listener_pause(&srv->listener);
+        listeners_pause(srv);
         uv_timer_stop(&srv->listen_timer);
     }
     hub_log(HUB_LOG_INFO, "shutting down: closing %zu connections (waiting up to %u s)",
@@ -1057,6 +1138,8 @@ void hub_server_stop(struct hub_server *srv)
     srv->shutting_down = 1;
     srv->sessions.shutting_down = 1;
     hub_listener_close(&srv->listener);
+    hub_listener_close(&srv->listener_plain);
+    hub_tls_stop(srv->tls);
     hub_http_stop(srv->http);
     hub_registry_stop(srv->registry); /* before the broker it talks through */
     if (srv->broker)
@@ -1084,6 +1167,8 @@ void hub_server_free(struct hub_server *srv)
     srv->policy = NULL;
     hub_registry_free(srv->registry);
     srv->registry = NULL;
+    hub_tls_free(srv->tls);
+    srv->tls = NULL;
     hub_http_free(srv->http);
     srv->http = NULL;
     hub_http_api_free(&srv->api);

@@ -945,6 +945,18 @@ void hub_conn_pending_free(struct hub_conn_pending *p)
     free(p);
 }
 
+/* The client's address: what the HTTP side saw (the TCP peer, or the TLS
+ * client behind our socketpair, or behind trusted_proxies the client that
+ * X-Forwarded-For names; docs/protocol.md, "Client addresses"), else the
+ * socket's peer. */
+static void peer_addr(const struct hub_session *s, char *out, size_t n)
+{
+    if (s->ip.family)
+        hub_ip_format(&s->ip, out, n);
+    else
+        hub_writer_peer(&s->wc, out, n);
+}
+
 void hub_session_open(struct hub_session *s, struct hub_sessions *ss, struct lws *wsi,
                       struct hub_conn_pending *pending)
 {
@@ -969,7 +981,7 @@ void hub_session_open(struct hub_session *s, struct hub_sessions *ss, struct lws
 
     if (hub_log_enabled(HUB_LOG_DEBUG)) {
         char peer[64];
-        hub_writer_peer(&s->wc, peer, sizeof(peer));
+        peer_addr(s, peer, sizeof(peer));
         hub_log(HUB_LOG_DEBUG, "[conn %llu] connected from %s%s%s", (unsigned long long)id,
                 peer, s->pc.user ? " as " : "", s->pc.user ? s->pc.user : "");
     }
@@ -1124,7 +1136,7 @@ static void h_conn_name(void *ud, uint64_t id, char *out, size_t n)
 static void h_conn_addr(void *ud, const struct hub_policy_conn *c, char *out, size_t n)
 {
     (void)ud;
-    hub_writer_peer(&of_pc(c)->wc, out, n);
+    peer_addr(of_pc(c), out, n);
 }
 
 static int h_conn_closing(void *ud, const struct hub_policy_conn *c)

@@ -26,6 +26,13 @@ struct hub_config {
     int listen_port;                /* 0..65535; 0 = any free port */
     char *websocket_path;           /* "/ws" */
     char *api_key;                  /* NULL: API answers loopback peers only */
+    char *listen_plain;             /* a second, plain listener beside a TLS one; NULL: none */
+    char *listen_plain_host;
+    int listen_plain_port;
+    char *tls_cert;                 /* PEM chain (leaf first), resolved; NULL: no TLS */
+    char *tls_key;                  /* PEM private key of tls_cert, resolved */
+    char *tls_client_ca;            /* PEM CA certificates: clients must present a
+                                     * certificate they signed (mutual TLS); NULL: none */
 
     uint64_t max_message_size;      /* 65536 */
     uint64_t max_queue_bytes;       /* 1 MiB */

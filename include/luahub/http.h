@@ -10,14 +10,16 @@
  * module's own, which the libuv loop watches (one uv_poll_t): one epoll_ctl
  * per connection instead of libuv's three.
  *
- * Ownership: hub_http_accept() takes the socket; hub_http_take() gives it
- * back to the caller. A connection is freed by the module; a handler that
- * answers later holds a reference (hub_http_hold / hub_http_release). */
+ * Ownership: hub_http_accept() and hub_http_accept_peer() take the
+ * socket; hub_http_take() gives it back to the caller. A connection is
+ * freed by the module; a handler that answers later holds a reference
+ * (hub_http_hold / hub_http_release). */
 #ifndef LUAHUB_HTTP_H
 #define LUAHUB_HTTP_H
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 #include <sys/types.h>
 #include <uv.h>
 
@@ -55,6 +57,13 @@ struct hub_http *hub_http_new(uv_loop_t *loop, const struct hub_http_options *o,
 
 /* A new connection: takes ownership of the non-blocking socket `fd`. */
 void hub_http_accept(struct hub_http *hs, int fd);
+
+/* Same for the plaintext end of a TLS connection (tls.c), whose socket is
+ * not the client's own: `peer` (borrowed) is the client's address, for
+ * r->peer, the API's loopback check and the logs; requests on it have
+ * r->secure set. */
+void hub_http_accept_peer(struct hub_http *hs, int fd, const struct sockaddr *peer,
+                          socklen_t len);
 
 /* Shutdown has begun: idle keep-alive connections are closed now, and every
  * later response closes its connection. */

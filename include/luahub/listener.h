@@ -31,11 +31,21 @@ struct hub_listener {
     uint64_t pauses;                /* times accepting paused: out of fds or memory */
 };
 
-/* Binds and listens on the conf's address (SO_REUSEPORT when workers > 1)
- * and starts accepting. Returns 0, or -1 after logging one line that says
- * what failed and what to do. Either way call hub_listener_close later. */
+/* An address to listen on: the conf's `listen` or `listen_plain`. The
+ * strings are borrowed for the call. */
+struct hub_listen_addr {
+    const char *text;               /* as the conf writes it, for messages */
+    const char *host;               /* IP address, "localhost" or an interface name */
+    int port;                       /* 0: any free port */
+    const char *key;                /* the conf key (or option) that sets it, for messages */
+};
+
+/* Binds and listens on `at` (SO_REUSEPORT when workers > 1) and starts
+ * accepting. Returns 0, or -1 after logging one line that says what failed
+ * and what to do. Either way call hub_listener_close later. */
 int hub_listener_open(struct hub_listener *l, uv_loop_t *loop, const struct hub_config *cfg,
-                      hub_listener_accept_fn accept, void *ud);
+                      const struct hub_listen_addr *at, hub_listener_accept_fn accept,
+                      void *ud);
 
 /* Stops / resumes accepting (connections wait in the kernel's backlog). */
 void hub_listener_pause(struct hub_listener *l);

@@ -47,6 +47,7 @@ struct hub_request {
     const char *peer;           /* numeric address ("127.0.0.1", "::1") */
     int peer_loopback;          /* 127.0.0.0/8, ::1, ::ffff:127.x */
     struct hub_ip peer_ip;
+    unsigned secure : 1;        /* it came over TLS (the hub's own, tls_cert) */
 };
 
 /* Results of hub_request_parse_head. */

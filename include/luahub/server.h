@@ -1,11 +1,11 @@
 /* The server: one hub process put together. It owns the modules and wires
- * them in data-path order (listener -> http -> lws -> session -> policy ->
- * hub -> broker -> hub -> writer), and is the lws glue: the lws context on
- * the process's libuv loop (lws as a foreign loop), the vhost, the adoption
- * of accepted upgrades, and the protocol callback that turns lws events
- * into session calls. Also graceful shutdown. One per process; loop thread
- * only. The lws 4.1.6 facts it depends on are in docs/internals.md, "lws
- * on a foreign loop".
+ * them in data-path order (listener -> tls -> http -> lws -> session ->
+ * policy -> hub -> broker -> hub -> writer), and is the lws glue: the lws
+ * context on the process's libuv loop (lws as a foreign loop), the vhost,
+ * the adoption of accepted upgrades, and the protocol callback that turns
+ * lws events into session calls. Also graceful shutdown. One per process;
+ * loop thread only. The lws 4.1.6 facts it depends on are in
+ * docs/internals.md, "lws on a foreign loop".
  *
  * Ownership: the server creates and frees every module it holds (the
  * config is borrowed). Re-entrancy: `done` of hub_server_shutdown() is
@@ -27,6 +27,7 @@
 #include "luahub/policy.h"
 #include "luahub/ratelimit.h"
 #include "luahub/session.h"
+#include "luahub/tls.h"
 #include "luahub/writer.h"
 
 struct hub_registry;
@@ -39,7 +40,9 @@ struct hub_server {
     char instance[17];              /* random hex id of this process */
 
     /* the data path, in order */
-    struct hub_listener listener;
+    struct hub_listener listener;   /* `listen`: TLS with tls_cert, else plain */
+    struct hub_listener listener_plain; /* `listen_plain`, beside a TLS listener */
+    struct hub_tls *tls;            /* TLS termination in front of http, or NULL */
     struct hub_http *http;          /* plain HTTP and upgrade requests */
     struct hub_http_api api;        /* its plain requests: API, /healthz, /metrics, files */
     struct hub_ip *trusted;         /* trusted_proxies, parsed */
@@ -86,8 +89,10 @@ int hub_server_load_policy(struct hub_server *srv, struct hub_config_errors *err
 /* Reload (SIGHUP, POST /api/reload): reads the conf file again, applies
  * the keys a reload may change (docs/config.md, "Reload") and rebuilds the
  * policy with them (hub_policy_reload); logs the keys that changed but
- * need a restart. On any failure (the conf, the policy) nothing changes:
- * returns -1 with the problems in `errs` (may be NULL; they are logged). */
+ * need a restart; with TLS, loads the certificate files again
+ * (hub_tls_reload). On any failure (the conf, the policy, the certificate)
+ * that part keeps its old state: returns -1 with the problems in `errs`
+ * (may be NULL; they are logged). */
 int hub_server_reload_policy(struct hub_server *srv, struct hub_config_errors *errs);
 
 /* Creates the lws context on the loop, the vhost and the listener. Returns

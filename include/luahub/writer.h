@@ -105,6 +105,7 @@ struct hub_writer {
     uint32_t flush_pause_ms;        /* pause before a flush, 0: none */
     uint32_t flush_backoff_ms;      /* after a pause that did not pay */
     uint64_t flush_trial_ns;        /* no pausing before this */
+    uint64_t charged_ns;            /* work flushes caused elsewhere, since the last flush */
     struct hub_list conns;          /* keepalive order: least recently heard first */
     size_t nconns;
     uv_timer_t keepalive;
@@ -124,6 +125,11 @@ void hub_writer_no_pause(struct hub_writer *w);
 void hub_writer_stop(struct hub_writer *w);
 /* After the loop has drained. */
 void hub_writer_free(struct hub_writer *w);
+
+/* `ns` of work that frames written by a flush caused elsewhere (the TLS
+ * pump encrypting and sending them): it counts in the cost of the flushes
+ * for pacing, as the write itself does with plain TCP. */
+void hub_writer_charge(struct hub_writer *w, uint64_t ns);
 
 /* LWS_CALLBACK_EVENT_WAIT_CANCELLED: the wake-up of a drop arrived. */
 void hub_writer_woken(struct hub_writer *w);
