@@ -67,6 +67,7 @@ struct fl_run {
     } win[FL_MAXWIN];
     int nwin;
     int strict_from[FL_MAXPUB]; /* seqs from here on must reach everyone (fl_fault_begin) */
+    char why[200];              /* what a run_wait predicate still waits for */
     struct fl_pub pub[FL_MAXPUB];
     struct fl_sub sub[FL_MAXSUB];
     pthread_t tp[FL_MAXPUB], ts[FL_MAXSUB];
@@ -153,7 +154,8 @@ static int64_t json_int(yajl_val v, const char *key, int64_t dflt)
     return x && YAJL_IS_INTEGER(x) ? YAJL_GET_INTEGER(x) : dflt;
 }
 
-/* Waits (bounded) until pred(r, ud) holds; pred runs under r->mu. */
+/* Waits (bounded) until pred(r, ud) holds; pred runs under r->mu and may
+ * say in r->why what it still waits for. */
 static void run_wait(struct fl_run *r, int (*pred)(struct fl_run *, void *), void *ud,
                      const char *what)
 {
@@ -162,7 +164,8 @@ static void run_wait(struct fl_run *r, int (*pred)(struct fl_run *, void *), voi
     while (!pred(r, ud)) {
         if (ht_now_ms() >= dl) {
             pthread_mutex_unlock(&r->mu);
-            ck_abort_msg("%s: timed out (%d ms) waiting for %s", r->s.what, FL_LONG_MS, what);
+            ck_abort_msg("%s: timed out (%d ms) waiting for %s%s", r->s.what, FL_LONG_MS, what,
+                         r->why);
         }
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
@@ -704,12 +707,17 @@ static int pred_delivered(struct fl_run *r, void *ud)
     const int *upto = ud;
     for (int p = 0; p < r->s.npub; p++)
         for (int q = r->strict_from[p]; q < upto[p]; q++) {
-            if (r->pub[p].st[q] == ST_PENDING)
+            if (r->pub[p].st[q] == ST_PENDING) {
+                snprintf(r->why, sizeof r->why, " (publisher %d: no answer to %d)", p, q);
                 return 0;
+            }
             if (r->pub[p].st[q] == ST_OK)
                 for (int i = 0; i < r->s.nsub; i++)
-                    if (!r->sub[i].pos[p][q])
+                    if (!r->sub[i].pos[p][q]) {
+                        snprintf(r->why, sizeof r->why, " (subscriber %d has not got "
+                                 "acknowledged message %d/%d)", i, p, q);
                         return 0;
+                    }
         }
     return 1;
 }
@@ -789,6 +797,81 @@ static void run_free(struct fl_run *r)
     free(r);
 }
 
+/* Counts subscriber i's stream into `t`; returns how many acknowledged
+ * messages it lost. The first problem seen goes to `example` (if empty).
+ * `prev_pos` and `next_pos` are scratch arrays of FL_MAXN + 1. */
+static long long count_sub(const struct fl_run *r, int i, struct fl_totals *t,
+                           int64_t *prev_pos, int64_t *next_pos, char *example, size_t cap)
+{
+    const struct fl_sub *s = &r->sub[i];
+    long long lost = 0;
+    for (int p = 0; p < r->s.npub; p++) {
+        const struct fl_pub *pb = &r->pub[p];
+        /* positions of this publisher's neighbours around each seq */
+        int64_t m = 0;
+        for (int q = 0; q < pb->n; q++) {
+            prev_pos[q] = m;
+            if (s->pos[p][q] > m)
+                m = s->pos[p][q];
+        }
+        m = INT64_MAX;
+        for (int q = pb->n - 1; q >= 0; q--) {
+            next_pos[q] = m;
+            if (s->pos[p][q] && s->pos[p][q] < m)
+                m = s->pos[p][q];
+        }
+        for (int q = 0; q < pb->n; q++) {
+            if (pb->st[q] != ST_OK) {
+                t->unacked_delivered += s->pos[p][q] != 0;
+                continue;
+            }
+            t->expected++;
+            if (s->pos[p][q]) {
+                t->delivered++;
+                if (pb->ackoff[q] && s->off[p][q] != pb->ackoff[q]) {
+                    t->offset_mismatch++;
+                    if (!example[0])
+                        snprintf(example, cap, "subscriber %d got %d/%d with offset %llu, its "
+                                 "publish was answered offset %llu", i, p, q,
+                                 (unsigned long long)s->off[p][q],
+                                 (unsigned long long)pb->ackoff[q]);
+                }
+                continue;
+            }
+            t->lost++;
+            lost++;
+            const char *why = excuse(r, s, p, q, prev_pos, next_pos);
+            if (!why) {
+                t->lost_unexplained++;
+                if (!example[0])
+                    snprintf(example, cap, "subscriber %d (hub %d) never got acknowledged "
+                             "message %d/%d (sent to hub %d, %lld ms after the start of the "
+                             "run) and nothing excuses it", i, s->conn[s->nconn - 1].hub, p, q,
+                             pb->on[q], (long long)(pb->sent[q] - pb->sent[0]));
+            } else if (!strcmp(why, "reset")) {
+                t->lost_reset++;
+            } else if (!strcmp(why, "reconnect")) {
+                t->lost_reconnect++;
+            } else {
+                t->lost_window++;
+            }
+        }
+    }
+    t->duplicated += s->dup;
+    t->reordered += s->reordered;
+    t->offset_errors += s->offset_errors;
+    t->other += s->other;
+    t->resets += s->nreset - s->unrecovered;
+    t->new_epoch_resets += s->new_epoch;
+    t->subs_with_new_epoch += s->new_epoch > 0;
+    t->recoveries += s->recoveries;
+    t->unrecovered += s->unrecovered;
+    t->reconnects += s->nconn - 1;
+    if (s->first_err[0] && !example[0])
+        snprintf(example, cap, "subscriber %d: %s", i, s->first_err);
+    return lost;
+}
+
 void fl_finish(struct fl_run *r, struct fl_totals *t)
 {
     pthread_mutex_lock(&r->mu);
@@ -801,87 +884,20 @@ void fl_finish(struct fl_run *r, struct fl_totals *t)
         ck_assert_int_eq(pthread_join(r->ts[i], NULL), 0);
 
     memset(t, 0, sizeof *t);
+    for (int p = 0; p < r->s.npub; p++) {
+        t->published += r->pub[p].n;
+        t->acked += r->pub[p].nok;
+        t->refused += r->pub[p].nref;
+        t->unanswered += r->pub[p].nnoans;
+    }
     char example[600] = "", per_sub[400] = "";
     int64_t *prev_pos = calloc(FL_MAXN + 1, sizeof(int64_t));
     int64_t *next_pos = calloc(FL_MAXN + 1, sizeof(int64_t));
     ck_assert(prev_pos && next_pos);
-    for (int p = 0; p < r->s.npub; p++) {
-        const struct fl_pub *pb = &r->pub[p];
-        t->published += pb->n;
-        t->acked += pb->nok;
-        t->refused += pb->nref;
-        t->unanswered += pb->nnoans;
-    }
     for (int i = 0; i < r->s.nsub; i++) {
-        const struct fl_sub *s = &r->sub[i];
-        long long lost_here = 0;
-        for (int p = 0; p < r->s.npub; p++) {
-            const struct fl_pub *pb = &r->pub[p];
-            /* positions of this publisher's neighbours around each seq */
-            int64_t m = 0;
-            for (int q = 0; q < pb->n; q++) {
-                prev_pos[q] = m;
-                if (s->pos[p][q] > m)
-                    m = s->pos[p][q];
-            }
-            m = INT64_MAX;
-            for (int q = pb->n - 1; q >= 0; q--) {
-                next_pos[q] = m;
-                if (s->pos[p][q] && s->pos[p][q] < m)
-                    m = s->pos[p][q];
-            }
-            for (int q = 0; q < pb->n; q++) {
-                if (pb->st[q] != ST_OK) {
-                    t->unacked_delivered += s->pos[p][q] != 0;
-                    continue;
-                }
-                t->expected++;
-                if (s->pos[p][q]) {
-                    t->delivered++;
-                    if (pb->ackoff[q] && s->off[p][q] != pb->ackoff[q]) {
-                        t->offset_mismatch++;
-                        if (!example[0])
-                            snprintf(example, sizeof example, "subscriber %d got %d/%d with "
-                                     "offset %llu, its publish was answered offset %llu", i, p,
-                                     q, (unsigned long long)s->off[p][q],
-                                     (unsigned long long)pb->ackoff[q]);
-                    }
-                    continue;
-                }
-                t->lost++;
-                lost_here++;
-                const char *why = excuse(r, s, p, q, prev_pos, next_pos);
-                if (!why) {
-                    t->lost_unexplained++;
-                    if (!example[0])
-                        snprintf(example, sizeof example,
-                                 "subscriber %d (hub %d) never got acknowledged message %d/%d "
-                                 "(sent to hub %d, %lld ms after the start of the run) and "
-                                 "nothing excuses it", i, s->conn[s->nconn - 1].hub, p, q,
-                                 pb->on[q], (long long)(pb->sent[q] - pb->sent[0]));
-                } else if (!strcmp(why, "reset")) {
-                    t->lost_reset++;
-                } else if (!strcmp(why, "reconnect")) {
-                    t->lost_reconnect++;
-                } else {
-                    t->lost_window++;
-                }
-            }
-        }
-        t->duplicated += s->dup;
-        t->reordered += s->reordered;
-        t->offset_errors += s->offset_errors;
-        t->other += s->other;
-        t->resets += s->nreset - s->unrecovered;
-        t->new_epoch_resets += s->new_epoch;
-        t->subs_with_new_epoch += s->new_epoch > 0;
-        t->recoveries += s->recoveries;
-        t->unrecovered += s->unrecovered;
-        t->reconnects += s->nconn - 1;
+        long long lost = count_sub(r, i, t, prev_pos, next_pos, example, sizeof example);
         snprintf(per_sub + strlen(per_sub), sizeof per_sub - strlen(per_sub), "%s%lld",
-                 i ? " " : "", lost_here);
-        if (s->first_err[0] && !example[0])
-            snprintf(example, sizeof example, "subscriber %d: %s", i, s->first_err);
+                 i ? " " : "", lost);
     }
     free(prev_pos);
     free(next_pos);
@@ -890,8 +906,8 @@ void fl_finish(struct fl_run *r, struct fl_totals *t)
            "unanswered); %d subscribers: %lld of %lld acknowledged deliveries made, lost %lld "
            "(%lld by another hub in the fault window, %lld while reconnecting, %lld covered by "
            "a reset, %lld unexplained; per subscriber %s), duplicated %lld, reordered %lld, "
-           "offset gaps %lld, resets %lld (%lld naming a new epoch), recoveries %lld (%lld "
-           "not recovered), reconnects %lld, unacknowledged but delivered %lld\n",
+           "offsets out of sequence %lld, resets %lld (%lld naming a new epoch), recoveries "
+           "%lld (%lld not recovered), reconnects %lld, unacknowledged but delivered %lld\n",
            r->s.what, r->s.history ? "history" : "plain", t->published, t->acked, t->refused,
            t->unanswered, r->s.nsub, t->delivered, t->expected, t->lost, t->lost_window,
            t->lost_reconnect, t->lost_reset, t->lost_unexplained, per_sub, t->duplicated,
@@ -906,8 +922,8 @@ void fl_finish(struct fl_run *r, struct fl_totals *t)
     ck_assert_msg(t->acked > 0, "%s: nothing was acknowledged", what);
     ck_assert_msg(!t->lost_unexplained && !t->duplicated && !t->reordered && !t->offset_errors &&
                       !t->offset_mismatch && !t->other,
-                  "%s: %lld lost without excuse, %lld duplicated, %lld reordered, %lld offset "
-                  "gaps, %lld offsets unlike the publish answer, %lld unexpected; e.g. %s",
+                  "%s: %lld lost without excuse, %lld duplicated, %lld reordered, %lld offsets "
+                  "out of sequence, %lld unlike the publish answer, %lld unexpected; e.g. %s",
                   what, t->lost_unexplained, t->duplicated, t->reordered, t->offset_errors,
                   t->offset_mismatch, t->other, example);
     ck_assert_msg(history || !t->resets, "%s: a reset on a plain channel", what);
