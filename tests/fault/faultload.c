@@ -107,19 +107,6 @@ void fl_wait_healthz(int port, int want, int times, int timeout_ms)
     }
 }
 
-long long fl_metric_ge(struct hub *h, const char *series, long long min, int timeout_ms)
-{
-    int64_t dl = ht_now_ms() + timeout_ms;
-    for (;;) {
-        long long v = hub_metric(h, series);
-        if (v >= min)
-            return v;
-        ck_assert_msg(ht_now_ms() < dl, "metric %s is %lld, expected >= %lld (waited %d ms)",
-                      series, v, min, timeout_ms);
-        fl_sleep_ms(10);
-    }
-}
-
 int fl_fd_count(pid_t pid)
 {
     char path[64];
@@ -132,20 +119,6 @@ int fl_fd_count(pid_t pid)
         n += e->d_name[0] != '.';
     closedir(d);
     return n;
-}
-
-char fl_proc_state(pid_t pid)
-{
-    char path[64], buf[512];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return '?';
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    const char *p = strrchr(buf, ')');
-    return p && p[1] == ' ' ? p[2] : '?';
 }
 
 static int64_t json_int(yajl_val v, const char *key, int64_t dflt)

@@ -118,12 +118,8 @@ void fl_finish(struct fl_run *r, struct fl_totals *t);
 int fl_healthz(int port);
 /* Polls /healthz of `port` until it answers `want` `times` in a row. */
 void fl_wait_healthz(int port, int want, int times, int timeout_ms);
-/* Polls a metric until it is at least `min`; returns it. */
-long long fl_metric_ge(struct hub *h, const char *series, long long min, int timeout_ms);
 /* Open descriptors of `pid` (/proc/PID/fd). */
 int fl_fd_count(pid_t pid);
-/* /proc state letter of `pid` ('T' stopped), '?' if gone. */
-char fl_proc_state(pid_t pid);
 void fl_sleep_ms(int ms);
 
 #endif

@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "fault.h"
@@ -91,12 +92,12 @@ static void rig_finish(struct rig *g, struct fl_totals *t)
     srv_stop(&g->r);
 }
 
-/* A counter of both hubs: each must pass its value in `base` (filled by
- * the caller before the fault) by one. */
-static void both_metric_ge(struct rig *g, const char *series, const long long base[2])
+/* A counter of both hubs: each must reach its value in `base` (filled by
+ * the caller before the fault) plus one. */
+static void both_metric_next(struct rig *g, const char *series, const long long base[2])
 {
     for (int k = 0; k < 2; k++)
-        fl_metric_ge(g->hub[k], series, base[k] + 1, FL_LONG_MS);
+        hub_metric_wait(g->hub[k], series, base[k] + 1, FL_LONG_MS);
 }
 
 static void both_metric(struct rig *g, const char *series, long long out[2])
@@ -108,6 +109,17 @@ static void both_metric(struct rig *g, const char *series, long long out[2])
 /* ------------------------------------------------------------------ */
 /* 1. SIGSTOP 5 s                                                       */
 /* ------------------------------------------------------------------ */
+
+/* Waits (bounded) until our child `pid` has stopped. */
+static void wait_stopped(pid_t pid)
+{
+    int64_t dl = ht_now_ms() + FL_LONG_MS;
+    int st = 0;
+    pid_t w;
+    while ((w = waitpid(pid, &st, WUNTRACED | WNOHANG)) == 0 && ht_now_ms() < dl)
+        fl_sleep_ms(1);
+    ck_assert_msg(w == pid && WIFSTOPPED(st), "redis-server %d did not stop", (int)pid);
+}
 
 /* docs/internals.md, "How the hub keeps it", 5: a stopped Redis is noticed
  * by the probe within 1 s + command_timeout_ms, connections are dropped,
@@ -124,12 +136,8 @@ static void sigstop_5s(int history, int rounds)
         long long refused = fl_not_ok(g.run);
         fl_fault_begin(g.run);
         ck_assert_int_eq(kill(g.r.pid, SIGSTOP), 0);
-        int64_t dl = ht_now_ms() + 2000;
-        while (fl_proc_state(g.r.pid) != 'T' && ht_now_ms() < dl)
-            fl_sleep_ms(1);
-        ck_assert_int_eq(fl_proc_state(g.r.pid), 'T');
+        wait_stopped(g.r.pid);
         fl_sleep_ms(5000);              /* the fault itself */
-        ck_assert_int_eq(fl_proc_state(g.r.pid), 'T');
         ck_assert_int_eq(kill(g.r.pid, SIGCONT), 0);
         rig_healthy(&g);
         fl_fault_end(g.run);
@@ -238,6 +246,9 @@ static int ports_to(pid_t pid, int port, int *out, int max)
     return n;
 }
 
+#define LOST_PUBSUB "luahub_broker_link_lost_total{link=\"pubsub\",cause=\"closed\"}"
+#define LOST_CMD "luahub_broker_link_lost_total{link=\"cmd\",cause=\"closed\"}"
+
 /* CLIENT KILL of hub k's subscriber connection alone. */
 static void kill_pubsub_of(struct rig *g, int k)
 {
@@ -277,34 +288,32 @@ static void client_kill(int history, int rounds)
                                       : "CLIENT KILL pubsub (all, one hub's), normal");
     for (int k = 0; k < rounds; k++) {
         long long lost[2];
-        both_metric(&g, "luahub_broker_link_lost_total{link=\"pubsub\",cause=\"closed\"}", lost);
+        both_metric(&g, LOST_PUBSUB, lost);
         fl_fault_begin(g.run);
         redisReply *kr = srv_cmd(&g.r, "CLIENT KILL TYPE pubsub");
         ck_assert_int_eq(kr->type, REDIS_REPLY_INTEGER);
         ck_assert_int_eq(kr->integer, 2);       /* one subscriber connection per hub */
         freeReplyObject(kr);
-        both_metric_ge(&g, "luahub_broker_link_lost_total{link=\"pubsub\",cause=\"closed\"}", lost);
+        both_metric_next(&g, LOST_PUBSUB, lost);
         rig_healthy(&g);
         fl_fault_end(g.run);
         fl_more_ok(g.run, MORE);
 
         int one = k % 2;
-        long long one_lost = hub_metric(g.hub[one], "luahub_broker_link_lost_total{link=\"pubsub\","
-                                                   "cause=\"closed\"}");
+        long long one_lost = hub_metric(g.hub[one], LOST_PUBSUB);
         fl_fault_begin(g.run);
         kill_pubsub_of(&g, one);
-        fl_metric_ge(g.hub[one], "luahub_broker_link_lost_total{link=\"pubsub\",cause=\"closed\"}",
-                     one_lost + 1, FL_LONG_MS);
+        hub_metric_wait(g.hub[one], LOST_PUBSUB, one_lost + 1, FL_LONG_MS);
         rig_healthy(&g);
         fl_fault_end(g.run);
         fl_more_ok(g.run, MORE);
 
-        both_metric(&g, "luahub_broker_link_lost_total{link=\"cmd\",cause=\"closed\"}", lost);
+        both_metric(&g, LOST_CMD, lost);
         kr = srv_cmd(&g.r, "CLIENT KILL TYPE normal");
         ck_assert_int_eq(kr->type, REDIS_REPLY_INTEGER);
         ck_assert_int_ge(kr->integer, 2);       /* each hub's command connection */
         freeReplyObject(kr);
-        both_metric_ge(&g, "luahub_broker_link_lost_total{link=\"cmd\",cause=\"closed\"}", lost);
+        both_metric_next(&g, LOST_CMD, lost);
         rig_healthy(&g);
         fl_more_ok(g.run, MORE);
     }
