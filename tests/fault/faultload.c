@@ -43,7 +43,7 @@ struct fl_sub {
     int last[FL_MAXPUB];        /* highest seq received per publisher, -1 */
     int64_t npos;               /* messages received */
     uint64_t last_off;          /* history: the offset deliveries go on after */
-    char epoch0[64], epoch[64];
+    char epoch[64];                /* the epoch deliveries belong to (history) */
     int64_t reset_pos[FL_MAXRESET];
     int nreset, new_epoch;
     struct fl_conn conn[FL_MAXCONN];
@@ -251,7 +251,6 @@ static void sub_subscribe(struct fl_sub *s, int recover)
                               "position: %s", r->s.what, t);
                 if (!recover) {
                     s->last_off = (uint64_t)off;
-                    snprintf(s->epoch0, sizeof s->epoch0, "%s", e);
                     snprintf(s->epoch, sizeof s->epoch, "%s", e);
                 } else {
                     yajl_val rec = json_get(v, "recovered");
@@ -498,8 +497,8 @@ static void *pub_ws(void *arg)
         if (rr == 1 && f.opcode == WS_TEXT) {
             int st, seq = ws_reply(p, f.data, &st);
             ws_frame_free(&f);
-            ck_assert_msg(p->st[seq] == ST_PENDING, "%s: publisher %d: second reply for %d",
-                          r->s.what, p->p, seq);
+            ck_assert_msg(seq < p->n && p->st[seq] == ST_PENDING, "%s: publisher %d: a reply "
+                          "for %d, never sent or answered already", r->s.what, p->p, seq);
             pub_record(p, seq, st, 0);
             outstanding--;
             continue;
