@@ -4,7 +4,7 @@ BUILD_ASAN ?= build-asan
 CONF       ?= conf/luahub.conf
 JOBS       ?= $(shell nproc)
 
-.PHONY: all deps build build-asan run test test-unit test-asan check clean bench soak
+.PHONY: all deps build build-asan run test test-unit test-asan check clean bench
 
 all: build
 
@@ -45,6 +45,7 @@ test: build build-asan
 # the Redis faults three times in one run, 50,000 connection cycles with the
 # hub's RSS and descriptors before and after, valgrind after 2,000 cycles.
 # Prints one "[fault] ..." line per scenario; fails if any does.
+.PHONY: soak
 soak: build
 	@LUAHUB_BIN=$(CURDIR)/$(BUILD)/luahub LUAHUB_SRC=$(CURDIR) CK_DEFAULT_TIMEOUT=600 \
 		./$(BUILD)/tests/test_fault soak
