@@ -4,7 +4,7 @@ BUILD_ASAN ?= build-asan
 CONF       ?= conf/luahub.conf
 JOBS       ?= $(shell nproc)
 
-.PHONY: all deps build build-asan run test test-unit test-asan check clean bench
+.PHONY: all deps build build-asan run test test-unit test-asan check clean bench install uninstall
 
 all: build
 
@@ -52,3 +52,50 @@ soak: build
 
 clean:
 	rm -rf $(BUILD) $(BUILD_ASAN)
+
+# Install (docs/operations.md, "Install"): `make build`, then `make install`.
+# It installs the binary built in $(BUILD) and builds nothing. With DESTDIR
+# (a staging directory) it needs no root. An existing conf is never
+# overwritten: the new default goes beside it as luahub.conf.dist.
+PREFIX      ?= /usr/local
+SYSCONFDIR  ?= /etc
+BINDIR      ?= $(PREFIX)/bin
+DATADIR     ?= $(PREFIX)/share/luahub
+DOCDIR      ?= $(PREFIX)/share/doc/luahub
+UNITDIR     ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+CONFDIR     ?= $(SYSCONFDIR)/luahub
+LUAHUB      ?= $(BUILD)/luahub
+
+install:
+	@test -x "$(LUAHUB)" || { echo "make install: $(LUAHUB) is not built: run" \
+		"'make build' first (or name the binary with LUAHUB=...)" >&2; exit 1; }
+	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(DATADIR)/lua" "$(DESTDIR)$(DOCDIR)" \
+		"$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(SYSUSERSDIR)" "$(DESTDIR)$(CONFDIR)"
+	install -m 755 "$(LUAHUB)" "$(DESTDIR)$(BINDIR)/luahub"
+	install -m 644 lua/*.lua "$(DESTDIR)$(DATADIR)/lua/"
+	install -m 644 README.md docs/*.md "$(DESTDIR)$(DOCDIR)/"
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@CONFDIR@|$(CONFDIR)|g' \
+		-e 's|@DOCDIR@|$(DOCDIR)|g' -e 's|@SYSUSERSDIR@|$(SYSUSERSDIR)|g' \
+		packaging/luahub.service.in >"$(DESTDIR)$(UNITDIR)/luahub.service"
+	chmod 644 "$(DESTDIR)$(UNITDIR)/luahub.service"
+	install -m 644 packaging/luahub.sysusers "$(DESTDIR)$(SYSUSERSDIR)/luahub.conf"
+	@conf="$(DESTDIR)$(CONFDIR)/luahub.conf"; \
+	if [ -e "$$conf" ]; then \
+		install -m 640 packaging/luahub.conf "$$conf.dist"; \
+		echo "make install: kept $$conf; the new default is $$conf.dist"; \
+	else \
+		install -m 640 packaging/luahub.conf "$$conf"; \
+		if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ] && getent group luahub >/dev/null; then \
+			chgrp luahub "$$conf"; \
+		else \
+			echo "make install: $$conf is mode 0640: once the luahub user exists," \
+				"chgrp luahub it (docs/operations.md)"; \
+		fi; \
+	fi
+
+# Removes what install put in place but the conf directory (your conf).
+uninstall:
+	rm -f "$(DESTDIR)$(BINDIR)/luahub" "$(DESTDIR)$(UNITDIR)/luahub.service" \
+		"$(DESTDIR)$(SYSUSERSDIR)/luahub.conf"
+	rm -rf "$(DESTDIR)$(DATADIR)" "$(DESTDIR)$(DOCDIR)"

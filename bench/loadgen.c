@@ -16,6 +16,13 @@
  *             Payloads carry publisher id, per-channel sequence number and a
  *             CLOCK_MONOTONIC send time; subscribers count deliveries, lost,
  *             duplicated and reordered messages and a latency histogram.
+ *             --flow W instead bounds the publishes not yet delivered to
+ *             every subscriber of their channel: workers count deliveries
+ *             per publish in the shared mapping and wake the parent through
+ *             an eventfd when they complete one. --probe-ms adds a probe
+ *             connection (not subscribed) that sends a WebSocket PING and a
+ *             protocol ping op on a fixed schedule during the run and
+ *             records their round trips.
  *   idle      N subscribed connections held for --hold seconds; server RSS
  *             per connection from /proc/PID/status.
  *   connrate  connect, upgrade, subscribe, wait for the ack, close; --count
@@ -25,6 +32,10 @@
  * --aux-pid processes (a redis-server) are metered the same way and reported
  * apart; --sub-ports spreads the subscribers over several servers (luahub
  * processes meeting through Redis) while the publishers use --port.
+ * --bind-src A binds worker i's sockets to A + i (127.0.0.x), so 100,000
+ * connections from several workers do not run out of ephemeral ports.
+ * Loadgen's own CPU (every process, CLOCK_PROCESS_CPUTIME_ID) is reported
+ * as client_cpu_s: the client must not be what limits a run.
  *
  * --target luahub speaks protocol v1 (GET /ws, subscribe/publish ops, HTTP
  * POST /api/publish); --target nchan subscribes with a WebSocket to
@@ -49,6 +60,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -66,11 +78,14 @@
 #define ID_RING 65536u            /* publish id -> channel, > max window */
 #define HIST_N 2624               /* log-linear: 64 sub-buckets per octave */
 #define FD_RESERVE 64             /* fds kept free for pipes, /proc, ... */
+#define FLOW_MAX_PUBS (16u << 20) /* --flow: one shared counter per publish */
+#define FLOW_DONE 0x80000000u     /* flow counter: publish complete */
+#define PROBE_RING 4096u          /* probe sequence -> send time */
 
 enum mode { M_FANOUT, M_IDLE, M_CONNRATE };
 enum target { T_LUAHUB, T_NCHAN };
 enum pubkind { P_WS, P_HTTP };
-enum role { R_SUB, R_WSPUB, R_HTTPPUB, R_CR, R_CTRL };
+enum role { R_SUB, R_WSPUB, R_HTTPPUB, R_CR, R_CTRL, R_PROBE, R_EVENT };
 enum state { S_FREE, S_CONNECTING, S_HANDSHAKE, S_WELCOME, S_SUBACK, S_READY,
              S_CLOSING, S_DEAD };
 /* Process-wide phase: what a delivery or a close means right now. */
@@ -85,9 +100,9 @@ static struct {
     struct sockaddr_in addr;
     const char *ws_path, *api_path, *sub_prefix, *pub_prefix, *chan_prefix,
         *label;
-    uint32_t subs, channels, pub_conns, window, size, procs;
+    uint32_t subs, channels, pub_conns, window, size, procs, flow;
     uint64_t burst, count;
-    double rate, duration, hold, timeout, drain;
+    double rate, duration, hold, timeout, drain, probe_ms;
     uint32_t inflight, connect_inflight;
     pid_t server_pids[16];
     int n_server_pids;
@@ -95,6 +110,7 @@ static struct {
     int n_aux_pids;
     struct sockaddr_in sub_addr[8]; /* --sub-ports: subscribers' ports */
     int n_sub_ports;
+    uint32_t bind_src; /* --bind-src, host order; 0: the kernel chooses */
     int verbose, quickack, server_core;
 } O = {
     .mode = M_FANOUT, .target = T_LUAHUB, .pub = P_WS, .host = "127.0.0.1",
@@ -118,14 +134,22 @@ struct wstats {
     uint64_t first_rx, last_rx, lat_max;
     uint64_t cr_ok, cr_failed;
     uint64_t pings, complete_subs, expected, cr_close_errors;
+    uint64_t cpu_run_ns; /* this process's CPU from ready to done */
     int last_close_code;
     uint64_t hist[HIST_N];
 };
 
 struct shared {
     struct wstats w[MAX_PROCS];
+    uint64_t flow_done;  /* --flow: publishes delivered to every subscriber */
     uint32_t expected[]; /* per channel: publishes the server acknowledged */
 };
+
+/* Further arrays in the same mapping (set before the fork). */
+static uint32_t *g_subs_chan; /* per channel: subscribed connections now */
+static uint32_t *g_flow_cnt;  /* --flow, per publish: deliveries | FLOW_DONE */
+static int g_flow_efd = -1;   /* --flow: workers wake the parent here */
+static int g_flow_wake;       /* worker: completed a publish this round */
 
 /* ---- small utilities -------------------------------------------------- */
 
@@ -297,8 +321,11 @@ static void hist_add(struct wstats *st, uint64_t v)
         st->lat_max = v;
 }
 
-static uint64_t hist_quantile(const uint64_t *h, uint64_t total, double q)
+/* The value at quantile q of st's histogram (a bucket's middle, so never
+ * above the largest value seen). */
+static uint64_t hist_quantile(const struct wstats *st, uint64_t total, double q)
 {
+    const uint64_t *h = st->hist;
     if (!total)
         return 0;
     uint64_t rank = (uint64_t)ceil(q * (double)total), cum = 0;
@@ -307,9 +334,9 @@ static uint64_t hist_quantile(const uint64_t *h, uint64_t total, double q)
     for (unsigned i = 0; i < HIST_N; i++) {
         cum += h[i];
         if (cum >= rank)
-            return hist_value(i);
+            return hist_value(i) < st->lat_max ? hist_value(i) : st->lat_max;
     }
-    return hist_value(HIST_N - 1);
+    return st->lat_max;
 }
 
 /* ---- /proc readers ---------------------------------------------------- */
@@ -345,22 +372,24 @@ static int64_t pids_cpu_ticks(const pid_t *pids, int npids)
 static int64_t server_cpu_ticks(void) { return pids_cpu_ticks(O.server_pids, O.n_server_pids); }
 static int64_t aux_cpu_ticks(void) { return pids_cpu_ticks(O.aux_pids, O.n_aux_pids); }
 
-/* Sum of VmRSS (kB) over the server pids; -1 if unreadable. */
-static int64_t server_rss_kb(void)
+/* Sum over the server pids of the kB value of line `key` (with colon) in
+ * /proc/PID/<file>; -1 if unreadable. */
+static int64_t server_proc_kb(const char *file, const char *key)
 {
     int64_t sum = 0;
+    size_t kl = strlen(key);
     if (!O.n_server_pids)
         return -1;
     for (int i = 0; i < O.n_server_pids; i++) {
         char path[64], line[256];
         long kb = -1;
-        snprintf(path, sizeof path, "/proc/%d/status", (int)O.server_pids[i]);
+        snprintf(path, sizeof path, "/proc/%d/%s", (int)O.server_pids[i], file);
         FILE *f = fopen(path, "r");
         if (!f)
             return -1;
         while (fgets(line, sizeof line, f))
-            if (!strncmp(line, "VmRSS:", 6)) {
-                kb = strtol(line + 6, NULL, 10);
+            if (!strncmp(line, key, kl)) {
+                kb = strtol(line + kl, NULL, 10);
                 break;
             }
         fclose(f);
@@ -369,6 +398,19 @@ static int64_t server_rss_kb(void)
         sum += kb;
     }
     return sum;
+}
+
+/* VmRSS counts a page shared by several processes (Nchan's shared memory
+ * zone, touched by every worker) once per process; Pss splits it. */
+static int64_t server_rss_kb(void) { return server_proc_kb("status", "VmRSS:"); }
+static int64_t server_pss_kb(void) { return server_proc_kb("smaps_rollup", "Pss:"); }
+
+/* This process's CPU time, ns (exact, unlike the tick-based /proc). */
+static uint64_t self_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 /* Busy ticks (user, nice, system, irq, softirq, steal) of CPU --server-core
@@ -440,6 +482,8 @@ static void conn_dead(struct conn *c, const char *why);
 static void on_message(struct conn *c, int op, char *p, size_t n);
 static void on_http_response(struct conn *c, int status, bool close);
 static void on_open(struct conn *c);
+static void probe_pong(const char *p, size_t n);
+static void probe_reply(const char *p, size_t n);
 
 static void ep_set(struct conn *c, bool out)
 {
@@ -558,6 +602,21 @@ static void channel_name(uint32_t chan, char *out, size_t cap)
     snprintf(out, cap, "%s%u", O.chan_prefix, chan);
 }
 
+/* --bind-src: worker i's sockets leave from bind_src + i; the port is
+ * chosen at connect (IP_BIND_ADDRESS_NO_PORT), so each source address has
+ * the whole ephemeral range per destination. */
+static bool bind_source(int fd)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    a.sin_addr.s_addr = htonl(O.bind_src + (uint32_t)g_proc);
+    int one = 1;
+    setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+    if (bind(fd, (const struct sockaddr *)&a, sizeof a) == 0)
+        return true;
+    warnx_("bind to %s: %s", inet_ntoa(a.sin_addr), strerror(errno));
+    return false;
+}
+
 /* Starts a non-blocking connect; the handshake follows on writable. */
 static bool conn_start(struct conn *c, int role, uint32_t idx, uint32_t chan)
 {
@@ -582,6 +641,11 @@ static bool conn_start(struct conn *c, int role, uint32_t idx, uint32_t chan)
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     g_open++;
+    if (O.bind_src && g_proc >= 0 && !bind_source(c->fd)) {
+        c->state = S_HANDSHAKE; /* so conn_dead accounts it as a failed open */
+        conn_dead(c, "bind failed");
+        return false;
+    }
     /* --sub-ports: the subscribers of one channel (i / C counts them) are
      * spread round robin over the ports, so every channel has subscribers
      * on every server. Publishers and connrate use --port. */
@@ -611,7 +675,10 @@ static void send_handshake(struct conn *c)
         memcpy(k + i, &r, 4);
     }
     base64(k, 16, c->key);
-    channel_name(c->chan, chan, sizeof chan);
+    if (c->role == R_PROBE) /* Nchan: a channel nobody publishes to */
+        snprintf(chan, sizeof chan, "%sprobe", O.chan_prefix);
+    else
+        channel_name(c->chan, chan, sizeof chan);
     if (O.target == T_LUAHUB)
         snprintf(path, sizeof path, "%s", O.ws_path);
     else
@@ -762,6 +829,8 @@ static void ws_frame(struct conn *c, bool fin, int op, char *p, size_t n)
         conn_flush(c);
         return;
     case 0xA:
+        if (c->role == R_PROBE)
+            probe_pong(p, n);
         return;
     default:
         conn_dead(c, "unknown opcode");
@@ -1021,6 +1090,7 @@ static void sub_ready(struct conn *c)
         return;
     }
     g_st->subs_ok++;
+    __atomic_add_fetch(&g_subs_chan[c->chan], 1, __ATOMIC_RELAXED);
     g_opening--;
     g_resolved++;
 }
@@ -1058,6 +1128,37 @@ static bool find_u64(const char *p, const char *end, const char *key, uint64_t *
         return false;
     *out = parse_u64(&m, end);
     return true;
+}
+
+/* --flow: publish j (channel j % C, sequence j / C) is complete once its
+ * deliveries reach its channel's subscriber count. Whoever sees that first
+ * (a worker on the last delivery, or the parent's rescan after a dropped
+ * subscriber) marks it done and counts it in flow_done. */
+static bool flow_try_complete(uint64_t j)
+{
+    uint32_t need = __atomic_load_n(&g_subs_chan[j % O.channels], __ATOMIC_RELAXED);
+    uint32_t v = __atomic_load_n(&g_flow_cnt[j], __ATOMIC_ACQUIRE);
+    while (!(v & FLOW_DONE) && v >= need) {
+        if (__atomic_compare_exchange_n(&g_flow_cnt[j], &v, v | FLOW_DONE, false,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            __atomic_add_fetch(&g_sh->flow_done, 1, __ATOMIC_RELEASE);
+            return true;
+        }
+    }
+    return false;
+}
+
+/* A worker's first delivery of publish j to one subscriber. The workers
+ * share CPU 1, so the counters do not bounce between cores. */
+static void flow_count(uint64_t j)
+{
+    if (j >= g_total_pubs)
+        return;
+    uint32_t v = __atomic_add_fetch(&g_flow_cnt[j], 1, __ATOMIC_ACQ_REL);
+    if (!(v & FLOW_DONE) &&
+        v >= __atomic_load_n(&g_subs_chan[j % O.channels], __ATOMIC_RELAXED) &&
+        flow_try_complete(j))
+        g_flow_wake = 1; /* loop_once() wakes the parent once per round */
 }
 
 static void on_delivery(struct conn *c, const char *p, size_t n)
@@ -1110,6 +1211,8 @@ static void on_delivery(struct conn *c, const char *p, size_t n)
     c->seen[seq >> 3] |= bit;
     c->unique++;
     g_st->unique++;
+    if (g_flow_cnt)
+        flow_count((uint64_t)seq * O.channels + c->chan);
     if ((int32_t)seq < c->last[pub])
         g_st->reordered++;
     else
@@ -1147,11 +1250,15 @@ static void on_message(struct conn *c, int op, char *p, size_t n)
         }
         return;
     case R_WSPUB:
+    case R_PROBE:
         if (c->state == S_WELCOME) {
             c->state = S_READY;
             on_open(c);
         } else if (c->state == S_READY) {
-            ack_reply(c, p, n);
+            if (c->role == R_PROBE)
+                probe_reply(p, n);
+            else
+                ack_reply(c, p, n);
         }
         return;
     default:
@@ -1194,6 +1301,9 @@ static struct conn g_pubs[MAX_PUB_CONNS];
 static uint32_t g_npubs, g_pubs_ready;
 static uint64_t g_next_pub, g_acked, g_pub_failed, g_inflight, g_max_lag,
     g_http_reconnects;
+static uint64_t g_pub_waited;             /* rate: due, every connection busy */
+static uint64_t g_wait_mark = UINT64_MAX; /* the publish last counted there */
+static uint64_t g_flow_oldest;            /* --flow: oldest publish not done */
 static uint64_t g_t0;
 static uint32_t *g_acked_chan;
 static uint32_t *g_id_chan; /* ws luahub: id -> channel ring */
@@ -1203,6 +1313,10 @@ static void on_open(struct conn *c)
 {
     if (c->role == R_SUB || c->role == R_CR) {
         sub_ready(c);
+        return;
+    }
+    if (c->role == R_PROBE) {
+        c->complete = 1;
         return;
     }
     if (c->role == R_WSPUB || c->role == R_HTTPPUB) {
@@ -1322,6 +1436,25 @@ static void publish_one(struct conn *c, uint64_t j, uint32_t slot)
     g_next_pub++;
 }
 
+/* --flow: publishes sent and neither delivered to every subscriber of their
+ * channel nor refused. */
+static uint64_t flow_inflight(void)
+{
+    uint64_t gone = __atomic_load_n(&g_sh->flow_done, __ATOMIC_ACQUIRE) + g_pub_failed;
+    return g_next_pub > gone ? g_next_pub - gone : 0;
+}
+
+/* --flow: completes the publishes the workers could not see complete (a
+ * subscriber dropped after they were sent), from the oldest not done. */
+static void flow_rescan(void)
+{
+    for (uint64_t j = g_flow_oldest; j < g_next_pub; j++)
+        flow_try_complete(j);
+    while (g_flow_oldest < g_next_pub &&
+           (__atomic_load_n(&g_flow_cnt[g_flow_oldest], __ATOMIC_ACQUIRE) & FLOW_DONE))
+        g_flow_oldest++;
+}
+
 /* Sends what the schedule and the window allow; returns ms until the next
  * scheduled publish (rate mode) or -1. */
 static int pub_pump(void)
@@ -1340,8 +1473,11 @@ static int pub_pump(void)
         }
         uint32_t chan = (uint32_t)(g_next_pub % O.channels), k;
         struct conn *c = NULL;
+        if (O.flow && flow_inflight() >= O.flow)
+            break;
         if (O.pub == P_WS) {
-            if (g_inflight >= O.window)
+            /* With --flow, replies only bound the id ring. */
+            if (g_inflight >= (O.flow ? ID_RING / 2 : O.window))
                 break;
             k = O.target == T_NCHAN ? chan : (uint32_t)(g_next_pub % g_npubs);
             c = &g_pubs[k];
@@ -1349,8 +1485,15 @@ static int pub_pump(void)
             for (k = 0; k < g_npubs; k++)
                 if (g_pubs[k].state == S_READY && !g_pubs[k].http_busy && !g_pubs[k].http_close)
                     break;
-            if (k == g_npubs)
+            if (k == g_npubs) {
+                /* Open loop: this publish is due and waits for a connection
+                 * (counted once; its lag shows in pub_lag_max_ms). */
+                if (O.rate > 0 && g_wait_mark != g_next_pub) {
+                    g_wait_mark = g_next_pub;
+                    g_pub_waited++;
+                }
                 break;
+            }
             c = &g_pubs[k];
         }
         if (c->state != S_READY)
@@ -1359,6 +1502,8 @@ static int pub_pump(void)
         if (O.rate > 0 && now - sched > g_max_lag)
             g_max_lag = now - sched;
         publish_one(c, g_next_pub, slot);
+        if (g_flow_cnt) /* a channel without subscribers: done at once */
+            flow_try_complete(g_next_pub - 1);
         dirty[k] = true;
         if (O.pub == P_HTTP) /* one request per connection: flush now */
             conn_flush(c);
@@ -1374,6 +1519,91 @@ static void pub_start(uint32_t k)
     struct conn *c = &g_pubs[k];
     uint32_t chan = O.target == T_NCHAN && O.pub == P_WS ? k : 0;
     conn_start(c, O.pub == P_WS ? R_WSPUB : R_HTTPPUB, k, chan);
+}
+
+/* ---- probe (parent) ---------------------------------------------------- */
+
+/* --probe-ms: one more WebSocket connection, not subscribed, that sends a
+ * WebSocket PING (payload: the probe's sequence number) and, to luahub,
+ * {"op":"ping","id":seq+1} every probe-ms from the first publish to the
+ * last delivery, and records each answer's round trip. */
+static struct conn g_probe;
+static int g_probe_on;
+static uint64_t g_probe_next, g_probe_seq, g_probe_skipped, g_probe_ping_ok, g_probe_op_ok;
+static uint64_t g_probe_pong_from;  /* oldest PING no PONG has answered yet */
+static uint64_t g_probe_coalesced;  /* PINGs answered by a later PING's PONG */
+static uint64_t g_probe_sent_at[PROBE_RING];
+static uint8_t g_probe_got[PROBE_RING];       /* 1: PONG seen, 2: op reply seen */
+static struct wstats g_probe_ping, g_probe_op; /* their histograms */
+
+/* Sends the probe that is due, if any. Ticks missed while loadgen itself
+ * was late are skipped and counted, not sent in a burst. */
+static void probe_pump(void)
+{
+    if (!g_probe_on || g_probe.state != S_READY || g_now < g_probe_next)
+        return;
+    uint64_t per = (uint64_t)(O.probe_ms * 1e6), late = (g_now - g_probe_next) / per;
+    g_probe_skipped += late;
+    g_probe_next += (late + 1) * per;
+    uint64_t seq = g_probe_seq++;
+    char b[64];
+    memcpy(b, &seq, sizeof seq);
+    ws_put(&g_probe, 0x9, b, sizeof seq);
+    if (O.target == T_LUAHUB) {
+        int n = snprintf(b, sizeof b, "{\"op\":\"ping\",\"id\":%" PRIu64 "}", seq + 1);
+        ws_put(&g_probe, 0x1, b, (size_t)n);
+    }
+    g_probe_got[seq % PROBE_RING] = 0;
+    g_probe_sent_at[seq % PROBE_RING] = now_ns();
+    conn_flush(&g_probe);
+}
+
+static void probe_answer(uint64_t seq, uint8_t bit, struct wstats *st, uint64_t *ok)
+{
+    if (seq >= g_probe_seq || g_probe_seq - seq > PROBE_RING)
+        return; /* not ours, or older than the ring */
+    uint8_t *got = &g_probe_got[seq % PROBE_RING];
+    if (*got & bit)
+        return;
+    *got |= bit;
+    (*ok)++;
+    hist_add(st, g_now - g_probe_sent_at[seq % PROBE_RING]);
+}
+
+/* A PONG answers its PING and every earlier one still waiting: a server may
+ * answer several PINGs received before it could reply with one PONG for the
+ * latest (RFC 6455 5.5.3), and those waited as long. */
+static void probe_pong(const char *p, size_t n)
+{
+    uint64_t seq;
+    if (n != sizeof seq)
+        return; /* not one of our PINGs */
+    memcpy(&seq, p, sizeof seq);
+    if (seq >= g_probe_seq)
+        return;
+    uint64_t q = g_probe_pong_from;
+    if (q <= seq) {
+        if (seq - q >= PROBE_RING)
+            q = seq - PROBE_RING + 1;
+        for (; q < seq; q++) {
+            uint64_t before = g_probe_ping_ok;
+            probe_answer(q, 1, &g_probe_ping, &g_probe_ping_ok);
+            g_probe_coalesced += g_probe_ping_ok - before;
+        }
+        g_probe_pong_from = seq + 1;
+    }
+    probe_answer(seq, 1, &g_probe_ping, &g_probe_ping_ok);
+}
+
+static void probe_reply(const char *p, size_t n)
+{
+    const char *m = memmem(p, n, "\"id\":", 5);
+    if (!m || !memmem(p, n, "\"ok\":true", 9))
+        return;
+    m += 5;
+    uint64_t id = parse_u64(&m, p + n);
+    if (id)
+        probe_answer(id - 1, 2, &g_probe_op, &g_probe_op_ok);
 }
 
 /* ---- connection teardown ---------------------------------------------- */
@@ -1417,6 +1647,7 @@ static void conn_dead(struct conn *c, const char *why)
             g_resolved++;
         } else if (g_phase < PH_CLOSE) {
             g_st->dropped++;
+            __atomic_sub_fetch(&g_subs_chan[c->chan], 1, __ATOMIC_RELAXED);
         }
         sub_mark_finished(c);
         break;
@@ -1450,6 +1681,11 @@ static void conn_dead(struct conn *c, const char *why)
         if (g_phase == PH_SETUP)
             g_pub_fatal = 1;
         break;
+    case R_PROBE:
+        if (g_phase < PH_CLOSE)
+            warnx_("probe connection lost: %s", why);
+        g_probe_on = 0;
+        break;
     }
 }
 
@@ -1471,10 +1707,23 @@ static void on_eof(struct conn *c)
 static struct conn g_ctrl[MAX_PROCS]; /* role R_CTRL: .fd and .idx */
 static void on_ctrl(struct conn *c);
 
-/* One epoll_wait round, at most timeout_ms. */
+static int ms_until(uint64_t deadline, int cap)
+{
+    if (deadline <= g_now)
+        return 0;
+    uint64_t ms = (deadline - g_now + 999999) / 1000000;
+    return ms > (uint64_t)cap ? cap : (int)ms;
+}
+
+/* One epoll_wait round, at most timeout_ms; also sends a due probe (parent)
+ * and wakes the parent when this round completed a --flow publish. */
 static void loop_once(int timeout_ms)
 {
     struct epoll_event ev[512];
+    if (g_probe_on) {
+        g_now = now_ns();
+        timeout_ms = ms_until(g_probe_next, timeout_ms);
+    }
     int n = epoll_wait(g_ep, ev, 512, timeout_ms);
     g_now = now_ns();
     if (n < 0) {
@@ -1484,19 +1733,23 @@ static void loop_once(int timeout_ms)
     }
     for (int i = 0; i < n; i++) {
         struct conn *c = ev[i].data.ptr;
-        if (c->role == R_CTRL)
+        if (c->role == R_CTRL) {
             on_ctrl(c);
-        else if (c->state != S_DEAD && c->state != S_FREE)
+        } else if (c->role == R_EVENT) {
+            uint64_t v;
+            if (read(c->fd, &v, sizeof v) < 0 && errno != EAGAIN)
+                die("read eventfd: %s", strerror(errno));
+        } else if (c->state != S_DEAD && c->state != S_FREE) {
             on_event(c, ev[i].events);
+        }
     }
-}
-
-static int ms_until(uint64_t deadline, int cap)
-{
-    if (deadline <= g_now)
-        return 0;
-    uint64_t ms = (deadline - g_now + 999999) / 1000000;
-    return ms > (uint64_t)cap ? cap : (int)ms;
+    probe_pump();
+    if (g_flow_wake) {
+        uint64_t one = 1;
+        g_flow_wake = 0;
+        if (write(g_flow_efd, &one, sizeof one) < 0 && errno != EAGAIN)
+            _exit(7);
+    }
 }
 
 static uint64_t secs(double s) { return (uint64_t)(s * 1e9); }
@@ -1621,6 +1874,7 @@ static void worker_main(int proc, int fd, uint32_t first, uint32_t n)
         }
     }
     g_phase = PH_RUN;
+    uint64_t cpu_ready = self_cpu_ns();
     ctrl_send(fd, 'R');
     worker_wait_cmd('F', parent_slack);
 
@@ -1645,6 +1899,7 @@ static void worker_main(int proc, int fd, uint32_t first, uint32_t n)
             g_st->lost += exp - c->unique;
     }
     g_st->complete_subs = g_finished;
+    g_st->cpu_run_ns = self_cpu_ns() - cpu_ready;
     ctrl_send(fd, 'D');
     worker_wait_cmd('X', parent_slack);
     g_phase = PH_CLOSE;
@@ -1802,6 +2057,7 @@ static void sum_stats(void)
         g_sum.complete_subs += w->complete_subs;
         g_sum.expected += w->expected;
         g_sum.cr_close_errors += w->cr_close_errors;
+        g_sum.cpu_run_ns += w->cpu_run_ns;
         if (w->last_close_code)
             g_sum.last_close_code = w->last_close_code;
         if (w->first_rx && (!g_sum.first_rx || w->first_rx < g_sum.first_rx))
@@ -1852,7 +2108,7 @@ static void json_latency(const char *k)
     static const struct { const char *n; double q; } qs[] = {
         {"p50", .50}, {"p90", .90}, {"p99", .99}, {"p999", .999}};
     for (size_t i = 0; i < sizeof qs / sizeof qs[0]; i++)
-        printf(",\"%s\":%.1f", qs[i].n, (double)hist_quantile(g_sum.hist, count, qs[i].q) / 1e3);
+        printf(",\"%s\":%.1f", qs[i].n, (double)hist_quantile(&g_sum, count, qs[i].q) / 1e3);
     printf(",\"max\":%.1f}", (double)g_sum.lat_max / 1e3);
 }
 
@@ -1866,6 +2122,33 @@ static void json_head(void)
     json_u("procs", O.procs);
 }
 
+/* prefix_answered, prefix_p50_ms, _p99_ms, _max_ms (null when none). */
+static void json_probe(const char *prefix, const struct wstats *st, uint64_t ok)
+{
+    char k[64];
+    snprintf(k, sizeof k, "%s_answered", prefix);
+    json_u(k, ok);
+    static const struct { const char *n; double q; } qs[] = {{"p50", .50}, {"p99", .99}};
+    for (size_t i = 0; i < sizeof qs / sizeof qs[0]; i++) {
+        snprintf(k, sizeof k, "%s_%s_ms", prefix, qs[i].n);
+        json_num(k, ok ? (double)hist_quantile(st, ok, qs[i].q) / 1e6 : NAN);
+    }
+    snprintf(k, sizeof k, "%s_max_ms", prefix);
+    json_num(k, ok ? (double)st->lat_max / 1e6 : NAN);
+}
+
+/* <what>_before_kb, <what>_held_kb, <what>_per_conn_kb (null if unread). */
+static void json_kb_per_conn(const char *what, int64_t before, int64_t held, uint64_t conns)
+{
+    char k[64];
+    snprintf(k, sizeof k, "%s_before_kb", what);
+    json_num(k, before < 0 ? NAN : (double)before);
+    snprintf(k, sizeof k, "%s_held_kb", what);
+    json_num(k, held < 0 ? NAN : (double)held);
+    snprintf(k, sizeof k, "%s_per_conn_kb", what);
+    json_num(k, before < 0 || held < 0 || !conns ? NAN : (double)(held - before) / (double)conns);
+}
+
 static double cpu_s_or_nan(int64_t t0, int64_t t1)
 {
     return t0 < 0 || t1 < 0 ? NAN : ticks_to_s(t1 - t0);
@@ -1877,40 +2160,68 @@ static int run_fanout(void)
 {
     g_acked_chan = xcalloc(O.channels, sizeof *g_acked_chan);
     g_id_chan = xcalloc(ID_RING, sizeof *g_id_chan);
+    int64_t rss0 = server_rss_kb(), pss0 = server_pss_kb();
     kids_spawn(O.subs);
     uint64_t t_setup = now_ns();
     wait_kids(&g_kid_ready, O.timeout + 10);
     if (g_kid_ready < (uint32_t)g_nkids)
         g_pub_fatal = 3;
+    int64_t rss1 = server_rss_kb(), pss1 = server_pss_kb();
     sum_stats();
     double setup_s = (double)(now_ns() - t_setup) / 1e9;
     note("subscribed %" PRIu64 " of %u in %.2fs", g_sum.subs_ok, O.subs, setup_s);
 
-    /* Publishers. */
+    /* Publishers, and the probe. */
     g_phase = PH_SETUP;
+    static struct conn flow_ev = {.role = R_EVENT};
+    if (O.flow) {
+        flow_ev.fd = g_flow_efd;
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &flow_ev};
+        if (epoll_ctl(g_ep, EPOLL_CTL_ADD, g_flow_efd, &ev) < 0)
+            die("epoll_ctl: %s", strerror(errno));
+    }
     for (uint32_t k = 0; k < g_npubs && !g_pub_fatal; k++)
         pub_start(k);
+    if (O.probe_ms > 0 && !g_pub_fatal)
+        conn_start(&g_probe, R_PROBE, 0, 0);
     uint64_t dl = now_ns() + secs(O.timeout);
     g_now = now_ns();
-    while (g_pubs_ready < g_npubs && g_now < dl && !g_pub_fatal)
+    while ((g_pubs_ready < g_npubs || (O.probe_ms > 0 && !g_probe.complete)) &&
+           g_now < dl && !g_pub_fatal)
         loop_once(ms_until(dl, 100));
     if (g_pubs_ready < g_npubs) {
         warnx_("publishers not ready (%u of %u)", g_pubs_ready, g_npubs);
         g_pub_fatal = g_pub_fatal ? g_pub_fatal : 4;
     }
+    if (O.probe_ms > 0 && !g_probe.complete)
+        warnx_("the probe connection is not ready: no probes");
 
     int64_t cpu0 = server_cpu_ticks(), core0 = core_busy_ticks(), aux0 = aux_cpu_ticks();
+    uint64_t self0 = self_cpu_ns();
     g_phase = PH_RUN;
     g_t0 = now_ns();
     g_now = g_t0;
+    g_probe_next = g_t0;
+    g_probe_on = g_probe.complete && g_probe.state == S_READY;
     dl = g_t0 + secs(O.timeout + (O.rate > 0 ? O.duration : 0));
+    uint64_t flow_seen = 0, flow_progress = g_t0;
     if (!g_pub_fatal) {
         while (g_now < dl && !g_pub_fatal &&
-               (g_next_pub < g_total_pubs || g_inflight > 0)) {
+               (g_next_pub < g_total_pubs || g_inflight > 0 || (O.flow && flow_inflight()))) {
             int w = pub_pump();
-            if (g_next_pub >= g_total_pubs && !g_inflight)
+            if (g_next_pub >= g_total_pubs && !g_inflight && !(O.flow && flow_inflight()))
                 break;
             loop_once(w >= 0 ? (w < ms_until(dl, 100) ? w : ms_until(dl, 100)) : ms_until(dl, 100));
+            if (O.flow) { /* no completion for 100 ms: look for dropped subscribers' */
+                uint64_t d = __atomic_load_n(&g_sh->flow_done, __ATOMIC_ACQUIRE);
+                if (d != flow_seen) {
+                    flow_seen = d;
+                    flow_progress = g_now;
+                } else if (g_now - flow_progress > 100000000u) {
+                    flow_rescan();
+                    flow_progress = g_now;
+                }
+            }
             /* Replace HTTP publishers the server closed after a response. */
             for (uint32_t k = 0; k < g_npubs && O.pub == P_HTTP; k++) {
                 struct conn *c = &g_pubs[k];
@@ -1938,17 +2249,21 @@ static int run_fanout(void)
     kids_send('F');
     wait_kids(&g_kid_done, O.drain + 10);
     int64_t cpu1 = server_cpu_ticks(), core1 = core_busy_ticks(), aux1 = aux_cpu_ticks();
-    uint64_t t_end = now_ns();
+    uint64_t t_end = now_ns(), self1 = self_cpu_ns();
+    g_probe_on = 0;
+    int64_t rss2 = server_rss_kb();
     sum_stats();
     g_phase = PH_CLOSE;
     kids_send('X');
     close_all(g_pubs, g_npubs, 2);
+    close_all(&g_probe, 1, 1);
     kids_reap(15);
 
     /* Expected deliveries: acknowledged publishes of each channel times its
      * subscribers, summed by the workers. */
     uint64_t expected = g_sum.expected;
-    double cpu_s = cpu_s_or_nan(cpu0, cpu1);
+    double cpu_s = cpu_s_or_nan(cpu0, cpu1), wall_s = (double)(t_end - g_t0) / 1e9;
+    double client_s = (double)(self1 - self0 + g_sum.cpu_run_ns) / 1e9;
     double deliver_s = g_sum.last_rx > g_t0 ? (double)(g_sum.last_rx - g_t0) / 1e9 : NAN;
     double pub_s = (double)(t_pub_end - g_t0) / 1e9;
     bool complete = !g_pub_fatal && g_sum.subs_failed == 0 && g_sum.lost == 0 &&
@@ -1966,7 +2281,9 @@ static int run_fanout(void)
     }
     json_u("size", O.size);
     json_u("pub_conns", g_npubs);
-    if (O.pub == P_WS)
+    if (O.flow)
+        json_u("flow", O.flow);
+    else if (O.pub == P_WS)
         json_u("window", O.window);
     json_u("subs_ok", g_sum.subs_ok);
     json_u("subs_failed", g_sum.subs_failed);
@@ -1991,16 +2308,33 @@ static int run_fanout(void)
            !g_sum.out_of_range && !g_sum.dropped && !g_pub_failed ? "true" : "false");
     json_num("publish_s", pub_s);
     json_num("deliver_s", deliver_s);
-    json_num("window_s", (double)(t_end - g_t0) / 1e9);
+    json_num("window_s", wall_s);
     json_num("publishes_per_s", pub_s > 0 ? (double)g_acked / pub_s : NAN);
     json_num("deliveries_per_s", deliver_s > 0 ? (double)g_sum.delivered / deliver_s : NAN);
-    if (O.rate > 0)
+    if (O.rate > 0) {
         json_num("pub_lag_max_ms", (double)g_max_lag / 1e6);
+        if (O.pub == P_HTTP)
+            json_u("pub_waited_for_conn", g_pub_waited);
+    }
     json_latency("latency_us");
+    if (O.probe_ms > 0) {
+        json_num("probe_ms", O.probe_ms);
+        json_u("probe_sent", g_probe_seq);
+        json_u("probe_skipped", g_probe_skipped);
+        json_probe("probe_ping", &g_probe_ping, g_probe_ping_ok);
+        json_u("probe_ping_coalesced", g_probe_coalesced);
+        if (O.target == T_LUAHUB)
+            json_probe("probe_op", &g_probe_op, g_probe_op_ok);
+    }
+    json_kb_per_conn("rss", rss0, rss1, g_sum.subs_ok);
+    json_kb_per_conn("pss", pss0, pss1, g_sum.subs_ok);
+    json_num("rss_end_kb", rss2 < 0 ? NAN : (double)rss2);
+    json_num("client_cpu_s", client_s);
+    json_num("client_cpu_util", client_s / wall_s);
     json_num("server_cpu_s", cpu_s);
     json_num("server_cpu_ns_per_delivery",
              g_sum.delivered ? cpu_s * 1e9 / (double)g_sum.delivered : NAN);
-    json_num("server_cpu_util", cpu_s / ((double)(t_end - g_t0) / 1e9));
+    json_num("server_cpu_util", cpu_s / wall_s);
     if (O.server_core >= 0) {
         double core_s = cpu_s_or_nan(core0, core1);
         json_num("server_core_busy_s", core_s);
@@ -2021,7 +2355,7 @@ static int run_fanout(void)
 static int run_idle(void)
 {
     g_acked_chan = xcalloc(O.channels, sizeof *g_acked_chan);
-    int64_t rss0 = server_rss_kb(), cpu0 = server_cpu_ticks();
+    int64_t rss0 = server_rss_kb(), pss0 = server_pss_kb(), cpu0 = server_cpu_ticks();
     uint64_t t0 = now_ns();
     kids_spawn(O.subs);
     wait_kids(&g_kid_ready, O.timeout + 10);
@@ -2033,7 +2367,7 @@ static int run_idle(void)
     g_now = now_ns();
     while (g_now < dl && g_pub_fatal != 2)
         loop_once(ms_until(dl, 200));
-    int64_t rss1 = server_rss_kb();
+    int64_t rss1 = server_rss_kb(), pss1 = server_pss_kb();
     memset(g_sh->expected, 0, O.channels * sizeof(uint32_t));
     kids_send('F');
     wait_kids(&g_kid_done, 15);
@@ -2057,11 +2391,9 @@ static int run_idle(void)
     printf(",\"complete\":%s", complete ? "true" : "false");
     json_num("setup_s", setup_s);
     json_num("conns_per_s", setup_s > 0 ? (double)g_sum.subs_ok / setup_s : NAN);
-    json_num("rss_before_kb", rss0 < 0 ? NAN : (double)rss0);
-    json_num("rss_held_kb", rss1 < 0 ? NAN : (double)rss1);
+    json_kb_per_conn("rss", rss0, rss1, held);
+    json_kb_per_conn("pss", pss0, pss1, held);
     json_num("rss_after_close_kb", rss2 < 0 ? NAN : (double)rss2);
-    json_num("rss_per_conn_kb",
-             rss0 < 0 || rss1 < 0 || !held ? NAN : (double)(rss1 - rss0) / (double)held);
     json_num("server_cpu_s", cpu_s);
     json_num("server_cpu_us_per_conn",
              g_sum.subs_ok ? cpu_s * 1e6 / (double)g_sum.subs_ok : NAN);
@@ -2130,12 +2462,17 @@ static void usage(FILE *f)
         "  --pub ws|http           publisher transport (ws)\n"
         "  --pub-conns K           publisher connections (ws: 1, http: 4; nchan ws: C)\n"
         "  --window W              ws publishes in flight without a reply (64)\n"
+        "  --flow W                instead: publishes not yet delivered to every subscriber\n"
+        "                          of their channel (with --burst)\n"
         "  --burst K               K publishes per channel, as fast as the window allows\n"
         "  --rate R --duration S   open loop: R publishes/s for S seconds\n"
         "  --size B                payload (data) bytes (100)\n"
         "  --hold S                idle: hold time before reading RSS (5)\n"
         "  --count N --inflight M  connrate: connections and concurrency (10000, 50)\n"
         "  --procs P               worker processes (auto: one per 9000 connections)\n"
+        "  --bind-src A            worker i's sockets leave from address A+i (127.x.y.z)\n"
+        "  --probe-ms MS           probe connection: a WebSocket PING and (luahub) a ping op\n"
+        "                          every MS ms during the run; their round trips (probe_*)\n"
         "  --connect-inflight N    handshakes in progress per worker (128)\n"
         "  --timeout S --drain S   setup/publish timeout (60), delivery drain timeout (15)\n"
         "  --ws-path P --api-path P       luahub paths (/ws, /api/publish)\n"
@@ -2161,7 +2498,8 @@ static void parse_args(int argc, char **argv)
     enum { O_TARGET = 256, O_HOST, O_PORT, O_SPID, O_SUBS, O_CHANS, O_PUB,
            O_PUBC, O_WIN, O_BURST, O_RATE, O_DUR, O_SIZE, O_HOLD, O_COUNT,
            O_INFL, O_PROCS, O_CINFL, O_TMO, O_DRAIN, O_WSP, O_APIP, O_SUBP,
-           O_PUBP, O_CHP, O_LABEL, O_MODE, O_QACK, O_SCORE, O_APID, O_SPORTS };
+           O_PUBP, O_CHP, O_LABEL, O_MODE, O_QACK, O_SCORE, O_APID, O_SPORTS,
+           O_FLOW, O_PROBE, O_BSRC };
     static const struct option lo[] = {
         {"mode", 1, 0, O_MODE}, {"target", 1, 0, O_TARGET}, {"host", 1, 0, O_HOST},
         {"port", 1, 0, O_PORT}, {"server-pid", 1, 0, O_SPID}, {"subs", 1, 0, O_SUBS},
@@ -2175,7 +2513,9 @@ static void parse_args(int argc, char **argv)
         {"pub-prefix", 1, 0, O_PUBP}, {"channel-prefix", 1, 0, O_CHP},
         {"label", 1, 0, O_LABEL}, {"quickack", 1, 0, O_QACK},
         {"server-core", 1, 0, O_SCORE}, {"aux-pid", 1, 0, O_APID},
-        {"sub-ports", 1, 0, O_SPORTS}, {"verbose", 0, 0, 'v'}, {"help", 0, 0, 'h'},
+        {"sub-ports", 1, 0, O_SPORTS}, {"flow", 1, 0, O_FLOW},
+        {"probe-ms", 1, 0, O_PROBE}, {"bind-src", 1, 0, O_BSRC},
+        {"verbose", 0, 0, 'v'}, {"help", 0, 0, 'h'},
         {0, 0, 0, 0}};
     int opt;
     bool have_port = false, have_pubc = false;
@@ -2234,6 +2574,15 @@ static void parse_args(int argc, char **argv)
             break;
         case O_PUBC: O.pub_conns = (uint32_t)num_arg("pub-conns", optarg, 1, 64); have_pubc = true; break;
         case O_WIN: O.window = (uint32_t)num_arg("window", optarg, 1, ID_RING / 2); break;
+        case O_FLOW: O.flow = (uint32_t)num_arg("flow", optarg, 1, ID_RING / 2); break;
+        case O_PROBE: O.probe_ms = num_arg("probe-ms", optarg, 1, 60000); break;
+        case O_BSRC: {
+            struct in_addr a;
+            if (inet_pton(AF_INET, optarg, &a) != 1 || (ntohl(a.s_addr) >> 24) != 127)
+                die("--bind-src: '%s' is not a loopback IPv4 address (127.x.y.z)", optarg);
+            O.bind_src = ntohl(a.s_addr);
+            break;
+        }
         case O_BURST: O.burst = (uint64_t)num_arg("burst", optarg, 1, 1e8); break;
         case O_RATE: O.rate = num_arg("rate", optarg, 0.001, 1e7); break;
         case O_DUR: O.duration = num_arg("duration", optarg, 0.001, 3600); break;
@@ -2285,6 +2634,10 @@ static void parse_args(int argc, char **argv)
         if (g_total_pubs > (1ULL << 32))
             die("too many publishes (%" PRIu64 ")", g_total_pubs);
         g_max_per_chan = (uint32_t)((g_total_pubs + O.channels - 1) / O.channels);
+        if (O.flow && !O.burst)
+            die("--flow bounds a burst: use it with --burst, not --rate");
+        if (O.flow && g_total_pubs > FLOW_MAX_PUBS)
+            die("--flow counts deliveries per publish: at most %u publishes", FLOW_MAX_PUBS);
         if (O.pub == P_WS && O.target == T_NCHAN) {
             if (O.channels > MAX_PUB_CONNS)
                 die("--pub ws with nchan uses one publisher per channel: at most %d channels", MAX_PUB_CONNS);
@@ -2300,6 +2653,8 @@ static void parse_args(int argc, char **argv)
     } else {
         g_max_per_chan = 1;
         g_npub = 1;
+        if (O.flow || O.probe_ms > 0)
+            die("--flow and --probe-ms are for --mode fanout");
     }
     if (O.size < 64)
         warnx_("--size %u is below the ~64-byte fixed part of the payload; payloads will be larger", O.size);
@@ -2320,6 +2675,8 @@ static void parse_args(int argc, char **argv)
             "raise --procs", conns, O.procs, (unsigned long long)rl.rlim_cur);
     if (O.mode == M_CONNRATE && O.procs > O.inflight)
         O.procs = O.inflight;
+    if (O.bind_src && (O.bind_src & 0xffffffu) + O.procs > 0xffffffu)
+        die("--bind-src: %u workers from that address leave 127.0.0.0/8", O.procs);
 }
 
 int main(int argc, char **argv)
@@ -2332,10 +2689,19 @@ int main(int argc, char **argv)
         g_rng = 1;
     g_scratch = xrealloc(NULL, SCRATCH_SIZE);
     g_tmp = xrealloc(NULL, g_tmp_cap);
-    size_t shsz = sizeof(struct shared) + (size_t)O.channels * sizeof(uint32_t);
+    /* expected[C], subs_chan[C], then with --flow one counter per publish. */
+    size_t shsz = sizeof(struct shared) +
+                  (2 * (size_t)O.channels + (O.flow ? g_total_pubs : 0)) * sizeof(uint32_t);
     g_sh = mmap(NULL, shsz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (g_sh == MAP_FAILED)
         die("mmap: %s", strerror(errno));
+    g_subs_chan = g_sh->expected + O.channels;
+    if (O.flow) {
+        g_flow_cnt = g_subs_chan + O.channels;
+        g_flow_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (g_flow_efd < 0)
+            die("eventfd: %s", strerror(errno));
+    }
     static struct wstats parent_st;
     g_st = &parent_st;
     g_ep = epoll_create1(EPOLL_CLOEXEC);

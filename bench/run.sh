@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: luahub's standard benchmark (issue 5), optionally side by side
 # with Nchan, plus luahub's own feature scenarios (Lua hooks, redis broker,
-# workers, scaling, channels). Builds luahub and loadgen, starts each server
+# workers, scaling, scale-out, channels). Builds luahub and loadgen, starts each server
 # fresh for every run (pinned to CPU 0, loadgen on CPU 1), runs every
 # scenario N times (3), takes medians and writes a markdown table to
 # bench/results/<date>.md (raw JSON next to it) and prints it. See
@@ -12,11 +12,14 @@
 #
 # --compare   also run Nchan (nginx-light + libnginx-mod-nchan from Debian;
 #             installed with apt-get if missing) and print luahub/Nchan ratios
-#             (standard scenarios; the feature scenarios are luahub's own)
+#             (standard scenarios), and the Nchan variants of the feature
+#             scenarios that have them (broker_ws broker_http scaleout:
+#             Nchan with its Redis storage)
 # --quick     small sizes, one run: a smoke test, not a measurement
 # --only      scenarios to run. Standard: burst_ws burst_http burst_http_5000
-#             rate idle connrate. luahub features: hook_publish hook_connect
-#             broker_ws broker_http workers pacing scale channels
+#             rate rate_http flow_ws ping_fanout idle connrate. Features:
+#             hook_publish hook_connect broker_ws broker_http workers pacing
+#             scale scaleout channels
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,7 +41,7 @@ while [ $# -gt 0 ]; do
         --targets) [ $# -ge 2 ] || die "--targets needs a list"; TARGETS=$2; shift ;;
         --build) [ $# -ge 2 ] || die "--build needs a directory"; BUILD=$2; shift ;;
         --no-build) NO_BUILD=1 ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
@@ -56,6 +59,9 @@ SCENARIOS=(
 "burst_http|std|burst, 1000 subs on 10 channels, HTTP publisher (4 keep-alive)|--mode fanout --subs 1000 --channels 10 --burst 1000 --pub http --pub-conns 4|--mode fanout --subs 200 --channels 10 --burst 20 --pub http --pub-conns 4|burst, 200 subs on 10 channels, HTTP publisher (4 keep-alive)"
 "burst_http_5000|std|burst, 5000 subs on 1 channel, HTTP publisher (4 keep-alive)|--mode fanout --subs 5000 --channels 1 --burst 300 --pub http --pub-conns 4|--mode fanout --subs 500 --channels 1 --burst 20 --pub http --pub-conns 4|burst, 500 subs on 1 channel, HTTP publisher (4 keep-alive)"
 "rate|std|open loop, 1000 publishes/s over 10 channels, 1000 subs (100k deliveries/s)|--mode fanout --subs 1000 --channels 10 --rate 1000 --duration 10 --pub ws --window 1000|--mode fanout --subs 200 --channels 10 --rate 200 --duration 2 --pub ws --window 1000|open loop, 200 publishes/s over 10 channels, 200 subs"
+"rate_http|std|open loop over the HTTP API: 1000 publishes/s (64 keep-alive publishers) over 10 channels, 1000 subs|--mode fanout --subs 1000 --channels 10 --rate 1000 --duration 10 --pub http --pub-conns 64|--mode fanout --subs 200 --channels 10 --rate 200 --duration 2 --pub http --pub-conns 16|open loop over the HTTP API: 200 publishes/s (16 publishers), 200 subs"
+"flow_ws|std|flow-controlled burst: 1000 subs on 10 channels, 200 publishes per channel, at most 64 not yet delivered to every subscriber|--mode fanout --subs 1000 --channels 10 --burst 200 --pub ws --flow 64|--mode fanout --subs 200 --channels 10 --burst 20 --pub ws --flow 64|flow-controlled burst: 200 subs on 10 channels, 20 per channel, flow 64"
+"ping_fanout|std|responsiveness: 15,000 subs on 1 channel, burst of 100 (WebSocket publisher, window 64), a probe every 5 ms|--mode fanout --subs 15000 --channels 1 --burst 100 --pub ws --window 64 --procs 2 --probe-ms 5|--mode fanout --subs 1500 --channels 1 --burst 50 --pub ws --window 64 --procs 2 --probe-ms 5|responsiveness: 1,500 subs on 1 channel, burst of 50, a probe every 5 ms"
 "idle|std|idle, 15,000 subscribed connections|--mode idle --conns 15000 --channels 10 --hold 10|--mode idle --conns 1000 --channels 10 --hold 1|idle, 1,000 subscribed connections"
 "connrate|std|connect + upgrade + subscribe + close, 50 in flight|--mode connrate --count 10000 --inflight 50 --channels 10|--mode connrate --count 1000 --inflight 50 --channels 10|connect + upgrade + subscribe + close, 50 in flight (1,000)"
 "hook_publish|var|Lua on_publish cost: burst, 1000 subs on 10 channels, WebSocket publisher|--mode fanout --subs 1000 --channels 10 --burst 5000 --pub ws --window 64|--mode fanout --subs 200 --channels 10 --burst 20 --pub ws --window 64|Lua on_publish cost: burst, 200 subs on 10 channels"
@@ -65,16 +71,19 @@ SCENARIOS=(
 "workers|var|workers: burst, 1000 subs on 10 channels, WebSocket publisher, nothing pinned|--mode fanout --subs 1000 --channels 10 --burst 2000 --pub ws --window 64|--mode fanout --subs 200 --channels 10 --burst 20 --pub ws --window 64|workers: burst, 200 subs on 10 channels, nothing pinned"
 "pacing|var|write pacing: open loop, 1000 publishes/s over 10 channels, 1000 subs|--mode fanout --subs 1000 --channels 10 --rate 1000 --duration 10 --pub ws --window 1000|--mode fanout --subs 200 --channels 10 --rate 200 --duration 2 --pub ws --window 1000|write pacing: open loop, 200 publishes/s"
 "scale|var|scaling: N subscribers on 1 channel, HTTP publisher (4 keep-alive), ~1.5 M deliveries|--mode fanout --channels 1 --pub http --pub-conns 4 --procs 2|--mode fanout --channels 1 --pub http --pub-conns 4 --procs 2|scaling: N subscribers on 1 channel, HTTP publisher (small)"
+"scaleout|var|scale on one box: 36,000 or 100,000 subs on 1000 channels, 2,000 HTTP publishes/s (64 keep-alive) for 10 s, redis, nothing pinned|--mode fanout --channels 1000 --rate 2000 --duration 10 --pub http --pub-conns 64 --bind-src 127.0.0.2 --timeout 180 --drain 30|--mode fanout --channels 100 --rate 200 --duration 2 --pub http --pub-conns 16 --bind-src 127.0.0.2|scale on one box (small: 600 or 1,200 subs, see the subscribed column): 100 channels, 200 HTTP publishes/s for 2 s, redis, nothing pinned"
 "channels|var|memory with many channels: 10,000 idle subscribed connections|--mode idle --conns 10000 --hold 5|--mode idle --conns 1000 --hold 1|memory with many channels: 1,000 idle subscribed connections"
 )
 
 # Variants of the "var" scenarios, one per line:
 # name|label|server spec|extra loadgen arguments|extra --quick arguments
 # Server spec (space-separated): policy=FILE (in bench/policies),
-# broker=redis (a redis-server started for the run), hubs=N (N luahub
-# processes on the same redis; subscribers spread over them, publisher on
-# the first), workers=N, delay=MS (the conf key write_delay), pin=none
-# (nothing pinned: server, redis, loadgen).
+# broker=redis (a redis-server started for the run; for Nchan its Redis
+# storage), hubs=N (N luahub processes on the same redis; subscribers spread
+# over them, publisher on the first), workers=N (Nchan: worker_processes),
+# delay=MS (the conf key write_delay), pin=none (nothing pinned: server,
+# redis, loadgen), target=nchan (the variant runs Nchan, only with
+# --compare or --targets nchan).
 # The first variant is the baseline the others are compared with. Loadgen's
 # later arguments override earlier ones.
 variants_of() {
@@ -97,6 +106,10 @@ EOF
         [ "$1" = broker_ws ] && cat <<'EOF'
 redis2|redis broker, 2 processes: publisher on A, subscribers half on A, half on B|broker=redis hubs=2|
 EOF
+        cat <<'EOF'
+nchan|Nchan, memory store, 1 worker|target=nchan|
+nchan_redis|Nchan, Redis storage, 1 worker|target=nchan broker=redis|
+EOF
         ;;
         workers) cat <<'EOF'
 memory1|memory broker, workers = 1|pin=none|
@@ -116,6 +129,12 @@ EOF
 15000|15,000 subscribers||--subs 15000 --burst 100|--subs 1500 --burst 4
 EOF
         ;;
+        scaleout) cat <<'EOF'
+hub100k|luahub, workers = 6 (100,000 subscribers; 8 loadgen processes)|broker=redis workers=6 pin=none|--subs 100000 --procs 8|--subs 1200 --procs 2
+hub36k|luahub, workers = 2 (36,000 subscribers; 4 loadgen processes)|broker=redis workers=2 pin=none|--subs 36000 --procs 4|--subs 600 --procs 2
+nchan36k|Nchan, 2 workers, Redis storage (36,000 subscribers; 4 loadgen processes)|target=nchan broker=redis workers=2 pin=none|--subs 36000 --procs 4|--subs 600 --procs 2
+EOF
+        ;;
         channels) cat <<'EOF'
 ch10|on 10 channels (1,000 subscribers each)||--channels 10|--channels 10
 ch10000|on 10,000 channels (1 subscriber each)||--channels 10000|--channels 1000
@@ -125,6 +144,7 @@ EOF
 }
 
 ALL_NAMES=$(for s in "${SCENARIOS[@]}"; do printf '%s ' "${s%%|*}"; done)
+# First on loadgen's command line: a scenario's own arguments override them.
 COMMON_ARGS="--size 100 --timeout 60 --drain 15"
 
 [ -n "$RUNS" ] || { [ $QUICK = 1 ] && RUNS=1 || RUNS=3; }
@@ -135,6 +155,15 @@ for t in ${TARGETS//,/ }; do
     case "$t" in luahub|nchan) ;; *) die "--targets: luahub and/or nchan, not '$t'" ;; esac
 done
 has_target() { [[ ",$TARGETS," == *",$1,"* ]]; }
+spec_target() { [[ " $1 " == *" target=nchan "* ]] && echo nchan || echo luahub; }
+# The variants of scenario $1 whose server is one of --targets.
+variants_to_run() {
+    local line spec
+    while IFS= read -r line; do
+        IFS='|' read -r _ _ spec _ <<<"$line"
+        if has_target "$(spec_target "$spec")"; then printf '%s\n' "$line"; fi
+    done < <(variants_of "$1")
+}
 
 if [ -n "$ONLY" ]; then
     for n in ${ONLY//,/ }; do
@@ -145,8 +174,8 @@ SELECTED=()
 for s in "${SCENARIOS[@]}"; do
     IFS='|' read -r name kind _ <<<"$s"
     if [ -n "$ONLY" ] && [[ "$ONLY," != *",$name,"* ]]; then continue; fi
-    if [ "$kind" = var ] && ! has_target luahub; then
-        [ -n "$ONLY" ] && log "$name: a luahub scenario, skipped (--targets $TARGETS)"
+    if [ "$kind" = var ] && [ -z "$(variants_to_run "$name")" ]; then
+        [ -n "$ONLY" ] && log "$name: no variant for --targets $TARGETS, skipped"
         continue
     fi
     SELECTED+=("$s")
@@ -155,7 +184,8 @@ done
 needs_redis=0
 for s in "${SELECTED[@]}"; do
     IFS='|' read -r name kind _ <<<"$s"
-    [ "$kind" = var ] && variants_of "$name" | grep -q 'broker=redis' && needs_redis=1
+    # Not grep -q: with pipefail, its early exit would fail the pipeline (SIGPIPE).
+    [ "$kind" = var ] && variants_to_run "$name" | grep 'broker=redis' >/dev/null && needs_redis=1
 done
 
 # ---- preconditions -----------------------------------------------------------
@@ -177,7 +207,7 @@ exec 9>"${TMPDIR:-/tmp}/luahub-bench.lock"
 flock -n 9 || die "another bench/run.sh is running"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/luahub-bench.XXXXXX")
-SERVER_PID="" SERVER_KIND="" NGINX_WORKER="" HUB_PIDS=() REDIS_PID=""
+SERVER_PID="" SERVER_KIND="" NGINX_WORKERS="" HUB_PIDS=() REDIS_PID=""
 cleanup() {
     if declare -F stop_server >/dev/null; then stop_server || true; fi
     rm -rf "$WORK"
@@ -264,7 +294,7 @@ free_port() { # a free TCP port below the ephemeral range
     for ((i = 0; i < 50; i++)); do
         p=$((20000 + RANDOM % 12000))
         if command -v ss >/dev/null; then
-            ss -Htan "sport = :$p" 2>/dev/null | grep -q . && continue
+            ss -Htan "sport = :$p" 2>/dev/null | grep . >/dev/null && continue
         fi
         (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && continue
         echo "$p"; return 0
@@ -305,33 +335,44 @@ stop_redis() {
     REDIS_PID=""
 }
 
-# start_luahub [SPEC]: see variants_of for SPEC. Sets SERVER_PORT (the
-# publishers' hub), SUB_PORTS (every hub's port, when several), SERVER_PIDS
-# (what to meter: every hub process, a supervisor and its workers),
-# AUX_PIDS (redis-server) and the pinning for this run.
-start_luahub() {
-    local spec=${1:-} policy="" broker="" hubs=1 workers=1 delay=0 pin=0 tok
-    for tok in $spec; do
+# server_prepare SPEC: see variants_of for SPEC. Sets SP_POLICY, SP_BROKER,
+# SP_HUBS, SP_WORKERS, SP_DELAY, the pinning of this run (SP_PIN for the
+# server and redis, RUN_PIN_CLIENT, RUN_CORE_ARGS) and starts the run's
+# redis-server when the spec has one (AUX_PIDS).
+server_prepare() {
+    local tok
+    SP_POLICY="" SP_BROKER="" SP_HUBS=1 SP_WORKERS=1 SP_DELAY=0
+    SP_PIN=$PIN_SERVER RUN_PIN_CLIENT=$PIN_CLIENT RUN_CORE_ARGS=$CORE_ARGS
+    for tok in ${1:-}; do
         case $tok in
-            policy=*) policy=$POLICIES/${tok#policy=} ;;
-            broker=redis) broker=redis ;;
-            hubs=*) hubs=${tok#hubs=} ;;
-            workers=*) workers=${tok#workers=} ;;
-            delay=*) delay=${tok#delay=} ;;
-            pin=none) pin=none ;;
+            policy=*) SP_POLICY=$POLICIES/${tok#policy=} ;;
+            broker=redis) SP_BROKER=redis ;;
+            hubs=*) SP_HUBS=${tok#hubs=} ;;
+            workers=*) SP_WORKERS=${tok#workers=} ;;
+            delay=*) SP_DELAY=${tok#delay=} ;;
+            pin=none) SP_PIN="" RUN_PIN_CLIENT="" RUN_CORE_ARGS="" ;;
+            target=*) ;;
             *) die "bad server spec '$tok'" ;;
         esac
     done
-    local pin_srv=$PIN_SERVER
-    RUN_PIN_CLIENT=$PIN_CLIENT RUN_CORE_ARGS=$CORE_ARGS
-    [ "$pin" = none ] && pin_srv="" RUN_PIN_CLIENT="" RUN_CORE_ARGS=""
-    [ -z "$policy" ] || [ -f "$policy" ] || die "no policy $policy"
-    SERVER_KIND=luahub HUB_PIDS=() SUB_PORTS="" AUX_PIDS=""
-    rm -rf "$WORK"/luahub[0-9]* # the previous run's confs and logs
-    if [ "$broker" = redis ]; then
-        start_redis "$pin_srv"
+    [ -z "$SP_POLICY" ] || [ -f "$SP_POLICY" ] || die "no policy $SP_POLICY"
+    SUB_PORTS="" AUX_PIDS=""
+    if [ "$SP_BROKER" = redis ]; then
+        start_redis "$SP_PIN"
         AUX_PIDS=$REDIS_PID
     fi
+}
+
+# start_luahub [SPEC]: sets SERVER_PORT (the publishers' hub), SUB_PORTS
+# (every hub's port, when several), SERVER_PIDS (what to meter: every hub
+# process, a supervisor and its workers), AUX_PIDS (redis-server) and the
+# pinning for this run.
+start_luahub() {
+    server_prepare "${1:-}"
+    local policy=$SP_POLICY broker=$SP_BROKER hubs=$SP_HUBS workers=$SP_WORKERS delay=$SP_DELAY
+    local pin_srv=$SP_PIN
+    SERVER_KIND=luahub HUB_PIDS=()
+    rm -rf "$WORK"/luahub[0-9]* # the previous run's confs and logs
     local h ports=() pids=()
     for ((h = 1; h <= hubs; h++)); do
         local dir=$WORK/luahub$h i port="" ups=0 lines=0
@@ -340,6 +381,10 @@ start_luahub() {
             echo '-- bench/run.sh: defaults, loopback only; the port comes from --listen.'
             echo 'listen = "127.0.0.1:0"'
             echo 'log_level = "info"'
+            echo '-- One publisher connection sends tens of thousands of publishes:'
+            echo '-- the per-connection limits (1,000/s) would close it with 4029.'
+            echo 'command_rate = 0'
+            echo 'publish_rate = 0'
             [ -n "$policy" ] && echo "policy = \"$policy\""
             [ "$broker" = redis ] && echo "broker = \"redis://127.0.0.1:$REDIS_PORT\""
             [ "$workers" != 1 ] && echo "workers = $workers"
@@ -382,21 +427,46 @@ start_luahub() {
     return 0
 }
 
+# A publish Nchan accepts (2xx): with Redis storage, once it is connected.
+nchan_publishes() { # port
+    local reply
+    reply=$(exec 3<>"/dev/tcp/127.0.0.1/$1" &&
+        printf 'POST /pub/bench:ready HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx' >&3 &&
+        timeout 2 head -c 12 <&3) 2>/dev/null || return 1
+    [[ "$reply" == "HTTP/1.1 20"* ]]
+}
+
+# start_nchan [SPEC]: nginx on bench/nchan.conf.in; SPEC's workers=N (one
+# by default) and broker=redis (Nchan's Redis storage, distributed mode, on
+# the run's redis-server). Sets SERVER_PORT, SERVER_PIDS (the master and
+# its workers), AUX_PIDS.
 start_nchan() {
     local dir=$WORK/nchan attempt i
-    RUN_PIN_CLIENT=$PIN_CLIENT RUN_CORE_ARGS=$CORE_ARGS SUB_PORTS="" AUX_PIDS=""
+    server_prepare "${1:-}"
+    local workers=$SP_WORKERS upstream="" pass="" reuseport=""
+    if [ "$SP_BROKER" = redis ]; then
+        upstream="upstream bench_redis { nchan_redis_server redis://127.0.0.1:$REDIS_PORT; }"
+        pass="nchan_redis_pass bench_redis;"
+    fi
+    # Several workers: the kernel spreads the connections (SO_REUSEPORT), as
+    # it does over luahub's workers; nginx's accept would not balance them.
+    [ "$workers" = 1 ] || reuseport=" reuseport"
     for ((attempt = 0; attempt < 5; attempt++)); do
         rm -rf "$dir"; mkdir -p "$dir"
         local port; port=$(free_port)
         sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" -e "s#@MODULE@#$NCHAN_MODULE#g" \
+            -e "s#@WORKERS@#$workers#g" -e "s#@REUSEPORT@#$reuseport#g" \
+            -e "s|@REDIS_UPSTREAM@|$upstream|g" -e "s|@REDIS_PASS@|$pass|g" \
             "$ROOT/bench/nchan.conf.in" >"$dir/nginx.conf"
-        $PIN_SERVER nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/stdout.log" 2>&1 &
-        SERVER_PID=$! SERVER_KIND=nchan NGINX_WORKER=""
+        $SP_PIN nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/stdout.log" 2>&1 &
+        SERVER_PID=$! SERVER_KIND=nchan NGINX_WORKERS=""
         for ((i = 0; i < 100; i++)); do
             kill -0 "$SERVER_PID" 2>/dev/null || break
-            NGINX_WORKER=$(pgrep -P "$SERVER_PID" | head -1 || true)
-            if [ -n "$NGINX_WORKER" ] && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-                SERVER_PORT=$port SERVER_PIDS="$SERVER_PID,$NGINX_WORKER"
+            NGINX_WORKERS=$(pgrep -P "$SERVER_PID" | paste -sd, - || true)
+            if [ "$(tr ',' '\n' <<<"$NGINX_WORKERS" | grep -c .)" = "$workers" ] &&
+                (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null &&
+                { [ "$SP_BROKER" != redis ] || nchan_publishes "$port"; }; then
+                SERVER_PORT=$port SERVER_PIDS="$SERVER_PID,$NGINX_WORKERS"
                 return 0
             fi
             sleep 0.05
@@ -414,10 +484,13 @@ stop_server() {
     if [ "$SERVER_KIND" = nchan ] && [ -n "$SERVER_PID" ]; then
         kill -QUIT "$SERVER_PID" 2>/dev/null || true
         wait_gone "$SERVER_PID" 10 || kill -KILL "$SERVER_PID" 2>/dev/null || true
-        # Our own worker (child of our master), should it outlive it.
-        if [ -n "$NGINX_WORKER" ] && kill -0 "$NGINX_WORKER" 2>/dev/null; then
-            wait_gone "$NGINX_WORKER" 3 || kill -KILL "$NGINX_WORKER" 2>/dev/null || true
-        fi
+        # Our own workers (children of our master), should they outlive it.
+        local w
+        for w in ${NGINX_WORKERS//,/ }; do
+            if kill -0 "$w" 2>/dev/null; then
+                wait_gone "$w" 3 || kill -KILL "$w" 2>/dev/null || true
+            fi
+        done
         wait "$SERVER_PID" 2>/dev/null || true
     else
         local pid
@@ -429,7 +502,7 @@ stop_server() {
         done
     fi
     stop_redis
-    SERVER_PID="" NGINX_WORKER="" HUB_PIDS=()
+    SERVER_PID="" NGINX_WORKERS="" HUB_PIDS=()
 }
 
 # ---- JSON helpers (flat keys; no jq needed) ------------------------------------
@@ -489,12 +562,12 @@ declare -A R # R[scenario/target-or-variant/run] = JSON line
 run_one() { # scenario-args target run name [variant server-spec extra-args]
     local args=$1 target=$2 run=$3 name=$4 variant=${5:-} spec=${6:-} extra=${7:-} out key
     key=$name/${variant:-$target}/$run
-    case $target in luahub) start_luahub "$spec" ;; nchan) start_nchan ;; esac
+    case $target in luahub) start_luahub "$spec" ;; nchan) start_nchan "$spec" ;; esac
     sleep 0.3 # let the fresh server settle before metering it
     local lg_log=$WORK/loadgen.${key//\//.}.log more=""
     [ -n "$SUB_PORTS" ] && more="$more --sub-ports $SUB_PORTS"
     [ -n "$AUX_PIDS" ] && more="$more --aux-pid $AUX_PIDS"
-    out=$(timeout 600 $RUN_PIN_CLIENT "$LOADGEN" $args $extra $COMMON_ARGS --target "$target" \
+    out=$(timeout 900 $RUN_PIN_CLIENT "$LOADGEN" $COMMON_ARGS $args $extra --target "$target" \
           --port "$SERVER_PORT" --server-pid "$SERVER_PIDS" $more $RUN_CORE_ARGS --label "$key" \
           2>"$lg_log" | tail -1) || true
     stop_server
@@ -512,7 +585,7 @@ run_one() { # scenario-args target run name [variant server-spec extra-args]
     fi
     echo "$out" >>"$RAW"
     R[$key]=$out
-    log "  cpu/delivery=$(jget "$out" server_cpu_ns_per_delivery) ns  aux=$(jget "$out" aux_cpu_ns_per_delivery) ns  cpu/conn=$(jget "$out" server_cpu_us_per_conn) us  rss/conn=$(jget "$out" rss_per_conn_kb) KB  deliveries/s=$(jget "$out" deliveries_per_s)  p99=$(jget "$out" p99) us  lost=$(jget "$out" lost) dup=$(jget "$out" dup) reordered=$(jget "$out" reordered) complete=$(jget "$out" complete)"
+    log "  cpu/delivery=$(jget "$out" server_cpu_ns_per_delivery) ns  aux=$(jget "$out" aux_cpu_ns_per_delivery) ns  cpu/conn=$(jget "$out" server_cpu_us_per_conn) us  rss/conn=$(jget "$out" rss_per_conn_kb) KB  deliveries/s=$(jget "$out" deliveries_per_s)  p99=$(jget "$out" p99) us  probe p99=$(jget "$out" probe_ping_p99_ms)/$(jget "$out" probe_op_p99_ms) ms  loadgen cpu/wall=$(jget "$out" client_cpu_util)  lost=$(jget "$out" lost) dup=$(jget "$out" dup) reordered=$(jget "$out" reordered) complete=$(jget "$out" complete)"
 }
 
 T_START=$(date +%s)
@@ -534,8 +607,8 @@ for s in "${SELECTED[@]}"; do
                 [ -n "$v" ] || continue
                 [ $QUICK = 1 ] && extra=$qextra
                 log "$name ($v: $vlabel) run $run/$RUNS"
-                run_one "$args" luahub "$run" "$name" "$v" "$spec" "$extra"
-            done < <(variants_of "$name")
+                run_one "$args" "$(spec_target "$spec")" "$run" "$name" "$v" "$spec" "$extra"
+            done < <(variants_to_run "$name")
         fi
     done
 done
@@ -560,11 +633,29 @@ vals() { # name target-or-variant key -> one value per run
         jget "${o:-\{\}}" "$3"
     done
 }
-med() {
-    local m; m=$(median $(vals "$1" "$2" "$3"))
-    if [ "$m" != null ] && [[ "$3" == p50 || "$3" == p99 ]]; then m=$(awk -v x="$m" 'BEGIN {print x / 1000}'); fi
-    echo "$m"
+in_ms() { # key value -> the value; p50/p99 (µs in the JSON) in ms
+    if [ "$2" != null ] && [[ "$1" == p50 || "$1" == p99 ]]; then awk -v x="$2" 'BEGIN {print x / 1000}'; else echo "$2"; fi
 }
+med() { in_ms "$3" "$(median $(vals "$1" "$2" "$3"))"; }
+# Each run's value, "a / b / c" in run order: where a median would hide a
+# bimodal spread.
+run_vals() { # name target-or-variant key -> one value per run
+    local v
+    for v in $(vals "$1" "$2" "$3"); do in_ms "$3" "$v"; done
+}
+per_run() { # name target-or-variant key decimals -> one cell
+    local v out=""
+    for v in $(run_vals "$1" "$2" "$3"); do out="${out:+$out / }$(fmt "$v" "$4")"; done
+    echo "$out"
+}
+per_run_ratio() { # name key -> luahub/Nchan run by run (runs alternate, so pairs are neighbours)
+    local a b out="" r
+    mapfile -t a < <(run_vals "$1" luahub "$2")
+    mapfile -t b < <(run_vals "$1" nchan "$2")
+    for ((r = 0; r < RUNS; r++)); do out="${out:+$out / }$(ratio "${a[r]:-null}" "${b[r]:-null}")"; done
+    echo "$out"
+}
+
 correctness() { # name target-or-variant kind -> one cell
     local f
     case $3 in
@@ -583,9 +674,9 @@ var_columns() {
             "deliveries/s|deliveries_per_s|0|1" "p99 latency (ms)|p99|2|0" ;;
         hook_connect) printf '%s\n' "server CPU per connection (µs)|server_cpu_us_per_conn|1|1" \
             "CPU 0 busy per connection (µs)|server_core_us_per_conn|1|0" "connections/s|conns_per_s|0|1" ;;
-        broker_ws|broker_http) printf '%s\n' "luahub CPU per delivery (ns)|server_cpu_ns_per_delivery|0|0" \
+        broker_ws|broker_http) printf '%s\n' "server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|1" \
             "redis CPU per delivery (ns)|aux_cpu_ns_per_delivery|0|0" \
-            "luahub + redis (ns)|server_cpu_ns_per_delivery+aux_cpu_ns_per_delivery|0|1" \
+            "server + redis (ns)|server_cpu_ns_per_delivery+aux_cpu_ns_per_delivery|0|1" \
             "CPU 0 busy per delivery (ns)|server_core_ns_per_delivery|0|0" \
             "deliveries/s|deliveries_per_s|0|1" "p99 latency (ms)|p99|2|0" ;;
         workers) printf '%s\n' "deliveries/s|deliveries_per_s|0|1" \
@@ -599,6 +690,15 @@ var_columns() {
         scale) printf '%s\n' "server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|1" \
             "CPU 0 busy per delivery (ns)|server_core_ns_per_delivery|0|1" \
             "deliveries/s|deliveries_per_s|0|0" "p99 latency (ms)|p99|2|0" ;;
+        scaleout) printf '%s\n' "subscribed|subs_ok|0|0" "server RSS per connection (KB)|rss_per_conn_kb|2|0" \
+            "server PSS per connection (KB)|pss_per_conn_kb|2|0" \
+            "server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|0" \
+            "redis CPU per delivery (ns)|aux_cpu_ns_per_delivery|0|0" \
+            "server + redis (ns)|server_cpu_ns_per_delivery+aux_cpu_ns_per_delivery|0|1" \
+            "p50 latency (ms)|p50|2|0" "p99 latency (ms)|p99|2|0" "deliveries/s|deliveries_per_s|0|0" \
+            "publishes/s achieved|publishes_per_s|0|0" "schedule lag max (ms)|pub_lag_max_ms|1|0" \
+            "publishes due while every connection was busy|pub_waited_for_conn|0|0" \
+            "loadgen CPU / wall (2 = both cores)|client_cpu_util|2|0" ;;
         channels) printf '%s\n' "server RSS per connection (KB)|rss_per_conn_kb|2|1" \
             "server RSS held (KB)|rss_held_kb|0|0" "server CPU per connection setup (µs)|server_cpu_us_per_conn|1|0" ;;
     esac
@@ -607,10 +707,11 @@ var_note() {
     case $1 in
         hook_publish) echo "Target (issue 5): a trivial on_publish costs under 5 % of burst throughput. The hook runs once per publish, not per delivery (100 subscribers per channel here)." ;;
         hook_connect) echo "Target (issue 5): connect + upgrade + subscribe with a Lua on_connect ≤ 0.85× Nchan's server CPU (Nchan: the connrate row above)." ;;
-        broker_ws|broker_http) echo "luahub CPU: all hub processes; redis CPU: the redis-server started for the run, pinned with the hub to CPU 0; CPU 0 busy adds softirq. With 2 processes each publish crosses Redis once and is fanned out by both hubs." ;;
+        broker_ws|broker_http) echo "Server CPU: all hub processes (Nchan: nginx's master and worker); redis CPU: the redis-server started for the run, pinned with the server to CPU 0; CPU 0 busy adds softirq. With 2 processes each publish crosses Redis once and is fanned out by both hubs. × first: against luahub with the memory broker." ;;
         workers) echo "Server, redis-server and loadgen unpinned on both cores (the same for every variant). luahub CPU: the supervisor and every worker." ;;
         pacing) echo "The trade write pacing makes at 100 messages/s per subscriber: write_delay = N holds deliveries up to N ms so that writes carry more frames. The default writes at once at this load (a pause would gather under 1.5 frames per connection)." ;;
         scale) echo "Target (issue 5): cost per delivery grows by less than 1.3× from 1,000 to 15,000 subscribers on one channel. Bursts of 1,500 / 300 / 100 publishes; loadgen --procs 2 for all three." ;;
+        scaleout) echo "Nothing pinned: servers, redis-server and loadgen share both cores. Every loadgen process stays under the 20,000-descriptor limit and binds its sockets to its own source address (127.0.0.2, .3, ...). A process may hold about 19,900 connections (20,000 descriptors), so luahub needs workers = 6 for 100,000 (~16,700 each) and workers = 2 holds 36,000; Nchan's two workers likewise (worker_connections 19,000 each). Server CPU: supervisor and workers (Nchan: master and workers); redis CPU apart; RSS and PSS: (held − before) / subscribed, all server processes (PSS splits pages the processes share). Target (issue 15): zero loss." ;;
         channels) echo "RSS per connection = (VmRSS held − VmRSS before) / connections; the difference between the two rows is the cost of 9,990 more channels." ;;
     esac
 }
@@ -626,7 +727,7 @@ TABLE=$WORK/table.md
         echo "luahub: $("$LUAHUB" --version 2>/dev/null | head -1)$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null | sed 's/^/, commit /')${DIRTY:+ with uncommitted changes in $DIRTY}; binary built $LUAHUB_BUILT."
     fi
     [ $needs_redis = 1 ] && echo "Redis: $(redis-server --version | sed 's/ sha=.*//')."
-    has_target nchan && echo "Nchan: $(dpkg-query -W -f='libnginx-mod-nchan ${Version}' libnginx-mod-nchan 2>/dev/null), $(nginx -v 2>&1 | sed 's/.*: //'), one worker, memory store (bench/nchan.conf.in)."
+    has_target nchan && echo "Nchan: $(dpkg-query -W -f='libnginx-mod-nchan ${Version}' libnginx-mod-nchan 2>/dev/null), $(nginx -v 2>&1 | sed 's/.*: //'), one worker, memory store (bench/nchan.conf.in), unless a variant says otherwise (Redis storage: Nchan's distributed mode on the run's redis-server)."
     [ $QUICK = 1 ] && echo && echo "**--quick: smoke-test sizes, one run. Not a measurement.**"
     std_header=0
     for s in "${SELECTED[@]}"; do
@@ -650,7 +751,10 @@ TABLE=$WORK/table.md
         case $name in
             burst_ws) rows=("server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|≤ 0.25" "CPU 0 busy per delivery, incl. softirq (ns)|server_core_ns_per_delivery|0|" "deliveries/s|deliveries_per_s|0|" "p99 latency (ms)|p99|2|") ;;
             burst_http|burst_http_5000) rows=("server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|≤ 0.5" "CPU 0 busy per delivery, incl. softirq (ns)|server_core_ns_per_delivery|0|" "deliveries/s|deliveries_per_s|0|" "p99 latency (ms)|p99|2|") ;;
-            rate) rows=("server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|≤ 0.7" "CPU 0 busy per delivery, incl. softirq (ns)|server_core_ns_per_delivery|0|" "p99 latency (ms)|p99|2|≤ 0.5" "p50 latency (ms)|p50|2|" "publishes/s achieved|publishes_per_s|0|") ;;
+            rate|rate_http) rows=("server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|≤ 0.7" "CPU 0 busy per delivery, incl. softirq (ns)|server_core_ns_per_delivery|0|" "p99 latency (ms)|p99|2|≤ 0.5" "p99 per run (ms)|runs:p99|1|≤ 0.5 in every run" "p50 latency (ms)|p50|2|" "publishes/s achieved|publishes_per_s|0|" "schedule lag max (ms)|pub_lag_max_ms|1|" "loadgen CPU / wall (1 = its core full)|client_cpu_util|2|")
+                [ "$name" = rate_http ] && rows+=("publishes due while every connection was busy|pub_waited_for_conn|0|") ;;
+            flow_ws) rows=("server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|≤ 0.2" "CPU 0 busy per delivery, incl. softirq (ns)|server_core_ns_per_delivery|0|" "deliveries/s|deliveries_per_s|0|" "p50 latency (ms)|p50|2|≤ 0.2" "p99 latency (ms)|p99|2|" "server busy: server CPU / wall|server_cpu_util|2|" "loadgen CPU / wall (1 = its core full)|client_cpu_util|2|") ;;
+            ping_fanout) rows=("probe WebSocket PING round trip p50 (ms)|probe_ping_p50_ms|2|" "probe PING p99 (ms)|probe_ping_p99_ms|2|≤ 10 ms" "probe PING max (ms)|probe_ping_max_ms|1|" "probe PINGs answered|probe_ping_answered|0|" "of them by a later PING's PONG|probe_ping_coalesced|0|" "probe ping op round trip p50 (ms)|probe_op_p50_ms|2|" "probe ping op p99 (ms)|probe_op_p99_ms|2|≤ 10 ms" "probe ping op max (ms)|probe_op_max_ms|1|" "probes sent|probe_sent|0|" "server CPU per delivery (ns)|server_cpu_ns_per_delivery|0|" "deliveries/s|deliveries_per_s|0|" "p99 delivery latency (ms)|p99|2|") ;;
             idle) rows=("server RSS per connection (KB)|rss_per_conn_kb|2|≤ 1.5 KB" "server CPU per connection setup (µs)|server_cpu_us_per_conn|1|") ;;
             connrate) rows=("server CPU per connection (µs)|server_cpu_us_per_conn|1|≤ 0.85" "CPU 0 busy per connection, incl. softirq (µs)|server_core_us_per_conn|1|" "connections/s|conns_per_s|0|") ;;
         esac
@@ -659,14 +763,23 @@ TABLE=$WORK/table.md
             IFS='|' read -r label key dec tgt <<<"$row"
             cells=() meds=()
             for t in ${TARGETS//,/ }; do
-                m=$(med "$name" "$t" "$key")
-                meds+=("$m")
-                cells+=("$(fmt "$m" "$dec")")
+                if [[ "$key" == runs:* ]]; then
+                    cells+=("$(per_run "$name" "$t" "${key#runs:}" "$dec")")
+                else
+                    m=$(med "$name" "$t" "$key")
+                    meds+=("$m")
+                    cells+=("$(fmt "$m" "$dec")")
+                fi
             done
             sc=""; [ $first = 1 ] && sc=$title
             first=0
             if has_target luahub && has_target nchan; then
-                echo "| $sc | $label | ${cells[0]} | ${cells[1]} | $(ratio "${meds[0]}" "${meds[1]}") | $tgt |"
+                if [[ "$key" == runs:* ]]; then
+                    rat=$(per_run_ratio "$name" "${key#runs:}")
+                else
+                    rat=$(ratio "${meds[0]}" "${meds[1]}")
+                fi
+                echo "| $sc | $label | ${cells[0]} | ${cells[1]} | $rat | $tgt |"
             else
                 line="| $sc | $label |"
                 for c in "${cells[@]}"; do line="$line $c |"; done
@@ -687,7 +800,7 @@ TABLE=$WORK/table.md
         [[ "$args" == *"--mode connrate"* ]] && ckind=connrate
         [[ "$args" == *"--mode idle"* ]] && ckind=idle
         mapfile -t cols < <(var_columns "$name")
-        mapfile -t vars < <(variants_of "$name")
+        mapfile -t vars < <(variants_to_run "$name")
         echo
         echo "## $name: $title"
         echo
@@ -723,6 +836,11 @@ TABLE=$WORK/table.md
             if [ "$a" != null ] && [ "$b" != null ] && [ $QUICK = 0 ]; then
                 echo "Median RSS growth with 10,000 channels minus with 10: $(awk -v a="$a" -v b="$b" -v a0="$a0" -v b0="$b0" 'BEGIN { printf "%.0f KB, %.0f bytes per extra channel", (b - b0) - (a - a0), ((b - b0) - (a - a0)) * 1024 / 9990 }')."
             fi
+        fi
+        if [[ "$name" == broker_* ]] && has_target luahub; then
+            mem=$(med "$name" memory server_cpu_ns_per_delivery) hub=$(med "$name" redis server_cpu_ns_per_delivery)
+            both=$(med "$name" redis server_cpu_ns_per_delivery+aux_cpu_ns_per_delivery)
+            echo "Redis broker / memory broker, luahub CPU per delivery, 1 process (medians): $(ratio "$hub" "$mem") counting the hub alone, $(ratio "$both" "$mem") counting the hub and redis-server$([ "$name" = broker_http ] && echo " (target, issue 15: ≤ 1.3)")."
         fi
         hw=$(for vl in "${vars[@]}"; do v=${vl%%|*}; total $(vals "$name" "$v" hub_warnings); done | awk '{s += $1} END {print s + 0}')
         [ "$hw" != 0 ] && echo "**The hub logged $hw WARN/ERROR line(s) during these runs** (see the run's stderr)."

@@ -117,14 +117,50 @@ static char *pct_decode(const char *p, size_t n)
     return s;
 }
 
+/* Copies the URL p[0..n) into `out`, cut to 200 bytes, with its
+ * credentials hidden: error messages quote the URL, and they reach the log
+ * (docs/operations.md, "Secrets and logs"). Everything before the last '@'
+ * after the scheme is a credential, whatever the URL's other mistakes:
+ * "redis://user:PW@host" shows as "redis://user:<stars>@host", and a URL
+ * without "user:" loses all of its userinfo (docs/operations.md shows
+ * examples). Returns the length written. */
+static int redact_url(const char *p, size_t n, char *out, size_t cap)
+{
+    const char *end = p + n, *a = p, *at = NULL;
+    for (const char *q = p; q + 3 <= end; q++)
+        if (!memcmp(q, "://", 3)) {
+            a = q + 3;
+            break;
+        }
+    for (const char *q = a; q < end; q++)
+        if (*q == '@')
+            at = q;
+    int w;
+    if (at) {
+        const char *colon = memchr(a, ':', (size_t)(at - a));
+        const char *keep = colon ? colon + 1 : a;
+        w = snprintf(out, cap, "%.*s***%.*s", (int)(keep - p), p, (int)(end - at), at);
+    } else {
+        w = snprintf(out, cap, "%.*s", (int)n, p);
+    }
+    if (w < 0)
+        return 0;
+    if ((size_t)w >= cap)
+        w = (int)cap - 1;
+    if (w > 200)
+        w = 200, out[200] = '\0';
+    return w;
+}
+
 /* Parses one "redis://..." item p[0..n) into `u` (zeroed by the caller).
  * Returns 0, or -1 with a message naming the problem. */
 static int parse_redis(const char *p, size_t n, struct hub_redis_url *u, char *err,
                        size_t errlen)
 {
     const char *end = p + n;
-    const char *item = p;
-    int itemlen = n > 200 ? 200 : (int)n;
+    char shown[256];
+    const char *item = shown;
+    int itemlen = redact_url(p, n, shown, sizeof(shown));
     unsigned long long v;
 
     u->port = HUB_REDIS_DEFAULT_PORT;
@@ -351,13 +387,12 @@ static int parse_url(const char *url, struct hub_redis_url **urls, size_t *n, ch
         cnt++;
     }
     if (memory && cnt) {
-        seterr(err, errlen, "broker URL \"%.200s\": \"memory\" cannot be mixed with redis URLs",
-               url);
+        seterr(err, errlen, "\"memory\" cannot be mixed with redis URLs");
         hub_redis_url_free(u, cnt);
         return -1;
     }
     if (memory > 1) {
-        seterr(err, errlen, "broker URL \"%.200s\": \"memory\" given twice", url);
+        seterr(err, errlen, "\"memory\" given twice");
         return -1;
     }
     if (memory)

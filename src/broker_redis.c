@@ -1,7 +1,9 @@
 /* The Redis broker: hiredis 0.14.1 async on the hub's libuv loop. This
  * file: channels and subscriptions, stop and free; redis_conn.c: the
  * connections' state machine; broker_redis_pub.c: publishing, probes and
- * acknowledgements, commands, metrics; their shared state: broker_redis.h.
+ * acknowledgements, commands and script calls, metrics;
+ * broker_redis_stream.c: history; broker_redis_presence.c: presence; their
+ * shared state: broker_redis.h.
  *
  * Per Redis server (a "shard") two connections: `cmd` for PUBLISH, `sub` for
  * SUBSCRIBE/UNSUBSCRIBE. Each connection is a small state machine:
@@ -131,10 +133,15 @@ void hub_rbroker_health_update(struct rbroker *b)
         int sup = sh->cmd.state == C_UP && sh->sub.state == C_UP;
         if (sup != sh->up) {
             sh->up = sup;
-            if (sup)
+            if (sup) {
                 hub_log(HUB_LOG_INFO, "%s: connected", sh->tag);
-            else
+                /* Redis may have lost what this process keeps there (a
+                 * restart): refreshed now that our subscribers hear the
+                 * joins of what comes back. */
+                hub_rbroker_presence_resync(sh);
+            } else {
                 hub_log(HUB_LOG_WARN, "%s: down", sh->tag);
+            }
         }
         up &= sup;
     }
@@ -355,6 +362,8 @@ static void on_idle(uv_idle_t *h)
         struct shard *sh = &b->shards[i];
         if (sh->dirty_head)
             hub_rbroker_flush_shard(sh);
+        if (!hub_list_empty(&sh->pops) || sh->pres_due)
+            hub_rbroker_presence_flush(sh);
         /* The probe behind this iteration's publishes (if a connection went
          * down since, those publishes fail on their own). */
         if (sh->probe_due) {
@@ -448,6 +457,11 @@ void hub_rbroker_on_sub_reply(redisAsyncContext *ac, void *reply, void *privdata
             return;
         }
         b->received++;
+        /* A history delivery: its epoch and offset come with it. */
+        if (r->element[2]->len && r->element[2]->str[0] == HUB_RFRAME_MARK &&
+            hub_rbroker_stream_message(sh, name, nlen, r->element[2]->str,
+                                       r->element[2]->len) == 0)
+            return;
         struct hub_msg *m = hub_msg_text(r->element[2]->str, r->element[2]->len);
         /* `name` lives in the reply, not in the entry: deliver may make the
          * entry go away (a culled subscriber unsubscribes). */
@@ -614,6 +628,8 @@ static void r_stop(struct hub_broker *hb)
     b->idle_active = 0;
     b->live.data = b;
     uv_close((uv_handle_t *)&b->live, on_handle_closed);
+    b->pres_timer.data = b;
+    uv_close((uv_handle_t *)&b->pres_timer, on_handle_closed);
 
     struct waiter *failed = NULL;
     struct hub_list unacked;
@@ -682,6 +698,7 @@ static void r_free(struct hub_broker *hb)
         free(sh->url.user);
         free(sh->url.password);
     }
+    hub_rbroker_presence_free(b);
     free(b->shards);
     free(b->prefix);
     hub_buf_free(&b->key);
@@ -745,6 +762,7 @@ struct hub_broker *hub_broker_redis_new(uv_loop_t *loop, struct hub_redis_url *u
     b->live.data = b;
     b->open_handles++;
     uv_timer_start(&b->live, hub_rbroker_on_live, PROBE_INTERVAL_MS, PROBE_INTERVAL_MS);
+    hub_rbroker_presence_init(b);
     /* Our probe channel: '!' cannot occur in hub channel names, and the
      * random part keeps other processes' probes out. */
     int pl = snprintf(b->probe, sizeof(b->probe), "!probe:%016llx",
@@ -754,6 +772,7 @@ struct hub_broker *hub_broker_redis_new(uv_loop_t *loop, struct hub_redis_url *u
         struct shard *sh = &b->shards[i];
         sh->b = b;
         hub_list_init(&sh->acks);
+        hub_list_init(&sh->pops);
         sh->url = urls[i];          /* takes the strings */
         int v6 = strchr(sh->url.host, ':') != NULL;
         snprintf(sh->label, sizeof(sh->label), "%s%s%s:%d", v6 ? "[" : "", sh->url.host,

@@ -1,7 +1,10 @@
 /* Private to the Redis broker (broker_redis.c: connections and
- * subscriptions; broker_redis_pub.c: publishing, what an OK means, probes,
- * commands, metrics). The broker's state, shared by both files; see the top
- * of broker_redis.c for how it works. Loop thread only. Not a contract. */
+ * subscriptions; redis_conn.c: one connection's state machine;
+ * broker_redis_pub.c: publishing, what an OK means, probes, commands and
+ * script calls, metrics; broker_redis_stream.c: history and its scripts;
+ * broker_redis_presence.c: presence). The broker's state, shared by these
+ * files; see the top of broker_redis.c for how it works. Loop thread only.
+ * Not a contract. */
 #ifndef LUAHUB_BROKER_REDIS_H
 #define LUAHUB_BROKER_REDIS_H
 
@@ -59,6 +62,33 @@ typedef void (*hub_broker_control_fn)(void *ud, const char *msg, size_t len);
 #define BACKOFF_MAX_MS 5000u
 #define PROBE_INTERVAL_MS 1000u         /* liveness probe when nothing is in flight */
 
+/* A history delivery on a pub/sub channel starts with this byte, which no
+ * JSON text can start with, then "<epoch> <offset> " and the frame
+ * (docs/broker.md, "History"). Other messages are the frame alone. */
+#define HUB_RFRAME_MARK '\x01'
+
+/* The server-side scripts (broker_redis_stream.c), loaded with SCRIPT LOAD
+ * in every command connection's handshake and called with EVALSHA. */
+enum { SCRIPT_PUBLISH, SCRIPT_HISTORY, SCRIPT_PRESENCE, SCRIPT_PRESENCE_READ, SCRIPT_N };
+
+/* One script call: its arguments after the SHA (numkeys, keys, args),
+ * kept until the answer so that a NOSCRIPT (the script cache was flushed)
+ * can be answered by sending it again with EVAL. */
+struct hub_rcall {
+    int script;                 /* SCRIPT_* */
+    int argc;
+    int retried;                /* sent again with EVAL once */
+    struct hub_buf buf;         /* the arguments, one after the other */
+    size_t *off, *len;          /* argc of them */
+    size_t cap;
+    struct hub_stream_pos pos;  /* a history publish: what the reply said */
+};
+
+/* Completion of hub_rbroker_call(): HUB_OK with Redis' reply (borrowed;
+ * it may be an error reply), or HUB_EUNAVAILABLE with NULL (connection lost
+ * or timed out, or stop()). Called exactly once. */
+typedef void (*hub_rcall_cb)(void *ud, int status, const redisReply *r);
+
 enum cstate {
     C_IDLE,         /* no context; the timer is the retry timer */
     C_RESOLVING,    /* uv_getaddrinfo in flight */
@@ -86,7 +116,9 @@ struct pending {
     int kind;
     /* P_PUBLISH, P_COMMAND */
     hub_broker_publish_cb cb;
-    hub_broker_reply_cb rcb;    /* P_COMMAND */
+    hub_broker_reply_cb rcb;    /* P_COMMAND (hub_rbroker_command) */
+    hub_rcall_cb ccb;           /* P_COMMAND (hub_rbroker_call) */
+    struct hub_rcall *call;     /* a script call (P_COMMAND, or P_PUBLISH with history) */
     void *ud;
     uint64_t t0_ns;
     size_t bytes;
@@ -115,7 +147,8 @@ struct rconn {
     unsigned failures;          /* consecutive failed attempts */
     int ever_up;                /* reached UP once (for the reconnect count) */
     int hs_n, hs_i;             /* handshake replies expected / received */
-    const char *hs_cmd[3];
+    int hs_script0;             /* index of the first SCRIPT LOAD among them */
+    const char *hs_cmd[3 + SCRIPT_N];
     struct hub_list pending;    /* struct pending, in send order */
     unsigned npending;          /* cmd: PUBLISHes and commands awaiting a reply */
     size_t pending_bytes;
@@ -162,6 +195,10 @@ struct shard {
     int probe_due;              /* a publish of this iteration waits for a probe */
     struct hub_list acks;       /* publishes answered, waiting for their probe */
     unsigned echoes;            /* P_ECHO records on sub */
+    /* presence (broker_redis_presence.c) */
+    struct hub_list pops;       /* adds and removes to send, in order */
+    unsigned pres_inflight;     /* refresh calls awaiting their answer */
+    int pres_due;               /* refresh at the next flush (reconnected) */
 };
 
 /* Why a publish was refused or failed (luahub_broker_publish_refused_total). */
@@ -207,6 +244,17 @@ struct rbroker {
     hub_broker_control_fn control_fn;
     void *control_ud;
     struct hub_hist rtt;        /* PUBLISH queued to reply */
+    /* scripts: the SHA1 that SCRIPT LOAD answered (the same on every server) */
+    char sha[SCRIPT_N][41];
+    uint64_t script_reloads;    /* calls sent again with EVAL after NOSCRIPT */
+    uint64_t bad_frames;        /* history messages from Redis that did not decode */
+    uint64_t history_reads, history_read_errors;
+    /* presence: this process's clients, refreshed in Redis (broker_redis_presence.c) */
+    struct hub_htable pchans;   /* struct pchan by name */
+    uint64_t pentries;          /* clients in them */
+    uv_timer_t pres_timer;
+    int pres_timer_on;
+    uint64_t pres_refreshed, pres_readded, pres_swept, pres_errors;
 };
 
 /* The oldest record of `l` (rc->pending or a shard's acks), or NULL. */
@@ -276,13 +324,48 @@ int hub_rbroker_publish(struct hub_broker *hb, const char *channel, size_t len,
                         struct hub_msg *m, const struct hub_channel_opts *o,
                         hub_broker_publish_cb cb, void *ud);
 
-/* broker_redis_stream.c: history and presence in Redis. */
+/* A P_PUBLISH or P_COMMAND record (from hub_rbroker_pending_new) is done:
+ * frees it with its script call. */
+void hub_rbroker_pending_free(struct pending *p);
+/* Script calls. A new call of script `script` (SCRIPT_*), empty; append
+ * numkeys, the keys and the arguments in order. */
+struct hub_rcall *hub_rbroker_call_new(int script);
+void hub_rbroker_call_arg(struct hub_rcall *c, const void *p, size_t len);
+void hub_rbroker_call_argf(struct hub_rcall *c, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+/* Appends the key prefix + `kind` + `name` as one argument. */
+void hub_rbroker_call_key(struct hub_rcall *c, const struct rbroker *b, const char *kind,
+                          const char *name, size_t len);
+void hub_rbroker_call_free(struct hub_rcall *c);
+/* Sends `c` (owned by the call from now on, whatever happens) on the
+ * command connection of `sh` with EVALSHA; a NOSCRIPT answer sends it again
+ * with EVAL, once. Same rules as hub_rbroker_command: returns 0 and calls
+ * `cb` exactly once, never synchronously, or HUB_EUNAVAILABLE without
+ * calling it (not up, over the pending cap, stopped). */
+int hub_rbroker_call(struct shard *sh, struct hub_rcall *c, hub_rcall_cb cb, void *ud);
+/* Publishes through the script call `c` (owned from now on) to `channel`,
+ * with the rules and the acknowledgement of a PUBLISH (hub_rbroker_publish);
+ * the reply is the publish script's {offset, epoch, receivers}. */
+int hub_rbroker_publish_call(struct rbroker *b, const char *channel, size_t len,
+                             struct hub_rcall *c, hub_broker_publish_cb cb, void *ud);
+
+/* broker_redis_stream.c: history in Redis. */
+const char *hub_rbroker_script_text(int script);
 int hub_rbroker_stream_publish(struct rbroker *b, const char *channel, size_t len,
                                struct hub_msg *m, const struct hub_channel_opts *o,
                                hub_broker_publish_cb cb, void *ud);
 int hub_rbroker_history(struct hub_broker *hb, const char *channel, size_t len,
                         const struct hub_channel_opts *o, const struct hub_history_query *q,
                         hub_broker_history_cb cb, void *ud);
+/* A message of a hub channel on the sub connection of `sh` that starts
+ * with HUB_RFRAME_MARK: decoded and handed to deliver with its offset and
+ * epoch; returns 0. Returns -1 (counted) when it does not decode: the
+ * caller delivers it as a plain message. `name` and `s` are borrowed. */
+int hub_rbroker_stream_message(struct shard *sh, const char *name, size_t nlen,
+                               const char *s, size_t n);
+void hub_rbroker_stream_metrics(const struct rbroker *b, struct hub_buf *out);
+
+/* broker_redis_presence.c: presence in Redis. */
 void hub_rbroker_presence_add(struct hub_broker *hb, const char *channel, size_t len,
                               const struct hub_channel_opts *o, const char *client,
                               const char *user, size_t user_len, const char *entry,
@@ -292,6 +375,17 @@ void hub_rbroker_presence_remove(struct hub_broker *hb, const char *channel, siz
 int hub_rbroker_presence(struct hub_broker *hb, const char *channel, size_t len,
                          const struct hub_channel_opts *o, uint32_t max,
                          hub_broker_presence_cb cb, void *ud);
+/* From the flush (uv_idle): sends the shard's queued adds and removes, and
+ * its refresh when one is due. */
+void hub_rbroker_presence_flush(struct shard *sh);
+/* Both connections of `sh` are (again) up: refresh its entries at the
+ * next flush (Redis may have lost them). */
+void hub_rbroker_presence_resync(struct shard *sh);
+/* Creation (its timer counts in open_handles; stop() closes it) and
+ * free() of the presence state. */
+void hub_rbroker_presence_init(struct rbroker *b);
+void hub_rbroker_presence_free(struct rbroker *b);
+void hub_rbroker_presence_metrics(const struct rbroker *b, struct hub_buf *out);
 /* Sends one Redis command (argv[0..argc) with byte lengths `lens`, all
  * borrowed until it returns) on the command connection of the FIRST server
  * of the list (the registry's keys live there). Same rules as publish:

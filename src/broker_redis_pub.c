@@ -1,9 +1,11 @@
 /* The Redis broker, second half: publishing and what an OK means (probes,
- * publishes waiting for their probe's echo, liveness), generic commands,
+ * publishes waiting for their probe's echo, liveness), generic commands
+ * and script calls (EVALSHA, sent again with EVAL after NOSCRIPT),
  * metrics. The first half (connections, subscriptions, stop and free) is
  * broker_redis.c, whose top comment explains both; what a publish OK
  * promises is docs/internals.md, "Redis: what an acknowledged publish
  * means". Loop thread only. */
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,10 +54,14 @@ void hub_rbroker_acks_fire(struct rbroker *b, struct hub_list *list, int status)
     while ((p = hub_rbroker_pending_first(list))) {
         hub_broker_publish_cb cb = p->cb;
         void *ud = p->ud;
+        struct hub_stream_pos pos;
+        int history = p->call != NULL;
+        if (history)
+            pos = p->call->pos;
         hub_list_remove(&p->link);
-        free(p);
+        hub_rbroker_pending_free(p);
         if (cb)
-            cb(ud, status, NULL);
+            cb(ud, status, status == HUB_OK && history ? &pos : NULL);
     }
 }
 
@@ -106,6 +112,13 @@ static struct pending *pending_finish(void *privdata)
     return p;
 }
 
+void hub_rbroker_pending_free(struct pending *p)
+{
+    if (p->call)
+        hub_rbroker_call_free(p->call);
+    free(p);
+}
+
 /* Rate-limited (once a second per connection) warning. */
 static void warn_limited(struct rconn *rc, const char *what, const char *err)
 {
@@ -123,18 +136,75 @@ static int sub_believed_up(const struct shard *sh, uint64_t gen)
     return gen == sh->sub_gen && sh->sub.ac && sh->sub.state == C_UP;
 }
 
+static int call_send(struct rconn *rc, struct hub_rcall *c, int eval, redisCallbackFn *fn,
+                     void *privdata);
+
+/* `r` answers a script call with NOSCRIPT (SCRIPT FLUSH, or a Redis that
+ * lost its script cache without dropping us): sends the call of `p` again
+ * with EVAL, which also loads the script, on the connection it came from
+ * (`ac`). Its place in the connection's order is now at the end
+ * (docs/broker.md, "Scripts"). Returns 1 when it was sent (the record is
+ * in flight again), else 0. */
+static int call_retry(redisAsyncContext *ac, struct pending *p, const redisReply *r,
+                      redisCallbackFn *fn)
+{
+    struct rconn *rc = p->rc;
+    struct shard *sh = rc->sh;
+    if (!p->call || p->call->retried || r->type != REDIS_REPLY_ERROR ||
+        strncmp(r->str, "NOSCRIPT", 8) != 0 || rc->ac != ac || rc->state != C_UP)
+        return 0;
+    p->call->retried = 1;
+    if (call_send(rc, p->call, 1, fn, p) != REDIS_OK)
+        return 0;
+    sh->b->script_reloads++;
+    p->t0_ns = hub_now_ns();
+    p->deadline_ms = p->t0_ns / 1000000u + sh->url.command_timeout_ms;
+    rc->npending++;
+    rc->pending_bytes += p->bytes;
+    hub_rbroker_pending_push(rc, p);
+    if (p->seq) {
+        /* Behind the probe it waited for: it needs the next one. */
+        p->seq = sh->probe_sent + 1;
+        if (!sh->probe_due) {
+            sh->probe_due = 1;
+            hub_rbroker_schedule_flush(sh->b);
+        }
+    }
+    return 1;
+}
+
+/* The receivers a publish reached, from its reply: PUBLISH answers the
+ * number, the publish script {offset, epoch, receivers} (the position goes
+ * to p->call->pos). -1 when the reply is not of that shape. */
+static long long publish_receivers(const struct pending *p, const redisReply *r)
+{
+    if (!p->call)
+        return r->type == REDIS_REPLY_INTEGER ? r->integer : -1;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 3 ||
+        r->element[0]->type != REDIS_REPLY_INTEGER || r->element[0]->integer < 1 ||
+        r->element[1]->type != REDIS_REPLY_STRING || r->element[1]->len == 0 ||
+        r->element[1]->len > HUB_EPOCH_MAX || r->element[2]->type != REDIS_REPLY_INTEGER)
+        return -1;
+    p->call->pos.offset = (uint64_t)r->element[0]->integer;
+    memcpy(p->call->pos.epoch, r->element[1]->str, r->element[1]->len);
+    p->call->pos.epoch[r->element[1]->len] = '\0';
+    return r->element[2]->integer;
+}
+
 static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
-    (void)ac;
     struct pending *p = pending_finish(privdata);
     struct rconn *rc = p->rc;
     struct shard *sh = rc->sh;
     struct rbroker *b = sh->b;
     redisReply *r = reply;
     int status = HUB_EUNAVAILABLE, gone = 0;
-    if (r && r->type != REDIS_REPLY_ERROR) {
+    long long n = r && r->type != REDIS_REPLY_ERROR ? publish_receivers(p, r) : -1;
+    if (r && call_retry(ac, p, r, on_publish_reply))
+        return;
+    if (r && r->type != REDIS_REPLY_ERROR && (n >= 0 || !p->call)) {
         hub_hist_observe(&b->rtt, hub_now_ns() - p->t0_ns);
-        if (p->self && (r->type != REDIS_REPLY_INTEGER || r->integer < 1)) {
+        if (p->self && n < 1) {
             /* Nobody received it, not even our own subscription: the sub
              * connection is gone although its socket has not said so. */
             b->refused[REF_NOT_RECEIVED]++;
@@ -150,7 +220,8 @@ static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
             status = HUB_OK;
         }
     } else if (r) {
-        warn_limited(rc, "PUBLISH", r->str);
+        warn_limited(rc, p->call ? "publish script" : "PUBLISH",
+                     r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
     }
     if (status == HUB_OK)
         b->publishes++;
@@ -158,13 +229,17 @@ static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
         b->publish_errors++;
     hub_broker_publish_cb cb = p->cb;
     void *ud = p->ud;
-    free(p);
+    struct hub_stream_pos pos;
+    int history = p->call != NULL;
+    if (history)
+        pos = p->call->pos;
+    hub_rbroker_pending_free(p);
     if (gone)
         hub_rbroker_conn_drop(&sh->sub,
                               "a PUBLISH to a channel it has subscribed reached no subscriber",
                               HUB_LOG_WARN, LOST_NOT_SUBSCRIBED);
     if (cb)
-        cb(ud, status, NULL);
+        cb(ud, status, status == HUB_OK && history ? &pos : NULL);
 }
 
 /* Bounded: what waits for Redis (replies, and bytes hiredis could not
@@ -195,45 +270,56 @@ static int refuse(struct rbroker *b, int reason)
     return HUB_EUNAVAILABLE;
 }
 
-int hub_rbroker_publish(struct hub_broker *hb, const char *channel, size_t len,
-                        struct hub_msg *m, const struct hub_channel_opts *o,
-                        hub_broker_publish_cb cb, void *ud)
+/* Sends a publish to `channel`: PUBLISH of `m` (plain), or the script
+ * call `c` (history; owned from now on). */
+static int publish_send(struct rbroker *b, const char *channel, size_t len, struct hub_msg *m,
+                        struct hub_rcall *c, hub_broker_publish_cb cb, void *ud)
 {
-    struct rbroker *b = (struct rbroker *)hb;
-    if (b->stopped)
-        return refuse(b, REF_DOWN);
-    if (o && o->history_size)
-        return hub_rbroker_stream_publish(b, channel, len, m, o, cb, ud);
     struct shard *sh = shard_of(b, channel, len);
     struct rconn *rc = &sh->cmd;
-    if (rc->state != C_UP || !rc->ac)
-        return refuse(b, REF_DOWN);
-    /* Not subscribed (lost, or re-subscribing): our subscribers would miss
-     * it, and so would, likely, every hub that lost Redis with us. */
-    if (sh->sub.state != C_UP || !sh->sub.ac)
-        return refuse(b, REF_PUBSUB_DOWN);
-    size_t bytes = (size_t)m->payload_len + b->plen + len;
-    if (over_cap(sh, rc, bytes))
-        return refuse(b, REF_OVER_CAP);
-
-    hub_buf_reset(&b->key);
-    hub_buf_append(&b->key, b->prefix, b->plen);
-    hub_buf_append(&b->key, channel, len);
-    const char *argv[3] = {"PUBLISH", b->key.p, (const char *)hub_msg_payload(m)};
-    size_t argl[3] = {7, b->key.len, m->payload_len};
+    int reason = -1;
+    size_t bytes = 0;
+    if (rc->state != C_UP || !rc->ac) {
+        reason = REF_DOWN;
+    } else if (sh->sub.state != C_UP || !sh->sub.ac) {
+        /* Not subscribed (lost, or re-subscribing): our subscribers would
+         * miss it, and so would, likely, every hub that lost Redis with us. */
+        reason = REF_PUBSUB_DOWN;
+    } else {
+        bytes = c ? c->buf.len + 16 * (size_t)c->argc : (size_t)m->payload_len + b->plen + len;
+        if (over_cap(sh, rc, bytes))
+            reason = REF_OVER_CAP;
+    }
+    if (reason >= 0) {
+        if (c)
+            hub_rbroker_call_free(c);
+        return refuse(b, reason);
+    }
 
     uint64_t h = hub_hash64(channel, len);
-    struct rchan *c = hub_rbroker_chan_find(sh, channel, len, h);
+    struct rchan *ch = hub_rbroker_chan_find(sh, channel, len, h);
     struct pending *p = hub_rbroker_pending_new(sh, P_PUBLISH, bytes);
     p->cb = cb;
     p->ud = ud;
+    p->call = c;
     /* Local subscribers with a confirmed subscription: our own copy must
      * come back before this is OK (the probe of this iteration proves it). */
-    p->self = c && c->want && c->sent && c->subs_confirmed >= c->subs_sent;
+    p->self = ch && ch->want && ch->sent && ch->subs_confirmed >= ch->subs_sent;
     if (p->self && cb)
         p->seq = sh->probe_sent + 1;
-    if (redisAsyncCommandArgv(rc->ac, on_publish_reply, p, 3, argv, argl) != REDIS_OK) {
-        free(p);
+    int rv;
+    if (c) {
+        rv = call_send(rc, c, 0, on_publish_reply, p);
+    } else {
+        hub_buf_reset(&b->key);
+        hub_buf_append(&b->key, b->prefix, b->plen);
+        hub_buf_append(&b->key, channel, len);
+        const char *argv[3] = {"PUBLISH", b->key.p, (const char *)hub_msg_payload(m)};
+        size_t argl[3] = {7, b->key.len, m->payload_len};
+        rv = redisAsyncCommandArgv(rc->ac, on_publish_reply, p, 3, argv, argl);
+    }
+    if (rv != REDIS_OK) {
+        hub_rbroker_pending_free(p);
         return refuse(b, REF_DOWN);
     }
     rc->npending++;
@@ -244,6 +330,24 @@ int hub_rbroker_publish(struct hub_broker *hb, const char *channel, size_t len,
         hub_rbroker_schedule_flush(b);
     }
     return 0;
+}
+
+int hub_rbroker_publish(struct hub_broker *hb, const char *channel, size_t len,
+                        struct hub_msg *m, const struct hub_channel_opts *o,
+                        hub_broker_publish_cb cb, void *ud)
+{
+    struct rbroker *b = (struct rbroker *)hb;
+    if (b->stopped)
+        return refuse(b, REF_DOWN);
+    if (o && o->history_size)
+        return hub_rbroker_stream_publish(b, channel, len, m, o, cb, ud);
+    return publish_send(b, channel, len, m, NULL, cb, ud);
+}
+
+int hub_rbroker_publish_call(struct rbroker *b, const char *channel, size_t len,
+                             struct hub_rcall *c, hub_broker_publish_cb cb, void *ud)
+{
+    return publish_send(b, channel, len, NULL, c, cb, ud);
 }
 
 /* ------------------------------------------------------------------ */
@@ -328,7 +432,7 @@ void hub_rbroker_on_live(uv_timer_t *t)
 }
 
 /* ------------------------------------------------------------------ */
-/* Generic commands (registry; later history and presence)            */
+/* Generic commands (registry) and script calls (history, presence)  */
 /* ------------------------------------------------------------------ */
 
 /* Copies a hiredis reply into `out` (nested arrays get their own
@@ -379,20 +483,26 @@ static void reply_free(struct hub_broker_reply *r)
 
 static void on_command_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
-    (void)ac;
     struct pending *p = pending_finish(privdata);
     struct rbroker *b = p->rc->sh->b;
     redisReply *r = reply;
+    if (r && call_retry(ac, p, r, on_command_reply))
+        return;
     hub_broker_reply_cb cb = p->rcb;
+    hub_rcall_cb ccb = p->ccb;
     void *ud = p->ud;
-    free(p);
+    hub_rbroker_pending_free(p);
     if (!r) {
         b->command_errors++;
         if (cb)
             cb(ud, HUB_EUNAVAILABLE, NULL);
+        if (ccb)
+            ccb(ud, HUB_EUNAVAILABLE, NULL);
         return;
     }
     b->commands++;
+    if (ccb)
+        ccb(ud, HUB_OK, r);
     if (!cb)
         return;
     struct hub_broker_reply out;
@@ -401,39 +511,136 @@ static void on_command_reply(redisAsyncContext *ac, void *reply, void *privdata)
     reply_free(&out);
 }
 
-int hub_rbroker_command(struct hub_broker *hb, int argc, const char **argv,
-                        const size_t *lens, hub_broker_reply_cb cb, void *ud)
+/* Sends a command on the command connection of `sh`: argv/lens, or the
+ * script call `c` (owned from now on); the answer goes to `rcb` (converted)
+ * or `ccb` (as hiredis gave it). */
+static int command_send(struct shard *sh, int argc, const char **argv, const size_t *lens,
+                        struct hub_rcall *c, hub_broker_reply_cb rcb, hub_rcall_cb ccb,
+                        void *ud)
 {
-    struct rbroker *b = (struct rbroker *)hb;
-    if (b->stopped || argc < 1) {
-        b->command_errors++;
-        return HUB_EUNAVAILABLE;
-    }
-    struct shard *sh = &b->shards[0];
+    struct rbroker *b = sh->b;
     struct rconn *rc = &sh->cmd;
-    if (rc->state != C_UP || !rc->ac) {
-        b->command_errors++;
-        return HUB_EUNAVAILABLE;
-    }
     size_t bytes = 0;
+    if (c)
+        bytes = c->buf.len + 16 * (size_t)c->argc;
     for (int i = 0; i < argc; i++)
         bytes += lens[i] + 16;          /* + RESP framing */
-    if (over_cap(sh, rc, bytes)) {
-        b->command_errors++;
-        return HUB_EUNAVAILABLE;
-    }
+    if (b->stopped || rc->state != C_UP || !rc->ac || over_cap(sh, rc, bytes))
+        goto fail;
     struct pending *p = hub_rbroker_pending_new(sh, P_COMMAND, bytes);
-    p->rcb = cb;
+    p->rcb = rcb;
+    p->ccb = ccb;
     p->ud = ud;
-    if (redisAsyncCommandArgv(rc->ac, on_command_reply, p, argc, argv, lens) != REDIS_OK) {
-        free(p);
-        b->command_errors++;
-        return HUB_EUNAVAILABLE;
+    p->call = c;
+    c = NULL;
+    int rv = p->call ? call_send(rc, p->call, 0, on_command_reply, p)
+                     : redisAsyncCommandArgv(rc->ac, on_command_reply, p, argc, argv, lens);
+    if (rv != REDIS_OK) {
+        hub_rbroker_pending_free(p);
+        goto fail;
     }
     rc->npending++;
     rc->pending_bytes += bytes;
     hub_rbroker_pending_push(rc, p);
     return 0;
+fail:
+    if (c)
+        hub_rbroker_call_free(c);
+    b->command_errors++;
+    return HUB_EUNAVAILABLE;
+}
+
+int hub_rbroker_command(struct hub_broker *hb, int argc, const char **argv,
+                        const size_t *lens, hub_broker_reply_cb cb, void *ud)
+{
+    struct rbroker *b = (struct rbroker *)hb;
+    if (argc < 1) {
+        b->command_errors++;
+        return HUB_EUNAVAILABLE;
+    }
+    return command_send(&b->shards[0], argc, argv, lens, NULL, cb, NULL, ud);
+}
+
+/* ------------------------------------------------------------------ */
+/* Script calls                                                       */
+/* ------------------------------------------------------------------ */
+
+struct hub_rcall *hub_rbroker_call_new(int script)
+{
+    struct hub_rcall *c = hub_xcalloc(1, sizeof(*c));
+    c->script = script;
+    return c;
+}
+
+void hub_rbroker_call_arg(struct hub_rcall *c, const void *p, size_t len)
+{
+    if ((size_t)c->argc == c->cap) {
+        c->cap = c->cap ? c->cap * 2 : 16;
+        c->off = hub_xrealloc(c->off, c->cap * sizeof(*c->off));
+        c->len = hub_xrealloc(c->len, c->cap * sizeof(*c->len));
+    }
+    c->off[c->argc] = c->buf.len;
+    c->len[c->argc] = len;
+    hub_buf_append(&c->buf, p, len);
+    c->argc++;
+}
+
+void hub_rbroker_call_argf(struct hub_rcall *c, const char *fmt, ...)
+{
+    char tmp[64];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
+    va_end(ap);
+    hub_rbroker_call_arg(c, tmp, n < 0 ? 0 : (size_t)n < sizeof(tmp) ? (size_t)n : sizeof(tmp) - 1);
+}
+
+void hub_rbroker_call_key(struct hub_rcall *c, const struct rbroker *b, const char *kind,
+                          const char *name, size_t len)
+{
+    size_t kl = strlen(kind);
+    hub_rbroker_call_arg(c, b->prefix, b->plen);
+    /* one argument: grow the last one */
+    hub_buf_append(&c->buf, kind, kl);
+    hub_buf_append(&c->buf, name, len);
+    c->len[c->argc - 1] += kl + len;
+}
+
+void hub_rbroker_call_free(struct hub_rcall *c)
+{
+    hub_buf_free(&c->buf);
+    free(c->off);
+    free(c->len);
+    free(c);
+}
+
+/* EVALSHA <sha> <args...>, or with `eval` EVAL <script> <args...>. Returns
+ * what hiredis returns. */
+static int call_send(struct rconn *rc, struct hub_rcall *c, int eval, redisCallbackFn *fn,
+                     void *privdata)
+{
+    struct rbroker *b = rc->sh->b;
+    size_t n = (size_t)c->argc + 2;
+    const char **argv = hub_xmalloc(n * sizeof(*argv));
+    size_t *argl = hub_xmalloc(n * sizeof(*argl));
+    const char *text = hub_rbroker_script_text(c->script);
+    argv[0] = eval ? "EVAL" : "EVALSHA";
+    argl[0] = eval ? 4 : 7;
+    argv[1] = eval ? text : b->sha[c->script];
+    argl[1] = strlen(argv[1]);
+    for (int i = 0; i < c->argc; i++) {
+        argv[i + 2] = c->buf.p + c->off[i];
+        argl[i + 2] = c->len[i];
+    }
+    int rv = redisAsyncCommandArgv(rc->ac, fn, privdata, (int)n, argv, argl);
+    free(argv);
+    free(argl);
+    return rv;
+}
+
+int hub_rbroker_call(struct shard *sh, struct hub_rcall *c, hub_rcall_cb cb, void *ud)
+{
+    return command_send(sh, 0, NULL, NULL, c, NULL, cb, ud);
 }
 
 /* ------------------------------------------------------------------ */
@@ -496,11 +703,14 @@ void hub_rbroker_metrics(const struct hub_broker *hb, struct hub_buf *out)
                    "SUBSCRIBE and UNSUBSCRIBE commands sent (each carries up to 500 "
                    "channels).", b->subscribe_cmds);
     hub_metric_one(out, "luahub_broker_commands_total", "counter",
-                   "Other commands (registry) answered by Redis.", b->commands);
+                   "Other commands (registry, history reads, presence) answered by Redis.",
+                   b->commands);
     hub_metric_one(out, "luahub_broker_command_errors_total", "counter",
                    "Other commands that failed (unavailable, over the cap, timed out).",
                    b->command_errors);
     hub_metric_family(out, "luahub_broker_redis_rtt_seconds", "histogram",
                       "PUBLISH round trip (queued to reply).");
     hub_metric_hist(out, "luahub_broker_redis_rtt_seconds", NULL, &b->rtt);
+    hub_rbroker_stream_metrics(b, out);
+    hub_rbroker_presence_metrics(b, out);
 }

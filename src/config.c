@@ -13,6 +13,7 @@
  *
  * The keys, their types, ranges and checks are the table of config_keys.c. */
 #include "config_impl.h"
+#include "lua_limits.h"
 
 #include "luahub/log.h"
 #include "luahub/util.h"
@@ -56,9 +57,8 @@ struct load {
     const char *text;              /* the conf's source, for keys that scan it */
     size_t text_len;
 
-    lua_State *L;                  /* set once the state exists */
-    size_t mem, mem_max;
-    int oom_line;                  /* line running when memory was refused; -1 unknown */
+    struct hub_lua_limits lim;     /* memory cap and instruction budget; lim.L is
+                                    * set once the state exists */
 };
 
 /* Sentinel error value: "stop, the errors are already recorded". */
@@ -125,46 +125,13 @@ static void add_lua_error(struct load *ld, const char *msg)
     add_error_s(ld, 0, msg);
 }
 
-/* Lua's allocator with a cap: growth past mem_max is refused (Lua then
- * collects and raises "not enough memory"); shrinking never is. */
-static void *conf_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+/* The conf's instruction budget is spent (the count hook fires once, after
+ * CONF_MAX_INSTRUCTIONS). The conf has no pcall to catch the error with, so
+ * raising once is enough. */
+static void on_budget(lua_State *L, struct hub_lua_limits *lim)
 {
-    struct load *ld = ud;
-    size_t old = ptr ? osize : 0; /* with ptr == NULL, osize is a type tag */
-    if (nsize == 0) {
-        free(ptr);
-        ld->mem -= old;
-        return NULL;
-    }
-    if (nsize > old && nsize - old > ld->mem_max - ld->mem) {
-        if (ld->L) {
-            /* Remember where the chunk was, for the message: getstack and
-             * getinfo("l") only read the CallInfo chain and line info, they
-             * neither allocate nor raise, so they are safe in here. */
-            lua_Debug ar;
-            ld->oom_line = -1;
-            for (int lv = 0; lua_getstack(ld->L, lv, &ar); lv++) {
-                if (lua_getinfo(ld->L, "l", &ar) && ar.currentline > 0) {
-                    ld->oom_line = ar.currentline;
-                    break;
-                }
-            }
-        }
-        return NULL;
-    }
-    void *p = realloc(ptr, nsize);
-    if (p)
-        ld->mem = ld->mem - old + nsize;
-    return p;
-}
-
-/* The count hook fires once, after CONF_MAX_INSTRUCTIONS. The conf has no
- * pcall to catch the error with, so raising once is enough. */
-static void on_count(lua_State *L, lua_Debug *ar)
-{
-    lua_getinfo(L, "Sl", ar);
-    lua_pushfstring(L, "%s:%d: instruction limit exceeded after %d instructions (runaway loop?)",
-                    ar->short_src, ar->currentline, CONF_MAX_INSTRUCTIONS);
+    lua_pushfstring(L, "%s: instruction limit exceeded after %d instructions (runaway loop?)",
+                    lim->kill_where, CONF_MAX_INSTRUCTIONS);
     lua_error(L);
 }
 
@@ -338,12 +305,14 @@ static void run(struct load *ld, const char *text, size_t len)
     struct hub_buf chunkname = {0};
     hub_buf_printf(&chunkname, "@%s", ld->path);
 
-    lua_State *L = lua_newstate(conf_alloc, ld);
+    /* Lua's allocator with a cap: growth past CONF_MAX_MEMORY is refused
+     * (Lua then collects and raises "not enough memory") and the line
+     * running is kept for the message; shrinking never is. */
+    lua_State *L = hub_lua_limits_newstate(&ld->lim);
     if (!L) {
         add_error(ld, 0, "cannot create the Lua state for the conf");
         goto out;
     }
-    ld->L = L;
 
     /* How Lua will write the chunk name in its messages (it shortens long
      * paths to "...tail"): learnt from an empty chunk of the same name. */
@@ -374,27 +343,36 @@ static void run(struct load *ld, const char *text, size_t len)
         if (!lua_setupvalue(L, -2, 1)) /* a main chunk's only upvalue is _ENV */
             lua_pop(L, 1);
 
-        lua_sethook(L, on_count, LUA_MASKCOUNT, CONF_MAX_INSTRUCTIONS);
+        hub_lua_limits_arm(&ld->lim);
         st = lua_pcall(L, 0, 0, 0);
     }
 
     if (st == LUA_ERRMEM) {
         struct hub_buf size = {0};
-        hub_conf_append_size(&size, (int64_t)ld->mem_max);
-        add_error(ld, ld->oom_line, "memory limit exceeded: the conf may use %s (memory bomb?)",
+        hub_conf_append_size(&size, (int64_t)ld->lim.mem_max);
+        add_error(ld, ld->lim.oom_line, "memory limit exceeded: the conf may use %s (memory bomb?)",
                   size.p);
         hub_buf_free(&size);
     } else if (st != LUA_OK && lua_touserdata(L, -1) == &stop_sentinel) {
         /* on_assign stopped the chunk; its errors are recorded. */
     } else if (st != LUA_OK) {
         const char *msg = lua_tostring(L, -1);
+        /* Lua quotes the token it stopped at ("unfinished string near
+         * '\"s3cret"); a string of the conf may be a secret (api_key, a
+         * password): name it without its text. */
+        const char *near = msg && st == LUA_ERRSYNTAX ? strstr(msg, " near '") : NULL;
+        if (near && (near[7] == '"' || near[7] == '\'' || near[7] == '[')) {
+            lua_pushfstring(L, "%s (near a string, not shown)",
+                            lua_pushlstring(L, msg, (size_t)(near - msg)));
+            msg = lua_tostring(L, -1);
+        }
         add_lua_error(ld, msg ? msg : "error with a non-string value");
     }
     if (st == LUA_OK)
         check_cross(ld); /* only when every assignment was seen */
     if (ld->too_many)
         push_error(ld, 0, "too many errors, stopped reading");
-    ld->L = NULL;
+    ld->lim.L = NULL;
     lua_close(L);
 out:
     hub_buf_free(&chunkname);
@@ -410,8 +388,14 @@ int hub_config_load(struct hub_config *c, const char *path, struct hub_config_er
     c->dir = dir_of(copy);
     path = copy;
 
+    /* The budgets of the conf sandbox (lua_limits.h): the cap always on,
+     * one run hooked once when its budget is spent, stopped with a message. */
     struct load ld = {
-        .c = c, .path = path, .errs = errs, .mem_max = CONF_MAX_MEMORY, .oom_line = -1,
+        .c = c, .path = path, .errs = errs,
+        .lim = {
+            .mem_max = CONF_MAX_MEMORY, .cap_on = 1, .oom_line = -1,
+            .budget = CONF_MAX_INSTRUCTIONS, .tick = CONF_MAX_INSTRUCTIONS, .stop = on_budget,
+        },
     };
     snprintf(ld.short_src, sizeof(ld.short_src), "%s", path);
 

@@ -63,12 +63,6 @@ int hub_conf_channels_apply(struct hub_config *c, lua_State *L, int idx, const c
                             size_t srclen, int line, hub_conf_report_fn fn, void *ud);
 void hub_config_channels_free(struct hub_config *c);
 
-/* The name among n[0], n[stride], ... (n entries; each a const char *
- * at that byte offset, e.g. the name field of a table of structs) within
- * two edits of `name` and not most of it, or NULL: "did you mean". */
-const char *hub_conf_near(const char *name, const char *const *names, size_t n,
-                          size_t stride);
-
 /* Appends a size in bytes the way the conf writes it ("64MiB", "1000"). */
 void hub_conf_append_size(struct hub_buf *b, int64_t v);
 

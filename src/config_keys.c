@@ -30,6 +30,7 @@ static int set_ws_path(struct hub_config *, const struct key *, const char *, st
 static int set_api_key(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_dir(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_file(struct hub_config *, const struct key *, const char *, struct hub_buf *);
+static int set_files(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_log_level(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_broker(struct hub_config *, const struct key *, const char *, struct hub_buf *);
 static int set_prefix(struct hub_config *, const struct key *, const char *, struct hub_buf *);
@@ -56,16 +57,19 @@ const struct key hub_conf_keys[] = {
     NUM(request_timeout, K_SECONDS, 1, 3600, 10),
     NUM(http_idle_timeout, K_SECONDS, 1, 3600, 60),
     NUM(write_delay, K_INT, 0, 1000, 0),
+    NUM(write_pause_max, K_INT, 0, 100, 2),
     NUM(rx_buffer_size, K_SIZE, 128, 64 * KiB, 512),
     STR(static_dir, static_dir, NULL, set_dir),
     STR(log_level, log_level, "info", set_log_level),
     STR(policy, policy, NULL, set_file),
+    STR(policy_path, policy_path, NULL, set_dir),
     NUM(lua_max_instructions, K_INT, 1000, INT64_C(10000000000), 1000000),
     NUM(lua_max_memory, K_SIZE, 1 * MiB, 16 * GiB, 64 * MiB),
     STRS(broker, broker, "memory", set_broker),
     STR(redis_prefix, redis_prefix, "luahub:", set_prefix),
     {"workers", K_WORKERS, FIELD(workers), 1, 1024, 1, NULL, NULL},
     {"policy_vars", K_VARS, FIELD(policy_vars), 0, 0, 0, NULL, NULL},
+    STRS(jwt_keys, jwt_keys, NULL, set_files),
     STRS(allowed_origins, allowed_origins, NULL, set_origins),
     STRS(trusted_proxies, trusted_proxies, NULL, set_cidrs),
     NUM(command_rate, K_INT, 0, 1000000, 1000),
@@ -83,6 +87,20 @@ const struct key hub_conf_keys[] = {
 const size_t hub_conf_nkeys = sizeof(hub_conf_keys) / sizeof(hub_conf_keys[0]);
 _Static_assert(sizeof(hub_conf_keys) / sizeof(hub_conf_keys[0]) <= HUB_CONF_MAX_KEYS,
                "raise HUB_CONF_MAX_KEYS");
+_Static_assert(HUB_CONF_MAX_KEYS <= 64, "hub_config_reload returns the keys as 64 bits");
+
+/* The keys a reload applies (docs/config.md, "Reload", says why each one
+ * is safe to change live); every other key takes effect at the next
+ * start. The policy's keys (policy ... jwt_keys) are read by the new
+ * policy a reload builds; the others are read by their modules at each
+ * use (log_level and the per-address limits are set by the server). */
+static const char *const live_keys[] = {
+    "log_level", "policy", "policy_path", "lua_max_instructions", "lua_max_memory",
+    "policy_vars", "jwt_keys", "api_key", "allowed_origins", "max_connections",
+    "max_protocol_errors", "command_rate", "command_burst", "publish_rate",
+    "publish_burst", "max_connections_per_ip", "connect_rate_per_ip", "recover_max",
+    "presence_max",
+};
 #define keys hub_conf_keys
 #define NKEYS hub_conf_nkeys
 
@@ -457,11 +475,11 @@ static int set_log_level(struct hub_config *c, const struct key *k, const char *
     return 0;
 }
 
-/* Calls check(item) for each space-separated item of s; at most `max`. */
-static int each_item(const char *s, size_t max, struct hub_buf *why,
-                     int (*check)(const char *item, size_t len, char *err, size_t errlen))
+/* Calls check(ud, item, len, why) for each space-separated item of s; at
+ * most `max`. Returns 0, or -1 with the reason in `why`. */
+static int each_item(const char *s, size_t max, struct hub_buf *why, void *ud,
+                     int (*check)(void *ud, const char *item, size_t len, struct hub_buf *why))
 {
-    char err[256];
     size_t n = 0;
     for (const char *p = s; *p;) {
         while (*p == ' ')
@@ -475,10 +493,8 @@ static int each_item(const char *s, size_t max, struct hub_buf *why,
             hub_buf_printf(why, "more than %zu entries", max);
             return -1;
         }
-        if (check(p, (size_t)(e - p), err, sizeof(err)) < 0) {
-            hub_buf_appends(why, err);
+        if (check(ud, p, (size_t)(e - p), why) < 0)
             return -1;
-        }
         p = e;
     }
     if (!n) {
@@ -488,16 +504,29 @@ static int each_item(const char *s, size_t max, struct hub_buf *why,
     return 0;
 }
 
-static int check_cidr(const char *s, size_t n, char *err, size_t errlen)
+static int check_cidr(void *ud, const char *s, size_t n, struct hub_buf *why)
 {
     struct hub_ip net;
-    return hub_cidr_parse(s, n, &net, err, errlen);
+    char err[256];
+    if (hub_cidr_parse(s, n, &net, err, sizeof(err)) == 0)
+        return 0;
+    hub_buf_appends(why, err);
+    return -1;
+}
+
+static int check_origin(void *ud, const char *s, size_t n, struct hub_buf *why)
+{
+    char err[256];
+    if (hub_origin_valid(s, n, err, sizeof(err)) == 0)
+        return 0;
+    hub_buf_appends(why, err);
+    return -1;
 }
 
 static int set_origins(struct hub_config *c, const struct key *k, const char *s,
                        struct hub_buf *why)
 {
-    if (each_item(s, 256, why, hub_origin_valid) < 0)
+    if (each_item(s, 256, why, NULL, check_origin) < 0)
         return -1;
     store_str(c, k, s);
     return 0;
@@ -506,7 +535,7 @@ static int set_origins(struct hub_config *c, const struct key *k, const char *s,
 static int set_cidrs(struct hub_config *c, const struct key *k, const char *s,
                      struct hub_buf *why)
 {
-    if (each_item(s, 256, why, check_cidr) < 0)
+    if (each_item(s, 256, why, NULL, check_cidr) < 0)
         return -1;
     store_str(c, k, s);
     return 0;
@@ -566,7 +595,10 @@ static int set_dir(struct hub_config *c, const struct key *k, const char *s,
                    struct hub_buf *why)
 {
     if (!*s) {
-        hub_buf_appends(why, "must not be empty (leave it unset to serve no files)");
+        hub_buf_appends(why, !strcmp(k->name, "static_dir")
+                                 ? "must not be empty (leave it unset to serve no files)"
+                                 : "must not be empty (leave it unset for the policy "
+                                   "file's directory)");
         return -1;
     }
     char *full = resolve(c, s);
@@ -584,6 +616,29 @@ static int set_dir(struct hub_config *c, const struct key *k, const char *s,
     return rc;
 }
 
+/* `s` resolved against the conf's directory, when it names a readable
+ * regular file: its canonical path (a new string); NULL with the problem
+ * in `why` otherwise. */
+static char *regular_file(const struct hub_config *c, const char *s, struct hub_buf *why)
+{
+    char *full = resolve(c, s), *out = NULL;
+    /* O_NONBLOCK: opening a FIFO must not hang the loader. */
+    int fd = open(full, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0)
+        path_problem(why, s, full, strerror(errno));
+    else if (fstat(fd, &st) < 0)
+        path_problem(why, s, full, strerror(errno));
+    else if (!S_ISREG(st.st_mode))
+        path_problem(why, s, full, "not a regular file");
+    else if (!(out = realpath(full, NULL)))
+        out = hub_xstrdup(full); /* canonical when realpath can make it so */
+    if (fd >= 0)
+        close(fd);
+    free(full);
+    return out;
+}
+
 static int set_file(struct hub_config *c, const struct key *k, const char *s,
                     struct hub_buf *why)
 {
@@ -591,24 +646,47 @@ static int set_file(struct hub_config *c, const struct key *k, const char *s,
         hub_buf_appends(why, "must not be empty (leave it unset for the built-in policy)");
         return -1;
     }
-    char *full = resolve(c, s);
-    /* O_NONBLOCK: opening a FIFO must not hang the loader. */
-    int fd = open(full, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    struct stat st;
-    int rc = -1;
-    if (fd < 0)
-        path_problem(why, s, full, strerror(errno));
-    else if (fstat(fd, &st) < 0)
-        path_problem(why, s, full, strerror(errno));
-    else if (!S_ISREG(st.st_mode))
-        path_problem(why, s, full, "not a regular file");
-    else {
-        store_path(c, k, full);
-        rc = 0;
-    }
-    if (fd >= 0)
-        close(fd);
-    free(full);
+    char *path = regular_file(c, s, why);
+    if (!path)
+        return -1;
+    store_str(c, k, path);
+    free(path);
+    return 0;
+}
+
+#define KEY_FILES_MAX 16 /* files in jwt_keys */
+
+/* The files of jwt_keys being checked. */
+struct key_files {
+    const struct hub_config *c;
+    struct hub_buf paths;           /* resolved, one per line */
+};
+
+/* each_item's check of one file of jwt_keys. */
+static int add_file(void *ud, const char *s, size_t n, struct hub_buf *why)
+{
+    struct key_files *f = ud;
+    char *item = hub_xstrndup(s, n), *path = regular_file(f->c, item, why);
+    int rc = path ? 0 : -1;
+    if (path)
+        hub_buf_printf(&f->paths, "%s%s", f->paths.len ? "\n" : "", path);
+    free(item);
+    free(path);
+    return rc;
+}
+
+/* jwt_keys: a file or a list of files (space-separated here: a list's
+ * items have no spaces), each a readable regular file; stored resolved,
+ * one per line (a resolved path may hold spaces). What is in them is
+ * checked when the policy reads them (lua_jwt_keys.c). */
+static int set_files(struct hub_config *c, const struct key *k, const char *s,
+                     struct hub_buf *why)
+{
+    struct key_files f = {.c = c};
+    int rc = each_item(s, KEY_FILES_MAX, why, &f, add_file);
+    if (rc == 0)
+        store_str(c, k, f.paths.p);
+    hub_buf_free(&f.paths);
     return rc;
 }
 
@@ -811,24 +889,65 @@ static int channels_eq(const struct hub_config *a, const struct hub_config *b)
     return 1;
 }
 
-void hub_config_changed(const struct hub_config *a, const struct hub_config *b,
-                        const char *except, struct hub_buf *names)
+/* 1 if the field of `k` is a string (char *). log_level is written as a
+ * string but stored as a number: its field is an int. */
+static int string_field(const struct key *k)
+{
+    return (k->kind == K_STRING || k->kind == K_STRINGS || k->kind == K_VARS) &&
+           k->width == sizeof(char *);
+}
+
+static int same_value(const struct hub_config *a, const struct hub_config *b,
+                      const struct key *k)
+{
+    const char *pa = (const char *)a + k->off, *pb = (const char *)b + k->off;
+    if (k->kind == K_CHANNELS)
+        return channels_eq(a, b);
+    if (string_field(k))
+        return str_eq(*(char *const *)(const void *)pa, *(char *const *)(const void *)pb);
+    return !memcmp(pa, pb, k->width);
+}
+
+static int is_live(const struct key *k)
+{
+    for (size_t i = 0; i < hub_countof(live_keys); i++)
+        if (!strcmp(k->name, live_keys[i]))
+            return 1;
+    return 0;
+}
+
+void hub_config_swap(struct hub_config *a, struct hub_config *b, uint64_t which)
 {
     for (size_t i = 0; i < NKEYS; i++) {
         const struct key *k = &keys[i];
-        if (except && !strcmp(k->name, except))
+        if (!(which & (UINT64_C(1) << i)) || k->kind == K_CHANNELS)
             continue;
-        const char *pa = (const char *)a + k->off, *pb = (const char *)b + k->off;
-        int same;
-        if (k->kind == K_CHANNELS)
-            same = channels_eq(a, b);
-        else if (k->kind == K_STRING || k->kind == K_STRINGS || k->kind == K_VARS)
-            same = str_eq(*(char *const *)(const void *)pa, *(char *const *)(const void *)pb);
-        else
-            same = !memcmp(pa, pb, k->width);
-        if (!same && !(a->listen_set && !strcmp(k->name, "listen")))
-            hub_buf_printf(names, "%s%s", names->len ? ", " : "", k->name);
+        unsigned char tmp[sizeof(uint64_t)];
+        char *pa = (char *)a + k->off, *pb = (char *)b + k->off;
+        memcpy(tmp, pa, k->width);
+        memcpy(pa, pb, k->width);
+        memcpy(pb, tmp, k->width);
     }
+}
+
+uint64_t hub_config_reload(struct hub_config *live, struct hub_config *fresh,
+                           int (*veto)(void *ud, const char *key), void *ud,
+                           struct hub_buf *applied, struct hub_buf *restart)
+{
+    uint64_t moved = 0;
+    for (size_t i = 0; i < NKEYS; i++) {
+        const struct key *k = &keys[i];
+        if (same_value(live, fresh, k) || (live->listen_set && !strcmp(k->name, "listen")))
+            continue;
+        if (is_live(k) && !(veto && veto(ud, k->name))) {
+            moved |= UINT64_C(1) << i;
+            hub_buf_printf(applied, "%s%s", applied->len ? ", " : "", k->name);
+        } else {
+            hub_buf_printf(restart, "%s%s", restart->len ? ", " : "", k->name);
+        }
+    }
+    hub_config_swap(live, fresh, moved);
+    return moved;
 }
 
 void hub_config_free(struct hub_config *c)
@@ -841,9 +960,11 @@ void hub_config_free(struct hub_config *c)
     free(c->api_key);
     free(c->static_dir);
     free(c->policy);
+    free(c->policy_path);
     free(c->broker);
     free(c->redis_prefix);
     free(c->policy_vars);
+    free(c->jwt_keys);
     free(c->allowed_origins);
     free(c->trusted_proxies);
     hub_config_channels_free(c);

@@ -5,6 +5,8 @@
  * "Authorization: Bearer <api_key>"; without it, a loopback peer whose
  * request is not cross-site (no Origin, or the hub's own origin): a page of
  * another site open in a local browser must not publish or reload. */
+#include <openssl/crypto.h>
+#include <openssl/sha.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/openat2.h>
@@ -31,14 +33,15 @@ static void respond_json(struct hub_http_conn *c, unsigned status, const char *j
     hub_http_respond(c, status, JSON, NULL, json, strlen(json), 0);
 }
 
-/* Compares in time independent of where the strings differ. */
+/* Compares in time independent of the keys' contents and lengths: the
+ * SHA-256 digests of both, with CRYPTO_memcmp (a loop over the shorter
+ * key's bytes would tell the real key's length). */
 static int key_equal(const char *a, size_t alen, const char *b, size_t blen)
 {
-    unsigned char d = alen != blen;
-    size_t n = alen < blen ? alen : blen;
-    for (size_t i = 0; i < n; i++)
-        d |= (unsigned char)(a[i] ^ b[i]);
-    return d == 0;
+    unsigned char da[SHA256_DIGEST_LENGTH], db[SHA256_DIGEST_LENGTH];
+    SHA256((const unsigned char *)a, alen, da);
+    SHA256((const unsigned char *)b, blen, db);
+    return CRYPTO_memcmp(da, db, sizeof(da)) == 0;
 }
 
 /* 1 when the request comes from the hub's own origin or from no browser
@@ -367,28 +370,31 @@ static void on_api_history(void *ud, int status, const struct hub_history_result
                        "(now epoch \"%s\"); read it without 'since'", hr->top.epoch);
     } else if (status == HUB_OK) {
         struct hub_buf *b = &op->result;
-        size_t k = 0, put = 0;
         hub_buf_printf(b, "{\"ok\":true,\"offset\":%llu,\"epoch\":",
                        (unsigned long long)hr->top.offset);
         hub_buf_append_json_string(b, hr->top.epoch, strlen(hr->top.epoch));
-        hub_buf_appends(b, ",\"messages\":[");
-        for (; k < hr->n; k++) {
-            const char *d;
-            size_t dl;
-            struct hub_msg *m = hr->msgs[k];
-            if (hub_msg_delivery_data((const char *)hub_msg_payload(m), m->payload_len, &d,
-                                      &dl) < 0)
-                continue;
-            if (b->len + dl + 48 > HISTORY_ANSWER_MAX)
-                break;
-            hub_buf_printf(b, "%s{\"offset\":%llu,\"data\":", put++ ? "," : "",
-                           (unsigned long long)m->offset);
-            hub_buf_append(b, d, dl);
-            hub_buf_appends(b, "}");
-        }
-        hub_buf_printf(b, "],\"truncated\":%s}", k < hr->n ? "true" : "false");
+        hub_buf_appends(b, ",");
+        hub_msg_history_json(b, hr->msgs, hr->n, HISTORY_ANSWER_MAX);
+        hub_buf_appends(b, "}");
     }
     op_complete(op, status == HUB_OK);
+}
+
+/* A history or presence read was started (rc 0: its callback completes
+ * `op`) or refused; then drops the guard. */
+static void op_started(struct api_op *op, int rc, const char *channel, const char *what)
+{
+    if (rc == HUB_ENOTAVAIL) {
+        op->remaining--;
+        op->err_status = 404;
+        op->err_code = "not_available";
+        hub_buf_printf(&op->err_msg, "channel '%s' has no %s (see the conf's channels)",
+                       channel, what);
+    } else if (rc < 0) {
+        op->remaining--;
+        op->failed = 1;
+    }
+    op_complete(op, 1);
 }
 
 /* GET /api/history?channel=C[&limit=N][&since=O&epoch=E][&reverse=true] */
@@ -429,18 +435,8 @@ static void api_history(struct hub_http_api *api, struct hub_http_conn *c,
     if (args[3].found)
         op->since_epoch = hub_xstrdup(args[3].v.p);
     op->remaining++;
-    int rc = hub_history(api->hub, args[0].v.p, args[0].v.len, &q, on_api_history, op);
-    if (rc == HUB_ENOTAVAIL) {
-        op->remaining--;
-        op->err_status = 404;
-        op->err_code = "not_available";
-        hub_buf_printf(&op->err_msg, "channel '%s' has no history (see the conf's channels)",
-                       args[0].v.p);
-    } else if (rc < 0) {
-        op->remaining--;
-        op->failed = 1;
-    }
-    op_complete(op, 1);
+    op_started(op, hub_history(api->hub, args[0].v.p, args[0].v.len, &q, on_api_history, op),
+               args[0].v.p, "history");
 out:
     args_free(args);
 }
@@ -476,19 +472,9 @@ static void api_presence(struct hub_http_api *api, struct hub_http_conn *c,
     struct api_op *op = op_new(c, "the broker is unavailable: presence not read, try again "
                                   "later");
     op->remaining++;
-    int rc = hub_presence(api->hub, args[0].v.p, args[0].v.len,
-                          stats ? 0 : api->cfg->presence_max, on_api_presence, op);
-    if (rc == HUB_ENOTAVAIL) {
-        op->remaining--;
-        op->err_status = 404;
-        op->err_code = "not_available";
-        hub_buf_printf(&op->err_msg, "channel '%s' has no presence (see the conf's channels)",
-                       args[0].v.p);
-    } else if (rc < 0) {
-        op->remaining--;
-        op->failed = 1;
-    }
-    op_complete(op, 1);
+    op_started(op, hub_presence(api->hub, args[0].v.p, args[0].v.len,
+                                stats ? 0 : api->cfg->presence_max, on_api_presence, op),
+               args[0].v.p, "presence");
 out:
     args_free(args);
 }

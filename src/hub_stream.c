@@ -310,6 +310,33 @@ static void send_reset(struct hub *h, struct hub_chan *ch, uint64_t offset, cons
     h->resets++;
 }
 
+/* Takes the deliveries the channel held (the caller drops them). */
+static struct hub_msg **take_held(struct hub_chan_ext *x, uint32_t *n)
+{
+    struct hub_msg **held = x->held;
+    *n = x->nheld;
+    x->held = NULL;
+    x->nheld = x->capheld = 0;
+    return held;
+}
+
+/* Stops waiting for a catch-up (its answer will be ignored): the
+ * subscribers go on from the first held delivery (a reset says so) and get
+ * the held ones in order. */
+static void release_held(struct hub *h, struct hub_chan *ch, struct hub_chan_ext *x)
+{
+    uint32_t n;
+    struct hub_msg **held = take_held(x, &n);
+    x->reading = 0;
+    if (n) {
+        send_reset(h, ch, held[0]->offset - 1, x->epoch);
+        x->top = held[0]->offset - 1;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        hub_stream_deliver(h, ch, x, held[i], x->epoch);
+    held_drop(held, n);
+}
+
 void hub_stream_deliver(struct hub *h, struct hub_chan *ch, struct hub_chan_ext *x,
                         struct hub_msg *m, const char *epoch)
 {
@@ -318,18 +345,7 @@ void hub_stream_deliver(struct hub *h, struct hub_chan *ch, struct hub_chan_ext 
             held_push(&x->held, &x->nheld, &x->capheld, m);
             return;
         }
-        /* Too much is waiting: give up the catch-up (its answer will be
-         * ignored) and go on from here. */
-        x->reading = 0;
-        struct hub_msg **held = x->held;
-        uint32_t n = x->nheld;
-        x->held = NULL;
-        x->nheld = x->capheld = 0;
-        send_reset(h, ch, held[0]->offset - 1, x->epoch);
-        x->top = held[0]->offset - 1;
-        for (uint32_t i = 0; i < n; i++)
-            hub_stream_deliver(h, ch, x, held[i], x->epoch);
-        held_drop(held, n);
+        release_held(h, ch, x);         /* too much is waiting: go on from here */
         hub_stream_deliver(h, ch, x, m, epoch);   /* may be held again */
         return;
     }
@@ -376,10 +392,8 @@ static void on_catch_up(void *ud, int status, const struct hub_history_result *h
         return;
     }
     x->reading = 0;
-    struct hub_msg **held = x->held;
-    uint32_t nheld = x->nheld;
-    x->held = NULL;
-    x->nheld = x->capheld = 0;
+    uint32_t nheld;
+    struct hub_msg **held = take_held(x, &nheld);
 
     if (status == HUB_OK) {
         /* Deliver what is contiguous from top on, in this epoch. */
@@ -429,19 +443,7 @@ void hub_stream_catch_up(struct hub *h, struct hub_chan *ch, struct hub_chan_ext
     struct hub_history_query q = {.since = x->top, .limit = h->cfg->recover_max};
     if (h->broker->ops->history(h->broker, op->channel, op->len, x->o, &q, on_catch_up,
                                 op) < 0) {
-        /* Unavailable: give up now, from the first held delivery on. */
-        x->reading = 0;
         free(op);
-        struct hub_msg **held = x->held;
-        uint32_t n = x->nheld;
-        x->held = NULL;
-        x->nheld = x->capheld = 0;
-        if (n) {
-            send_reset(h, ch, held[0]->offset - 1, x->epoch);
-            x->top = held[0]->offset - 1;
-        }
-        for (uint32_t i = 0; i < n; i++)
-            hub_stream_deliver(h, ch, x, held[i], x->epoch);
-        held_drop(held, n);
+        release_held(h, ch, x);         /* unavailable: go on from the first held one */
     }
 }

@@ -11,6 +11,14 @@ static int log_level = HUB_LOG_INFO;
 static char log_tag[40];
 static const char *const names[] = {"error", "warn", "info", "debug"};
 static const char *const tags[] = {"ERROR", "WARN", "INFO", "DEBUG"};
+static hub_log_sink_fn sink;
+static void *sink_ud;
+
+void hub_log_set_sink(hub_log_sink_fn fn, void *ud)
+{
+    sink = fn;
+    sink_ud = ud;
+}
 
 void hub_log_set_tag(const char *tag)
 {
@@ -57,6 +65,15 @@ void hub_log(int level, const char *fmt, ...)
         level = HUB_LOG_DEBUG;
 
     char line[2048];
+    if (sink) {
+        va_list ap;
+        va_start(ap, fmt);
+        int m = vsnprintf(line, sizeof(line), fmt, ap);
+        va_end(ap);
+        if (m >= 0)
+            sink(sink_ud, level, line, (size_t)m < sizeof(line) ? (size_t)m : sizeof(line) - 1);
+        return;
+    }
     struct timeval tv;
     struct tm tm;
     gettimeofday(&tv, NULL);

@@ -1,7 +1,12 @@
 /* Private contract of the policy layer: policy.c (hook dispatch, reload,
  * metrics), sandbox.c (the Lua state, its budgets and its sandbox) and
- * lua_api.c (the `hub` module, the `conn` and `msg` objects, timers, JSON
- * and crypto helpers). Nothing else includes it. Loop thread only.
+ * the Lua API, one file per family: lua_hub.c (the `hub` module),
+ * lua_conn.c and lua_msg.c (the `conn` and `msg` objects), lua_json.c,
+ * lua_crypto.c (HMAC, JWT) and lua_jwt_keys.c (its keys), lua_timer.c
+ * (hub.after); lua_stdlib.c and lua_pattern.c (the standard library,
+ * charged); policy_lint.c (the warnings of a loaded policy). Nothing else
+ * includes it
+ * (but the white-box unit suite). Loop thread only.
  *
  * Stack discipline: index 1 of the main state is the message handler given
  * to every lua_pcall, index 2 the reusable `msg` object of on_publish; every
@@ -12,9 +17,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <lauxlib.h>
 #include <lua.h>
 
+#include "lua_limits.h"
 #include "luahub/config.h"
+#include "luahub/metrics.h"
 #include "luahub/policy.h"
 #include "luahub/util.h"
 
@@ -36,15 +44,11 @@ enum {
     HUB_PHASE_IDLE,
 };
 
-#define HUB_LAT_BUCKETS 15      /* latency histogram bounds, see policy.c */
-
 struct hub_hook_stats {
-    uint64_t calls;
+    struct hub_hist dur;        /* latency of every call; dur.total is the calls */
     uint64_t errors;            /* every failure: error, bad return, budget */
     uint64_t kills_instructions;
     uint64_t kills_memory;
-    uint64_t lat[HUB_LAT_BUCKETS + 1]; /* per bucket (not cumulative); last = +Inf */
-    uint64_t lat_sum_ns;
     /* log rate limit */
     uint64_t log_window_ms;
     unsigned log_count;
@@ -60,6 +64,9 @@ struct hub_policy_stats {
 
 struct hub_ptimer;
 struct hub_emit;
+struct hub_jwt_keys;
+
+#define HUB_MODULE_DEPTH 32         /* require()s nested in each other */
 
 struct hub_policy {
     lua_State *L;
@@ -68,24 +75,12 @@ struct hub_policy {
     char *chunkname;                /* "@/path/policy.lua" or "=default.lua" */
     const char *source_name;        /* the path as printed (chunkname + 1) */
 
-    /* allocator: every byte of the state is counted; the cap applies while
-     * Lua code runs (cap_on), so pushes from C between calls cannot fail */
-    size_t mem_used;
-    size_t mem_max;
-    int cap_on;
-
-    /* instruction budget of one call: the count hook fires every
-     * HUB_LUA_TICK instructions and takes them off budget_left */
-    int64_t budget;
-    int64_t budget_left;
-    size_t alloc_bytes;             /* allocated, not charged yet (< HUB_COST_ALLOC) */
-    uint64_t deadline_ns;           /* the call's time limit (coarse monotonic clock) */
-    uint64_t pace_ns;               /* when the count hook last measured its speed */
-    int pace_count;                 /* instructions hooked since */
-    int killed;                     /* budget exhausted in this call: HUB_KILL_* */
+    /* the memory cap and the instruction budget (lua_limits.h): every
+     * byte of the state is counted; the cap applies while Lua code runs
+     * (lim.cap_on), so pushes from C between calls cannot fail; the count
+     * hook takes HUB_LUA_TICK instructions off a call's budget at a time */
+    struct hub_lua_limits lim;
     int mem_failed;                 /* an out-of-memory error was raised in this call */
-    char kill_where[128];           /* "chunk:line" where the budget ran out */
-    char oom_where[128];            /* "chunk:line" of the last refused allocation */
 
     /* the call in progress */
     int phase;                      /* HUB_PHASE_* or a hook */
@@ -122,6 +117,24 @@ struct hub_policy {
 
     /* load: lines where hooks were assigned, for messages about them */
     int hook_line[HUB_HOOK__COUNT];
+    /* load: registry ref of a table global name -> "file:line" of its
+     * first assignment (the lint reads it); LUA_NOREF once loaded */
+    int ref_assigned;
+
+    /* hub.jwt_verify's keys (cfg->jwt_keys), read when the policy is built;
+     * NULL: none */
+    struct hub_jwt_keys *jwt_keys;
+
+    /* require(): the directory of the modules (NULL: none), the registry
+     * ref of the table of loaded modules (name -> value, or false while
+     * one loads) and how many were loaded */
+    char *module_dir;
+    int ref_modules;
+    unsigned nmodules;
+    char *own_module;               /* the policy file's module name when it is in
+                                     * module_dir (requiring it is a cycle), or NULL */
+    const char *mod_chain[HUB_MODULE_DEPTH]; /* the modules being loaded, outermost first */
+    int mod_depth;
 
     char short_src[LUA_IDSIZE];     /* how Lua names the chunk in messages */
 
@@ -133,9 +146,6 @@ struct hub_policy {
 };
 
 #define HUB_LUA_TICK 1000           /* instructions between count hook calls */
-
-/* Why a call was stopped (p->killed). */
-enum { HUB_KILL_INSTRUCTIONS = 1, HUB_KILL_TIME };
 
 /* Work done in C is charged to the instruction budget
  * (docs/internals.md, "Lua: calls outside the instruction budget").
@@ -154,7 +164,17 @@ enum { HUB_KILL_INSTRUCTIONS = 1, HUB_KILL_TIME };
 #define HUB_LUA_NS_PER_INSTR 1000
 #define HUB_LUA_TIME_MIN_MS 100
 
-/* ---- lua_api.c ---------------------------------------------------------- */
+/* The policy of a state (its extra space holds it). */
+static inline struct hub_policy *hub_lua_policy(lua_State *L)
+{
+    return *(struct hub_policy **)lua_getextraspace(L);
+}
+
+/* What a valid channel name is, for messages. */
+#define HUB_LUA_CHANNEL_CHARS "1 to 255 bytes of A-Z a-z 0-9 and _ : . @ / = # -"
+#define HUB_LUA_CHANNEL_RULE "a channel name is " HUB_LUA_CHANNEL_CHARS
+
+/* ---- lua_hub.c: the `hub` module ------------------------------------------ */
 
 /* Creates the `hub` table (with hub.json) and the metatables of conn, msg
  * and timer objects; leaves the hub table on the stack. Needs the refs to
@@ -162,6 +182,23 @@ enum { HUB_KILL_INSTRUCTIONS = 1, HUB_KILL_TIME };
  * protected. */
 void hub_lua_open(struct hub_policy *p);
 
+/* Registers the metatable `name` with the metamethods `fns`, protected
+ * (getmetatable() on its objects gives false). */
+void hub_lua_new_metatable(lua_State *L, const char *name, const luaL_Reg *fns);
+
+/* The policy's time in ms since the Unix epoch: the wall clock, or the
+ * host's own clock (policy.h: now_ms) in `luahub test`. What hub.now(),
+ * os.time(), os.date() and hub.jwt_verify read. */
+double hub_lua_now_ms(const struct hub_policy *p);
+
+/* Argument `arg` of the API function `fn` as a channel name (its length in
+ * *len); raises naming `fn` unless it is a valid one. */
+const char *hub_lua_check_channel(lua_State *L, int arg, const char *fn, size_t *len);
+
+/* ---- lua_msg.c: the msg object of on_publish ------------------------------ */
+
+/* Registers the msg metatable. */
+void hub_lua_msg_open(lua_State *L);
 /* Pushes the msg object (a new one; policy.c keeps it at HUB_LUA_MSG). */
 void hub_lua_new_msg(struct hub_policy *p);
 /* Points the msg object at `data` for one on_publish call / detaches it. */
@@ -173,6 +210,10 @@ int hub_lua_is_msg(struct hub_policy *p, int idx);
  * returns 0. */
 int hub_lua_msg_push_decoded(struct hub_policy *p);
 
+/* ---- lua_conn.c: the conn object ------------------------------------------- */
+
+/* Registers the conn metatable. */
+void hub_lua_conn_open(lua_State *L);
 /* Pushes the Lua object of an open connection (cached through c->lua_ref,
  * or adopted from on_connect's object). Memory is not capped here. */
 void hub_lua_push_conn(struct hub_policy *p, struct hub_policy_conn *c);
@@ -187,22 +228,91 @@ void hub_lua_pending_done(struct hub_policy *p, int idx, int allowed,
 /* The connection is gone: its object raises "connection closed" from now. */
 void hub_lua_conn_gone(struct hub_policy *p, struct hub_policy_conn *c);
 
+/* ---- lua_json.c: JSON ------------------------------------------------------ */
+
 /* Encodes the value at `idx` as JSON (guarded against output blow-up,
  * checked to be valid UTF-8 JSON) and pushes the string. Raises with
  * `what` ("hub.publish: data") in the message. */
 void hub_lua_encode(struct hub_policy *p, lua_State *L, int idx, const char *what);
+/* Decodes the string at `idx` with cjson.safe (charged to the budget);
+ * pushes the value, or raises "<what>: cannot decode JSON: <cjson's
+ * message>". */
+void hub_lua_decode(struct hub_policy *p, lua_State *L, int idx, const char *what);
+/* hub.json.encode(v); hub.json.decode(s), with cjson.safe's semantics (nil,
+ * message on bad input); hub.json.array([t]): t (or a new table) marked to
+ * encode as a JSON array even when empty. */
+int hub_lua_json_encode(lua_State *L);
+int hub_lua_json_decode(lua_State *L);
+int hub_lua_json_array(lua_State *L);
 
+/* ---- lua_crypto.c: HMAC and JWT -------------------------------------------- */
+
+/* hub.hmac_sha256(key, text): the hex digest. */
+int hub_lua_hmac_sha256(lua_State *L);
+/* hub.jwt_verify(token, secret [, leeway]) (HS256) or
+ * hub.jwt_verify(token [, {secret, leeway, aud, iss}]) (HS256 with a
+ * secret; RS256 and ES256 with the keys of jwt_keys). Checks the signature
+ * before reading the claims, then exp, nbf and iat (with `leeway` seconds
+ * of clock skew allowed), iss and aud when asked. Returns the claims, or
+ * nil and why; raises for a mistake of the caller (docs/lua.md). */
+int hub_lua_jwt_verify(lua_State *L);
+
+/* JWT algorithms. */
+enum { HUB_JWT_HS256 = 1, HUB_JWT_RS256, HUB_JWT_ES256 };
+
+/* Decodes unpadded base64url (RFC 7515 §2; trailing '=' tolerated) into
+ * `out` (at least len * 3 / 4 + 1 bytes). Returns the length or -1. */
+long hub_lua_b64url_decode(const char *s, size_t len, unsigned char *out);
+
+/* Writes untrusted bytes s[0..len) for a message into out[0..n): at most
+ * n - 4 of them, bytes that are not printable ASCII as '?', "..." when
+ * cut. */
+void hub_lua_show(const char *s, size_t len, char *out, size_t n);
+
+/* ---- lua_jwt_keys.c: the keys of hub.jwt_verify ---------------------------- */
+
+/* Reads the files of cfg->jwt_keys (PEM or JWKS) into p->jwt_keys (NULL
+ * when the conf names none). Keys that cannot be used (a private key, RSA
+ * under 2048 bits, bad encoding...) are errors appended to `errs` as
+ * "FILE: key N (kid 'x'): why"; keys of another kind are skipped with a
+ * warning in `warns`. Returns 0, or -1 (p->jwt_keys then NULL). */
+int hub_lua_jwt_keys_load(struct hub_policy *p, struct hub_config_errors *errs,
+                          struct hub_config_errors *warns);
+void hub_lua_jwt_keys_free(struct hub_jwt_keys *keys);
+
+/* Checks the signature `sig` of data[0..dlen) (the token's
+ * "header.payload") for a token of `alg` (RS256 or ES256) and `kid` (NULL:
+ * none) against p->jwt_keys (not NULL): the key of that kid, or else the
+ * keys of that alg without a kid. Charges each check to the call's
+ * budget (may raise the budget stop). Returns 0, or -1 with the reason
+ * (for the caller of hub.jwt_verify) in why[0..n). */
+int hub_lua_jwt_keys_verify(struct hub_policy *p, lua_State *L, int alg, const char *kid,
+                            size_t kidlen, const char *data, size_t dlen,
+                            const unsigned char *sig, size_t slen, char *why, size_t n);
+
+/* ---- lua_timer.c: hub.after ------------------------------------------------ */
+
+/* Registers the timer metatable (with its cancel method). */
+void hub_lua_timer_open(lua_State *L);
+/* hub.after(seconds, fn): a timer object. */
+int hub_lua_after(lua_State *L);
 /* Starts the timers created while the policy was being built (once it is
  * in service). */
 void hub_lua_timers_start(struct hub_policy *p);
 /* Cancels every timer: closes the uv handles (freed in their close
  * callbacks; those only touch the handle) and drops the Lua refs. */
 void hub_lua_timers_close(struct hub_policy *p);
+/* For each pending timer, pushes its function and calls fn(p, ud), which
+ * pops it (the lint's roots). */
+void hub_lua_timers_each_fn(struct hub_policy *p, void (*fn)(struct hub_policy *p, void *ud),
+                            void *ud);
 
 /* ---- sandbox.c ---------------------------------------------------------- */
 
-/* Creates p->L (p->mem_max, p->budget set): the counting allocator, the
- * count hook, the panic and warn handlers, the sandboxed _ENV (registry ref
+/* Creates p->L (p->lim.mem_max, p->lim.budget set): the limits of
+ * lua_limits.c set for a policy (the counting allocator, the count hook
+ * every HUB_LUA_TICK instructions, the time limit, allocations charged at
+ * HUB_COST_ALLOC), the panic and warn handlers, the sandboxed _ENV (registry ref
  * p->ref_env; while the main chunk runs, its __newindex records the lines of
  * hook assignments in p->hook_line) with `hub` in it, and the stack layout
  * HUB_LUA_MSGH / HUB_LUA_MSG. Returns 0, or -1 if no state could be made. */
@@ -219,7 +329,10 @@ void hub_sandbox_arm(struct hub_policy *p);
  * out or the call is past its time limit. No-op outside calls. Call it
  * before the work it pays for, or every few thousand instructions' worth
  * of it, so that no C loop runs long between two checks. */
-void hub_sandbox_charge(struct hub_policy *p, lua_State *L, int64_t n);
+static inline void hub_sandbox_charge(struct hub_policy *p, lua_State *L, int64_t n)
+{
+    hub_lua_limits_charge(&p->lim, L, n);
+}
 
 /* Fails the call in progress with an out-of-memory error (that pcall
  * cannot catch, like the allocator's) for memory counted outside the
@@ -241,7 +354,7 @@ void hub_lua_stdlib_bound(lua_State *L);
  * step-counted matcher of lua_pattern.c. */
 void hub_lua_pattern_open(lua_State *L, int strlib);
 
-/* ---- policy.c ----------------------------------------------------------- */
+/* ---- policy_call.c: running one call ------------------------------------- */
 
 /* Runs the function under `nargs` arguments on top of the stack as `phase`
  * (a hook or HUB_PHASE_TIMER) for connection `c` / `conn_id`, under the
@@ -251,7 +364,63 @@ void hub_lua_pattern_open(lua_State *L, int strlib);
 int hub_policy_pcall(struct hub_policy *p, int phase, struct hub_policy_conn *c,
                      uint64_t conn_id, int nargs, int nres);
 
+/* Runs the function under `nargs` arguments with the budgets on, as
+ * `phase`; nothing is counted or logged. Returns the lua_pcall status,
+ * LUA_ERRRUN also when the call ended normally after its budget ran out
+ * (the results are then popped and a nil error object pushed). */
+int hub_policy_call(struct hub_policy *p, int phase, int nargs, int nres);
+
+/* Writes what went wrong in the last call into `out`: the budget stop, an
+ * out-of-memory error, or the error object (with a position; `where` if it
+ * has none). Pops the error object when `status` is an error. */
+void hub_policy_describe_failure(struct hub_policy *p, int status, const char *where,
+                                 struct hub_buf *out);
+
+/* Counts and logs the failure of the last call (`status`, error on top). */
+void hub_policy_fail(struct hub_policy *p, int phase, uint64_t conn_id, int status);
+
+/* A hook returned something it may not: logged and counted like an error. */
+void hub_policy_bad_return(struct hub_policy *p, int phase, uint64_t conn_id,
+                           const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+/* Encodes the value at `idx` as JSON under the budgets of the call that
+ * produced it; the string stays on the stack (*s, *n point into it).
+ * Returns 0, or -1 after counting and logging the failure. */
+int hub_policy_encode_result(struct hub_policy *p, int phase, uint64_t conn_id, int idx,
+                             const char *what, const char **s, size_t *n);
+
 /* Name of a phase: "on_publish", "timer", "load". */
 const char *hub_policy_phase_name(int phase);
+
+/* ---- policy.c: building ------------------------------------------------------ */
+
+/* Appends a message to `e` (a list of errors or of warnings; NULL: the
+ * message is dropped). */
+void hub_policy_add_msg(struct hub_config_errors *e, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Reads the regular file `path`, at most `max` bytes, into `out` (NUL-
+ * terminated). Returns 0, or -1 with the reason in why[0..n) ("No such
+ * file or directory", "not a regular file", "larger than 1 MiB"). A
+ * blocking read of a local file: at load and reload only. */
+int hub_policy_read_file(const char *path, size_t max, struct hub_buf *out, char *why,
+                         size_t n);
+
+/* ---- policy_lint.c: warnings ---------------------------------------------- */
+
+/* Appends to `warns` ("FILE:LINE: message") what is likely a mistake in
+ * the policy just loaded (its main chunk has run; p->ref_assigned is set):
+ * global functions named on_* that are not hooks, hooks that take more
+ * parameters than the hub passes or whose parameters look shifted,
+ * globals assigned while loading that no hook or timer uses, and globals
+ * that hooks or timers read but nothing assigns (docs/lua.md, "Warnings").
+ * Reads the state only (no Lua code runs, memory uncapped). */
+void hub_policy_lint(struct hub_policy *p, struct hub_config_errors *warns);
+
+/* ---- policy_hooks.c: the hooks' entry points --------------------------------- */
+
+/* Creates the metatable of on_connect's req.headers (lookups in any case)
+ * as p->ref_headers_mt. */
+void hub_policy_req_open(struct hub_policy *p);
 
 #endif

@@ -54,11 +54,6 @@ struct matcher {
     struct capture cap[MAX_CAPTURES];
 };
 
-static struct hub_policy *policy_of(lua_State *L)
-{
-    return *(struct hub_policy **)lua_getextraspace(L);
-}
-
 /* Takes `n` steps; every STEP_BATCH of them are charged (and may raise the
  * budget stop, which unwinds the matcher: it owns no C resource). */
 static void step(struct matcher *m, unsigned n)
@@ -89,7 +84,7 @@ static void begin(struct matcher *m, lua_State *L, const char *s, size_t ls,
                   const char *pat, size_t lp)
 {
     m->L = L;
-    m->p = policy_of(L);
+    m->p = hub_lua_policy(L);
     m->src = s;
     m->src_end = s + ls;
     m->pat_end = pat + lp;
@@ -457,7 +452,7 @@ static int find_or_match(lua_State *L, int find)
     const char *s = luaL_checklstring(L, 1, &ls);
     const char *pat = luaL_checklstring(L, 2, &lp);
     size_t init = start_offset(luaL_optinteger(L, 3, 1), ls);
-    struct hub_policy *p = policy_of(L);
+    struct hub_policy *p = hub_lua_policy(L);
 
     if (init > ls) {
         luaL_pushfail(L);

@@ -37,14 +37,9 @@
 #define STACK_MAX 1000000   /* LUAI_MAXSTACK: more results cannot exist */
 #define SKIP_CHUNK 4096     /* bytes scanned between two charges */
 
-static struct hub_policy *policy_of(lua_State *L)
-{
-    return *(struct hub_policy **)lua_getextraspace(L);
-}
-
 static void charge(lua_State *L, int64_t n)
 {
-    hub_sandbox_charge(policy_of(L), L, n);
+    hub_sandbox_charge(hub_lua_policy(L), L, n);
 }
 
 /* `n` units at `per` instructions each, saturated (n may be near 2^64). */
@@ -132,7 +127,7 @@ static int w_format(lua_State *L)
  * nothing (string.rep("", 2^62) never ends), and the bytes. */
 static int w_rep(lua_State *L)
 {
-    struct hub_policy *p = policy_of(L);
+    struct hub_policy *p = hub_lua_policy(L);
     size_t l, lsep = 0;
     luaL_checklstring(L, 1, &l);
     lua_Integer n = luaL_checkinteger(L, 2);
@@ -140,7 +135,7 @@ static int w_rep(lua_State *L)
 
     if (n > 0 && l + lsep >= l && l + lsep <= (size_t)INT64_MAX / (uint64_t)n) {
         uint64_t total = (uint64_t)n * (l + lsep);
-        if (p->cap_on && total > p->mem_max)
+        if (p->lim.cap_on && total > p->lim.mem_max)
             return ORIG(L)(L); /* its first allocation fails: a memory error */
         charge(L, (int64_t)n / 2 + (int64_t)(total / HUB_COST_COPY) + 1);
     }
@@ -497,17 +492,32 @@ static int w_warn(lua_State *L)
     return ORIG(L)(L);
 }
 
-/* os.date: strftime per conversion */
+/* The policy's time in whole seconds (hub_lua_now_ms: the fake clock of
+ * `luahub test`, else the wall clock, as time(NULL) would give). */
+static lua_Integer now_s(lua_State *L)
+{
+    return (lua_Integer)(hub_lua_now_ms(hub_lua_policy(L)) / 1000.0);
+}
+
+/* os.date: strftime per conversion; without a time, the policy's */
 static int w_date(lua_State *L)
 {
     charge(L, 16 + times(str_len(L, 1), 8));
+    if (lua_isnoneornil(L, 2)) {
+        lua_settop(L, 1);
+        lua_pushinteger(L, now_s(L));
+    }
     return ORIG(L)(L);
 }
 
-/* os.time(t): mktime (with a time zone lookup) */
+/* os.time(t): mktime (with a time zone lookup); os.time(): the policy's */
 static int w_time(lua_State *L)
 {
     charge(L, lua_istable(L, 1) ? 256 : 1);
+    if (lua_isnoneornil(L, 1)) {
+        lua_pushinteger(L, now_s(L));
+        return 1;
+    }
     return ORIG(L)(L);
 }
 

@@ -137,3 +137,24 @@ int hub_msg_delivery_data(const char *p, size_t n, const char **data, size_t *le
     *len = (size_t)(e - d);
     return 0;
 }
+
+void hub_msg_history_json(struct hub_buf *b, struct hub_msg *const *msgs, size_t n,
+                          size_t max)
+{
+    size_t k = 0, put = 0;
+    hub_buf_appends(b, "\"messages\":[");
+    for (; k < n; k++) {
+        const char *d;
+        size_t dl;
+        struct hub_msg *m = msgs[k];
+        if (hub_msg_delivery_data((const char *)hub_msg_payload(m), m->payload_len, &d, &dl) < 0)
+            continue;
+        if (b->len + dl + 48 > max)
+            break;
+        hub_buf_printf(b, "%s{\"offset\":%llu,\"data\":", put++ ? "," : "",
+                       (unsigned long long)m->offset);
+        hub_buf_append(b, d, dl);
+        hub_buf_appends(b, "}");
+    }
+    hub_buf_printf(b, "],\"truncated\":%s", k < n ? "true" : "false");
+}

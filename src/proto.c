@@ -8,6 +8,7 @@
  * it, because the whole message is given to one yajl_parse() call: that is
  * what makes the spans exact. */
 #include "luahub/proto.h"
+#include "proto_impl.h"
 #include "luahub/hash.h"
 
 #include <stdarg.h>
@@ -47,16 +48,6 @@ const char *hub_proto_code_name(int code)
     return code_names[code];
 }
 
-__attribute__((format(printf, 3, 4)))
-static int fail(struct hub_proto_error *err, int code, const char *fmt, ...)
-{
-    va_list ap;
-    err->code = code;
-    va_start(ap, fmt);
-    vsnprintf(err->message, sizeof(err->message), fmt, ap);
-    va_end(ap);
-    return -1;
-}
 
 /* Writes a printable, bounded rendering of a client-supplied name (op, key)
  * for an error message: the message must stay short, valid UTF-8 and free of
@@ -79,141 +70,6 @@ static const char *show(char *dst, const char *s, size_t n)
     }
     dst[o] = '\0';
     return dst;
-}
-
-/* ---- channel names ---- */
-
-static const unsigned char chan_ok[256] = {
-    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1,
-    ['H'] = 1, ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1,
-    ['O'] = 1, ['P'] = 1, ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1,
-    ['V'] = 1, ['W'] = 1, ['X'] = 1, ['Y'] = 1, ['Z'] = 1,
-    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1,
-    ['h'] = 1, ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1,
-    ['o'] = 1, ['p'] = 1, ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1,
-    ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1,
-    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1,
-    ['7'] = 1, ['8'] = 1, ['9'] = 1,
-    ['_'] = 1, [':'] = 1, ['.'] = 1, ['@'] = 1, ['/'] = 1, ['='] = 1, ['#'] = 1,
-    ['-'] = 1,
-};
-
-int hub_proto_channel_valid(const char *p, size_t len)
-{
-    if (len == 0 || len > HUB_CHANNEL_MAX)
-        return 0;
-    for (size_t i = 0; i < len; i++)
-        if (!chan_ok[(unsigned char)p[i]])
-            return 0;
-    return 1;
-}
-
-/* hub_proto_channel_valid() that says which rule failed. `where` prefixes
- * the message ("" or " in 'channels' entry 3"). Never echoes the raw byte
- * unless it is printable ASCII. */
-static int chan_check(const char *p, size_t len, const char *where,
-                      struct hub_proto_error *err)
-{
-    if (len == 0)
-        return fail(err, HUB_PERR_INVALID_CHANNEL, "invalid channel name%s: empty",
-                    where);
-    if (len > HUB_CHANNEL_MAX)
-        return fail(err, HUB_PERR_INVALID_CHANNEL,
-                    "invalid channel name%s: %zu bytes long, at most %d allowed",
-                    where, len, HUB_CHANNEL_MAX);
-    for (size_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)p[i];
-        if (chan_ok[c])
-            continue;
-        char shown[12] = "";
-        if (c > 0x20 && c < 0x7f)
-            snprintf(shown, sizeof(shown), " ('%c')", c);
-        else if (c == 0x20)
-            snprintf(shown, sizeof(shown), " (space)");
-        return fail(err, HUB_PERR_INVALID_CHANNEL,
-                    "invalid channel name%s: byte 0x%02x%s at offset %zu is not "
-                    "allowed (only A-Z a-z 0-9 _ : . @ / = # -)",
-                    where, c, shown, i);
-    }
-    return 0;
-}
-
-/* ---- text checks yajl does not make ---- */
-
-/* yajl's lexer checks only the shape of UTF-8 sequences (it takes overlong
- * forms, UTF-16 surrogates and code points past U+10FFFF) and treats vertical
- * tab and form feed as whitespace. Data is relayed verbatim in text frames, so
- * either would let one publisher send frames that browsers refuse (close
- * 1007) or JSON.parse() rejects. Returns the offset of the first bad byte, or
- * `n`; `*utf8` tells which rule failed. */
-static size_t scan_text(const unsigned char *s, size_t n, int *utf8)
-{
-    const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
-    size_t i = 0, first_ctl = n;
-
-    *utf8 = 0;
-    while (i < n) {
-        /* Fast path: 8 ASCII bytes, none of them \v or \f. */
-        if (n - i >= 8) {
-            uint64_t w, v, f;
-            memcpy(&w, s + i, 8);
-            v = w ^ (ones * 0x0b);
-            f = w ^ (ones * 0x0c);
-            if (!((w | ((v - ones) & ~v) | ((f - ones) & ~f)) & highs)) {
-                i += 8;
-                continue;
-            }
-        }
-        unsigned c = s[i];
-        if (c < 0x80) {
-            /* \v and \f: not JSON whitespace; the scan goes on, for an
-             * invalid UTF-8 sequence after it decides how the frame fails. */
-            if ((c == 0x0b || c == 0x0c) && first_ctl == n)
-                first_ctl = i;
-            i++;
-            continue;
-        }
-        /* RFC 3629 table 3.7: the second byte's range depends on the first. */
-        unsigned lo = 0x80, hi = 0xbf;
-        size_t need;
-        if (c >= 0xc2 && c <= 0xdf)
-            need = 1;
-        else if (c >= 0xe0 && c <= 0xef) {
-            need = 2;
-            if (c == 0xe0)
-                lo = 0xa0;
-            else if (c == 0xed)
-                hi = 0x9f;
-        } else if (c >= 0xf0 && c <= 0xf4) {
-            need = 3;
-            if (c == 0xf0)
-                lo = 0x90;
-            else if (c == 0xf4)
-                hi = 0x8f;
-        } else {
-            *utf8 = 1;
-            return i;
-        }
-        if (n - i <= need || s[i + 1] < lo || s[i + 1] > hi) {
-            *utf8 = 1;
-            return i;
-        }
-        for (size_t k = 2; k <= need; k++) {
-            if ((s[i + k] & 0xc0) != 0x80) {
-                *utf8 = 1;
-                return i;
-            }
-        }
-        i += need + 1;
-    }
-    return first_ctl;
-}
-
-int hub_proto_utf8_valid(const char *p, size_t len)
-{
-    int utf8;
-    scan_text((const unsigned char *)p, len, &utf8);
-    return !utf8;
 }
 
 /* ---- allocation arena for yajl ----
@@ -413,7 +269,7 @@ static void entry(struct parse *p, int type, const char *s, size_t n)
         return; /* fails anyway: stop collecting */
     char where[32];
     snprintf(where, sizeof(where), " in channels[%u]", idx);
-    if (chan_check(s, n, where, &p->entry_err) < 0) {
+    if (hub_proto_chan_check(s, n, where, &p->entry_err) < 0) {
         p->entry_bad = 1;
         return;
     }
@@ -437,7 +293,7 @@ static int value(struct parse *p, int type, const char *s, size_t n)
 {
     if (p->depth == 0) {
         /* The first event of a command must open the message object. */
-        fail(p->err, HUB_PERR_BAD_REQUEST, "message must be a JSON object, not %s",
+        hub_proto_fail(p->err, HUB_PERR_BAD_REQUEST, "message must be a JSON object, not %s",
              type_names[type]);
         return stop(p);
     }
@@ -530,7 +386,7 @@ static int enter(struct parse *p, int type)
     if ((p->depth > 0 || type != T_OBJECT) && !value(p, type, NULL, 0))
         return 0;
     if (p->depth == p->max_depth) {
-        fail(p->err, HUB_PERR_BAD_REQUEST, "JSON nested deeper than %d levels",
+        hub_proto_fail(p->err, HUB_PERR_BAD_REQUEST, "JSON nested deeper than %d levels",
              MAX_DEPTH);
         return stop(p);
     }
@@ -644,16 +500,16 @@ static int run(struct parse *p, const yajl_callbacks *cbs)
     yajl_alloc_funcs af = {a_malloc, a_realloc, a_free, &a};
     const unsigned char *t = (const unsigned char *)p->buf;
     int utf8 = 0, rc = -1;
-    size_t at = scan_text(t, p->len, &utf8);
+    size_t at = hub_proto_scan_text(t, p->len, &utf8);
 
     if (at != p->len) {
         p->err->invalid_utf8 = utf8;
-        return fail(p->err, HUB_PERR_BAD_REQUEST, "invalid JSON: %s at byte %zu",
+        return hub_proto_fail(p->err, HUB_PERR_BAD_REQUEST, "invalid JSON: %s at byte %zu",
                     utf8 ? "invalid UTF-8" : "unexpected character", at);
     }
     a.used = 0;
     p->h = yajl_alloc(cbs, &af, p);
-    /* scan_text() is the stricter check; yajl's would repeat part of it. */
+    /* hub_proto_scan_text() is the stricter check; yajl's would repeat part of it. */
     yajl_config(p->h, yajl_dont_validate_strings, 1);
     yajl_status st = yajl_parse(p->h, t, p->len);
     at = yajl_get_bytes_consumed(p->h);
@@ -668,7 +524,7 @@ static int run(struct parse *p, const yajl_callbacks *cbs)
         rc = -1;
     } else {
         unsigned char *e = yajl_get_error(p->h, 0, NULL, 0);
-        fail(p->err, HUB_PERR_BAD_REQUEST, "invalid JSON: %s at byte %zu",
+        hub_proto_fail(p->err, HUB_PERR_BAD_REQUEST, "invalid JSON: %s at byte %zu",
              short_reason(e ? (const char *)e : ""), at < p->len ? at : p->len);
         if (e)
             yajl_free_error(p->h, e);
@@ -710,21 +566,21 @@ static int check_members(const struct parse *p, unsigned required,
         opname = show(sop, for_op, strlen(for_op));
     }
     if (p->have_other)
-        return fail(err, HUB_PERR_BAD_REQUEST, "unknown field '%s%s%s'", p->other,
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "unknown field '%s%s%s'", p->other,
                     suffix, opname);
     for (int f = 0; f < F__COUNT; f++)
         if ((required & BIT(f)) && !(p->seen & BIT(f)))
-            return fail(err, HUB_PERR_BAD_REQUEST, "missing field '%s'",
+            return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "missing field '%s'",
                         field_names[f]);
     if ((p->seen & BIT(F_CHANNEL)) && p->v[F_CHANNEL].type != T_STRING)
-        return fail(err, HUB_PERR_BAD_REQUEST, "field 'channel' must be a string");
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "field 'channel' must be a string");
     if ((p->seen & BIT(F_METHOD)) && p->v[F_METHOD].type != T_STRING)
-        return fail(err, HUB_PERR_BAD_REQUEST, "field 'method' must be a string");
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "field 'method' must be a string");
     if ((p->seen & BIT(F_CHANNELS)) &&
         (p->v[F_CHANNELS].type != T_ARRAY || p->entry_type_bad))
-        return fail(err, HUB_PERR_BAD_REQUEST,
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST,
                     "field 'channels' must be an array of strings");
-    if ((p->seen & BIT(F_CHANNEL)) && chan_check(p->chan, p->chan_len, "", err) < 0)
+    if ((p->seen & BIT(F_CHANNEL)) && hub_proto_chan_check(p->chan, p->chan_len, "", err) < 0)
         return -1;
     return 0;
 }
@@ -790,30 +646,30 @@ static int decode_pos(const struct parse *p, int f, struct hub_cmd_pos *pos,
 {
     const char *name = field_names[f];
     if (p->v[f].type != T_OBJECT)
-        return fail(err, HUB_PERR_BAD_REQUEST,
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST,
                     "field '%s' must be an object {\"offset\":N,\"epoch\":\"E\"}", name);
     if (p->pos.other)
-        return fail(err, HUB_PERR_BAD_REQUEST, "unknown field '%s' in '%s'",
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "unknown field '%s' in '%s'",
                     p->pos.other_name, name);
     if (p->pos.dup)
-        return fail(err, HUB_PERR_BAD_REQUEST, "duplicate field in '%s'", name);
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "duplicate field in '%s'", name);
     if (!(p->pos.seen & 1))
-        return fail(err, HUB_PERR_BAD_REQUEST, "missing field 'offset' in '%s'", name);
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "missing field 'offset' in '%s'", name);
     if (p->pos.otype != T_INT ||
         parse_offset(p->buf + p->pos.ostart, p->pos.oend - p->pos.ostart, &pos->offset) < 0)
-        return fail(err, HUB_PERR_BAD_REQUEST,
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST,
                     "'%s.offset' must be an integer from 0 to %lld", name,
                     (long long)HUB_OFFSET_MAX);
     if (p->pos.seen & 2) {
         if (p->pos.etype != T_STRING)
-            return fail(err, HUB_PERR_BAD_REQUEST, "'%s.epoch' must be a string", name);
+            return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "'%s.epoch' must be a string", name);
         if (p->pos.elen > HUB_EPOCH_MAX)
-            return fail(err, HUB_PERR_BAD_REQUEST,
+            return hub_proto_fail(err, HUB_PERR_BAD_REQUEST,
                         "'%s.epoch' is too long (at most %d bytes)", name, HUB_EPOCH_MAX);
         memcpy(pos->epoch, p->pos.epoch, p->pos.elen + 1);
         pos->has_epoch = 1;
     } else if (f == F_SINCE) {
-        return fail(err, HUB_PERR_BAD_REQUEST,
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST,
                     "missing field 'epoch' in 'since': an offset names a message only "
                     "with its epoch");
     }
@@ -829,7 +685,7 @@ static int decode_count(const struct parse *p, int f, uint32_t *out,
     const struct val *x = &p->v[f];
     if (x->type != T_INT || parse_offset(p->buf + x->start, x->end - x->start, &v) < 0 ||
         v < 1 || v > INT32_MAX)
-        return fail(err, HUB_PERR_BAD_REQUEST, "field '%s' must be a positive integer",
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "field '%s' must be a positive integer",
                     field_names[f]);
     *out = (uint32_t)v;
     return 0;
@@ -868,45 +724,45 @@ int hub_proto_decode(const char *buf, size_t len, struct hub_cmd *cmd,
         cmd->id = span_of(&p, F_ID);
 
     if (p.dup >= 0)
-        return fail(err, HUB_PERR_BAD_REQUEST, "duplicate field '%s'",
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "duplicate field '%s'",
                     field_names[p.dup]);
     if (id_seen && !id_valid) {
         if (p.v[F_ID].type == T_STRING)
-            return fail(err, HUB_PERR_BAD_REQUEST,
+            return hub_proto_fail(err, HUB_PERR_BAD_REQUEST,
                         "field 'id' is too long (at most %d bytes)", ID_STRING_MAX);
         if (p.v[F_ID].type == T_INT)
-            return fail(err, HUB_PERR_BAD_REQUEST,
+            return hub_proto_fail(err, HUB_PERR_BAD_REQUEST,
                         "field 'id' is too long (at most %d characters)", ID_INT_MAX);
-        return fail(err, HUB_PERR_BAD_REQUEST,
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST,
                     "field 'id' must be an integer or a string");
     }
     if (!(p.seen & BIT(F_OP)))
-        return fail(err, HUB_PERR_BAD_REQUEST, "missing field 'op'");
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "missing field 'op'");
     if (p.v[F_OP].type != T_STRING)
-        return fail(err, HUB_PERR_BAD_REQUEST, "field 'op' must be a string");
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "field 'op' must be a string");
     int op = p.op_len <= SHOW_MAX ? op_of(p.op, p.op_len) : HUB_OP_NONE;
     if (op == HUB_OP_NONE)
-        return fail(err, HUB_PERR_UNKNOWN_OP, "unknown op '%s'",
+        return hub_proto_fail(err, HUB_PERR_UNKNOWN_OP, "unknown op '%s'",
                     show(shown, p.op, p.op_len < sizeof(p.op) ? p.op_len : sizeof(p.op)));
 
     /* A member of another op is as unknown to this one as any other key. */
     unsigned extra = p.seen & ~ops[op].allowed;
     if (extra && !p.have_other) {
         int f = __builtin_ctz(extra);
-        return fail(err, HUB_PERR_BAD_REQUEST, "unknown field '%s' for op '%s'",
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "unknown field '%s' for op '%s'",
                     field_names[f], ops[op].name);
     }
     if (check_members(&p, ops[op].required, ops[op].name, err) < 0)
         return -1;
     if (p.seen & BIT(F_METHOD)) {
         if (p.method_len == 0)
-            return fail(err, HUB_PERR_BAD_REQUEST, "field 'method' must not be empty");
+            return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "field 'method' must not be empty");
         if (p.method_len > HUB_METHOD_MAX)
-            return fail(err, HUB_PERR_BAD_REQUEST,
+            return hub_proto_fail(err, HUB_PERR_BAD_REQUEST,
                         "field 'method' is too long (at most %d bytes)", HUB_METHOD_MAX);
         for (size_t i = 0; i < p.method_len; i++)
             if ((unsigned char)p.method[i] < 0x20 || p.method[i] == 0x7f)
-                return fail(err, HUB_PERR_BAD_REQUEST,
+                return hub_proto_fail(err, HUB_PERR_BAD_REQUEST,
                             "field 'method' must not contain control characters");
         cmd->method_len = p.method_len;
     }
@@ -923,12 +779,12 @@ int hub_proto_decode(const char *buf, size_t len, struct hub_cmd *cmd,
     if ((p.seen & BIT(F_LIMIT)) && decode_count(&p, F_LIMIT, &cmd->limit, err) < 0)
         return -1;
     if ((p.seen & BIT(F_RECOVER)) && (p.seen & BIT(F_REWIND)))
-        return fail(err, HUB_PERR_BAD_REQUEST,
+        return hub_proto_fail(err, HUB_PERR_BAD_REQUEST,
                     "'recover' and 'rewind' do not go together: recover continues from "
                     "an offset, rewind starts from the last N messages");
     if (p.seen & BIT(F_REVERSE)) {
         if (p.v[F_REVERSE].type != T_BOOL)
-            return fail(err, HUB_PERR_BAD_REQUEST, "field 'reverse' must be true or false");
+            return hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "field 'reverse' must be true or false");
         cmd->reverse = p.buf[p.v[F_REVERSE].start] == 't';
     }
     cmd->op = op;
@@ -962,18 +818,18 @@ int hub_proto_decode_api(const char *buf, size_t len, int broadcast,
     if (run(&p, &msg_callbacks) < 0)
         goto out;
     if (p.dup >= 0) {
-        fail(err, HUB_PERR_BAD_REQUEST, "duplicate field '%s'", field_names[p.dup]);
+        hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "duplicate field '%s'", field_names[p.dup]);
         goto out;
     }
     if (check_members(&p, members, NULL, err) < 0)
         goto out;
     if (broadcast) {
         if (p.entries == 0) {
-            fail(err, HUB_PERR_BAD_REQUEST, "field 'channels' must not be empty");
+            hub_proto_fail(err, HUB_PERR_BAD_REQUEST, "field 'channels' must not be empty");
             goto out;
         }
         if (p.entries > HUB_API_MAX_CHANNELS) {
-            fail(err, HUB_PERR_LIMIT_EXCEEDED, "too many channels: %u, at most %d",
+            hub_proto_fail(err, HUB_PERR_LIMIT_EXCEEDED, "too many channels: %u, at most %d",
                  p.entries, HUB_API_MAX_CHANNELS);
             goto out;
         }
@@ -1033,153 +889,4 @@ int hub_proto_json_valid(const char *p, size_t len)
     parse_init(&ps, p, len, 0, &err);
     ps.max_depth = MAX_DEPTH;   /* on_open_any() stops without filling err */
     return run(&ps, &any_callbacks) == 0;
-}
-
-/* ---- encoders ---- */
-
-#define PUT(b, lit) hub_buf_append((b), lit, sizeof(lit) - 1)
-
-static void open_reply(struct hub_buf *b, struct hub_span id)
-{
-    PUT(b, "{");
-    if (id.len) {
-        PUT(b, "\"id\":");
-        hub_buf_append(b, id.p, id.len);
-        PUT(b, ",");
-    }
-}
-
-void hub_proto_encode_ok(struct hub_buf *b, struct hub_span id,
-                         const char *channel, size_t channel_len)
-{
-    open_reply(b, id);
-    PUT(b, "\"ok\":true");
-    if (channel && channel_len) {
-        PUT(b, ",\"channel\":");
-        hub_buf_append_json_string(b, channel, channel_len);
-    }
-    PUT(b, "}");
-}
-
-void hub_proto_encode_ok_pos(struct hub_buf *b, struct hub_span id, const char *channel,
-                             size_t channel_len, uint64_t offset, const char *epoch,
-                             int recovered, int64_t missed)
-{
-    hub_proto_encode_ok(b, id, channel, channel_len);
-    b->len--;                           /* reopen the object */
-    if (recovered >= 0)
-        hub_buf_printf(b, ",\"recovered\":%s", recovered ? "true" : "false");
-    hub_buf_printf(b, ",\"offset\":%llu,\"epoch\":", (unsigned long long)offset);
-    hub_buf_append_json_string(b, epoch, strlen(epoch));
-    if (missed >= 0)
-        hub_buf_printf(b, ",\"missed\":%lld", (long long)missed);
-    PUT(b, "}");
-}
-
-void hub_proto_encode_ok_data(struct hub_buf *b, struct hub_span id,
-                              struct hub_span data)
-{
-    open_reply(b, id);
-    PUT(b, "\"ok\":true,\"data\":");
-    if (data.len)
-        hub_buf_append(b, data.p, data.len);
-    else
-        PUT(b, "null");   /* an empty span would leave the reply unparseable */
-    PUT(b, "}");
-}
-
-void hub_proto_encode_error(struct hub_buf *b, struct hub_span id, int code,
-                            const char *message)
-{
-    open_reply(b, id);
-    PUT(b, "\"ok\":false,\"error\":{\"code\":\"");
-    hub_buf_appends(b, hub_proto_code_name(code));
-    PUT(b, "\",\"message\":");
-    message = message ? message : "";
-    hub_buf_append_json_string(b, message, strlen(message));
-    PUT(b, "}}");
-}
-
-void hub_proto_encode_rate_limited(struct hub_buf *b, struct hub_span id, const char *message,
-                                   uint64_t retry_ms)
-{
-    hub_proto_encode_error(b, id, HUB_PERR_RATE_LIMITED, message);
-    b->len -= 2;                        /* reopen the error object */
-    hub_buf_printf(b, ",\"retry_in_ms\":%llu}}", (unsigned long long)retry_ms);
-}
-
-void hub_proto_encode_welcome(struct hub_buf *b, const char *client_id,
-                              const char *version, unsigned ping)
-{
-    PUT(b, "{\"op\":\"welcome\",\"client\":");
-    hub_buf_append_json_string(b, client_id, strlen(client_id));
-    PUT(b, ",\"version\":");
-    hub_buf_append_json_string(b, version, strlen(version));
-    hub_buf_printf(b, ",\"ping\":%u}", ping);
-}
-
-static const char deliv_head[] = "{\"op\":\"message\",\"channel\":\"";
-static const char deliv_mid[] = "\",\"data\":";
-
-size_t hub_proto_delivery_len(size_t channel_len, size_t data_len)
-{
-    return sizeof(deliv_head) - 1 + channel_len + sizeof(deliv_mid) - 1 + data_len + 1;
-}
-
-size_t hub_proto_write_delivery(char *dst, const char *channel, size_t channel_len,
-                                const char *data, size_t data_len)
-{
-    char *o = dst;
-    memcpy(o, deliv_head, sizeof(deliv_head) - 1);
-    o += sizeof(deliv_head) - 1;
-    memcpy(o, channel, channel_len);
-    o += channel_len;
-    memcpy(o, deliv_mid, sizeof(deliv_mid) - 1);
-    o += sizeof(deliv_mid) - 1;
-    memcpy(o, data, data_len);
-    o += data_len;
-    *o++ = '}';
-    return (size_t)(o - dst);
-}
-
-size_t hub_proto_array_cut(const char *p, size_t n, size_t max, size_t *elements)
-{
-    size_t keep = 1, count = 0;
-    int depth = 0, in_str = 0;
-    *elements = 0;
-    if (n < 2 || p[0] != '[')
-        return 1;
-    for (size_t i = 1; i < n; i++) {
-        char c = p[i];
-        int ended = 0;
-        if (in_str) {
-            if (c == '\\') {
-                i++;
-            } else if (c == '"') {
-                in_str = 0;
-                ended = depth == 0;
-            }
-        } else if (c == '"') {
-            in_str = 1;
-        } else if (c == '[' || c == '{') {
-            depth++;
-        } else if (c == ']' || c == '}') {
-            if (depth == 0)
-                break;                  /* the array's own end */
-            ended = --depth == 0;
-        } else if (depth == 0 && c != ',' && c != ' ' && c != '\t' && c != '\r' &&
-                   c != '\n') {
-            /* a number or literal: it ends before , ] or blank */
-            char d = i + 1 < n ? p[i + 1] : ']';
-            ended = d == ',' || d == ']' || d == ' ' || d == '\t' || d == '\r' || d == '\n';
-        }
-        if (ended) {
-            if (i + 2 > max)
-                break;
-            keep = i + 1;
-            count++;
-        }
-    }
-    *elements = count;
-    return keep;
 }

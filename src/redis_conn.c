@@ -220,6 +220,16 @@ static void on_handshake_reply(redisAsyncContext *ac, void *reply, void *privdat
         hub_rbroker_conn_drop(rc, why, HUB_LOG_ERROR, LOST_CLOSED);
         return;
     }
+    int k = rc->hs_i - rc->hs_script0;
+    if (rc->role == ROLE_CMD && k >= 0 && k < SCRIPT_N) {
+        /* SCRIPT LOAD answers the SHA1 that EVALSHA takes. */
+        if (r->type != REDIS_REPLY_STRING || r->len != 40) {
+            hub_rbroker_conn_drop(rc, "SCRIPT LOAD did not answer a SHA1", HUB_LOG_ERROR,
+                                  LOST_CLOSED);
+            return;
+        }
+        memcpy(rc->sh->b->sha[k], r->str, 41);
+    }
     if (++rc->hs_i == rc->hs_n)
         handshake_done(rc);
 }
@@ -259,6 +269,18 @@ static void on_connect(const redisAsyncContext *cac, int status)
         size_t argl[2] = {6, strlen(db)};
         redisAsyncCommandArgv(ac, on_handshake_reply, rc, 2, argv, argl);
         rc->hs_cmd[rc->hs_n++] = "SELECT";
+    }
+    /* The history and presence scripts, before anything can call them (a
+     * restarted Redis has an empty script cache). */
+    rc->hs_script0 = rc->hs_n;
+    if (rc->role == ROLE_CMD) {
+        for (int k = 0; k < SCRIPT_N; k++) {
+            const char *text = hub_rbroker_script_text(k);
+            const char *argv[3] = {"SCRIPT", "LOAD", text};
+            size_t argl[3] = {6, 4, strlen(text)};
+            redisAsyncCommandArgv(ac, on_handshake_reply, rc, 3, argv, argl);
+            rc->hs_cmd[rc->hs_n++] = "SCRIPT LOAD";
+        }
     }
     /* PING last: its answer proves the server is serving us (a SIGSTOPped
      * Redis still completes TCP handshakes from its listen backlog). */

@@ -12,7 +12,11 @@
 struct redis_uv {
     redisAsyncContext *ac;      /* NULL once hiredis called cleanup */
     uv_poll_t poll;
-    int events;                 /* UV_READABLE | UV_WRITABLE wanted by hiredis */
+    uv_prepare_t write_soon;    /* writes the commands of this iteration */
+    int events;                 /* UV_READABLE | UV_WRITABLE polled for */
+    int armed;                  /* the mask the poll handle was started with */
+    int writing;                /* inside the write_soon callback */
+    int open_handles;           /* freed when both are closed */
 };
 
 static void on_poll(uv_poll_t *h, int status, int events)
@@ -35,10 +39,16 @@ static void on_poll(uv_poll_t *h, int status, int events)
         redisAsyncHandleWrite(p->ac);
 }
 
-/* Re-arms the poll handle for p->events, or stops it when there are none.
- * uv_poll_start on an active handle just changes its event mask. */
+/* Re-arms the poll handle for p->events, or stops it when there are none,
+ * only when the mask changes: libuv 1.44's uv_poll_start on an active
+ * handle stops and restarts its watcher, which costs an epoll_ctl ADD that
+ * fails with EEXIST and a MOD at the next poll, and hiredis asks for
+ * reading again after every write (docs/internals.md, "Redis writes"). */
 static void update(struct redis_uv *p)
 {
+    if (p->events == p->armed)
+        return;
+    p->armed = p->events;
     if (p->events)
         uv_poll_start(&p->poll, p->events, on_poll);
     else
@@ -59,33 +69,61 @@ static void del_read(void *data)
     update(p);
 }
 
+/* Writes what the loop iteration queued, before the loop polls again: all
+ * the commands issued since (publishes, script calls) go in one write,
+ * without polling for POLLOUT first (two epoll_ctl calls and an iteration
+ * more per batch). */
+static void on_write_soon(uv_prepare_t *h)
+{
+    struct redis_uv *p = h->data;
+
+    uv_prepare_stop(h);
+    if (!p->ac)
+        return;
+    p->writing = 1;
+    redisAsyncHandleWrite(p->ac); /* may free the context (cleanup) */
+    p->writing = 0;
+}
+
+/* hiredis has bytes to write. While it connects, or when a write from
+ * on_write_soon could not take everything (the socket is full), that is
+ * polled for (POLLOUT); otherwise it is written before the next poll. */
 static void add_write(void *data)
 {
     struct redis_uv *p = data;
-    p->events |= UV_WRITABLE;
-    update(p);
+    if (p->writing || !(p->ac->c.flags & REDIS_CONNECTED)) {
+        p->events |= UV_WRITABLE;
+        update(p);
+        return;
+    }
+    if (!(p->events & UV_WRITABLE))
+        uv_prepare_start(&p->write_soon, on_write_soon);
 }
 
 static void del_write(void *data)
 {
     struct redis_uv *p = data;
+    uv_prepare_stop(&p->write_soon);
     p->events &= ~UV_WRITABLE;
     update(p);
 }
 
 static void on_close(uv_handle_t *h)
 {
-    free(h->data);
+    struct redis_uv *p = h->data;
+    if (--p->open_handles == 0)
+        free(p);
 }
 
 /* Called by hiredis when it frees the context, before it closes the fd:
  * uv_close stops polling now (removing the fd from epoll while it is still
- * open), the memory goes in the close callback. */
+ * open), the memory goes in the close callbacks. */
 static void cleanup(void *data)
 {
     struct redis_uv *p = data;
     p->ac = NULL;
     uv_close((uv_handle_t *)&p->poll, on_close);
+    uv_close((uv_handle_t *)&p->write_soon, on_close);
 }
 
 int hub_redis_uv_attach(redisAsyncContext *ac, uv_loop_t *loop)
@@ -100,6 +138,9 @@ int hub_redis_uv_attach(redisAsyncContext *ac, uv_loop_t *loop)
         free(p);
         return rc;
     }
+    uv_prepare_init(loop, &p->write_soon);
+    p->write_soon.data = p;
+    p->open_handles = 2;
     p->ac = ac;
     p->poll.data = p;
 

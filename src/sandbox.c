@@ -1,6 +1,7 @@
-/* The policy's Lua state: a counting allocator with the memory cap, the
- * instruction budget, the message handler, and the sandboxed environment the
- * script runs in. policy.c builds on it; lua_api.c provides `hub`.
+/* The policy's Lua state: its limits (the counting allocator with the
+ * memory cap and the instruction budget of lua_limits.c, set up for a
+ * policy), the message handler, and the sandboxed environment the script
+ * runs in. policy.c builds on it; the lua_*.c API files provide `hub`.
  *
  * Budgets (docs/lua.md "Budgets"; docs/internals.md "Lua: calls outside
  * the instruction budget"):
@@ -13,7 +14,7 @@
  *   policy.c fails a call that ends "normally" after its budget ran out.
  * - Work in C is charged to the same budget: the library functions whose
  *   work grows with their arguments (lua_stdlib.c, lua_pattern.c) and the
- *   hub API (lua_api.c) call hub_sandbox_charge() before that work, and
+ *   hub API (lua_*.c) call hub_sandbox_charge() before that work, and
  *   the allocator charges every byte allocated in a call.
  * - A call also has a time limit (HUB_LUA_NS_PER_INSTR per instruction of
  *   budget), checked at each tick and each charge: the backstop for work
@@ -27,13 +28,15 @@
  *   hooks disabled, outside any budget.
  *
  * Sandbox (docs/lua.md "Sandbox"): base without load/loadfile/dofile/
- * require/collectgarbage/print, string without dump, table, math, utf8,
+ * collectgarbage/print, string without dump, table, math, utf8,
  * coroutine, os.time/clock/date, and `hub`; copies of the library tables;
- * the string metatable protected; reading an undeclared global raises. */
+ * the string metatable protected; reading an undeclared global raises.
+ * require() is the hub's own (docs/lua.md "Modules"): Lua text files of
+ * the module directory, run in the same _ENV under the budgets of the
+ * call that requires them, while the policy loads; cached per state. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -47,60 +50,11 @@
 int luaopen_cjson_safe(lua_State *L);
 
 #define WARN_MAX 4000 /* bytes of one warn() line */
+#define MODULE_NAME_MAX 128         /* bytes of a module name */
+#define MODULES_MAX 256             /* modules one policy may load */
+#define MODULE_MAX_FILE (16 * 1024 * 1024)
 
-static char kill_sentinel; /* its address is the budget stop's error object */
-
-static struct hub_policy *policy_of(lua_State *L)
-{
-    return *(struct hub_policy **)lua_getextraspace(L);
-}
-
-/* ---- allocator, count hook, message handler ------------------------------ */
-
-/* "chunk:line" of the innermost Lua function of `L` at `level` or above. */
-static void where_of(lua_State *L, int level, char *out, size_t n)
-{
-    lua_Debug ar;
-    out[0] = '\0';
-    for (; lua_getstack(L, level, &ar); level++) {
-        if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
-            snprintf(out, n, "%s:%d", ar.short_src, ar.currentline);
-            return;
-        }
-    }
-}
-
-static void *l_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
-{
-    struct hub_policy *p = ud;
-    size_t old = ptr ? osize : 0;
-
-    if (nsize == 0) {
-        free(ptr);
-        p->mem_used -= old;
-        return NULL;
-    }
-    if (nsize > old && p->cap_on && p->mem_used - old + nsize > p->mem_max) {
-        /* Only reads debug info (no allocation): safe inside the allocator. */
-        if (p->L)
-            where_of(p->L, 0, p->oom_where, sizeof(p->oom_where));
-        return NULL;
-    }
-    void *q = realloc(ptr, nsize);
-    if (!q)
-        return NULL;
-    p->mem_used = p->mem_used - old + nsize;
-    /* Allocating is work (a copy, a GC step): charged to the budget. The
-     * allocator cannot raise; the count hook raises at its next tick. */
-    if (p->cap_on && nsize > old) {
-        p->alloc_bytes += nsize - old;
-        if (p->alloc_bytes >= HUB_COST_ALLOC) {
-            p->budget_left -= (int64_t)(p->alloc_bytes / HUB_COST_ALLOC);
-            p->alloc_bytes %= HUB_COST_ALLOC;
-        }
-    }
-    return q;
-}
+/* ---- limits, message handler --------------------------------------------- */
 
 /* Everything that can raise runs protected; this is only reached when the
  * C library itself runs out of memory outside a call. */
@@ -111,89 +65,10 @@ static int on_panic(lua_State *L)
     abort();
 }
 
-/* A clock for time limits: a few ns to read, 1-4 ms resolution. */
-static uint64_t coarse_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* HUB_KILL_* if the call in progress is out of instructions or time. */
-static int over(struct hub_policy *p)
-{
-    if (p->budget_left <= 0)
-        return HUB_KILL_INSTRUCTIONS;
-    if (coarse_ns() > p->deadline_ns)
-        return HUB_KILL_TIME;
-    return 0;
-}
-
-/* Instructions that are slow one by one (== or < on two strings of tens
- * of MB: one instruction, a memcmp) would let a tick of HUB_LUA_TICK of
- * them run for seconds before the time limit is looked at again. A tick
- * slower than SLOW_TICK_NS switches the thread to a hook at every
- * instruction; a tick at a sane speed switches it back. */
-#define SLOW_TICK_NS 10000000u /* for HUB_LUA_TICK instructions: 1000 times the norm */
-
-static void count_hook(lua_State *L, lua_Debug *ar);
-
-static void pace(struct hub_policy *p, lua_State *L, int every)
-{
-    if ((p->pace_count += every) < HUB_LUA_TICK)
-        return;
-    uint64_t now = hub_now_ns();
-    int slow = now - p->pace_ns > SLOW_TICK_NS;
-    p->pace_ns = now;
-    p->pace_count = 0;
-    if (slow != (every == 1))
-        lua_sethook(L, count_hook, LUA_MASKCOUNT, slow ? 1 : HUB_LUA_TICK);
-}
-
-static void count_hook(lua_State *L, lua_Debug *ar)
-{
-    struct hub_policy *p = policy_of(L);
-    int every = lua_gethookcount(L);
-
-    if (!p->killed) {
-        p->budget_left -= every;
-        if (p->phase == HUB_PHASE_IDLE)
-            return;
-        if (!(p->killed = over(p))) {
-            pace(p, L, every);
-            return;
-        }
-        if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0)
-            snprintf(p->kill_where, sizeof(p->kill_where), "%s:%d", ar->short_src,
-                     ar->currentline);
-        else
-            where_of(L, 0, p->kill_where, sizeof(p->kill_where));
-    }
-    lua_pushlightuserdata(L, &kill_sentinel);
-    lua_error(L);
-}
-
-void hub_sandbox_charge(struct hub_policy *p, lua_State *L, int64_t n)
-{
-    if (!p->cap_on)
-        return;
-    if (!p->killed) {
-        /* n may be up to INT64_MAX (a size of 2^62 times a cost) */
-        p->budget_left = n >= p->budget_left ? 0 : p->budget_left - n;
-        if (!(p->killed = over(p)))
-            return;
-        where_of(L, 1, p->kill_where, sizeof(p->kill_where));
-    }
-    /* stopped already (e.g. C code that went on after a callback was
-     * stopped): stop again */
-    lua_pushlightuserdata(L, &kill_sentinel);
-    lua_error(L);
-}
-
 void hub_sandbox_oom(struct hub_policy *p, lua_State *L)
 {
     p->mem_failed = 1;
-    where_of(L, 0, p->oom_where, sizeof(p->oom_where));
+    hub_lua_where(L, 0, p->lim.oom_where, sizeof(p->lim.oom_where));
     lua_pushliteral(L, "not enough memory");
     lua_error(L);
 }
@@ -209,9 +84,9 @@ uint64_t hub_sandbox_time_limit_ms(int64_t budget)
  * runs no Lua code (no __tostring), so it cannot loop. */
 static int msgh(lua_State *L)
 {
-    struct hub_policy *p = policy_of(L);
+    struct hub_policy *p = hub_lua_policy(L);
 
-    where_of(L, 1, p->err_where, sizeof(p->err_where));
+    hub_lua_where(L, 1, p->err_where, sizeof(p->err_where));
     if (hub_log_enabled(HUB_LOG_DEBUG) && lua_type(L, 1) == LUA_TSTRING) {
         luaL_traceback(L, L, lua_tostring(L, 1), 1);
         hub_buf_reset(&p->tb);
@@ -247,10 +122,10 @@ static void warnf(void *ud, const char *msg, int tocont)
 static int finish_pcall(lua_State *L, int status, lua_KContext extra)
 {
     if (status != LUA_OK && status != LUA_YIELD) {
-        struct hub_policy *p = policy_of(L);
+        struct hub_policy *p = hub_lua_policy(L);
         if (status == LUA_ERRMEM)
             p->mem_failed = 1;
-        if (p->killed || p->mem_failed)
+        if (p->lim.killed || p->mem_failed)
             return lua_error(L);
         lua_pushboolean(L, 0);
         lua_pushvalue(L, -2);
@@ -283,7 +158,7 @@ static int sb_xpcall(lua_State *L)
  * died of the budget stop or of memory takes its resumer down too. */
 static int auxresume(lua_State *L, lua_State *co, int narg)
 {
-    struct hub_policy *p = policy_of(L);
+    struct hub_policy *p = hub_lua_policy(L);
     int status, nres;
 
     if (!lua_checkstack(co, narg)) {
@@ -304,7 +179,7 @@ static int auxresume(lua_State *L, lua_State *co, int narg)
     if (status == LUA_ERRMEM)
         p->mem_failed = 1;
     lua_xmove(co, L, 1);
-    if (p->killed || p->mem_failed)
+    if (p->lim.killed || p->mem_failed)
         lua_error(L);
     return -1;
 }
@@ -382,24 +257,193 @@ static int env_index(lua_State *L)
     return luaL_error(L, "undeclared global (a %s key)", luaL_typename(L, 2));
 }
 
-/* _ENV.__newindex while the main chunk runs: records the line where each
- * hook is assigned, for messages about it. Removed once loaded. */
+/* _ENV.__newindex while the main chunk runs: records where each global is
+ * first assigned (p->ref_assigned, for the lint) and the line of each hook,
+ * for messages about them. Removed once loaded. */
 static int env_newindex_load(lua_State *L)
 {
-    struct hub_policy *p = policy_of(L);
-    if (lua_type(L, 2) == LUA_TSTRING) {
+    struct hub_policy *p = hub_lua_policy(L);
+    lua_Debug ar;
+    if (lua_type(L, 2) == LUA_TSTRING && lua_getstack(L, 1, &ar) &&
+        lua_getinfo(L, "Sl", &ar)) {
         const char *k = lua_tostring(L, 2);
-        for (int h = 0; h < HUB_HOOK__COUNT; h++) {
-            if (!strcmp(k, hub_policy_phase_name(h))) {
-                lua_Debug ar;
-                if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "l", &ar))
-                    p->hook_line[h] = ar.currentline;
-            }
+        for (int h = 0; h < HUB_HOOK__COUNT; h++)
+            if (!strcmp(k, hub_policy_phase_name(h)) && !strcmp(ar.source, p->chunkname))
+                p->hook_line[h] = ar.currentline;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_assigned);
+        lua_pushvalue(L, 2);
+        if (lua_rawget(L, -2) == LUA_TNIL) {
+            lua_pushvalue(L, 2);
+            lua_pushfstring(L, "%s:%d", ar.source[0] == '@' ? ar.source + 1 : ar.short_src,
+                            ar.currentline);
+            lua_rawset(L, -4);
         }
     }
     lua_settop(L, 3);
     lua_rawset(L, 1);
     return 0;
+}
+
+/* ---- require ------------------------------------------------------------ */
+
+/* A module name: parts of letters, digits, '_' and '-' separated by dots
+ * ("lib.auth" is lib/auth.lua); nothing that could leave the directory. */
+static int module_name_ok(const char *s, size_t n)
+{
+    if (n == 0 || n > MODULE_NAME_MAX || s[0] == '.' || s[n - 1] == '.')
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        int ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                 c == '_' || (c == '-' && i > 0 && s[i - 1] != '.') ||
+                 (c == '.' && s[i - 1] != '.');
+        if (!ok)
+            return 0;
+    }
+    return 1;
+}
+
+/* Replaces Lua's (possibly shortened) name of the chunk at the start of
+ * the error message on top by `path`. */
+static void full_path_in_error(lua_State *L, const char *short_src, const char *path)
+{
+    size_t n = strlen(short_src);
+    const char *msg = lua_tostring(L, -1);
+    if (lua_type(L, -1) == LUA_TSTRING && n && !strncmp(msg, short_src, n) && msg[n] == ':') {
+        lua_pushfstring(L, "%s%s", path, msg + n);
+        lua_remove(L, -2);
+    }
+}
+
+/* How Lua names the chunk `chunkname` in its messages (it shortens long
+ * paths to "...tail"), learnt from an empty chunk of that name. */
+static void short_src_of(lua_State *L, const char *chunkname, char *out, size_t n)
+{
+    lua_Debug ar;
+    out[0] = '\0';
+    if (luaL_loadbufferx(L, "", 0, chunkname, "t") != LUA_OK)
+        lua_pop(L, 1);
+    else if (lua_getinfo(L, ">S", &ar))
+        snprintf(out, n, "%s", ar.short_src);
+}
+
+/* Raises "require('name'): a cycle: a -> b -> name". */
+static int cycle(struct hub_policy *p, lua_State *L, const char *name)
+{
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (int i = 0; i < p->mod_depth; i++) {
+        luaL_addstring(&b, p->mod_chain[i]);
+        luaL_addstring(&b, " -> ");
+    }
+    luaL_addstring(&b, name);
+    luaL_pushresult(&b);
+    return luaL_error(L, "require('%s'): a cycle: %s%s", name, lua_tostring(L, -1),
+                      p->own_module && !strcmp(name, p->own_module)
+                          ? " (it is the policy file itself)" : "");
+}
+
+/* require(name): the value module `name` returned (true if nothing),
+ * loaded once per state from <module_dir>/<name with dots as
+ * slashes>.lua and run with the policy's _ENV. */
+static int sb_require(lua_State *L)
+{
+    struct hub_policy *p = hub_lua_policy(L);
+    size_t n;
+    const char *name = luaL_checklstring(L, 1, &n);
+    char shown[MODULE_NAME_MAX + 8];
+
+    lua_settop(L, 1);
+    if (!module_name_ok(name, n)) {
+        hub_lua_show(name, n, shown, sizeof(shown));
+        return luaL_error(L, "require('%s'): not a module name: letters, digits, '_' and "
+                             "'-', in parts separated by dots (require('lib.auth') loads "
+                             "lib/auth.lua from policy_path)", shown);
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_modules); /* 2 */
+    lua_pushvalue(L, 1);
+    int t = lua_rawget(L, 2);
+    if (t == LUA_TBOOLEAN && !lua_toboolean(L, -1))
+        return cycle(p, L, name);
+    if (t != LUA_TNIL)
+        return 1;
+    lua_pop(L, 1);
+    if (p->phase != HUB_PHASE_LOAD)
+        return luaL_error(L, "require('%s'): modules are loaded while the policy loads: "
+                             "require it from the main chunk (a hook or a timer never "
+                             "reads files)", name);
+    if (!p->module_dir)
+        return luaL_error(L, "require('%s'): the built-in policy has no module directory "
+                             "(set policy or policy_path)", name);
+    if (p->nmodules >= MODULES_MAX)
+        return luaL_error(L, "require('%s'): more than %d modules", name, MODULES_MAX);
+    if (p->mod_depth >= HUB_MODULE_DEPTH)
+        return luaL_error(L, "require('%s'): modules nested more than %d deep", name,
+                          HUB_MODULE_DEPTH);
+
+    /* the file: dots are directories */
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    luaL_addstring(&b, p->module_dir);
+    luaL_addchar(&b, '/');
+    for (size_t i = 0; i < n; i++)
+        luaL_addchar(&b, name[i] == '.' ? '/' : name[i]);
+    luaL_addstring(&b, ".lua");
+    luaL_pushresult(&b); /* 3: the path */
+    const char *path = lua_tostring(L, 3);
+    lua_pushfstring(L, "@%s", path); /* 4: the chunk name */
+
+    struct hub_buf text = {0};
+    char why[256];
+    if (hub_policy_read_file(path, MODULE_MAX_FILE, &text, why, sizeof(why)) < 0) {
+        hub_buf_free(&text);
+        return luaL_error(L, "require('%s'): cannot read %s: %s", name, path, why);
+    }
+    /* reading and compiling it: C work of the call (lua_api.h) */
+    hub_sandbox_charge(p, L, (int64_t)text.len);
+    size_t skip = text.len >= 3 && !memcmp(text.p, "\xEF\xBB\xBF", 3) ? 3 : 0;
+    if (text.len > skip && text.p[skip] == '#')
+        for (size_t i = skip; i < text.len && text.p[i] != '\n'; i++)
+            text.p[i] = ' ';
+    int st = luaL_loadbufferx(L, text.p + skip, text.len - skip, lua_tostring(L, 4), "t");
+    hub_buf_free(&text);
+    char short_src[LUA_IDSIZE];
+    short_src_of(L, lua_tostring(L, 4), short_src, sizeof(short_src));
+    if (st != LUA_OK) {
+        full_path_in_error(L, short_src, path);
+        return lua_error(L);
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->ref_env);
+    lua_setupvalue(L, -2, 1); /* the module's _ENV: the policy's */
+
+    /* loading: a require of it from now on is a cycle */
+    lua_pushvalue(L, 1);
+    lua_pushboolean(L, 0);
+    lua_rawset(L, 2);
+    p->nmodules++;
+    p->mod_chain[p->mod_depth++] = name;
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 3);
+    st = lua_pcall(L, 2, 1, 0);
+    p->mod_depth--;
+    if (st != LUA_OK) {
+        /* not loaded: a later require may try again (and fail again) */
+        lua_pushvalue(L, 1);
+        lua_pushnil(L);
+        lua_rawset(L, 2);
+        if (st == LUA_ERRMEM)
+            p->mem_failed = 1;
+        full_path_in_error(L, short_src, path);
+        return lua_error(L);
+    }
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        lua_pushboolean(L, 1);
+    }
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, 2);
+    return 1;
 }
 
 /* Copies the fields `names` (NULL-terminated; NULL = all) of the table at
@@ -494,6 +538,19 @@ static void setup(struct hub_policy *p)
     lua_setfield(L, env, "pcall");
     lua_pushcfunction(L, sb_xpcall);
     lua_setfield(L, env, "xpcall");
+    lua_pushcfunction(L, sb_require);
+    lua_setfield(L, env, "require");
+
+    /* require's cache; the policy file's own name is "loading" for good */
+    lua_newtable(L);
+    if (p->own_module) {
+        lua_pushboolean(L, 0);
+        lua_setfield(L, -2, p->own_module);
+        p->mod_chain[p->mod_depth++] = p->own_module;
+    }
+    p->ref_modules = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_newtable(L);
+    p->ref_assigned = luaL_ref(L, LUA_REGISTRYINDEX);
 
     static const char *const libs[] = {LUA_STRLIBNAME, LUA_TABLIBNAME, LUA_MATHLIBNAME,
                                        LUA_UTF8LIBNAME, LUA_COLIBNAME, NULL};
@@ -532,27 +589,31 @@ static void setup(struct hub_policy *p)
 
 void hub_sandbox_arm(struct hub_policy *p)
 {
-    p->budget_left = p->budget;
-    p->alloc_bytes = 0;
-    p->deadline_ns = coarse_ns() + hub_sandbox_time_limit_ms(p->budget) * 1000000u;
-    p->pace_ns = hub_now_ns();
-    p->pace_count = 0;
-    if (lua_gethookcount(p->L) != HUB_LUA_TICK)
-        lua_sethook(p->L, count_hook, LUA_MASKCOUNT, HUB_LUA_TICK);
-    p->killed = p->mem_failed = 0;
-    p->err_where[0] = p->kill_where[0] = p->oom_where[0] = '\0';
+    hub_lua_limits_arm(&p->lim);
+    p->mem_failed = 0;
+    p->err_where[0] = '\0';
+}
+
+/* The count hook counts but never stops while no call runs. */
+static int idle(lua_State *L)
+{
+    return hub_lua_policy(L)->phase == HUB_PHASE_IDLE;
 }
 
 int hub_sandbox_open(struct hub_policy *p)
 {
-    p->L = lua_newstate(l_alloc, p);
+    p->lim.tick = HUB_LUA_TICK;
+    p->lim.time_limit_ns = hub_sandbox_time_limit_ms(p->lim.budget) * 1000000u;
+    p->lim.alloc_cost = HUB_COST_ALLOC;
+    p->lim.idle = idle;
+    p->L = hub_lua_limits_newstate(&p->lim);
     if (!p->L)
         return -1;
     *(struct hub_policy **)lua_getextraspace(p->L) = p;
     lua_atpanic(p->L, on_panic);
     lua_setwarnf(p->L, warnf, p);
     setup(p);
-    lua_sethook(p->L, count_hook, LUA_MASKCOUNT, HUB_LUA_TICK);
+    hub_lua_limits_hook(&p->lim);
     return 0;
 }
 
@@ -564,4 +625,7 @@ void hub_sandbox_loaded(struct hub_policy *p)
     lua_pushnil(L);
     lua_setfield(L, -2, "__newindex");
     lua_pop(L, 2);
+    luaL_unref(L, LUA_REGISTRYINDEX, p->ref_assigned);
+    p->ref_assigned = LUA_NOREF;
+    p->mod_depth = 0;
 }

@@ -9,10 +9,12 @@
  *   handles, again after uv_run() has returned, to free the context. */
 #include "luahub/server.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <openssl/evp.h>
@@ -108,9 +110,12 @@ static int offer_add(void *ud, const char *v, size_t len)
         o->luahub = 1;
     if (o->n == 0)
         snprintf(o->first, sizeof(o->first), "%.*s", (int)(len > 64 ? 64 : len), v);
+    /* The list is logged: a "token.<jwt>" (docs/protocol.md) shows as
+     * "token.***" (docs/operations.md, "Secrets and logs"). */
+    int secret = len > 6 && !memcmp(v, "token.", 6);
     if (o->shown.len < 200)
-        hub_buf_printf(&o->shown, "%s\"%.*s\"", o->n ? ", " : "", (int)(len > 64 ? 64 : len),
-                       v);
+        hub_buf_printf(&o->shown, "%s\"%.*s%s\"", o->n ? ", " : "",
+                       secret ? 6 : (int)(len > 64 ? 64 : len), v, secret ? "***" : "");
     o->n++;
     return 0;
 }
@@ -481,6 +486,29 @@ static void on_iplimit_timer(uv_timer_t *t)
     hub_iplimit_sweep(&srv->iplimit, hub_now_ms());
 }
 
+/* max_connections_per_ip and connect_rate_per_ip, at start and after a
+ * reload changed them. Limits switched off forget their counts (they
+ * would go stale: closes are not counted while off); switched on, they
+ * count the connections opened from then on. */
+static void set_iplimit(struct hub_server *srv)
+{
+    const struct hub_config *cfg = srv->cfg;
+    int was = srv->iplimit.max_conns || srv->iplimit.rate;
+    srv->iplimit.max_conns = cfg->max_connections_per_ip;
+    srv->iplimit.rate = cfg->connect_rate_per_ip;
+    int on = srv->iplimit.max_conns || srv->iplimit.rate;
+    if (uv_is_closing((uv_handle_t *)&srv->iplimit_timer))
+        return;
+    if (was && !on) {
+        hub_iplimit_free(&srv->iplimit);
+        uv_timer_stop(&srv->iplimit_timer);
+    } else if (on && !uv_is_active((uv_handle_t *)&srv->iplimit_timer)) {
+        uv_timer_start(&srv->iplimit_timer, on_iplimit_timer, IPLIMIT_SWEEP_MS,
+                       IPLIMIT_SWEEP_MS);
+        uv_unref((uv_handle_t *)&srv->iplimit_timer);
+    }
+}
+
 /* trusted_proxies (checked by the conf loader) into networks. */
 static void parse_trusted(struct hub_server *srv)
 {
@@ -570,6 +598,9 @@ static void render_metrics(void *ud, struct hub_buf *b)
                    "Socket writes on WebSocket connections (frames are coalesced).", w->writes);
     hub_metric_one(b, "luahub_flushes_total", "counter",
                    "Passes writing the queued frames of every connection.", w->flushes);
+    hub_metric_one(b, "luahub_flush_slices_total", "counter",
+                   "Slices of those passes (a slice writes for about 1 ms, then the loop turns).",
+                   w->flush_slices);
     hub_metric_one(b, "luahub_flushes_paused_total", "counter",
                    "Flushes after a pause that let frames gather (under load).",
                    w->flushes_paused);
@@ -639,17 +670,13 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
     srv->listen_timer.data = srv;
     uv_timer_init(loop, &srv->iplimit_timer);
     srv->iplimit_timer.data = srv;
-    srv->iplimit.max_conns = cfg->max_connections_per_ip;
-    srv->iplimit.rate = cfg->connect_rate_per_ip;
-    if (cfg->max_connections_per_ip || cfg->connect_rate_per_ip) {
-        uv_timer_start(&srv->iplimit_timer, on_iplimit_timer, IPLIMIT_SWEEP_MS,
-                       IPLIMIT_SWEEP_MS);
-        uv_unref((uv_handle_t *)&srv->iplimit_timer);
-    }
+    set_iplimit(srv);
+    srv->lua_budget_max = cfg->lua_max_instructions;
     parse_trusted(srv);
     hub_writer_init(&srv->writer, loop, &(struct hub_writer_options){
         .max_queue_bytes = cfg->max_queue_bytes,
         .write_delay_ms = cfg->write_delay,
+        .write_pause_max_ms = cfg->write_pause_max,
         .ping_interval_ms = cfg->ping_interval * 1000u,
         .ping_timeout_ms = cfg->ping_timeout * 1000u,
     });
@@ -686,50 +713,103 @@ int hub_server_load_policy(struct hub_server *srv, struct hub_config_errors *err
     return srv->policy ? 0 : -1;
 }
 
+/* A reload may lower lua_max_instructions but not raise it past its value
+ * at start: the watchdog's timeout is sized from it (main.c). */
+struct reload_veto {
+    struct hub_server *srv;
+    const struct hub_config *fresh;
+};
+
+static int veto_key(void *ud, const char *key)
+{
+    struct reload_veto *v = ud;
+    return !strcmp(key, "lua_max_instructions") &&
+           v->fresh->lua_max_instructions > v->srv->lua_budget_max;
+}
+
 int hub_server_reload_policy(struct hub_server *srv, struct hub_config_errors *errs)
 {
-    /* The conf file is read again for policy_vars (secrets, switches the
-     * policy reads as hub.vars); the server updates that key of its conf
-     * and no other: the rest takes effect at restart. */
+    /* The conf file is read again; the keys a reload applies
+     * (docs/config.md, "Reload") move into the running conf, where their
+     * modules read them, and the new policy is built with them. If the
+     * policy fails, they move back: the old policy goes on with the old
+     * conf, and nothing of the reload is applied. */
     struct hub_config *live = (struct hub_config *)srv->cfg;
     struct hub_config_errors local = {0};
+    struct hub_config_errors *e = errs ? errs : &local;
     struct hub_config fresh;
-    char *vars = NULL, *old = live->policy_vars;
+    struct hub_buf applied = {0}, restart = {0};
+    uint64_t moved = 0;
 
     if (live->path) {
         hub_config_defaults(&fresh);
-        if (hub_config_load(&fresh, live->path, errs ? errs : &local) < 0) {
-            struct hub_config_errors *e = errs ? errs : &local;
+        if (hub_config_load(&fresh, live->path, e) < 0) {
             for (unsigned i = 0; i < e->n; i++)
                 hub_log(HUB_LOG_ERROR, "reload: %s", e->v[i]);
             hub_log(HUB_LOG_ERROR, "reload: the conf file has problems: keeping the current "
-                    "policy and policy_vars");
+                    "conf and policy");
             hub_config_free(&fresh);
             hub_config_errors_free(&local);
             return -1;
         }
-        struct hub_buf changed = {0};
         fresh.listen_set = live->listen_set;
-        hub_config_changed(live, &fresh, "policy_vars", &changed);
-        if (changed.len)
-            hub_log(HUB_LOG_WARN, "reload: the conf file changed (%s): a reload applies "
-                    "policy_vars only; restart for the rest", changed.p);
-        hub_buf_free(&changed);
-        vars = fresh.policy_vars;
-        fresh.policy_vars = NULL;
-        hub_config_free(&fresh);
-        live->policy_vars = vars;
+        moved = hub_config_reload(live, &fresh, veto_key,
+                                  &(struct reload_veto){srv, &fresh}, &applied, &restart);
     }
     int rc = hub_policy_reload(&srv->policy, errs);
-    if (live->path) {
-        if (rc < 0) {
-            live->policy_vars = old;    /* the old policy goes on with its vars */
-            free(vars);
-        } else {
-            free(old);
-        }
+    if (rc < 0 && live->path) {
+        hub_config_swap(live, &fresh, moved);
+    } else if (rc == 0) {
+        if (applied.len)
+            hub_log(HUB_LOG_INFO, "reload: applied %s", applied.p);
+        if (restart.len)
+            hub_log(HUB_LOG_WARN, "reload: the conf file changed (%s): a reload does not "
+                    "apply these keys; restart to apply them", restart.p);
+        hub_log_set_level(live->log_level);
+        set_iplimit(srv);
     }
+    if (live->path)
+        hub_config_free(&fresh);
+    hub_buf_free(&applied);
+    hub_buf_free(&restart);
     return rc;
+}
+
+/* With max_connections set, the open-files limit becomes what the process
+ * can use: max_connections WebSocket connections, a quarter more for plain
+ * HTTP connections, and FD_RESERVE for the hub's own (Redis, files, the
+ * loop). libwebsockets sizes its descriptor tables by the limit when the
+ * context is created, and Debian's build scans one of them on every close
+ * (docs/internals.md, "Connection cost"): a limit far above the need costs
+ * every connection. Raised when the need is above the soft limit (up to the
+ * hard limit, with a warning when that is short), lowered when below. */
+#define FD_RESERVE 1024
+static void fit_fd_limit(const struct hub_config *cfg)
+{
+    struct rlimit rl;
+    if (!cfg->max_connections || getrlimit(RLIMIT_NOFILE, &rl) < 0)
+        return;
+    rlim_t want = (rlim_t)cfg->max_connections + cfg->max_connections / 4 + FD_RESERVE;
+    if (rl.rlim_max != RLIM_INFINITY && want > rl.rlim_max) {
+        hub_log(HUB_LOG_WARN,
+                "max_connections %u needs about %llu descriptors, but the hard open-files "
+                "limit is %llu: raise it (ulimit -n, LimitNOFILE)",
+                cfg->max_connections, (unsigned long long)want,
+                (unsigned long long)rl.rlim_max);
+        want = rl.rlim_max;
+    }
+    if (want == rl.rlim_cur)
+        return;
+    rlim_t was = rl.rlim_cur;
+    rl.rlim_cur = want;
+    if (setrlimit(RLIMIT_NOFILE, &rl) < 0) {
+        hub_log(HUB_LOG_WARN, "cannot set the open-files limit to %llu: %s",
+                (unsigned long long)want, strerror(errno));
+        return;
+    }
+    hub_log(HUB_LOG_INFO, "open-files limit %llu (was %llu): max_connections %u, a quarter "
+            "more for HTTP, %d for the hub's own", (unsigned long long)want,
+            (unsigned long long)was, cfg->max_connections, FD_RESERVE);
 }
 
 int hub_server_start(struct hub_server *srv)
@@ -742,6 +822,7 @@ int hub_server_start(struct hub_server *srv)
      * context and the vhost are created: a failure there gets one clear
      * line of ours instead of lws's internal ones. */
     lws_set_log_level(0, log_emit);
+    fit_fd_limit(cfg);
 
     memset(&info, 0, sizeof(info));
     info.options = LWS_SERVER_OPTION_LIBUV | LWS_SERVER_OPTION_EXPLICIT_VHOSTS;

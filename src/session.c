@@ -437,25 +437,11 @@ static void on_history(void *ud, int status, const struct hub_history_result *r)
         hub_proto_encode_ok_pos(b, id, op->channel, op->channel_len, r->top.offset,
                                 r->top.epoch, -1, -1);
         b->len--;                       /* reopen the object */
-        hub_buf_appends(b, ",\"messages\":[");
         /* One reply frame: it must fit the client's queue with room to
          * spare; the rest is left for another call (truncated). */
-        size_t room = op->ss->cfg->max_queue_bytes / 2, k = 0, put = 0;
-        for (; k < r->n; k++) {
-            const char *d;
-            size_t dl;
-            struct hub_msg *m = r->msgs[k];
-            if (hub_msg_delivery_data((const char *)hub_msg_payload(m), m->payload_len, &d,
-                                      &dl) < 0)
-                continue;
-            if (b->len + dl + 48 > room)
-                break;
-            hub_buf_printf(b, "%s{\"offset\":%llu,\"data\":", put++ ? "," : "",
-                           (unsigned long long)m->offset);
-            hub_buf_append(b, d, dl);
-            hub_buf_appends(b, "}");
-        }
-        hub_buf_printf(b, "],\"truncated\":%s}", k < r->n ? "true" : "false");
+        hub_buf_appends(b, ",");
+        hub_msg_history_json(b, r->msgs, r->n, op->ss->cfg->max_queue_bytes / 2);
+        hub_buf_appends(b, "}");
         send_scratch(s);
     } else if (s) {
         proto_error(s, id, HUB_PERR_UNAVAILABLE,

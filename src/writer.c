@@ -19,22 +19,37 @@
 
 /* ---- queueing ------------------------------------------------------------- */
 
+/* Puts `c` at the tail of the deliveries' FIFO, unless it waits already
+ * (then what was queued now goes with it, in its turn). */
 static void mark_dirty(struct hub_wconn *c)
 {
     if (!(c->flags & HUB_WC_DIRTY)) {
         c->flags |= HUB_WC_DIRTY;
-        c->dirty_next = c->w->dirty;
-        c->w->dirty = c;
+        hub_list_push_tail(&c->w->dirty, &c->flush);
+        c->w->ndirty++;
     }
 }
 
 /* Replies (and PINGs, close frames) do not wait for a paused flush: a
- * publisher waiting for its acks would stall, and publish less per flush. */
+ * publisher waiting for its acks would stall, and publish less per flush.
+ * `c` moves to the urgent FIFO, written first in every iteration. */
 static void mark_urgent(struct hub_wconn *c)
 {
     if ((c->flags & (HUB_WC_DIRTY | HUB_WC_URGENT)) == HUB_WC_DIRTY) {
         c->flags |= HUB_WC_URGENT;
-        c->w->nurgent++;
+        c->w->ndirty--;
+        hub_list_move_tail(&c->w->urgent, &c->flush);
+    }
+}
+
+/* Takes `c` off its FIFO. */
+static void unmark(struct hub_wconn *c)
+{
+    if (c->flags & HUB_WC_DIRTY) {
+        if (!(c->flags & HUB_WC_URGENT))
+            c->w->ndirty--;
+        hub_list_remove(&c->flush);
+        c->flags &= ~(HUB_WC_DIRTY | HUB_WC_URGENT);
     }
 }
 
@@ -45,6 +60,7 @@ int hub_writer_send(struct hub_wconn *c, struct hub_msg *m)
     if (c->q.count && c->q.bytes + m->frame_len > c->w->opt.max_queue_bytes)
         return -1;
     hub_queue_push(&c->q, m);
+    c->w->queued++;
     mark_dirty(c);
     return 0;
 }
@@ -210,17 +226,26 @@ static int write_queued(struct hub_wconn *c)
     return 0;
 }
 
+/* The socket takes bytes again (lws wrote what it held first). The write
+ * itself waits for the flusher, first in its next slice: when thousands of
+ * full sockets drain at once, libuv hands over all their POLLOUT events in
+ * one poll phase, and writing them there would be one long pass again
+ * (docs/internals.md, "Write path", Slices). */
 int hub_writer_writeable(struct hub_wconn *c)
 {
     c->flags &= ~HUB_WC_ARMED;
-    return write_queued(c);
+    if (!c->q.count)
+        return write_queued(c); /* nothing of ours: only the closing state */
+    mark_dirty(c);
+    mark_urgent(c);
+    return 0;
 }
 
 /* Writes what is queued now, from a flush. While WRITEABLE is requested,
  * lws holds bytes or the socket was full: that callback writes, in order. */
 static void flush_conn(struct hub_wconn *c)
 {
-    c->flags &= ~(HUB_WC_DIRTY | HUB_WC_URGENT);
+    unmark(c);
     if (c->flags & HUB_WC_ARMED)
         return;
     if (write_queued(c) < 0)
@@ -229,99 +254,110 @@ static void flush_conn(struct hub_wconn *c)
 
 /* ---- flushing and pacing -------------------------------------------------- */
 
-/* Writes the listed connections (only those with a reply queued when
- * `urgent_only`); adds the frames they held and their number to *frames
- * and *conns when not NULL. */
-static void flush_list(struct hub_writer *w, int urgent_only, uint64_t *frames,
-                       uint64_t *conns)
-{
-    struct hub_wconn **pp = &w->dirty;
+/* Slices. A flush writes connections from the head of a FIFO for at most
+ * FLUSH_SLICE_NS, then lets the loop turn (spin keeps its poll from
+ * sleeping) and goes on from where it stopped in the next iteration. At
+ * ~5 us a write, a 15,000-subscriber delivery is a 75 ms pass: in slices,
+ * a PING or a command from another client is read and answered within a
+ * slice or two, and connections that became dirty meanwhile join the tail
+ * (round-robin: each is written once per pass, with all it gathered). */
+#define FLUSH_SLICE_NS 1000000u
+#define FLUSH_CLOCK_EVERY 16        /* connections between two clock reads */
 
-    while (*pp) {
-        struct hub_wconn *c = *pp;
-        if (urgent_only && !(c->flags & HUB_WC_URGENT)) {
-            pp = &c->dirty_next;
-            continue;
-        }
-        *pp = c->dirty_next;
-        if (c->flags & HUB_WC_URGENT)
-            w->nurgent--;
-        if (frames) {
-            *frames += c->q.count;
-            (*conns)++;
+struct pass_count {
+    uint64_t frames, conns;
+};
+
+/* Writes connections off `list` until it is empty (returns 1) or the
+ * deadline has passed (0); counts them into `n` when not NULL. */
+static int flush_some(struct hub_list *list, uint64_t deadline, struct pass_count *n)
+{
+    for (unsigned k = 1;; k++) {
+        struct hub_list *it = hub_list_first(list);
+        if (!it)
+            return 1;
+        struct hub_wconn *c = hub_container_of(it, struct hub_wconn, flush);
+        if (n) {
+            n->frames += c->q.count;
+            n->conns++;
         }
         flush_conn(c);
+        if (k % FLUSH_CLOCK_EVERY == 0 && uv_hrtime() >= deadline)
+            return hub_list_empty(list);
     }
-}
-
-void hub_writer_flush(struct hub_writer *w, int urgent_only)
-{
-    flush_list(w, urgent_only, NULL, NULL);
 }
 
 /* Write pacing. Deliveries are written at the end of the loop iteration
  * that queued them, all of a connection's frames in one write. A write
  * costs ~5 us on loopback and a frame in it ~0.1 us, so under load a short
  * pause before the next flush, while publishes keep arriving, makes each
- * write carry several frames. The pause pays only if connections receive
- * several frames within it; otherwise it is latency for nothing (at 100
- * messages/s per connection, a 10 ms pause saves a third of the writes and
- * adds 10 ms). And past a few dozen frames per write a longer pause saves
- * little more. Hence:
- *  - a flush that took FLUSH_BUSY_NS or more (the hub is busy) starts
- *    pausing: the next flush waits as long as that one took;
- *  - after a paused flush that wrote FLUSH_GATHER_MIN..FLUSH_GATHER_MAX
- *    frames per connection, the next pause is again as long as that flush
- *    took (half the time writing, half gathering: the pause grows with the
- *    number of connections, so their writes carry as many frames);
- *  - more frames than that: the next pause is half as long;
- *  - fewer: pausing did not pay and stops, until the hub is busy again
- *    after a back-off (FLUSH_TRIAL_MIN_MS, doubling up to _MAX_MS; a flush
- *    that paid resets it);
+ * write carry several frames. A pause pays only with frames that arrive
+ * during it for connections that wait already, and only while they keep
+ * arriving: a publisher that waits for its deliveries (flow control, acks
+ * of delivery, a chat client waiting for its echo) sends a little just
+ * after a flush and then nothing until the next, so the rest of a pause is
+ * latency and an idle loop. Hence:
+ *  - a pass (one flush of the FIFO until it is empty, in slices) whose
+ *    writing took FLUSH_BUSY_NS or more starts pausing, if frames arrived
+ *    since the previous pass fast enough to gather FLUSH_GATHER_MIN per
+ *    connection in a pause;
+ *  - a paused pass judges its pause. It paid if the frames queued since
+ *    the last pass, minus the connections that became dirty meanwhile
+ *    (their write was not saved), come to FLUSH_GATHER_MIN per connection
+ *    or more, and frames still arrived in the pause's second half. Then
+ *    the next pause is as long as this pass took (half the time writing,
+ *    half gathering), half that if it gathered over FLUSH_GATHER_MAX;
+ *  - otherwise pausing stops, until the hub is busy again after a back-off
+ *    (FLUSH_TRIAL_MIN_MS, doubling up to _MAX_MS; a pause that paid resets
+ *    it): a trial costs one pause of at most write_pause_max;
  *  - after an idle spell (no flush for two pauses) the flush is immediate
  *    and judges nothing.
- * Pauses stay within [FLUSH_PAUSE_MIN_MS, FLUSH_PAUSE_MAX_MS]. An idle or
- * lightly loaded hub adds no latency. The conf key write_delay sets a floor
- * (flushes at most every write_delay ms, whatever they gather) for those
- * who trade latency for CPU at moderate rates. Replies are never paused
- * (mark_urgent). */
+ * A pause lasts FLUSH_PAUSE_MIN_MS at least and write_pause_max ms at most
+ * (conf, default 2; 0 turns pausing off): no frame waits in a pause longer.
+ * An idle or lightly loaded hub adds no latency. The conf key write_delay
+ * sets a floor (flushes at most every write_delay ms, whatever they gather)
+ * for those who trade latency for CPU at moderate rates. Replies are never
+ * paused (mark_urgent). bench/README.md, "Write pacing", has the
+ * measurements. */
 #define FLUSH_PAUSE_MIN_MS 1
-#define FLUSH_PAUSE_MAX_MS 100
 #define FLUSH_BUSY_NS 1000000u
-#define FLUSH_GATHER_MIN 1.5
+#define FLUSH_GATHER_MIN 0.5
 #define FLUSH_GATHER_MAX 32
 #define FLUSH_TRIAL_MIN_MS 50
 #define FLUSH_TRIAL_MAX_MS 2000
 
-static uint32_t clamp_pause(uint64_t ms)
+static void on_flush_timer(uv_timer_t *t);
+
+static uint32_t clamp_pause(const struct hub_writer *w, uint64_t ms)
 {
-    return ms < FLUSH_PAUSE_MIN_MS ? FLUSH_PAUSE_MIN_MS
-           : ms > FLUSH_PAUSE_MAX_MS ? FLUSH_PAUSE_MAX_MS : (uint32_t)ms;
+    uint32_t max = w->opt.write_pause_max_ms;
+    return ms > max ? max : ms < FLUSH_PAUSE_MIN_MS ? FLUSH_PAUSE_MIN_MS : (uint32_t)ms;
 }
 
-static void flush_all(struct hub_writer *w, int paused)
+static void on_spin(uv_idle_t *h)
 {
-    uint64_t t0 = uv_hrtime(), frames = 0, conns = 0;
+    (void)h; /* being active is its job: the loop polls without sleeping */
+}
 
-    flush_list(w, 0, &frames, &conns);
-    uint64_t now = uv_hrtime(), cost_ms = (now - t0) / 1000000u;
-    w->last_flush_ns = now;
-    if (!conns)
-        return; /* replies flushed everything meanwhile: nothing to judge */
-    w->flushes++;
-    if (!paused) {
-        if (now - t0 >= FLUSH_BUSY_NS && now >= w->flush_trial_ns)
-            w->flush_pause_ms = clamp_pause(cost_ms);
-        return;
-    }
-    w->flushes_paused++;
-    if ((double)frames >= FLUSH_GATHER_MIN * (double)conns) {
-        w->flush_backoff_ms = 0;
-        w->flush_pause_ms = frames > FLUSH_GATHER_MAX * conns
-                                ? clamp_pause(w->flush_pause_ms / 2)
-                                : clamp_pause(cost_ms);
-        return;
-    }
+static void keep_turning(struct hub_writer *w, int on)
+{
+    int active = uv_is_active((uv_handle_t *)&w->spin);
+    if (on && !active)
+        uv_idle_start(&w->spin, on_spin);
+    else if (!on && active)
+        uv_idle_stop(&w->spin);
+}
+
+static void start_pass(struct hub_writer *w, int paused, uint64_t now)
+{
+    w->pass = (struct hub_writer_pass){
+        .active = 1, .paused = paused, .start_ns = now, .queued0 = w->queued,
+        .dirty0 = w->ndirty,
+    };
+}
+
+static void stop_pausing(struct hub_writer *w, uint64_t now)
+{
     w->flush_pause_ms = 0;
     w->flush_backoff_ms = w->flush_backoff_ms * 2 > FLUSH_TRIAL_MAX_MS ? FLUSH_TRIAL_MAX_MS
                           : w->flush_backoff_ms ? w->flush_backoff_ms * 2
@@ -329,38 +365,122 @@ static void flush_all(struct hub_writer *w, int paused)
     w->flush_trial_ns = now + w->flush_backoff_ms * (uint64_t)1000000u;
 }
 
-static void on_flush_timer(uv_timer_t *t)
+/* The pass has written the FIFO empty: judges it (the rule above). */
+static void end_pass(struct hub_writer *w, uint64_t now)
 {
-    flush_all(t->data, 1);
+    struct hub_writer_pass p = w->pass;
+    uint64_t cost_ms = p.busy_ns / 1000000u;
+    uint64_t prev_end = w->last_flush_ns, prev_queued = w->end_queued;
+
+    w->pass.active = 0;
+    w->last_flush_ns = now;
+    w->end_queued = w->queued;
+    if (!p.conns)
+        return; /* replies flushed everything meanwhile: nothing to judge */
+    w->flushes++;
+    if (!p.paused) {
+        /* frames per ns since the last pass ended, and what a pause would
+         * gather at that rate: one per connection is no saving */
+        uint32_t pause = clamp_pause(w, cost_ms);
+        double rate = now > prev_end ? (double)(w->queued - prev_queued) / (double)(now - prev_end)
+                                     : 0;
+        if (p.busy_ns >= FLUSH_BUSY_NS && now >= w->flush_trial_ns && pause &&
+            rate * pause * 1e6 >= (1 + FLUSH_GATHER_MIN) * (double)p.conns)
+            w->flush_pause_ms = pause;
+        return;
+    }
+    w->flushes_paused++;
+    /* frames queued during the pause, beyond one for each connection that
+     * became dirty in it: the writes the pause saved */
+    double saved = (double)(p.queued0 - prev_queued) - (double)p.dirty0;
+    uint64_t waited = p.start_ns - prev_end;
+    int still_arriving = p.start_ns - w->arrival_ns <= waited / 2;
+    if (saved >= FLUSH_GATHER_MIN * (double)p.conns && still_arriving) {
+        w->flush_backoff_ms = 0;
+        w->flush_pause_ms = p.frames > FLUSH_GATHER_MAX * p.conns
+                                ? clamp_pause(w, w->flush_pause_ms / 2)
+                                : clamp_pause(w, cost_ms);
+        return;
+    }
+    stop_pausing(w, now);
 }
 
-static void on_flush(uv_check_t *h)
+/* Writes one slice of the pass; ends the pass when the FIFO is empty. */
+static void run_pass(struct hub_writer *w, uint64_t t0, uint64_t deadline)
 {
-    struct hub_writer *w = h->data;
+    struct pass_count n = {0, 0};
+    int done = flush_some(&w->dirty, deadline, &n);
+    uint64_t now = uv_hrtime();
 
-    if (!w->dirty)
-        return;
-    if (w->nurgent)
-        hub_writer_flush(w, 1);
-    if (!w->dirty || uv_is_active((uv_handle_t *)&w->flush_timer))
-        return;
+    w->flush_slices++;
+    w->pass.frames += n.frames;
+    w->pass.conns += n.conns;
+    w->pass.busy_ns += now - t0;
+    if (done)
+        end_pass(w, now);
+}
+
+/* Starts a pass now, or a pause before it (the rule above). */
+static void plan_pass(struct hub_writer *w, uint64_t now)
+{
     uint64_t pause = w->flush_pause_ms;
     if (pause < w->opt.write_delay_ms)
         pause = w->opt.write_delay_ms;
     if (!pause || w->no_pause) {
-        flush_all(w, 0);
+        start_pass(w, 0, now);
         return;
     }
-    uint64_t since = (uv_hrtime() - w->last_flush_ns) / 1000000u;
+    uint64_t since = (now - w->last_flush_ns) / 1000000u;
     if (since >= 2 * pause) { /* idle in between: nothing gathered */
-        flush_all(w, 0);
+        start_pass(w, 0, now);
         return;
     }
-    if (since >= pause) {
-        flush_all(w, 1);
+    if (since >= pause) { /* it waited a pause already, gathering this */
+        w->arrival_ns = now;
+        start_pass(w, 1, now);
         return;
     }
+    w->seen_queued = w->queued;
+    w->arrival_ns = w->last_flush_ns;
     uv_timer_start(&w->flush_timer, on_flush_timer, pause - since, 0);
+}
+
+/* Once per loop iteration, after its I/O: replies first, then a slice of
+ * the deliveries' pass, or the plan of the next. */
+static void on_flush(uv_check_t *h)
+{
+    struct hub_writer *w = h->data;
+    uint64_t t0 = uv_hrtime(), deadline = t0 + FLUSH_SLICE_NS;
+
+    if (!flush_some(&w->urgent, deadline, NULL)) {
+        keep_turning(w, 1);
+        return;
+    }
+    if (uv_is_active((uv_handle_t *)&w->flush_timer)) { /* pausing */
+        if (w->queued != w->seen_queued) {
+            w->seen_queued = w->queued;
+            w->arrival_ns = t0;
+        }
+        keep_turning(w, 0);
+        return;
+    }
+    if (!w->pass.active && w->ndirty)
+        plan_pass(w, t0);
+    if (w->pass.active)
+        run_pass(w, t0, deadline);
+    keep_turning(w, w->pass.active);
+}
+
+static void on_flush_timer(uv_timer_t *t)
+{
+    struct hub_writer *w = t->data;
+    uint64_t t0 = uv_hrtime();
+
+    if (w->queued != w->seen_queued)
+        w->arrival_ns = t0;
+    start_pass(w, 1, t0);
+    run_pass(w, t0, t0 + FLUSH_SLICE_NS);
+    keep_turning(w, w->pass.active);
 }
 
 /* ---- keepalive ------------------------------------------------------------ */
@@ -410,7 +530,8 @@ static void on_keepalive(uv_timer_t *t)
             hub_writer_drop(c);
         }
     }
-    hub_writer_flush(w, 1);
+    if (!flush_some(&w->urgent, uv_hrtime() + FLUSH_SLICE_NS, NULL))
+        keep_turning(w, 1); /* the check handle writes the rest */
 }
 
 /* ---- lifetime ------------------------------------------------------------- */
@@ -422,6 +543,7 @@ void hub_writer_open(struct hub_writer *w, struct hub_wconn *c, struct lws *wsi,
     c->wsi = wsi;
     c->id = id;
     c->seen_ms = now_ms32(w);
+    hub_list_init(&c->flush);
     hub_list_push_tail(&w->conns, &c->ka);
     w->nconns++;
 }
@@ -430,15 +552,7 @@ void hub_writer_closed(struct hub_wconn *c)
 {
     struct hub_writer *w = c->w;
 
-    if (c->flags & HUB_WC_DIRTY) {
-        struct hub_wconn **pp = &w->dirty;
-        while (*pp && *pp != c)
-            pp = &(*pp)->dirty_next;
-        if (*pp)
-            *pp = c->dirty_next;
-        if (c->flags & HUB_WC_URGENT)
-            w->nurgent--;
-    }
+    unmark(c);
     c->flags = HUB_WC_CLOSING;
     hub_queue_clear(&c->q);
     hub_list_remove(&c->ka);
@@ -452,11 +566,16 @@ void hub_writer_init(struct hub_writer *w, uv_loop_t *loop,
     w->loop = loop;
     w->opt = *o;
     hub_list_init(&w->conns);
+    hub_list_init(&w->urgent);
+    hub_list_init(&w->dirty);
     w->ping = hub_msg_ping();
     uv_check_init(loop, &w->flusher);
     w->flusher.data = w;
     uv_timer_init(loop, &w->flush_timer);
     w->flush_timer.data = w;
+    uv_idle_init(loop, &w->spin);
+    uv_unref((uv_handle_t *)&w->spin); /* it never keeps the loop alive */
+    w->spin.data = w;
     uv_timer_init(loop, &w->keepalive);
     w->keepalive.data = w;
 }
@@ -478,7 +597,7 @@ void hub_writer_no_pause(struct hub_writer *w)
 void hub_writer_stop(struct hub_writer *w)
 {
     uv_handle_t *hs[] = {(uv_handle_t *)&w->flusher, (uv_handle_t *)&w->flush_timer,
-                         (uv_handle_t *)&w->keepalive};
+                         (uv_handle_t *)&w->spin, (uv_handle_t *)&w->keepalive};
     for (size_t i = 0; i < sizeof(hs) / sizeof(hs[0]); i++)
         if (!uv_is_closing(hs[i]))
             uv_close(hs[i], NULL);

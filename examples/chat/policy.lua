@@ -120,6 +120,9 @@ end
 
 -- user -> {tokens, t}: lost on reload (the limit just starts afresh).
 local buckets = {}
+-- user -> when they last said they were typing (ms), for typing() below; declared
+-- here so that sweep() sees this local, not an (undeclared) global.
+local typing_at = {}
 
 local function take_token(user)
     local now = hub.now() / 1000
@@ -183,8 +186,6 @@ end
 
 -- "bob is typing" at most once a second per user; not stored (typing:<room>
 -- has no history in the conf) and not counted against the message rate.
-local typing_at = {}
-
 local function typing(conn, channel)
     local now = hub.now()
     if (typing_at[conn.user] or 0) > now - 1000 then

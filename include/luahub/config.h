@@ -38,11 +38,14 @@ struct hub_config {
     uint32_t request_timeout;       /* 10 s: an HTTP request head (and body) must arrive within it */
     uint32_t http_idle_timeout;     /* 60 s: a keep-alive HTTP connection may idle this long */
     uint32_t write_delay;           /* ms between flushes under load; 0 = adaptive */
+    uint32_t write_pause_max;       /* ms an adaptive pause lasts at most; 0: no pauses */
     uint64_t rx_buffer_size;        /* lws read buffer per connection; 512 */
     char *static_dir;               /* absolute or resolved against dir; NULL = none */
     int log_level;                  /* HUB_LOG_* ; "info" */
 
     char *policy;                   /* Lua policy file, resolved against dir; NULL = built-in */
+    char *policy_path;              /* directory require() loads modules from, resolved;
+                                     * NULL: the policy file's directory */
     uint64_t lua_max_instructions;  /* per hook call; 1,000,000 */
     uint64_t lua_max_memory;        /* whole state; 64 MiB */
 
@@ -50,6 +53,8 @@ struct hub_config {
     char *redis_prefix;             /* "luahub:" */
     uint32_t workers;               /* worker processes; 0 = one per core ("auto") */
     char *policy_vars;              /* JSON object the policy sees as hub.vars, or NULL */
+    char *jwt_keys;                 /* key files of hub.jwt_verify (PEM or JWKS), resolved,
+                                     * one per line; NULL: none */
 
     char *allowed_origins;          /* origins browsers may connect from, space-separated;
                                      * NULL: the request's own host only */
@@ -97,10 +102,28 @@ int hub_config_set_listen(struct hub_config *c, const char *s,
 const struct hub_channel_opts *hub_config_channel(const struct hub_config *c,
                                                   const char *name, size_t len);
 
-/* Appends to `names` (", "-separated) the keys whose values differ between
- * `a` and `b`, but `except` (may be NULL), and listen when a->listen_set. */
-void hub_config_changed(const struct hub_config *a, const struct hub_config *b,
-                        const char *except, struct hub_buf *names);
+/* A reload (SIGHUP, POST /api/reload) of the conf file: for each key
+ * whose value differs between `live` (the running conf) and `fresh` (the
+ * same file loaded again), a key a reload applies (docs/config.md,
+ * "Reload") has its value exchanged between the two, so that `live` holds
+ * the new one and `fresh` the old, and its name is appended to `applied`;
+ * `veto(ud, key)` (may be NULL) may refuse that for a key (returns 1).
+ * The names of the other keys that differ are appended to `restart`
+ * (", "-separated; listen not when live->listen_set). Returns the set of
+ * keys exchanged, for hub_config_swap to undo. */
+uint64_t hub_config_reload(struct hub_config *live, struct hub_config *fresh,
+                           int (*veto)(void *ud, const char *key), void *ud,
+                           struct hub_buf *applied, struct hub_buf *restart);
+
+/* Exchanges the values of the keys in `keys` (as returned by
+ * hub_config_reload) between `a` and `b`. */
+void hub_config_swap(struct hub_config *a, struct hub_config *b, uint64_t keys);
+
+/* The name among n[0], n[stride], ... (n entries; each a const char *
+ * at that byte offset, e.g. the name field of a table of structs) within
+ * two edits of `name` and not most of it, or NULL: "did you mean". */
+const char *hub_conf_near(const char *name, const char *const *names, size_t n,
+                          size_t stride);
 
 void hub_config_free(struct hub_config *c);
 void hub_config_errors_free(struct hub_config_errors *e);

@@ -30,6 +30,12 @@ const char *hub_log_level_name(int level);
 /* A tag put in front of every message, e.g. "worker 2" (NULL: none). */
 void hub_log_set_tag(const char *tag);
 
+/* Sends the lines to `fn` instead of stderr (NULL: stderr again): `msg` is
+ * the message without time, level and tag, valid during the call. For
+ * `luahub test`, which shows the log of a failing test. */
+typedef void (*hub_log_sink_fn)(void *ud, int level, const char *msg, size_t len);
+void hub_log_set_sink(hub_log_sink_fn fn, void *ud);
+
 /* Writes one line (a trailing newline is added). Safe from any callback. */
 void hub_log(int level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));

@@ -95,4 +95,11 @@ void hub_msg_delivery_close(struct hub_msg *m, uint64_t offset);
  * payload is not a delivery. */
 int hub_msg_delivery_data(const char *p, size_t n, const char **data, size_t *len);
 
+/* Appends "messages":[{"offset":N,"data":D},...],"truncated":B for the
+ * delivery frames msgs[0..n), in that order, stopping before the buffer
+ * would pass `max` bytes (truncated is then true). */
+struct hub_buf;
+void hub_msg_history_json(struct hub_buf *b, struct hub_msg *const *msgs, size_t n,
+                          size_t max);
+
 #endif

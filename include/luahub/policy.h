@@ -42,6 +42,7 @@ enum hub_verdict {
 };
 
 struct hub_policy;
+struct hub_ptimer;          /* a hub.after timer (owned by the policy) */
 
 /* A connection as the policy sees it: part of the host's session, valid
  * while the connection is open (until hub_policy_conn_gone). The policy
@@ -94,6 +95,23 @@ struct hub_policy_host_ops {
                            uint64_t *users);
     /* 1 once shutdown has begun. */
     int (*shutting_down)(void *ud);
+
+    /* Optional: a clock of the host's own. NULL in the hub, which keeps the
+     * wall clock and libuv timers on host->loop; `luahub test` sets all
+     * three to drive a fake clock (docs/testing-policies.md). now_ms is what
+     * hub.now(), os.time(), os.date() and hub.jwt_verify read: ms since the
+     * Unix epoch. timer_start arms `t` (borrowed): the host calls
+     * hub_policy_timer_fire(t) once, `ms` (>= 1) from now, unless
+     * timer_stop(t) comes first. Timers due at the same now_ms share one
+     * lua_max_instructions, as those of one turn of the loop do. */
+    double (*now_ms)(void *ud);
+    void (*timer_start)(void *ud, struct hub_ptimer *t, uint64_t ms);
+    void (*timer_stop)(void *ud, struct hub_ptimer *t);
+    /* Optional: a policy call failed (an error, a budget stop, a bad return
+     * value). `hook` is "on_publish", "timer"...; `what` the logged text,
+     * "chunk:line: message" (borrowed). Called for every failure, before
+     * the log's rate limit. */
+    void (*failed)(void *ud, const char *hook, uint64_t conn_id, const char *what);
 };
 
 struct hub_policy_host {
@@ -104,14 +122,19 @@ struct hub_policy_host {
 };
 
 /* For --check: loads the policy file of `cfg` (or the built-in one) in a
- * scratch state, runs its main chunk under the budgets and verifies that
- * every hook it defines is a function. Appends "FILE:LINE: message" to
- * `errs`. Returns 0 or -1. No loop, no server. */
-int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *errs);
+ * scratch state, with the keys of jwt_keys and the modules it requires,
+ * runs its main chunk under the budgets and verifies that every hook it
+ * defines is a function. Appends "FILE:LINE: message" to `errs` for
+ * problems, to `warns` for likely mistakes that do not stop it (a
+ * misspelled hook, unused globals: docs/lua.md, "Warnings"). Returns 0 or
+ * -1. No loop, no server. */
+int hub_policy_check(const struct hub_config *cfg, struct hub_config_errors *errs,
+                     struct hub_config_errors *warns);
 
 /* Builds the policy from host->cfg (policy file or the built-in one) for
  * `host` (copied; its ud and cfg must outlive the policy). Returns a new
- * policy, or NULL with every problem appended to `errs`. */
+ * policy, or NULL with every problem appended to `errs`. Warnings are
+ * logged (as by a reload). */
 struct hub_policy *hub_policy_new(const struct hub_policy_host *host,
                                   struct hub_config_errors *errs);
 
@@ -192,6 +215,10 @@ void hub_policy_on_disconnect(struct hub_policy *p, struct hub_policy_conn *c,
 /* A connection is going away: drops its Lua object (called from CLOSED,
  * after on_disconnect). */
 void hub_policy_conn_gone(struct hub_policy *p, struct hub_policy_conn *c);
+
+/* A timer armed with the host's timer_start is due: runs its callback (as
+ * the "timer" phase) and frees it. Only for hosts with their own clock. */
+void hub_policy_timer_fire(struct hub_ptimer *t);
 
 /* Appends per-hook metrics (calls, errors, budget kills, latency
  * histogram) in Prometheus text. */

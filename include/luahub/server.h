@@ -53,6 +53,8 @@ struct hub_server {
     struct hub_conn_pending *handoff; /* on_connect's result for the upgrade being adopted */
     struct hub_sessions sessions;
     struct hub_policy *policy;      /* NULL until hub_server_load_policy */
+    uint64_t lua_budget_max;        /* lua_max_instructions at start: a reload may
+                                     * not raise it (the watchdog is sized from it) */
     struct hub_policy_host policy_host;
     struct hub hub;
     struct hub_broker *broker;      /* memory or redis */
@@ -80,7 +82,11 @@ int hub_server_init(struct hub_server *srv, uv_loop_t *loop,
  * in `errs`. */
 int hub_server_load_policy(struct hub_server *srv, struct hub_config_errors *errs);
 
-/* Reloads the policy (SIGHUP, POST /api/reload): see hub_policy_reload. */
+/* Reload (SIGHUP, POST /api/reload): reads the conf file again, applies
+ * the keys a reload may change (docs/config.md, "Reload") and rebuilds the
+ * policy with them (hub_policy_reload); logs the keys that changed but
+ * need a restart. On any failure (the conf, the policy) nothing changes:
+ * returns -1 with the problems in `errs` (may be NULL; they are logged). */
 int hub_server_reload_policy(struct hub_server *srv, struct hub_config_errors *errs);
 
 /* Creates the lws context on the loop, the vhost and the listener. Returns

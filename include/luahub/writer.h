@@ -18,9 +18,15 @@
  * sockets (the close echo is the writer's too).
  *
  * Pacing: under load a short pause before a flush lets frames gather, so
- * each write carries several; see writer.c for the rule and bench/README.md
+ * each write carries several, for as long as pauses do gather; a pause is
+ * at most write_pause_max ms. See writer.c for the rule and bench/README.md
  * for the evidence. Replies (and PINGs, close frames) are flushed in the
- * iteration that queued them.
+ * iteration that queued them, before deliveries.
+ *
+ * Slices: a flush writes for at most ~1 ms, then lets the loop turn (read
+ * sockets, answer PINGs, queue replies) and goes on where it stopped in the
+ * next iteration; connections wait in one FIFO, so a large fan-out is
+ * written round-robin and nobody waits for a whole 15,000-socket pass.
  *
  * Keepalive: connections sit in one list in the order they were last heard
  * from; a frame moves one to the tail (O(1)), and a sweep every second pings
@@ -59,7 +65,7 @@ struct hub_wconn {
     struct lws *wsi;
     struct hub_queue q;             /* frames waiting to be written */
     struct hub_list ka;             /* the writer's connections, last heard last */
-    struct hub_wconn *dirty_next;   /* the flush list */
+    struct hub_list flush;          /* in the writer's urgent or dirty FIFO */
     uint64_t id;                    /* "[conn N]" in logs */
     uint32_t seen_ms;               /* loop time (mod 2^32) of the last frame received */
     uint32_t flags;
@@ -68,6 +74,7 @@ struct hub_wconn {
 struct hub_writer_options {
     uint64_t max_queue_bytes;       /* a connection's queue bound */
     uint32_t write_delay_ms;        /* conf write_delay: least time between flushes */
+    uint32_t write_pause_max_ms;    /* conf write_pause_max: longest adaptive pause, 0: none */
     uint32_t ping_interval_ms;
     uint32_t ping_timeout_ms;
 };
@@ -78,11 +85,23 @@ struct hub_writer {
     struct lws_context *ctx;        /* to wake lws after a drop */
     int lws_woken;                  /* lws_cancel_service() sent, not yet seen */
     int no_pause;                   /* shutting down: flush at once */
-    struct hub_wconn *dirty;        /* connections with frames to write */
-    uint32_t nurgent;               /* ... of them with a reply queued */
+    struct hub_list urgent;         /* connections with a reply queued, FIFO */
+    struct hub_list dirty;          /* ... with deliveries only, FIFO */
     uv_check_t flusher;             /* writes them once per loop iteration */
     uv_timer_t flush_timer;         /* ... or a moment later under load */
-    uint64_t last_flush_ns;         /* when the last full flush ended */
+    uv_idle_t spin;                 /* a sliced flush goes on: poll without sleeping */
+    uint64_t queued;                /* frames queued, ever (what pauses gather) */
+    size_t ndirty;                  /* connections in `dirty` */
+    /* the pass: one flush of `dirty` until it is empty, in one or more slices */
+    struct hub_writer_pass {
+        int active, paused;
+        uint64_t frames, conns, busy_ns, start_ns;
+        uint64_t queued0;           /* `queued` when it started */
+        size_t dirty0;              /* `ndirty` when it started */
+    } pass;
+    uint64_t end_queued;            /* `queued` when the last pass ended */
+    uint64_t seen_queued, arrival_ns; /* during a pause: when frames last arrived */
+    uint64_t last_flush_ns;         /* when the last pass ended */
     uint32_t flush_pause_ms;        /* pause before a flush, 0: none */
     uint32_t flush_backoff_ms;      /* after a pause that did not pay */
     uint64_t flush_trial_ns;        /* no pausing before this */
@@ -91,7 +110,7 @@ struct hub_writer {
     uv_timer_t keepalive;
     struct hub_msg *ping;           /* the PING frame, shared */
     /* counters */
-    uint64_t writes, bytes_out, flushes, flushes_paused;
+    uint64_t writes, bytes_out, flushes, flushes_paused, flush_slices;
 };
 
 /* Sets up the writer's handles on `loop` (not started). */
@@ -151,10 +170,6 @@ void hub_writer_seen(struct hub_wconn *c);
 
 /* LWS_CALLBACK_SERVER_WRITEABLE. Returns 0, or -1 on a socket error. */
 int hub_writer_writeable(struct hub_wconn *c);
-
-/* Writes the frames queued now (only for connections with a reply queued,
- * when `urgent_only`). */
-void hub_writer_flush(struct hub_writer *w, int urgent_only);
 
 /* Open connections the writer knows. */
 static inline size_t hub_writer_connections(const struct hub_writer *w)

@@ -45,37 +45,6 @@
 
 #include "redistest.h"
 
-
-/* An integer field of INFO, e.g. ("stats", "pubsub_channels"), or of
- * "commandstats" as cmdstat_NAME's calls. -1 if absent. */
-static long long srv_info(const struct srv *s, const char *section, const char *key)
-{
-    redisReply *r = srv_cmd(s, "INFO %s", section);
-    ck_assert_int_eq(r->type, REDIS_REPLY_STRING);
-    long long v = -1;
-    char needle[128];
-    snprintf(needle, sizeof(needle), "\n%s:", key);
-    const char *p = strstr(r->str, needle);
-    if (!p && strncmp(r->str, needle + 1, strlen(needle + 1)) == 0)
-        p = r->str - 1;
-    if (p) {
-        p += strlen(needle);
-        if (strncmp(p, "calls=", 6) == 0)
-            p += 6;
-        v = strtoll(p, NULL, 10);
-    }
-    freeReplyObject(r);
-    return v;
-}
-
-static long long cmd_calls(const struct srv *s, const char *cmd)
-{
-    char key[64];
-    snprintf(key, sizeof(key), "cmdstat_%s", cmd);
-    long long v = srv_info(s, "commandstats", key);
-    return v < 0 ? 0 : v;
-}
-
 static long long numsub(const struct srv *s, const char *channel)
 {
     redisReply *r = srv_cmd(s, "PUBSUB NUMSUB %s", channel);
@@ -1020,20 +989,6 @@ START_TEST(t_redis_killed_and_restarted)
 }
 END_TEST
 
-static char proc_state(pid_t pid)
-{
-    char path[64], buf[256];
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return '?';
-    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    const char *p = strrchr(buf, ')');
-    return p && p[1] == ' ' ? p[2] : '?';
-}
-
 START_TEST(t_redis_sigstop)
 {
     env_init();
@@ -1345,7 +1300,7 @@ START_TEST(t_redis_10k_channels)
         ck_assert_int_eq(sr[i].calls, 1);
         ck_assert_int_eq(sr[i].status, HUB_OK);
     }
-    long long subs = cmd_calls(s, "subscribe");
+    long long subs = srv_calls(s, "subscribe");
     ck_assert_int_eq(hub_channels(s), N);
     ck_assert_msg(subs > 0 && subs <= N / 500 + 2, "%lld SUBSCRIBE commands for %d channels",
                   subs, N);
@@ -1364,7 +1319,7 @@ START_TEST(t_redis_10k_channels)
     }
     ck_assert(WAIT(hub_channels(s) == 0, WAIT_MS));
     uint64_t t3 = uv_hrtime();
-    long long unsubs = cmd_calls(s, "unsubscribe");
+    long long unsubs = srv_calls(s, "unsubscribe");
     ck_assert_msg(unsubs > 0 && unsubs <= N / 500 + 2, "%lld UNSUBSCRIBE commands", unsubs);
     printf("[measure] 10000 channels: subscribed+confirmed in %.1f ms (%lld SUBSCRIBE "
            "commands), unsubscribed in %.1f ms (%lld UNSUBSCRIBE)\n",
@@ -1415,8 +1370,8 @@ START_TEST(t_redis_sharding)
     /* (plus the probes that acknowledge them, on both servers) */
     long long probes = metric(0, "luahub_broker_probes_total");
     for (int k = 0; k < 2; k++) {
-        ck_assert_int_ge(cmd_calls(&T.srv[k], "publish"), 2 * per[k]);
-        ck_assert_int_le(cmd_calls(&T.srv[k], "publish"), 2 * per[k] + probes);
+        ck_assert_int_ge(srv_calls(&T.srv[k], "publish"), 2 * per[k]);
+        ck_assert_int_le(srv_calls(&T.srv[k], "publish"), 2 * per[k] + probes);
     }
     /* one shard down: only its channels fail; health is down */
     srv_kill(&T.srv[1]);

@@ -913,6 +913,62 @@ START_TEST(out_of_fds_pauses_accepting)
 }
 END_TEST
 
+/* The soft open-files limit of a running process, from /proc. */
+static long long soft_nofile(pid_t pid)
+{
+    char path[64], line[256];
+    long long soft = -1;
+    snprintf(path, sizeof path, "/proc/%d/limits", (int)pid);
+    FILE *f = fopen(path, "r");
+    ck_assert_msg(f != NULL, "%s: %s", path, strerror(errno));
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "Max open files", 14))
+            sscanf(line + 14, "%lld", &soft);
+    fclose(f);
+    return soft;
+}
+
+/* max_connections sizes the open-files limit (and so libwebsockets' tables,
+ * one of which it scans on every close): max_connections + a quarter +
+ * 1,024, lowered or raised within the hard limit; beyond the hard limit,
+ * a warning and the hard limit; without max_connections, the inherited
+ * limit. The hub still serves in each case. */
+START_TEST(max_connections_sizes_fd_limit)
+{
+    struct rlimit rl;
+    ck_assert_int_eq(getrlimit(RLIMIT_NOFILE, &rl), 0);
+    ck_assert_msg(rl.rlim_max == RLIM_INFINITY || rl.rlim_max > 2000,
+                  "hard open-files limit %llu: too low for this test",
+                  (unsigned long long)rl.rlim_max);
+    static const struct {
+        const char *conf;
+        long long want; /* -1: the hard limit; -2: inherited */
+    } cases[] = {
+        {"max_connections = 100\n", 100 + 25 + 1024},
+        {"max_connections = 800\n", 800 + 200 + 1024},
+        {"max_connections = 10000000\n", -1},
+        {"", -2},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        char *conf = ht_asprintf(BASE_CONF "%s", cases[i].conf);
+        struct hub *h = hub_start(conf);
+        long long want = cases[i].want == -1   ? (long long)rl.rlim_max
+                         : cases[i].want == -2 ? (long long)rl.rlim_cur
+                                               : cases[i].want;
+        ck_assert_msg(soft_nofile(h->pid) == want, "%s: soft limit %lld, expected %lld",
+                      cases[i].conf, soft_nofile(h->pid), want);
+        ck_assert_int_eq(hub_log_count(h, "hard open-files limit"), cases[i].want == -1);
+        struct ws *a = ws_connect(h->port), *b = ws_connect(h->port);
+        ws_subscribe(b, "room");
+        pubsub_works(a, b, "\"fits\"");
+        ws_free(a);
+        ws_free(b);
+        ck_assert_int_eq(hub_stop(h), 0);
+        free(conf);
+    }
+}
+END_TEST
+
 /* ------------------------------------------------------------------ */
 /* Signals and the graceful shutdown                                    */
 /* ------------------------------------------------------------------ */
@@ -1362,6 +1418,7 @@ static Suite *lifecycle_suite(void)
     tcase_add_test(tc, listen_on_foreign_address_exits);
     tcase_add_test(tc, listen_on_interface_name);
     tcase_add_test(tc, out_of_fds_pauses_accepting);
+    tcase_add_test(tc, max_connections_sizes_fd_limit);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("shutdown");

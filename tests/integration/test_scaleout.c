@@ -56,34 +56,6 @@
 /* srv_kill, srv_cmd), shared with test_broker and test_registry          */
 /* ------------------------------------------------------------------ */
 
-/* An integer field of INFO `section`; for commandstats "cmdstat_X" the
- * number of calls. -1 if absent. */
-static long long rds_info(const struct srv *s, const char *section, const char *key)
-{
-    redisReply *r = srv_cmd(s, "INFO %s", section);
-    ck_assert_int_eq(r->type, REDIS_REPLY_STRING);
-    char needle[128];
-    snprintf(needle, sizeof needle, "\n%s:", key);
-    long long v = -1;
-    const char *p = strstr(r->str, needle);
-    if (p) {
-        p += strlen(needle);
-        if (strncmp(p, "calls=", 6) == 0)
-            p += 6;
-        v = strtoll(p, NULL, 10);
-    }
-    freeReplyObject(r);
-    return v;
-}
-
-static long long cmd_calls(const struct srv *s, const char *cmd)
-{
-    char key[64];
-    snprintf(key, sizeof key, "cmdstat_%s", cmd);
-    long long v = rds_info(s, "commandstats", key);
-    return v < 0 ? 0 : v;
-}
-
 /* Number of Redis channels matching `pattern` (PUBSUB CHANNELS). */
 static long long pubsub_channels(const struct srv *s, const char *pattern)
 {
@@ -102,21 +74,6 @@ static long long numsub(const struct srv *s, const char *channel)
     long long v = r->element[1]->integer;
     freeReplyObject(r);
     return v;
-}
-
-/* State letter of /proc/PID/stat ('T' stopped), '?' if gone. */
-static char proc_state(pid_t pid)
-{
-    char path[64], buf[512];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return '?';
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    const char *p = strrchr(buf, ')');
-    return p && p[1] == ' ' ? p[2] : '?';
 }
 
 /* Children of `parent` that are alive (not zombies), from /proc. */
@@ -1795,7 +1752,7 @@ START_TEST(ten_thousand_channels_at_once)
     static struct ws *c[T_CONNS];
     for (int i = 0; i < T_CONNS; i++)
         c[i] = ws_connect(h->port);
-    long long sub0 = cmd_calls(&r, "subscribe");
+    long long sub0 = srv_calls(&r, "subscribe");
     long long cmds0 = hub_metric(h, "luahub_broker_subscribe_commands_total");
 
     /* every connection sends its 100 subscribes in one write, all before
@@ -1826,7 +1783,7 @@ START_TEST(ten_thousand_channels_at_once)
         }
     }
     int64_t t_all = ht_now_ms() - t0;
-    long long subs = cmd_calls(&r, "subscribe") - sub0;
+    long long subs = srv_calls(&r, "subscribe") - sub0;
     long long cmds = hub_metric(h, "luahub_broker_subscribe_commands_total") - cmds0;
     ck_assert_int_eq(pubsub_channels(&r, "luahub:t:*"), T_CONNS * T_PER);
     ck_assert_int_eq(hub_metric(h, "luahub_broker_channels"), T_CONNS * T_PER);
@@ -1845,7 +1802,7 @@ START_TEST(ten_thousand_channels_at_once)
         free(want);
     }
     /* and all go away together when the clients do (batched UNSUBSCRIBE) */
-    long long unsub0 = cmd_calls(&r, "unsubscribe");
+    long long unsub0 = srv_calls(&r, "unsubscribe");
     int64_t t1 = ht_now_ms();
     for (int i = 0; i < T_CONNS; i++)
         ws_free(c[i]);
@@ -1855,7 +1812,7 @@ START_TEST(ten_thousand_channels_at_once)
         sleep_ms(10);
     ck_assert_int_eq(pubsub_channels(&r, "luahub:t:*"), 0);
     int64_t t_gone = ht_now_ms() - t1;
-    long long unsubs = cmd_calls(&r, "unsubscribe") - unsub0;
+    long long unsubs = srv_calls(&r, "unsubscribe") - unsub0;
     ck_assert_msg(unsubs <= T_CONNS * T_PER / 20, "%lld UNSUBSCRIBE commands", unsubs);
     printf("[measure] 10,000 channels (100 connections x 100): all replies in %lld ms, %lld "
            "SUBSCRIBE commands; gone from Redis %lld ms after the clients closed, %lld "
@@ -1958,9 +1915,9 @@ START_TEST(workers_two_children_share_port_and_pubsub)
     ck_assert_str_ne(ia, ib);
     /* each worker has its own broker connections: both in Redis */
     int64_t dl = ht_now_ms() + HT_WAIT_MS;
-    while (rds_info(&r, "clients", "connected_clients") < 4 + 1 && ht_now_ms() < dl)
+    while (srv_info(&r, "clients", "connected_clients") < 4 + 1 && ht_now_ms() < dl)
         sleep_ms(10);
-    ck_assert_int_ge(rds_info(&r, "clients", "connected_clients"), 4 + 1);
+    ck_assert_int_ge(srv_info(&r, "clients", "connected_clients"), 4 + 1);
     cross_pubsub(a, b, "wk");
     /* HTTP publish on whichever worker takes it reaches both */
     ws_subscribe(a, "wh");

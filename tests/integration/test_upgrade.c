@@ -184,6 +184,32 @@ START_TEST(subprotocol_offers)
 }
 END_TEST
 
+/* A refused offer names what was offered, in the log and the body, but a
+ * token riding as a subprotocol ("token.<jwt>") shows as "token.***": the
+ * log is no place for credentials (docs/operations.md "Secrets and logs"). */
+START_TEST(refused_offer_hides_tokens)
+{
+    static const char *offers[] = {
+        "Sec-WebSocket-Protocol: token.s3cretpart.s3cretsig, foo\r\n",
+        "Sec-WebSocket-Protocol: foo\r\nSec-WebSocket-Protocol: token.s3cret\r\n",
+    };
+    struct hub *h = hub_start("shutdown_timeout = 2\n");
+    for (int i = 0; i < 2; i++) {
+        struct ws *c;
+        struct http_resp r;
+        struct ws_opts o = {.headers = offers[i]};
+        ck_assert_int_eq(ws_handshake(h->port, &o, &c, &r), 400);
+        ck_assert_msg(strstr(r.body, "\"token.***\"") && strstr(r.body, "\"foo\"") &&
+                      !strstr(r.body, "s3cret"), "offer %d: body: %s", i, r.body);
+        http_resp_free(&r);
+    }
+    hub_log_wait(h, "\"foo\", \"token.***\"", HT_WAIT_MS);
+    ck_assert_int_eq(hub_log_count(h, "\"token.***\""), 2);
+    ck_assert_int_eq(hub_log_count(h, "s3cret"), 0);
+    ck_assert_int_eq(hub_stop(h), 0);
+}
+END_TEST
+
 /* 50 subprotocols with "luahub" last: accepted; 50 without: refused. */
 START_TEST(subprotocol_long_lists)
 {
@@ -335,6 +361,7 @@ static Suite *upgrade_suite(void)
     tcase_add_loop_test(tc, subprotocol_offers, 0,
                         (int)(sizeof subprotocols / sizeof *subprotocols));
     tcase_add_test(tc, subprotocol_long_lists);
+    tcase_add_test(tc, refused_offer_hides_tokens);
     tcase_add_loop_test(tc, policy_picks_subprotocol, 0, (int)(sizeof picks / sizeof *picks));
     tcase_add_test(tc, refusal_echoes_an_offered_subprotocol);
     tcase_add_test(tc, plain_get_on_ws_path_426);

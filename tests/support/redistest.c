@@ -234,3 +234,54 @@ void loop_tick(uv_timer_t *t)
 {
     (void)t;
 }
+
+long long srv_info(const struct srv *s, const char *section, const char *key)
+{
+    redisReply *r = srv_cmd(s, "INFO %s", section);
+    ck_assert_int_eq(r->type, REDIS_REPLY_STRING);
+    long long v = -1;
+    char needle[128];
+    snprintf(needle, sizeof(needle), "\n%s:", key);
+    const char *p = strstr(r->str, needle);
+    if (!p && strncmp(r->str, needle + 1, strlen(needle + 1)) == 0)
+        p = r->str - 1;
+    if (p) {
+        p += strlen(needle);
+        if (strncmp(p, "calls=", 6) == 0)
+            p += 6;
+        v = strtoll(p, NULL, 10);
+    }
+    freeReplyObject(r);
+    return v;
+}
+
+long long srv_calls(const struct srv *s, const char *cmd)
+{
+    char key[64];
+    snprintf(key, sizeof(key), "cmdstat_%s", cmd);
+    long long v = srv_info(s, "commandstats", key);
+    return v < 0 ? 0 : v;
+}
+
+char proc_state(pid_t pid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return '?';
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *p = strrchr(buf, ')');
+    return p && p[1] == ' ' ? p[2] : '?';
+}
+
+void srv_sigstop(const struct srv *s)
+{
+    kill(s->pid, SIGSTOP);
+    int64_t dl = now_ms() + 2000;
+    while (proc_state(s->pid) != 'T' && now_ms() < dl)
+        sleep_ms(1);
+    ck_assert_msg(proc_state(s->pid) == 'T', "redis-server %d did not stop", (int)s->pid);
+}

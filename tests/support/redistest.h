@@ -31,6 +31,12 @@ void srv_start(struct srv *s, int port, const char *pass); /* port 0: a free one
 void srv_kill(struct srv *s);       /* SIGKILL + reap */
 void srv_stop(struct srv *s);       /* SHUTDOWN, or kill; removes its dir */
 redisReply *srv_cmd(const struct srv *s, const char *fmt, ...);
+/* An integer field of INFO `section`, e.g. ("stats", "pubsub_channels");
+ * for "commandstats" and cmdstat_NAME, its calls. -1 if absent. */
+long long srv_info(const struct srv *s, const char *section, const char *key);
+long long srv_calls(const struct srv *s, const char *cmd); /* cmdstat_<cmd> calls, 0 if none */
+char proc_state(pid_t pid);         /* /proc state letter ('T' stopped), '?' if gone */
+void srv_sigstop(const struct srv *s); /* SIGSTOP, and waits until it is stopped */
 
 /* For the suites that drive a libuv loop themselves: runs `loop` until
  * `cond` holds or `ms` pass (the timer `tick` wakes it every 5 ms to look);

@@ -144,6 +144,7 @@ static void assert_defaults_except_path(void)
     ck_assert_uint_eq(c.ping_timeout, 10);
     ck_assert_uint_eq(c.shutdown_timeout, 5);
     ck_assert_uint_eq(c.write_delay, 0);
+    ck_assert_uint_eq(c.write_pause_max, 2);
     ck_assert_uint_eq(c.rx_buffer_size, 512);
     ck_assert_ptr_null(c.static_dir);
     ck_assert_int_eq(c.log_level, HUB_LOG_INFO);
@@ -230,6 +231,7 @@ START_TEST(t_range_edges)
             "ping_timeout = 1\n"
             "shutdown_timeout = 3600\n"
             "write_delay = 1000\n"
+            "write_pause_max = 100\n"
             "rx_buffer_size = 128\n"
             "lua_max_instructions = 1e10\n"
             "lua_max_memory = \"16GiB\"\n");
@@ -242,6 +244,7 @@ START_TEST(t_range_edges)
     ck_assert_uint_eq(c.ping_timeout, 1);
     ck_assert_uint_eq(c.shutdown_timeout, 3600);
     ck_assert_uint_eq(c.write_delay, 1000);
+    ck_assert_uint_eq(c.write_pause_max, 100);
     ck_assert_uint_eq(c.rx_buffer_size, 128);
     ck_assert_uint_eq(c.lua_max_instructions, 10000000000ull);
     ck_assert_uint_eq(c.lua_max_memory, 16 * GiB);
@@ -326,7 +329,7 @@ START_TEST(t_syntax_error_long_path)
     fclose(f);
     ck_assert_int_eq(hub_config_load(&c, path, &e), -1);
     ck_assert_uint_eq(e.n, 1);
-    err_is(0, ":2: unfinished string near '\"unterminated'");
+    err_is(0, ":2: unfinished string (near a string, not shown)");
 }
 END_TEST
 
@@ -1201,6 +1204,28 @@ static const struct {
      ":2: memory limit exceeded: the conf may use 16MiB (memory bomb?)"}, /* memory_bomb_table */
     {"broker = \"redis://x:99999\"\n",
      ":1: broker: broker URL \"redis://x:99999\": bad port \"99999\" (expected 1-65535)"}, /* broker_bad_url */
+    /* secrets never reach an error: a broker URL's credentials, a string Lua stopped at */
+    {"broker = \"redis://u:s3cret@x:99999\"\n",
+     ":1: broker: broker URL \"redis://u:***@x:99999\": bad port \"99999\" (expected 1-65535)"},
+    {"broker = \"redis://s3cret@x:1\"\n",
+     ":1: broker: broker URL \"redis://***@x:1\": credentials must be \":password@\" or "
+     "\"user:password@\""},
+    {"broker = \"redis:/:s3cret@x:1\"\n",
+     ":1: broker: broker URL \"redis:***@x:1\": expected \"memory\" or "
+     "\"redis://[:password@]host:port[/db]\""},
+    {"broker = \"redis://:s3%zzcret@x\"\n",
+     ":1: broker: broker URL \"redis://:***@x\": bad %%-escape in the password"},
+    {"broker = \"redis://:p@ss@h:0\"\n",
+     ":1: broker: broker URL \"redis://:***@h:0\": bad port \"0\" (expected 1-65535)"},
+    {"broker = { \"memory\", \"redis://:s3cret@x:1\" }\n",
+     ":1: broker: \"memory\" cannot be mixed with redis URLs"},
+    {"api_key = \"s3cret\n",
+     ":1: unfinished string (near a string, not shown)"},
+    {"api_key = 's3cret\\q'\n",
+     ":1: invalid escape sequence (near a string, not shown)"},
+    {"write_pause_max = 101\n", ":1: write_pause_max: 101 is out of range (0..100)"},
+    {"write_pause_max = -1\n", ":1: write_pause_max: -1 is out of range (0..100)"},
+    {"write_pause_max = 1.5\n", ":1: write_pause_max: expected an integer, got 1.5"},
     {"workers = \"many\"\n",
      ":1: workers: expected a number of processes or \"auto\", got \"many\""}, /* workers_bad */
     /* channels: every bad pattern, option and value names its line */

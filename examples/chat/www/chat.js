@@ -110,7 +110,9 @@ function joinRoom(name) {
     })
     sub.on('reset', () => reload(c))
     sub.on('message', (m) => {
-      if (m.data?.event == 'left') return add(c, { sys: `${m.data.user} left` })
+      // A hub that shuts down tells the rooms its users left; a page that reconnected
+      // recovers that notice about its own user, which it knows better than to show.
+      if (m.data?.event == 'left') return m.data.user == me || add(c, { sys: `${m.data.user} left` })
       c.typing.delete(m.data?.from)
       if (c == convs.get(current)) typing()
       add(c, { ...m.data, offset: m.offset })

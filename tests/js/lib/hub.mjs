@@ -11,7 +11,6 @@ import WebSocket from 'ws'
 
 export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../../..')
 export const BIN = resolve(process.env.LUAHUB_BIN || join(ROOT, 'build/luahub'))
-export const ORIGIN = 'http://luahub.test'
 
 const children = new Set()
 process.on('exit', () => {
@@ -72,10 +71,14 @@ export function record(em, names) {
 
 // A WebSocket class for luahub.js in node that counts its instances and sends an Origin
 // header like a browser does (the hub answers refusals of such requests with close codes).
-export function wsClass({ origin = ORIGIN } = {}) {
+// By default the origin is the page the hub itself would serve (http://host:port of the
+// URL), which the default allowed_origins accepts; `origin` names another, or false for none.
+export const pageOrigin = (url) => String(url).replace(/^ws/, 'http').replace(/^(https?:\/\/[^/]+).*$/, '$1')
+export function wsClass({ origin } = {}) {
   class WS extends WebSocket {
     constructor(url, protocols) {
-      super(url, protocols, origin ? { origin } : {})
+      const o = origin === undefined ? pageOrigin(url) : origin
+      super(url, protocols, o ? { origin: o } : {})
       WS.made.push(this)
     }
   }
