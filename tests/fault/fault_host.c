@@ -125,7 +125,7 @@ START_TEST(descriptors_exhausted)
     hub_metric_wait(h, "luahub_connections", 2, FL_LONG_MS);
     int64_t dl = ht_now_ms() + FL_LONG_MS;
     while (fl_fd_count(h->pid) > fd_base && ht_now_ms() < dl)
-        fl_sleep_ms(10);
+        sleep_ms(10);
     int fd_after = fl_fd_count(h->pid);
     printf("[fault] descriptors exhausted (RLIMIT_NOFILE %d, %d extra connections): the hub "
            "held %d descriptors, paused accepting %lld times (%d warnings), served its 2 "
@@ -216,7 +216,7 @@ static void *cyc_publisher(void *arg)
             __atomic_fetch_add(&cyc_refused_pub, 1, __ATOMIC_RELAXED);
         }
         free(t);
-        fl_sleep_ms(1);
+        sleep_ms(1);
     }
     return NULL;
 }
@@ -248,7 +248,7 @@ static int settle(struct hub *h, int fds)
     int n = fl_fd_count(h->pid), prev = -1;
     while ((n > fds || n != prev) && ht_now_ms() < dl) {
         prev = n;
-        fl_sleep_ms(100);
+        sleep_ms(100);
         n = fl_fd_count(h->pid);
     }
     return n;

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "faultload.h"
+#include "redistest.h"
 
 #define WS_WINDOW 64            /* WebSocket publishes awaiting their reply, at most */
 
@@ -77,13 +78,6 @@ struct fl_run {
 /* Small helpers                                                        */
 /* ------------------------------------------------------------------ */
 
-void fl_sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-        ;
-}
-
 int fl_healthz(int port)
 {
     struct http_resp hr;
@@ -103,7 +97,7 @@ void fl_wait_healthz(int port, int want, int times, int timeout_ms)
                       "/healthz of port %d still %d after %d ms, expected %d", port, st,
                       timeout_ms, want);
         if (row < times)
-            fl_sleep_ms(10);
+            sleep_ms(10);
     }
 }
 
@@ -204,7 +198,7 @@ static struct ws *connect_on(struct fl_run *r, int k, int *hub)
                       "%s: no connection landed on hub %d of port %d (last status %d)",
                       r->s.what, k, port, st);
         if (st != 101)
-            fl_sleep_ms(20);
+            sleep_ms(20);
     }
 }
 
@@ -283,7 +277,7 @@ static void sub_subscribe(struct fl_sub *s, int recover)
                                      "docs/broker.md, History)" : "");
         yajl_tree_free(v);
         free(t);
-        fl_sleep_ms(50);
+        sleep_ms(50);
     }
 }
 
@@ -482,7 +476,7 @@ static void *pub_ws(void *arg)
             continue;
         }
         if (!outstanding) {
-            fl_sleep_ms((int)(next - now > 0 ? (next - now < 100 ? next - now : 100) : 1));
+            sleep_ms((int)(next - now > 0 ? (next - now < 100 ? next - now : 100) : 1));
             continue;
         }
         if (stop && !dl)
@@ -530,7 +524,7 @@ static void *pub_ws(void *arg)
         free(t);
         if (ok)
             break;
-        fl_sleep_ms(20);
+        sleep_ms(20);
     }
     ws_free(c);
     return NULL;
@@ -571,7 +565,7 @@ static void *pub_http(void *arg)
     while (!stopping(r)) {
         int64_t now = ht_now_ms();
         if (now < next) {
-            fl_sleep_ms((int)(next - now < 100 ? next - now : 100));
+            sleep_ms((int)(next - now < 100 ? next - now : 100));
             continue;
         }
         next = next + period < now - period ? now : next + period;
@@ -586,7 +580,7 @@ static void *pub_http(void *arg)
     for (int k = 0; api_publish(r, port, data, &off) != 200; k++) {
         ck_assert_msg(k < 500, "%s: publisher %d: sentinel never acknowledged", r->s.what,
                       p->p);
-        fl_sleep_ms(20);
+        sleep_ms(20);
     }
     return NULL;
 }

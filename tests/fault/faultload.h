@@ -120,6 +120,5 @@ int fl_healthz(int port);
 void fl_wait_healthz(int port, int want, int times, int timeout_ms);
 /* Open descriptors of `pid` (/proc/PID/fd). */
 int fl_fd_count(pid_t pid);
-void fl_sleep_ms(int ms);
 
 #endif

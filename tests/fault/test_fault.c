@@ -26,7 +26,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "fault.h"
@@ -110,17 +109,6 @@ static void both_metric(struct rig *g, const char *series, long long out[2])
 /* 1. SIGSTOP 5 s                                                       */
 /* ------------------------------------------------------------------ */
 
-/* Waits (bounded) until our child `pid` has stopped. */
-static void wait_stopped(pid_t pid)
-{
-    int64_t dl = ht_now_ms() + FL_LONG_MS;
-    int st = 0;
-    pid_t w;
-    while ((w = waitpid(pid, &st, WUNTRACED | WNOHANG)) == 0 && ht_now_ms() < dl)
-        fl_sleep_ms(1);
-    ck_assert_msg(w == pid && WIFSTOPPED(st), "redis-server %d did not stop", (int)pid);
-}
-
 /* docs/internals.md, "How the hub keeps it", 5: a stopped Redis is noticed
  * by the probe within 1 s + command_timeout_ms, connections are dropped,
  * publishes refused. Plain channel: each hub resubscribes after SIGCONT;
@@ -135,9 +123,8 @@ static void sigstop_5s(int history, int rounds)
     for (int k = 0; k < rounds; k++) {
         long long refused = fl_not_ok(g.run);
         fl_fault_begin(g.run);
-        ck_assert_int_eq(kill(g.r.pid, SIGSTOP), 0);
-        wait_stopped(g.r.pid);
-        fl_sleep_ms(5000);              /* the fault itself */
+        srv_sigstop(&g.r);
+        sleep_ms(5000);              /* the fault itself */
         ck_assert_int_eq(kill(g.r.pid, SIGCONT), 0);
         rig_healthy(&g);
         fl_fault_end(g.run);
@@ -181,7 +168,7 @@ static void kill9_restart(int history, int rounds)
         int64_t dl = ht_now_ms() + FL_LONG_MS;
         while (fl_not_ok(g.run) < refused + 20) {
             ck_assert_msg(ht_now_ms() < dl, "no publish refused while Redis was down");
-            fl_sleep_ms(10);
+            sleep_ms(10);
         }
         srv_start(&g.r, port, NULL);
         rig_healthy(&g);
@@ -353,7 +340,7 @@ static void wait_log_count(struct hub *h, const char *needle, int n)
     while (hub_log_count(h, needle) < n) {
         ck_assert_msg(ht_now_ms() < dl, "%d \"%s\" lines in the log, expected %d",
                       hub_log_count(h, needle), needle, n);
-        fl_sleep_ms(10);
+        sleep_ms(10);
     }
 }
 
