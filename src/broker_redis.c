@@ -272,6 +272,7 @@ static int batch_send(struct rconn *rc, int subscribe, size_t n, int sync)
             c->subs_sent++;
         } else {
             c->sent = 0;
+            rc->sh->unsubs_sent++;
         }
         c->outstanding++;
     }

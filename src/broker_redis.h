@@ -99,10 +99,12 @@ struct pending {
     /* P_PUBLISH: `self` when the channel was subscribed and confirmed here
      * at send time; `seq` the probe whose echo completes it (0: none, OK on
      * the reply). P_PROBE: `seq` its number (0: a PING); P_ECHO: the number
-     * of the probe it waits for. `gen`: the shard's sub_gen at send time. */
+     * of the probe it waits for. `gen`: the shard's sub_gen at send time;
+     * `unsubs` its unsubs_sent then. */
     int self;
     uint64_t seq;
     uint64_t gen;
+    uint64_t unsubs;
     /* P_BATCH */
     unsigned left;      /* confirmations still expected */
     int sync;           /* part of the re-subscribe after a connect */
@@ -164,6 +166,7 @@ struct shard {
     int up;
     /* acknowledged publishes (see the top of this file) */
     uint64_t sub_gen;           /* +1 each time the sub connection is lost */
+    uint64_t unsubs_sent;       /* channels UNSUBSCRIBEd, ever (voids a count check) */
     uint64_t probe_sent;        /* number of the last probe sent */
     uint64_t probe_seen;        /* highest probe number echoed on sub */
     int probe_due;              /* a publish of this iteration waits for a probe */

@@ -204,9 +204,13 @@ static void on_publish_reply(redisAsyncContext *ac, void *reply, void *privdata)
         return;
     if (r && r->type != REDIS_REPLY_ERROR && (n >= 0 || !p->call)) {
         hub_hist_observe(&b->rtt, hub_now_ns() - p->t0_ns);
-        if (p->self && n < 1) {
+        if (p->self && n < 1 && p->unsubs == sh->unsubs_sent) {
             /* Nobody received it, not even our own subscription: the sub
-             * connection is gone although its socket has not said so. */
+             * connection is gone although its socket has not said so. Not
+             * if an UNSUBSCRIBE went out since (its last local subscriber
+             * left): Redis may have run it before this PUBLISH, which came
+             * on the other connection, and rightly counted 0 (docs/internals.md,
+             * "How the hub keeps it", 2). The probe then decides. */
             b->refused[REF_NOT_RECEIVED]++;
             gone = sub_believed_up(sh, p->gen);
         } else if (p->seq && (p->gen != sh->sub_gen || p->seq > sh->probe_sent)) {
@@ -305,6 +309,7 @@ static int publish_send(struct rbroker *b, const char *channel, size_t len, stru
     /* Local subscribers with a confirmed subscription: our own copy must
      * come back before this is OK (the probe of this iteration proves it). */
     p->self = ch && ch->want && ch->sent && ch->subs_confirmed >= ch->subs_sent;
+    p->unsubs = sh->unsubs_sent;
     if (p->self && cb)
         p->seq = sh->probe_sent + 1;
     int rv;
