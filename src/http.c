@@ -58,6 +58,7 @@ struct hub_http_conn {
     int fd;                         /* -1 once closed or taken */
     uint8_t state;                  /* enum state */
     uint8_t armed;                  /* events armed in epoll (one-shot), 0 if none */
+    uint8_t registered;             /* in the module's epoll set (armed or not) */
     uint8_t close_after;            /* close once the response is written */
     uint8_t interim;                /* the write under way is "100 Continue" */
     uint8_t in_drive;               /* drive() is on the stack */
@@ -98,19 +99,27 @@ struct hub_http {
 
 static void drive(struct hub_http_conn *c, int readable);
 static void client_of(struct hub_http_conn *c);
+static void conn_close(struct hub_http_conn *c);
 
 static uint64_t now(const struct hub_http *hs)
 {
     return uv_now(hs->loop);
 }
 
+/* Watches the socket for `events`, once. A new connection joins the epoll
+ * set only when it first has to wait (hub_http_accept_peer reads first). */
 static void arm(struct hub_http_conn *c, uint32_t events)
 {
     if (c->fd < 0 || c->armed == events)
         return;
     struct epoll_event ev = {.events = events | EPOLLONESHOT, .data.ptr = c};
-    if (epoll_ctl(c->hs->epfd, EPOLL_CTL_MOD, c->fd, &ev) == 0)
+    if (epoll_ctl(c->hs->epfd, c->registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, c->fd, &ev) == 0) {
         c->armed = (uint8_t)events;
+        c->registered = 1;
+    } else if (!c->registered) {
+        hub_log(HUB_LOG_WARN, "epoll_ctl: %s: connection dropped", strerror(errno));
+        conn_close(c);
+    }
 }
 
 static void conn_close(struct hub_http_conn *c)
@@ -737,8 +746,8 @@ static void client_of(struct hub_http_conn *c)
     c->req.peer_loopback = ip.family && hub_ip_loopback(&ip);
 }
 
-static void conn_add(struct hub_http *hs, int fd, const struct sockaddr *peer, socklen_t len,
-                     int secure)
+void hub_http_accept_peer(struct hub_http *hs, int fd, const struct sockaddr *peer,
+                          socklen_t len, int secure)
 {
     struct hub_http_conn *c = hub_xcalloc(1, sizeof(*c));
     c->hs = hs;
@@ -749,17 +758,16 @@ static void conn_add(struct hub_http *hs, int fd, const struct sockaddr *peer, s
     c->deadline = c->started + hs->opt.request_timeout_ms;
     c->secure = (uint8_t)secure;
     peer_from(c, peer, len);
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.ptr = c};
-    if (epoll_ctl(hs->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        hub_log(HUB_LOG_WARN, "epoll_ctl: %s: connection dropped", strerror(errno));
-        close(fd);
-        free(c);
-        return;
-    }
-    c->armed = EPOLLIN;
     hub_list_init(&c->node);
     hub_list_push_tail(&hs->conns, &c->node);
     hs->nconns++;
+    /* Read at once: a client sends its request right after connecting, so
+     * it is usually there by the time the connection is accepted, and then
+     * joining the epoll set and waiting an iteration for it would be two
+     * system calls and a turn of the loop for nothing (docs/internals.md,
+     * "Connection cost"). When it is not there, drive() arms EPOLLIN. */
+    drive(c, 1);
+    reap(hs); /* an upgrade taken at once is done with here, as after an event */
 }
 
 void hub_http_accept(struct hub_http *hs, int fd)
@@ -771,13 +779,7 @@ void hub_http_accept(struct hub_http *hs, int fd)
         ss.ss_family = AF_UNSPEC;
         sl = sizeof(ss.ss_family);
     }
-    conn_add(hs, fd, (struct sockaddr *)&ss, sl, 0);
-}
-
-void hub_http_accept_peer(struct hub_http *hs, int fd, const struct sockaddr *peer,
-                          socklen_t len)
-{
-    conn_add(hs, fd, peer, len, 1);
+    hub_http_accept_peer(hs, fd, (struct sockaddr *)&ss, sl, 0);
 }
 
 void hub_http_shutdown(struct hub_http *hs)

@@ -150,12 +150,13 @@ static void accept_pause(struct hub_listener *l, const char *why)
 static void on_accept(uv_poll_t *p, int status, int events)
 {
     struct hub_listener *l = p->data;
-    int one = 1;
 
     if (status < 0 || !(events & UV_READABLE))
         return;
     for (int i = 0; i < ACCEPT_BATCH; i++) {
-        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+        int fd = accept4(l->fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
                 accept_pause(l, strerror(errno));
@@ -164,8 +165,7 @@ static void on_accept(uv_poll_t *p, int status, int events)
                 hub_log(HUB_LOG_WARN, "accept: %s", strerror(errno));
             return;
         }
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        l->accept(l->ud, fd);
+        l->accept(l->ud, fd, (struct sockaddr *)&ss, sl);
     }
 }
 
@@ -189,6 +189,12 @@ int hub_listener_open(struct hub_listener *l, uv_loop_t *loop, const struct hub_
         return -1;
     }
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    /* Frames go out as the writer hands them over: no Nagle delay. Linux
+     * copies TCP_NODELAY to every socket accept4 returns (checked with
+     * getsockopt on an accepted socket), so one call here spares one per
+     * connection (docs/internals.md, "Connection cost"). */
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     l->fd = fd;
     l->port = bound_port(fd);
     uv_poll_init(loop, &l->poll, fd);

@@ -555,10 +555,10 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
     return lws_callback_http_dummy(wsi, reason, user, in, len);
 }
 
-static void on_accept(void *ud, int fd)
+static void on_accept(void *ud, int fd, const struct sockaddr *peer, socklen_t len)
 {
     struct hub_server *srv = ud;
-    hub_http_accept(srv->http, fd);
+    hub_http_accept_peer(srv->http, fd, peer, len, 0);
 }
 
 static void on_iplimit_timer(uv_timer_t *t)
@@ -609,8 +609,9 @@ static void parse_trusted(struct hub_server *srv)
     }
 }
 
-static void on_accept_tls(void *ud, int fd)
+static void on_accept_tls(void *ud, int fd, const struct sockaddr *peer, socklen_t len)
 {
+    (void)peer, (void)len; /* the pump asks when it needs it (rarely: failures) */
     struct hub_server *srv = ud;
     hub_tls_accept(srv->tls, fd);
 }
@@ -619,7 +620,7 @@ static void on_accept_tls(void *ud, int fd)
 static void on_tls_plain(void *ud, int fd, const struct sockaddr *peer, socklen_t len)
 {
     struct hub_server *srv = ud;
-    hub_http_accept_peer(srv->http, fd, peer, len);
+    hub_http_accept_peer(srv->http, fd, peer, len, 1);
 }
 
 /* What encrypting deliveries cost counts in the writer's pacing. */

@@ -55,15 +55,16 @@ struct hub_http_options {
 struct hub_http *hub_http_new(uv_loop_t *loop, const struct hub_http_options *o,
                               const struct hub_http_routes *routes, void *ud);
 
-/* A new connection: takes ownership of the non-blocking socket `fd`. */
-void hub_http_accept(struct hub_http *hs, int fd);
-
-/* Same for the plaintext end of a TLS connection (tls.c), whose socket is
- * not the client's own: `peer` (borrowed) is the client's address, for
- * r->peer, the API's loopback check and the logs; requests on it have
- * r->secure set. */
+/* A new connection: takes ownership of the non-blocking socket `fd`,
+ * whose client address `peer` (borrowed) is for r->peer, the API's loopback
+ * check and the logs (what accept4 gave, or for the plaintext end of a TLS
+ * connection, tls.c, whose socket is not the client's own, the TLS
+ * client's); `secure`: it came over TLS (r->secure). Reads the request at
+ * once if it is there, so a route may run before this returns. */
 void hub_http_accept_peer(struct hub_http *hs, int fd, const struct sockaddr *peer,
-                          socklen_t len);
+                          socklen_t len, int secure);
+/* Same, with the address from getpeername() (not secure). */
+void hub_http_accept(struct hub_http *hs, int fd);
 
 /* Shutdown has begun: idle keep-alive connections are closed now, and every
  * later response closes its connection. */

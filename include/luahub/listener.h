@@ -14,8 +14,10 @@
 
 #include "luahub/config.h"
 
-/* Takes an accepted, non-blocking socket (the callee owns it). */
-typedef void (*hub_listener_accept_fn)(void *ud, int fd);
+/* Takes an accepted, non-blocking socket (the callee owns it) and its
+ * peer's address (borrowed for the call). */
+typedef void (*hub_listener_accept_fn)(void *ud, int fd, const struct sockaddr *peer,
+                                       socklen_t len);
 
 struct hub_listener {
     uv_loop_t *loop;

@@ -643,6 +643,12 @@ START_TEST(redis_absent_at_start)
 {
     struct srv r = {0};
     int port = free_port();
+    /* Bound but not listening until Redis takes it: connects are refused,
+     * and no other test's server can take the port meanwhile. */
+    int hold = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(hold, (struct sockaddr *)&sa, sizeof(sa)), 0);
     struct hub *hub[2] = {start_hub_url(port, NULL, NULL), start_hub_url(port, NULL, NULL)};
     for (int k = 0; k < 2; k++) {
         char *body;
@@ -666,6 +672,7 @@ START_TEST(redis_absent_at_start)
     ws_sync(sub);
     ws_sync(pub);
 
+    close(hold);
     srv_start(&r, port, NULL);
     int64_t t0 = ht_now_ms();
     wait_healthz(hub[0], 200, HT_WAIT_MS);
