@@ -7,6 +7,7 @@
 
 #include "luahub/log.h"
 #include "luahub/netaddr.h"
+#include "luahub/proto.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -316,17 +317,26 @@ int hub_conf_apply(struct hub_config *c, lua_State *L, int idx, const struct key
         lua_pushnil(L);
         while (r == 0 && lua_next(L, idx < 0 ? idx - 1 : idx)) {
             size_t kl, vl;
-            if (lua_type(L, -2) != LUA_TSTRING) {
+            const char *name = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &kl) : NULL;
+            if (!name) {
                 hub_buf_appends(why, "names must be strings");
                 r = -1;
+            } else if (!hub_proto_utf8_valid(name, kl)) {
+                hub_buf_appends(why, "a name is not valid UTF-8");
+                r = -1;
             } else {
-                const char *name = lua_tolstring(L, -2, &kl);
                 hub_buf_appends(&json, n++ ? "," : "");
                 hub_buf_append_json_string(&json, name, kl);
                 hub_buf_appends(&json, ":");
                 switch (lua_type(L, -1)) {
                 case LUA_TSTRING: {
+                    /* stored as JSON, which is UTF-8 */
                     const char *v = lua_tolstring(L, -1, &vl);
+                    if (!hub_proto_utf8_valid(v, vl)) {
+                        hub_buf_printf(why, "'%s': not valid UTF-8", name);
+                        r = -1;
+                        break;
+                    }
                     hub_buf_append_json_string(&json, v, vl);
                     break;
                 }
@@ -334,10 +344,15 @@ int hub_conf_apply(struct hub_config *c, lua_State *L, int idx, const struct key
                     hub_buf_appends(&json, lua_toboolean(L, -1) ? "true" : "false");
                     break;
                 case LUA_TNUMBER:
-                    if (lua_isinteger(L, -1))
+                    if (lua_isinteger(L, -1)) {
                         hub_buf_printf(&json, "%lld", (long long)lua_tointeger(L, -1));
-                    else
+                    } else if (!isfinite(lua_tonumber(L, -1))) {
+                        hub_buf_printf(why, "'%s': %g is not a finite number (JSON has no NaN "
+                                       "or infinity)", name, lua_tonumber(L, -1));
+                        r = -1;
+                    } else {
                         hub_buf_printf(&json, "%.17g", lua_tonumber(L, -1));
+                    }
                     break;
                 default:
                     hub_buf_printf(why, "'%s': expected a string, number or boolean, got %s",

@@ -187,7 +187,7 @@ static void on_disconnected(void *ud, int status, long long instances)
 /* A user name in the API: 1..255 bytes, no control characters. */
 static int user_valid(const char *u, size_t n)
 {
-    if (n == 0 || n > 255)
+    if (n == 0 || n > 255 || !hub_proto_utf8_valid(u, n)) /* echoed in JSON answers */
         return 0;
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)u[i] < 0x20 || u[i] == 0x7f)
@@ -316,8 +316,8 @@ static void api_connections(struct hub_http_api *api, struct hub_http_conn *c,
     if (!args[0].found || !user_valid(user->p, user->len) || memchr(user->p, '\0', user->len)) {
         args_free(args);
         hub_http_respond_error(c, 400, "bad_request",
-                               "query parameter 'user' is required: 1 to 255 bytes without "
-                               "control characters", 0);
+                               "query parameter 'user' is required: 1 to 255 bytes of UTF-8 "
+                               "without control characters", 0);
         return;
     }
     struct api_op *op = op_new(c, "the registry is unavailable: try again later");

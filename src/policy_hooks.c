@@ -56,13 +56,29 @@ static void describe_value(lua_State *L, int idx, char *out, size_t n)
     }
 }
 
+/* The refusal's text (the hook's second result) into reason[0..reason_len):
+ * it goes to the client in a text frame, so it stays UTF-8: cut at a
+ * character boundary, and bytes that are not UTF-8 become '?'. */
 static void set_reason(char *reason, size_t reason_len, lua_State *L, int idx)
 {
     if (!reason_len)
         return;
     reason[0] = '\0';
-    if (lua_type(L, idx) == LUA_TSTRING)
-        snprintf(reason, reason_len, "%s", lua_tostring(L, idx));
+    if (lua_type(L, idx) != LUA_TSTRING)
+        return;
+    size_t len;
+    const char *s = lua_tolstring(L, idx, &len);
+    size_t all = strnlen(s, len);       /* a NUL ends it, as printing would */
+    size_t n = all < reason_len - 1 ? all : reason_len - 1;
+    /* cut inside a character: leave the whole character out */
+    for (int k = 0; k < 3 && n < all && n && ((unsigned char)s[n] & 0xC0) == 0x80; k++)
+        n--;
+    memcpy(reason, s, n);
+    reason[n] = '\0';
+    if (!hub_proto_utf8_valid(reason, n))
+        for (size_t i = 0; i < n; i++)
+            if ((unsigned char)reason[i] >= 0x80)
+                reason[i] = '?';
 }
 
 static void set_fail_reason(char *reason, size_t reason_len, int hook)

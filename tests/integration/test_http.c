@@ -748,6 +748,34 @@ START_TEST(body_exactly_max_size_accepted)
 }
 END_TEST
 
+/* A user name is echoed in JSON answers: one that is not UTF-8, has a
+ * control character or is too long is refused with 400, before anything
+ * is looked up. */
+START_TEST(api_user_names_checked)
+{
+    struct fx f;
+    fx_start(&f, NULL, NULL);
+    static const char *const paths[] = {
+        "/api/connections?user=%FF", "/api/connections?user=a%C3", "/api/connections?user=%C0%80",
+        "/api/connections?user=%ED%A0%80", "/api/connections?user=a%0Ab", "/api/connections",
+        "/api/connections?user=",
+    };
+    for (size_t i = 0; i < sizeof paths / sizeof *paths; i++) {
+        struct http_resp r;
+        http_request(f.h->port, "GET", paths[i], NULL, NULL, &r);
+        http_expect_error(&r, 400, "bad_request");
+        ck_assert_msg(strstr(r.body, "UTF-8"), "GET %s: %s", paths[i], r.body);
+        http_resp_free(&r);
+    }
+    struct http_resp r;
+    api(f.h->port, "POST", "/api/disconnect", NULL, "{\"user\":\"\\udc00\"}", &r);
+    ck_assert_int_eq(r.status, 400);
+    http_resp_free(&r);
+    still_serves(&f);
+    fx_stop(&f);
+}
+END_TEST
+
 START_TEST(unknown_route_404)
 {
     struct fx f;
@@ -1450,6 +1478,7 @@ static Suite *http_suite(void)
     tcase_add_test(tc, body_over_max_size_413);
     tcase_add_test(tc, huge_content_length_413_at_once);
     tcase_add_test(tc, body_exactly_max_size_accepted);
+    tcase_add_test(tc, api_user_names_checked);
     tcase_add_test(tc, unknown_route_404);
     tcase_add_test(tc, wrong_method_405);
     suite_add_tcase(s, tc);

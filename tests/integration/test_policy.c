@@ -415,6 +415,43 @@ START_TEST(publish_deny)
 }
 END_TEST
 
+/* A refusal's reason goes to the client in a text frame: a long one is cut
+ * at a character boundary (127 two-byte characters of 200 fit in 255
+ * bytes, not 127 and a half), and bytes that are not UTF-8 become '?'.
+ * The same in on_subscribe, on_publish and on_rpc. */
+START_TEST(refusal_reasons_stay_utf8)
+{
+    struct hub *h = start_policy(
+        "local long = string.rep('\\u{e9}', 200)\n"
+        "local bad = '\\xff\\xfe ok'\n"
+        "function on_subscribe(conn, ch) return false, ch == 'long' and long or bad end\n"
+        "function on_publish(conn, ch, msg) return false, ch == 'long' and long or bad end\n"
+        "function on_rpc(conn, m, d) return nil, m == 'long' and long or bad end\n", NULL);
+    struct ws *c = ws_connect(h->port);
+    char want_long[300] = "";
+    for (int i = 0; i < 127; i++)
+        strcat(want_long, "\xc3\xa9");
+    static const char *cmds[] = {
+        "{\"op\":\"subscribe\",\"channel\":\"%s\",\"id\":1}",
+        "{\"op\":\"publish\",\"channel\":\"%s\",\"data\":1,\"id\":1}",
+        "{\"op\":\"rpc\",\"method\":\"%s\",\"data\":1,\"id\":1}",
+    };
+    for (int k = 0; k < 3; k++)
+        for (int which = 0; which < 2; which++) {
+            char cmd[200];
+            snprintf(cmd, sizeof cmd, cmds[k], which ? "bad" : "long");
+            ws_send_text(c, cmd);
+            yajl_val v = ws_recv_json(c);
+            const char *msg = json_path_str(v, "error", "message", NULL);
+            ck_assert_msg(msg, "command %d: no error message", k);
+            ck_assert_str_eq(msg, which ? "?? ok" : want_long);
+            yajl_tree_free(v);
+        }
+    ws_free(c);
+    stop(h);
+}
+END_TEST
+
 START_TEST(publish_transform_and_route)
 {
     struct hub *h = start_policy(PUBLISH_POLICY, NULL);
@@ -2091,6 +2128,7 @@ static Suite *policy_suite(void)
     tcase_add_test(tc, subscribe_allow_deny_rewrite);
     tcase_add_test(tc, publish_true_keeps_the_bytes);
     tcase_add_test(tc, publish_deny);
+    tcase_add_test(tc, refusal_reasons_stay_utf8);
     tcase_add_test(tc, publish_transform_and_route);
     tcase_add_test(tc, http_publish_skips_on_publish);
     tcase_add_test(tc, rpc_return_forms);

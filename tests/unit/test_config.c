@@ -1093,6 +1093,17 @@ START_TEST(t_workers_need_redis)
 }
 END_TEST
 
+/* NaN prints as "nan" or "-nan" depending on its sign bit: only the
+ * refusal and its reason are checked. */
+START_TEST(t_policy_vars_nan)
+{
+    ck_assert_int_eq(load("policy_vars = { x = 0/0 }\n"), -1);
+    ck_assert_uint_eq(e.n, 1);
+    ck_assert_msg(strstr(e.v[0], "'x': ") && strstr(e.v[0], "nan is not a finite number"),
+                  "%s", e.v[0]);
+}
+END_TEST
+
 START_TEST(t_policy_vars)
 {
     load_ok("policy_vars = { secret = \"s\\\"q\", n = 5, f = 1.5, on = true }\n");
@@ -1245,6 +1256,13 @@ static const struct {
     {"write_pause_max = 101\n", ":1: write_pause_max: 101 is out of range (0..100)"},
     {"write_pause_max = -1\n", ":1: write_pause_max: -1 is out of range (0..100)"},
     {"write_pause_max = 1.5\n", ":1: write_pause_max: expected an integer, got 1.5"},
+    /* policy_vars are stored as JSON: finite numbers, UTF-8 strings */
+    {"policy_vars = { x = 1/0 }\n",
+     ":1: policy_vars: 'x': inf is not a finite number (JSON has no NaN or infinity)"},
+    {"policy_vars = { x = -1/0 }\n",
+     ":1: policy_vars: 'x': -inf is not a finite number (JSON has no NaN or infinity)"},
+    {"policy_vars = { x = \"ok \\xff\" }\n", ":1: policy_vars: 'x': not valid UTF-8"},
+    {"policy_vars = { [\"\\xc3\"] = 1 }\n", ":1: policy_vars: a name is not valid UTF-8"},
     {"workers = \"many\"\n",
      ":1: workers: expected a number of processes or \"auto\", got \"many\""}, /* workers_bad */
     /* channels: every bad pattern, option and value names its line */
@@ -1450,6 +1468,7 @@ static Suite *config_suite(void)
     tcase_add_test(tc, t_broker_bad_list);
     tcase_add_test(tc, t_workers_need_redis);
     tcase_add_test(tc, t_policy_vars);
+    tcase_add_test(tc, t_policy_vars_nan);
     tcase_add_test(tc, t_policy_vars_bad);
 #undef TC
     return s;
