@@ -428,12 +428,16 @@ int hub_config_load(struct hub_config *c, const char *path, struct hub_config_er
     path = copy;
 
     /* The budgets of the conf sandbox (lua_limits.h): the cap always on,
-     * one run hooked once when its budget is spent, stopped with a message. */
+     * one run, stopped with a message. Allocating is charged as in the
+     * policy (a string built by `..` is copied whole each time: `s = #s .. s`
+     * in a loop copied terabytes within 10 million instructions, for
+     * minutes, found by the fuzzer), so the hook must look often. */
     struct load ld = {
         .c = c, .path = path, .errs = errs,
         .lim = {
             .mem_max = CONF_MAX_MEMORY, .cap_on = 1, .oom_line = -1,
-            .budget = CONF_MAX_INSTRUCTIONS, .tick = CONF_MAX_INSTRUCTIONS, .stop = on_budget,
+            .budget = CONF_MAX_INSTRUCTIONS, .tick = 1000, .alloc_cost = HUB_COST_ALLOC,
+            .stop = on_budget,
         },
     };
     snprintf(ld.short_src, sizeof(ld.short_src), "%s", path);

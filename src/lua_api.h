@@ -236,7 +236,6 @@ struct hub_policy {
 #define HUB_COST_COPY 64            /* bytes per instruction: memcpy, memchr, memmem */
 #define HUB_COST_SCAN 4             /* bytes per instruction: a C loop over each byte */
 #define HUB_COST_JSON 1             /* bytes per instruction: JSON in or out */
-#define HUB_COST_ALLOC 64           /* bytes allocated per instruction */
 #define HUB_COST_ELEM 2             /* instructions per table element read or written from C */
 #define HUB_COST_LOG 500            /* instructions per line written to the log */
 #define HUB_COST_REDIS 500          /* instructions per Redis command, history or presence

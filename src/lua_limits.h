@@ -25,6 +25,7 @@
 #include <lua.h>
 
 #define HUB_LUA_WHERE_MAX 128       /* bytes of a "chunk:line" */
+#define HUB_COST_ALLOC 64           /* bytes allocated per instruction (alloc_cost) */
 
 /* Why a run was stopped (killed). */
 enum { HUB_KILL_INSTRUCTIONS = 1, HUB_KILL_TIME };

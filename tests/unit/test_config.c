@@ -1263,6 +1263,9 @@ static const struct {
      ":1: policy_vars: 'x': -inf is not a finite number (JSON has no NaN or infinity)"},
     {"policy_vars = { x = \"ok \\xff\" }\n", ":1: policy_vars: 'x': not valid UTF-8"},
     {"policy_vars = { [\"\\xc3\"] = 1 }\n", ":1: policy_vars: a name is not valid UTF-8"},
+    /* copying is work: a string rebuilt by `..` in a loop (minutes before) */
+    {"local s = \"x\"\nwhile true do s = #s .. s end\n",
+     ":2: instruction limit exceeded after 10000000 instructions (runaway loop?)"},
     {"workers = \"many\"\n",
      ":1: workers: expected a number of processes or \"auto\", got \"many\""}, /* workers_bad */
     /* channels: every bad pattern, option and value names its line */
