@@ -11,17 +11,13 @@
 /* Refills `b` up to now: rate tokens a second (thousandths per ms). */
 static void refill(struct hub_bucket *b, uint32_t rate, uint64_t now_ms)
 {
-    if (!b->started) {
-        b->started = 1;
-        b->last_ms = now_ms;
-        b->used = 0;
-        return;
+    uint32_t now = (uint32_t)now_ms, elapsed = now - b->last_ms;
+    /* a difference over 2^31 is the clock going back: no refill */
+    if (b->used && elapsed < UINT32_C(1) << 31) {
+        uint64_t back = (uint64_t)elapsed * rate; /* thousandths */
+        b->used = back >= b->used ? 0 : b->used - (uint32_t)back;
     }
-    if (now_ms <= b->last_ms)
-        return;
-    uint64_t back = (now_ms - b->last_ms) * rate;   /* thousandths of a token */
-    b->used = back >= b->used ? 0 : b->used - back;
-    b->last_ms = now_ms;
+    b->last_ms = now;
 }
 
 uint64_t hub_bucket_take(struct hub_bucket *b, uint32_t rate, uint32_t burst, uint64_t now_ms)
@@ -29,13 +25,13 @@ uint64_t hub_bucket_take(struct hub_bucket *b, uint32_t rate, uint32_t burst, ui
     if (!rate)
         return 0;
     refill(b, rate, now_ms);
-    uint64_t cap = (uint64_t)burst * 1000u;
-    if (b->used + 1000u <= cap) {
+    uint64_t cap = (uint64_t)burst * 1000u; /* burst <= 1,000,000: fits `used` */
+    if ((uint64_t)b->used + 1000u <= cap) {
         b->used += 1000u;
         return 0;
     }
     /* thousandths missing, refilled at `rate` per ms */
-    uint64_t missing = b->used + 1000u - cap;
+    uint64_t missing = (uint64_t)b->used + 1000u - cap;
     return (missing + rate - 1) / rate;
 }
 

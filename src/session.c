@@ -33,6 +33,20 @@ struct squeued {
     char frame[];
 };
 
+/* A message being reassembled from fragments (the rare path). */
+struct hub_rxbuf {
+    uint32_t len, cap;
+    unsigned char p[];
+};
+
+/* What presence shows of a client, and the pc.user and pc.info it was built
+ * from (built again when the policy changes them). */
+struct hub_pentry {
+    const char *user, *info;
+    size_t len;
+    char text[];                    /* "client":..,"user":..,"info":.. */
+};
+
 /* While a hook of the connection waits, and until the commands that came
  * meanwhile have run. */
 struct swait {
@@ -110,7 +124,8 @@ static void client_presence(struct hub_client *c, const char **user, size_t *use
                             const char **entry, size_t *entry_len)
 {
     struct hub_session *s = of_client(c);
-    if (!s->entry || s->entry_user != s->pc.user || s->entry_info != s->pc.info_json) {
+    struct hub_pentry *pe = s->entry;
+    if (!pe || pe->user != s->pc.user || pe->info != s->pc.info_json) {
         struct hub_buf e = {0};
         char client[64];
         hub_client_name(s->ss->hub, c->id, client, sizeof(client));
@@ -124,16 +139,18 @@ static void client_presence(struct hub_client *c, const char **user, size_t *use
             hub_buf_appends(&e, ",\"info\":");
             hub_buf_appends(&e, s->pc.info_json);
         }
-        free(s->entry);
-        s->entry = e.p;
-        s->entry_len = e.len;
-        s->entry_user = s->pc.user;
-        s->entry_info = s->pc.info_json;
+        free(pe);
+        pe = s->entry = hub_xmalloc(sizeof(*pe) + e.len + 1);
+        memcpy(pe->text, e.p, e.len + 1);
+        pe->len = e.len;
+        pe->user = s->pc.user;
+        pe->info = s->pc.info_json;
+        hub_buf_free(&e);
     }
     *user = s->pc.user;
     *user_len = s->pc.user ? strlen(s->pc.user) : 0;
-    *entry = s->entry;
-    *entry_len = s->entry_len;
+    *entry = pe->text;
+    *entry_len = pe->len;
 }
 
 static const struct hub_client_ops client_ops = {
@@ -163,8 +180,8 @@ static void rate_limited(struct hub_session *s, struct hub_span id, int kind, ui
              kind ? ss->cfg->publish_burst : ss->cfg->command_burst, (unsigned long long)wait);
     hub_proto_encode_rate_limited(&ss->scratch, id, msg, wait);
     send_scratch(s);
-    if (now - s->limited_window_ms >= RATE_WINDOW_MS) {
-        s->limited_window_ms = now;
+    if ((uint32_t)now - s->limited_window_ms >= RATE_WINDOW_MS) { /* mod 2^32 */
+        s->limited_window_ms = (uint32_t)now;
         s->limited = 0;
     }
     if (++s->limited > RATE_LIMITED_MAX) {
@@ -200,8 +217,10 @@ static void proto_error(struct hub_session *s, struct hub_span id, int code,
 static void count_garbage(struct hub_session *s)
 {
     struct hub_sessions *ss = s->ss;
-    uint64_t now = hub_now_ms(), max = ss->cfg->max_protocol_errors;
-    uint64_t leak = (now - s->proto_window_ms) * max * 1000 / PROTO_ERROR_WINDOW_MS;
+    uint32_t now = (uint32_t)hub_now_ms(); /* ms mod 2^32: windows of seconds */
+    uint64_t max = ss->cfg->max_protocol_errors;
+    uint64_t leak = (uint64_t)(uint32_t)(now - s->proto_window_ms) * max * 1000 /
+                    PROTO_ERROR_WINDOW_MS;
     s->proto_errors = leak >= s->proto_errors ? 0 : s->proto_errors - (uint32_t)leak;
     s->proto_window_ms = now;
     s->proto_errors += 1000;
@@ -893,15 +912,14 @@ int hub_session_receive(struct hub_session *s, const void *in, size_t len, int f
             return after_message(s, close_code, close_reason);
         }
         s->flags |= HUB_SESS_RX_ACTIVE;
-        s->rx_len = 0;
     }
 
-    if ((uint64_t)s->rx_len + len > max) {
+    uint32_t have = s->rx ? s->rx->len : 0, cap0 = s->rx ? s->rx->cap : 0;
+    if ((uint64_t)have + len > max) {
         hub_log(HUB_LOG_INFO, "[conn %llu] message over max_message_size (%llu), closing with 1009",
                 (unsigned long long)s->client.id, (unsigned long long)max);
         free(s->rx);
         s->rx = NULL;
-        s->rx_len = s->rx_cap = 0;
         s->flags &= ~HUB_SESS_RX_ACTIVE;
         s->close_code = 1009;
         hub_writer_abandon(&s->wc);
@@ -909,27 +927,27 @@ int hub_session_receive(struct hub_session *s, const void *in, size_t len, int f
         *close_reason = "message too large";
         return -1;
     }
-    if (s->rx_len + len > s->rx_cap) {
-        size_t cap = s->rx_cap ? s->rx_cap : 1024;
-        while (cap < s->rx_len + len)
+    if (!s->rx || have + len > cap0) {
+        size_t cap = cap0 ? cap0 : 1024;
+        while (cap < have + len)
             cap *= 2;
         if (cap > max)
             cap = max;
-        s->rx = hub_xrealloc(s->rx, cap);
-        s->rx_cap = (uint32_t)cap;
+        s->rx = hub_xrealloc(s->rx, sizeof(*s->rx) + cap);
+        s->rx->len = have;
+        s->rx->cap = (uint32_t)cap;
     }
-    if (len) /* a zero-length fragment: s->rx may still be NULL */
-        memcpy(s->rx + s->rx_len, in, len);
-    s->rx_len += (uint32_t)len;
+    if (len)
+        memcpy(s->rx->p + have, in, len);
+    s->rx->len += (uint32_t)len;
     if (!final)
         return 0;
 
     s->flags &= ~HUB_SESS_RX_ACTIVE;
-    handle(s, (const char *)s->rx, s->rx_len, s->flags & HUB_SESS_RX_BINARY);
+    handle(s, (const char *)s->rx->p, s->rx->len, s->flags & HUB_SESS_RX_BINARY);
     /* Reassembly is the rare path: give the buffer back between messages. */
     free(s->rx);
     s->rx = NULL;
-    s->rx_len = s->rx_cap = 0;
     return after_message(s, close_code, close_reason);
 }
 
@@ -1024,7 +1042,8 @@ void hub_session_closed(struct hub_session *s)
     free(s->entry);
     free(s->pc.protocol);
     s->rx = NULL;
-    s->pc.user = s->pc.info_json = s->pc.protocol = s->close_reason = s->entry = NULL;
+    s->entry = NULL;
+    s->pc.user = s->pc.info_json = s->pc.protocol = s->close_reason = NULL;
     s->flags = 0;
     hub_log(HUB_LOG_DEBUG, "[conn %llu] closed", (unsigned long long)s->client.id);
     if (ss->shutting_down && !hub_clients(ss->hub) && ss->all_gone)

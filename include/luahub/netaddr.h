@@ -11,9 +11,9 @@
 /* An address (family 4 or 6; IPv4-mapped IPv6 is taken as IPv4) or, with
  * `prefix`, a network. */
 struct hub_ip {
-    int family;                 /* 4 or 6 */
+    uint8_t family;             /* 4 or 6; 0: none */
+    uint8_t prefix;             /* bits of a network (32/128 for one address) */
     unsigned char a[16];        /* 4 or 16 bytes, network order */
-    unsigned prefix;            /* bits of a network (32/128 for one address) */
 };
 
 /* Parses a numeric address s[0..n) ("10.0.0.1", "::1", "::ffff:1.2.3.4").

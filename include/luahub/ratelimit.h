@@ -13,10 +13,12 @@
 #include "luahub/netaddr.h"
 
 /* A token bucket: `rate` tokens per second, at most `burst`. Zeroed: full. */
+/* 8 bytes: two in every connection. Times are ms modulo 2^32: a bucket
+ * left partly used and then untouched for 24 days or more refills nothing
+ * that once (one more retry_in_ms, of at most burst/rate). */
 struct hub_bucket {
-    uint64_t used;          /* thousandths of a token spent and not yet refilled */
-    uint64_t last_ms;       /* when `used` was last brought up to date */
-    uint32_t started;
+    uint32_t used;          /* thousandths of a token spent and not yet refilled */
+    uint32_t last_ms;       /* when `used` was last brought up to date (mod 2^32) */
 };
 
 /* Takes one token at `now_ms`. Returns 0 when there was one, else the

@@ -85,26 +85,29 @@ enum {
     HUB_SESS_OPEN = 1 << 4,         /* between open and closed */
 };
 
+struct hub_rxbuf;
+struct hub_pentry;
+
 struct hub_session {
     struct hub_client client;       /* the hub's view: id, subscriptions */
     struct hub_wconn wc;            /* the writer's view: queue, keepalive */
     struct hub_policy_conn pc;      /* the policy's view: id, user, info */
+    /* Every byte here is in every connection (docs/internals.md, "Memory per
+     * connection"): what only some need is allocated when they do (rx,
+     * entry, sw), times are ms modulo 2^32. */
     struct hub_sessions *ss;
-    unsigned char *rx;              /* reassembly buffer, NULL between messages */
-    uint32_t rx_len, rx_cap;
-    uint64_t proto_window_ms;       /* when the protocol error bucket was last updated */
+    struct hub_rxbuf *rx;           /* reassembly buffer, NULL between messages */
+    struct hub_pentry *entry;       /* presence: what it shows of this client, or NULL */
+    char *close_reason;             /* our close's reason (owned), or NULL */
+    uint32_t proto_window_ms;       /* when the protocol error bucket was last updated */
     uint32_t proto_errors;          /* protocol error bucket, in milli-errors */
     uint32_t flags;                 /* HUB_SESS_* */
-    char *close_reason;             /* our close's reason (owned), or NULL */
+    uint32_t limited_window_ms;     /* when the count of rate-limited answers began */
+    uint32_t limited;               /* rate-limited answers in that window */
     struct hub_bucket commands;     /* command_rate */
     struct hub_bucket publishes;    /* publish_rate */
-    uint64_t limited_window_ms;     /* when the count of rate-limited answers began */
-    uint32_t limited;               /* rate-limited answers in that window */
-    struct hub_ip ip;               /* the client's address (per-address limits) */
-    char *entry;                    /* presence: "client":..,"user":..,"info":.. (owned) */
-    size_t entry_len;
-    const char *entry_user, *entry_info; /* the pc.user and pc.info it was built from */
     uint16_t close_code;            /* close code sent or received (1006 if none) */
+    struct hub_ip ip;               /* the client's address (per-address limits) */
     struct hub_policy_wait pw;      /* a hook of this connection that waits */
     struct swait *sw;               /* ... and the commands queued behind it (session.c) */
 };
