@@ -60,7 +60,6 @@ int hub_writer_send(struct hub_wconn *c, struct hub_msg *m)
     if (c->q.count && c->q.bytes + m->frame_len > c->w->opt.max_queue_bytes)
         return -1;
     hub_queue_push(&c->q, m);
-    c->w->queued++;
     mark_dirty(c);
     return 0;
 }
@@ -291,37 +290,28 @@ static int flush_some(struct hub_list *list, uint64_t deadline, struct pass_coun
  * that queued them, all of a connection's frames in one write. A write
  * costs ~5 us on loopback and a frame in it ~0.1 us, so under load a short
  * pause before the next flush, while publishes keep arriving, makes each
- * write carry several frames. A pause pays only with frames that arrive
- * during it for connections that wait already, and only while they keep
- * arriving: a publisher that waits for its deliveries (flow control, acks
- * of delivery, a chat client waiting for its echo) sends a little just
- * after a flush and then nothing until the next, so the rest of a pause is
- * latency and an idle loop. Hence:
+ * write carry several frames. Hence:
  *  - a pass (one flush of the FIFO until it is empty, in slices) whose
- *    writing took FLUSH_BUSY_NS or more starts pausing, if frames arrived
- *    since the previous pass fast enough to gather FLUSH_GATHER_MIN per
- *    connection in a pause;
- *  - a paused pass judges its pause. It paid if the frames queued since
- *    the last pass, minus the connections that became dirty meanwhile
- *    (their write was not saved), come to FLUSH_GATHER_MIN per connection
- *    or more, and frames still arrived in the pause's second half. Then
- *    the next pause is as long as this pass took (half the time writing,
- *    half gathering), half that if it gathered over FLUSH_GATHER_MAX;
+ *    writing took FLUSH_BUSY_NS or more starts pausing;
+ *  - a paused pass that wrote FLUSH_GATHER_MIN frames or more per
+ *    connection paid: the next pause is as long as this pass took (half
+ *    the time writing, half gathering), half that if it wrote more than
+ *    FLUSH_GATHER_MAX per connection;
  *  - otherwise pausing stops, until the hub is busy again after a back-off
  *    (FLUSH_TRIAL_MIN_MS, doubling up to _MAX_MS; a pause that paid resets
- *    it): a trial costs one pause of at most write_pause_max;
+ *    it): a trial costs one pause;
  *  - after an idle spell (no flush for two pauses) the flush is immediate
  *    and judges nothing.
  * A pause lasts FLUSH_PAUSE_MIN_MS at least and write_pause_max ms at most
- * (conf, default 2; 0 turns pausing off): no frame waits in a pause longer.
- * An idle or lightly loaded hub adds no latency. The conf key write_delay
- * sets a floor (flushes at most every write_delay ms, whatever they gather)
- * for those who trade latency for CPU at moderate rates. Replies are never
+ * (conf; 0 turns pausing off): no frame waits in a pause longer. An idle
+ * or lightly loaded hub adds no latency. The conf key write_delay sets a
+ * floor (flushes at most every write_delay ms, whatever they gather) for
+ * those who trade latency for CPU at moderate rates. Replies are never
  * paused (mark_urgent). bench/README.md, "Write pacing", has the
  * measurements. */
 #define FLUSH_PAUSE_MIN_MS 1
 #define FLUSH_BUSY_NS 1000000u
-#define FLUSH_GATHER_MIN 0.5
+#define FLUSH_GATHER_MIN 1.5
 #define FLUSH_GATHER_MAX 32
 #define FLUSH_TRIAL_MIN_MS 50
 #define FLUSH_TRIAL_MAX_MS 2000
@@ -356,8 +346,7 @@ static void keep_turning(struct hub_writer *w, int on)
 static void start_pass(struct hub_writer *w, int paused, uint64_t now)
 {
     w->pass = (struct hub_writer_pass){
-        .active = 1, .paused = paused, .start_ns = now, .queued0 = w->queued,
-        .dirty0 = w->ndirty,
+        .active = 1, .paused = paused, .start_ns = now,
     };
 }
 
@@ -380,32 +369,20 @@ static void end_pass(struct hub_writer *w, uint64_t now)
     p.busy_ns += w->charged_ns;
     w->charged_ns = 0;
     uint64_t cost_ms = p.busy_ns / 1000000u;
-    uint64_t prev_end = w->last_flush_ns, prev_queued = w->end_queued;
 
     w->pass.active = 0;
     w->last_flush_ns = now;
-    w->end_queued = w->queued;
     if (!p.conns)
         return; /* replies flushed everything meanwhile: nothing to judge */
     w->flushes++;
     if (!p.paused) {
-        /* frames per ns since the last pass ended, and what a pause would
-         * gather at that rate: one per connection is no saving */
         uint32_t pause = clamp_pause(w, cost_ms);
-        double rate = now > prev_end ? (double)(w->queued - prev_queued) / (double)(now - prev_end)
-                                     : 0;
-        if (p.busy_ns >= FLUSH_BUSY_NS && now >= w->flush_trial_ns && pause &&
-            rate * pause * 1e6 >= (1 + FLUSH_GATHER_MIN) * (double)p.conns)
+        if (p.busy_ns >= FLUSH_BUSY_NS && now >= w->flush_trial_ns && pause)
             w->flush_pause_ms = pause;
         return;
     }
     w->flushes_paused++;
-    /* frames queued during the pause, beyond one for each connection that
-     * became dirty in it: the writes the pause saved */
-    double saved = (double)(p.queued0 - prev_queued) - (double)p.dirty0;
-    uint64_t waited = p.start_ns - prev_end;
-    int still_arriving = p.start_ns - w->arrival_ns <= waited / 2;
-    if (saved >= FLUSH_GATHER_MIN * (double)p.conns && still_arriving) {
+    if ((double)p.frames >= FLUSH_GATHER_MIN * (double)p.conns) {
         w->flush_backoff_ms = 0;
         w->flush_pause_ms = p.frames > FLUSH_GATHER_MAX * p.conns
                                 ? clamp_pause(w, w->flush_pause_ms / 2)
@@ -446,12 +423,9 @@ static void plan_pass(struct hub_writer *w, uint64_t now)
         return;
     }
     if (since >= pause) { /* it waited a pause already, gathering this */
-        w->arrival_ns = now;
         start_pass(w, 1, now);
         return;
     }
-    w->seen_queued = w->queued;
-    w->arrival_ns = w->last_flush_ns;
     uv_timer_start(&w->flush_timer, on_flush_timer, pause - since, 0);
 }
 
@@ -467,10 +441,6 @@ static void on_flush(uv_check_t *h)
         return;
     }
     if (uv_is_active((uv_handle_t *)&w->flush_timer)) { /* pausing */
-        if (w->queued != w->seen_queued) {
-            w->seen_queued = w->queued;
-            w->arrival_ns = t0;
-        }
         keep_turning(w, 0);
         return;
     }
@@ -486,8 +456,6 @@ static void on_flush_timer(uv_timer_t *t)
     struct hub_writer *w = t->data;
     uint64_t t0 = uv_hrtime();
 
-    if (w->queued != w->seen_queued)
-        w->arrival_ns = t0;
     start_pass(w, 1, t0);
     run_pass(w, t0, t0 + FLUSH_SLICE_NS);
     keep_turning(w, w->pass.active);

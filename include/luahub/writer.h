@@ -90,17 +90,12 @@ struct hub_writer {
     uv_check_t flusher;             /* writes them once per loop iteration */
     uv_timer_t flush_timer;         /* ... or a moment later under load */
     uv_idle_t spin;                 /* a sliced flush goes on: poll without sleeping */
-    uint64_t queued;                /* frames queued, ever (what pauses gather) */
     size_t ndirty;                  /* connections in `dirty` */
     /* the pass: one flush of `dirty` until it is empty, in one or more slices */
     struct hub_writer_pass {
         int active, paused;
         uint64_t frames, conns, busy_ns, start_ns;
-        uint64_t queued0;           /* `queued` when it started */
-        size_t dirty0;              /* `ndirty` when it started */
     } pass;
-    uint64_t end_queued;            /* `queued` when the last pass ended */
-    uint64_t seen_queued, arrival_ns; /* during a pause: when frames last arrived */
     uint64_t last_flush_ns;         /* when the last pass ended */
     uint32_t flush_pause_ms;        /* pause before a flush, 0: none */
     uint32_t flush_backoff_ms;      /* after a pause that did not pay */
