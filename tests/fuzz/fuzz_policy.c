@@ -31,127 +31,84 @@
 #include "luahub/policy.h"
 #include "luahub/proto.h"
 
-/* ---- a fake host: the sessions are not under test here ------------------ */
+/* ---- a fake host: the sessions are not under test here ------------------
+ * No connection is open besides the one of the call, and what the policy
+ * asks of the host changes nothing. */
 
-static struct hub_policy_conn *h_conn(void *ud, uint64_t id)
+static struct hub_policy_conn *fake_find(void *ud, uint64_t id)
 {
-    (void)ud;
-    (void)id;
     return NULL;
 }
-static struct hub_policy_conn *h_conn_named(void *ud, const char *client)
+
+static struct hub_policy_conn *fake_find_named(void *ud, const char *client)
 {
-    (void)ud;
-    (void)client;
     return NULL;
 }
-static void h_conn_name(void *ud, uint64_t id, char *out, size_t n)
+
+static void fake_name(void *ud, uint64_t id, char *out, size_t n)
 {
-    (void)ud;
     snprintf(out, n, "fuzz-%llu", (unsigned long long)id);
 }
-static void h_conn_addr(void *ud, const struct hub_policy_conn *c, char *out, size_t n)
+
+static void fake_addr(void *ud, const struct hub_policy_conn *c, char *out, size_t n)
 {
-    (void)ud;
-    (void)c;
     snprintf(out, n, "127.0.0.1");
 }
-static int h_conn_closing(void *ud, const struct hub_policy_conn *c)
+
+static int fake_false(void *ud)
 {
-    (void)ud;
-    (void)c;
-    return 0;
-}
-static void h_conn_send(void *ud, struct hub_policy_conn *c, const char *json, size_t len)
-{
-    (void)ud;
-    (void)c;
-    (void)json;
-    (void)len;
-}
-static void h_conn_close(void *ud, struct hub_policy_conn *c, unsigned code, const char *r)
-{
-    (void)ud;
-    (void)c;
-    (void)code;
-    (void)r;
-}
-static int h_conn_subscribe(void *ud, struct hub_policy_conn *c, const char *ch, size_t len)
-{
-    (void)ud;
-    (void)c;
-    (void)ch;
-    (void)len;
-    return 1;
-}
-static int h_conn_unsubscribe(void *ud, struct hub_policy_conn *c, const char *ch, size_t len)
-{
-    (void)ud;
-    (void)c;
-    (void)ch;
-    (void)len;
-    return 0;
-}
-static void h_conn_channels(void *ud, const struct hub_policy_conn *c,
-                            void (*fn)(void *arg, const char *ch, size_t len), void *arg)
-{
-    (void)ud;
-    (void)c;
-    (void)fn;
-    (void)arg;
-}
-static void h_each_conn(void *ud, void (*fn)(void *arg, struct hub_policy_conn *c), void *arg)
-{
-    (void)ud;
-    (void)fn;
-    (void)arg;
-}
-static size_t h_publish(void *ud, const char *ch, size_t len, const char *data, size_t dlen)
-{
-    (void)ud;
-    (void)ch;
-    (void)len;
-    (void)data;
-    (void)dlen;
-    return 0;
-}
-static size_t h_subscribers(void *ud, const char *ch, size_t len)
-{
-    (void)ud;
-    (void)ch;
-    (void)len;
-    return 0;
-}
-static void h_presence_local(void *ud, const char *ch, size_t len, uint64_t *clients,
-                             uint64_t *users)
-{
-    (void)ud;
-    (void)ch;
-    (void)len;
-    *clients = *users = 0;
-}
-static int h_shutting_down(void *ud)
-{
-    (void)ud;
     return 0;
 }
 
-static const struct hub_policy_host_ops host_ops = {
-    .conn = h_conn,
-    .conn_named = h_conn_named,
-    .conn_name = h_conn_name,
-    .conn_addr = h_conn_addr,
-    .conn_closing = h_conn_closing,
-    .conn_send = h_conn_send,
-    .conn_close = h_conn_close,
-    .conn_subscribe = h_conn_subscribe,
-    .conn_unsubscribe = h_conn_unsubscribe,
-    .conn_channels = h_conn_channels,
-    .each_conn = h_each_conn,
-    .publish = h_publish,
-    .subscribers = h_subscribers,
-    .presence_local = h_presence_local,
-    .shutting_down = h_shutting_down,
+static int fake_closing(void *ud, const struct hub_policy_conn *c)
+{
+    return 0;
+}
+
+static void fake_send(void *ud, struct hub_policy_conn *c, const char *json, size_t len)
+{
+}
+
+static void fake_close(void *ud, struct hub_policy_conn *c, unsigned code, const char *r)
+{
+}
+
+static int fake_sub(void *ud, struct hub_policy_conn *c, const char *ch, size_t len)
+{
+    return 0;
+}
+
+static void fake_channels(void *ud, const struct hub_policy_conn *c,
+                          void (*fn)(void *arg, const char *ch, size_t len), void *arg)
+{
+}
+
+static void fake_each(void *ud, void (*fn)(void *arg, struct hub_policy_conn *c), void *arg)
+{
+}
+
+static size_t fake_publish(void *ud, const char *ch, size_t len, const char *d, size_t dl)
+{
+    return 0;
+}
+
+static size_t fake_count(void *ud, const char *ch, size_t len)
+{
+    return 0;
+}
+
+static void fake_presence(void *ud, const char *ch, size_t len, uint64_t *clients,
+                          uint64_t *users)
+{
+    *clients = *users = 0;
+}
+
+static const struct hub_policy_host_ops fake_ops = {
+    .conn = fake_find, .conn_named = fake_find_named, .conn_name = fake_name,
+    .conn_addr = fake_addr, .conn_closing = fake_closing, .conn_send = fake_send,
+    .conn_close = fake_close, .conn_subscribe = fake_sub, .conn_unsubscribe = fake_sub,
+    .conn_channels = fake_channels, .each_conn = fake_each, .publish = fake_publish,
+    .subscribers = fake_count, .presence_local = fake_presence, .shutting_down = fake_false,
 };
 
 static struct hub_config cfg;
@@ -173,7 +130,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
      * paths, at a fraction of the time per input. */
     cfg.lua_max_memory = 8u << 20;
     cfg.lua_max_instructions = 200000;
-    host = (struct hub_policy_host){.ops = &host_ops, .cfg = &cfg};
+    host = (struct hub_policy_host){.ops = &fake_ops, .cfg = &cfg};
     policy = hub_policy_new(&host, &errs);
     FUZZ_CHECK(policy, "%s does not load: %s", FUZZ_POLICY_LUA, errs.n ? errs.v[0] : "?");
     return 0;

@@ -17,13 +17,9 @@
 
 static int hexval(int c)
 {
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
+    static const char digits[] = "0123456789abcdef0123456789ABCDEF";
+    const char *d = c ? strchr(digits, c) : NULL;
+    return d ? (int)(d - digits) % 16 : -1;
 }
 
 /* hub_percent_decode as its comment says it: %XX decoded, a '%' without two
