@@ -28,6 +28,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -236,6 +237,35 @@ static void client_read(struct client *cl)
     }
 }
 
+/* A real TCP connection over loopback, accepted by the HTTP side. The
+ * calls block (loopback answers at once); libFuzzer's timers interrupt
+ * them now and then (EINTR). */
+static int client_connect(void)
+{
+    struct sockaddr_in a;
+    socklen_t al = sizeof(a);
+    int fd, s, rc;
+
+    FUZZ_CHECK(getsockname(listen_fd, (struct sockaddr *)&a, &al) == 0, "getsockname");
+    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    FUZZ_CHECK(fd >= 0, "socket: %s", strerror(errno));
+    rc = connect(fd, (struct sockaddr *)&a, al);
+    while (rc < 0 && (errno == EINTR || errno == EALREADY)) {
+        struct pollfd p = {.fd = fd, .events = POLLOUT};
+        poll(&p, 1, 1000);
+        rc = connect(fd, (struct sockaddr *)&a, al);
+        if (rc < 0 && errno == EISCONN)
+            rc = 0;
+    }
+    FUZZ_CHECK(rc == 0, "connect: %s", strerror(errno));
+    do
+        s = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    while (s < 0 && errno == EINTR);
+    FUZZ_CHECK(s >= 0, "accept: %s", strerror(errno));
+    hub_http_accept(http, s);
+    return fd;
+}
+
 static int turns;
 
 static void turn(struct client *cl)
@@ -397,16 +427,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         hub_buf_append(&req, data, size);
     }
 
-    /* a real TCP connection over loopback, accepted by the HTTP side */
-    struct sockaddr_in a;
-    socklen_t al = sizeof(a);
-    FUZZ_CHECK(getsockname(listen_fd, (struct sockaddr *)&a, &al) == 0, "getsockname");
-    cl.fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    FUZZ_CHECK(cl.fd >= 0 && connect(cl.fd, (struct sockaddr *)&a, al) == 0, "connect: %s",
-               strerror(errno));
-    int s = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    FUZZ_CHECK(s >= 0, "accept: %s", strerror(errno));
-    hub_http_accept(http, s);
+    cl.fd = client_connect();
 
     if (mode == M_SLOW) {
         for (size_t off = 0; off < req.len && !cl.eof;) {
