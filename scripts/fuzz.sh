@@ -22,7 +22,7 @@ work=$dir/fuzz
 # Longest input per target: above the largest seed, and the limits the
 # code under test has (a request head is at most 16 KiB).
 declare -A max_len=([proto]=8192 [request]=20000 [url]=4096 [conf]=16384 [http]=20000
-                    [policy]=4096)
+                    [policy]=2048)
 
 rc=0
 rows=()
@@ -53,7 +53,8 @@ for t in "${targets[@]}"; do
     if [ $status -eq 0 ]; then
         result=ok
     else
-        result="FOUND: $(grep -aoE 'fuzz check failed at [^ ]+|ERROR: [A-Za-z]+: [a-z-]+|SUMMARY: .*' "$log" | head -1); input in $work/found/$t/"
+        what=$(grep -aoE 'fuzz check failed at [^ ]+|ERROR: [A-Za-z]+: [a-z-]+' "$log" | head -1)
+        result="FOUND: ${what:-stopped with status $status}; input in $work/found/$t/"
         rc=1
     fi
     rows+=("$(printf '%-8s %12s %8s %6s %7s %7s  %s' "$t" "${execs:-?}" "${speed:-?}" \

@@ -129,7 +129,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
      * memory bombs, walks of shared tables all end in them): the same
      * paths, at a fraction of the time per input. */
     cfg.lua_max_memory = 8u << 20;
-    cfg.lua_max_instructions = 200000;
+    cfg.lua_max_instructions = 50000;
     host = (struct hub_policy_host){.ops = &fake_ops, .cfg = &cfg};
     policy = hub_policy_new(&host, &errs);
     FUZZ_CHECK(policy, "%s does not load: %s", FUZZ_POLICY_LUA, errs.n ? errs.v[0] : "?");
