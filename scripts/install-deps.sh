@@ -15,6 +15,9 @@ pkgs=(
   redis-server
   iproute2 util-linux
   chromium
+  # the fuzz targets (tests/fuzz): clang and its libFuzzer runtime, which
+  # clang only recommends (and recommends are not installed here)
+  clang libclang-rt-dev
 )
 # node and npm for the JavaScript suites (tests/js): Debian's nodejs and npm
 # when there is no node at all; an installed node (e.g. 20 from elsewhere,
