@@ -80,11 +80,11 @@ static void check_channels(const struct hub_config *c)
     }
 }
 
-static void check_loaded(const struct hub_config *c)
+static void check_loaded(struct hub_config *c)
 {
     char err[256];
     struct hub_config d;
-    struct hub_buf names = {0};
+    struct hub_buf applied = {0}, restart = {0};
 
     FUZZ_CHECK(c->listen && c->listen_host && c->listen_port >= 0 &&
                c->listen_port <= 65535, "listen");
@@ -97,10 +97,16 @@ static void check_loaded(const struct hub_config *c)
                    c->policy_vars);
     FUZZ_CHECK(c->max_queue_bytes >= c->max_message_size, "queue smaller than a message");
     check_channels(c);
+    /* a reload from the defaults to this conf, then undone: each key's
+     * value changes hands twice and is freed once */
     hub_config_defaults(&d);
-    hub_config_changed(&d, c, NULL, &names);
+    uint64_t keys = hub_config_reload(&d, c, NULL, NULL, &applied, &restart);
+    FUZZ_CHECK(!keys == !applied.len, "keys exchanged %llx, applied '%.*s'",
+               (unsigned long long)keys, (int)applied.len, applied.p ? applied.p : "");
+    hub_config_swap(&d, c, keys);
     hub_config_free(&d);
-    hub_buf_free(&names);
+    hub_buf_free(&applied);
+    hub_buf_free(&restart);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

@@ -180,7 +180,8 @@ static void check_idle(enum hub_verdict v)
                policy->phase);
     FUZZ_CHECK(lua_gettop(policy->L) == HUB_LUA_BASE, "Lua stack at %d after the call",
                lua_gettop(policy->L));
-    FUZZ_CHECK(!policy->cap_on && !policy->msg_live, "the call left the memory cap or msg on");
+    FUZZ_CHECK(!policy->lim.cap_on && !policy->running && !policy->nwaiting,
+               "the call left the memory cap on or a call behind");
 }
 
 /* The error reply the session sends with a refusal's reason. */
@@ -222,7 +223,7 @@ static void run_connect(struct hub_policy_conn *c)
     struct hub_connect_result res;
 
     memset(&res, 0, sizeof(res));
-    enum hub_verdict v = hub_policy_on_connect(policy, &r, c->id, &res);
+    enum hub_verdict v = hub_policy_on_connect(policy, &r, c->id, &res, NULL);
     show("on_connect", v, v == HUB_ALLOW ? res.user : res.reason, 300);
     check_idle(v);
     FUZZ_CHECK(memchr(res.reason, '\0', sizeof(res.reason)), "reason not terminated");
@@ -255,7 +256,7 @@ static void run_subscribe(struct hub_policy_conn *c)
     size_t out_len = 0;
 
     enum hub_verdict v = hub_policy_on_subscribe(policy, c, "room:1", 6, out, &out_len,
-                                                 reason, sizeof(reason));
+                                                 reason, sizeof(reason), NULL);
     show("on_subscribe", v, v == HUB_ALLOW ? out : reason, 300);
     check_idle(v);
     if (v == HUB_ALLOW)
@@ -281,7 +282,7 @@ static void run_publish(struct hub_policy_conn *c, const char *data, size_t len)
 
     emits = 0;
     enum hub_verdict v = hub_policy_on_publish(policy, c, "room:1", 6, data, len, on_emit,
-                                               NULL, reason, sizeof(reason));
+                                               NULL, reason, sizeof(reason), NULL);
     show("on_publish", v, reason, 300);
     check_idle(v);
     FUZZ_CHECK(v == HUB_ALLOW || emits == 0, "published %d messages, then refused", emits);
@@ -295,7 +296,7 @@ static void run_rpc(struct hub_policy_conn *c, const char *data, size_t len)
     struct hub_buf result = {0};
 
     enum hub_verdict v = hub_policy_on_rpc(policy, c, "m", 1, data, len, &result, reason,
-                                           sizeof(reason));
+                                           sizeof(reason), NULL);
     show("on_rpc", v, v == HUB_ALLOW ? result.p : reason, v == HUB_ALLOW ? result.len : 300);
     check_idle(v);
     if (v == HUB_ALLOW)
