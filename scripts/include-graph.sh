@@ -8,7 +8,7 @@
 #                                     include each other in a circle (a test)
 # A module is a file's stem; a module's private parts count as the module:
 # X_impl.h, the broker implementations with their registries, the config
-# key table, the TLS context loader (tls_ctx.c), the policy's Lua API,
+# key table and its reload, the TLS context loader (tls_ctx.c), the policy's Lua API,
 # sandbox and policy_*.c. lua_limits (the memory cap and instruction budget
 # of a lua_State) is a module of its own: the conf loader and the policy
 # both use it.
@@ -22,7 +22,7 @@ module() {
     *_impl) m=${m%_impl} ;;
     broker_memory | broker_redis | broker_redis_pub | redis_conn) m=broker ;;
     registry_local | registry_redis) m=broker ;; # the brokers' registries
-    config_keys | config_channels | config_lookup) m=config ;;
+    config_keys | config_reload | config_channels | config_lookup) m=config ;;
     proto_encode | proto_text) m=proto ;;
     tls_ctx) m=tls ;;
     lua_limits) ;;

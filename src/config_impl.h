@@ -1,6 +1,7 @@
 /* Private to the conf loader (config.c: the Lua sandbox that evaluates the
- * file) and the key table (config_keys.c: every key, its type, range,
- * default and check). Not a public contract. */
+ * file), the key table (config_keys.c: every key, its type, range, default
+ * and check) and the reload (config_reload.c: which keys apply live, the
+ * swap). Not a public contract. */
 #ifndef LUAHUB_CONFIG_IMPL_H
 #define LUAHUB_CONFIG_IMPL_H
 

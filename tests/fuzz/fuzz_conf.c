@@ -1,5 +1,6 @@
 /* Fuzz target: the conf loader (src/config.c, config_keys.c and the
- * `channels` key's source scanner in config_channels.c).
+ * `channels` key's source scanner in config_channels.c) and the reload
+ * (config_reload.c).
  *
  * The input is a conf file: it is written to a file in a directory of the
  * target's own (which also holds policy.lua, static/ and www/, so that relative
