@@ -7,11 +7,11 @@
 #   scripts/include-graph.sh --check  fails, naming the loop, when the modules
 #                                     include each other in a circle (a test)
 # A module is a file's stem; a module's private parts count as the module:
-# X_impl.h, the broker implementations with their registries, the config
-# key table and its reload, the TLS context loader (tls_ctx.c), the policy's Lua API,
-# sandbox and policy_*.c. lua_limits (the memory cap and instruction budget
-# of a lua_State) is a module of its own: the conf loader and the policy
-# both use it.
+# X_impl.h, the broker implementations with their registries, the config key
+# table and its reload, the TLS context loader (tls_ctx.c), the session's
+# host side (session_host.c), the policy's Lua API, sandbox and policy_*.c.
+# lua_limits (the memory cap and instruction budget of a lua_State) is a
+# module of its own: the conf loader and the policy both use it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +24,7 @@ module() {
     registry_local | registry_redis) m=broker ;; # the brokers' registries
     config_keys | config_reload | config_channels | config_lookup) m=config ;;
     proto_encode | proto_text) m=proto ;;
+    session_host) m=session ;;
     tls_ctx) m=tls ;;
     lua_limits) ;;
     lua_* | policy_* | sandbox) m=policy ;;

@@ -262,7 +262,7 @@ static void close_conn(struct hub_spec_world *w, struct sconn *c, unsigned code,
 
 /* Connections closing since the action began have now closed: each one's
  * on_disconnect runs (it may close others), then it leaves its channels
- * and its Lua object dies, as in the hub's CLOSED path (session.c). */
+ * and its Lua object dies, as in the hub's CLOSED path (session_host.c). */
 static void settle(struct hub_spec_world *w)
 {
     for (int again = 1; again;) {

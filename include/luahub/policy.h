@@ -6,7 +6,7 @@
  * The policy knows no transport: connections are struct hub_policy_conn
  * (part of the host's session) and what it may do to them and to channels
  * goes through the host interface below, which the sessions implement
- * (session.c). Hooks are not re-entered: a host op called from a hook must
+ * (session_host.c). Hooks are not re-entered: a host op called from a hook must
  * not run another hook.
  *
  * Decisions fall back to deny: a hook that raises, runs out of budget or

@@ -244,7 +244,7 @@ static void run_connect(struct hub_policy_conn *c)
         FUZZ_CHECK(!res.user && !res.info_json && !res.protocol,
                    "a refused connection came back with conn fields");
     }
-    /* the session takes them (session.c), and frees them when it closes */
+    /* the session takes them (session_host.c), and frees them when it closes */
     c->user = res.user;
     c->info_json = res.info_json;
     c->protocol = res.protocol;
