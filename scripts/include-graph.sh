@@ -9,9 +9,10 @@
 # A module is a file's stem; a module's private parts count as the module:
 # X_impl.h, the broker implementations with their registries, the config key
 # table and its reload, the TLS context loader (tls_ctx.c), the session's
-# host side (session_host.c), the policy's Lua API, sandbox and policy_*.c.
-# lua_limits (the memory cap and instruction budget of a lua_State) is a
-# module of its own: the conf loader and the policy both use it.
+# host side (session_host.c), the server's lws glue (server_ws.c), the
+# policy's Lua API, sandbox and policy_*.c. lua_limits (the memory cap and
+# instruction budget of a lua_State) is a module of its own: the conf loader
+# and the policy both use it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,7 @@ module() {
     registry_local | registry_redis) m=broker ;; # the brokers' registries
     config_keys | config_reload | config_channels | config_lookup) m=config ;;
     proto_encode | proto_text) m=proto ;;
+    server_ws) m=server ;;
     session_host) m=session ;;
     tls_ctx) m=tls ;;
     lua_limits) ;;

@@ -769,7 +769,7 @@ static const char *opt_str(lua_State *L, int t, const char *k, const char *def)
     return s;
 }
 
-/* Decides the connect as the server does (server.c, on_upgrade): the
+/* Decides the connect as the server does (server_ws.c, hub_server_upgrade): the
  * path, on_connect, then the subprotocol. `res` is filled on ALLOW. */
 static unsigned decide(struct hub_spec_world *w, const struct hub_request *r, uint64_t id,
                        struct hub_connect_result *res, char *why, size_t why_len)

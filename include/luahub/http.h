@@ -1,7 +1,7 @@
 /* The HTTP/1.1 side of the port: every accepted socket starts here. The
  * module reads request heads and bodies itself, with deadlines, and hands
  * complete requests to the routes (http_api.c) and complete WebSocket
- * upgrade heads to the upgrade handler (server.c), which passes the socket
+ * upgrade heads to the upgrade handler (server_ws.c), which passes the socket
  * on to libwebsockets. Why plain HTTP does not go through libwebsockets
  * (a pipelined request with a body makes lws 4.1.6 spin forever; a header
  * pool of 64 that slow clients can fill): docs/internals.md, "HTTP".

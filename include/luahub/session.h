@@ -7,7 +7,7 @@
  * host interface (hub_session_policy_ops): what a Lua policy may do to
  * connections and channels.
  *
- * A session lives in lws's per-session data; server.c translates lws events
+ * A session lives in lws's per-session data; server_ws.c translates lws events
  * into the calls below. The session knows no lws types: frame flags come
  * as arguments, and what touches the socket is the writer's.
  *
@@ -39,7 +39,7 @@ struct hub_registry;
 struct swait;
 
 /* What on_connect decided for a connection, carried from the upgrade
- * request (server.c) to its session. Owned by whoever holds it: the
+ * request (server_ws.c) to its session. Owned by whoever holds it: the
  * session takes it in hub_session_open. */
 struct hub_conn_pending {
     uint64_t id;

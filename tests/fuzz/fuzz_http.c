@@ -86,7 +86,7 @@ static void on_request(void *ud, struct hub_http_conn *c, const struct hub_reque
     hub_http_api_request(cur_api, c, r);
 }
 
-/* WebSocket upgrades belong to libwebsockets (server.c): the socket is
+/* WebSocket upgrades belong to libwebsockets (server_ws.c): the socket is
  * taken and closed, as a handshake the hub gave up on would be. */
 static void on_upgrade(void *ud, struct hub_http_conn *c, const struct hub_request *r)
 {
