@@ -1,7 +1,7 @@
 -- The spec language of `luahub test` (docs/testing-policies.md documents
 -- every function here). Embedded in the binary and run in the spec's own
 -- Lua state, never in the policy's: `host` holds the world's functions
--- (src/spec_host.c: connect, command, advance, ...) and the runner's
+-- (src/spec_actions.c: connect, command, advance, ...) and the runner's
 -- (src/spec.c: run, report, where). Returns {env, run_file}: the globals a
 -- spec file sees, and the function that runs one.
 

@@ -9,8 +9,9 @@
 # A module is a file's stem; a module's private parts count as the module:
 # X_impl.h, the broker implementations with their registries, the config key
 # table and its reload, the TLS context loader (tls_ctx.c), the session's
-# host side (session_host.c), the server's lws glue (server_ws.c), the
-# policy's Lua API, sandbox and policy_*.c. lua_limits (the memory cap and
+# host side (session_host.c), the server's lws glue (server_ws.c), the world
+# of `luahub test` (spec_host.c, spec_actions.c, spec_world.h), the policy's
+# Lua API, sandbox and policy_*.c. lua_limits (the memory cap and
 # instruction budget of a lua_State) is a module of its own: the conf loader
 # and the policy both use it.
 set -euo pipefail
@@ -26,6 +27,7 @@ module() {
     config_keys | config_reload | config_channels | config_lookup) m=config ;;
     proto_encode | proto_text) m=proto ;;
     server_ws) m=server ;;
+    spec_host | spec_actions | spec_world) m=spec ;;
     session_host) m=session ;;
     tls_ctx) m=tls ;;
     lua_limits) ;;

@@ -3,7 +3,7 @@
  *
  * Each spec file gets a Lua state of its own (not the policy's), with the
  * base, string, table, math, utf8 and coroutine libraries, lua-cjson, the
- * world's functions (spec_host.c) and the spec language built on them
+ * world's functions (spec_actions.c) and the spec language built on them
  * (lua/spec.lua, embedded). The spec state has budgets of its own, with the
  * limits of lua_limits.h: a memory cap, and an instruction budget per test
  * (and for the code outside tests) that a loop in the spec runs out of,

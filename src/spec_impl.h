@@ -1,5 +1,6 @@
 /* `luahub test`: policy specs without sockets (docs/testing-policies.md).
- * Private contract between its two files; nothing else includes it.
+ * Private contract between the command and the world; nothing else
+ * includes it.
  *
  * - spec_host.c: the world a spec drives. The real policy (policy.h: the
  *   same sandbox, budgets, hooks and return-value rules as in the hub) on
@@ -7,8 +8,8 @@
  *   a broker that records every publish and delivers it to the world's
  *   subscribers, and a fake clock that hub.now() reads and that fires the
  *   hub.after timers when the spec advances it. Its functions are seen
- *   from the spec's Lua state (lua/spec.lua builds the spec language on
- *   them).
+ *   from the spec's Lua state (spec_actions.c; lua/spec.lua builds the
+ *   spec language on them); the world's insides are spec_world.h.
  * - spec.c: the command: spec files, the spec state and its own budgets,
  *   the reports (text, TAP, JUnit).
  *
