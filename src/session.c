@@ -11,7 +11,6 @@
 
 #include "luahub/config.h"
 #include "luahub/log.h"
-#include "luahub/metrics.h"
 #include "luahub/proto.h"
 
 #define PROTO_ERROR_WINDOW_MS 10000
