@@ -259,7 +259,11 @@ static void flush_conn(struct hub_wconn *c)
  * ~5 us a write, a 15,000-subscriber delivery is a 75 ms pass: in slices,
  * a PING or a command from another client is read and answered within a
  * slice or two, and connections that became dirty meanwhile join the tail
- * (round-robin: each is written once per pass, with all it gathered). */
+ * (round-robin: each is written once per pass, with all it gathered). A
+ * pass is one round, the connections that waited when it started: one
+ * that ran until the FIFO was empty never ended under load, and its
+ * frames per connection (the pacing's judge) fell to one or two
+ * (docs/internals.md, "Write path"). */
 #define FLUSH_SLICE_NS 1000000u
 #define FLUSH_CLOCK_EVERY 16        /* connections between two clock reads */
 
@@ -267,22 +271,26 @@ struct pass_count {
     uint64_t frames, conns;
 };
 
-/* Writes connections off `list` until it is empty (returns 1) or the
- * deadline has passed (0); counts them into `n` when not NULL. */
-static int flush_some(struct hub_list *list, uint64_t deadline, struct pass_count *n)
+/* Writes connections off `list` until it is empty or, with `left`, that
+ * many have been written (returns 1), or the deadline has passed (0);
+ * counts them into `n` when not NULL. */
+static int flush_some(struct hub_list *list, uint64_t deadline, struct pass_count *n,
+                      size_t *left)
 {
     for (unsigned k = 1;; k++) {
         struct hub_list *it = hub_list_first(list);
-        if (!it)
+        if (!it || (left && !*left))
             return 1;
         struct hub_wconn *c = hub_container_of(it, struct hub_wconn, flush);
         if (n) {
             n->frames += c->q.count;
             n->conns++;
         }
+        if (left)
+            (*left)--;
         flush_conn(c);
         if (k % FLUSH_CLOCK_EVERY == 0 && uv_hrtime() >= deadline)
-            return hub_list_empty(list);
+            return hub_list_empty(list) || (left && !*left);
     }
 }
 
@@ -291,7 +299,8 @@ static int flush_some(struct hub_list *list, uint64_t deadline, struct pass_coun
  * costs ~5 us on loopback and a frame in it ~0.1 us, so under load a short
  * pause before the next flush, while publishes keep arriving, makes each
  * write carry several frames. Hence:
- *  - a pass (one flush of the FIFO until it is empty, in slices) whose
+ *  - a pass (one round over the connections that waited when it started,
+ *    in slices: see above) whose
  *    writing took FLUSH_BUSY_NS or more starts pausing;
  *  - a paused pass that wrote FLUSH_GATHER_MIN frames or more per
  *    connection paid: the next pause is as long as this pass took (half
@@ -346,7 +355,7 @@ static void keep_turning(struct hub_writer *w, int on)
 static void start_pass(struct hub_writer *w, int paused, uint64_t now)
 {
     w->pass = (struct hub_writer_pass){
-        .active = 1, .paused = paused, .start_ns = now,
+        .active = 1, .paused = paused, .start_ns = now, .left = w->ndirty,
     };
 }
 
@@ -392,11 +401,12 @@ static void end_pass(struct hub_writer *w, uint64_t now)
     stop_pausing(w, now);
 }
 
-/* Writes one slice of the pass; ends the pass when the FIFO is empty. */
+/* Writes one slice of the pass; ends the pass when it has written the
+ * connections that waited when it started. */
 static void run_pass(struct hub_writer *w, uint64_t t0, uint64_t deadline)
 {
     struct pass_count n = {0, 0};
-    int done = flush_some(&w->dirty, deadline, &n);
+    int done = flush_some(&w->dirty, deadline, &n, &w->pass.left);
     uint64_t now = uv_hrtime();
 
     w->flush_slices++;
@@ -436,7 +446,7 @@ static void on_flush(uv_check_t *h)
     struct hub_writer *w = h->data;
     uint64_t t0 = uv_hrtime(), deadline = t0 + FLUSH_SLICE_NS;
 
-    if (!flush_some(&w->urgent, deadline, NULL)) {
+    if (!flush_some(&w->urgent, deadline, NULL, NULL)) {
         keep_turning(w, 1);
         return;
     }
@@ -508,7 +518,7 @@ static void on_keepalive(uv_timer_t *t)
             hub_writer_drop(c);
         }
     }
-    if (!flush_some(&w->urgent, uv_hrtime() + FLUSH_SLICE_NS, NULL))
+    if (!flush_some(&w->urgent, uv_hrtime() + FLUSH_SLICE_NS, NULL, NULL))
         keep_turning(w, 1); /* the check handle writes the rest */
 }
 

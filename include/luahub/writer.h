@@ -95,6 +95,7 @@ struct hub_writer {
     struct hub_writer_pass {
         int active, paused;
         uint64_t frames, conns, busy_ns, start_ns;
+        size_t left;                /* connections of its round not yet written */
     } pass;
     uint64_t last_flush_ns;         /* when the last pass ended */
     uint32_t flush_pause_ms;        /* pause before a flush, 0: none */
