@@ -75,6 +75,7 @@ struct hub_http_conn {
     uint64_t file_off, file_size;
     size_t lingered;                /* bytes drained while lingering */
     size_t scanned;                 /* bytes of c->in searched for the end of the head */
+    size_t head_at;                 /* 1 + where the request line starts, 0: not seen yet */
     struct hub_ip peer;             /* the TCP peer */
     char client[INET6_ADDRSTRLEN];  /* the client, as the current request has it */
     uint8_t secure;                 /* the plaintext end of a TLS connection (tls.c) */
@@ -311,30 +312,42 @@ static void fail(struct hub_http_conn *c, unsigned status, const char *code, con
     hub_http_respond_error(c, status, code, msg, HUB_HTTP_CLOSE);
 }
 
-/* 1 once c->in holds an empty line (or more than a head may hold). The
- * search resumes where the last one stopped: a client sending its head a
- * byte at a time costs linear time, not quadratic. */
+/* 1 once c->in holds an empty line after the request line's start (or
+ * more than a head may hold, or garbage). Both searches resume where the
+ * last one stopped: a client sending its head a byte at a time costs
+ * linear time, not quadratic, also when the head follows empty lines (RFC
+ * 9112 §2.2 lets a server skip them; an empty line among them is not the
+ * head's end, and counting it so made every read parse the whole buffer
+ * again). */
 static int head_complete(struct hub_http_conn *c)
 {
     const char *p = c->in.p;
-    size_t i = c->scanned > 2 ? c->scanned - 2 : 0;
+    size_t len = c->in.len;
 
-    if (c->in.len >= HUB_REQUEST_HEAD_MAX)
+    if (len >= HUB_REQUEST_HEAD_MAX)
         return 1;
-    /* A head cannot start with anything but a method: no need to wait
-     * for a line end to refuse garbage. */
-    size_t j = 0;
-    while (j < c->in.len && (p[j] == '\r' || p[j] == '\n'))
-        j++;
-    if (j < c->in.len && !((p[j] >= 'A' && p[j] <= 'Z') || (p[j] >= 'a' && p[j] <= 'z')))
-        return 1;
-    for (; i + 1 < c->in.len; i++) {
+    if (!c->head_at) {
+        size_t j = c->scanned;
+        while (j < len && (p[j] == '\r' || p[j] == '\n'))
+            j++;
+        c->scanned = j;
+        if (j == len)
+            return 0;
+        /* A head cannot start with anything but a method: no need to wait
+         * for a line end to refuse garbage. */
+        if (!((p[j] >= 'A' && p[j] <= 'Z') || (p[j] >= 'a' && p[j] <= 'z')))
+            return 1;
+        c->head_at = j + 1;
+    }
+    size_t from = c->head_at - 1;
+    size_t i = c->scanned > from + 2 ? c->scanned - 2 : from;
+    for (; i + 1 < len; i++) {
         if (p[i] != '\n')
             continue;
-        if (p[i + 1] == '\n' || (i + 2 < c->in.len && p[i + 1] == '\r' && p[i + 2] == '\n'))
+        if (p[i + 1] == '\n' || (i + 2 < len && p[i + 1] == '\r' && p[i + 2] == '\n'))
             return 1;
     }
-    c->scanned = c->in.len;
+    c->scanned = len;
     return 0;
 }
 
@@ -489,6 +502,7 @@ static void finish_response(struct hub_http_conn *c)
     c->in.len -= used;
     c->head_len = 0;
     c->scanned = 0;
+    c->head_at = 0;
     c->started = now(hs);
     if (c->in.len) {
         c->state = S_HEAD;

@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -1102,6 +1103,39 @@ START_TEST(keep_alive_after_api_error)
 }
 END_TEST
 
+/* Empty lines before a request line are skipped (RFC 9112 §2.2) and are
+ * not the head's end: a head that follows them, sent in small pieces, is
+ * answered once whole, and so is the next one on the connection (the
+ * search for the end starts again for each request). The search resumes
+ * where it stopped, so this costs linear time: what it costs is measured,
+ * not asserted (docs/internals.md, "HTTP"). */
+START_TEST(head_after_empty_lines_in_pieces)
+{
+    struct fx f;
+    fx_start(&f, NULL, NULL);
+    int fd = tcp_connect(f.h->port), one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    char pad[8001];
+    memset(pad, 'a', sizeof(pad) - 1);
+    pad[sizeof(pad) - 1] = '\0';
+    char *head = ht_asprintf("\r\n\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\n\r\n",
+                             pad);
+    size_t len = strlen(head);
+    struct http_resp r;
+    for (int round = 0; round < 2; round++) {
+        for (size_t off = 0; off < len; off += 7)
+            tcp_send(fd, head + off, len - off < 7 ? len - off : 7);
+        ck_assert_int_eq(http_read_response(fd, &r, HT_WAIT_MS, 0), 200);
+        ck_assert_str_eq(r.body, "{\"status\":\"ok\"}");
+        http_resp_free(&r);
+    }
+    free(head);
+    close(fd);
+    still_serves(&f);
+    fx_stop(&f);
+}
+END_TEST
+
 /* ------------------------------------------------------------------ */
 /* The WebSocket upgrade, seen from HTTP                                */
 /* ------------------------------------------------------------------ */
@@ -1499,6 +1533,7 @@ static Suite *http_suite(void)
 
     tc = tcase_create("connection");
     tcase_add_test(tc, keep_alive_after_api_error);
+    tcase_add_test(tc, head_after_empty_lines_in_pieces);
     tcase_add_test(tc, max_connections_503_then_slot_reused);
     suite_add_tcase(s, tc);
     return s;
