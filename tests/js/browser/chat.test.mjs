@@ -101,7 +101,7 @@ test('a DM reaches only its two inboxes', async () => {
   await send(carol, 'anyone?')
   await waitTexts(carol, ['carol: anyone?'], "carol's own message")
   assert.deepEqual(await carol.$$eval('#dms li', (els) => els.length), 0)
-  assert.deepEqual(await texts(bob), ['alice: psst, bob', 'bob: hi alice'])
+  await waitTexts(bob, ['alice: psst, bob', 'bob: hi alice'], "bob's copy of his answer")
   await shot(bob, 'chat-dm')
 })
 
