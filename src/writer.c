@@ -368,7 +368,7 @@ static void stop_pausing(struct hub_writer *w, uint64_t now)
     w->flush_trial_ns = now + w->flush_backoff_ms * (uint64_t)1000000u;
 }
 
-/* The pass has written the FIFO empty: judges it (the rule above). */
+/* The pass has written its round: judges it (the rule above). */
 static void end_pass(struct hub_writer *w, uint64_t now)
 {
     struct hub_writer_pass p = w->pass;
