@@ -1115,21 +1115,28 @@ START_TEST(head_after_empty_lines_in_pieces)
     fx_start(&f, NULL, NULL);
     int fd = tcp_connect(f.h->port), one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    char pad[8001];
+    char pad[8001], lead[201];
     memset(pad, 'a', sizeof(pad) - 1);
     pad[sizeof(pad) - 1] = '\0';
-    char *head = ht_asprintf("\r\n\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\n\r\n",
-                             pad);
-    size_t len = strlen(head);
+    for (int i = 0; i < 200; i += 2)
+        memcpy(lead + i, "\r\n", 2);
+    lead[200] = '\0';
+    /* then a short head without empty lines: a search starting where the
+     * first head started (200) would not find its end */
+    char *head[2] = {
+        ht_asprintf("%sGET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\n\r\n", lead, pad),
+        ht_asprintf("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+    };
     struct http_resp r;
     for (int round = 0; round < 2; round++) {
+        size_t len = strlen(head[round]);
         for (size_t off = 0; off < len; off += 7)
-            tcp_send(fd, head + off, len - off < 7 ? len - off : 7);
+            tcp_send(fd, head[round] + off, len - off < 7 ? len - off : 7);
         ck_assert_int_eq(http_read_response(fd, &r, HT_WAIT_MS, 0), 200);
         ck_assert_str_eq(r.body, "{\"status\":\"ok\"}");
         http_resp_free(&r);
+        free(head[round]);
     }
-    free(head);
     close(fd);
     still_serves(&f);
     fx_stop(&f);
