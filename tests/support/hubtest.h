@@ -277,7 +277,9 @@ struct ws *ws_connect_opts(int port, const struct ws_opts *o);
  * verified and `*out` receives the client (the welcome is read unless
  * o->no_welcome); otherwise `*out` is NULL and, if `resp` is not NULL, the
  * response is stored there (free with http_resp_free; with status 0 it is
- * empty). `o` may be NULL. */
+ * empty). A connection reset while the request is sent counts as closed
+ * without a response (a worker killed after accepting it). `o` may be
+ * NULL. */
 int ws_handshake(int port, const struct ws_opts *o, struct ws **out,
                  struct http_resp *resp);
 

@@ -184,16 +184,18 @@ int ws_handshake(int port, const struct ws_opts *o, struct ws **out,
                           "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n",
                           o->path ? o->path : "/ws", port, key,
                           o->headers ? o->headers : "");
-    tcp_send(fd, req, strlen(req));
+    int64_t deadline = ht_now_ms() + HT_WAIT_MS;
+    int sent = ht_send_all(fd, req, strlen(req), deadline);
     free(req);
+    CHECK(sent == 0 || sent == -ECONNRESET || sent == -EPIPE, "WebSocket handshake: send: %s",
+          strerror(-sent));
 
     struct ht_rbuf b = { 0 };
     struct http_resp r;
-    int64_t deadline = ht_now_ms() + HT_WAIT_MS;
     /* read the head only: what follows a 101 is WebSocket frames */
     char *end;
     while (!(b.p && (end = strstr(b.p, "\r\n\r\n")))) {
-        int f = ht_rbuf_fill(fd, &b, deadline);
+        int f = sent ? 0 : ht_rbuf_fill(fd, &b, deadline);
         if (f == 0 && b.len == 0) {
             /* closed without a word */
             close(fd);
