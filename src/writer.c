@@ -458,7 +458,10 @@ static void on_flush(uv_check_t *h)
         plan_pass(w, t0);
     if (w->pass.active)
         run_pass(w, t0, deadline);
-    keep_turning(w, w->pass.active);
+    /* a round that ended with connections still waiting plans the next
+     * in the next iteration: the loop must not sleep in its poll first */
+    keep_turning(w, w->pass.active ||
+                        (w->ndirty && !uv_is_active((uv_handle_t *)&w->flush_timer)));
 }
 
 static void on_flush_timer(uv_timer_t *t)
@@ -468,7 +471,8 @@ static void on_flush_timer(uv_timer_t *t)
 
     start_pass(w, 1, t0);
     run_pass(w, t0, t0 + FLUSH_SLICE_NS);
-    keep_turning(w, w->pass.active);
+    keep_turning(w, w->pass.active ||
+                        (w->ndirty && !uv_is_active((uv_handle_t *)&w->flush_timer)));
 }
 
 /* ---- keepalive ------------------------------------------------------------ */
